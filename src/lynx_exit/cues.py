@@ -1,0 +1,119 @@
+"""Cue detection while streaming: which generated token completes a cue word (LYNX spec §1)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+DEFAULT_CUE_WORDS: tuple[str, ...] = ("hmm", "wait", "alternatively")
+
+# Characters kept behind the current token; long enough for any cue word plus its boundary.
+_TAIL_CHARS = 96
+
+
+class Detokenizer(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def compile_cue_pattern(words: Sequence[str] = DEFAULT_CUE_WORDS, regex: str | None = None) -> re.Pattern[str]:
+    """Whole-word, case-insensitive pattern for `words`, or the user's `regex` as given.
+
+    A word match needs a following non-word character, so `wait` is only confirmed once
+    the next character shows it is not `waiting`.
+    """
+    if regex is not None:
+        if not regex:
+            raise ValueError("cue regex must not be empty")
+        try:
+            return re.compile(regex)
+        except re.error as exc:
+            raise ValueError(f"invalid cue regex {regex!r}: {exc}") from exc
+    cleaned = [w.strip() for w in words]
+    if not cleaned or any(not w for w in cleaned):
+        raise ValueError(f"cue words must be non-empty strings, got {list(words)!r}")
+    alternatives = "|".join(re.escape(w) for w in sorted(cleaned, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?=\W)", re.IGNORECASE)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, safe for byte-level pieces.
+
+    Follows the prefix/read-offset scheme used by vLLM: a token whose bytes do not yet form
+    a complete character yields an empty delta, and its text arrives with the next token.
+    """
+
+    def __init__(self, tokenizer: Detokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        ids = self.token_ids
+        prefix_text = self._tokenizer.decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special)
+        full_text = self._tokenizer.decode(ids[self._prefix_offset :], skip_special_tokens=self._skip_special)
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        delta = full_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(ids)
+        return delta
+
+    def peek(self, token_id: int) -> str:
+        """The delta `push(token_id)` would return, without committing it."""
+        ids = self.token_ids[self._prefix_offset :] + [token_id]
+        prefix_text = self._tokenizer.decode(ids[: self._read_offset - self._prefix_offset], skip_special_tokens=self._skip_special)
+        full_text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        return full_text[len(prefix_text) :]
+
+
+class CueDetector:
+    """Streaming cue detector for one sequence (LYNX spec §1, whole-word and incremental).
+
+    `step(delta, lookahead)` commits the text of the token just fed to the model and
+    returns the cue word that token completes, if any. `lookahead` is the text of the
+    token sampled next: a word cue is only confirmed once the following character shows
+    it is a whole word (`wait,` yes, `waiting` no). Nothing after `think_end` is a cue.
+    """
+
+    def __init__(self, pattern: re.Pattern[str], think_end: str | None = "</think>") -> None:
+        self.pattern = pattern
+        self.think_end = think_end
+        self.reset()
+
+    def reset(self) -> None:
+        self._tail = ""
+        self._tail_start = 0  # absolute char offset of _tail[0]
+        self._reported_ends: set[int] = set()
+        self.thinking = True
+
+    def step(self, delta: str, lookahead: str = "") -> str | None:
+        self._tail += delta
+        if not self.thinking:
+            return None
+        committed_end = self._tail_start + len(self._tail)
+        scan_text = self._tail + lookahead
+        marker_at = scan_text.find(self.think_end) if self.think_end else -1
+        if marker_at >= 0:
+            scan_text = scan_text[: marker_at + 1]  # keep the marker's first char as a word boundary
+        found = None
+        for match in self.pattern.finditer(scan_text):
+            if match.start() == 0 and self._tail_start > 0:
+                continue  # the char before it was trimmed: cannot confirm a word start
+            abs_end = self._tail_start + match.end()
+            if match.end() > match.start() and abs_end <= committed_end and abs_end not in self._reported_ends:
+                self._reported_ends.add(abs_end)
+                found = match.group(0).strip().lower() or match.group(0)
+        if self.think_end and self.think_end in self._tail:
+            self.thinking = False
+        overflow = len(self._tail) - _TAIL_CHARS
+        if overflow > 0:
+            self._tail = self._tail[overflow:]
+            self._tail_start += overflow
+            self._reported_ends = {end for end in self._reported_ends if end > self._tail_start}
+        return found

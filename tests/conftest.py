@@ -1,0 +1,45 @@
+"""Tiny seeded in-memory models: odd sizes, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lynx_exit.models import LoadedModel, _profile_for
+from lynx_exit.tokenizer import train_tokenizer
+
+CORPUS = [
+    "Tom has 3 apples and buys 4 more. 3 + 4 = 7. Wait, let me check: 3 + 4 = 7. Hmm, yes.",
+    "Alternatively we can count: 7 apples. Final Answer: \\boxed{7}",
+    "She waited while waiting for the await keyword. Hmm. wait. Wait! alternatively, ok.",
+    "Let x = 12 - 5 = 7, then 7 * 2 = 14. The answer is \\boxed{14}. café naïve 你好",
+] * 4
+
+
+def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 3) -> LoadedModel:
+    tokenizer = train_tokenizer(CORPUS, vocab_size=311)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=36,
+        intermediate_size=52,
+        num_hidden_layers=layers,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # make the eos token rare so rollouts run to length
+        model.lm_head.weight[tokenizer.eos_token_id].mul_(0.0)
+        model.lm_head.weight[tokenizer.eos_token_id].add_(-0.01)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-test", profile=_profile_for(model, tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> LoadedModel:
+    return make_tiny_lm()

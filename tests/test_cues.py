@@ -1,0 +1,66 @@
+import pytest
+
+from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_pattern
+
+
+def run(pieces, think_end="</think>", **kw):
+    detector = CueDetector(compile_cue_pattern(**kw), think_end=think_end)
+    hits = []
+    for i, piece in enumerate(pieces):
+        lookahead = pieces[i + 1] if i + 1 < len(pieces) else ""
+        cue = detector.step(piece, lookahead)
+        if cue:
+            hits.append((i, cue))
+    return hits
+
+
+def test_cue_split_across_tokens_reports_completing_token():
+    assert run(["So", " wa", "it", ",", " ok"]) == [(2, "wait")]
+
+
+def test_waiting_and_await_are_not_cues():
+    assert run(["I", " wait", "ing", " to", " await", " you", "."]) == []
+
+
+def test_case_insensitive_and_all_default_words():
+    assert run(["Hmm", ".", " WAIT", "!", " Alternatively", ",", " x"]) == [(0, "hmm"), (2, "wait"), (4, "alternatively")]
+
+
+def test_boundary_inside_same_token():
+    assert run(["ok", " wait,", " then"]) == [(1, "wait")]
+
+
+def test_cue_after_think_end_ignored_but_cue_right_before_counts():
+    assert run(["wait", "</think>", " wait", "."]) == [(0, "wait")]
+    assert run(["x", "</", "think>", " hmm", "."]) == []
+
+
+def test_custom_words_and_regex():
+    assert run(["a", " check", ".", " wait", "."], words=["check"]) == [(1, "check")]
+    assert run(["step one.", "\n\n", "step two"], regex=r"\n\n") == [(1, "\n\n")]
+
+
+def test_bad_cue_config_raises():
+    with pytest.raises(ValueError, match="regex"):
+        compile_cue_pattern(regex="(")
+    with pytest.raises(ValueError, match="non-empty"):
+        compile_cue_pattern(words=["wait", " "])
+
+
+def test_long_stream_keeps_detecting_after_tail_trim():
+    pieces = [" step"] * 100 + [" wait", "."]
+    assert run(pieces) == [(100, "wait")]
+
+
+def test_incremental_detokenizer_multibyte(tiny_lm):
+    text = "café wait 你好 wait."
+    ids = tiny_lm.encode(text)
+    detok = IncrementalDetokenizer(tiny_lm.tokenizer)
+    deltas = []
+    for token in ids:
+        peeked = detok.peek(token)
+        delta = detok.push(token)
+        assert peeked == delta
+        deltas.append(delta)
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
