@@ -73,12 +73,19 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
     _REGISTRY[name] = factory
 
 
+def _load_builtin() -> None:
+    # Policies that need heavier modules register themselves on import.
+    import lynx_exit.lynx  # noqa: F401
+
+
 def available_policies() -> list[str]:
+    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def make_policy(name: str, **options: Any) -> ExitPolicy:
     """Build a registered policy by name; options are its constructor's keyword arguments."""
+    _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown exit method {name!r}; choose from {available_policies()}")
     try:

@@ -1,0 +1,269 @@
+"""Probe training data from forced exits (LYNX spec §3), built from the one decode loop.
+
+Rollouts are sampled in batches with hidden states hooked at every cue; each cue event is
+labelled by a batched forced exit that reuses the rollout batch's KV cache. Output is a
+self-describing, resumable folder (features as safetensors shards, events/rollouts JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lynx_exit.decode import DecodeLoop, GenerationConfig, forced_answers
+from lynx_exit.models import FeatureSpec, LoadedModel
+from lynx_exit.tasks import Problem
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    rollouts_per_problem: int = 1
+    max_events_per_rollout: int = 16
+    skip_first_events: int = 0
+    synthetic_event: bool = True  # one event at 70 % of a cue-less rollout, as the official builder
+    batch_size: int = 16  # rollouts decoded together
+    label_batch_size: int = 64  # forced exits decoded together
+
+    def __post_init__(self) -> None:
+        for name in ("rollouts_per_problem", "max_events_per_rollout", "batch_size", "label_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.skip_first_events < 0:
+            raise ValueError(f"skip_first_events must be >= 0, got {self.skip_first_events}")
+
+
+def rollout_seed(base_seed: int, problem_index: int, rollout: int, rollouts_per_problem: int) -> int:
+    """Seed of one rollout, independent of how rollouts are batched."""
+    return base_seed * 1_000_003 + problem_index * rollouts_per_problem + rollout
+
+
+def _select(indices: list[int], config: BuildConfig) -> list[int]:
+    kept = indices[config.skip_first_events :]
+    if len(kept) > config.max_events_per_rollout:
+        picks = np.linspace(0, len(kept) - 1, config.max_events_per_rollout).round().astype(int)
+        kept = [kept[i] for i in picks]
+    return kept
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+
+
+def build_dataset(
+    lm: LoadedModel,
+    problems: Sequence[Problem],
+    out_dir: Path,
+    generation: GenerationConfig,
+    config: BuildConfig,
+    spec: FeatureSpec,
+    extra_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sample, hook, label and write; resumes a folder left by an interrupted run."""
+    from tqdm import tqdm
+
+    if not problems:
+        raise ValueError("build_dataset needs at least one problem")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "features").mkdir(exist_ok=True)
+    meta = {
+        "format": "lynx-exit-dataset-v1",
+        "feature_spec": spec.to_dict(),
+        "generation": asdict(generation),
+        "build": asdict(config),
+        "problem_ids": [p.problem_id for p in problems],
+        "task": problems[0].task,
+        **(extra_meta or {}),
+    }
+    meta_file = out_dir / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        for key in ("feature_spec", "generation", "build", "problem_ids"):
+            if old.get(key) != json.loads(json.dumps(meta[key])):
+                raise ValueError(f"{out_dir} holds a dataset built with other {key}; use a new folder to change it")
+    meta["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
+    meta["command"] = " ".join(sys.argv)
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+
+    rollouts_file, events_file = out_dir / "rollouts.jsonl", out_dir / "events.jsonl"
+    done = {r["problem_id"] for r in _read_jsonl(rollouts_file)}
+    # Drop events of a problem whose write was interrupted before its rollouts were recorded.
+    events = [e for e in _read_jsonl(events_file) if e["problem_id"] in done]
+    events_file.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
+    todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
+    per_batch = max(1, config.batch_size // config.rollouts_per_problem)
+    exit_cue_ids = lm.exit_cue_ids(generation.exit_cue)
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="build-data", unit="problem", disable=not progress)
+    for start in range(0, len(todo), per_batch):
+        chunk = todo[start : start + per_batch]
+        _build_chunk(lm, chunk, out_dir, generation, config, spec, exit_cue_ids)
+        bar.update(len(chunk))
+    bar.close()
+    return summarize_dataset(out_dir)
+
+
+def _build_chunk(
+    lm: LoadedModel,
+    chunk: Sequence[tuple[int, Problem]],
+    out_dir: Path,
+    generation: GenerationConfig,
+    config: BuildConfig,
+    spec: FeatureSpec,
+    exit_cue_ids: list[int],
+) -> None:
+    rows = [(index, problem, r) for index, problem in chunk for r in range(config.rollouts_per_problem)]
+    prompts = [lm.prompt_ids(problem.prompt) for _, problem, _ in rows]
+    seeds = [rollout_seed(generation.seed, index, r, config.rollouts_per_problem) for index, _, r in rows]
+    loop = DecodeLoop(lm, prompts, generation, layers=spec.layers, seeds=seeds)
+    cue_features: list[dict[int, tuple[str, torch.Tensor]]] = [{} for _ in rows]
+    think_features: list[list[torch.Tensor]] = [[] for _ in rows]  # only while a row has no cue yet
+    for step in loop.steps():
+        if step.phase != "think" or step.features is None:
+            continue
+        if step.cue is not None:
+            cue_features[step.row][step.index] = (step.cue, step.features.clone())
+            think_features[step.row] = []
+        elif config.synthetic_event and not cue_features[step.row]:
+            think_features[step.row].append(step.features.clone())
+    results = loop.results()
+    width = max(len(p) for p in prompts)
+    pending: list[dict[str, Any]] = []
+    vectors: list[torch.Tensor] = []
+    for row, (_, problem, rollout) in enumerate(rows):
+        for token_index in _select(sorted(cue_features[row]), config):
+            cue, vector = cue_features[row][token_index]
+            pending.append({"row": row, "token_index": token_index, "cue": cue, "synthetic": False})
+            vectors.append(vector)
+        if not cue_features[row] and config.synthetic_event and think_features[row]:
+            token_index = int(0.7 * len(think_features[row]))
+            pending.append({"row": row, "token_index": token_index, "cue": None, "synthetic": True})
+            vectors.append(think_features[row][token_index])
+    answers = []
+    for start in range(0, len(pending), config.label_batch_size):
+        part = pending[start : start + config.label_batch_size]
+        answers += forced_answers(
+            lm,
+            loop.cache,
+            loop.attention_mask,
+            [e["row"] for e in part],
+            [width + e["token_index"] for e in part],
+            exit_cue_ids,
+            generation.answer_max_tokens,
+        )
+    shard = f"shard-{chunk[0][0]:06d}.safetensors"
+    if vectors:
+        save_file({"features": torch.stack(vectors).contiguous()}, str(out_dir / "features" / shard))
+    event_records, rollout_records = [], []
+    per_row_events: dict[int, int] = {}
+    for shard_row, (event, forced) in enumerate(zip(pending, answers, strict=True)):
+        _, problem, rollout = rows[event["row"]]
+        per_row_events[event["row"]] = per_row_events.get(event["row"], 0) + 1
+        event_records.append(
+            {
+                "problem_id": problem.problem_id,
+                "rollout": rollout,
+                "token_index": event["token_index"],
+                "tokens_so_far": event["token_index"],
+                "cue": event["cue"],
+                "synthetic": event["synthetic"],
+                "forced_answer": forced.answer,
+                "forced_tokens": len(forced.token_ids),
+                "label": int(problem.grade("\\boxed{" + forced.text)),
+                "shard": shard,
+                "shard_row": shard_row,
+            }
+        )
+    for row, (_, problem, rollout) in enumerate(rows):
+        result = results[row]
+        rollout_records.append(
+            {
+                "problem_id": problem.problem_id,
+                "rollout": rollout,
+                "gold": problem.gold,
+                "answer": result.answer,
+                "correct": problem.grade(result.text),
+                "generated_tokens": result.num_generated_tokens,
+                "finish_reason": result.finish_reason,
+                "num_cues": len(result.cue_indices),
+                "num_events": per_row_events.get(row, 0),
+            }
+        )
+    _append_jsonl(out_dir / "events.jsonl", event_records)
+    _append_jsonl(out_dir / "rollouts.jsonl", rollout_records)
+
+
+@dataclass
+class Dataset:
+    spec: FeatureSpec
+    meta: dict[str, Any]
+    features: torch.Tensor  # [events, feature_dim]
+    events: list[dict[str, Any]]
+    rollouts: list[dict[str, Any]]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([e["label"] for e in self.events], dtype=torch.long)
+
+    @property
+    def problem_ids(self) -> set[str]:
+        return {e["problem_id"] for e in self.rollouts}
+
+
+def load_dataset(folder: str | Path) -> Dataset:
+    folder = Path(folder)
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a lynx-exit dataset (no meta.json)")
+    meta = json.loads(meta_file.read_text())
+    spec = FeatureSpec.from_dict(meta["feature_spec"])
+    events = _read_jsonl(folder / "events.jsonl")
+    rollouts = _read_jsonl(folder / "rollouts.jsonl")
+    shards: dict[str, torch.Tensor] = {}
+    rows = []
+    for event in events:
+        name = event["shard"]
+        if name not in shards:
+            path = folder / "features" / name
+            if not path.is_file():
+                raise FileNotFoundError(f"dataset {str(folder)!r} is missing feature shard {name}")
+            shards[name] = load_file(str(path))["features"]
+        rows.append(shards[name][event["shard_row"]])
+    features = torch.stack(rows) if rows else torch.zeros(0, spec.feature_dim)
+    if features.shape[1] != spec.feature_dim:
+        raise ValueError(f"dataset {str(folder)!r}: features have dim {features.shape[1]}, spec says {spec.feature_dim}")
+    return Dataset(spec=spec, meta=meta, features=features, events=events, rollouts=rollouts)
+
+
+def summarize_dataset(folder: Path) -> dict[str, Any]:
+    events = _read_jsonl(folder / "events.jsonl")
+    rollouts = _read_jsonl(folder / "rollouts.jsonl")
+    n = max(1, len(rollouts))
+    return {
+        "rollouts": len(rollouts),
+        "events": len(events),
+        "positive_rate": sum(e["label"] for e in events) / max(1, len(events)),
+        "full_cot_accuracy": sum(r["correct"] for r in rollouts) / n,
+        "mean_generated_tokens": sum(r["generated_tokens"] for r in rollouts) / n,
+        "mean_cues_per_rollout": sum(r["num_cues"] for r in rollouts) / n,
+    }

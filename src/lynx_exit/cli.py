@@ -1,0 +1,179 @@
+"""`lynx-exit` command line: thin wrappers that map flags 1:1 onto library config and print results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from lynx_exit.cues import DEFAULT_CUE_WORDS
+from lynx_exit.models import EXIT_CUE_VARIANTS
+
+DEFAULT_MODEL = "reference"
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias (reference, smollm2), GGUF file, folder or hub id")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", default=None, help="comma-separated hidden-state layers (default: ¼,½,¾ depth + last)")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exit-cue", default="boxed", choices=sorted(EXIT_CUE_VARIANTS))
+    parser.add_argument("--answer-max-tokens", type=int, default=64)
+    parser.add_argument("--cue-words", default=",".join(DEFAULT_CUE_WORDS), help="comma-separated cue words")
+    parser.add_argument("--cue-regex", default=None, help="a regex cue instead of words, e.g. '\\n\\n'")
+
+
+def _generation_config(args: argparse.Namespace) -> Any:
+    from lynx_exit.decode import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        exit_cue=args.exit_cue,
+        answer_max_tokens=args.answer_max_tokens,
+        cue_words=tuple(w for w in args.cue_words.split(",") if w.strip()) or DEFAULT_CUE_WORDS,
+        cue_regex=args.cue_regex,
+    )
+
+
+def _layers(args: argparse.Namespace) -> tuple[int, ...] | None:
+    if not args.layers:
+        return None
+    try:
+        return tuple(int(x) for x in args.layers.split(","))
+    except ValueError as exc:
+        raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from exc
+
+
+def _policy_from_args(args: argparse.Namespace, lm: Any) -> Any:
+    from lynx_exit.policies import make_policy
+
+    if args.exit == "token-budget":
+        if args.budget is None:
+            raise ValueError("--exit token-budget needs --budget N")
+        return make_policy("token-budget", budget=args.budget)
+    if args.exit == "lynx":
+        if args.probe is None:
+            raise ValueError("--exit lynx needs --probe DIR")
+        delta = args.delta if args.confidence is None else 1 - args.confidence
+        return make_policy("lynx", probe_dir=args.probe, delta=delta, mode=args.mode, model_spec=lm.feature_spec(_layers(args)))
+    return make_policy(args.exit)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lynx_exit.decode import DecodeLoop
+    from lynx_exit.models import load_model
+    from lynx_exit.tasks import load_task
+
+    config = _generation_config(args)
+    problem = None
+    if args.task:
+        problems = load_task(args.task, args.data, limit=1, offset=args.index)
+        if not problems:
+            raise ValueError(f"task {args.task!r} has no problem at --index {args.index}")
+        problem = problems[0]
+        prompt_text = problem.prompt
+    elif args.prompt:
+        prompt_text = args.prompt
+    else:
+        raise ValueError("give a prompt or --task NAME [--index I]")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    policy = _policy_from_args(args, lm)
+    loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=_layers(args) if policy.needs_features else None)
+    console = Console(highlight=False, soft_wrap=True)
+    stream = not args.json
+    started = time.perf_counter()
+    for step in loop.steps():
+        if not stream:
+            continue
+        if step.exit:
+            console.print(f" [exit at «{step.cue or step.text}»] ", style="bold red", end="", markup=False)
+            if step.cue:
+                continue
+        style = "bold yellow" if step.cue else ("cyan" if step.phase in ("exit_cue", "forced_answer") else None)
+        console.print(step.text, style=style, end="", markup=False)
+    wall = time.perf_counter() - started
+    result = loop.results()[0]
+    record = {
+        "model": args.model,
+        "exit": args.exit,
+        "answer": result.answer,
+        "finish_reason": result.finish_reason,
+        "generated_tokens": result.num_generated_tokens,
+        "exit_index": result.exit_index,
+        "cue_indices": result.cue_indices,
+        "wall_time_s": round(wall, 3),
+        "text": result.text,
+    }
+    if problem is not None:
+        record.update(task=problem.task, problem_id=problem.problem_id, gold=problem.gold, correct=problem.grade(result.text))
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False))
+    else:
+        print()
+        summary = f"[{result.num_generated_tokens} tokens, {wall:.2f} s, {len(result.cue_indices)} cues, finish: {result.finish_reason}"
+        if result.exit_index is not None:
+            summary += f", exited at token {result.exit_index}"
+        if problem is not None:
+            summary += f", answer {result.answer!r} vs gold {problem.gold!r}: {'right' if record['correct'] else 'wrong'}"
+        print(summary + "]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lynx-exit", description="Confidence-controlled early exit for reasoning LLMs (LYNX).")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream one generation with online early exit")
+    gen.add_argument("prompt", nargs="?", help="the user prompt")
+    gen.add_argument("--task", default=None, help="take the prompt from a task instead (gsm8k, svamp, ...)")
+    gen.add_argument("--data", default=None, help="JSONL file for --task")
+    gen.add_argument("--index", type=int, default=0, help="problem index within --task")
+    gen.add_argument("--exit", default="never", choices=["never", "token-budget", "lynx"])
+    gen.add_argument("--budget", type=int, default=None, help="thinking-token budget for --exit token-budget")
+    gen.add_argument("--probe", default=None, help="probe folder for --exit lynx")
+    gen.add_argument("--delta", type=float, default=0.05, help="LYNX risk level δ")
+    gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
+    gen.add_argument("--mode", default="event", choices=["event", "trajectory"], help="conformal calibration mode")
+    gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
+    _add_model_flags(gen)
+    _add_sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    from lynx_exit import cli_pipeline
+
+    cli_pipeline.add_commands(sub, _add_model_flags, _add_sampling_flags)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"lynx-exit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

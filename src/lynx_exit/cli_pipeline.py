@@ -1,0 +1,130 @@
+"""`lynx-exit` subcommands beyond generate: the probe pipeline, the reference model, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def cmd_train_reference(args: argparse.Namespace) -> int:
+    import torch
+
+    from lynx_exit.models import REFERENCE_MODEL_DIR
+    from lynx_exit.reference import ReferenceTrainConfig, train_reference_model
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    config = ReferenceTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    out = Path(args.out) if args.out else REFERENCE_MODEL_DIR
+    report = train_reference_model(config, out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _problems(args: argparse.Namespace) -> list[Any]:
+    from lynx_exit.reference import as_task_problems, make_problems
+    from lynx_exit.tasks import load_task
+
+    if args.task == "arith":  # the reference model's synthetic problems, split by --split
+        problems = as_task_problems(make_problems(args.split, args.offset + args.num_problems), args.split)
+        return problems[args.offset :]
+    return load_task(args.task, args.data, limit=args.num_problems, offset=args.offset)
+
+
+def cmd_build_data(args: argparse.Namespace) -> int:
+    from lynx_exit.build_data import BuildConfig, build_dataset
+    from lynx_exit.cli import _generation_config, _layers
+    from lynx_exit.models import load_model
+
+    generation = _generation_config(args)
+    config = BuildConfig(
+        rollouts_per_problem=args.rollouts,
+        max_events_per_rollout=args.max_events,
+        skip_first_events=args.skip_first,
+        synthetic_event=not args.no_synthetic_event,
+        batch_size=args.batch_size,
+        label_batch_size=args.label_batch_size,
+    )
+    problems = _problems(args)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    spec = lm.feature_spec(_layers(args))
+    summary = build_dataset(lm, problems, Path(args.out), generation, config, spec, extra_meta={"model": args.model})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lynx_exit.build_data import load_dataset
+    from lynx_exit.lynx import train_probe_folder
+    from lynx_exit.models import FeatureSpec
+    from lynx_exit.probe import ProbeTrainConfig
+
+    dataset = load_dataset(args.data)
+    if args.expect_spec:
+        FeatureSpec.from_dict(json.loads(Path(args.expect_spec).read_text())).check_compatible(dataset.spec, "dataset")
+    config = ProbeTrainConfig(max_epochs=args.epochs, patience=args.patience, learning_rate=args.lr, seed=args.seed)
+    metrics = train_probe_folder(dataset, Path(args.out), config, args.data)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from lynx_exit.build_data import load_dataset
+    from lynx_exit.lynx import calibrate_probe_folder
+
+    deltas = [float(x) for x in args.deltas.split(",")]
+    report = calibrate_probe_folder(Path(args.probe), load_dataset(args.data), deltas, epsilon=args.epsilon)
+    for row in report["event"]:
+        note = "  (never exits: too few unsafe calibration events for this δ)" if row["never_exit"] else ""
+        print(f"event      δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}")
+    for row in report["trajectory"]:
+        note = "  (never exits)" if row["never_exit"] else ""
+        print(f"trajectory δ={row['delta']:<5} threshold={row['threshold']} calib risk={row['empirical_risk']:.3f}{note}")
+    print(f"wrote {Path(args.probe) / 'conformal.json'}")
+    return 0
+
+
+def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], None], add_sampling_flags: Callable[..., None]) -> None:
+    ref = sub.add_parser("train-reference", help="train the small reference reasoning model from scratch")
+    ref.add_argument("--out", default=None, help="output folder (default: the package's reference_model/)")
+    ref.add_argument("--steps", type=int, default=1600)
+    ref.add_argument("--batch-size", type=int, default=16)
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ref.set_defaults(func=cmd_train_reference)
+
+    build = sub.add_parser("build-data", help="sample rollouts and label cue events by forced exits")
+    build.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
+    build.add_argument("--task", default="gsm8k-train", help="task name, or 'arith' for the reference model's problems")
+    build.add_argument("--split", default="train", choices=["train", "calib", "test"], help="split for --task arith")
+    build.add_argument("--data", default=None, help="JSONL file for the task")
+    build.add_argument("--num-problems", type=int, default=200)
+    build.add_argument("--offset", type=int, default=0, help="first problem index (use disjoint ranges for calibration)")
+    build.add_argument("--rollouts", type=int, default=1, help="rollouts per problem")
+    build.add_argument("--max-events", type=int, default=16, help="max labelled events per rollout")
+    build.add_argument("--skip-first", type=int, default=0, help="skip the first k cue events of each rollout")
+    build.add_argument("--no-synthetic-event", action="store_true", help="no 70%% event for cue-less rollouts")
+    build.add_argument("--batch-size", type=int, default=16, help="rollouts decoded together")
+    build.add_argument("--label-batch-size", type=int, default=64, help="forced exits decoded together")
+    add_model_flags(build)
+    add_sampling_flags(build)
+    build.set_defaults(func=cmd_build_data)
+
+    train = sub.add_parser("train", help="train the probe on a build-data folder")
+    train.add_argument("--data", required=True, help="dataset folder from build-data")
+    train.add_argument("--out", required=True, help="probe folder to write")
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--patience", type=int, default=15)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--expect-spec", default=None, help="JSON FeatureSpec the dataset must match")
+    train.set_defaults(func=cmd_train)
+
+    cal = sub.add_parser("calibrate", help="conformal thresholds from a disjoint calibration dataset")
+    cal.add_argument("--probe", required=True, help="probe folder from train")
+    cal.add_argument("--data", required=True, help="calibration dataset folder (problems disjoint from training)")
+    cal.add_argument("--deltas", default="0.01,0.02,0.03,0.05,0.1,0.2,0.3")
+    cal.add_argument("--epsilon", type=float, default=0.1, help="Learn-then-Test failure probability (trajectory mode)")
+    cal.set_defaults(func=cmd_calibrate)

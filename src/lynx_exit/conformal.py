@@ -1,0 +1,168 @@
+"""Split conformal calibration of exit thresholds (LYNX spec §5): per-event and per-trajectory.
+
+Pure functions over numpy arrays; no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DELTAS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
+def conformal_quantile(scores: np.ndarray, delta: float) -> float:
+    """The ⌈(n+1)(1−δ)⌉-th smallest score; +inf when that rank exceeds n (no clipping)."""
+    _check_delta(delta)
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - delta))
+    if rank > n:
+        return math.inf
+    return float(np.sort(scores)[rank - 1])
+
+
+@dataclass(frozen=True)
+class EventThreshold:
+    """Class-conditional split conformal thresholds at one δ.
+
+    Exit iff the prediction set is {safe}: p ≥ 1 − q_pos and p > q_neg. Under
+    exchangeability, P(exit | event unsafe) ≤ δ for each cue event.
+    """
+
+    delta: float
+    q_pos: float
+    q_neg: float
+    n_pos: int
+    n_neg: int
+
+    @property
+    def never_exit(self) -> bool:
+        """Too few unsafe calibration events for this δ: q_neg = +inf, so no score exits."""
+        return math.isinf(self.q_neg)
+
+    def should_exit(self, prob_safe: float) -> bool:
+        return prob_safe >= 1 - self.q_pos and prob_safe > self.q_neg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("q_pos", "q_neg"):
+            if math.isinf(out[key]):
+                out[key] = "inf"
+        return {**out, "never_exit": self.never_exit}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EventThreshold:
+        return cls(
+            delta=float(data["delta"]),
+            q_pos=float(data["q_pos"]),
+            q_neg=float(data["q_neg"]),
+            n_pos=int(data["n_pos"]),
+            n_neg=int(data["n_neg"]),
+        )
+
+
+def calibrate_events(probs: np.ndarray, labels: np.ndarray, delta: float) -> EventThreshold:
+    """Per-event thresholds from calibration scores `probs` (P(safe)) and 0/1 `labels`."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels).astype(bool)
+    if probs.shape != labels.shape:
+        raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ in shape")
+    positives, negatives = probs[labels], probs[~labels]
+    return EventThreshold(
+        delta=delta,
+        q_pos=conformal_quantile(1 - positives, delta) if len(positives) else math.inf,
+        q_neg=conformal_quantile(negatives, delta) if len(negatives) else math.inf,
+        n_pos=int(len(positives)),
+        n_neg=int(len(negatives)),
+    )
+
+
+def first_exit_event(probs: Sequence[float], threshold: float) -> int | None:
+    """Index of the first event whose score reaches `threshold`."""
+    for index, prob in enumerate(probs):
+        if prob >= threshold:
+            return index
+    return None
+
+
+def trajectory_loss(probs: Sequence[float], labels: Sequence[int], threshold: float) -> int:
+    """1 if the rollout's first exit at `threshold` lands on an unsafe event, else 0."""
+    index = first_exit_event(probs, threshold)
+    return int(index is not None and not labels[index])
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) ≤ k)."""
+    return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, k + 1)))
+
+
+@dataclass(frozen=True)
+class TrajectoryThreshold:
+    """Learn-then-Test threshold on P(safe) for the first exit of a rollout.
+
+    With probability ≥ 1 − ε over the calibration rollouts, a new exchangeable rollout
+    exits prematurely (first passing event unsafe) with probability ≤ δ.
+    """
+
+    delta: float
+    epsilon: float
+    threshold: float  # +inf: never exit
+    n_rollouts: int
+    empirical_risk: float
+
+    @property
+    def never_exit(self) -> bool:
+        return math.isinf(self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if math.isinf(self.threshold):
+            out["threshold"] = "inf"
+        return {**out, "never_exit": self.never_exit}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrajectoryThreshold:
+        return cls(
+            delta=float(data["delta"]),
+            epsilon=float(data["epsilon"]),
+            threshold=float(data["threshold"]),
+            n_rollouts=int(data["n_rollouts"]),
+            empirical_risk=float(data["empirical_risk"]),
+        )
+
+
+def calibrate_trajectories(
+    rollouts: Sequence[tuple[Sequence[float], Sequence[int]]],
+    delta: float,
+    epsilon: float = 0.1,
+    grid: Sequence[float] | None = None,
+) -> TrajectoryThreshold:
+    """Learn-then-Test with fixed-sequence testing from the strictest threshold down.
+
+    For each threshold t (descending) test H_t: risk(t) > δ with the exact binomial
+    p-value P(Bin(n, δ) ≤ n·R̂(t)); accept thresholds while p ≤ ε, stop at the first
+    failure (fixed-sequence testing controls the family-wise error at ε without assuming
+    the risk is monotone in t). The chosen threshold is the last accepted one.
+    """
+    _check_delta(delta)
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    n = len(rollouts)
+    if n == 0:
+        raise ValueError("trajectory calibration needs at least one rollout")
+    thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:], reverse=True)
+    chosen, chosen_risk = math.inf, 0.0
+    for threshold in thresholds:
+        losses = sum(trajectory_loss(probs, labels, threshold) for probs, labels in rollouts)
+        if binomial_cdf(losses, n, delta) > epsilon:
+            break
+        chosen, chosen_risk = float(threshold), losses / n
+    return TrajectoryThreshold(delta=delta, epsilon=epsilon, threshold=chosen, n_rollouts=n, empirical_risk=chosen_risk)

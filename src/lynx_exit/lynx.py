@@ -1,0 +1,151 @@
+"""The LYNX exit policy (spec §6) and the train/calibrate steps that produce its probe folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lynx_exit.build_data import Dataset
+from lynx_exit.conformal import (
+    DEFAULT_DELTAS,
+    EventThreshold,
+    TrajectoryThreshold,
+    calibrate_events,
+    calibrate_trajectories,
+    trajectory_loss,
+)
+from lynx_exit.models import FeatureSpec
+from lynx_exit.policies import Decision, register_policy
+from lynx_exit.probe import CONFORMAL_FILE, ProbeBundle, ProbeTrainConfig, load_probe, save_probe, train_probe
+
+if TYPE_CHECKING:
+    from lynx_exit.decode import Step
+
+
+@dataclass
+class LynxPolicy:
+    """At each cue, score the hooked hidden state with the probe and apply the conformal rule."""
+
+    bundle: ProbeBundle
+    delta: float
+    mode: str = "event"  # "event": per-event split conformal; "trajectory": Learn-then-Test first exit
+    name: str = "lynx"
+    needs_features: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("event", "trajectory"):
+            raise ValueError(f"mode must be 'event' or 'trajectory', got {self.mode!r}")
+        self.rule: EventThreshold | TrajectoryThreshold = (
+            self.bundle.event_threshold(self.delta) if self.mode == "event" else self.bundle.trajectory_threshold(self.delta)
+        )
+        self.scores: list[float] = []
+
+    def reset(self) -> None:
+        self.scores = []
+
+    def observe(self, step: Step) -> Decision:
+        if step.cue is None or step.features is None:
+            return Decision.CONTINUE
+        prob = float(self.bundle.probe.prob_safe(step.features[None])[0])
+        self.scores.append(prob)
+        if isinstance(self.rule, EventThreshold):
+            exit_now = self.rule.should_exit(prob)
+        else:
+            exit_now = prob >= self.rule.threshold
+        return Decision.EXIT if exit_now else Decision.CONTINUE
+
+
+def _make_lynx(probe_dir: str, delta: float, mode: str = "event", model_spec: FeatureSpec | None = None) -> LynxPolicy:
+    return LynxPolicy(bundle=load_probe(probe_dir, expected=model_spec), delta=float(delta), mode=mode)
+
+
+register_policy("lynx", _make_lynx)
+
+
+def train_probe_folder(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    if len(dataset.events) == 0:
+        raise ValueError(f"dataset {dataset_dir!r} has no events to train on")
+    probe, metrics = train_probe(dataset.features, dataset.labels, config)
+    meta = {
+        "format": "lynx-exit-probe-v1",
+        "training_data": dataset_dir,
+        "training_task": dataset.meta.get("task"),
+        "training_problem_ids": sorted(dataset.problem_ids),
+        "train_config": asdict(config),
+        "metrics": {**metrics, "train_seconds": round(time.perf_counter() - started, 2)},
+    }
+    save_probe(out_dir, probe, dataset.spec, meta)
+    return meta["metrics"]
+
+
+def rollout_scores(bundle: ProbeBundle, dataset: Dataset) -> list[tuple[list[float], list[int]]]:
+    """Per rollout, the probe's P(safe) and labels of its events in order."""
+    probs = bundle.probe.prob_safe(dataset.features).numpy() if len(dataset.events) else np.zeros(0)
+    grouped: dict[tuple[str, int], list[tuple[int, float, int]]] = defaultdict(list)
+    for event, prob in zip(dataset.events, probs, strict=True):
+        grouped[(event["problem_id"], event["rollout"])].append((event["token_index"], float(prob), int(event["label"])))
+    out = []
+    for rollout in dataset.rollouts:
+        items = sorted(grouped.get((rollout["problem_id"], rollout["rollout"]), []))
+        out.append(([p for _, p, _ in items], [label for _, _, label in items]))
+    return out
+
+
+def calibrate_probe_folder(
+    probe_dir: Path, dataset: Dataset, deltas: Sequence[float] = DEFAULT_DELTAS, epsilon: float = 0.1
+) -> dict[str, Any]:
+    """Write `conformal.json` (per-event and trajectory thresholds) from a disjoint calibration set."""
+    bundle = load_probe(probe_dir)
+    bundle.spec.check_compatible(dataset.spec, what=f"probe {str(probe_dir)!r}")
+    overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
+    if overlap:
+        raise ValueError(
+            f"calibration data shares {len(overlap)} problems with the probe's training data "
+            f"(e.g. {sorted(overlap)[:3]}); conformal guarantees need disjoint problems"
+        )
+    if not dataset.events:
+        raise ValueError("calibration dataset has no events")
+    probs = bundle.probe.prob_safe(dataset.features).numpy()
+    labels = dataset.labels.numpy()
+    rollouts = rollout_scores(bundle, dataset)
+    event = [calibrate_events(probs, labels, d) for d in deltas]
+    trajectory = [calibrate_trajectories(rollouts, d, epsilon) for d in deltas]
+    report = {
+        "calibration_data": str(dataset.meta.get("task")),
+        "n_events": int(len(labels)),
+        "n_rollouts": len(rollouts),
+        "event": [t.to_dict() for t in event],
+        "trajectory": [t.to_dict() for t in trajectory],
+    }
+    (probe_dir / CONFORMAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any]]:
+    """On held-out data: premature-exit rate per unsafe event and per rollout, at each calibrated δ."""
+    probs = bundle.probe.prob_safe(dataset.features).numpy()
+    labels = dataset.labels.numpy().astype(bool)
+    rollouts = rollout_scores(bundle, dataset)
+    rows = []
+    for rule in bundle.event_thresholds:
+        exits = np.array([rule.should_exit(float(p)) for p in probs], dtype=bool)
+        rows.append(
+            {
+                "mode": "event",
+                "delta": rule.delta,
+                "unsafe_exit_rate": float(exits[~labels].mean()) if (~labels).any() else float("nan"),
+                "exit_rate": float(exits.mean()),
+            }
+        )
+    for traj in bundle.trajectory_thresholds:
+        losses = [trajectory_loss(p, lab, traj.threshold) for p, lab in rollouts]
+        rows.append({"mode": "trajectory", "delta": traj.delta, "premature_rollout_rate": float(np.mean(losses))})
+    return rows

@@ -1,0 +1,226 @@
+"""The LYNX probe (spec §4): standardisation → MLP(256, 64, ReLU) → P(safe to exit), in torch.
+
+Saved as safetensors (weights + scaler) and JSON metadata; no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lynx_exit.conformal import EventThreshold, TrajectoryThreshold
+from lynx_exit.models import FeatureSpec
+
+logger = logging.getLogger(__name__)
+
+PROBE_WEIGHTS = "probe.safetensors"
+PROBE_META = "probe.json"
+CONFORMAL_FILE = "conformal.json"
+
+
+class Probe(nn.Module):
+    def __init__(self, feature_dim: int, hidden: tuple[int, int] = (256, 64)) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("std", torch.ones(feature_dim))
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU(), nn.Linear(hidden[1], 1)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [n] of P(safe) for features [n, feature_dim]."""
+        return self.net((features - self.mean) / self.std).squeeze(-1)
+
+    @torch.inference_mode()
+    def prob_safe(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(features.float()))
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve via the rank statistic (ties get average ranks); nan if one class."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean((np.asarray(probs, dtype=np.float64) - np.asarray(labels, dtype=np.float64)) ** 2))
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for value in (0, 1):
+        idx = np.flatnonzero(labels == value)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+@dataclass(frozen=True)
+class ProbeTrainConfig:
+    max_epochs: int = 200
+    patience: int = 15
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4  # the official L2 penalty
+    batch_size: int = 256
+    val_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "patience", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrainConfig) -> tuple[Probe, dict[str, Any]]:
+    """Fit the probe with Adam, class-balanced weights and early stopping on a stratified split."""
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match")
+    y = labels.float()
+    y_np = y.numpy().astype(int)
+    if len(set(y_np.tolist())) < 2:
+        raise ValueError(f"probe training needs both safe and unsafe events; got only label {y_np[0] if len(y_np) else None}")
+    train_idx, val_idx = stratified_split(y_np, config.val_fraction, config.seed)
+    torch.manual_seed(config.seed)
+    x = features.float()
+    probe = Probe(x.shape[1])
+    probe.mean.copy_(x[train_idx].mean(0))
+    probe.std.copy_(x[train_idx].std(0).clamp_min(1e-6))
+    n_pos = float(y[train_idx].sum())
+    n = len(train_idx)
+    pos_weight, neg_weight = n / (2 * max(n_pos, 1)), n / (2 * max(n - n_pos, 1))
+    weights = torch.where(y == 1, pos_weight, neg_weight)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    best_loss, best_state, stale, epochs = math.inf, None, 0, 0
+    loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+    train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    for epoch in range(config.max_epochs):
+        probe.train()
+        order = train_t[torch.randperm(len(train_t), generator=generator)]
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            loss = (loss_fn(probe(x[batch]), y[batch]) * weights[batch]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        probe.eval()
+        with torch.no_grad():
+            val_loss = float((loss_fn(probe(x[val_t]), y[val_t]) * weights[val_t]).mean()) if len(val_t) else 0.0
+        epochs = epoch + 1
+        if val_loss < best_loss - 1e-6:
+            best_loss, stale = val_loss, 0
+            best_state = {k: v.clone() for k, v in probe.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    if best_state is not None:
+        probe.load_state_dict(best_state)
+    probe.eval()
+    probs = probe.prob_safe(x).numpy()
+    metrics = {
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "positive_rate": float(y.mean()),
+        "train_auroc": auroc(probs[train_idx], y_np[train_idx]),
+        "val_auroc": auroc(probs[val_idx], y_np[val_idx]),
+        "train_brier": brier(probs[train_idx], y_np[train_idx]),
+        "val_brier": brier(probs[val_idx], y_np[val_idx]),
+        "epochs": epochs,
+        "best_val_loss": best_loss,
+    }
+    return probe, metrics
+
+
+@dataclass
+class ProbeBundle:
+    """A probe with its feature spec, metadata and (once calibrated) conformal thresholds."""
+
+    probe: Probe
+    spec: FeatureSpec
+    meta: dict[str, Any]
+    event_thresholds: list[EventThreshold] = field(default_factory=list)
+    trajectory_thresholds: list[TrajectoryThreshold] = field(default_factory=list)
+
+    def event_threshold(self, delta: float) -> EventThreshold:
+        return _pick(self.event_thresholds, delta, "event")
+
+    def trajectory_threshold(self, delta: float) -> TrajectoryThreshold:
+        return _pick(self.trajectory_thresholds, delta, "trajectory")
+
+
+def _pick(thresholds: list[Any], delta: float, mode: str) -> Any:
+    for item in thresholds:
+        if math.isclose(item.delta, delta, rel_tol=0, abs_tol=1e-9):
+            return item
+    available = [t.delta for t in thresholds]
+    raise ValueError(
+        f"probe has no {mode}-level calibration at delta={delta}; calibrated deltas: {available or 'none (run lynx-exit calibrate)'}"
+    )
+
+
+def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: value.detach().contiguous() for name, value in probe.state_dict().items()}
+    save_file(tensors, str(folder / PROBE_WEIGHTS), metadata={"format": "lynx-exit-probe-v1"})
+    (folder / PROBE_META).write_text(json.dumps({"feature_spec": spec.to_dict(), **meta}, indent=2) + "\n")
+
+
+def load_probe(folder: str | Path, expected: FeatureSpec | None = None) -> ProbeBundle:
+    """Load a probe folder; with `expected`, refuse a probe from another feature space."""
+    folder = Path(folder)
+    weights, meta_file = folder / PROBE_WEIGHTS, folder / PROBE_META
+    for path in (weights, meta_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"probe folder {str(folder)!r} has no {path.name}")
+    try:
+        meta = json.loads(meta_file.read_text())
+        spec = FeatureSpec.from_dict(meta["feature_spec"])
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ValueError(f"{meta_file} is not a valid probe metadata file: {exc}") from exc
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights} is corrupted or not a safetensors file: {exc}") from exc
+    probe = Probe(spec.feature_dim)
+    try:
+        probe.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights} does not match the feature spec in {meta_file}: {exc}") from exc
+    probe.eval()
+    if expected is not None:
+        spec.check_compatible(expected, what=f"probe {str(folder)!r}")
+    bundle = ProbeBundle(probe=probe, spec=spec, meta=meta)
+    conformal_file = folder / CONFORMAL_FILE
+    if conformal_file.is_file():
+        data = json.loads(conformal_file.read_text())
+        bundle.event_thresholds = [EventThreshold.from_dict(d) for d in data.get("event", [])]
+        bundle.trajectory_thresholds = [TrajectoryThreshold.from_dict(d) for d in data.get("trajectory", [])]
+    return bundle

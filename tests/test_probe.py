@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lynx_exit.models import FeatureSpec
+from lynx_exit.probe import ProbeTrainConfig, auroc, load_probe, save_probe, train_probe
+
+SPEC = FeatureSpec(model_id="m", layers=(1, 3), tokenizer_hash="abc", hidden_size=5)
+
+
+def _data(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, SPEC.feature_dim, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).long()
+    return x, y
+
+
+def test_auroc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    s, y = rng.random(50).round(1), rng.random(50) < 0.4
+    pairs = [(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]]
+    assert auroc(s, y) == pytest.approx(np.mean(pairs))
+
+
+def test_probe_learns_and_round_trips_bit_exactly(tmp_path):
+    x, y = _data()
+    probe, metrics = train_probe(x, y, ProbeTrainConfig(max_epochs=60, seed=1))
+    assert metrics["val_auroc"] > 0.8 and 0 < metrics["positive_rate"] < 1
+    save_probe(tmp_path, probe, SPEC, {"metrics": metrics})
+    loaded = load_probe(tmp_path, expected=SPEC)
+    for (name, a), (_, b) in zip(probe.state_dict().items(), loaded.probe.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(probe.prob_safe(x), loaded.probe.prob_safe(x))
+    assert not list(tmp_path.glob("*.pkl"))
+
+
+def test_probe_is_seeded():
+    x, y = _data()
+    a, _ = train_probe(x, y, ProbeTrainConfig(max_epochs=5, seed=3))
+    b, _ = train_probe(x, y, ProbeTrainConfig(max_epochs=5, seed=3))
+    assert torch.equal(a.prob_safe(x), b.prob_safe(x))
+
+
+def test_mismatched_and_corrupted_probe_folders(tmp_path):
+    x, y = _data()
+    probe, _ = train_probe(x, y, ProbeTrainConfig(max_epochs=2))
+    save_probe(tmp_path, probe, SPEC, {})
+    other = FeatureSpec(model_id="other", layers=(1, 2), tokenizer_hash="abc", hidden_size=5)
+    with pytest.raises(ValueError, match=r"built for model 'm'.*used with model 'other'.*layers"):
+        load_probe(tmp_path, expected=other)
+    (tmp_path / "probe.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupted"):
+        load_probe(tmp_path)
+    (tmp_path / "probe.json").write_text("{not json")
+    with pytest.raises(ValueError, match="probe.json"):
+        load_probe(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no probe.safetensors"):
+        load_probe(tmp_path / "missing")
+
+
+def test_probe_needs_both_classes():
+    x, _ = _data(20)
+    with pytest.raises(ValueError, match="both safe and unsafe"):
+        train_probe(x, torch.ones(20, dtype=torch.long), ProbeTrainConfig())
+
+
+def test_no_calibration_gives_clear_error(tmp_path):
+    x, y = _data()
+    probe, _ = train_probe(x, y, ProbeTrainConfig(max_epochs=2))
+    save_probe(tmp_path, probe, SPEC, {})
+    with pytest.raises(ValueError, match="run lynx-exit calibrate"):
+        load_probe(tmp_path).event_threshold(0.05)
+    assert json.loads((tmp_path / "probe.json").read_text())["feature_spec"]["feature_dim"] == 10
