@@ -86,6 +86,65 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from exc
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lynx_exit.cli import _generation_config
+    from lynx_exit.evaluate import markdown_table, parse_methods, run_eval, write_report
+    from lynx_exit.models import load_model
+
+    dynasor = []
+    for item in (args.dynasor.split(",") if args.dynasor else []):
+        interval, _, window = item.partition(":")
+        try:
+            dynasor.append((int(interval), int(window or 3)))
+        except ValueError as exc:
+            raise ValueError(f"--dynasor takes INTERVAL:WINDOW pairs, got {item!r}") from exc
+    settings = parse_methods(
+        [m.strip() for m in args.methods.split(",") if m.strip()],
+        budgets=[int(b) for b in _floats(args.budgets, "--budgets")],
+        deltas=_floats(args.deltas, "--deltas"),
+        deer_thresholds=_floats(args.deer_thresholds, "--deer-thresholds"),
+        dynasor=dynasor,
+        probe=args.probe,
+        mode=args.mode,
+    )
+    problems = _problems(args)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    out = Path(args.out)
+    summary = run_eval(lm, problems, settings, _generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size)
+    probe_task = None
+    if args.probe:
+        probe_task = json.loads((Path(args.probe) / "probe.json").read_text()).get("training_task")
+    meta = {"model": args.model, "task": args.task, "probe": args.probe, "probe_training_task": probe_task, "seed": args.seed}
+    write_report(summary, out, meta, title=f"{args.model} on {args.task}")
+    print(markdown_table(summary))
+    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'pareto.png'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lynx_exit.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        train_problems=args.train_problems,
+        calib_problems=args.calib_problems,
+        test_problems=args.test_problems,
+        seed=args.seed,
+        model=args.model,
+    )
+    result = run_demo(config, Path(args.out))
+    print(result["table"])
+    print(f"probe: val AUROC {result['probe_metrics']['val_auroc']:.3f}; demo took {result['demo_seconds']:.0f} s")
+    print(f"wrote {Path(args.out) / 'eval' / 'summary.json'} and {Path(args.out) / 'eval' / 'pareto.png'}")
+    return 0
+
+
 def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], None], add_sampling_flags: Callable[..., None]) -> None:
     ref = sub.add_parser("train-reference", help="train the small reference reasoning model from scratch")
     ref.add_argument("--out", default=None, help="output folder (default: the package's reference_model/)")
@@ -128,3 +187,32 @@ def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], 
     cal.add_argument("--deltas", default="0.01,0.02,0.03,0.05,0.1,0.2,0.3")
     cal.add_argument("--epsilon", type=float, default=0.1, help="Learn-then-Test failure probability (trajectory mode)")
     cal.set_defaults(func=cmd_calibrate)
+
+    ev = sub.add_parser("eval", help="tasks × exit methods × settings, paired seeds, Pareto report")
+    ev.add_argument("--out", required=True, help="run folder (resumed if it exists)")
+    ev.add_argument("--task", default="gsm8k", help="task name, or 'arith' for the reference model's problems")
+    ev.add_argument("--split", default="test", choices=["train", "calib", "test"], help="split for --task arith")
+    ev.add_argument("--data", default=None)
+    ev.add_argument("--num-problems", type=int, default=100)
+    ev.add_argument("--offset", type=int, default=0)
+    ev.add_argument("--rollouts", type=int, default=1)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--methods", default="never,token-budget,lynx")
+    ev.add_argument("--budgets", default="128,256,512")
+    ev.add_argument("--deltas", default="0.05,0.1,0.2,0.3")
+    ev.add_argument("--deer-thresholds", default="0.8,0.9,0.95")
+    ev.add_argument("--dynasor", default="32:3,64:2", help="INTERVAL:WINDOW pairs")
+    ev.add_argument("--probe", default=None)
+    ev.add_argument("--mode", default="event", choices=["event", "trajectory"])
+    add_model_flags(ev)
+    add_sampling_flags(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="the whole LYNX loop on the shipped reference model, offline")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--train-problems", type=int, default=300)
+    demo.add_argument("--calib-problems", type=int, default=200)
+    demo.add_argument("--test-problems", type=int, default=150)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", default="reference")
+    demo.set_defaults(func=cmd_demo)

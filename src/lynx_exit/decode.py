@@ -366,6 +366,10 @@ class DecodeLoop:
         token, index = row.feed, row.index
         row.kept_ids.append(token)
         if row.phase in ("think", "answer"):
+            banned = getattr(row.policy, "banned_token_ids", None)
+            if banned and row.phase == "think":  # NoWait-style logit bias (spec §9)
+                logits = logits.clone()
+                logits[list(banned)] = float("-inf")
             candidate = sample_token(logits, config, row.generator)
             lookahead = "" if candidate in eos else row.detok.peek(candidate)
             delta = row.detok.push(token)

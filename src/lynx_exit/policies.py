@@ -75,6 +75,7 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
 
 def _load_builtin() -> None:
     # Policies that need heavier modules register themselves on import.
+    import lynx_exit.baselines  # noqa: F401
     import lynx_exit.lynx  # noqa: F401
 
 

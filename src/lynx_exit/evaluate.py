@@ -1,0 +1,269 @@
+"""`lynx-exit eval`: tasks × exit methods × settings on paired seeds, with a Pareto report (spec §7)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lynx_exit.build_data import rollout_seed
+from lynx_exit.decode import DecodeLoop, GenerationConfig
+from lynx_exit.models import LoadedModel
+from lynx_exit.policies import ExitPolicy, make_policy
+from lynx_exit.tasks import Problem
+
+
+@dataclass(frozen=True)
+class MethodSetting:
+    """One point on a method's curve: `knob` is δ, λ, N or the Dynasor interval."""
+
+    method: str
+    knob: float | None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.method if self.knob is None else f"{self.method}@{self.knob:g}"
+
+
+def parse_methods(
+    methods: Sequence[str],
+    budgets: Sequence[int] = (),
+    deltas: Sequence[float] = (),
+    deer_thresholds: Sequence[float] = (),
+    dynasor: Sequence[tuple[int, int]] = (),
+    probe: str | None = None,
+    mode: str = "event",
+) -> list[MethodSetting]:
+    """Expand method names and their knob lists into settings; a method without knobs is an error."""
+    out: list[MethodSetting] = []
+    for method in methods:
+        if method in ("never", "nowait"):
+            out.append(MethodSetting(method, None))
+        elif method == "token-budget":
+            out += [MethodSetting(method, b, (("budget", int(b)),)) for b in _need(budgets, "token-budget", "--budgets")]
+        elif method == "lynx":
+            if probe is None:
+                raise ValueError("method lynx needs --probe DIR")
+            out += [
+                MethodSetting(method, d, (("probe_dir", probe), ("delta", float(d)), ("mode", mode)))
+                for d in _need(deltas, "lynx", "--deltas")
+            ]
+        elif method == "deer":
+            out += [MethodSetting(method, t, (("threshold", float(t)),)) for t in _need(deer_thresholds, "deer", "--deer-thresholds")]
+        elif method == "dynasor":
+            out += [
+                MethodSetting(method, k, (("interval", int(k)), ("window", int(m))))
+                for k, m in _need(dynasor, "dynasor", "--dynasor")
+            ]
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from never, token-budget, lynx, deer, dynasor, nowait")
+    return out
+
+
+def _need(values: Sequence[Any], method: str, flag: str) -> Sequence[Any]:
+    if not values:
+        raise ValueError(f"method {method} needs at least one setting ({flag})")
+    return values
+
+
+def _build_policy(setting: MethodSetting, lm: LoadedModel, cache: dict[str, Any]) -> ExitPolicy:
+    options = dict(setting.options)
+    if setting.method == "lynx":
+        from lynx_exit.lynx import LynxPolicy
+        from lynx_exit.probe import load_probe
+
+        key = f"probe:{options['probe_dir']}"
+        if key not in cache:  # any task's probe is accepted if it lives in this model's feature space
+            probe_layers = load_probe(options["probe_dir"]).spec.layers
+            cache[key] = load_probe(options["probe_dir"], expected=lm.feature_spec(probe_layers))
+        return LynxPolicy(cache[key], delta=options["delta"], mode=options["mode"])
+    if setting.method in ("deer", "dynasor"):
+        options["exit_cue_tokens"] = len(lm.exit_cue_ids())
+    if setting.method == "nowait":
+        from lynx_exit.baselines import cue_token_ids
+
+        if "banned" not in cache:
+            cache["banned"] = cue_token_ids(lm.tokenizer)
+        options["banned_token_ids"] = cache["banned"]
+    return make_policy(setting.method, **options)
+
+
+def run_eval(
+    lm: LoadedModel,
+    problems: Sequence[Problem],
+    settings: Sequence[MethodSetting],
+    generation: GenerationConfig,
+    out_dir: Path,
+    rollouts: int = 1,
+    batch_size: int = 16,
+    progress: bool = True,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable)."""
+    from tqdm import tqdm
+
+    if not problems:
+        raise ValueError("eval needs at least one problem")
+    if batch_size < 1 or rollouts < 1:
+        raise ValueError(f"batch_size and rollouts must be >= 1, got {batch_size}, {rollouts}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_file = out_dir / "records.jsonl"
+    done = set()
+    if records_file.exists():
+        for line in records_file.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["setting"], r["problem_id"], r["rollout"]))
+    jobs = [
+        (setting, index, problem, r)
+        for setting in settings
+        for index, problem in enumerate(problems)
+        for r in range(rollouts)
+        if (setting.label, problem.problem_id, r) not in done
+    ]
+    cache: dict[str, Any] = {}
+    prompt_cache: dict[str, list[int]] = {}
+    bar = tqdm(total=len(jobs), desc="eval", unit="rollout", disable=not progress)
+    for setting in settings:
+        todo = [j for j in jobs if j[0] is setting]
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            policies = [_build_policy(setting, lm, cache) for _ in batch]
+            prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, _, p, _ in batch]
+            seeds = [rollout_seed(generation.seed, i, r, rollouts) for _, i, _, r in batch]
+            began = time.perf_counter()
+            results = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds).run()
+            elapsed = time.perf_counter() - began
+            with records_file.open("a", encoding="utf-8") as handle:
+                for (_, _, problem, r), result, policy in zip(batch, results, policies, strict=True):
+                    record = {
+                        "method": setting.method,
+                        "setting": setting.label,
+                        "knob": setting.knob,
+                        "problem_id": problem.problem_id,
+                        "rollout": r,
+                        "answer": result.answer,
+                        "gold": problem.gold,
+                        "correct": problem.grade(result.text),
+                        "generated_tokens": result.num_generated_tokens,
+                        "trial_tokens": int(getattr(policy, "trial_tokens", 0)),
+                        "exit_index": result.exit_index,
+                        "finish_reason": result.finish_reason,
+                        "wall_time_s": elapsed / len(batch),  # the batch's time, shared by its rows
+                    }
+                    handle.write(json.dumps(record) + "\n")
+                handle.flush()
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch()
+    bar.close()
+    return summarize(load_records(records_file), [s.label for s in settings])
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(records: Sequence[dict[str, Any]], order: Sequence[str] | None = None) -> dict[str, Any]:
+    """Aggregate records per setting; savings and help/harm are paired against `never`."""
+    by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_setting[record["setting"]].append(record)
+    baseline = {(r["problem_id"], r["rollout"]): r for r in by_setting.get("never", [])}
+    base_tokens = sum(r["generated_tokens"] for r in baseline.values()) / len(baseline) if baseline else None
+    rows = []
+    for label in order or sorted(by_setting):
+        group = by_setting.get(label, [])
+        if not group:
+            continue
+        n = len(group)
+        correct = sum(bool(r["correct"]) for r in group)
+        tokens = sum(r["generated_tokens"] for r in group) / n
+        trial = sum(r["trial_tokens"] for r in group) / n
+        paired = [(r, baseline[(r["problem_id"], r["rollout"])]) for r in group if (r["problem_id"], r["rollout"]) in baseline]
+        low, high = wilson_interval(correct, n)
+        rows.append(
+            {
+                "setting": label,
+                "method": group[0]["method"],
+                "knob": group[0]["knob"],
+                "n": n,
+                "accuracy": correct / n,
+                "accuracy_ci95": [low, high],
+                "mean_generated_tokens": tokens,
+                "mean_trial_tokens": trial,
+                "mean_total_tokens": tokens + trial,
+                "tokens_saved_pct": 100 * (1 - (tokens + trial) / base_tokens) if base_tokens else None,
+                "exit_rate": sum(r["exit_index"] is not None for r in group) / n,
+                "help": sum(bool(r["correct"]) and not bool(b["correct"]) for r, b in paired),
+                "harm": sum(not bool(r["correct"]) and bool(b["correct"]) for r, b in paired),
+                "wall_time_per_problem_s": sum(r["wall_time_s"] for r in group) / n,
+            }
+        )
+    return {"settings": rows, "n_records": len(records)}
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| method | accuracy (95% CI) | mean tokens (+trial) | tokens saved | exit rate | help/harm | wall s/problem |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["settings"]:
+        low, high = row["accuracy_ci95"]
+        saved = "—" if row["tokens_saved_pct"] is None else f"{row['tokens_saved_pct']:.1f} %"
+        trial = f" (+{row['mean_trial_tokens']:.1f})" if row["mean_trial_tokens"] else ""
+        lines.append(
+            f"| {row['setting']} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | "
+            f"{row['mean_generated_tokens']:.1f}{trial} | {saved} | {100 * row['exit_rate']:.0f} % | "
+            f"{row['help']}/{row['harm']} | {row['wall_time_per_problem_s']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs tokens") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for row in summary["settings"]:
+        curves[row["method"]].append((row["mean_total_tokens"], 100 * row["accuracy"], row["setting"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, points in curves.items():
+        points.sort()
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, marker="o", label=method)
+        for x, y, label in points:
+            if "@" in label:
+                ax.annotate(label.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("mean tokens per problem (incl. trial decodes)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(summary: dict[str, Any], out_dir: Path, meta: dict[str, Any], title: str) -> None:
+    (out_dir / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2) + "\n")
+    (out_dir / "summary.md").write_text(markdown_table(summary))
+    pareto_plot(summary, out_dir / "pareto.png", title)
