@@ -34,9 +34,6 @@ def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():  # make the eos token rare so rollouts run to length
-        model.lm_head.weight[tokenizer.eos_token_id].mul_(0.0)
-        model.lm_head.weight[tokenizer.eos_token_id].add_(-0.01)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-test", profile=_profile_for(model, tokenizer))
 
 

@@ -7,7 +7,7 @@ from lynx_exit.decode import DecodeLoop, GenerationConfig, forced_answers
 from lynx_exit.policies import Decision, NeverExit, TokenBudget, first_exit, make_policy
 
 # A frequent cue ("e" anywhere) so that a random tiny model yields many cue events.
-FREQUENT = dict(cue_regex=r"e", max_new_tokens=48)
+FREQUENT = dict(cue_regex=r"e", max_new_tokens=48, min_new_tokens=48)
 
 
 @dataclass
@@ -109,7 +109,7 @@ def test_exit_drops_cue_and_answer_equals_rerun_of_prefix_ids(tiny_lm):
 
 
 def test_batched_forced_answers_from_cache_equal_rerun(tiny_lm):
-    config = GenerationConfig(temperature=0.8, seed=2, max_new_tokens=30)
+    config = GenerationConfig(temperature=0.8, seed=2, max_new_tokens=30, min_new_tokens=30)
     batch = prompts(tiny_lm)
     loop = DecodeLoop(tiny_lm, batch, config)
     loop.run()
@@ -167,3 +167,21 @@ def test_bad_loop_inputs(tiny_lm):
         DecodeLoop(tiny_lm, [[1, 2]], policies=[None, None])
     with pytest.raises(ValueError, match="layer 9 out of range"):
         tiny_lm.feature_spec([1, 9])
+
+
+def test_continuous_batching_equals_rows_alone(tiny_lm):
+    texts = ["Hi", "What is 3+4?", "A much longer prompt about twelve apples and five pears, think hard.", "x", "Tom?"]
+    batch = [tiny_lm.prompt_ids(t) for t in texts]
+    config = GenerationConfig(max_new_tokens=20, temperature=0.9, seed=4, cue_regex="e", answer_max_tokens=4)
+    lengths = [6, 20, 9, 14, 20]  # different budgets so rows finish at different steps and slots get refilled
+    policies = [TokenBudget(n) if n < 20 else NeverExit() for n in lengths]
+    loop = DecodeLoop(tiny_lm, batch, config, policies=policies, max_batch_size=2)
+    refilled = loop.run()
+    for i, prompt in enumerate(batch):
+        policy = TokenBudget(lengths[i]) if lengths[i] < 20 else NeverExit()
+        alone = DecodeLoop(tiny_lm, [prompt], config, policies=[policy], seeds=[4 + i]).run()[0]
+        assert refilled[i].token_ids == alone.token_ids, i
+        assert refilled[i].exit_index == alone.exit_index
+    assert loop.attention_mask.shape[0] == 2
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DecodeLoop(tiny_lm, batch, config, max_batch_size=0)

@@ -22,7 +22,7 @@ class ParityProblem(Problem):
         return hashlib.sha256(response.encode()).digest()[0] % 2 == 0
 
 
-GEN = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=11, cue_regex=r"[ae]", answer_max_tokens=4)
+GEN = GenerationConfig(max_new_tokens=40, min_new_tokens=40, temperature=1.0, seed=11, cue_regex=r"[ae]", answer_max_tokens=4)
 BUILD = BuildConfig(max_events_per_rollout=6, batch_size=4, label_batch_size=5, rollouts_per_problem=2)
 
 
@@ -56,7 +56,6 @@ def test_dataset_is_self_describing(chain, tiny_lm):
 def test_resume_loses_nothing(chain, tiny_lm, tmp_path):
     root, _, _ = chain
     spec = tiny_lm.feature_spec()
-    full = load_dataset(root / "train")
     first = problems("train", 10)
     build_dataset(tiny_lm, first[:4], tmp_path / "d", GEN, BUILD, spec, progress=False)
     # simulate a crash that left half-written events of an unfinished problem

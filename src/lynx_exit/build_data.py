@@ -150,7 +150,7 @@ def _build_chunk(
     width = max(len(p) for p in prompts)
     pending: list[dict[str, Any]] = []
     vectors: list[torch.Tensor] = []
-    for row, (_, problem, rollout) in enumerate(rows):
+    for row in range(len(rows)):
         for token_index in _select(sorted(cue_features[row]), config):
             cue, vector = cue_features[row][token_index]
             pending.append({"row": row, "token_index": token_index, "cue": cue, "synthetic": False})

@@ -9,8 +9,10 @@ same cache, and the answer is decoded greedily until its `\\boxed{...}` closes.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -26,6 +28,7 @@ class GenerationConfig:
     """Sampling and exit settings; each field is one CLI flag."""
 
     max_new_tokens: int = 512
+    min_new_tokens: int = 0  # end-of-sequence is suppressed until this many tokens exist
     temperature: float = 0.6  # 0 means greedy
     top_p: float = 0.95
     top_k: int = 0  # 0 means no top-k filter
@@ -38,6 +41,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -152,6 +157,7 @@ def forced_answers(
         attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(attention_mask.shape[0], missing)], dim=1)
     index = torch.tensor(list(rows), device=device)
     fork = DynamicCache()
+    layer: Any
     for layer_idx, layer in enumerate(cache.layers):
         fork.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
     num_columns = attention_mask.shape[1]
@@ -221,6 +227,7 @@ class _Row:
     exit_index: int | None = None
     cue_indices: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    slot: int = -1  # batch row of the cache this prompt occupies
     started: float = 0.0
     wall_time_s: float = 0.0
 
@@ -236,7 +243,11 @@ class DecodeLoop:
         policies: Sequence[ExitPolicy | None] | None = None,
         layers: Sequence[int] | None = None,
         seeds: Sequence[int] | None = None,
+        max_batch_size: int | None = None,
     ) -> None:
+        """`max_batch_size` below the number of prompts turns on continuous batching: a
+        finished row's slot is refilled with the next prompt. Without it, batch row i of
+        `cache`/`attention_mask` is prompt i (used by forced-exit labelling after `run`)."""
         self.lm = lm
         self.config = config or GenerationConfig()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -246,6 +257,10 @@ class DecodeLoop:
             raise ValueError(f"got {len(policies)} policies for {n} prompts")
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.num_slots = min(n, max_batch_size or n)
+        self._pending: deque[int] = deque()
         row_seeds = list(seeds) if seeds is not None else [self.config.seed + i for i in range(n)]
         pattern = compile_cue_pattern(self.config.cue_words, self.config.cue_regex)
         device = lm.device
@@ -303,61 +318,122 @@ class DecodeLoop:
 
     @torch.inference_mode()
     def steps(self) -> Iterator[Step]:
-        lm, config = self.lm, self.config
+        """Yield one `Step` per active row per decode step until every row has finished."""
+        lm = self.lm
         device = lm.device
         eos = lm.eos_token_ids
         pad = lm.pad_token_id
         capture = HiddenStateCapture(lm.model, self.layers) if self.layers else None
         try:
-            width = max(len(r.prompt_ids) for r in self.rows)
-            input_ids = torch.full((len(self.rows), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros((len(self.rows), width), dtype=torch.long, device=device)
-            for i, row in enumerate(self.rows):
-                input_ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-                mask[i, width - len(row.prompt_ids) :] = 1
-            start = time.perf_counter()
-            logits = lm.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=_positions(mask),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1, :]
+            first_rows = list(range(self.num_slots))
+            self._pending = deque(range(self.num_slots, len(self.rows)))
+            width = max(len(self.rows[i].prompt_ids) for i in first_rows)
+            input_ids = torch.full((self.num_slots, width), pad, dtype=torch.long, device=device)
+            mask = torch.zeros((self.num_slots, width), dtype=torch.long, device=device)
+            for slot, i in enumerate(first_rows):
+                prompt = self.rows[i].prompt_ids
+                input_ids[slot, width - len(prompt) :] = torch.tensor(prompt)
+                mask[slot, width - len(prompt) :] = 1
+            logits = self._forward(input_ids, mask, _positions(mask), logits_to_keep=1)
             self.attention_mask = mask
-            for i, row in enumerate(self.rows):
-                row.started = start
-                first = sample_token(logits[i], config, row.generator)
-                row.index = 0
-                if first in eos:
-                    row.kept_ids.append(first)
-                    yield self._finish(i, row, first, "eos")
-                else:
-                    row.feed = first
+            for slot, i in enumerate(first_rows):
+                yield from self._start_row(i, slot, logits[slot], eos)
+            yield from self._refill(eos)
             while True:
-                active = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+                active = [(row.slot, i) for i, row in enumerate(self.rows) if row.slot >= 0 and row.finish_reason is None]
                 if not active:
                     return
-                feed = torch.full((len(self.rows), 1), pad, dtype=torch.long, device=device)
-                new_col = torch.zeros((len(self.rows), 1), dtype=torch.long, device=device)
-                for i in active:
-                    feed[i, 0] = self.rows[i].feed
-                    new_col[i, 0] = 1
-                mask = torch.cat([self.attention_mask, new_col], dim=1)
-                self.attention_mask = mask
-                logits = lm.model(
-                    input_ids=feed,
-                    attention_mask=mask,
-                    position_ids=_positions(mask)[:, -1:],
-                    past_key_values=self.cache,
-                    use_cache=True,
-                ).logits[:, -1, :]
+                feed = torch.full((self.num_slots, 1), pad, dtype=torch.long, device=device)
+                new_col = torch.zeros((self.num_slots, 1), dtype=torch.long, device=device)
+                for slot, i in active:
+                    feed[slot, 0] = self.rows[i].feed
+                    new_col[slot, 0] = 1
+                self.attention_mask = torch.cat([self.attention_mask, new_col], dim=1)
+                logits = self._forward(feed, self.attention_mask, _positions(self.attention_mask)[:, -1:])
                 features = capture.features() if capture is not None else None
-                for i in active:
-                    yield from self._advance(i, self.rows[i], logits[i], features[i] if features is not None else None, eos)
+                for slot, i in active:
+                    row_features = features[slot] if features is not None else None
+                    yield from self._advance(i, self.rows[i], logits[slot], row_features, eos)
+                yield from self._refill(eos)
         finally:
             if capture is not None:
                 capture.close()
+
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """One model call on the loop's cache; returns the last position's logits [batch, vocab]."""
+        return self.lm.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        ).logits[:, -1, :]
+
+    def _start_row(self, i: int, slot: int, logits: torch.Tensor, eos: set[int]) -> Iterator[Step]:
+        row = self.rows[i]
+        row.slot, row.started, row.index = slot, time.perf_counter(), 0
+        first = sample_token(self._constrain(row, logits), self.config, row.generator)
+        if first in eos:
+            row.kept_ids.append(first)
+            yield self._finish(i, row, first, "eos")
+        else:
+            row.feed = first
+
+    def _refill(self, eos: set[int]) -> Iterator[Step]:
+        """Continuous batching: give each finished row's slot to the next waiting prompt."""
+        busy = {row.slot for row in self.rows if row.slot >= 0 and row.finish_reason is None}
+        free = [slot for slot in range(self.num_slots) if slot not in busy]
+        while free and self._pending:
+            slot, i = free[0], self._pending.popleft()
+            logits = self._splice(slot, self.rows[i].prompt_ids)
+            yield from self._start_row(i, slot, logits, eos)
+            if self.rows[i].finish_reason is None:
+                free.pop(0)
+        if self.num_slots < len(self.rows):
+            self._compact()
+
+    def _splice(self, slot: int, prompt: list[int]) -> torch.Tensor:
+        """Prefill `prompt` alone and write its KV into `slot`, right-aligned; returns its last logits."""
+        device = self.lm.device
+        alone = DynamicCache()
+        ids = torch.tensor([prompt], device=device)
+        ones = torch.ones_like(ids)
+        logits = self.lm.model(
+            input_ids=ids, attention_mask=ones, position_ids=_positions(ones), past_key_values=alone, use_cache=True, logits_to_keep=1
+        ).logits[:, -1, :]
+        width, length = self.attention_mask.shape[1], len(prompt)
+        if length > width:  # widen every row on the left with masked columns
+            extra = length - width
+            for layer in self.cache.layers:
+                layer_any: Any = layer
+                for name in ("keys", "values"):
+                    tensor = getattr(layer_any, name)
+                    setattr(layer_any, name, torch.cat([tensor.new_zeros(*tensor.shape[:2], extra, tensor.shape[3]), tensor], dim=2))
+            self.attention_mask = torch.cat([self.attention_mask.new_zeros(self.num_slots, extra), self.attention_mask], dim=1)
+            width = length
+        for layer, fresh in zip(self.cache.layers, alone.layers, strict=True):
+            layer_any, fresh_any = layer, fresh
+            for name in ("keys", "values"):
+                target = getattr(layer_any, name)
+                target[slot].zero_()
+                target[slot, :, width - length :, :] = getattr(fresh_any, name)[0]
+        self.attention_mask[slot].zero_()
+        self.attention_mask[slot, width - length :] = 1
+        return logits[0]
+
+    def _compact(self) -> None:
+        """Drop leading cache columns that no row attends to any more."""
+        used = self.attention_mask.sum(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self.cache.layers:
+                layer_any: Any = layer
+                layer_any.keys = layer_any.keys[:, :, first:, :]
+                layer_any.values = layer_any.values[:, :, first:, :]
+            self.attention_mask = self.attention_mask[:, first:]
 
     def _advance(
         self, i: int, row: _Row, logits: torch.Tensor, features: torch.Tensor | None, eos: set[int]
@@ -366,11 +442,7 @@ class DecodeLoop:
         token, index = row.feed, row.index
         row.kept_ids.append(token)
         if row.phase in ("think", "answer"):
-            banned = getattr(row.policy, "banned_token_ids", None)
-            if banned and row.phase == "think":  # NoWait-style logit bias (spec §9)
-                logits = logits.clone()
-                logits[list(banned)] = float("-inf")
-            candidate = sample_token(logits, config, row.generator)
+            candidate = sample_token(self._constrain(row, logits), config, row.generator)
             lookahead = "" if candidate in eos else row.detok.peek(candidate)
             delta = row.detok.push(token)
             row.text += delta
@@ -383,12 +455,12 @@ class DecodeLoop:
             step = Step(row=i, index=index, token_id=token, text=delta, phase="think" if thinking else "answer", cue=cue)
             if thinking:
                 step.features = features
-                step.fork = self._fork_callback(i, drop_current=cue is not None)
+                step.fork = self._fork_callback(row.slot, drop_current=cue is not None)
                 if row.policy is not None and row.policy.observe(step) is Decision.EXIT:
                     step.exit = True
                     row.exit_index = index
                     if cue is not None:  # spec §3: the prefix ends before the cue token
-                        self.attention_mask[i, -1] = 0
+                        self.attention_mask[row.slot, -1] = 0
                         row.kept_ids.pop()
                         row.text = row.text[: len(row.text) - len(delta)]
                         row.cue_indices.pop()
@@ -419,6 +491,17 @@ class DecodeLoop:
         yield step
         yield from self._next(i, row, candidate, eos)
 
+    def _constrain(self, row: _Row, logits: torch.Tensor) -> torch.Tensor:
+        """Apply min_new_tokens and a policy's banned tokens (NoWait-style logit bias, spec §9)."""
+        banned = list(getattr(row.policy, "banned_token_ids", None) or ()) if row.phase == "think" else []
+        if len(row.kept_ids) < self.config.min_new_tokens:
+            banned += list(self.lm.eos_token_ids)
+        if not banned:
+            return logits
+        logits = logits.clone()
+        logits[banned] = float("-inf")
+        return logits
+
     def _next(self, i: int, row: _Row, candidate: int, eos: set[int]) -> Iterator[Step]:
         """Queue `candidate` as the row's next input, or finish the row."""
         row.index += 1
@@ -439,11 +522,11 @@ class DecodeLoop:
         row.finish_reason = reason
         row.wall_time_s = time.perf_counter() - row.started
 
-    def _fork_callback(self, i: int, drop_current: bool) -> Callable[[], ForcedAnswer]:
+    def _fork_callback(self, slot: int, drop_current: bool) -> Callable[[], ForcedAnswer]:
         mask = self.attention_mask
         keep = mask.shape[1] - (1 if drop_current else 0)
 
         def fork() -> ForcedAnswer:
-            return forced_answers(self.lm, self.cache, mask, [i], [keep], self.exit_cue_ids, self.config.answer_max_tokens)[0]
+            return forced_answers(self.lm, self.cache, mask, [slot], [keep], self.exit_cue_ids, self.config.answer_max_tokens)[0]
 
         return fork

@@ -74,7 +74,7 @@ def train_probe_folder(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig
     if len(dataset.events) == 0:
         raise ValueError(f"dataset {dataset_dir!r} has no events to train on")
     probe, metrics = train_probe(dataset.features, dataset.labels, config)
-    meta = {
+    meta: dict[str, Any] = {
         "format": "lynx-exit-probe-v1",
         "training_data": dataset_dir,
         "training_task": dataset.meta.get("task"),

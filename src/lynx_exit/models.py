@@ -230,7 +230,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as exc:
         raise FileNotFoundError(f"could not load model {name!r}: {exc}") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     profile = _profile_for(model, tokenizer)
     if think_end != "auto":
@@ -241,7 +241,7 @@ def load_model(
 
 def _decoder_modules(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module], nn.Module]:
     """(embedding, blocks, final norm) of a decoder-only transformer."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    base: Any = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]
     for blocks_name, norm_name, embed_name in (("layers", "norm", "embed_tokens"), ("h", "ln_f", "wte")):
         if hasattr(base, blocks_name) and hasattr(base, norm_name):
             return getattr(base, embed_name), getattr(base, blocks_name), getattr(base, norm_name)

@@ -28,6 +28,9 @@ CONFORMAL_FILE = "conformal.json"
 
 
 class Probe(nn.Module):
+    mean: torch.Tensor  # [feature_dim] standardisation, saved with the weights
+    std: torch.Tensor
+
     def __init__(self, feature_dim: int, hidden: tuple[int, int] = (256, 64)) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(feature_dim))

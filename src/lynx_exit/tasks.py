@@ -119,7 +119,7 @@ def load_task(name: str, path: str | Path | None = None, limit: int | None = Non
         raise FileNotFoundError(f"data file {str(path)!r} for task {name!r} does not exist")
     if offset < 0 or (limit is not None and limit < 0):
         raise ValueError(f"offset and limit must be >= 0, got offset={offset} limit={limit}")
-    problems = []
+    problems: list[Problem] = []
     for index, (line_number, record) in enumerate(iter_jsonl(path)):
         if index < offset:
             continue
