@@ -296,25 +296,24 @@ class DecodeLoop:
         return self.results()
 
     def results(self) -> list[RowResult]:
-        out = []
-        for i, row in enumerate(self.rows):
-            if row.finish_reason is None:
-                raise RuntimeError("results() called before the loop finished")
-            answer = extract_boxed(row.text)
-            out.append(
-                RowResult(
-                    row=i,
-                    prompt_ids=row.prompt_ids,
-                    token_ids=row.kept_ids,
-                    text=row.text,
-                    finish_reason=row.finish_reason,
-                    exit_index=row.exit_index,
-                    cue_indices=row.cue_indices,
-                    answer=answer,
-                    wall_time_s=row.wall_time_s,
-                )
-            )
-        return out
+        return [self.result(i) for i in range(len(self.rows))]
+
+    def result(self, i: int) -> RowResult:
+        """The finished result of prompt `i` (available as soon as its last step was yielded)."""
+        row = self.rows[i]
+        if row.finish_reason is None:
+            raise RuntimeError(f"row {i} has not finished yet")
+        return RowResult(
+            row=i,
+            prompt_ids=row.prompt_ids,
+            token_ids=row.kept_ids,
+            text=row.text,
+            finish_reason=row.finish_reason,
+            exit_index=row.exit_index,
+            cue_indices=row.cue_indices,
+            answer=extract_boxed(row.text),
+            wall_time_s=row.wall_time_s,
+        )
 
     @torch.inference_mode()
     def steps(self) -> Iterator[Step]:

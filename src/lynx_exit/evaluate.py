@@ -103,7 +103,7 @@ def run_eval(
     rollouts: int = 1,
     batch_size: int = 16,
     progress: bool = True,
-    on_batch: Callable[[], None] | None = None,
+    on_record: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable)."""
     from tqdm import tqdm
@@ -130,40 +130,59 @@ def run_eval(
     cache: dict[str, Any] = {}
     prompt_cache: dict[str, list[int]] = {}
     bar = tqdm(total=len(jobs), desc="eval", unit="rollout", disable=not progress)
+    timing_file = out_dir / "timing.jsonl"
     for setting in settings:
         todo = [j for j in jobs if j[0] is setting]
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            policies = [_build_policy(setting, lm, cache) for _ in batch]
-            prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, _, p, _ in batch]
-            seeds = [rollout_seed(generation.seed, i, r, rollouts) for _, i, _, r in batch]
-            began = time.perf_counter()
-            results = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds).run()
-            elapsed = time.perf_counter() - began
-            with records_file.open("a", encoding="utf-8") as handle:
-                for (_, _, problem, r), result, policy in zip(batch, results, policies, strict=True):
-                    record = {
-                        "method": setting.method,
-                        "setting": setting.label,
-                        "knob": setting.knob,
-                        "problem_id": problem.problem_id,
-                        "rollout": r,
-                        "answer": result.answer,
-                        "gold": problem.gold,
-                        "correct": problem.grade(result.text),
-                        "generated_tokens": result.num_generated_tokens,
-                        "trial_tokens": int(getattr(policy, "trial_tokens", 0)),
-                        "exit_index": result.exit_index,
-                        "finish_reason": result.finish_reason,
-                        "wall_time_s": elapsed / len(batch),  # the batch's time, shared by its rows
-                    }
-                    handle.write(json.dumps(record) + "\n")
+        if not todo:
+            continue
+        policies = [_build_policy(setting, lm, cache) for _ in todo]
+        prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, _, p, _ in todo]
+        seeds = [rollout_seed(generation.seed, i, r, rollouts) for _, i, _, r in todo]
+        # Continuous batching: finished rows are refilled, so early exits become throughput.
+        loop = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds, max_batch_size=batch_size)
+        began = time.perf_counter()
+        with records_file.open("a", encoding="utf-8") as handle:
+            for step in loop.steps():
+                if step.finish_reason is None:
+                    continue
+                _, _, problem, r = todo[step.row]
+                result, policy = loop.result(step.row), policies[step.row]
+                record = {
+                    "method": setting.method,
+                    "setting": setting.label,
+                    "knob": setting.knob,
+                    "problem_id": problem.problem_id,
+                    "rollout": r,
+                    "answer": result.answer,
+                    "gold": problem.gold,
+                    "correct": problem.grade(result.text),
+                    "generated_tokens": result.num_generated_tokens,
+                    "trial_tokens": int(getattr(policy, "trial_tokens", 0)),
+                    "exit_index": result.exit_index,
+                    "finish_reason": result.finish_reason,
+                    "latency_s": result.wall_time_s,
+                }
+                handle.write(json.dumps(record) + "\n")
                 handle.flush()
-            bar.update(len(batch))
-            if on_batch is not None:
-                on_batch()
+                bar.update(1)
+                if on_record is not None:
+                    on_record()
+        with timing_file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"setting": setting.label, "rollouts": len(todo), "seconds": time.perf_counter() - began}) + "\n")
     bar.close()
-    return summarize(load_records(records_file), [s.label for s in settings])
+    return summarize(load_records(records_file), [s.label for s in settings], load_timing(timing_file))
+
+
+def load_timing(path: Path) -> dict[str, float]:
+    """Seconds per rollout for each setting, over all (possibly resumed) runs."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                totals[item["setting"]][0] += item["seconds"]
+                totals[item["setting"]][1] += item["rollouts"]
+    return {k: v[0] / v[1] for k, v in totals.items() if v[1]}
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -180,7 +199,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(records: Sequence[dict[str, Any]], order: Sequence[str] | None = None) -> dict[str, Any]:
+def summarize(
+    records: Sequence[dict[str, Any]], order: Sequence[str] | None = None, seconds_per_rollout: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Aggregate records per setting; savings and help/harm are paired against `never`."""
     by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -213,7 +234,8 @@ def summarize(records: Sequence[dict[str, Any]], order: Sequence[str] | None = N
                 "exit_rate": sum(r["exit_index"] is not None for r in group) / n,
                 "help": sum(bool(r["correct"]) and not bool(b["correct"]) for r, b in paired),
                 "harm": sum(not bool(r["correct"]) and bool(b["correct"]) for r, b in paired),
-                "wall_time_per_problem_s": sum(r["wall_time_s"] for r in group) / n,
+                "mean_latency_s": sum(r["latency_s"] for r in group) / n,
+                "wall_time_per_problem_s": (seconds_per_rollout or {}).get(label),
             }
         )
     return {"settings": rows, "n_records": len(records)}
@@ -231,9 +253,13 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {row['setting']} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | "
             f"{row['mean_generated_tokens']:.1f}{trial} | {saved} | {100 * row['exit_rate']:.0f} % | "
-            f"{row['help']}/{row['harm']} | {row['wall_time_per_problem_s']:.3f} |"
+            f"{row['help']}/{row['harm']} | {_seconds(row['wall_time_per_problem_s'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs tokens") -> None:
