@@ -145,6 +145,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_task_flags(parser: argparse.ArgumentParser, task: str, split: str, num_problems: int) -> None:
+    parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    parser.add_argument("--task", default=task, help="task name, or 'arith' for the reference model's problems")
+    parser.add_argument("--split", default=split, choices=["train", "calib", "test"], help="split for --task arith")
+    parser.add_argument("--data", default=None, help="JSONL file for the task")
+    parser.add_argument("--num-problems", type=int, default=num_problems)
+    parser.add_argument("--offset", type=int, default=0, help="first problem index (use disjoint ranges for calibration)")
+    parser.add_argument("--rollouts", type=int, default=1, help="rollouts per problem")
+    parser.add_argument("--batch-size", type=int, default=16, help="rollouts decoded together")
+
+
 def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], None], add_sampling_flags: Callable[..., None]) -> None:
     ref = sub.add_parser("train-reference", help="train the small reference reasoning model from scratch")
     ref.add_argument("--out", default=None, help="output folder (default: the package's reference_model/)")
@@ -155,17 +166,10 @@ def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], 
     ref.set_defaults(func=cmd_train_reference)
 
     build = sub.add_parser("build-data", help="sample rollouts and label cue events by forced exits")
-    build.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
-    build.add_argument("--task", default="gsm8k-train", help="task name, or 'arith' for the reference model's problems")
-    build.add_argument("--split", default="train", choices=["train", "calib", "test"], help="split for --task arith")
-    build.add_argument("--data", default=None, help="JSONL file for the task")
-    build.add_argument("--num-problems", type=int, default=200)
-    build.add_argument("--offset", type=int, default=0, help="first problem index (use disjoint ranges for calibration)")
-    build.add_argument("--rollouts", type=int, default=1, help="rollouts per problem")
+    _add_task_flags(build, task="gsm8k-train", split="train", num_problems=200)
     build.add_argument("--max-events", type=int, default=16, help="max labelled events per rollout")
     build.add_argument("--skip-first", type=int, default=0, help="skip the first k cue events of each rollout")
     build.add_argument("--no-synthetic-event", action="store_true", help="no 70%% event for cue-less rollouts")
-    build.add_argument("--batch-size", type=int, default=16, help="rollouts decoded together")
     build.add_argument("--label-batch-size", type=int, default=64, help="forced exits decoded together")
     add_model_flags(build)
     add_sampling_flags(build)
@@ -189,14 +193,7 @@ def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], 
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="tasks × exit methods × settings, paired seeds, Pareto report")
-    ev.add_argument("--out", required=True, help="run folder (resumed if it exists)")
-    ev.add_argument("--task", default="gsm8k", help="task name, or 'arith' for the reference model's problems")
-    ev.add_argument("--split", default="test", choices=["train", "calib", "test"], help="split for --task arith")
-    ev.add_argument("--data", default=None)
-    ev.add_argument("--num-problems", type=int, default=100)
-    ev.add_argument("--offset", type=int, default=0)
-    ev.add_argument("--rollouts", type=int, default=1)
-    ev.add_argument("--batch-size", type=int, default=16)
+    _add_task_flags(ev, task="gsm8k", split="test", num_problems=100)
     ev.add_argument("--methods", default="never,token-budget,lynx")
     ev.add_argument("--budgets", default="128,256,512")
     ev.add_argument("--deltas", default="0.05,0.1,0.2,0.3")

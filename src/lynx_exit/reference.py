@@ -80,23 +80,19 @@ def _bucket(key: str) -> int:
 
 
 def sample_problem(rng: random.Random) -> WordProblem:
+    """2–6 steps on small numbers (operands ≤ 12, values ≤ 60) so a ~1M-parameter model can learn them."""
     steps = rng.randint(2, 6)
-    value = rng.randint(2, 20)
+    value = rng.randint(2, 15)
     start, ops = value, []
     for _ in range(steps):
-        choices = ["+", "-"] + (["*"] if value <= 30 else [])
+        choices = (["+"] if value <= 48 else []) + (["-"] if value >= 2 else []) + (["*"] if value <= 20 else [])
         op = rng.choice(choices)
         if op == "+":
-            b = rng.randint(1, min(20, 99 - value)) if value < 99 else 0
-            if b == 0:
-                op, b = "-", rng.randint(1, 20)
+            b = rng.randint(1, min(12, 60 - value))
         elif op == "-":
-            if value < 2:
-                op, b = "+", rng.randint(1, 20)
-            else:
-                b = rng.randint(1, min(20, value - 1))
+            b = rng.randint(1, min(12, value - 1))
         else:
-            b = 2 if value > 20 or rng.random() < 0.6 else 3
+            b = 3 if value <= 12 and rng.random() < 0.4 else 2
         ops.append((op, b))
         value = apply_op(value, op, b)
     return WordProblem(rng.choice(NAMES), rng.choice(OBJECTS), start, tuple(ops))
@@ -126,7 +122,7 @@ def _wrong_value(rng: random.Random, right: int) -> int:
     return wrong if wrong >= 0 and wrong != right else right + 1
 
 
-def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0.2) -> str:
+def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0.15) -> str:
     """A thinking trace with steps, mid-trace cues, self-corrections and re-checks, then the answer."""
     lines = [f"{problem.name} starts with {problem.start} {problem.obj}."]
     values = problem.values
@@ -143,7 +139,8 @@ def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0
             lines.append(f"{lead} = {after}.")
         lines.append(f"Now {problem.name} has {after} {problem.obj}.")
     lines.append(f"So the answer is {problem.answer}.")
-    for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4, 5, 6])):
+    # Overthinking: 0–9 redundant re-checks (mean ≈ 4) after the answer is already known.
+    for _ in range(rng.choice([0, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7, 8, 9])):
         kind = rng.randrange(3)
         if kind == 2 and len(problem.ops) > 1:
             lines.append(f"Alternatively, let me redo it from the start: {problem.start} gives {problem.answer} again.")

@@ -1,0 +1,42 @@
+"""The CLI chain and the demo at tiny scale on the shipped reference model."""
+
+import json
+
+from lynx_exit.cli import main
+from lynx_exit.demo import DemoConfig, run_demo
+
+COMMON = ["--model", "reference", "--max-new-tokens", "400", "--batch-size", "12"]
+
+
+def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
+    assert main(["build-data", "--task", "arith", "--split", "train", "--num-problems", "24", "--out", str(tmp_path / "tr"), *COMMON]) == 0
+    assert main(["build-data", "--task", "arith", "--split", "calib", "--num-problems", "24", "--out", str(tmp_path / "ca"), *COMMON]) == 0
+    assert main(["train", "--data", str(tmp_path / "tr"), "--out", str(tmp_path / "probe"), "--epochs", "30"]) == 0
+    assert main(["calibrate", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "ca"), "--deltas", "0.3,0.5"]) == 0
+    conformal = json.loads((tmp_path / "probe" / "conformal.json").read_text())
+    assert [row["delta"] for row in conformal["event"]] == [0.3, 0.5]
+    # calibrating on the training data is refused
+    assert main(["calibrate", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "tr")]) == 2
+    assert "shares 24 problems" in capsys.readouterr().err
+    question = "Ana has 3 coins. Then Ana doubles the pile. Then Ana buys 4 more. How many coins does Ana have now?"
+    assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.5", "--json", question]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["finish_reason"] in ("eos", "exit", "length")
+    assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.07", question]) == 2
+    assert "no event-level calibration at delta=0.07" in capsys.readouterr().err
+    out = tmp_path / "eval"
+    assert main(["eval", "--task", "arith", "--num-problems", "4", "--probe", str(tmp_path / "probe"), "--out", str(out),
+                 "--methods", "never,token-budget,lynx,deer,dynasor,nowait", "--budgets", "100", "--deltas", "0.5",
+                 "--deer-thresholds", "0.9", "--dynasor", "48:2", *COMMON]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {row["setting"] for row in summary["settings"]} == {
+        "never", "token-budget@100", "lynx@0.5", "deer@0.9", "dynasor@48", "nowait"}
+    assert summary["probe_training_task"] == "arith" and (out / "pareto.png").exists()
+
+
+def test_demo_smoke(tmp_path):
+    config = DemoConfig(train_problems=16, calib_problems=16, test_problems=6, deltas=(0.3,), budgets=(100,), batch_size=8)
+    result = run_demo(config, tmp_path, progress=False)
+    assert [row["setting"] for row in result["settings"]] == ["never", "token-budget@100", "lynx@0.3"]
+    assert (tmp_path / "eval" / "pareto.png").exists() and (tmp_path / "demo.json").exists()
+    assert "| lynx@0.3 |" in result["table"]
