@@ -64,6 +64,8 @@ def test_probe_needs_both_classes():
     x, _ = _data(20)
     with pytest.raises(ValueError, match="both safe and unsafe"):
         train_probe(x, torch.ones(20, dtype=torch.long), ProbeTrainConfig())
+    probe, metrics = train_probe(x, torch.zeros(20, dtype=torch.long), ProbeTrainConfig(max_epochs=30, allow_one_class=True))
+    assert metrics["val_auroc"] is None and float(probe.prob_safe(x).max()) < 0.5
 
 
 def test_no_calibration_gives_clear_error(tmp_path):

@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not stream:
             continue
         if step.exit:
-            console.print(f" [exit at «{step.cue or step.text}»] ", style="bold red", end="", markup=False)
+            console.print(f" [exit at {step.cue or step.text!r}] ", style="bold red", end="", markup=False)
             if step.cue:
                 continue
         style = "bold yellow" if step.cue else ("cyan" if step.phase in ("exit_cue", "forced_answer") else None)

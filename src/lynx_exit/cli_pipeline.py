@@ -16,7 +16,9 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
     from lynx_exit.reference import ReferenceTrainConfig, train_reference_model
 
     torch.set_num_threads(args.threads) if args.threads else None
-    config = ReferenceTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    config = ReferenceTrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, learning_rate=args.lr, init_from=args.init_from
+    )
     out = Path(args.out) if args.out else REFERENCE_MODEL_DIR
     report = train_reference_model(config, out)
     print(json.dumps(report, indent=2))
@@ -64,7 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
     if args.expect_spec:
         FeatureSpec.from_dict(json.loads(Path(args.expect_spec).read_text())).check_compatible(dataset.spec, "dataset")
-    config = ProbeTrainConfig(max_epochs=args.epochs, patience=args.patience, learning_rate=args.lr, seed=args.seed)
+    config = ProbeTrainConfig(
+        max_epochs=args.epochs, patience=args.patience, learning_rate=args.lr, seed=args.seed, allow_one_class=args.allow_one_class
+    )
     metrics = train_probe_folder(dataset, Path(args.out), config, args.data)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -163,6 +167,8 @@ def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], 
     ref.add_argument("--batch-size", type=int, default=16)
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ref.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
+    ref.add_argument("--init-from", default=None, help="continue training this checkpoint folder")
     ref.set_defaults(func=cmd_train_reference)
 
     build = sub.add_parser("build-data", help="sample rollouts and label cue events by forced exits")
@@ -183,6 +189,7 @@ def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], 
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--expect-spec", default=None, help="JSON FeatureSpec the dataset must match")
+    train.add_argument("--allow-one-class", action="store_true", help="train even if every event has the same label")
     train.set_defaults(func=cmd_train)
 
     cal = sub.add_parser("calibrate", help="conformal thresholds from a disjoint calibration dataset")

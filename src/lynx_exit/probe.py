@@ -92,6 +92,7 @@ class ProbeTrainConfig:
     batch_size: int = 256
     val_fraction: float = 0.2
     seed: int = 0
+    allow_one_class: bool = False  # a model that is never (or always) right still gets a (useless) probe
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "patience", "batch_size"):
@@ -107,8 +108,15 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrain
         raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match")
     y = labels.float()
     y_np = y.numpy().astype(int)
+    if len(y_np) == 0:
+        raise ValueError("probe training needs at least one event")
     if len(set(y_np.tolist())) < 2:
-        raise ValueError(f"probe training needs both safe and unsafe events; got only label {y_np[0] if len(y_np) else None}")
+        if not config.allow_one_class:
+            raise ValueError(
+                f"probe training needs both safe and unsafe events; every event has label {y_np[0]} "
+                "(the model never/always answers right when forced); pass allow_one_class to train anyway"
+            )
+        logger.warning("all %d events have label %d: the probe cannot rank anything", len(y_np), y_np[0])
     train_idx, val_idx = stratified_split(y_np, config.val_fraction, config.seed)
     torch.manual_seed(config.seed)
     x = features.float()
@@ -159,7 +167,8 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrain
         "epochs": epochs,
         "best_val_loss": best_loss,
     }
-    return probe, metrics
+    # JSON has no NaN: an undefined metric (one class only) is stored as null.
+    return probe, {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
 @dataclass

@@ -164,6 +164,7 @@ class ReferenceTrainConfig:
     vocab_size: int = 640
     num_train_problems: int = 20000
     seed: int = 0
+    init_from: str | None = None  # continue training this checkpoint (its tokenizer is kept)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_train_problems"):
@@ -179,16 +180,21 @@ def build_corpus(problems: list[WordProblem], seed: int) -> list[tuple[str, str]
 
 
 def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train the reference model from scratch and `save_pretrained` it (with tokenizer) to `out_dir`."""
+    """Train the reference model (from scratch, or on from `init_from`) and `save_pretrained` it to `out_dir`."""
     from tqdm import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from lynx_exit.tokenizer import train_tokenizer
 
     torch.manual_seed(config.seed)
     problems = make_problems("train", config.num_train_problems)
     corpus = build_corpus(problems, seed=config.seed)
-    tokenizer = train_tokenizer((q + "\n" + t for q, t in corpus[:5000]), vocab_size=config.vocab_size)
+    if config.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
+        previous = json.loads((Path(config.init_from) / "training.json").read_text())
+    else:
+        tokenizer = train_tokenizer((q + "\n" + t for q, t in corpus[:5000]), vocab_size=config.vocab_size)
+        previous = None
     examples = []
     for question, trace in corpus:
         prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
@@ -210,7 +216,7 @@ def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(model_config)
+    model = LlamaForCausalLM.from_pretrained(config.init_from) if config.init_from else LlamaForCausalLM(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps)
     generator = torch.Generator().manual_seed(config.seed)
@@ -250,6 +256,7 @@ def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress:
         "mean_trace_tokens": round(mean_trace, 1),
         "split_seeds": SPLIT_SEEDS,
         "torch": torch.__version__,
+        "continued_from": previous,
     }
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     if not math.isfinite(report["final_loss"]):
