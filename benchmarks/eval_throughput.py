@@ -32,7 +32,7 @@ def main() -> None:
         "lynx": MethodSetting("lynx", args.delta, (("probe_dir", args.probe), ("delta", args.delta), ("mode", "event"))),
     }
     rows = []
-    for name, setting in settings.items():
+    for setting in settings.values():
         for batch in [int(b) for b in args.batches.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()

@@ -14,6 +14,7 @@ from _common import write_result
 from lynx_exit.decode import DecodeLoop, GenerationConfig, forced_answers
 from lynx_exit.models import load_model
 from lynx_exit.reference import as_task_problems, make_problems
+from lynx_exit.tasks import load_task
 
 
 def main() -> None:
@@ -21,11 +22,19 @@ def main() -> None:
     parser.add_argument("--model", default="reference")
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=16)
+    parser.add_argument("--cue-regex", default=None, help="e.g. '\\n' for models that never say wait")
+    parser.add_argument("--max-new-tokens", type=int, default=400)
+    parser.add_argument("--task", default="arith", choices=["arith", "gsm8k"])
     args = parser.parse_args()
     lm = load_model(args.model)
-    problems = as_task_problems(make_problems("calib", args.problems), "calib")
+    if args.task == "arith":
+        problems = as_task_problems(make_problems("calib", args.problems), "calib")
+    else:
+        problems = load_task("gsm8k", limit=args.problems)
     prompts = [lm.prompt_ids(p.prompt) for p in problems]
-    config = GenerationConfig(max_new_tokens=400, temperature=0.6, seed=0, answer_max_tokens=args.answer_tokens)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=0.6, seed=0, answer_max_tokens=args.answer_tokens, cue_regex=args.cue_regex
+    )
     loop = DecodeLoop(lm, prompts, config)
     results = loop.run()
     width = max(len(p) for p in prompts)
@@ -50,10 +59,12 @@ def main() -> None:
         single.append(out[0, len(prefix):].tolist())
     single_s = time.perf_counter() - start
     agree = sum(b.token_ids == s[: len(b.token_ids)] for b, s in zip(batched, single, strict=True))
+    name = "labelling_speed" if args.model == "reference" else f"labelling_speed_{args.model}"
     write_result(
-        "labelling_speed",
+        name,
         {
             "model": args.model,
+            "cue_regex": args.cue_regex,
             "events": len(events),
             "rollouts": len(prompts),
             "answer_max_tokens": args.answer_tokens,

@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="reference")
     parser.add_argument("--probe", required=True)
-    parser.add_argument("--delta", type=float, default=0.01)
+    parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--problems", type=int, default=8)
     args = parser.parse_args()
     lm = load_model(args.model)

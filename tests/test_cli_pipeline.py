@@ -26,17 +26,17 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     assert "no event-level calibration at delta=0.07" in capsys.readouterr().err
     out = tmp_path / "eval"
     assert main(["eval", "--task", "arith", "--num-problems", "4", "--probe", str(tmp_path / "probe"), "--out", str(out),
-                 "--methods", "never,token-budget,lynx,deer,dynasor,nowait", "--budgets", "100", "--deltas", "0.5",
+                 "--methods", "never,token-budget,lynx,lynx-harm,deer,dynasor,nowait", "--budgets", "100", "--deltas", "0.5",
                  "--deer-thresholds", "0.9", "--dynasor", "48:2", *COMMON]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert {row["setting"] for row in summary["settings"]} == {
-        "never", "token-budget@100", "lynx@0.5", "deer@0.9", "dynasor@48", "nowait"}
+        "never", "token-budget@100", "lynx@0.5", "lynx-harm@0.5", "deer@0.9", "dynasor@48", "nowait"}
     assert summary["probe_training_task"] == "arith" and (out / "pareto.png").exists()
 
 
 def test_demo_smoke(tmp_path):
     config = DemoConfig(train_problems=16, calib_problems=16, test_problems=6, deltas=(0.3,), budgets=(100,), batch_size=8)
     result = run_demo(config, tmp_path, progress=False)
-    assert [row["setting"] for row in result["settings"]] == ["never", "token-budget@100", "lynx@0.3"]
+    assert [row["setting"] for row in result["settings"]] == ["never", "token-budget@100", "lynx@0.3", "lynx-harm@0.3"]
     assert (tmp_path / "eval" / "pareto.png").exists() and (tmp_path / "demo.json").exists()
     assert "| lynx@0.3 |" in result["table"]

@@ -8,6 +8,7 @@ from lynx_exit.conformal import (
     calibrate_events,
     calibrate_trajectories,
     conformal_quantile,
+    harm_labels,
     trajectory_loss,
 )
 
@@ -83,6 +84,15 @@ def test_trajectory_guarantee_holds_over_random_splits():
         exits += not rule.never_exit
     assert violations <= 150 * epsilon + 3 * math.sqrt(150 * epsilon * (1 - epsilon))
     assert exits > 100
+
+
+def test_harm_labels_forgive_rollouts_that_are_wrong_anyway():
+    rollouts = [([0.2, 0.9], [0, 1]), ([0.8, 0.9], [0, 0])]
+    relabelled = harm_labels(rollouts, [True, False])
+    assert relabelled == [([0.2, 0.9], [0, 1]), ([0.8, 0.9], [1, 1])]
+    assert [trajectory_loss(p, y, 0.5) for p, y in relabelled] == [0, 0]
+    with pytest.raises(ValueError, match="correctness flags"):
+        harm_labels(rollouts, [True])
 
 
 def test_binomial_cdf():

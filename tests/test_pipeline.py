@@ -96,11 +96,11 @@ def test_online_lynx_equals_offline_replay(chain, tiny_lm):
     for i in range(4):
         prompt = tiny_lm.prompt_ids(problems("test", 4)[i].prompt)
         recorded = list(DecodeLoop(tiny_lm, [prompt], GEN, layers=bundle.spec.layers).steps())
-        for mode in ("event", "trajectory"):
+        for mode in ("event", "trajectory", "harm"):
             offline = first_exit(LynxPolicy(bundle, 0.5, mode=mode), recorded)
             online = DecodeLoop(tiny_lm, [prompt], GEN, policies=[LynxPolicy(bundle, 0.5, mode=mode)]).run()[0]
             assert online.exit_index == offline
             exits += offline is not None
     assert exits > 0
     rates = empirical_rates(bundle, load_dataset(root / "cal"))
-    assert {r["mode"] for r in rates} == {"event", "trajectory"}
+    assert {r["mode"] for r in rates} == {"event", "trajectory", "harm"}

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--probe", default=None, help="probe folder for --exit lynx")
     gen.add_argument("--delta", type=float, default=0.05, help="LYNX risk level δ")
     gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
-    gen.add_argument("--mode", default="event", choices=["event", "trajectory"], help="conformal calibration mode")
+    gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
     _add_model_flags(gen)
     _add_sampling_flags(gen)

@@ -83,9 +83,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for row in report["event"]:
         note = "  (never exits: too few unsafe calibration events for this δ)" if row["never_exit"] else ""
         print(f"event      δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}")
-    for row in report["trajectory"]:
-        note = "  (never exits)" if row["never_exit"] else ""
-        print(f"trajectory δ={row['delta']:<5} threshold={row['threshold']} calib risk={row['empirical_risk']:.3f}{note}")
+    for mode in ("trajectory", "harm"):
+        for row in report[mode]:
+            note = "  (never exits)" if row["never_exit"] else ""
+            print(f"{mode:<10} δ={row['delta']:<5} threshold={row['threshold']} calib risk={row['empirical_risk']:.3f}{note}")
     print(f"wrote {Path(args.probe) / 'conformal.json'}")
     return 0
 
@@ -207,15 +208,15 @@ def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], 
     ev.add_argument("--deer-thresholds", default="0.8,0.9,0.95")
     ev.add_argument("--dynasor", default="32:3,64:2", help="INTERVAL:WINDOW pairs")
     ev.add_argument("--probe", default=None)
-    ev.add_argument("--mode", default="event", choices=["event", "trajectory"])
+    ev.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="mode of method 'lynx'")
     add_model_flags(ev)
     add_sampling_flags(ev)
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="the whole LYNX loop on the shipped reference model, offline")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--train-problems", type=int, default=300)
-    demo.add_argument("--calib-problems", type=int, default=200)
+    demo.add_argument("--train-problems", type=int, default=500)
+    demo.add_argument("--calib-problems", type=int, default=300)
     demo.add_argument("--test-problems", type=int, default=150)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", default="reference")

@@ -99,6 +99,17 @@ def trajectory_loss(probs: Sequence[float], labels: Sequence[int], threshold: fl
     return int(index is not None and not labels[index])
 
 
+def harm_labels(
+    rollouts: Sequence[tuple[Sequence[float], Sequence[int]]], full_cot_correct: Sequence[bool]
+) -> list[tuple[Sequence[float], list[int]]]:
+    """Relabel for the "harm" loss: in a rollout whose full chain of thought is wrong anyway, no exit
+    can cost accuracy, so all its events count as safe; other rollouts keep their labels."""
+    if len(rollouts) != len(full_cot_correct):
+        raise ValueError(f"{len(rollouts)} rollouts but {len(full_cot_correct)} correctness flags")
+    pairs = zip(rollouts, full_cot_correct, strict=True)
+    return [(probs, list(labels) if correct else [1] * len(labels)) for (probs, labels), correct in pairs]
+
+
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(Binomial(n, p) ≤ k)."""
     return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, k + 1)))

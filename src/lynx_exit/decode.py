@@ -156,13 +156,15 @@ def forced_answers(
     if missing:  # columns the cache gained after the mask was taken belong to no kept prefix
         attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(attention_mask.shape[0], missing)], dim=1)
     index = torch.tensor(list(rows), device=device)
+    # Columns past the longest kept prefix are masked for every row: do not copy them.
+    num_columns = max(keep_columns)
     fork = DynamicCache()
     layer: Any
     for layer_idx, layer in enumerate(cache.layers):
-        fork.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
-    num_columns = attention_mask.shape[1]
+        keys, values = layer.keys[:, :, :num_columns], layer.values[:, :, :num_columns]
+        fork.update(keys.index_select(0, index), values.index_select(0, index), layer_idx)
     keep = torch.tensor(list(keep_columns), device=device)
-    mask = attention_mask.index_select(0, index).clone()  # [n, seq]
+    mask = attention_mask[:, :num_columns].index_select(0, index).clone()  # [n, seq]
     mask = mask * (torch.arange(num_columns, device=device)[None, :] < keep[:, None])
     n = len(rows)
     cue = torch.tensor(list(exit_cue_ids), device=device).repeat(n, 1)  # [n, cue_len]

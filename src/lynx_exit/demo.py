@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    train_problems: int = 300
-    calib_problems: int = 200
+    train_problems: int = 500
+    calib_problems: int = 300
     test_problems: int = 150
     deltas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     budgets: tuple[int, ...] = (120, 160, 200)
@@ -60,7 +60,8 @@ def run_demo(config: DemoConfig, out_dir: Path, progress: bool = True) -> dict[s
         [MethodSetting("never", None)]
         + [MethodSetting("token-budget", b, (("budget", b),)) for b in config.budgets]
         + [
-            MethodSetting("lynx", d, (("probe_dir", str(out_dir / "probe")), ("delta", d), ("mode", "event")))
+            MethodSetting(method, d, (("probe_dir", str(out_dir / "probe")), ("delta", d), ("mode", mode)))
+            for method, mode in (("lynx", "event"), ("lynx-harm", "harm"))
             for d in config.deltas
         ]
     )

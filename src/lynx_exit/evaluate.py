@@ -47,12 +47,13 @@ def parse_methods(
             out.append(MethodSetting(method, None))
         elif method == "token-budget":
             out += [MethodSetting(method, b, (("budget", int(b)),)) for b in _need(budgets, "token-budget", "--budgets")]
-        elif method == "lynx":
+        elif method in ("lynx", "lynx-event", "lynx-trajectory", "lynx-harm"):
             if probe is None:
-                raise ValueError("method lynx needs --probe DIR")
+                raise ValueError(f"method {method} needs --probe DIR")
+            chosen = mode if method == "lynx" else method.removeprefix("lynx-")
             out += [
-                MethodSetting(method, d, (("probe_dir", probe), ("delta", float(d)), ("mode", mode)))
-                for d in _need(deltas, "lynx", "--deltas")
+                MethodSetting(method, d, (("probe_dir", probe), ("delta", float(d)), ("mode", chosen)))
+                for d in _need(deltas, method, "--deltas")
             ]
         elif method == "deer":
             out += [MethodSetting(method, t, (("threshold", float(t)),)) for t in _need(deer_thresholds, "deer", "--deer-thresholds")]
@@ -62,7 +63,10 @@ def parse_methods(
                 for k, m in _need(dynasor, "dynasor", "--dynasor")
             ]
         else:
-            raise ValueError(f"unknown method {method!r}; choose from never, token-budget, lynx, deer, dynasor, nowait")
+            raise ValueError(
+                f"unknown method {method!r}; choose from never, token-budget, lynx (lynx-event, lynx-trajectory, "
+                "lynx-harm), deer, dynasor, nowait"
+            )
     return out
 
 
@@ -74,7 +78,7 @@ def _need(values: Sequence[Any], method: str, flag: str) -> Sequence[Any]:
 
 def _build_policy(setting: MethodSetting, lm: LoadedModel, cache: dict[str, Any]) -> ExitPolicy:
     options = dict(setting.options)
-    if setting.method == "lynx":
+    if setting.method.startswith("lynx"):
         from lynx_exit.lynx import LynxPolicy
         from lynx_exit.probe import load_probe
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from lynx_exit.conformal import (
     TrajectoryThreshold,
     calibrate_events,
     calibrate_trajectories,
+    harm_labels,
     trajectory_loss,
 )
 from lynx_exit.models import FeatureSpec
@@ -35,16 +36,21 @@ class LynxPolicy:
 
     bundle: ProbeBundle
     delta: float
-    mode: str = "event"  # "event": per-event split conformal; "trajectory": Learn-then-Test first exit
+    # "event": per-event split conformal (the paper); "trajectory": Learn-then-Test on the first exit
+    # being premature; "harm": Learn-then-Test on the first exit turning a right chain wrong.
+    mode: str = "event"
     name: str = "lynx"
     needs_features: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in ("event", "trajectory"):
-            raise ValueError(f"mode must be 'event' or 'trajectory', got {self.mode!r}")
-        self.rule: EventThreshold | TrajectoryThreshold = (
-            self.bundle.event_threshold(self.delta) if self.mode == "event" else self.bundle.trajectory_threshold(self.delta)
-        )
+        pick: dict[str, Callable[[float], EventThreshold | TrajectoryThreshold]] = {
+            "event": self.bundle.event_threshold,
+            "trajectory": self.bundle.trajectory_threshold,
+            "harm": self.bundle.harm_threshold,
+        }
+        if self.mode not in pick:
+            raise ValueError(f"mode must be one of {sorted(pick)}, got {self.mode!r}")
+        self.rule: EventThreshold | TrajectoryThreshold = pick[self.mode](self.delta)
         self.scores: list[float] = []
 
     def reset(self) -> None:
@@ -118,12 +124,15 @@ def calibrate_probe_folder(
     rollouts = rollout_scores(bundle, dataset)
     event = [calibrate_events(probs, labels, d) for d in deltas]
     trajectory = [calibrate_trajectories(rollouts, d, epsilon) for d in deltas]
+    relabelled = harm_labels(rollouts, [bool(r["correct"]) for r in dataset.rollouts])
+    harm = [calibrate_trajectories(relabelled, d, epsilon) for d in deltas]
     report = {
         "calibration_data": str(dataset.meta.get("task")),
         "n_events": int(len(labels)),
         "n_rollouts": len(rollouts),
         "event": [t.to_dict() for t in event],
         "trajectory": [t.to_dict() for t in trajectory],
+        "harm": [t.to_dict() for t in harm],
     }
     (probe_dir / CONFORMAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -148,4 +157,8 @@ def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any
     for traj in bundle.trajectory_thresholds:
         losses = [trajectory_loss(p, lab, traj.threshold) for p, lab in rollouts]
         rows.append({"mode": "trajectory", "delta": traj.delta, "premature_rollout_rate": float(np.mean(losses))})
+    relabelled = harm_labels(rollouts, [bool(r["correct"]) for r in dataset.rollouts])
+    for traj in bundle.harm_thresholds:
+        losses = [trajectory_loss(p, lab, traj.threshold) for p, lab in relabelled]
+        rows.append({"mode": "harm", "delta": traj.delta, "harmful_rollout_rate": float(np.mean(losses))})
     return rows

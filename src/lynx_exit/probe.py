@@ -180,6 +180,10 @@ class ProbeBundle:
     meta: dict[str, Any]
     event_thresholds: list[EventThreshold] = field(default_factory=list)
     trajectory_thresholds: list[TrajectoryThreshold] = field(default_factory=list)
+    harm_thresholds: list[TrajectoryThreshold] = field(default_factory=list)
+
+    def harm_threshold(self, delta: float) -> TrajectoryThreshold:
+        return _pick(self.harm_thresholds, delta, "harm")
 
     def event_threshold(self, delta: float) -> EventThreshold:
         return _pick(self.event_thresholds, delta, "event")
@@ -235,4 +239,5 @@ def load_probe(folder: str | Path, expected: FeatureSpec | None = None) -> Probe
         data = json.loads(conformal_file.read_text())
         bundle.event_thresholds = [EventThreshold.from_dict(d) for d in data.get("event", [])]
         bundle.trajectory_thresholds = [TrajectoryThreshold.from_dict(d) for d in data.get("trajectory", [])]
+        bundle.harm_thresholds = [TrajectoryThreshold.from_dict(d) for d in data.get("harm", [])]
     return bundle
