@@ -4,7 +4,15 @@ from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_patt
 
 
 def run(pieces, think_end="</think>", **kw):
-    detector = CueDetector(compile_cue_pattern(**kw), think_end=think_end)
+    words = kw.get("words", ("hmm", "wait", "alternatively"))
+    max_chars = None if "regex" in kw else max(len(w) for w in words)
+    full = _run(CueDetector(compile_cue_pattern(**kw), think_end=think_end), pieces)
+    windowed = _run(CueDetector(compile_cue_pattern(**kw), think_end=think_end, max_cue_chars=max_chars), pieces)
+    assert windowed == full
+    return full
+
+
+def _run(detector, pieces):
     hits = []
     for i, piece in enumerate(pieces):
         lookahead = pieces[i + 1] if i + 1 < len(pieces) else ""
@@ -64,3 +72,19 @@ def test_incremental_detokenizer_multibyte(tiny_lm):
         deltas.append(delta)
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_random_streams_match_whole_text_regex():
+    import random
+    import re
+
+    rng = random.Random(0)
+    vocab = ["wait", "Wait", "waiting", "hmm", "Hmm,", "alternatively", "x", "await", ".", "ok", "hmmm", "\n"]
+    for _ in range(200):
+        text = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 30))) + " end"
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 40))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        expected = [m.end() - 1 for m in re.finditer(r"(?i)(?<!\w)(?:alternatively|wait|hmm)(?=\W)", text)]
+        owner = [i for i, p in enumerate(pieces) for _ in p]  # char -> piece index
+        # a piece holding two cue words reports one event (a token completes at most one cue event)
+        assert [i for i, _ in run(pieces)] == sorted({owner[e] for e in expected})

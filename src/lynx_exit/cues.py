@@ -81,9 +81,13 @@ class CueDetector:
     it is a whole word (`wait,` yes, `waiting` no). Nothing after `think_end` is a cue.
     """
 
-    def __init__(self, pattern: re.Pattern[str], think_end: str | None = "</think>") -> None:
+    def __init__(
+        self, pattern: re.Pattern[str], think_end: str | None = "</think>", max_cue_chars: int | None = None
+    ) -> None:
+        """`max_cue_chars` (the longest cue word) lets each step scan only the last few characters."""
         self.pattern = pattern
         self.think_end = think_end
+        self.max_cue_chars = max_cue_chars
         self.reset()
 
     def reset(self) -> None:
@@ -97,15 +101,19 @@ class CueDetector:
         if not self.thinking:
             return None
         committed_end = self._tail_start + len(self._tail)
-        scan_text = self._tail + lookahead
+        window = 0  # a word match ending in this delta starts at most max_cue_chars (+1 boundary) back
+        if self.max_cue_chars is not None:
+            window = max(0, len(self._tail) - len(delta) - self.max_cue_chars - 1)
+        scan_start = self._tail_start + window
+        scan_text = self._tail[window:] + lookahead
         marker_at = scan_text.find(self.think_end) if self.think_end else -1
         if marker_at >= 0:
             scan_text = scan_text[: marker_at + 1]  # keep the marker's first char as a word boundary
         found = None
         for match in self.pattern.finditer(scan_text):
-            if match.start() == 0 and self._tail_start > 0:
-                continue  # the char before it was trimmed: cannot confirm a word start
-            abs_end = self._tail_start + match.end()
+            if match.start() == 0 and scan_start > 0:
+                continue  # the char before it is outside the scan: cannot confirm a word start
+            abs_end = scan_start + match.end()
             if match.end() > match.start() and abs_end <= committed_end and abs_end not in self._reported_ends:
                 self._reported_ends.add(abs_end)
                 found = match.group(0).strip().lower() or match.group(0)

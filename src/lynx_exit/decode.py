@@ -265,6 +265,7 @@ class DecodeLoop:
         self._pending: deque[int] = deque()
         row_seeds = list(seeds) if seeds is not None else [self.config.seed + i for i in range(n)]
         pattern = compile_cue_pattern(self.config.cue_words, self.config.cue_regex)
+        max_cue_chars = None if self.config.cue_regex else max(len(w.strip()) for w in self.config.cue_words)
         device = lm.device
         self.rows: list[_Row] = []
         for i, prompt in enumerate(prompts):
@@ -281,7 +282,7 @@ class DecodeLoop:
                     generator=generator,
                     policy=policy,
                     detok=IncrementalDetokenizer(lm.tokenizer),
-                    detector=CueDetector(pattern, think_end=lm.profile.think_end),
+                    detector=CueDetector(pattern, think_end=lm.profile.think_end, max_cue_chars=max_cue_chars),
                 )
             )
         wants_features = any(p is not None and p.needs_features for p in (policies or []))
