@@ -56,9 +56,10 @@ def main() -> None:
     decode_module.CueDetector.step = timed_step  # type: ignore[method-assign]
     steps = cues = 0
     start = time.perf_counter()
+    # Time the probe's scoring calls themselves (made only at cue events) and every cue-detector step.
+    bundle.probe.prob_safe = Timed(bundle.probe.prob_safe, probe_time)  # type: ignore[method-assign]
     for problem in problems:
         policy = LynxPolicy(bundle, args.delta)
-        policy.observe = Timed(policy.observe, probe_time)  # type: ignore[method-assign]
         loop = DecodeLoop(lm, [lm.prompt_ids(problem.prompt)], config, policies=[policy])
         for step in loop.steps():
             steps += 1
@@ -73,6 +74,7 @@ def main() -> None:
             "cue_events": cues,
             "mean_step_ms": round(1000 * total / steps, 3),
             "probe_ms_per_cue": round(1000 * probe_time[0] / max(cues, 1), 4),
+            "cue_check_us_per_step": round(1e6 * cue_time[0] / steps, 2),
             "policy_plus_cue_check_fraction": round((probe_time[0] + cue_time[0]) / total, 5),
             "target": "< 1 % of decode-step time",
         },
