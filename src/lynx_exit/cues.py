@@ -117,7 +117,7 @@ class CueDetector:
             if match.end() > match.start() and abs_end <= committed_end and abs_end not in self._reported_ends:
                 self._reported_ends.add(abs_end)
                 found = match.group(0).strip().lower() or match.group(0)
-        if marker_at >= 0 and self.think_end in self._tail[-(len(delta) + len(self.think_end or "")) :]:
+        if self.think_end and marker_at >= 0 and self.think_end in self._tail[-(len(delta) + len(self.think_end)) :]:
             self.thinking = False
         if len(self._tail) > 2 * _TAIL_CHARS:  # trim in amortised chunks, not every step
             overflow = len(self._tail) - _TAIL_CHARS
