@@ -84,8 +84,9 @@ def _build_policy(setting: MethodSetting, lm: LoadedModel, cache: dict[str, Any]
 
         key = f"probe:{options['probe_dir']}"
         if key not in cache:  # any task's probe is accepted if it lives in this model's feature space
-            probe_layers = load_probe(options["probe_dir"]).spec.layers
-            cache[key] = load_probe(options["probe_dir"], expected=lm.feature_spec(probe_layers))
+            bundle = load_probe(options["probe_dir"])
+            bundle.spec.check_compatible(lm.feature_spec(bundle.spec.layers), what=f"probe {options['probe_dir']!r}")
+            cache[key] = bundle
         return LynxPolicy(cache[key], delta=options["delta"], mode=options["mode"])
     if setting.method in ("deer", "dynasor"):
         options["exit_cue_tokens"] = len(lm.exit_cue_ids())
