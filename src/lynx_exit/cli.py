@@ -80,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from lynx_exit.decode import DecodeLoop
     from lynx_exit.models import load_model
-    from lynx_exit.tasks import load_task
+    from lynx_exit.tasks import REASONING_SUFFIX, load_task
 
     config = _generation_config(args)
     problem = None
@@ -91,7 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         problem = problems[0]
         prompt_text = problem.prompt
     elif args.prompt:
-        prompt_text = args.prompt
+        # The reasoning instruction every task uses (spec §3); it also asks for the \boxed{} answer an exit needs.
+        prompt_text = args.prompt if args.no_suffix else args.prompt + REASONING_SUFFIX
     else:
         raise ValueError("give a prompt or --task NAME [--index I]")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
     gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
+    gen.add_argument("--no-suffix", action="store_true", help="send the prompt as is, without the step-by-step instruction")
     _add_model_flags(gen)
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
