@@ -49,27 +49,29 @@ class IncrementalDetokenizer:
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
+        self._peeked: tuple[tuple[int, int], str] | None = None  # the last peek, reused by the next push
 
     def push(self, token_id: int) -> str:
+        """Commit `token_id` and return the text it adds."""
+        delta = self.peek(token_id)
         self.token_ids.append(token_id)
-        ids = self.token_ids
-        prefix_text = self._tokenizer.decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special)
-        full_text = self._tokenizer.decode(ids[self._prefix_offset :], skip_special_tokens=self._skip_special)
-        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
-            return ""
-        delta = full_text[len(prefix_text) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(ids)
+        self._peeked = None
+        if delta:
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.token_ids)
         return delta
 
     def peek(self, token_id: int) -> str:
-        """The delta `push(token_id)` would return, without committing it."""
+        """The delta `push(token_id)` would return, without committing it (cached for that push)."""
+        key = (token_id, len(self.token_ids))
+        if self._peeked is not None and self._peeked[0] == key:
+            return self._peeked[1]
         ids = self.token_ids[self._prefix_offset :] + [token_id]
         prefix_text = self._tokenizer.decode(ids[: self._read_offset - self._prefix_offset], skip_special_tokens=self._skip_special)
         full_text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
-        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
-            return ""
-        return full_text[len(prefix_text) :]
+        delta = "" if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text) else full_text[len(prefix_text) :]
+        self._peeked = (key, delta)
+        return delta
 
 
 class CueDetector:

@@ -445,8 +445,8 @@ class DecodeLoop:
         row.kept_ids.append(token)
         if row.phase in ("think", "answer"):
             candidate = sample_token(self._constrain(row, logits), config, row.generator)
-            lookahead = "" if candidate in eos else row.detok.peek(candidate)
             delta = row.detok.push(token)
+            lookahead = "" if candidate in eos else row.detok.peek(candidate)  # reused by the next push
             row.text += delta
             thinking = row.detector.thinking
             cue = row.detector.step(delta, lookahead) if thinking else None
