@@ -12,9 +12,9 @@ import time
 import torch
 from _common import write_result
 
-from lynx_exit.decode import DecodeLoop, GenerationConfig
+from lynx_exit.engine import DecodeLoop, GenerationConfig
+from lynx_exit.exits import NeverExit
 from lynx_exit.models import load_model
-from lynx_exit.policies import NeverExit
 
 PROMPTS = [
     "What is 7*8?",

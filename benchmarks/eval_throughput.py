@@ -11,7 +11,7 @@ from pathlib import Path
 
 from _common import write_result
 
-from lynx_exit.decode import GenerationConfig
+from lynx_exit.engine import GenerationConfig
 from lynx_exit.evaluate import MethodSetting, run_eval
 from lynx_exit.models import load_model
 from lynx_exit.reference import as_task_problems, make_problems

@@ -11,7 +11,7 @@ import time
 import torch
 from _common import write_result
 
-from lynx_exit.decode import DecodeLoop, GenerationConfig, forced_answers
+from lynx_exit.engine import DecodeLoop, GenerationConfig, forced_answers
 from lynx_exit.models import load_model
 from lynx_exit.reference import as_task_problems, make_problems
 from lynx_exit.tasks import load_task

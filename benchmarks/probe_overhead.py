@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import write_result
-
 import lynx_exit.decode as decode_module
-from lynx_exit.decode import DecodeLoop, GenerationConfig
+from _common import write_result
 from lynx_exit.lynx import LynxPolicy
+
+from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.models import load_model
 from lynx_exit.probe import load_probe
 from lynx_exit.reference import as_task_problems, make_problems

@@ -12,7 +12,7 @@ from pathlib import Path
 from _common import write_result
 
 from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset
-from lynx_exit.decode import GenerationConfig
+from lynx_exit.engine import GenerationConfig
 from lynx_exit.models import load_model
 from lynx_exit.reference import as_task_problems, make_problems
 

@@ -3,20 +3,19 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lynx_exit.decode import DecodeLoop, GenerationConfig, forced_answers
-from lynx_exit.policies import Decision, NeverExit, TokenBudget, first_exit, make_policy
+from lynx_exit.engine import DecodeLoop, GenerationConfig
+from lynx_exit.exits import BasePolicy, Decision, NeverExit, TokenBudget, first_exit, make_policy
 
 # A frequent cue ("e" anywhere) so that a random tiny model yields many cue events.
 FREQUENT = dict(cue_regex=r"e", max_new_tokens=48, min_new_tokens=48)
 
 
 @dataclass
-class ExitAtCue:
+class ExitAtCue(BasePolicy):
     """Exit at the k-th cue event (hand-made decisions for tests)."""
 
-    k: int
+    k: int = 1
     name: str = "exit-at-cue"
-    needs_features: bool = False
     seen: int = 0
 
     def reset(self):
@@ -30,12 +29,12 @@ class ExitAtCue:
 
 
 @dataclass
-class FeatureThreshold:
+class FeatureThreshold(BasePolicy):
     """Exit at a cue whose first feature exceeds a threshold: a stand-in probe."""
 
-    threshold: float
+    threshold: float = 0.0
+    feature_spec: object = None
     name: str = "feature-threshold"
-    needs_features: bool = True
 
     def reset(self):
         pass
@@ -111,15 +110,12 @@ def test_exit_drops_cue_and_answer_equals_rerun_of_prefix_ids(tiny_lm):
 def test_batched_forced_answers_from_cache_equal_rerun(tiny_lm):
     config = GenerationConfig(temperature=0.8, seed=2, max_new_tokens=30, min_new_tokens=30)
     batch = prompts(tiny_lm)
-    loop = DecodeLoop(tiny_lm, batch, config)
+    loop = DecodeLoop(tiny_lm, batch, config, hold=True)
     loop.run()
     results = loop.results()
-    width = max(len(p) for p in batch)
     cut_points = [(0, 3), (0, 10), (1, 7), (1, 20)]  # (row, generated tokens kept)
     cue_ids = tiny_lm.exit_cue_ids()
-    answers = forced_answers(
-        tiny_lm, loop.cache, loop.attention_mask, [r for r, _ in cut_points], [width + k for _, k in cut_points], cue_ids, 6
-    )
+    answers = loop.engine.forced_answers(cut_points, cue_ids, 6)
     for (row, kept), forced in zip(cut_points, answers, strict=True):
         prefix = batch[row] + results[row].token_ids[:kept] + cue_ids
         rerun = tiny_lm.model.generate(torch.tensor([prefix]), max_new_tokens=len(forced.token_ids), do_sample=False)
@@ -135,7 +131,8 @@ def test_online_decisions_equal_offline_replay(tiny_lm):
     feats = torch.stack([s.features[0] for s in recorded if s.cue])
     threshold = float(feats.median())
     offline = first_exit(FeatureThreshold(threshold), recorded)
-    online = DecodeLoop(tiny_lm, [prompt], config, policies=[FeatureThreshold(threshold)]).run()[0]
+    policy = FeatureThreshold(threshold, feature_spec=tiny_lm.feature_spec())
+    online = DecodeLoop(tiny_lm, [prompt], config, policies=[policy]).run()[0]
     assert offline is not None and online.exit_index == offline
 
 
@@ -182,6 +179,6 @@ def test_continuous_batching_equals_rows_alone(tiny_lm):
         alone = DecodeLoop(tiny_lm, [prompt], config, policies=[policy], seeds=[4 + i]).run()[0]
         assert refilled[i].token_ids == alone.token_ids, i
         assert refilled[i].exit_index == alone.exit_index
-    assert loop.attention_mask.shape[0] == 2
+    assert loop.engine.max_batch_size == 2
     with pytest.raises(ValueError, match="max_batch_size"):
         DecodeLoop(tiny_lm, batch, config, max_batch_size=0)

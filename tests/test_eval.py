@@ -2,10 +2,19 @@ import json
 
 import pytest
 
-from lynx_exit.baselines import DeerPolicy, DynasorPolicy, NoWaitPolicy, cue_token_ids
-from lynx_exit.decode import DecodeLoop, ForcedAnswer, GenerationConfig, Step
-from lynx_exit.evaluate import parse_methods, run_eval, summarize, wilson_interval, write_report
-from lynx_exit.policies import Decision, first_exit
+from lynx_exit.engine import DecodeLoop, ForcedAnswer, GenerationConfig, Step
+from lynx_exit.evaluate import run_eval, summarize, wilson_interval, write_report
+from lynx_exit.exits import (
+    Decision,
+    DeerPolicy,
+    DynasorPolicy,
+    MethodContext,
+    NoWaitPolicy,
+    cue_token_ids,
+    first_exit,
+    make_policy,
+    parse_methods,
+)
 from lynx_exit.tasks import Problem
 
 
@@ -14,7 +23,7 @@ def _steps(answers, cues):
     out = []
     for i, (answer, prob) in enumerate(answers):
         forced = ForcedAnswer(token_ids=[1, 2], text=f"{answer}}}", answer=answer, mean_prob=prob)
-        out.append(Step(row=0, index=i, token_id=5, text="x", phase="think", cue="wait" if i in cues else None,
+        out.append(Step(request_id=0, index=i, token_id=5, text="x", phase="think", cue="wait" if i in cues else None,
                         fork=lambda f=forced: f))
     return out
 
@@ -72,20 +81,24 @@ def test_aggregation_math_on_hand_made_records():
 
 
 def test_parse_methods_errors():
-    with pytest.raises(ValueError, match="needs --probe"):
-        parse_methods(["lynx"], deltas=[0.1])
+    (lynx,) = parse_methods(["lynx"], {"delta": "0.1"})
+    with pytest.raises(ValueError, match="needs a probe"):
+        make_policy(lynx.method, MethodContext(), **dict(lynx.options))
     with pytest.raises(ValueError, match="--budgets"):
         parse_methods(["token-budget"])
-    with pytest.raises(ValueError, match="unknown method 'fast'"):
+    with pytest.raises(ValueError, match="unknown exit method 'fast'; choose from .*lynx-harm"):
         parse_methods(["fast"])
-    labels = [s.label for s in parse_methods(["never", "token-budget", "dynasor"], budgets=[8, 16], dynasor=[(4, 2)])]
-    assert labels == ["never", "token-budget@8", "token-budget@16", "dynasor@4"]
+    with pytest.raises(ValueError, match="--deltas: bad delta '1.5'"):
+        parse_methods(["lynx"], {"delta": "0.1,1.5"})
+    settings = parse_methods(["never", "token-budget", "dynasor"], {"budget": "8,16", "interval": "4:2"})
+    assert [s.label for s in settings] == ["never", "token-budget@8", "token-budget@16", "dynasor@4"]
+    assert dict(settings[-1].options) == {"interval": 4, "window": 2}
 
 
 def test_eval_is_paired_resumable_and_reports(tiny_lm, tmp_path):
     problems = [Problem("gsm8k", f"p{i}", f"What is {i} plus 2?", str(i + 2)) for i in range(5)]
-    settings = parse_methods(["never", "token-budget", "deer", "dynasor", "nowait"], budgets=[6], deer_thresholds=[0.5],
-                             dynasor=[(5, 2)])
+    settings = parse_methods(["never", "token-budget", "deer", "dynasor", "nowait"],
+                             {"budget": "6", "threshold": "0.5", "interval": "5:2"})
     config = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3, answer_max_tokens=4, cue_regex="e")
     calls = []
 

@@ -67,7 +67,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_smollm2_gguf_generates_offline():
     lm = load_model("smollm2")
     assert lm.profile.think_end is None and lm.num_layers == 30
-    from lynx_exit.decode import DecodeLoop, GenerationConfig
+    from lynx_exit.engine import DecodeLoop, GenerationConfig
 
     ids = lm.prompt_ids("What is 7*8?")
     result = DecodeLoop(lm, [ids], GenerationConfig(max_new_tokens=24, temperature=0), layers=lm.feature_spec().layers).run()[0]

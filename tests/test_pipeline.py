@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import pytest
 
 from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset
-from lynx_exit.decode import DecodeLoop, GenerationConfig
-from lynx_exit.lynx import LynxPolicy, calibrate_probe_folder, empirical_rates, train_probe_folder
-from lynx_exit.policies import first_exit
+from lynx_exit.calibration import calibrate_probe_folder, empirical_rates, train_probe_folder
+from lynx_exit.engine import DecodeLoop, GenerationConfig
+from lynx_exit.exits import LynxPolicy, first_exit
 from lynx_exit.probe import ProbeTrainConfig, load_probe
 from lynx_exit.tasks import Problem
 

@@ -57,7 +57,7 @@ def test_shipped_reference_model_encodes_any_text_and_reasons():
     assert lm.tokenizer.decode(lm.encode(text)) == text
     assert lm.profile.think_end == "</think>"
     assert lm.tokenizer.decode(lm.prompt_ids("hi")).endswith("<think>\n")
-    from lynx_exit.decode import DecodeLoop, GenerationConfig
+    from lynx_exit.engine import DecodeLoop, GenerationConfig
 
     problem = make_problems("test", 1)[0]
     result = DecodeLoop(lm, [lm.prompt_ids(problem.question())], GenerationConfig(max_new_tokens=600, temperature=0)).run()[0]

@@ -1,20 +1,23 @@
 """lynx-exit: confidence-controlled early exit for reasoning LLMs (LYNX, arXiv 2512.05325)."""
 
-from lynx_exit.decode import DecodeLoop, GenerationConfig, RowResult, Step, forced_answers
+from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, RequestResult, RowResult, Step
+from lynx_exit.engine.types import Decision, ExitPolicy
+from lynx_exit.exits import make_policy, method_names
 from lynx_exit.models import FeatureSpec, LoadedModel, load_model
-from lynx_exit.policies import Decision, ExitPolicy, make_policy
 
 __all__ = [
     "DecodeLoop",
     "Decision",
+    "Engine",
     "ExitPolicy",
     "FeatureSpec",
     "GenerationConfig",
     "LoadedModel",
+    "RequestResult",
     "RowResult",
     "Step",
-    "forced_answers",
     "load_model",
     "make_policy",
+    "method_names",
 ]
 __version__ = "0.1.0"

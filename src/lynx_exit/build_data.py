@@ -1,7 +1,7 @@
 """Probe training data from forced exits (LYNX spec §3), built from the one decode loop.
 
 Rollouts are sampled in batches with hidden states hooked at every cue; each cue event is
-labelled by a batched forced exit that reuses the rollout batch's KV cache. Output is a
+labelled by a batched forced exit that reuses the rollouts' KV caches (kept with `hold`). Output is a
 self-describing, resumable folder (features as safetensors shards, events/rollouts JSONL).
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lynx_exit.decode import DecodeLoop, GenerationConfig, forced_answers
+from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.models import FeatureSpec, LoadedModel
 from lynx_exit.tasks import Problem
 
@@ -135,7 +135,7 @@ def _build_chunk(
     rows = [(index, problem, r) for index, problem in chunk for r in range(config.rollouts_per_problem)]
     prompts = [lm.prompt_ids(problem.prompt) for _, problem, _ in rows]
     seeds = [rollout_seed(generation.seed, index, r, config.rollouts_per_problem) for index, _, r in rows]
-    loop = DecodeLoop(lm, prompts, generation, layers=spec.layers, seeds=seeds)
+    loop = DecodeLoop(lm, prompts, generation, layers=spec.layers, seeds=seeds, hold=True)
     cue_features: list[dict[int, tuple[str, torch.Tensor]]] = [{} for _ in rows]
     think_features: list[list[torch.Tensor]] = [[] for _ in rows]  # only while a row has no cue yet
     for step in loop.steps():
@@ -147,7 +147,6 @@ def _build_chunk(
         elif config.synthetic_event and not cue_features[step.row]:
             think_features[step.row].append(step.features.clone())
     results = loop.results()
-    width = max(len(p) for p in prompts)
     pending: list[dict[str, Any]] = []
     vectors: list[torch.Tensor] = []
     for row in range(len(rows)):
@@ -162,14 +161,8 @@ def _build_chunk(
     answers = []
     for start in range(0, len(pending), config.label_batch_size):
         part = pending[start : start + config.label_batch_size]
-        answers += forced_answers(
-            lm,
-            loop.cache,
-            loop.attention_mask,
-            [e["row"] for e in part],
-            [width + e["token_index"] for e in part],
-            exit_cue_ids,
-            generation.answer_max_tokens,
+        answers += loop.engine.forced_answers(
+            [(e["row"], e["token_index"]) for e in part], exit_cue_ids, generation.answer_max_tokens
         )
     shard = f"shard-{chunk[0][0]:06d}.safetensors"
     if vectors:

@@ -36,7 +36,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 5
 
 
 def _generation_config(args: argparse.Namespace) -> Any:
-    from lynx_exit.decode import GenerationConfig
+    from lynx_exit.engine import GenerationConfig
 
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -61,24 +61,26 @@ def _layers(args: argparse.Namespace) -> tuple[int, ...] | None:
 
 
 def _policy_from_args(args: argparse.Namespace, lm: Any) -> Any:
-    from lynx_exit.policies import make_policy
+    from lynx_exit.exits import MethodContext, get_method, make_policy
 
-    if args.exit == "token-budget":
-        if args.budget is None:
-            raise ValueError("--exit token-budget needs --budget N")
-        return make_policy("token-budget", budget=args.budget)
-    if args.exit == "lynx":
-        if args.probe is None:
-            raise ValueError("--exit lynx needs --probe DIR")
-        delta = args.delta if args.confidence is None else 1 - args.confidence
-        return make_policy("lynx", probe_dir=args.probe, delta=delta, mode=args.mode, model_spec=lm.feature_spec(_layers(args)))
-    return make_policy(args.exit)
+    method = get_method(args.exit)
+    options: dict[str, Any] = {}
+    if method.knob is not None:
+        value = getattr(args, method.knob.flag.lstrip("-").replace("-", "_"))
+        if method.knob.name == "delta" and args.confidence is not None:
+            value = str(1 - args.confidence)
+        if value is None:
+            raise ValueError(f"--exit {args.exit} needs {method.knob.flag} ({method.knob.help})")
+        options.update(method.knob.parse_value(str(value), method.knob.flag))
+    if "mode" in method.options:
+        options["mode"] = args.mode
+    return make_policy(args.exit, MethodContext(lm=lm, probe=args.probe), **options)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from lynx_exit.decode import DecodeLoop
+    from lynx_exit.engine import DecodeLoop
     from lynx_exit.models import load_model
     from lynx_exit.tasks import REASONING_SUFFIX, load_task
 
@@ -97,7 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give a prompt or --task NAME [--index I]")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     policy = _policy_from_args(args, lm)
-    loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=_layers(args) if policy.needs_features else None)
+    layers = _layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
+    loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers)
     console = Console(highlight=False, soft_wrap=True)
     stream = not args.json
     started = time.perf_counter()
@@ -148,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--task", default=None, help="take the prompt from a task instead (gsm8k, svamp, ...)")
     gen.add_argument("--data", default=None, help="JSONL file for --task")
     gen.add_argument("--index", type=int, default=0, help="problem index within --task")
-    gen.add_argument("--exit", default="never", choices=["never", "token-budget", "lynx"])
-    gen.add_argument("--budget", type=int, default=None, help="thinking-token budget for --exit token-budget")
-    gen.add_argument("--probe", default=None, help="probe folder for --exit lynx")
-    gen.add_argument("--delta", type=float, default=0.05, help="LYNX risk level δ")
+    from lynx_exit.exits import knobs, method_names
+
+    gen.add_argument("--exit", default="never", choices=method_names(), help="exit method")
+    for knob in knobs():
+        gen.add_argument(knob.flag, default=knob.default, help=knob.help)
+    gen.add_argument("--probe", default=None, help="probe folder for the LYNX methods")
     gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
     gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")

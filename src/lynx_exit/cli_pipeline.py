@@ -59,7 +59,7 @@ def cmd_build_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lynx_exit.build_data import load_dataset
-    from lynx_exit.lynx import train_probe_folder
+    from lynx_exit.calibration import train_probe_folder
     from lynx_exit.models import FeatureSpec
     from lynx_exit.probe import ProbeTrainConfig
 
@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from lynx_exit.build_data import load_dataset
-    from lynx_exit.lynx import calibrate_probe_folder
+    from lynx_exit.calibration import calibrate_probe_folder
 
     deltas = [float(x) for x in args.deltas.split(",")]
     report = calibrate_probe_folder(Path(args.probe), load_dataset(args.data), deltas, epsilon=args.epsilon)
@@ -91,38 +91,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from exc
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lynx_exit.cli import _generation_config
-    from lynx_exit.evaluate import markdown_table, parse_methods, run_eval, write_report
+    from lynx_exit.evaluate import markdown_table, run_eval, write_report
+    from lynx_exit.exits import knobs, parse_methods
     from lynx_exit.models import load_model
 
-    dynasor = []
-    for item in (args.dynasor.split(",") if args.dynasor else []):
-        interval, _, window = item.partition(":")
-        try:
-            dynasor.append((int(interval), int(window or 3)))
-        except ValueError as exc:
-            raise ValueError(f"--dynasor takes INTERVAL:WINDOW pairs, got {item!r}") from exc
-    settings = parse_methods(
-        [m.strip() for m in args.methods.split(",") if m.strip()],
-        budgets=[int(b) for b in _floats(args.budgets, "--budgets")],
-        deltas=_floats(args.deltas, "--deltas"),
-        deer_thresholds=_floats(args.deer_thresholds, "--deer-thresholds"),
-        dynasor=dynasor,
-        probe=args.probe,
-        mode=args.mode,
-    )
+    grids = {knob.name: getattr(args, _dest(knob.grid_flag)) for knob in knobs()}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings = parse_methods(methods, grids, extra={"mode": args.mode})
     problems = _problems(args)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     out = Path(args.out)
-    summary = run_eval(lm, problems, settings, _generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size)
+    summary = run_eval(
+        lm, problems, settings, _generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size,
+        probe=args.probe,
+    )
     probe_task = None
     if args.probe:
         probe_task = json.loads((Path(args.probe) / "probe.json").read_text()).get("training_task")
@@ -202,12 +190,12 @@ def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], 
 
     ev = sub.add_parser("eval", help="tasks × exit methods × settings, paired seeds, Pareto report")
     _add_task_flags(ev, task="gsm8k", split="test", num_problems=100)
-    ev.add_argument("--methods", default="never,token-budget,lynx")
-    ev.add_argument("--budgets", default="128,256,512")
-    ev.add_argument("--deltas", default="0.05,0.1,0.2,0.3")
-    ev.add_argument("--deer-thresholds", default="0.8,0.9,0.95")
-    ev.add_argument("--dynasor", default="32:3,64:2", help="INTERVAL:WINDOW pairs")
-    ev.add_argument("--probe", default=None)
+    from lynx_exit.exits import knobs, method_names
+
+    ev.add_argument("--methods", default="never,token-budget,lynx", help=f"comma-separated, from: {', '.join(method_names())}")
+    for knob in knobs():
+        ev.add_argument(knob.grid_flag, default=knob.default_grid, help=f"comma-separated values: {knob.help}")
+    ev.add_argument("--probe", default=None, help="probe folder for the LYNX methods")
     ev.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="mode of method 'lynx'")
     add_model_flags(ev)
     add_sampling_flags(ev)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset
-from lynx_exit.decode import GenerationConfig
-from lynx_exit.evaluate import MethodSetting, markdown_table, run_eval, write_report
-from lynx_exit.lynx import calibrate_probe_folder, empirical_rates, train_probe_folder
+from lynx_exit.calibration import calibrate_probe_folder, empirical_rates, train_probe_folder
+from lynx_exit.engine import GenerationConfig
+from lynx_exit.evaluate import markdown_table, run_eval, write_report
+from lynx_exit.exits import parse_methods
 from lynx_exit.models import load_model
 from lynx_exit.probe import ProbeTrainConfig, load_probe
 from lynx_exit.reference import as_task_problems, make_problems
@@ -56,19 +57,15 @@ def run_demo(config: DemoConfig, out_dir: Path, progress: bool = True) -> dict[s
         summaries[split] = build_dataset(lm, splits[split], out_dir / f"data-{split}", generation, build, spec, progress=progress)
     metrics = train_probe_folder(load_dataset(out_dir / "data-train"), out_dir / "probe", ProbeTrainConfig(seed=config.seed), "data-train")
     calibrate_probe_folder(out_dir / "probe", load_dataset(out_dir / "data-calib"), deltas=config.deltas)
-    settings = (
-        [MethodSetting("never", None)]
-        + [MethodSetting("token-budget", b, (("budget", b),)) for b in config.budgets]
-        + [
-            MethodSetting(method, d, (("probe_dir", str(out_dir / "probe")), ("delta", d), ("mode", mode)))
-            for method, mode in (("lynx", "event"), ("lynx-harm", "harm"))
-            for d in config.deltas
-        ]
-    )
+    grids = {"budget": ",".join(map(str, config.budgets)), "delta": ",".join(map(str, config.deltas))}
+    settings = parse_methods(["never", "token-budget", "lynx", "lynx-harm"], grids, extra={"mode": "event"})
     eval_generation = GenerationConfig(
         max_new_tokens=config.max_new_tokens, temperature=0.6, top_p=0.95, seed=config.seed + 1
     )
-    summary = run_eval(lm, splits["test"], settings, eval_generation, out_dir / "eval", batch_size=config.batch_size, progress=progress)
+    summary = run_eval(
+        lm, splits["test"], settings, eval_generation, out_dir / "eval", batch_size=config.batch_size, progress=progress,
+        probe=str(out_dir / "probe"),
+    )
     rates = empirical_rates(load_probe(out_dir / "probe"), load_dataset(out_dir / "data-calib"))
     meta = {
         "demo_config": asdict(config),

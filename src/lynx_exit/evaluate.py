@@ -7,96 +7,14 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lynx_exit.build_data import rollout_seed
-from lynx_exit.decode import DecodeLoop, GenerationConfig
+from lynx_exit.engine import DecodeLoop, GenerationConfig
+from lynx_exit.exits import MethodContext, MethodSetting, make_policy
 from lynx_exit.models import LoadedModel
-from lynx_exit.policies import ExitPolicy, make_policy
 from lynx_exit.tasks import Problem
-
-
-@dataclass(frozen=True)
-class MethodSetting:
-    """One point on a method's curve: `knob` is δ, λ, N or the Dynasor interval."""
-
-    method: str
-    knob: float | None
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def label(self) -> str:
-        return self.method if self.knob is None else f"{self.method}@{self.knob:g}"
-
-
-def parse_methods(
-    methods: Sequence[str],
-    budgets: Sequence[int] = (),
-    deltas: Sequence[float] = (),
-    deer_thresholds: Sequence[float] = (),
-    dynasor: Sequence[tuple[int, int]] = (),
-    probe: str | None = None,
-    mode: str = "event",
-) -> list[MethodSetting]:
-    """Expand method names and their knob lists into settings; a method without knobs is an error."""
-    out: list[MethodSetting] = []
-    for method in methods:
-        if method in ("never", "nowait"):
-            out.append(MethodSetting(method, None))
-        elif method == "token-budget":
-            out += [MethodSetting(method, b, (("budget", int(b)),)) for b in _need(budgets, "token-budget", "--budgets")]
-        elif method in ("lynx", "lynx-event", "lynx-trajectory", "lynx-harm"):
-            if probe is None:
-                raise ValueError(f"method {method} needs --probe DIR")
-            chosen = mode if method == "lynx" else method.removeprefix("lynx-")
-            out += [
-                MethodSetting(method, d, (("probe_dir", probe), ("delta", float(d)), ("mode", chosen)))
-                for d in _need(deltas, method, "--deltas")
-            ]
-        elif method == "deer":
-            out += [MethodSetting(method, t, (("threshold", float(t)),)) for t in _need(deer_thresholds, "deer", "--deer-thresholds")]
-        elif method == "dynasor":
-            out += [
-                MethodSetting(method, k, (("interval", int(k)), ("window", int(m))))
-                for k, m in _need(dynasor, "dynasor", "--dynasor")
-            ]
-        else:
-            raise ValueError(
-                f"unknown method {method!r}; choose from never, token-budget, lynx (lynx-event, lynx-trajectory, "
-                "lynx-harm), deer, dynasor, nowait"
-            )
-    return out
-
-
-def _need(values: Sequence[Any], method: str, flag: str) -> Sequence[Any]:
-    if not values:
-        raise ValueError(f"method {method} needs at least one setting ({flag})")
-    return values
-
-
-def _build_policy(setting: MethodSetting, lm: LoadedModel, cache: dict[str, Any]) -> ExitPolicy:
-    options = dict(setting.options)
-    if setting.method.startswith("lynx"):
-        from lynx_exit.lynx import LynxPolicy
-        from lynx_exit.probe import load_probe
-
-        key = f"probe:{options['probe_dir']}"
-        if key not in cache:  # any task's probe is accepted if it lives in this model's feature space
-            bundle = load_probe(options["probe_dir"])
-            bundle.spec.check_compatible(lm.feature_spec(bundle.spec.layers), what=f"probe {options['probe_dir']!r}")
-            cache[key] = bundle
-        return LynxPolicy(cache[key], delta=options["delta"], mode=options["mode"])
-    if setting.method in ("deer", "dynasor"):
-        options["exit_cue_tokens"] = len(lm.exit_cue_ids())
-    if setting.method == "nowait":
-        from lynx_exit.baselines import cue_token_ids
-
-        if "banned" not in cache:
-            cache["banned"] = cue_token_ids(lm.tokenizer)
-        options["banned_token_ids"] = cache["banned"]
-    return make_policy(setting.method, **options)
 
 
 def run_eval(
@@ -109,8 +27,13 @@ def run_eval(
     batch_size: int = 16,
     progress: bool = True,
     on_record: Callable[[], None] | None = None,
+    probe: str | None = None,
 ) -> dict[str, Any]:
-    """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable)."""
+    """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable).
+
+    Every setting is built once before the first rollout, so a bad setting or artifact (an
+    uncalibrated δ, a probe of another model) fails at once. `probe` is the LYNX probe folder.
+    """
     from tqdm import tqdm
 
     if not problems:
@@ -132,7 +55,9 @@ def run_eval(
         for r in range(rollouts)
         if (setting.label, problem.problem_id, r) not in done
     ]
-    cache: dict[str, Any] = {}
+    context = MethodContext(lm=lm, probe=probe)
+    for setting in settings:  # validate every setting and artifact up front
+        make_policy(setting.method, context, **dict(setting.options))
     prompt_cache: dict[str, list[int]] = {}
     bar = tqdm(total=len(jobs), desc="eval", unit="rollout", disable=not progress)
     timing_file = out_dir / "timing.jsonl"
@@ -140,7 +65,7 @@ def run_eval(
         todo = [j for j in jobs if j[0] is setting]
         if not todo:
             continue
-        policies = [_build_policy(setting, lm, cache) for _ in todo]
+        policies = [make_policy(setting.method, context, **dict(setting.options)) for _ in todo]
         prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, _, p, _ in todo]
         seeds = [rollout_seed(generation.seed, i, r, rollouts) for _, i, _, r in todo]
         # Continuous batching: finished rows are refilled, so early exits become throughput.
@@ -162,7 +87,7 @@ def run_eval(
                     "gold": problem.gold,
                     "correct": problem.grade(result.text),
                     "generated_tokens": result.num_generated_tokens,
-                    "trial_tokens": int(getattr(policy, "trial_tokens", 0)),
+                    "trial_tokens": int(policy.trial_tokens),
                     "exit_index": result.exit_index,
                     "finish_reason": result.finish_reason,
                     "latency_s": result.wall_time_s,

@@ -1,6 +1,6 @@
 """Baseline exit methods (spec §9), siblings of LYNX behind the ExitPolicy protocol.
 
-Trial decodes use the loop's `Step.fork` (a forced exit from the same KV cache that leaves
+Trial decodes use the engine's `Step.fork` (a forced exit from the same KV cache that leaves
 the main generation untouched); their tokens are counted in `trial_tokens`.
 """
 
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS
-from lynx_exit.policies import Decision, register_policy
-
-if TYPE_CHECKING:
-    from lynx_exit.decode import ForcedAnswer, Step
+from lynx_exit.engine.types import Decision, ForcedAnswer, Step
+from lynx_exit.exits.basic import positive_int
+from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
 
 
 def _trial(step: Step) -> ForcedAnswer:
@@ -24,21 +23,17 @@ def _trial(step: Step) -> ForcedAnswer:
 
 
 @dataclass
-class DeerPolicy:
+class DeerPolicy(BasePolicy):
     """DEER-style: at each cue, trial-decode an answer; exit if its mean token probability ≥ λ."""
 
-    threshold: float
+    threshold: float = 0.9
     exit_cue_tokens: int = 0  # added to each trial's cost
     name: str = "deer"
-    needs_features: bool = False
     trial_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
             raise ValueError(f"deer threshold λ must be in (0, 1], got {self.threshold}")
-
-    def reset(self) -> None:
-        self.trial_tokens = 0
 
     def observe(self, step: Step) -> Decision:
         if step.cue is None:
@@ -49,14 +44,13 @@ class DeerPolicy:
 
 
 @dataclass
-class DynasorPolicy:
+class DynasorPolicy(BasePolicy):
     """Dynasor-CoT-style: every `interval` thinking tokens probe an answer; exit when the last `window` agree."""
 
-    interval: int
+    interval: int = 32
     window: int = 3
     exit_cue_tokens: int = 0
     name: str = "dynasor"
-    needs_features: bool = False
     trial_tokens: int = 0
     _answers: deque[str | None] = field(default_factory=deque)
 
@@ -79,18 +73,11 @@ class DynasorPolicy:
 
 
 @dataclass
-class NoWaitPolicy:
-    """NoWait-style: never exits, but the loop bans the cue words' tokens while thinking."""
+class NoWaitPolicy(BasePolicy):
+    """NoWait-style: never exits, but the engine bans the cue words' tokens while thinking."""
 
     banned_token_ids: frozenset[int] = frozenset()
     name: str = "nowait"
-    needs_features: bool = False
-
-    def reset(self) -> None:
-        pass
-
-    def observe(self, step: Step) -> Decision:
-        return Decision.CONTINUE
 
 
 def cue_token_ids(tokenizer: Any, words: tuple[str, ...] = DEFAULT_CUE_WORDS) -> frozenset[int]:
@@ -104,9 +91,55 @@ def cue_token_ids(tokenizer: Any, words: tuple[str, ...] = DEFAULT_CUE_WORDS) ->
     return frozenset(banned)
 
 
-register_policy("deer", lambda threshold, exit_cue_tokens=0: DeerPolicy(float(threshold), int(exit_cue_tokens)))
-register_policy(
-    "dynasor",
-    lambda interval, window=3, exit_cue_tokens=0: DynasorPolicy(int(interval), int(window), int(exit_cue_tokens)),
+def _exit_cue_tokens(context: MethodContext) -> int:
+    return len(context.lm.exit_cue_ids()) if context.lm is not None else 0
+
+
+def _deer(context: MethodContext, options: dict[str, Any]) -> DeerPolicy:
+    return DeerPolicy(threshold=float(options["threshold"]), exit_cue_tokens=_exit_cue_tokens(context))
+
+
+def _dynasor(context: MethodContext, options: dict[str, Any]) -> DynasorPolicy:
+    return DynasorPolicy(int(options["interval"]), int(options.get("window", 3)), exit_cue_tokens=_exit_cue_tokens(context))
+
+
+def _nowait(context: MethodContext, _options: dict[str, Any]) -> NoWaitPolicy:
+    if "banned" not in context.shared:
+        context.shared["banned"] = cue_token_ids(context.need_lm("nowait").tokenizer)
+    return NoWaitPolicy(banned_token_ids=context.shared["banned"])
+
+
+def _threshold(text: str) -> dict[str, Any]:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be in (0, 1]")
+    return {"threshold": value}
+
+
+def _interval(text: str) -> dict[str, Any]:
+    interval, _, window = text.partition(":")
+    options: dict[str, Any] = {"interval": positive_int(interval)}
+    if window:
+        options["window"] = int(window)
+    return options
+
+
+register(
+    ExitMethod(
+        "deer",
+        "trial answer at each cue; exit when its mean token probability >= λ",
+        _deer,
+        knob=Knob("threshold", "--threshold", "--deer-thresholds", _threshold, "DEER confidence λ", default_grid="0.8,0.9,0.95"),
+    )
 )
-register_policy("nowait", lambda banned_token_ids=frozenset(): NoWaitPolicy(frozenset(banned_token_ids)))
+register(
+    ExitMethod(
+        "dynasor",
+        "trial answer every K tokens; exit when the last M agree",
+        _dynasor,
+        knob=Knob("interval", "--interval", "--dynasor", _interval, "Dynasor probe interval K (K:M sets the window M)",
+                  default_grid="32:3,64:2"),
+        options=("window",),
+    )
+)
+register(ExitMethod("nowait", "never exits; bans cue-word tokens while thinking", _nowait))

@@ -1,78 +1,26 @@
-"""The LYNX exit policy (spec §6) and the train/calibrate steps that produce its probe folder."""
+"""Probe training and conformal calibration of a probe folder (LYNX spec §4-§5), from build-data folders."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from lynx_exit.build_data import Dataset
 from lynx_exit.conformal import (
     DEFAULT_DELTAS,
-    EventThreshold,
-    TrajectoryThreshold,
     calibrate_events,
     calibrate_trajectories,
     harm_labels,
     trajectory_loss,
 )
-from lynx_exit.models import FeatureSpec
-from lynx_exit.policies import Decision, register_policy
 from lynx_exit.probe import CONFORMAL_FILE, ProbeBundle, ProbeTrainConfig, load_probe, save_probe, train_probe
-
-if TYPE_CHECKING:
-    from lynx_exit.decode import Step
-
-
-@dataclass
-class LynxPolicy:
-    """At each cue, score the hooked hidden state with the probe and apply the conformal rule."""
-
-    bundle: ProbeBundle
-    delta: float
-    # "event": per-event split conformal (the paper); "trajectory": Learn-then-Test on the first exit
-    # being premature; "harm": Learn-then-Test on the first exit turning a right chain wrong.
-    mode: str = "event"
-    name: str = "lynx"
-    needs_features: bool = True
-
-    def __post_init__(self) -> None:
-        pick: dict[str, Callable[[float], EventThreshold | TrajectoryThreshold]] = {
-            "event": self.bundle.event_threshold,
-            "trajectory": self.bundle.trajectory_threshold,
-            "harm": self.bundle.harm_threshold,
-        }
-        if self.mode not in pick:
-            raise ValueError(f"mode must be one of {sorted(pick)}, got {self.mode!r}")
-        self.rule: EventThreshold | TrajectoryThreshold = pick[self.mode](self.delta)
-        self.scores: list[float] = []
-
-    def reset(self) -> None:
-        self.scores = []
-
-    def observe(self, step: Step) -> Decision:
-        if step.cue is None or step.features is None:
-            return Decision.CONTINUE
-        prob = float(self.bundle.probe.prob_safe(step.features[None])[0])
-        self.scores.append(prob)
-        if isinstance(self.rule, EventThreshold):
-            exit_now = self.rule.should_exit(prob)
-        else:
-            exit_now = prob >= self.rule.threshold
-        return Decision.EXIT if exit_now else Decision.CONTINUE
-
-
-def _make_lynx(probe_dir: str, delta: float, mode: str = "event", model_spec: FeatureSpec | None = None) -> LynxPolicy:
-    return LynxPolicy(bundle=load_probe(probe_dir, expected=model_spec), delta=float(delta), mode=mode)
-
-
-register_policy("lynx", _make_lynx)
 
 
 def train_probe_folder(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str) -> dict[str, Any]:

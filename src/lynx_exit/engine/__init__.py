@@ -1,0 +1,27 @@
+"""The decode engine: requests, one batched sampler per step, and a backend seam to the model."""
+
+from lynx_exit.engine.backend import Backend, TransformersBackend
+from lynx_exit.engine.batch import DecodeLoop
+from lynx_exit.engine.config import GenerationConfig
+from lynx_exit.engine.engine import Engine
+from lynx_exit.engine.sampler import SamplingParams, sample
+from lynx_exit.engine.types import Decision, ExitPolicy, ForcedAnswer, RequestResult, Scorer, Step
+
+RowResult = RequestResult  # the name of the batch-job era
+
+__all__ = [
+    "Backend",
+    "DecodeLoop",
+    "Decision",
+    "Engine",
+    "ExitPolicy",
+    "ForcedAnswer",
+    "GenerationConfig",
+    "RequestResult",
+    "RowResult",
+    "SamplingParams",
+    "Scorer",
+    "Step",
+    "TransformersBackend",
+    "sample",
+]

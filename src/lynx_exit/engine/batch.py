@@ -1,0 +1,69 @@
+"""`DecodeLoop`: a batch job on the engine (all prompts known up front, results by prompt index)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from lynx_exit.engine.config import GenerationConfig
+from lynx_exit.engine.engine import Engine
+from lynx_exit.engine.types import ExitPolicy, RequestResult, Step
+from lynx_exit.models import LoadedModel
+
+
+class DecodeLoop:
+    """Run a fixed list of prompts on a fresh engine; iterate `steps()` or call `run()`.
+
+    Request ids are the prompt indices. `max_batch_size` below the number of prompts turns on
+    continuous batching (a finished request's row goes to the next prompt). `seeds` default to
+    `config.seed + i`; `layers` asks for `Step.features` at those layers for every prompt;
+    `hold` keeps every cache after it finishes, for `engine.forced_answers`.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        prompts: Sequence[Sequence[int]],
+        config: GenerationConfig | None = None,
+        policies: Sequence[ExitPolicy | None] | None = None,
+        layers: Sequence[int] | None = None,
+        seeds: Sequence[int] | None = None,
+        max_batch_size: int | None = None,
+        hold: bool = False,
+    ) -> None:
+        config = config or GenerationConfig()
+        n = len(prompts)
+        if not prompts:
+            raise ValueError("DecodeLoop needs at least one prompt")
+        if policies is not None and len(policies) != n:
+            raise ValueError(f"got {len(policies)} policies for {n} prompts")
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.engine = Engine(lm, max_batch_size=min(n, max_batch_size or n))
+        self.num_prompts = n
+        for i, prompt in enumerate(prompts):
+            self.engine.add_request(
+                prompt,
+                config,
+                policy=policies[i] if policies is not None else None,
+                seed=seeds[i] if seeds is not None else config.seed + i,
+                feature_layers=layers,
+                hold=hold,
+            )
+
+    def steps(self) -> Iterator[Step]:
+        """Every request's steps, in engine order, until all prompts have finished."""
+        return self.engine.stream()
+
+    def run(self) -> list[RequestResult]:
+        for _ in self.steps():
+            pass
+        return self.results()
+
+    def results(self) -> list[RequestResult]:
+        return [self.result(i) for i in range(self.num_prompts)]
+
+    def result(self, i: int) -> RequestResult:
+        """The result of prompt `i` (available as soon as its last step was yielded)."""
+        return self.engine.result(i)

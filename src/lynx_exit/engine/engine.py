@@ -1,0 +1,473 @@
+"""The request-level decode engine: requests join and leave while it runs.
+
+`add_request` queues a prompt with its own sampling settings, seed and exit policy; `step`
+advances every running request by one forward pass and returns their `Step`s; `abort` ends a
+request at once. Up to `max_batch_size` requests run together and the rest wait; a finished
+or aborted request frees its batch row for the next one. Generation, dataset building,
+evaluation and the server all drive this engine (`DecodeLoop` is the batch-job wrapper).
+
+Exits follow LYNX spec §6: at an exit the cue token is dropped from the request (forgotten by
+the cache), the exit cue is fed through the same cache, and the answer is decoded greedily
+until its `\\boxed{...}` closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_pattern
+from lynx_exit.engine.backend import Backend, TransformersBackend
+from lynx_exit.engine.config import GenerationConfig
+from lynx_exit.engine.sampler import GREEDY, SamplingParams, mask_tokens, sample
+from lynx_exit.engine.types import (
+    Decision,
+    ExitPolicy,
+    FinishReason,
+    ForcedAnswer,
+    Phase,
+    RequestResult,
+    Step,
+)
+from lynx_exit.grading import extract_boxed
+from lynx_exit.models import FeatureSpec, LoadedModel
+
+
+def brace_depth(text: str, depth: int) -> int:
+    """Brace depth after `text`, starting at `depth`; 0 as soon as it closes."""
+    for char in text:
+        depth += (char == "{") - (char == "}")
+        if depth <= 0:
+            return 0
+    return depth
+
+
+@functools.lru_cache(maxsize=64)
+def _cue_pattern(words: tuple[str, ...], regex: str | None) -> re.Pattern[str]:
+    return compile_cue_pattern(words, regex)
+
+
+@dataclass
+class _Request:
+    request_id: int
+    prompt_ids: list[int]
+    config: GenerationConfig
+    params: SamplingParams
+    generator: torch.Generator | None
+    policy: ExitPolicy | None
+    layers: tuple[int, ...]  # hidden-state layers this request reads ((): none)
+    detok: IncrementalDetokenizer
+    detector: CueDetector
+    exit_cue_ids: list[int]
+    hold: bool  # keep the cache after finishing until `release` (forced-exit labelling)
+    phase: Phase = "think"
+    feed: int = -1  # token fed at the next forward pass (-1: none yet)
+    index: int = -1  # generated index of `feed`
+    forced: deque[int] = field(default_factory=deque)
+    kept_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    answer_tokens: int = 0
+    answer_depth: int = 1
+    exit_index: int | None = None
+    reasoning_tokens: int | None = None
+    cue_indices: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    feature_columns: torch.Tensor | None = None  # columns of the captured features that are this request's
+    started: float = 0.0
+    wall_time_s: float = 0.0
+    in_cache: bool = False
+
+
+class Engine:
+    """Continuous-batching decode engine over one `Backend`. Not thread-safe: one thread drives it."""
+
+    def __init__(self, lm: LoadedModel, max_batch_size: int = 16, backend: Backend | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.lm = lm
+        self.max_batch_size = max_batch_size
+        self.backend: Backend = backend if backend is not None else TransformersBackend(lm)
+        self.eos_ids = lm.eos_token_ids
+        self._requests: dict[int, _Request] = {}
+        self._waiting: deque[int] = deque()
+        self._running: list[int] = []  # request ids holding a batch row, in admission order
+        self._outbox: list[Step] = []  # steps produced outside `step` (aborts)
+        self._next_id = 0
+        self._layers: tuple[int, ...] = ()  # union of the running requests' layers, as captured
+        self._specs: dict[tuple[int, ...], FeatureSpec] = {}
+        self._exit_cues: dict[str, list[int]] = {}
+        self._freed = False  # a row was released since the last compaction
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig | None = None,
+        policy: ExitPolicy | None = None,
+        seed: int | None = None,
+        feature_layers: Sequence[int] | None = None,
+        hold: bool = False,
+    ) -> int:
+        """Queue a request; returns its id. It joins the batch at the next `step` with a free row.
+
+        `seed` defaults to `config.seed`; `feature_layers` asks for `Step.features` without a
+        policy (a policy's own `feature_spec` decides otherwise). A policy whose feature space
+        does not match this model is refused here, with both sides named.
+        """
+        config = config or GenerationConfig()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("every prompt must have at least one token")
+        layers = self._request_layers(policy, feature_layers)
+        generator = None
+        if config.temperature > 0:
+            generator = torch.Generator(device=self.lm.device)
+            generator.manual_seed(int(config.seed if seed is None else seed))
+        if policy is not None:
+            policy.reset()
+        max_cue_chars = None if config.cue_regex else max(len(w.strip()) for w in config.cue_words)
+        request_id = self._next_id
+        self._next_id += 1
+        self._requests[request_id] = _Request(
+            request_id=request_id,
+            prompt_ids=prompt,
+            config=config,
+            params=SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k),
+            generator=generator,
+            policy=policy,
+            layers=layers,
+            detok=IncrementalDetokenizer(self.lm.tokenizer),
+            detector=CueDetector(
+                _cue_pattern(config.cue_words, config.cue_regex), think_end=self.lm.profile.think_end, max_cue_chars=max_cue_chars
+            ),
+            exit_cue_ids=self.exit_cue_ids(config.exit_cue),
+            hold=hold,
+        )
+        self._waiting.append(request_id)
+        return request_id
+
+    def _request_layers(self, policy: ExitPolicy | None, feature_layers: Sequence[int] | None) -> tuple[int, ...]:
+        wanted = tuple(feature_layers) if feature_layers else ()
+        if policy is None or policy.feature_spec is None:
+            if wanted:
+                self.feature_spec(wanted)  # validates the range
+            return wanted
+        spec = policy.feature_spec
+        if wanted and wanted != spec.layers:
+            raise ValueError(f"exit method {policy.name!r} reads layers {list(spec.layers)} but layers {list(wanted)} were asked for")
+        spec.check_compatible(self.feature_spec(spec.layers), what=f"exit method {policy.name!r}'s probe")
+        return spec.layers
+
+    def feature_spec(self, layers: Sequence[int]) -> FeatureSpec:
+        """The model's feature spec at `layers` (cached: the tokenizer hash is costly)."""
+        key = tuple(layers)
+        if key not in self._specs:
+            self._specs[key] = self.lm.feature_spec(key)
+        return self._specs[key]
+
+    def exit_cue_ids(self, variant: str) -> list[int]:
+        if variant not in self._exit_cues:
+            self._exit_cues[variant] = self.lm.exit_cue_ids(variant)
+        return self._exit_cues[variant]
+
+    def abort(self, request_id: int) -> None:
+        """End a request now; its row is free for the next step. A no-op once it has finished."""
+        request = self._get(request_id)
+        if request.finish_reason is not None:
+            return
+        if request_id in self._waiting:
+            self._waiting.remove(request_id)
+        self._close(request, "abort")
+        self._outbox.append(self._end_step(request, -1, "abort"))
+
+    def release(self, request_id: int) -> None:
+        """Free the cache a finished `hold=True` request kept."""
+        request = self._get(request_id)
+        if request.finish_reason is None:
+            raise ValueError(f"request {request_id} is still running; abort it instead")
+        self._free(request, force=True)
+
+    def result(self, request_id: int, forget: bool = False) -> RequestResult:
+        """The result of a finished request; `forget` drops the engine's record of it."""
+        request = self._get(request_id)
+        if request.finish_reason is None:
+            raise RuntimeError(f"request {request_id} has not finished yet")
+        if forget:
+            self._free(request, force=True)
+            del self._requests[request_id]
+        return RequestResult(
+            request_id=request_id,
+            prompt_ids=request.prompt_ids,
+            token_ids=request.kept_ids,
+            text=request.text,
+            finish_reason=request.finish_reason,
+            exit_index=request.exit_index,
+            cue_indices=request.cue_indices,
+            answer=extract_boxed(request.text),
+            wall_time_s=request.wall_time_s,
+            reasoning_tokens=len(request.kept_ids) if request.reasoning_tokens is None else request.reasoning_tokens,
+        )
+
+    def _get(self, request_id: int) -> _Request:
+        if request_id not in self._requests:
+            raise KeyError(f"unknown request id {request_id}")
+        return self._requests[request_id]
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running or self._outbox)
+
+    def stream(self) -> Iterator[Step]:
+        """Steps until every request added so far (and any added meanwhile) has finished."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Step]:
+        """Admit waiting requests, run one forward pass for all running ones, sample once."""
+        steps, self._outbox = self._outbox, []
+        fed = [self._requests[r] for r in self._running if self._requests[r].feed >= 0]
+        admitted = self._admit()
+        parts, features = [], None
+        if fed:
+            logits, features = self.backend.decode([r.request_id for r in fed], [r.feed for r in fed])
+            parts.append(logits)
+        if admitted:
+            parts.append(self.backend.prefill([r.request_id for r in admitted], [r.prompt_ids for r in admitted]))
+        if not parts:
+            return steps
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [fed + admitted, vocab]
+        batch = fed + admitted
+        self._ban_tokens(logits, batch)
+        sampling = [r.phase in ("think", "answer") for r in batch]
+        token_ids = sample(
+            logits,
+            [r.params if s else GREEDY for r, s in zip(batch, sampling, strict=True)],
+            [r.generator if s else None for r, s in zip(batch, sampling, strict=True)],
+        ).tolist()  # the step's one host sync
+        now = time.perf_counter()
+        for request, token_id in zip(admitted, token_ids[len(fed) :], strict=True):
+            request.started, request.index = now, -1  # `_next` makes the first token index 0
+            steps += self._next(request, token_id)
+        steps += self._advance_all(fed, token_ids[: len(fed)], features)
+        self._after_step()
+        return steps
+
+    def _admit(self) -> list[_Request]:
+        admitted = []
+        while self._waiting and len(self._running) < self.max_batch_size:
+            request = self._requests[self._waiting.popleft()]
+            self._running.append(request.request_id)
+            request.in_cache = True
+            admitted.append(request)
+        if admitted:
+            self._update_layers()
+        return admitted
+
+    def _ban_tokens(self, logits: torch.Tensor, batch: list[_Request]) -> None:
+        """min_new_tokens and policies' banned tokens (NoWait-style logit bias, spec §9), one call."""
+        rows: list[int] = []
+        token_ids: list[int] = []
+        for row, request in enumerate(batch):
+            if request.phase not in ("think", "answer"):
+                continue
+            banned: set[int] = set()
+            if request.phase == "think" and request.policy is not None:
+                banned |= request.policy.banned_token_ids
+            generated = len(request.kept_ids) + (request.feed >= 0)
+            if generated < request.config.min_new_tokens:
+                banned |= self.eos_ids
+            rows += [row] * len(banned)
+            token_ids += sorted(banned)
+        mask_tokens(logits, rows, token_ids)
+
+    def _advance_all(self, fed: list[_Request], token_ids: list[int], features: torch.Tensor | None) -> list[Step]:
+        """Read the tokens just fed: text, cues, batched scores, policy decisions, next inputs."""
+        steps: list[Step] = []
+        deciding: list[tuple[_Request, Step, int]] = []
+        for row, (request, candidate) in enumerate(zip(fed, token_ids, strict=True)):
+            if request.finish_reason is not None:  # aborted while its token was in flight
+                continue
+            if request.phase in ("think", "answer"):
+                step = self._read(request, candidate, features, row)
+                if step.phase == "think" and request.policy is not None:
+                    deciding.append((request, step, candidate))
+                    continue
+                steps.append(step)
+                steps += self._next(request, candidate)
+            else:
+                steps += self._forced(request, candidate)
+        self._score(deciding)
+        for request, step, candidate in deciding:
+            if request.policy.observe(step) is Decision.EXIT:  # type: ignore[union-attr]
+                candidate = self._exit(request, step)
+            steps.append(step)
+            steps += self._next(request, candidate)
+        return steps
+
+    def _read(self, request: _Request, candidate: int, features: torch.Tensor | None, row: int) -> Step:
+        token, index = request.feed, request.index
+        request.kept_ids.append(token)
+        delta = request.detok.push(token)
+        lookahead = "" if candidate in self.eos_ids else request.detok.peek(candidate)  # reused by the next push
+        request.text += delta
+        thinking = request.detector.thinking
+        cue = request.detector.step(delta, lookahead) if thinking else None
+        if thinking and not request.detector.thinking:
+            request.phase, request.reasoning_tokens = "answer", len(request.kept_ids)
+        if cue is not None:
+            request.cue_indices.append(index)
+        step = Step(request_id=request.request_id, index=index, token_id=token, text=delta, phase="think" if thinking else "answer", cue=cue)
+        if thinking:
+            if features is not None and request.layers:
+                step.features = features[row] if request.feature_columns is None else features[row, request.feature_columns]
+            step.fork = self._fork_callback(request, drop_current=cue is not None)
+        return step
+
+    def _score(self, deciding: list[tuple[_Request, Step, int]]) -> None:
+        """Score the features of every cue step that has a scorer, one call per scorer."""
+        groups: dict[int, list[Step]] = {}
+        scorers = {}
+        for request, step, _ in deciding:
+            scorer = request.policy.scorer  # type: ignore[union-attr]
+            if step.cue is not None and step.features is not None and scorer is not None:
+                groups.setdefault(id(scorer), []).append(step)
+                scorers[id(scorer)] = scorer
+        for key, group in groups.items():
+            scores = scorers[key](torch.stack([s.features for s in group])).tolist()  # type: ignore[misc]
+            for step, score in zip(group, scores, strict=True):
+                step.score = float(score)
+
+    def _exit(self, request: _Request, step: Step) -> int:
+        """Apply an exit decision at `step`; returns the first exit-cue token to feed."""
+        step.exit = True
+        request.exit_index = step.index
+        if step.cue is not None:  # spec §3: the prefix ends before the cue token
+            self.backend.drop_last(request.request_id)
+            request.kept_ids.pop()
+            request.text = request.text[: len(request.text) - len(step.text)]
+            request.cue_indices.pop()
+        request.phase, request.reasoning_tokens = "exit_cue", len(request.kept_ids)
+        request.forced = deque(request.exit_cue_ids)
+        return request.forced.popleft()
+
+    def _forced(self, request: _Request, greedy_id: int) -> list[Step]:
+        """A token of the exit cue or of the forced answer was read."""
+        token = request.feed
+        request.kept_ids.append(token)
+        delta = request.detok.push(token)
+        request.text += delta
+        step = Step(request_id=request.request_id, index=request.index, token_id=token, text=delta, phase=request.phase)
+        if request.phase == "exit_cue":
+            if request.forced:
+                return [step, *self._next(request, request.forced.popleft())]
+            request.phase = "forced_answer"
+            return [step, *self._next(request, greedy_id)]
+        request.answer_tokens += 1
+        request.answer_depth = brace_depth(delta, request.answer_depth)
+        if request.answer_depth == 0 or request.answer_tokens >= request.config.answer_max_tokens:
+            step.finish_reason = "exit"
+            self._close(request, "exit")
+            return [step]
+        return [step, *self._next(request, greedy_id)]
+
+    def _next(self, request: _Request, candidate: int) -> list[Step]:
+        """Queue `candidate` as the request's next input, or finish it."""
+        request.index += 1
+        if candidate in self.eos_ids and request.phase != "exit_cue":
+            request.kept_ids.append(candidate)
+            self._close(request, "eos")
+            return [self._end_step(request, candidate, "eos")]
+        if request.phase in ("think", "answer") and len(request.kept_ids) >= request.config.max_new_tokens:
+            self._close(request, "length")
+            return [self._end_step(request, -1, "length")]
+        request.feed = candidate
+        return []
+
+    def _end_step(self, request: _Request, token_id: int, reason: FinishReason) -> Step:
+        return Step(request_id=request.request_id, index=request.index, token_id=token_id, text="", phase="end", finish_reason=reason)
+
+    def _close(self, request: _Request, reason: FinishReason) -> None:
+        request.finish_reason = reason
+        request.wall_time_s = time.perf_counter() - request.started if request.started else 0.0
+        if request.reasoning_tokens is None and request.phase == "think":
+            request.reasoning_tokens = len(request.kept_ids)
+        if request.request_id in self._running:
+            self._running.remove(request.request_id)
+        self._free(request, force=False)
+
+    def _free(self, request: _Request, force: bool) -> None:
+        if request.in_cache and (force or not request.hold):
+            request.in_cache = False
+            self.backend.release(request.request_id)
+            self._freed = True
+
+    def _after_step(self) -> None:
+        if self._freed and not self._waiting:  # nobody will take the free rows: make the batch dense again
+            self.backend.compact()
+            self._freed = False
+        if not self._running and self._layers:
+            self._update_layers()
+
+    def _update_layers(self) -> None:
+        """Hook the union of the running requests' layers; give each request its own columns of it."""
+        running = [self._requests[r] for r in self._running]
+        union = tuple(sorted({layer for r in running for layer in r.layers}))
+        if union != self._layers:
+            self.backend.capture(union)
+            self._layers = union
+        hidden = int(self.lm.model.config.hidden_size)
+        for request in running:
+            if request.layers in ((), union):
+                request.feature_columns = None
+            else:
+                starts = [union.index(layer) * hidden for layer in request.layers]
+                request.feature_columns = torch.cat([torch.arange(s, s + hidden) for s in starts]).to(self.lm.device)
+
+    # -- forced exits --------------------------------------------------------------------------
+    def forced_answers(
+        self, items: Sequence[tuple[int, int]], exit_cue_ids: Sequence[int], max_answer_tokens: int
+    ) -> list[ForcedAnswer]:
+        """Batched forced exits (spec §3): item i continues request `items[i][0]` from its first
+        `items[i][1]` generated tokens with the exit cue and a greedy answer; requests are untouched."""
+        prefix = [(request_id, len(self._get(request_id).prompt_ids) + kept) for request_id, kept in items]
+        return self._fork(prefix, list(exit_cue_ids), max_answer_tokens)
+
+    def _fork(self, items: Sequence[tuple[int, int]], exit_cue_ids: list[int], max_answer_tokens: int) -> list[ForcedAnswer]:
+        tokenizer = self.lm.tokenizer
+
+        def done(_i: int, token_ids: list[int]) -> bool:  # the exit cue opened \boxed{
+            return brace_depth(tokenizer.decode(token_ids, skip_special_tokens=True), 1) == 0
+
+        outputs = self.backend.fork(items, exit_cue_ids, max_answer_tokens, self.eos_ids, done)
+        cue_text = tokenizer.decode(exit_cue_ids, skip_special_tokens=False)
+        boxed_at = cue_text.rfind("\\boxed{")
+        results = []
+        for token_ids, probs in outputs:
+            text = tokenizer.decode(token_ids, skip_special_tokens=True)
+            answer = extract_boxed(cue_text[boxed_at:] + text) if boxed_at >= 0 else None
+            results.append(ForcedAnswer(token_ids, text, answer, sum(probs) / len(probs) if probs else 0.0))
+        return results
+
+    def _fork_callback(self, request: _Request, drop_current: bool) -> Callable[[], ForcedAnswer]:
+        keep = len(request.prompt_ids) + len(request.kept_ids) - (1 if drop_current else 0)
+        request_id, cue_ids, limit = request.request_id, request.exit_cue_ids, request.config.answer_max_tokens
+
+        def fork() -> ForcedAnswer:
+            return self._fork([(request_id, keep)], cue_ids, limit)[0]
+
+        return fork

@@ -1,0 +1,85 @@
+"""One batched sampler per decode step: temperature, top-k and top-p over `[batch, vocab]` at once.
+
+Each row keeps its own `torch.Generator`, and its random draw is made from that generator
+alone (an exponential race: `argmax(probs / Exp(1))` samples from `probs`, as vLLM's sampler
+does), so a row's tokens never depend on which batch it ran in. Nothing here syncs with the
+host: the caller reads the token ids once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def mask_tokens(logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int]) -> None:
+    """Set `logits[rows[i], token_ids[i]]` to -inf in place (banned tokens of all rows in one call)."""
+    if rows:
+        index = torch.tensor([list(rows), list(token_ids)], device=logits.device)
+        logits.index_put_((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype))
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor | float:
+    """A scalar when every row shares the value (the common case), else a [n, 1] tensor."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, device=like.device, dtype=like.dtype)[:, None]
+
+
+def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities after top-k/top-p, in sorted order with the sort's index when a filter is on."""
+    top_ks = [p.top_k if p.top_k > 0 else scores.shape[-1] for p in params]
+    top_ps = [p.top_p for p in params]
+    if all(k >= scores.shape[-1] for k in top_ks) and all(p >= 1 for p in top_ps):
+        return torch.softmax(scores, dim=-1), None
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # [n, vocab]
+    ranks = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+    remove = ranks >= torch.tensor(top_ks, device=scores.device)[:, None]
+    probs = torch.softmax(sorted_scores, dim=-1)
+    top_p = _column(top_ps, probs)
+    # Remove a token once the tokens before it already cover top_p; the first token always stays.
+    remove |= (probs.cumsum(-1) - probs) >= top_p
+    probs = torch.softmax(sorted_scores.masked_fill(remove, float("-inf")), dim=-1)
+    return probs, order
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Next token ids [batch] from `logits` [batch, vocab]; row i uses `params[i]` and `generators[i]`."""
+    if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits but {len(params)} params and {len(generators)} generators")
+    token_ids = torch.argmax(logits, dim=-1)  # [batch]; greedy rows keep these
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return token_ids
+    every_row = len(sampled) == logits.shape[0]
+    rows = logits if every_row else logits[torch.tensor(sampled, device=logits.device)]
+    row_params = [params[i] for i in sampled]
+    scores = rows.float() / _column([p.temperature for p in row_params], rows.float())
+    probs, order = _filtered_probs(scores, row_params)  # [n, vocab]
+    noise = torch.empty_like(probs)
+    for n, i in enumerate(sampled):  # one draw per row from its own generator: batch-independent
+        noise[n].exponential_(generator=generators[i])
+    picks = torch.argmax(probs / noise, dim=-1, keepdim=True)  # [n, 1]
+    if order is not None:
+        picks = order.gather(-1, picks)
+    if every_row:
+        return picks[:, 0]
+    return token_ids.index_copy(0, torch.tensor(sampled, device=logits.device), picks[:, 0])

@@ -1,0 +1,114 @@
+"""Record types shared by the engine, the exit methods and every front end.
+
+They live in their own module so that the engine (below) and the exit methods (above) can
+both import them without a cycle.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from lynx_exit.models import FeatureSpec
+
+Phase = Literal["think", "answer", "exit_cue", "forced_answer", "end"]
+FinishReason = Literal["eos", "length", "exit", "abort"]
+
+
+class Decision(enum.Enum):
+    CONTINUE = "continue"
+    EXIT = "exit"
+
+
+@dataclass
+class ForcedAnswer:
+    """Greedy answer after an exit cue; `mean_prob` is the mean probability of its tokens."""
+
+    token_ids: list[int]
+    text: str
+    answer: str | None
+    mean_prob: float
+
+
+@dataclass
+class Step:
+    """One token of one request, reported after the model has read it."""
+
+    request_id: int
+    index: int  # position among the request's generated tokens, 0-based
+    token_id: int
+    text: str  # text this token adds (may be "" for a partial multi-byte character)
+    phase: Phase  # "answer" = after a natural end of thinking; "end" = a closing step without a token
+    cue: str | None = None  # cue word this token completes
+    features: torch.Tensor | None = None  # [feature_dim] float32 hidden state of this token (the policy's layers)
+    score: float | None = None  # the policy's batched score of `features` at a cue (e.g. LYNX's P(safe))
+    exit: bool = False  # the policy exited here (a cue token here is dropped from the output)
+    finish_reason: FinishReason | None = None  # on the request's last step
+    fork: Callable[[], ForcedAnswer] | None = field(default=None, repr=False)  # trial forced exit from this point
+
+    @property
+    def row(self) -> int:
+        """The request id; for a batch run (`DecodeLoop`) the index of the prompt."""
+        return self.request_id
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores many feature rows in one call (a probe); shared by the policies that use it."""
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, feature_dim] on the model's device -> [n] scores."""
+        ...
+
+
+@runtime_checkable
+class ExitPolicy(Protocol):
+    """Decides, one thinking step at a time, whether to stop thinking and answer.
+
+    Everything the engine and the evaluation harness read from a policy is declared here:
+    - `feature_spec`: the hidden-state layers it reads (None: no features). The engine hooks
+      them, checks them against the model when the request is added, and gives the policy
+      exactly these layers in `Step.features`.
+    - `scorer`: if set, the engine scores the features of all cue steps of one decode step in
+      one batched call and puts each result in `Step.score` before `observe`.
+    - `banned_token_ids`: tokens masked out while thinking (NoWait-style logit bias).
+    - `trial_tokens`: tokens this sequence has spent on trial decodes (`Step.fork`) so far.
+    `observe` sees every thinking-phase step of one sequence (cue or not); `reset` starts a new one.
+    """
+
+    name: str
+    feature_spec: FeatureSpec | None
+    scorer: Scorer | None
+    banned_token_ids: frozenset[int]
+    trial_tokens: int
+
+    def reset(self) -> None: ...
+
+    def observe(self, step: Step) -> Decision: ...
+
+
+@dataclass
+class RequestResult:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens kept in the output (a dropped cue token is not)
+    text: str
+    finish_reason: FinishReason
+    exit_index: int | None  # step index where the policy exited, None if it never did
+    cue_indices: list[int]
+    answer: str | None
+    wall_time_s: float
+    reasoning_tokens: int  # generated tokens before the end of thinking (natural or forced)
+
+    @property
+    def row(self) -> int:
+        return self.request_id
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)

@@ -1,0 +1,48 @@
+"""Exit methods behind one protocol, each registered once (importing this package registers them)."""
+
+from lynx_exit.engine.types import Decision, ExitPolicy
+from lynx_exit.exits import baselines, basic, lynx
+from lynx_exit.exits.baselines import DeerPolicy, DynasorPolicy, NoWaitPolicy, cue_token_ids
+from lynx_exit.exits.basic import NeverExit, TokenBudget
+from lynx_exit.exits.lynx import LynxPolicy
+from lynx_exit.exits.registry import (
+    METHODS,
+    BasePolicy,
+    ExitMethod,
+    Knob,
+    MethodContext,
+    MethodSetting,
+    first_exit,
+    get_method,
+    knobs,
+    make_policy,
+    method_names,
+    parse_methods,
+)
+
+__all__ = [
+    "METHODS",
+    "BasePolicy",
+    "Decision",
+    "DeerPolicy",
+    "DynasorPolicy",
+    "ExitMethod",
+    "ExitPolicy",
+    "Knob",
+    "LynxPolicy",
+    "MethodContext",
+    "MethodSetting",
+    "NeverExit",
+    "NoWaitPolicy",
+    "TokenBudget",
+    "baselines",
+    "basic",
+    "cue_token_ids",
+    "first_exit",
+    "get_method",
+    "knobs",
+    "lynx",
+    "make_policy",
+    "method_names",
+    "parse_methods",
+]

@@ -1,0 +1,54 @@
+"""Full chain of thought and the token budget (spec §9)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lynx_exit.engine.types import Decision, Step
+from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
+
+
+@dataclass
+class NeverExit(BasePolicy):
+    """Full chain of thought: never exits early."""
+
+    name: str = "never"
+
+
+@dataclass
+class TokenBudget(BasePolicy):
+    """Force the exit cue once `budget` thinking tokens have been generated."""
+
+    budget: int
+    name: str = "token-budget"
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ValueError(f"token budget must be >= 1, got {self.budget}")
+
+    def observe(self, step: Step) -> Decision:
+        return Decision.EXIT if step.index + 1 >= self.budget else Decision.CONTINUE
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _budget(_context: MethodContext, options: dict[str, Any]) -> TokenBudget:
+    return TokenBudget(budget=int(options["budget"]))
+
+
+register(ExitMethod("never", "full chain of thought", lambda _c, _o: NeverExit()))
+register(
+    ExitMethod(
+        "token-budget",
+        "exit after N thinking tokens",
+        _budget,
+        knob=Knob("budget", "--budget", "--budgets", lambda t: {"budget": positive_int(t)}, "thinking-token budget N",
+                  default_grid="128,256,512"),
+    )
+)

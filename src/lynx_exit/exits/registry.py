@@ -1,0 +1,167 @@
+"""Exit methods by name: each is registered once with its knob, and every front end derives from this.
+
+CLI choices (`generate --exit`, `eval --methods`), the knob flags and their help, eval's grid
+parsing, the server's validation and every "unknown method" message read `METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lynx_exit.engine.types import Decision, ExitPolicy, Step
+
+if TYPE_CHECKING:
+    from lynx_exit.models import LoadedModel
+
+
+class BasePolicy:
+    """Defaults for the `ExitPolicy` attributes a method does not use."""
+
+    name: str = ""
+    feature_spec: Any = None
+    scorer: Any = None
+    banned_token_ids: frozenset[int] = frozenset()
+    trial_tokens: int = 0
+
+    def reset(self) -> None:
+        self.trial_tokens = 0
+
+    def observe(self, step: Step) -> Decision:
+        return Decision.CONTINUE
+
+
+def first_exit(policy: ExitPolicy, steps: Iterable[Step]) -> int | None:
+    """Offline replay: index of the first step of a recorded trajectory where `policy` exits."""
+    policy.reset()
+    for step in steps:
+        if step.phase == "think" and policy.observe(step) is Decision.EXIT:
+            return step.index
+    return None
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The one setting that traces a method's curve (δ, λ, a budget, an interval)."""
+
+    name: str  # option name: the builder's keyword, the server's `exit` field
+    flag: str  # single value, e.g. generate's --delta
+    grid_flag: str  # comma-separated values, e.g. eval's --deltas
+    parse: Callable[[str], dict[str, Any]]  # one value as typed -> options (the knob under `name`)
+    help: str
+    default: str | None = None  # for `flag`
+    default_grid: str = ""  # for `grid_flag`
+
+    def parse_value(self, text: str, source: str) -> dict[str, Any]:
+        try:
+            return self.parse(text.strip())
+        except ValueError as exc:
+            raise ValueError(f"{source}: bad {self.name} {text.strip()!r}: {exc}") from exc
+
+
+@dataclass
+class MethodContext:
+    """What a method may need to build itself: the model and the shared, loaded artifacts."""
+
+    lm: LoadedModel | None = None
+    probe: str | None = None  # probe folder for the LYNX methods
+    shared: dict[str, Any] = field(default_factory=dict)  # loaded once per context (probes, banned ids)
+
+    def need_lm(self, method: str) -> LoadedModel:
+        if self.lm is None:
+            raise ValueError(f"exit method {method!r} needs the model to build itself")
+        return self.lm
+
+
+@dataclass(frozen=True)
+class ExitMethod:
+    name: str
+    summary: str
+    build: Callable[[MethodContext, dict[str, Any]], ExitPolicy]
+    knob: Knob | None = None
+    fixed: tuple[tuple[str, Any], ...] = ()  # options this name pins (e.g. lynx-harm: mode=harm)
+    options: tuple[str, ...] = ()  # further options it accepts besides the knob
+    needs_probe: bool = False
+
+
+METHODS: dict[str, ExitMethod] = {}
+
+
+def register(method: ExitMethod) -> None:
+    if method.name in METHODS:
+        raise ValueError(f"exit method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> ExitMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown exit method {name!r}; choose from {', '.join(method_names())}")
+    return METHODS[name]
+
+
+def knobs() -> list[Knob]:
+    """Every distinct knob, once (methods may share one: the LYNX variants all take δ)."""
+    seen: dict[str, Knob] = {}
+    for name in method_names():
+        knob = METHODS[name].knob
+        if knob is not None and knob.name not in seen:
+            seen[knob.name] = knob
+    return list(seen.values())
+
+
+def make_policy(name: str, context: MethodContext | None = None, **options: Any) -> ExitPolicy:
+    """Build a registered method; `options` are its knob and options by name."""
+    method = get_method(name)
+    context = context or MethodContext()
+    allowed = {method.knob.name} if method.knob else set()
+    allowed |= set(method.options)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"exit method {name!r} takes {sorted(allowed) or 'no options'}, got {unknown}")
+    if method.knob is not None and method.knob.name not in options:
+        raise ValueError(f"exit method {name!r} needs {method.knob.name} ({method.knob.flag})")
+    if method.needs_probe and context.probe is None:
+        raise ValueError(f"exit method {name!r} needs a probe (--probe DIR)")
+    return method.build(context, {**options, **dict(method.fixed)})
+
+
+@dataclass(frozen=True)
+class MethodSetting:
+    """One point on a method's curve."""
+
+    method: str
+    knob: float | None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.method if self.knob is None else f"{self.method}@{self.knob:g}"
+
+
+def parse_methods(methods: Sequence[str], grids: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> list[MethodSetting]:
+    """Expand method names into settings, one per value of their knob's grid.
+
+    `grids` maps a knob name to its comma-separated values (eval's --deltas, --budgets, ...);
+    `extra` holds options given once for every method that accepts them (e.g. lynx's mode).
+    """
+    grids, extra = grids or {}, extra or {}
+    out: list[MethodSetting] = []
+    for name in methods:
+        method = get_method(name)
+        fixed = {k: v for k, v in extra.items() if k in method.options and k not in dict(method.fixed)}
+        if method.knob is None:
+            out.append(MethodSetting(name, None, tuple(sorted(fixed.items()))))
+            continue
+        knob = method.knob
+        values = [v for v in grids.get(knob.name, "").split(",") if v.strip()]
+        if not values:
+            raise ValueError(f"method {name} needs at least one setting ({knob.grid_flag})")
+        for value in values:
+            options = {**fixed, **knob.parse_value(value, knob.grid_flag)}
+            out.append(MethodSetting(name, float(options[knob.name]), tuple(sorted(options.items()))))
+    return out
