@@ -9,9 +9,13 @@ COMMON = ["--model", "reference", "--max-new-tokens", "400", "--batch-size", "12
 
 
 def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
-    assert main(["build-data", "--task", "arith", "--split", "train", "--num-problems", "24", "--out", str(tmp_path / "tr"), *COMMON]) == 0
-    assert main(["build-data", "--task", "arith", "--split", "calib", "--num-problems", "24", "--out", str(tmp_path / "ca"), *COMMON]) == 0
+    # Non-default layers (the reference model's default is 1,2,3,4): generate and eval must use the probe's own.
+    layers = ["--layers", "2,4"]
+    for split, folder in (("train", "tr"), ("calib", "ca")):
+        assert main(["build-data", "--task", "arith", "--split", split, "--num-problems", "24", "--out", str(tmp_path / folder),
+                     *COMMON, *layers]) == 0
     assert main(["train", "--data", str(tmp_path / "tr"), "--out", str(tmp_path / "probe"), "--epochs", "30"]) == 0
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["feature_spec"]["layers"] == [2, 4]
     assert main(["calibrate", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "ca"), "--deltas", "0.3,0.5"]) == 0
     conformal = json.loads((tmp_path / "probe" / "conformal.json").read_text())
     assert [row["delta"] for row in conformal["event"]] == [0.3, 0.5]
@@ -32,6 +36,8 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     assert {row["setting"] for row in summary["settings"]} == {
         "never", "token-budget@100", "lynx@0.5", "lynx-harm@0.5", "deer@0.9", "dynasor@48", "nowait"}
     assert summary["probe_training_task"] == "arith" and (out / "pareto.png").exists()
+    assert main(["generate", "--exit", "deer", question]) == 2
+    assert "--exit deer needs --threshold" in capsys.readouterr().err
 
 
 def test_demo_smoke(tmp_path):

@@ -166,7 +166,7 @@ def _build_chunk(
         )
     shard = f"shard-{chunk[0][0]:06d}.safetensors"
     if vectors:
-        save_file({"features": torch.stack(vectors).contiguous()}, str(out_dir / "features" / shard))
+        save_file({"features": torch.stack(vectors).cpu().contiguous()}, str(out_dir / "features" / shard))
     event_records, rollout_records = [], []
     per_row_events: dict[int, int] = {}
     for shard_row, (event, forced) in enumerate(zip(pending, answers, strict=True)):

@@ -153,12 +153,14 @@ class TransformersBackend:
         self._capture = HiddenStateCapture(self.model, layers) if layers else None
         self.layers = layers
 
+    @torch.inference_mode()
     def drop_last(self, request_id: int) -> None:
         row = self.rows[request_id]
         self.mask[row, -1] = 0
         self.lengths[row] -= 1
         self._dropped[row] = self._dropped.get(row, 0) + 1
 
+    @torch.inference_mode()
     def release(self, request_id: int) -> None:
         row = self.rows.pop(request_id)
         self.mask[row] = 0
@@ -228,6 +230,7 @@ class TransformersBackend:
         self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
         self._starts = {row: start + extra for row, start in self._starts.items()}
 
+    @torch.inference_mode()
     def compact(self) -> None:
         """Drop rows no request uses and leading columns no request attends to."""
         used = sorted(self.rows.values())
