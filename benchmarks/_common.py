@@ -30,3 +30,19 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     print(json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def never_exit_probe(lm: Any, folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised probe in `lm`'s default feature space whose calibration never exits.
+
+    Scoring costs exactly what a trained probe costs; never exiting keeps both sides of a
+    throughput comparison at the same number of tokens.
+    """
+    from lynx_exit.probe import Probe, save_probe
+
+    spec = lm.feature_spec()
+    torch.manual_seed(seed)
+    save_probe(folder, Probe(spec.feature_dim), spec, {"training_task": "none (random weights, for timing)"})
+    never = {"delta": 0.05, "q_pos": 0.0, "q_neg": "inf", "n_pos": 0, "n_neg": 0}
+    (folder / "conformal.json").write_text(json.dumps({"event": [never], "trajectory": [], "harm": []}))
+    return folder

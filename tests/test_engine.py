@@ -87,7 +87,7 @@ def test_abort_frees_the_row_and_leaves_the_others_unchanged(tiny_lm):
 
 @dataclass
 class Recorder(BasePolicy):
-    """Keeps the features it is given and never exits."""
+    """Keeps the features it is given (at cue steps; none elsewhere) and never exits."""
 
     feature_spec: object = None
     scorer: object = None
@@ -95,7 +95,9 @@ class Recorder(BasePolicy):
     seen: list = field(default_factory=list)
 
     def observe(self, step):
-        self.seen.append(step.features.clone())
+        assert (step.features is None) == (step.cue is None)
+        if step.features is not None:
+            self.seen.append(step.features.clone())
         return Decision.CONTINUE
 
 
@@ -103,11 +105,12 @@ def test_each_policy_gets_exactly_its_own_layers(tiny_lm):
     prompt = tiny_lm.prompt_ids(TEXTS[0])
     narrow, wide = Recorder(tiny_lm.feature_spec([2])), Recorder(tiny_lm.feature_spec([0, 3]))
     engine = Engine(tiny_lm, max_batch_size=2)
-    engine.add_request(prompt, CONFIG, narrow, seed=5)
-    engine.add_request(prompt, CONFIG, wide, seed=5)
+    engine.add_request(prompt, FREQUENT_CUES, narrow, seed=5)
+    engine.add_request(prompt, FREQUENT_CUES, wide, seed=5)
     list(engine.stream())
     for policy, layers in ((narrow, (2,)), (wide, (0, 3))):
-        recorded = [s.features for s in DecodeLoop(tiny_lm, [prompt], CONFIG, layers=layers, seeds=[5]).steps() if s.phase == "think"]
+        loop = DecodeLoop(tiny_lm, [prompt], FREQUENT_CUES, layers=layers, seeds=[5])
+        recorded = [s.features for s in loop.steps() if s.phase == "think" and s.cue]
         assert len(policy.seen) == len(recorded) > 0
         for got, want in zip(policy.seen, recorded, strict=True):
             assert got.shape == (len(layers) * 36,)

@@ -279,9 +279,12 @@ class HiddenStateCapture:
 
         return hook
 
-    def features(self) -> torch.Tensor:
-        """[batch, len(layers) * hidden] float32 of the last forward pass."""
-        return torch.cat([self._latest[layer] for layer in self.layers], dim=-1).float()
+    def features(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, len(layers) * hidden] float32 of the last forward pass (only `rows`, if given)."""
+        states = [self._latest[layer] for layer in self.layers]
+        if rows is not None:
+            states = [s.index_select(0, rows) for s in states]
+        return torch.cat(states, dim=-1).float()
 
     def close(self) -> None:
         for handle in self._handles:

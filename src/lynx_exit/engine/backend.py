@@ -7,8 +7,8 @@ What another inference engine would have to provide to stand behind this protoco
 - `prefill`/`decode` as one scheduler step each, returning the last position's logits of
   every request it was given, in the order given; requests keep their own KV cache between
   steps until `release`.
-- `capture(layers)` + the `[n, len(layers) * hidden]` features of `decode`: the hidden state
-  of the token just read at those layers. vLLM exposes no per-step intermediate hidden
+- `capture(layers)` + `hidden_states(ids)`: the hidden state of the token each request just
+  read, at those layers, for the requests asked (`[n, len(layers) * hidden]`). vLLM exposes no per-step intermediate hidden
   states: it would need a plugin model class that reads those layers inside its forward pass
   (and could score the LYNX probe there), plus a logits processor that forces the exit cue.
 - `drop_last`: forget the most recent token of one request (the cue token at an exit).
@@ -36,15 +36,16 @@ class Backend(Protocol):
         """Read each prompt into a new request's cache; returns last-position logits [n, vocab]."""
         ...
 
-    def decode(self, request_ids: Sequence[int], token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed one token to each request in one forward pass.
-
-        Returns logits [n, vocab] and, if layers are captured, features [n, len(layers) * hidden].
-        """
+    def decode(self, request_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        """Feed one token to each request in one forward pass; returns logits [n, vocab]."""
         ...
 
     def capture(self, layers: Sequence[int]) -> None:
-        """Hidden-state layers `decode` returns from now on (output_hidden_states index convention)."""
+        """Hidden-state layers to keep from each `decode` from now on (output_hidden_states index convention)."""
+        ...
+
+    def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
+        """Float32 hidden states [n, len(layers) * hidden] of the token each request read in the last `decode`."""
         ...
 
     def drop_last(self, request_id: int) -> None:
@@ -124,7 +125,7 @@ class TransformersBackend:
         return logits
 
     @torch.inference_mode()
-    def decode(self, request_ids: Sequence[int], token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def decode(self, request_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         num_rows = self.mask.shape[0]
         rows = [self.rows[r] for r in request_ids]
         feed = torch.full((num_rows,), self.pad_id, dtype=torch.long)
@@ -137,12 +138,15 @@ class TransformersBackend:
         self.mask = torch.cat([self.mask, column[:, None]], dim=1)
         self.lengths = self.lengths + column
         logits = self._forward(feed[:, None], self.mask, positions, self.cache)
-        features = self._capture.features() if self._capture is not None else None
         if rows != list(range(num_rows)):  # only the requests asked for, in their order
-            index = row_index.to(self.device)
-            logits = logits.index_select(0, index)
-            features = features.index_select(0, index) if features is not None else None
-        return logits, features
+            logits = logits.index_select(0, row_index.to(self.device))
+        return logits
+
+    def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
+        if self._capture is None:
+            raise RuntimeError("no hidden-state layers are captured")
+        index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)
+        return self._capture.features(index)
 
     def capture(self, layers: Sequence[int]) -> None:
         layers = tuple(layers)

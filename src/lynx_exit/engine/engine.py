@@ -62,6 +62,7 @@ class _Request:
     generator: torch.Generator | None
     policy: ExitPolicy | None
     layers: tuple[int, ...]  # hidden-state layers this request reads ((): none)
+    every_step: bool  # features at every thinking step (asked with `feature_layers`), else at cues only
     detok: IncrementalDetokenizer
     detector: CueDetector
     exit_cue_ids: list[int]
@@ -116,8 +117,8 @@ class Engine:
     ) -> int:
         """Queue a request; returns its id. It joins the batch at the next `step` with a free row.
 
-        `seed` defaults to `config.seed`; `feature_layers` asks for `Step.features` without a
-        policy (a policy's own `feature_spec` decides otherwise). A policy whose feature space
+        `seed` defaults to `config.seed`. A policy's `Step.features` (its own `feature_spec`
+        layers) come at cue steps; `feature_layers` asks for them at every thinking step. A policy whose feature space
         does not match this model is refused here, with both sides named.
         """
         config = config or GenerationConfig()
@@ -142,6 +143,7 @@ class Engine:
             generator=generator,
             policy=policy,
             layers=layers,
+            every_step=bool(feature_layers),
             detok=IncrementalDetokenizer(self.lm.tokenizer),
             detector=CueDetector(
                 _cue_pattern(config.cue_words, config.cue_regex), think_end=self.lm.profile.think_end, max_cue_chars=max_cue_chars
@@ -242,10 +244,9 @@ class Engine:
         steps, self._outbox = self._outbox, []
         fed = [self._requests[r] for r in self._running if self._requests[r].feed >= 0]
         admitted = self._admit()
-        parts, features = [], None
+        parts = []
         if fed:
-            logits, features = self.backend.decode([r.request_id for r in fed], [r.feed for r in fed])
-            parts.append(logits)
+            parts.append(self.backend.decode([r.request_id for r in fed], [r.feed for r in fed]))
         if admitted:
             parts.append(self.backend.prefill([r.request_id for r in admitted], [r.prompt_ids for r in admitted]))
         if not parts:
@@ -263,7 +264,7 @@ class Engine:
         for request, token_id in zip(admitted, token_ids[len(fed) :], strict=True):
             request.started, request.index = now, -1  # `_next` makes the first token index 0
             steps += self._next(request, token_id)
-        steps += self._advance_all(fed, token_ids[: len(fed)], features)
+        steps += self._advance_all(fed, token_ids[: len(fed)])
         self._after_step()
         return steps
 
@@ -295,31 +296,36 @@ class Engine:
             token_ids += sorted(banned)
         mask_tokens(logits, rows, token_ids)
 
-    def _advance_all(self, fed: list[_Request], token_ids: list[int], features: torch.Tensor | None) -> list[Step]:
-        """Read the tokens just fed: text, cues, batched scores, policy decisions, next inputs."""
+    def _advance_all(self, fed: list[_Request], token_ids: list[int]) -> list[Step]:
+        """Read the tokens just fed: text, cues, features, batched scores, policy decisions, next inputs."""
         steps: list[Step] = []
-        deciding: list[tuple[_Request, Step, int]] = []
-        for row, (request, candidate) in enumerate(zip(fed, token_ids, strict=True)):
+        reads: list[tuple[_Request, Step, int]] = []
+        for request, candidate in zip(fed, token_ids, strict=True):
             if request.finish_reason is not None:  # aborted while its token was in flight
                 continue
             if request.phase in ("think", "answer"):
-                step = self._read(request, candidate, features, row)
-                if step.phase == "think" and request.policy is not None:
-                    deciding.append((request, step, candidate))
-                    continue
-                steps.append(step)
-                steps += self._next(request, candidate)
+                reads.append((request, self._read(request, candidate), candidate))
             else:
                 steps += self._forced(request, candidate)
-        self._score(deciding)
-        for request, step, candidate in deciding:
-            if request.policy.observe(step) is Decision.EXIT:  # type: ignore[union-attr]
+        self._attach_features(reads)
+        self._score(reads)
+        for request, step, candidate in reads:
+            if step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT:
                 candidate = self._exit(request, step)
             steps.append(step)
             steps += self._next(request, candidate)
         return steps
 
-    def _read(self, request: _Request, candidate: int, features: torch.Tensor | None, row: int) -> Step:
+    def _attach_features(self, reads: list[tuple[_Request, Step, int]]) -> None:
+        """Hidden states of the steps that need them, read from the backend in one call."""
+        wanted = [(r, s) for r, s, _ in reads if s.phase == "think" and r.layers and (r.every_step or s.cue is not None)]
+        if not wanted:
+            return
+        states = self.backend.hidden_states([r.request_id for r, _ in wanted])  # [n, len(union) * hidden]
+        for i, (request, step) in enumerate(wanted):
+            step.features = states[i] if request.feature_columns is None else states[i, request.feature_columns]
+
+    def _read(self, request: _Request, candidate: int) -> Step:
         token, index = request.feed, request.index
         request.kept_ids.append(token)
         delta = request.detok.push(token)
@@ -333,17 +339,15 @@ class Engine:
             request.cue_indices.append(index)
         step = Step(request_id=request.request_id, index=index, token_id=token, text=delta, phase="think" if thinking else "answer", cue=cue)
         if thinking:
-            if features is not None and request.layers:
-                step.features = features[row] if request.feature_columns is None else features[row, request.feature_columns]
             step.fork = self._fork_callback(request, drop_current=cue is not None)
         return step
 
-    def _score(self, deciding: list[tuple[_Request, Step, int]]) -> None:
+    def _score(self, reads: list[tuple[_Request, Step, int]]) -> None:
         """Score the features of every cue step that has a scorer, one call per scorer."""
         groups: dict[int, list[Step]] = {}
         scorers = {}
-        for request, step, _ in deciding:
-            scorer = request.policy.scorer  # type: ignore[union-attr]
+        for request, step, _ in reads:
+            scorer = request.policy.scorer if request.policy is not None else None
             if step.cue is not None and step.features is not None and scorer is not None:
                 groups.setdefault(id(scorer), []).append(step)
                 scorers[id(scorer)] = scorer

@@ -45,7 +45,7 @@ class Step:
     text: str  # text this token adds (may be "" for a partial multi-byte character)
     phase: Phase  # "answer" = after a natural end of thinking; "end" = a closing step without a token
     cue: str | None = None  # cue word this token completes
-    features: torch.Tensor | None = None  # [feature_dim] float32 hidden state of this token (the policy's layers)
+    features: torch.Tensor | None = None  # [feature_dim] float32 hidden state of this token: at cues for a policy, every step if asked
     score: float | None = None  # the policy's batched score of `features` at a cue (e.g. LYNX's P(safe))
     exit: bool = False  # the policy exited here (a cue token here is dropped from the output)
     finish_reason: FinishReason | None = None  # on the request's last step
@@ -73,7 +73,7 @@ class ExitPolicy(Protocol):
     Everything the engine and the evaluation harness read from a policy is declared here:
     - `feature_spec`: the hidden-state layers it reads (None: no features). The engine hooks
       them, checks them against the model when the request is added, and gives the policy
-      exactly these layers in `Step.features`.
+      exactly these layers in `Step.features` at every cue step (LYNX scores only cues).
     - `scorer`: if set, the engine scores the features of all cue steps of one decode step in
       one batched call and puts each result in `Step.score` before `observe`.
     - `banned_token_ids`: tokens masked out while thinking (NoWait-style logit bias).
