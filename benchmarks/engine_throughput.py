@@ -83,10 +83,9 @@ def run_generate(lm: LoadedModel, prompts: list[list[int]], tokens: int) -> int:
     return int(out[:, width:].numel())
 
 
-def run_engine(lm: LoadedModel, prompts: list[list[int]], config: GenerationConfig, probe: Path | None) -> tuple[int, int]:
+def run_engine(lm: LoadedModel, prompts: list[list[int]], config: GenerationConfig, context: MethodContext | None) -> tuple[int, int]:
     policies = None
-    if probe is not None:
-        context = MethodContext(lm=lm, probe=str(probe))
+    if context is not None:  # the probe is loaded once per context, as a server would hold it
         policies = [make_policy("lynx", context, delta=0.05) for _ in prompts]
     loop = DecodeLoop(lm, prompts, config, policies=policies)
     cues = sum(step.cue is not None for step in loop.steps())
@@ -96,10 +95,11 @@ def run_engine(lm: LoadedModel, prompts: list[list[int]], config: GenerationConf
 def bench(lm: LoadedModel, batch: int, tokens: int, repeats: int, probe: Path, cue_options: dict[str, Any]) -> dict[str, Any]:
     prompts = _prompts(lm, batch)
     config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0, **cue_options)
+    context = MethodContext(lm=lm, probe=str(probe))
     sides = {
         "generate": lambda: (run_generate(lm, prompts, tokens), 0),
         "engine": lambda: run_engine(lm, prompts, config, None),
-        "engine_lynx": lambda: run_engine(lm, prompts, config, probe),
+        "engine_lynx": lambda: run_engine(lm, prompts, config, context),
     }
     seconds = dict.fromkeys(sides, 0.0)
     produced = dict.fromkeys(sides, 0)

@@ -57,6 +57,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self._peeked: tuple[tuple[int, int], str] | None = None  # the last peek, reused by the next push
+        self._prefix_text: tuple[tuple[int, int], str] | None = None  # text of ids[prefix:read], per offsets
 
     def push(self, token_id: int) -> str:
         """Commit `token_id` and return the text it adds."""
@@ -74,7 +75,10 @@ class IncrementalDetokenizer:
         if self._peeked is not None and self._peeked[0] == key:
             return self._peeked[1]
         ids = self.token_ids[self._prefix_offset :] + [token_id]
-        prefix_text = self._decode(ids[: self._read_offset - self._prefix_offset])
+        offsets = (self._prefix_offset, self._read_offset)
+        if self._prefix_text is None or self._prefix_text[0] != offsets:  # changes only when text was emitted
+            self._prefix_text = (offsets, self._decode(ids[: self._read_offset - self._prefix_offset]))
+        prefix_text = self._prefix_text[1]
         full_text = self._decode(ids)
         delta = "" if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text) else full_text[len(prefix_text) :]
         self._peeked = (key, delta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -112,6 +113,11 @@ class LoadedModel:
     model_id: str
     profile: ModelProfile = field(default_factory=ModelProfile)
 
+    @functools.cached_property
+    def tokenizer_digest(self) -> str:
+        """`tokenizer_hash` of this model's tokenizer, computed once (it serialises the vocabulary)."""
+        return tokenizer_hash(self.tokenizer)
+
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
@@ -128,7 +134,7 @@ class LoadedModel:
         return FeatureSpec(
             model_id=self.model_id,
             layers=tuple(chosen),
-            tokenizer_hash=tokenizer_hash(self.tokenizer),
+            tokenizer_hash=self.tokenizer_digest,
             hidden_size=int(self.model.config.hidden_size),
         )
 

@@ -338,7 +338,7 @@ class Engine:
         if cue is not None:
             request.cue_indices.append(index)
         step = Step(request_id=request.request_id, index=index, token_id=token, text=delta, phase="think" if thinking else "answer", cue=cue)
-        if thinking:
+        if thinking and request.policy is not None:
             step.fork = self._fork_callback(request, drop_current=cue is not None)
         return step
 

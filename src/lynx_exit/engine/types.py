@@ -35,7 +35,7 @@ class ForcedAnswer:
     mean_prob: float
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One token of one request, reported after the model has read it."""
 
