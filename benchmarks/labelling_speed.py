@@ -11,7 +11,7 @@ import time
 import torch
 from _common import write_result
 
-from lynx_exit.engine import DecodeLoop, GenerationConfig, forced_answers
+from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.models import load_model
 from lynx_exit.reference import as_task_problems, make_problems
 from lynx_exit.tasks import load_task
@@ -35,16 +35,13 @@ def main() -> None:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=0.6, seed=0, answer_max_tokens=args.answer_tokens, cue_regex=args.cue_regex
     )
-    loop = DecodeLoop(lm, prompts, config)
+    loop = DecodeLoop(lm, prompts, config, hold=True)  # keep the caches for the forced exits
     results = loop.run()
-    width = max(len(p) for p in prompts)
     events = [(row, index) for row, r in enumerate(results) for index in r.cue_indices]
     cue_ids = lm.exit_cue_ids()
 
     start = time.perf_counter()
-    batched = forced_answers(
-        lm, loop.cache, loop.attention_mask, [r for r, _ in events], [width + i for _, i in events], cue_ids, args.answer_tokens
-    )
+    batched = loop.engine.forced_answers(events, cue_ids, args.answer_tokens)
     batched_s = time.perf_counter() - start
 
     start = time.perf_counter()

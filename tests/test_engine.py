@@ -103,15 +103,18 @@ class Recorder(BasePolicy):
 
 def test_each_policy_gets_exactly_its_own_layers(tiny_lm):
     prompt = tiny_lm.prompt_ids(TEXTS[0])
-    narrow, wide = Recorder(tiny_lm.feature_spec([2])), Recorder(tiny_lm.feature_spec([0, 3]))
+    layer_sets = [(2,), (0, 3), (1,), (1, 2, 3), (3,)]
+    lengths = [6, 20, 9, 20, 14]  # requests end at different steps, so others join while cue rows are read
+    configs = [GenerationConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.9, cue_regex=r"[\s\S]") for n in lengths]
+    policies = [Recorder(tiny_lm.feature_spec(layers)) for layers in layer_sets]
     engine = Engine(tiny_lm, max_batch_size=2)
-    engine.add_request(prompt, FREQUENT_CUES, narrow, seed=5)
-    engine.add_request(prompt, FREQUENT_CUES, wide, seed=5)
+    for i, (policy, config) in enumerate(zip(policies, configs, strict=True)):
+        engine.add_request(prompt, config, policy, seed=5 + i)
     list(engine.stream())
-    for policy, layers in ((narrow, (2,)), (wide, (0, 3))):
-        loop = DecodeLoop(tiny_lm, [prompt], FREQUENT_CUES, layers=layers, seeds=[5])
+    for i, (policy, layers, config) in enumerate(zip(policies, layer_sets, configs, strict=True)):
+        loop = DecodeLoop(tiny_lm, [prompt], config, layers=layers, seeds=[5 + i])
         recorded = [s.features for s in loop.steps() if s.phase == "think" and s.cue]
-        assert len(policy.seen) == len(recorded) > 0
+        assert len(policy.seen) == len(recorded) > 2
         for got, want in zip(policy.seen, recorded, strict=True):
             assert got.shape == (len(layers) * 36,)
             torch.testing.assert_close(got, want)

@@ -280,14 +280,19 @@ class HiddenStateCapture:
 
     def _make_hook(self, layer: int) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            self._latest[layer] = hidden[:, -1, :]  # [batch, hidden]
+            # Keep a reference only (no slicing on the hot path): `features` slices what it needs.
+            self._latest[layer] = output[0] if isinstance(output, tuple) else output  # [batch, seq, hidden]
 
         return hook
 
-    def features(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[batch, len(layers) * hidden] float32 of the last forward pass (only `rows`, if given)."""
-        states = [self._latest[layer] for layer in self.layers]
+    def snapshot(self) -> dict[int, torch.Tensor]:
+        """The last forward pass's states by layer (references, no copy): later passes do not change it."""
+        return dict(self._latest)
+
+    def features(self, rows: torch.Tensor | None = None, snapshot: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """[batch, len(layers) * hidden] float32 of the last forward pass or of `snapshot` (only `rows`, if given)."""
+        latest = self._latest if snapshot is None else snapshot
+        states = [latest[layer][:, -1, :] for layer in self.layers]
         if rows is not None:
             states = [s.index_select(0, rows) for s in states]
         return torch.cat(states, dim=-1).float()

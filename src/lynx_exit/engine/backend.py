@@ -99,6 +99,8 @@ class TransformersBackend:
         self._starts: dict[int, int] = {}  # batch row -> first column it attends (host copy)
         self._dropped: dict[int, int] = {}  # batch row -> columns masked out after its start
         self._capture: HiddenStateCapture | None = None
+        self._decoded: dict[int, torch.Tensor] = {}  # the last decode's hidden states by layer
+        self._decoded_rows: dict[int, int] = {}  # request id -> row in that decode
         self.layers: tuple[int, ...] = ()
 
     # -- model calls ---------------------------------------------------------------------------
@@ -138,15 +140,18 @@ class TransformersBackend:
         self.mask = torch.cat([self.mask, column[:, None]], dim=1)
         self.lengths = self.lengths + column
         logits = self._forward(feed[:, None], self.mask, positions, self.cache)
+        # Keep this pass's states: a prefill or a fork later in the same engine step runs the hooks again.
+        self._decoded = self._capture.snapshot() if self._capture is not None else {}
+        self._decoded_rows = dict(self.rows)
         if rows != list(range(num_rows)):  # only the requests asked for, in their order
             logits = logits.index_select(0, row_index.to(self.device))
         return logits
 
     def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
-        if self._capture is None:
-            raise RuntimeError("no hidden-state layers are captured")
-        index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)
-        return self._capture.features(index)
+        if self._capture is None or not self._decoded:
+            raise RuntimeError("no hidden-state layers were captured by the last decode")
+        index = torch.tensor([self._decoded_rows[r] for r in request_ids], device=self.device)
+        return self._capture.features(index, self._decoded)
 
     def capture(self, layers: Sequence[int]) -> None:
         layers = tuple(layers)
