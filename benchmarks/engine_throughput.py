@@ -114,16 +114,21 @@ def bench(lm: LoadedModel, batch: int, tokens: int, repeats: int, probe: Path, c
             if repeat:
                 rates[name].append(count / (time.perf_counter() - start))
                 cues += scored if name == "engine_lynx" else 0
-    # The median of interleaved runs: a shared 2-core machine has bursts that a sum would keep.
+    # Medians of interleaved runs, and ratios paired within each repeat (the sides ran back to back):
+    # a shared 2-core machine has bursts of ±15 % that a sum or unpaired ratio would keep.
     tps = {name: statistics.median(values) for name, values in rates.items()}
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+
     return {
         "batch": batch,
         "new_tokens_per_row": tokens,
         "generate_tokens_per_s": round(tps["generate"], 2),
         "engine_tokens_per_s": round(tps["engine"], 2),
         "engine_lynx_tokens_per_s": round(tps["engine_lynx"], 2),
-        "engine_vs_generate_ratio": round(tps["engine"] / tps["generate"], 3),
-        "lynx_vs_no_policy_ratio": round(tps["engine_lynx"] / tps["engine"], 3),
+        "engine_vs_generate_ratio": round(paired("engine", "generate"), 3),
+        "lynx_vs_no_policy_ratio": round(paired("engine_lynx", "engine"), 3),
         "cues_scored_per_run": cues / repeats,
         "engine_step_ms": round(1000 * batch / tps["engine"], 3),
         "repeats": repeats,
@@ -147,18 +152,19 @@ def main() -> None:
     parser.add_argument("--models", default="reference,smollm2")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--tokens", default="reference=128,smollm2=32", help="new tokens per row, per model (MODEL=N,...)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", default="reference=15,smollm2=5", help="timed runs per side, per model (MODEL=N,...)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="engine_throughput")
     args = parser.parse_args()
     tokens = {k: int(v) for k, v in (item.split("=") for item in args.tokens.split(","))}
+    repeats = {k: int(v) for k, v in (item.split("=") for item in args.repeats.split(","))}
     results = []
     for name in args.models.split(","):
         lm = random_r1_distill(args.device) if name == "r1-distill-1.5b-random" else load_model(name, device=args.device)
         with tempfile.TemporaryDirectory() as tmp:
             probe = never_exit_probe(lm, Path(tmp) / "probe")
             for batch in (int(b) for b in args.batches.split(",")):
-                row = bench(lm, batch, tokens.get(name, 32), args.repeats, probe, CUES.get(name, {}))
+                row = bench(lm, batch, tokens.get(name, 32), repeats.get(name, 5), probe, CUES.get(name, {}))
                 row.update(model=name, layers_scored=list(lm.feature_spec().layers), cue_options=CUES.get(name, {}))
                 row["memory_bandwidth_share"] = bandwidth_share(lm, row)
                 results.append(row)

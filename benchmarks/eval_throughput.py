@@ -12,7 +12,8 @@ from pathlib import Path
 from _common import write_result
 
 from lynx_exit.engine import GenerationConfig
-from lynx_exit.evaluate import MethodSetting, run_eval
+from lynx_exit.evaluate import run_eval
+from lynx_exit.exits import MethodSetting
 from lynx_exit.models import load_model
 from lynx_exit.reference import as_task_problems, make_problems
 
@@ -29,14 +30,15 @@ def main() -> None:
     generation = GenerationConfig(max_new_tokens=400, temperature=0.6, seed=5)
     settings = {
         "never": MethodSetting("never", None),
-        "lynx": MethodSetting("lynx", args.delta, (("probe_dir", args.probe), ("delta", args.delta), ("mode", "event"))),
+        "lynx": MethodSetting("lynx", args.delta, (("delta", args.delta), ("mode", "event"))),
     }
     rows = []
     for setting in settings.values():
         for batch in [int(b) for b in args.batches.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                summary = run_eval(lm, problems, [setting], generation, Path(tmp), batch_size=batch, progress=False)
+                summary = run_eval(lm, problems, [setting], generation, Path(tmp), batch_size=batch, progress=False,
+                                   probe=args.probe)
                 elapsed = time.perf_counter() - start
             row = summary["settings"][0]
             rows.append(

@@ -31,25 +31,33 @@ def main() -> None:
             out.append(f"\n### {title} (from `benchmarks/results/{name}/summary.json`)\n")
             out.append(path.read_text().strip())
             out.append(f"\n![Pareto plot](benchmarks/results/{name}/pareto.png)")
-    dec = load("decode_overhead.json")
+    eng = load("engine_throughput.json")
     out.append("\n### Speed\n")
-    out.append("| benchmark | measured | target |\n|---|---|---|")
-    for row in dec["results"]:
+    out.append(f"`benchmarks/engine_throughput.py` ({eng['device']}; greedy, fixed length, left-padded prompts, median of "
+               "interleaved runs; LYNX scores every cue with a probe calibrated never to exit, so lengths stay equal):\n")
+    out.append("| model | batch | `generate` tokens/s | engine tokens/s | engine ÷ generate | engine + LYNX tokens/s | LYNX ÷ no policy | cues scored per run |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for row in eng["results"]:
         out.append(
-            f"| decode loop vs `model.generate` ({row['model']}, greedy, batch 1) | {row['ours_tokens_per_s']} vs "
-            f"{row['generate_tokens_per_s']} tokens/s = **{row['ratio']}×** | ≥ 0.9× |"
+            f"| {row['model']} | {row['batch']} | {row['generate_tokens_per_s']} | {row['engine_tokens_per_s']} | "
+            f"**{row['engine_vs_generate_ratio']}×** | {row['engine_lynx_tokens_per_s']} | **{row['lynx_vs_no_policy_ratio']}×** | "
+            f"{row['cues_scored_per_run']:g} |"
         )
+    out.append("\n| benchmark | measured | target |\n|---|---|---|")
     lab = load("labelling_speed.json")
     out.append(
         f"| forced-exit labelling, {lab['events']} events | batched from KV cache {lab['batched_s']} s vs one "
         f"`generate` per event {lab['one_by_one_generate_s']} s = **{lab['speedup']}×** (answers agree "
         f"{lab['answers_agree']}) | ≥ 5× |"
     )
-    probe = load("probe_overhead.json")
-    out.append(
-        f"| probe + cue check in the online loop | **{100 * probe['policy_plus_cue_check_fraction']:.2f} %** of decode time "
-        f"({probe['probe_ms_per_cue']} ms per cue, {probe['mean_step_ms']} ms per step) | < 1 % |"
-    )
+    for name in ("probe_overhead.json", "probe_overhead_smollm2.json"):
+        probe = load(name)
+        cues = f", cues = {probe['cue_regex']!r}" if probe.get("cue_regex") else ""
+        out.append(
+            f"| probe + cue check in the online engine ({probe['model']}{cues}, {probe['cue_events']} cues in "
+            f"{probe['steps']} steps) | **{100 * probe['policy_plus_cue_check_fraction']:.2f} %** of decode time "
+            f"({probe['probe_ms_per_cue']} ms per cue, {probe['mean_step_ms']} ms per step) | < 1 % |"
+        )
     thr = load("eval_throughput.json")
     cells = ", ".join(f"{r['method']} batch {r['batch_size']}: {r['problems_per_s']}/s" for r in thr["results"])
     out.append(f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch 1 |")

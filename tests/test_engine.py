@@ -245,3 +245,18 @@ def test_lynx_end_to_end_on_cuda(tmp_path):
     lm = make_tiny_lm(dtype=torch.float32)
     lm.model.to("cuda")
     _lynx_end_to_end(lm, tmp_path)
+
+
+def test_cache_width_stays_bounded_under_continuous_batching(tiny_lm):
+    """Leading columns of finished requests are trimmed while others wait (the width must not grow with the run)."""
+    prompts = [tiny_lm.prompt_ids(TEXTS[i % len(TEXTS)]) for i in range(10)]
+    config = GenerationConfig(max_new_tokens=12, min_new_tokens=12, temperature=0.9)
+    engine = Engine(tiny_lm, max_batch_size=2)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(prompt, config, seed=i)
+    widths = []
+    while engine.has_unfinished():
+        engine.step()
+        widths.append(engine.backend.mask.shape[1])
+    assert max(widths) <= max(map(len, prompts)) + 12 + 1
+    assert all(engine.result(i).num_generated_tokens == 12 for i in range(10))

@@ -10,54 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lynx_exit.cues import DEFAULT_CUE_WORDS
-from lynx_exit.models import EXIT_CUE_VARIANTS
-
-DEFAULT_MODEL = "reference"
-
-
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias (reference, smollm2), GGUF file, folder or hub id")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", default=None, help="comma-separated hidden-state layers (default: ¼,½,¾ depth + last)")
-
-
-def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--exit-cue", default="boxed", choices=sorted(EXIT_CUE_VARIANTS))
-    parser.add_argument("--answer-max-tokens", type=int, default=64)
-    parser.add_argument("--cue-words", default=",".join(DEFAULT_CUE_WORDS), help="comma-separated cue words")
-    parser.add_argument("--cue-regex", default=None, help="a regex cue instead of words, e.g. '\\n\\n'")
-
-
-def _generation_config(args: argparse.Namespace) -> Any:
-    from lynx_exit.engine import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        exit_cue=args.exit_cue,
-        answer_max_tokens=args.answer_max_tokens,
-        cue_words=tuple(w for w in args.cue_words.split(",") if w.strip()) or DEFAULT_CUE_WORDS,
-        cue_regex=args.cue_regex,
-    )
-
-
-def _layers(args: argparse.Namespace) -> tuple[int, ...] | None:
-    if not args.layers:
-        return None
-    try:
-        return tuple(int(x) for x in args.layers.split(","))
-    except ValueError as exc:
-        raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from exc
+from lynx_exit import cli_pipeline
+from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config, parse_layers
 
 
 def _policy_from_args(args: argparse.Namespace, lm: Any) -> Any:
@@ -84,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lynx_exit.models import load_model
     from lynx_exit.tasks import REASONING_SUFFIX, load_task
 
-    config = _generation_config(args)
+    config = generation_config(args)
     problem = None
     if args.task:
         problems = load_task(args.task, args.data, limit=1, offset=args.index)
@@ -99,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give a prompt or --task NAME [--index I]")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     policy = _policy_from_args(args, lm)
-    layers = _layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
+    layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
     loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers)
     console = Console(highlight=False, soft_wrap=True)
     stream = not args.json
@@ -161,13 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
     gen.add_argument("--no-suffix", action="store_true", help="send the prompt as is, without the step-by-step instruction")
-    _add_model_flags(gen)
-    _add_sampling_flags(gen)
+    add_model_flags(gen)
+    add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
-    from lynx_exit import cli_pipeline
 
-    cli_pipeline.add_commands(sub, _add_model_flags, _add_sampling_flags)
+    cli_pipeline.add_commands(sub)
     return parser
 
 

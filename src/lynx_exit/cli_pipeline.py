@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config, parse_layers
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:
@@ -37,10 +38,9 @@ def _problems(args: argparse.Namespace) -> list[Any]:
 
 def cmd_build_data(args: argparse.Namespace) -> int:
     from lynx_exit.build_data import BuildConfig, build_dataset
-    from lynx_exit.cli import _generation_config, _layers
     from lynx_exit.models import load_model
 
-    generation = _generation_config(args)
+    generation = generation_config(args)
     config = BuildConfig(
         rollouts_per_problem=args.rollouts,
         max_events_per_rollout=args.max_events,
@@ -51,7 +51,7 @@ def cmd_build_data(args: argparse.Namespace) -> int:
     )
     problems = _problems(args)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    spec = lm.feature_spec(_layers(args))
+    spec = lm.feature_spec(parse_layers(args))
     summary = build_dataset(lm, problems, Path(args.out), generation, config, spec, extra_meta={"model": args.model})
     print(json.dumps(summary, indent=2))
     return 0
@@ -96,7 +96,6 @@ def _dest(flag: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lynx_exit.cli import _generation_config
     from lynx_exit.evaluate import markdown_table, run_eval, write_report
     from lynx_exit.exits import knobs, parse_methods
     from lynx_exit.models import load_model
@@ -108,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     out = Path(args.out)
     summary = run_eval(
-        lm, problems, settings, _generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size,
+        lm, problems, settings, generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size,
         probe=args.probe,
     )
     probe_task = None
@@ -149,7 +148,7 @@ def _add_task_flags(parser: argparse.ArgumentParser, task: str, split: str, num_
     parser.add_argument("--batch-size", type=int, default=16, help="rollouts decoded together")
 
 
-def add_commands(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], None], add_sampling_flags: Callable[..., None]) -> None:
+def add_commands(sub: Any) -> None:
     ref = sub.add_parser("train-reference", help="train the small reference reasoning model from scratch")
     ref.add_argument("--out", default=None, help="output folder (default: the package's reference_model/)")
     ref.add_argument("--steps", type=int, default=1600)

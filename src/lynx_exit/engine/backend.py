@@ -69,8 +69,8 @@ class Backend(Protocol):
         """Free a request's cache."""
         ...
 
-    def compact(self) -> None:
-        """Reclaim what released requests left (called when no request is waiting for it)."""
+    def compact(self, drop_rows: bool) -> None:
+        """Reclaim what released requests left; keep free rows for waiting requests unless `drop_rows`."""
         ...
 
 
@@ -240,10 +240,10 @@ class TransformersBackend:
         self._starts = {row: start + extra for row, start in self._starts.items()}
 
     @torch.inference_mode()
-    def compact(self) -> None:
-        """Drop rows no request uses and leading columns no request attends to."""
+    def compact(self, drop_rows: bool) -> None:
+        """Drop leading columns no request attends to and, with `drop_rows`, rows no request uses."""
         used = sorted(self.rows.values())
-        if len(used) < self.mask.shape[0]:
+        if drop_rows and len(used) < self.mask.shape[0]:
             index = torch.tensor(used, dtype=torch.long, device=self.device)
             for layer in self._layers(self.cache):
                 for name in ("keys", "values"):

@@ -421,8 +421,8 @@ class Engine:
             self._freed = True
 
     def _after_step(self) -> None:
-        if self._freed and not self._waiting:  # nobody will take the free rows: make the batch dense again
-            self.backend.compact()
+        if self._freed:  # trim columns now; drop free rows only if no waiting request will take them
+            self.backend.compact(drop_rows=not self._waiting)
             self._freed = False
         if not self._running and self._layers:
             self._update_layers()
