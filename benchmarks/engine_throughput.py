@@ -50,16 +50,15 @@ def random_r1_distill(device: str) -> LoadedModel:
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
-    tokenizer = _byte_tokenizer(config.vocab_size)
+    tokenizer = _byte_tokenizer()
     return LoadedModel(model=model, tokenizer=tokenizer, model_id="r1-distill-1.5b-random", profile=ModelProfile(layers=(9, 16, 28)))
 
 
-def _byte_tokenizer(vocab_size: int) -> Any:
+def _byte_tokenizer() -> Any:
+    """A small byte-level tokenizer: its ids are a subset of the architecture's vocabulary."""
     from lynx_exit.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(PROMPTS * 4, vocab_size=300)
-    tokenizer.model_max_length = vocab_size
-    return tokenizer
+    return train_tokenizer(PROMPTS * 4, vocab_size=300)
 
 
 def _prompts(lm: LoadedModel, batch: int) -> list[list[int]]:

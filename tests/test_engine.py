@@ -260,3 +260,17 @@ def test_cache_width_stays_bounded_under_continuous_batching(tiny_lm):
         widths.append(engine.backend.mask.shape[1])
     assert max(widths) <= max(map(len, prompts)) + 12 + 1
     assert all(engine.result(i).num_generated_tokens == 12 for i in range(10))
+
+
+def test_forward_taps_nest_and_restore_in_any_order(tiny_lm):
+    from lynx_exit.models import HiddenStateCapture
+
+    block = tiny_lm.model.model.layers[0]
+    assert "forward" not in block.__dict__
+    first, second = HiddenStateCapture(tiny_lm.model, (1,)), HiddenStateCapture(tiny_lm.model, (1, 2))
+    first.close()  # closed before the later capture: the later one must keep working
+    ids = torch.tensor([[5, 6, 7]])
+    hidden = tiny_lm.model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(second.features(), torch.cat([hidden[1][:, -1], hidden[2][:, -1]], -1).float())
+    second.close()
+    assert "forward" not in block.__dict__ and "_lynx_exit_taps" not in block.__dict__
