@@ -34,7 +34,8 @@ def main() -> None:
     eng = load("engine_throughput.json")
     out.append("\n### Speed\n")
     out.append(f"`benchmarks/engine_throughput.py` ({eng['device']}; greedy, fixed length, left-padded prompts, median of "
-               "interleaved runs; LYNX scores every cue with a probe calibrated never to exit, so lengths stay equal):\n")
+               "interleaved runs, ratios paired within each repeat; LYNX scores every cue with a probe calibrated never to "
+               "exit, so lengths stay equal). Targets: engine ≥ 1.0× `generate`, LYNX ≥ 0.97× no policy.\n")
     out.append("| model | batch | `generate` tokens/s | engine tokens/s | engine ÷ generate | engine + LYNX tokens/s | LYNX ÷ no policy | cues scored per run |")
     out.append("|---|---|---|---|---|---|---|---|")
     for row in eng["results"]:

@@ -286,12 +286,11 @@ class Engine:
         for row, request in enumerate(batch):
             if request.phase not in ("think", "answer"):
                 continue
-            banned: set[int] = set()
-            if request.phase == "think" and request.policy is not None:
-                banned |= request.policy.banned_token_ids
-            generated = len(request.kept_ids) + (request.feed >= 0)
-            if generated < request.config.min_new_tokens:
-                banned |= self.eos_ids
+            policy_bans = request.policy.banned_token_ids if request.phase == "think" and request.policy is not None else ()
+            no_eos = len(request.kept_ids) + (request.feed >= 0) < request.config.min_new_tokens
+            if not policy_bans and not no_eos:
+                continue
+            banned = set(policy_bans) | (self.eos_ids if no_eos else set())
             rows += [row] * len(banned)
             token_ids += sorted(banned)
         mask_tokens(logits, rows, token_ids)
@@ -468,10 +467,9 @@ class Engine:
         return results
 
     def _fork_callback(self, request: _Request, drop_current: bool) -> Callable[[], ForcedAnswer]:
+        # A partial, not a closure: it is made for every thinking step of every row (hot path).
         keep = len(request.prompt_ids) + len(request.kept_ids) - (1 if drop_current else 0)
-        request_id, cue_ids, limit = request.request_id, request.exit_cue_ids, request.config.answer_max_tokens
+        return functools.partial(self._fork_one, request.request_id, keep, request.exit_cue_ids, request.config.answer_max_tokens)
 
-        def fork() -> ForcedAnswer:
-            return self._fork([(request_id, keep)], cue_ids, limit)[0]
-
-        return fork
+    def _fork_one(self, request_id: int, keep: int, exit_cue_ids: list[int], max_answer_tokens: int) -> ForcedAnswer:
+        return self._fork([(request_id, keep)], exit_cue_ids, max_answer_tokens)[0]
