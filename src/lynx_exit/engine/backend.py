@@ -100,7 +100,6 @@ class TransformersBackend:
         self._dropped: dict[int, int] = {}  # batch row -> columns masked out after its start
         self._capture: HiddenStateCapture | None = None
         self._decoded: dict[int, torch.Tensor] = {}  # the last decode's hidden states by layer
-        self._decoded_rows: dict[int, int] = {}  # request id -> row in that decode
         self.layers: tuple[int, ...] = ()
 
     # -- model calls ---------------------------------------------------------------------------
@@ -142,7 +141,6 @@ class TransformersBackend:
         logits = self._forward(feed[:, None], self.mask, positions, self.cache)
         # Keep this pass's states: a prefill or a fork later in the same engine step runs the hooks again.
         self._decoded = self._capture.snapshot() if self._capture is not None else {}
-        self._decoded_rows = dict(self.rows)
         if rows != list(range(num_rows)):  # only the requests asked for, in their order
             logits = logits.index_select(0, row_index.to(self.device))
         return logits
@@ -150,7 +148,8 @@ class TransformersBackend:
     def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
         if self._capture is None or not self._decoded:
             raise RuntimeError("no hidden-state layers were captured by the last decode")
-        index = torch.tensor([self._decoded_rows[r] for r in request_ids], device=self.device)
+        # Rows move only in `compact`, which the engine calls after the step's reads.
+        index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)
         return self._capture.features(index, self._decoded)
 
     def capture(self, layers: Sequence[int]) -> None:
@@ -176,10 +175,6 @@ class TransformersBackend:
         self.lengths[row] = 0
         self._starts.pop(row, None)
         self._dropped.pop(row, None)
-
-    def num_tokens(self, request_id: int) -> int:
-        """Tokens the request's cache holds (prompt + generated, dropped ones excluded)."""
-        return int(self.lengths[self.rows[request_id]])
 
     # -- cache verbs ---------------------------------------------------------------------------
     def _free_rows(self) -> list[int]:

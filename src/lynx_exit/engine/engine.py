@@ -36,7 +36,7 @@ from lynx_exit.engine.types import (
     Step,
 )
 from lynx_exit.grading import extract_boxed
-from lynx_exit.models import FeatureSpec, LoadedModel
+from lynx_exit.models import LoadedModel
 
 
 def brace_depth(text: str, depth: int) -> int:
@@ -101,7 +101,6 @@ class Engine:
         self._outbox: list[Step] = []  # steps produced outside `step` (aborts)
         self._next_id = 0
         self._layers: tuple[int, ...] = ()  # union of the running requests' layers, as captured
-        self._specs: dict[tuple[int, ...], FeatureSpec] = {}
         self._exit_cues: dict[str, list[int]] = {}
         self._freed = False  # a row was released since the last compaction
 
@@ -158,20 +157,13 @@ class Engine:
         wanted = tuple(feature_layers) if feature_layers else ()
         if policy is None or policy.feature_spec is None:
             if wanted:
-                self.feature_spec(wanted)  # validates the range
+                self.lm.feature_spec(wanted)  # validates the range
             return wanted
         spec = policy.feature_spec
         if wanted and wanted != spec.layers:
             raise ValueError(f"exit method {policy.name!r} reads layers {list(spec.layers)} but layers {list(wanted)} were asked for")
-        spec.check_compatible(self.feature_spec(spec.layers), what=f"exit method {policy.name!r}'s probe")
+        spec.check_compatible(self.lm.feature_spec(spec.layers), what=f"exit method {policy.name!r}'s probe")
         return spec.layers
-
-    def feature_spec(self, layers: Sequence[int]) -> FeatureSpec:
-        """The model's feature spec at `layers` (cached: the tokenizer hash is costly)."""
-        key = tuple(layers)
-        if key not in self._specs:
-            self._specs[key] = self.lm.feature_spec(key)
-        return self._specs[key]
 
     def exit_cue_ids(self, variant: str) -> list[int]:
         if variant not in self._exit_cues:
@@ -300,8 +292,6 @@ class Engine:
         steps: list[Step] = []
         reads: list[tuple[_Request, Step, int]] = []
         for request, candidate in zip(fed, token_ids, strict=True):
-            if request.finish_reason is not None:  # aborted while its token was in flight
-                continue
             if request.phase in ("think", "answer"):
                 reads.append((request, self._read(request, candidate), candidate))
             else:
