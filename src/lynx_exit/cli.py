@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lynx_exit import cli_pipeline
+from lynx_exit import cli_pipeline, cli_serve
 from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config, parse_layers
 
 
@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
-
     cli_pipeline.add_commands(sub)
+    cli_serve.add_command(sub)
     return parser
 
 

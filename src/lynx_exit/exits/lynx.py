@@ -105,7 +105,7 @@ def _build(context: MethodContext, options: dict[str, Any]) -> LynxPolicy:
 DELTA = Knob("delta", "--delta", "--deltas", _delta, "LYNX risk level δ (confidence 1 - δ)", default="0.05",
              default_grid="0.05,0.1,0.2,0.3")
 register(ExitMethod("lynx", "probe at each cue + conformal threshold (mode by --mode)", _build, knob=DELTA,
-                    options=("mode",), needs_probe=True))
+                    options=("mode",), needs_probe=True, choices=(("mode", MODES),)))
 for _mode in MODES:
     register(ExitMethod(f"lynx-{_mode}", f"lynx with mode {_mode}", _build, knob=DELTA, fixed=(("mode", _mode),),
                         needs_probe=True))

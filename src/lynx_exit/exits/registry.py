@@ -83,6 +83,13 @@ class ExitMethod:
     fixed: tuple[tuple[str, Any], ...] = ()  # options this name pins (e.g. lynx-harm: mode=harm)
     options: tuple[str, ...] = ()  # further options it accepts besides the knob
     needs_probe: bool = False
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()  # allowed values of options that are closed sets
+
+    def check_option(self, name: str, value: Any) -> None:
+        """Raise naming the option if `value` is not one of its allowed values."""
+        allowed = dict(self.choices).get(name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{self.name} {name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 METHODS: dict[str, ExitMethod] = {}

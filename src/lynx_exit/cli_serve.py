@@ -1,0 +1,62 @@
+"""`lynx-exit serve`: flags onto `ServerOptions`, then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lynx_exit.exits import get_method, knobs
+    from lynx_exit.models import load_model
+    from lynx_exit.serve import Server, ServerOptions, run
+
+    method = args.exit or ("lynx" if args.probe else "never")
+    get_method(method)  # a clear error before the model loads
+    defaults = {k.name: getattr(args, k.flag.lstrip("-").replace("-", "_")) for k in knobs()}
+    defaults["mode"] = args.mode
+    options = ServerOptions(
+        model_name=args.served_model_name or args.model,
+        defaults=generation_config(args),
+        exit_method=method,
+        exit_defaults=tuple(sorted((k, v) for k, v in defaults.items() if v is not None)),
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_n=args.max_n,
+        max_tokens_limit=args.max_tokens_limit,
+        api_key=args.api_key or os.environ.get("LYNX_EXIT_API_KEY") or None,
+        probe=args.probe,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    server = Server(lm, options)
+    print(f"lynx-exit serve: {options.model_name!r} on http://{args.host}:{args.port}/v1 (exit method {method})", flush=True)
+    run(server, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    from lynx_exit.exits import knobs, method_names
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with per-request early exit")
+    add_model_flags(p)
+    add_sampling_flags(p)  # the defaults of requests that leave a field out (--max-new-tokens: max_tokens)
+    p.add_argument("--probe", default=None, help="probe folder for the LYNX methods")
+    p.add_argument("--exit", default=None, choices=method_names(),
+                   help="default exit method of requests without exit.method (default: lynx with --probe, else never)")
+    for knob in knobs():
+        p.add_argument(knob.flag, default=knob.default, help=f"default {knob.help}")
+    p.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="default LYNX mode")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the `model` requests must name (default: --model)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
+    p.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: the context length)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LYNX_EXIT_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)

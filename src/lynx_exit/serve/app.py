@@ -1,0 +1,228 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over one `Server`, and `run` for `lynx-exit serve`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics. Handlers only validate, enqueue and read their request's events; the engine runs
+on the worker thread, so concurrent requests share its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lynx_exit.serve.generation import Generation, exit_object, finish_reason, now, usage
+from lynx_exit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from lynx_exit.serve.server import Plan, Server
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        server.worker.start(post=lambda fn, arg: _post(loop, fn, arg))
+        yield
+        server.accepting = False
+        await asyncio.to_thread(server.worker.stop)
+
+    app = FastAPI(title="lynx-exit", lifespan=lifespan)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _api(server, request, "chat", lambda: _completions(server, request, chat=True))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _api(server, request, "completions", lambda: _completions(server, request, chat=False))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await _api(server, request, "models", lambda: _models(server))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = "ok" if server.worker.alive and server.accepting else ("shutting_down" if server.worker.alive else "down")
+        body = {"status": status, "running": server.worker.engine.num_running,
+                "waiting": server.worker.engine.num_waiting, "in_flight": server.in_flight}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is left to hear it
+        loop.call_soon_threadsafe(fn, arg)
+
+
+async def _api(server: Server, request: Request, endpoint: str, handler: Callable[[], Awaitable[Response]]) -> Response:
+    """Auth, OpenAI-style errors and the request counter around one API route."""
+    try:
+        _check_key(server, request)
+        response = await handler()
+    except APIError as exc:
+        response = JSONResponse(exc.body(), status_code=exc.status)
+    server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    return response
+
+
+def _check_key(server: Server, request: Request) -> None:
+    key = server.options.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                       kind="authentication_error", code="invalid_api_key")
+
+
+async def _models(server: Server) -> Response:
+    bundle_info: dict[str, Any] = {}
+    if server.options.probe is not None:
+        from lynx_exit.exits.lynx import shared_probe
+
+        bundle, _ = shared_probe(server.methods)
+        bundle_info = {
+            "path": server.options.probe,
+            "calibrated_deltas": {mode: [t.delta for t in getattr(bundle, f"{mode}_thresholds")]
+                                  for mode in ("event", "trajectory", "harm")},
+        }
+    from lynx_exit.exits import method_names
+
+    card = {
+        "id": server.options.model_name, "object": "model", "created": server.started, "owned_by": "lynx-exit",
+        "max_model_len": server.context_length,
+        "exit": {"default_method": server.options.exit_method, "defaults": dict(server.options.exit_defaults),
+                 "methods": method_names(), "probe": bundle_info or None},
+    }
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def _completions(server: Server, request: Request, chat: bool) -> Response:
+    body = parse_body(ChatCompletionRequest if chat else CompletionRequest, await request.body())
+    plan = server.plan(body)
+    generation = server.start(plan, body.seed, split=chat)
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": now(), "model": server.options.model_name}
+    prompt_tokens = sum(len(p) for p in plan.prompts)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _stream(generation, plan, meta, chat, prompt_tokens, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    if not await _until_done_or_gone(generation, request):
+        return Response(status_code=499)  # the client left; nobody reads this
+    return JSONResponse(_full_response(generation, plan, meta, chat, prompt_tokens))
+
+
+async def _until_done_or_gone(generation: Generation, request: Request) -> bool:
+    """Run to the end unless the client disconnects first (then abort); True if it ran to the end."""
+    run = asyncio.ensure_future(generation.run())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not run.done():
+            run.cancel()
+            generation.cancel()
+    if run.cancelled():
+        return False
+    run.result()  # re-raises an engine failure as its APIError
+    return True
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _full_response(generation: Generation, plan: Plan, meta: dict[str, Any], chat: bool, prompt_tokens: int) -> dict[str, Any]:
+    choices = []
+    for i, text in enumerate(generation.texts):
+        finish = generation.finishes[i]
+        choice: dict[str, Any] = {"index": i, "finish_reason": finish_reason(text, finish),
+                                  "exit": exit_object(finish, plan.exit.method, plan.exit.settings)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text.content,
+                                 "reasoning_content": text.reasoning or None}
+        else:
+            choice.update(text=text.content, logprobs=None)
+        choices.append(choice)
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+            "usage": usage(prompt_tokens, list(generation.finishes.values()))}
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(generation: Generation, plan: Plan, meta: dict[str, Any], chat: bool, prompt_tokens: int,
+                  include_usage: bool) -> AsyncIterator[str]:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {**meta, "object": kind}
+    try:
+        if chat:  # the role first, at once: the client sees the response start even while queued
+            yield "".join(_sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "finish_reason": None}]}) for i in range(len(generation.texts)))
+        async for updates in generation.updates():
+            out = []
+            for update in updates:
+                text = generation.texts[update.choice]
+                if update.reasoning or update.content:
+                    if chat:
+                        delta = {k: v for k, v in (("reasoning_content", update.reasoning), ("content", update.content)) if v}
+                        choice: dict[str, Any] = {"index": update.choice, "delta": delta, "finish_reason": None}
+                    else:
+                        choice = {"index": update.choice, "text": update.content, "logprobs": None, "finish_reason": None}
+                    out.append(_sse({**head, "choices": [choice]}))
+                if update.finish is not None:
+                    last: dict[str, Any] = {"index": update.choice, "finish_reason": finish_reason(text, update.finish),
+                                            "exit": exit_object(update.finish, plan.exit.method, plan.exit.settings)}
+                    if chat:
+                        last["delta"] = {}
+                    else:
+                        last.update(text="", logprobs=None)
+                    out.append(_sse({**head, "choices": [last]}))
+            yield "".join(out)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": usage(prompt_tokens, list(generation.finishes.values()))})
+        yield "data: [DONE]\n\n"
+    except APIError as exc:  # the status line has gone out: report the failure in the stream
+        yield _sse(exc.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        generation.cancel()  # a client that went away: abort what still runs (a no-op once all finished)
+
+
+def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM; then refuse new requests and let in-flight ones finish (bounded)."""
+    import uvicorn
+
+    class _Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            server.accepting = False
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=max(1, round(server.options.shutdown_timeout_s)))
+    _Uvicorn(config).run()

@@ -1,0 +1,132 @@
+"""One HTTP request in flight: its choices' tickets, their text, and what the client is sent.
+
+A request with `n` choices (and, for completions, several prompts) becomes one engine request
+per choice. Their events arrive on one asyncio queue; `updates` turns them into text deltas,
+aborting a choice as soon as a stop string matches, and coalesces everything that has arrived
+since the last read, so a slow client gets fewer, larger chunks instead of falling behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lynx_exit.serve.protocol import APIError
+from lynx_exit.serve.text import ChoiceText
+from lynx_exit.serve.worker import EngineWorker, Event, Failure, Finish, Ticket, TokenEvent
+
+
+@dataclass
+class ChoiceUpdate:
+    choice: int
+    reasoning: str
+    content: str
+    finish: Finish | None  # set on the choice's last update
+
+
+class Generation:
+    def __init__(
+        self,
+        worker: EngineWorker,
+        tickets: list[Ticket],
+        texts: list[ChoiceText],
+        on_finish: Callable[[Ticket, Finish | Failure], None],
+    ) -> None:
+        self.worker = worker
+        self.tickets = tickets
+        self.texts = texts
+        self._on_finish = on_finish
+        self._queue: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue()
+        self._open = set(range(len(tickets)))  # choices the engine has not finished
+        self._stopped: set[int] = set()  # choices aborted because a stop string matched
+        self.finishes: dict[int, Finish] = {}
+        for ticket in tickets:
+            ticket.deliver = self._deliver
+
+    def start(self) -> None:
+        self.worker.submit(self.tickets)
+
+    def _deliver(self, choice: int, events: list[Event]) -> None:
+        """On the event loop, from the worker; runs even when nobody reads this request any more."""
+        last = events[-1]
+        if isinstance(last, Finish | Failure) and choice in self._open:
+            self._open.discard(choice)
+            self._on_finish(self.tickets[choice], last)
+        self._queue.put_nowait((choice, events))
+
+    def cancel(self) -> None:
+        """Abort the choices still running (client gone, or the request failed)."""
+        running = [self.tickets[c] for c in sorted(self._open)]
+        if running:
+            self.worker.abort(running)
+
+    async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
+        """Deltas of every choice that advanced, until all have finished; a failure raises `APIError`."""
+        pending = set(range(len(self.tickets)))
+        while pending:
+            arrived = [await self._queue.get()]
+            while not self._queue.empty():
+                arrived.append(self._queue.get_nowait())
+            touched: dict[int, Finish | None] = {}
+            for choice, events in arrived:
+                touched.setdefault(choice, None)
+                for event in events:
+                    if isinstance(event, TokenEvent):
+                        self.texts[choice].push(event.text, event.phase)
+                    elif isinstance(event, Finish):
+                        touched[choice] = self.finishes[choice] = event
+                        pending.discard(choice)
+                    else:
+                        self.cancel()
+                        raise APIError(500, event.message, kind="server_error", code="engine_error")
+                if self.texts[choice].stopped and choice in self._open and choice not in self._stopped:
+                    self.worker.abort([self.tickets[choice]])  # its `Finish` (reason "abort") still comes
+                    self._stopped.add(choice)
+            out = []
+            for choice, finish in touched.items():
+                reasoning, content = self.texts[choice].take(final=finish is not None)
+                if reasoning or content or finish is not None:
+                    out.append(ChoiceUpdate(choice, reasoning, content, finish))
+            if out:
+                yield out
+
+    async def run(self) -> None:
+        async for _ in self.updates():
+            pass
+
+
+def finish_reason(text: ChoiceText, finish: Finish) -> str:
+    """OpenAI's finish reason: a forced exit's answer and a stop string end with "stop" too."""
+    if text.stopped:
+        return "stop"
+    return "length" if finish.result.finish_reason == "length" else "stop"
+
+
+def exit_object(finish: Finish, method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    result = finish.result
+    return {
+        "exited": result.exit_index is not None,
+        "token_index": result.exit_index,
+        "cue": finish.exit_cue,
+        "score": finish.exit_score,
+        "method": method,
+        "settings": settings,
+        "reasoning_tokens": result.reasoning_tokens,
+    }
+
+
+def usage(prompt_tokens: int, finishes: list[Finish]) -> dict[str, Any]:
+    completion = sum(len(f.result.token_ids) for f in finishes)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "completion_tokens_details": {"reasoning_tokens": sum(f.result.reasoning_tokens for f in finishes)},
+    }
+
+
+def now() -> int:
+    return int(time.time())

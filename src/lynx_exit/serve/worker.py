@@ -1,0 +1,194 @@
+"""The engine worker: one thread owns the engine; HTTP handlers hand it requests through a queue.
+
+Handlers never touch the engine. They `submit` tickets and `abort` them; the worker thread
+admits them between steps (so an abort takes effect before the next forward pass), runs
+`Engine.step`, and posts each step's events to the event loop in one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lynx_exit.engine import Engine, GenerationConfig
+from lynx_exit.engine.types import ExitPolicy, Phase, RequestResult, Step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    text: str
+    phase: Phase
+
+
+@dataclass
+class Finish:
+    result: RequestResult
+    exit_cue: str | None  # the cue word where the policy exited
+    exit_score: float | None  # the policy's score there (LYNX: P(safe))
+    first_token_s: float | None  # from submission to the first generated token
+    queued_s: float  # from submission to admission into the batch
+
+
+@dataclass
+class Failure:
+    message: str
+
+
+Event = TokenEvent | Finish | Failure
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One engine request (one choice of one HTTP request) as the handler side sees it."""
+
+    choice: int
+    prompt_ids: list[int]
+    config: GenerationConfig
+    policy: ExitPolicy | None
+    seed: int
+    deliver: Callable[[int, list[Event]], None]  # called on the event loop with (choice, events)
+    submitted: float = field(default_factory=time.perf_counter)
+    engine_id: int | None = None
+    admitted: float | None = None
+    first_token: float | None = None
+    exit_cue: str | None = None
+    exit_score: float | None = None
+
+
+class EngineWorker:
+    """Runs the engine on its own thread; `submit` and `abort` may be called from any thread."""
+
+    def __init__(self, engine_factory: Callable[[], Engine], on_step: Callable[[Engine], None] | None = None) -> None:
+        self._engine_factory = engine_factory
+        self.engine = engine_factory()
+        self._on_step = on_step
+        self._inbox: queue.SimpleQueue[tuple[str, Sequence[Ticket]]] = queue.SimpleQueue()
+        self._tickets: dict[int, Ticket] = {}  # engine request id -> ticket
+        self._post: Callable[[list[tuple[Ticket, list[Event]]]], None] = _deliver_all
+        self._thread: threading.Thread | None = None
+
+    def start(self, post: Callable[[Callable[..., Any], Any], Any] | None = None) -> None:
+        """Start the thread; `post(fn, arg)` runs `fn(arg)` where the handlers live (the event loop)."""
+        if post is not None:
+            self._post = lambda batch: post(_deliver_all, batch)
+        self._thread = threading.Thread(target=self._run, name="lynx-exit-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, tickets: Sequence[Ticket]) -> None:
+        self._inbox.put(("add", list(tickets)))
+
+    def abort(self, tickets: Sequence[Ticket]) -> None:
+        self._inbox.put(("abort", list(tickets)))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail what is still running and end the thread."""
+        self._inbox.put(("stop", []))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while self._drain(block=not self.engine.has_unfinished()):
+            try:
+                steps = self.engine.step()
+            except Exception as exc:  # a broken step must not leave clients waiting forever
+                logger.exception("engine step failed; failing the running requests and starting a fresh engine")
+                self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
+                self.engine = self._engine_factory()
+                continue
+            self._dispatch(steps)
+            if self._on_step is not None:
+                self._on_step(self.engine)
+        self._fail_all("the server is shutting down")
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands (waiting for one if `block`); False once asked to stop."""
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, tickets = command
+            if kind == "stop":
+                return False
+            for ticket in tickets:
+                if kind == "add":
+                    self._add(ticket)
+                elif ticket.engine_id in self._tickets:
+                    self.engine.abort(ticket.engine_id)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, ticket: Ticket) -> None:
+        try:
+            ticket.engine_id = self.engine.add_request(ticket.prompt_ids, ticket.config, ticket.policy, seed=ticket.seed)
+        except ValueError as exc:  # validated by the handler already; kept so a client always hears back
+            self._post([(ticket, [Failure(str(exc))])])
+            return
+        self._tickets[ticket.engine_id] = ticket
+
+    def _dispatch(self, steps: list[Step]) -> None:
+        now = time.perf_counter()
+        out: dict[Ticket, list[Event]] = {}
+        for step in steps:
+            ticket = self._tickets.get(step.request_id)
+            if ticket is None:
+                continue
+            events = out.setdefault(ticket, [])
+            if ticket.admitted is None:
+                ticket.admitted = now
+            if step.phase != "end" and ticket.first_token is None:
+                ticket.first_token = now
+            if step.exit:
+                ticket.exit_cue, ticket.exit_score = step.cue, step.score
+            if step.text and not (step.exit and step.cue is not None):  # an exit drops its cue token
+                events.append(TokenEvent(step.text, step.phase))
+            if step.finish_reason is not None:
+                del self._tickets[step.request_id]
+                events.append(self._finish(ticket, now))
+        batch = [(ticket, events) for ticket, events in out.items() if events]
+        if batch:
+            self._post(batch)
+
+    def _finish(self, ticket: Ticket, now: float) -> Finish:
+        assert ticket.engine_id is not None
+        result = self.engine.result(ticket.engine_id, forget=True)
+        admitted = ticket.admitted if ticket.admitted is not None else now
+        return Finish(
+            result=result,
+            exit_cue=ticket.exit_cue,
+            exit_score=ticket.exit_score,
+            first_token_s=None if ticket.first_token is None else ticket.first_token - ticket.submitted,
+            queued_s=admitted - ticket.submitted,
+        )
+
+    def _fail_all(self, message: str) -> None:
+        failed: list[tuple[Ticket, list[Event]]] = [(ticket, [Failure(message)]) for ticket in self._tickets.values()]
+        self._tickets.clear()
+        while True:  # tickets submitted but never added
+            try:
+                kind, tickets = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                failed += [(ticket, [Failure(message)]) for ticket in tickets]
+        if failed:
+            self._post(failed)
+
+
+def _deliver_all(batch: list[tuple[Ticket, list[Event]]]) -> None:
+    for ticket, events in batch:
+        ticket.deliver(ticket.choice, events)
