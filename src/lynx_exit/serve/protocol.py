@@ -48,6 +48,7 @@ class ServerOptions:
     api_key: str | None = None
     probe: str | None = None
     shutdown_timeout_s: float = 30.0
+    stream_interval_ms: float = 20.0  # tokens are sent at most this often per request (first token and end at once)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_n"):
@@ -57,8 +58,10 @@ class ServerOptions:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
-        if not (math.isfinite(self.shutdown_timeout_s) and self.shutdown_timeout_s >= 0):
-            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        for name in ("shutdown_timeout_s", "stream_interval_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
     @property
     def capacity(self) -> int:

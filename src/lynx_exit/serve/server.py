@@ -65,7 +65,8 @@ class Server:
         self.metrics = ServerMetrics(options.max_batch_size)
         self.methods = MethodContext(lm=lm, probe=options.probe)
         factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size))
-        self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine)
+        self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine,
+                                   stream_interval_s=options.stream_interval_ms / 1000)
         self.in_flight = 0  # rows submitted and not finished; touched on the event loop only
         self.accepting = True
         self.started = int(time.time())

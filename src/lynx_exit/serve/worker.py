@@ -65,8 +65,16 @@ class Ticket:
 class EngineWorker:
     """Runs the engine on its own thread; `submit` and `abort` may be called from any thread."""
 
-    def __init__(self, engine_factory: Callable[[], Engine], on_step: Callable[[Engine], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine],
+        on_step: Callable[[Engine], None] | None = None,
+        stream_interval_s: float = 0.0,
+    ) -> None:
         self._engine_factory = engine_factory
+        self.stream_interval_s = stream_interval_s  # least time between posts of plain token events
+        self._pending: dict[Ticket, list[Event]] = {}  # events not posted yet
+        self._last_post = 0.0
         self.engine = engine_factory()
         self._on_step = on_step
         self._inbox: queue.SimpleQueue[tuple[str, Sequence[Ticket]]] = queue.SimpleQueue()
@@ -141,27 +149,36 @@ class EngineWorker:
         self._tickets[ticket.engine_id] = ticket
 
     def _dispatch(self, steps: list[Step]) -> None:
+        """Turn steps into events; post them at once for a first token or a finish, else every `stream_interval_s`."""
         now = time.perf_counter()
-        out: dict[Ticket, list[Event]] = {}
+        urgent = False
         for step in steps:
             ticket = self._tickets.get(step.request_id)
             if ticket is None:
                 continue
-            events = out.setdefault(ticket, [])
+            events = self._pending.setdefault(ticket, [])
             if ticket.admitted is None:
                 ticket.admitted = now
             if step.phase != "end" and ticket.first_token is None:
-                ticket.first_token = now
+                ticket.first_token, urgent = now, True
             if step.exit:
                 ticket.exit_cue, ticket.exit_score = step.cue, step.score
             if step.text and not (step.exit and step.cue is not None):  # an exit drops its cue token
-                events.append(TokenEvent(step.text, step.phase))
+                last = events[-1] if events else None
+                if isinstance(last, TokenEvent) and last.phase == step.phase:
+                    last.text += step.text  # one event per phase run: fewer objects, fewer and larger chunks
+                else:
+                    events.append(TokenEvent(step.text, step.phase))
             if step.finish_reason is not None:
                 del self._tickets[step.request_id]
                 events.append(self._finish(ticket, now))
-        batch = [(ticket, events) for ticket, events in out.items() if events]
-        if batch:
-            self._post(batch)
+                urgent = True
+        if self._pending and (urgent or now - self._last_post >= self.stream_interval_s):
+            batch = [(ticket, events) for ticket, events in self._pending.items() if events]
+            self._pending = {}
+            self._last_post = now
+            if batch:
+                self._post(batch)
 
     def _finish(self, ticket: Ticket, now: float) -> Finish:
         assert ticket.engine_id is not None
@@ -178,6 +195,7 @@ class EngineWorker:
     def _fail_all(self, message: str) -> None:
         failed: list[tuple[Ticket, list[Event]]] = [(ticket, [Failure(message)]) for ticket in self._tickets.values()]
         self._tickets.clear()
+        self._pending.clear()
         while True:  # tickets submitted but never added
             try:
                 kind, tickets = self._inbox.get_nowait()
