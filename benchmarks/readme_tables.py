@@ -62,7 +62,46 @@ def main() -> None:
     thr = load("eval_throughput.json")
     cells = ", ".join(f"{r['method']} batch {r['batch_size']}: {r['problems_per_s']}/s" for r in thr["results"])
     out.append(f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch 1 |")
+    out += serve_table()
     print("\n".join(out))
+
+
+def serve_table() -> list[str]:
+    path = RESULTS / "serve_load.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    out = ["\n### Serving (`benchmarks/serve_load.py`, from `benchmarks/results/serve_load.json`)\n",
+           f"{data['requests']} streamed chat requests per row from `AsyncOpenAI` to `lynx-exit serve --model reference` on "
+           f"127.0.0.1 (T={data['temperature']}, max_tokens {data['max_new_tokens']}; the load generator runs on the same "
+           f"{data['cpus']} cores), against the same prompts, seeds and exit settings through the engine in one process. "
+           f"Served rollouts have the same token counts as offline ones: "
+           f"{'yes, every row' if all(r['same_tokens_as_offline'] for r in data['served']) else 'NO'}. "
+           f"Targets: {data['targets']}.\n",
+           f"| method | clients | completed | 503 | lost | latency p50 / p95 / p99 s | TTFT p50 / p95 / p99 s | tokens/s | "
+           f"÷ offline, {data['offline_torch_threads']} threads | ÷ offline, {data['server_torch_threads']} thread(s) as served |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def triple(r: dict, key: str) -> str:
+        return " / ".join(f"{r[f'{key}_p{q}_s']:.2f}" for q in (50, 95, 99))
+
+    for r in data["served"]:
+        ratios = [f"**{r[k]}×**" if k in r else "—" for k in ("served_vs_offline", "served_vs_offline_same_threads")]
+        out.append(f"| {r['method']} | {r['concurrency']} | {r['completed']} | {r['failed']} | {r['lost']} | "
+                   f"{triple(r, 'latency')} | {triple(r, 'ttft')} | {r['completion_tokens_per_s']} | {ratios[0]} | {ratios[1]} |")
+    offline = ", ".join(f"{r['method']} batch {r['batch']} × {r['torch_threads']} thread(s): {r['completion_tokens_per_s']}"
+                        for r in data["offline"])
+    out.append(f"\nOffline engine tokens/s: {offline}.")
+    fault = data["fault"]
+    cut, burst = fault["disconnect_pass"], fault["burst_pass"]
+    out.append(
+        f"Fault pass: with a fifth of the streams cut mid-way, {cut['completed']} completed, {cut['disconnected']} "
+        f"disconnected, {cut['lost']} lost; a burst of {fault['burst_size']} requests at once into a capacity of "
+        f"{fault['capacity']}: {burst['completed']} completed, {burst['failed']} got a clean 503, {burst['lost']} lost; "
+        f"`/health` afterwards: {fault['health_after']['status']} with {fault['health_after']['in_flight']} in flight. "
+        f"Lost in all passes: **{data['lost_total']}**."
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ sends N chat requests with `AsyncOpenAI` (streaming, usage included) at each con
 full chain of thought and LYNX, then runs the same prompts, seeds and exit settings through an
 `Engine` in this process at batch 8 and 32 (the server is idle meanwhile). Every request has its
 own seed, so served and offline rollouts must have the same token counts: the script checks it.
+Offline runs at torch's default thread count and at the server's (`serve` leaves one core to the
+HTTP side on CPU), so the ratios separate the cost of HTTP from the cost of the smaller pool.
 
 Fault pass: a fifth of the streaming clients disconnect mid-stream and a burst goes past the
 queue limit; everything not disconnected must complete or get a clean 503, and /health must be
@@ -29,6 +31,7 @@ from typing import Any
 
 import httpx
 import openai
+import torch
 from _common import write_result
 
 from lynx_exit.engine import Engine, GenerationConfig
@@ -50,8 +53,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(port: int, max_batch: int, max_queue: int) -> subprocess.Popen[bytes]:
+def start_server(port: int, max_batch: int, max_queue: int, threads: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "lynx_exit.cli", "serve", "--model", "reference", "--probe", str(PROBE),
+               "--torch-threads", str(threads),
                "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue", str(max_queue),
                "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", str(TEMPERATURE), "--log-level", "warning"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -122,10 +126,12 @@ async def load_pass(url: str, prompts: list[str], concurrency: int, exit_setting
             cut = 3 + i % 20 if disconnect_every and i % disconnect_every == 0 else None
             return await one_request(client, prompt, i, exit_settings, cut)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     results = await asyncio.gather(*(bounded(i, p) for i, p in enumerate(prompts)))
     wall = time.perf_counter() - started
     await client.close()
+    for r in results:
+        r["client_cpu_share"] = (time.process_time() - cpu) / wall  # of one core, the load generator's own
     return list(results), wall
 
 
@@ -145,6 +151,7 @@ def summarise(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95), "ttft_p99_s": percentile(ttft, 99),
         "completion_tokens": tokens,
         "completion_tokens_per_s": round(tokens / wall, 1),
+        "client_cpu_share_of_one_core": round(results[0]["client_cpu_share"], 3) if results else None,
         "lost_examples": [r for r in results if r["outcome"] == "lost"][:3],
     }
 
@@ -183,6 +190,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--offline-batches", default="8,32")
     parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--server-threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                        help="the server's torch threads (serve's default: all cores but one)")
     args = parser.parse_args()
     problems = as_task_problems(make_problems("test", args.requests), "test")
     prompts = [p.prompt for p in problems]
@@ -190,7 +199,7 @@ def main() -> None:
     max_batch = max(levels)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port, max_batch, args.max_queue)
+    server = start_server(port, max_batch, args.max_queue, args.server_threads)
     served: list[dict[str, Any]] = []
     try:
         for label, settings in METHODS.items():
@@ -218,16 +227,24 @@ def main() -> None:
             server.kill()
     lm = load_model("reference")
     offline_rows = []
-    for label, settings in METHODS.items():
-        for batch in [int(b) for b in args.offline_batches.split(",")]:
-            row = {"method": label, "batch": batch, **offline(lm, prompts, batch, settings)}
-            offline_rows.append(row)
-            print({k: v for k, v in row.items() if k != "tokens_per_request"}, flush=True)
+    all_threads = torch.get_num_threads()
+    for threads in sorted({all_threads, args.server_threads}, reverse=True):
+        torch.set_num_threads(threads)
+        for label, settings in METHODS.items():
+            for batch in [int(b) for b in args.offline_batches.split(",")]:
+                row = {"method": label, "batch": batch, "torch_threads": threads, **offline(lm, prompts, batch, settings)}
+                offline_rows.append(row)
+                print({k: v for k, v in row.items() if k != "tokens_per_request"}, flush=True)
+    torch.set_num_threads(all_threads)
     for row in served:
-        same = [o for o in offline_rows if o["method"] == row["method"] and o["batch"] == row["concurrency"]]
-        if same:
-            row["served_vs_offline"] = round(row["completion_tokens_per_s"] / same[0]["completion_tokens_per_s"], 3)
-        row["same_tokens_as_offline"] = row["tokens_per_request"] == offline_rows[[o["method"] for o in offline_rows].index(row["method"])]["tokens_per_request"]
+        row["torch_threads"] = args.server_threads
+        for threads, key in ((all_threads, "served_vs_offline"), (args.server_threads, "served_vs_offline_same_threads")):
+            same = [o for o in offline_rows if o["method"] == row["method"] and o["batch"] == row["concurrency"]
+                    and o["torch_threads"] == threads]
+            if same:
+                row[key] = round(row["completion_tokens_per_s"] / same[0]["completion_tokens_per_s"], 3)
+        twins = [o for o in offline_rows if o["method"] == row["method"] and o["torch_threads"] == args.server_threads]
+        row["same_tokens_as_offline"] = all(o["tokens_per_request"] == row["tokens_per_request"] for o in twins)
     for row in served + offline_rows:
         row.pop("tokens_per_request")
     at_max = [r for r in served if r["concurrency"] == max_batch and "served_vs_offline" in r]
@@ -237,7 +254,10 @@ def main() -> None:
         "targets": "lost = 0 everywhere; served tokens/s at concurrency 32 >= 0.8x offline at batch 32",
         "served": served, "offline": offline_rows, "fault": fault,
         "lost_total": sum(r["lost"] for r in served) + fault["disconnect_pass"]["lost"] + fault["burst_pass"]["lost"],
+        "offline_torch_threads": all_threads, "server_torch_threads": args.server_threads,
         "min_served_vs_offline_at_max_concurrency": min((r["served_vs_offline"] for r in at_max), default=None),
+        "min_served_vs_offline_same_threads_at_max_concurrency": min(
+            (r["served_vs_offline_same_threads"] for r in at_max), default=None),
         "mean_served_vs_offline": round(statistics.mean(r["served_vs_offline"] for r in served if "served_vs_offline" in r), 3),
     })
 

@@ -32,12 +32,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         probe=args.probe,
         shutdown_timeout_s=args.shutdown_timeout,
         stream_interval_ms=args.stream_interval_ms,
+        max_chunk_rate=args.max_chunk_rate,
     )
-    threads = args.torch_threads or max(1, (os.cpu_count() or 1) - 1)
     if args.device == "cpu":
-        # On CPU, leave a core to the HTTP side: torch's threads otherwise stall each other waiting for the
-        # event loop (measured: 0.49x -> 0.85x of offline throughput at 8 clients on 2 cores).
-        torch.set_num_threads(threads)
+        # Leave a core to the HTTP side: with every core in torch's pool, the event loop (and clients on the
+        # same machine) stall its threads at each step (compare benchmarks/serve_load.py --server-threads).
+        torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) - 1))
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     server = Server(lm, options)
     print(f"lynx-exit serve: {options.model_name!r} on http://{args.host}:{args.port}/v1 (exit method {method})", flush=True)
@@ -67,7 +67,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LYNX_EXIT_API_KEY)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--stream-interval-ms", type=float, default=20.0,
-                   help="send streamed tokens at most this often per request (0: every token); first token at once")
+                   help="send a stream's tokens at most this often (0: every token); the first token goes at once")
+    p.add_argument("--max-chunk-rate", type=float, default=500.0,
+                   help="stream chunks per second over all streams; under load each stream's chunks get larger")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads on CPU (default: all cores but one, which is left to the HTTP side)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

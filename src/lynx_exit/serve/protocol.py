@@ -49,6 +49,7 @@ class ServerOptions:
     probe: str | None = None
     shutdown_timeout_s: float = 30.0
     stream_interval_ms: float = 20.0  # tokens are sent at most this often per request (first token and end at once)
+    max_chunk_rate: float = 500.0  # chunks per second over all streams: the interval grows with the running requests
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_n"):
@@ -58,6 +59,8 @@ class ServerOptions:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if not (math.isfinite(self.max_chunk_rate) and self.max_chunk_rate > 0):
+            raise ValueError(f"max_chunk_rate must be > 0, got {self.max_chunk_rate}")
         for name in ("shutdown_timeout_s", "stream_interval_ms"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

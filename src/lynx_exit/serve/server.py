@@ -66,7 +66,7 @@ class Server:
         self.methods = MethodContext(lm=lm, probe=options.probe)
         factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size))
         self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine,
-                                   stream_interval_s=options.stream_interval_ms / 1000)
+                                   stream_interval_s=options.stream_interval_ms / 1000, max_chunk_rate=options.max_chunk_rate)
         self.in_flight = 0  # rows submitted and not finished; touched on the event loop only
         self.accepting = True
         self.started = int(time.time())

@@ -8,6 +8,7 @@ admits them between steps (so an abort takes effect before the next forward pass
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -70,9 +71,14 @@ class EngineWorker:
         engine_factory: Callable[[], Engine],
         on_step: Callable[[Engine], None] | None = None,
         stream_interval_s: float = 0.0,
+        max_chunk_rate: float = math.inf,
     ) -> None:
         self._engine_factory = engine_factory
-        self.stream_interval_s = stream_interval_s  # least time between posts of plain token events
+        # Plain token events are posted at most every `stream_interval_s`, and less often under load so
+        # that all requests together get about `max_chunk_rate` posts per second: the HTTP side then
+        # costs the same whatever the concurrency, and the CPU it would take stays with the model.
+        self.stream_interval_s = stream_interval_s
+        self.max_chunk_rate = max_chunk_rate
         self._pending: dict[Ticket, list[Event]] = {}  # events not posted yet
         self._last_post = 0.0
         self.engine = engine_factory()
@@ -149,7 +155,7 @@ class EngineWorker:
         self._tickets[ticket.engine_id] = ticket
 
     def _dispatch(self, steps: list[Step]) -> None:
-        """Turn steps into events; post them at once for a first token or a finish, else every `stream_interval_s`."""
+        """Turn steps into events; post them at once for a first token or a finish, else once per interval."""
         now = time.perf_counter()
         urgent = False
         for step in steps:
@@ -173,7 +179,8 @@ class EngineWorker:
                 del self._tickets[step.request_id]
                 events.append(self._finish(ticket, now))
                 urgent = True
-        if self._pending and (urgent or now - self._last_post >= self.stream_interval_s):
+        interval = max(self.stream_interval_s, len(self._tickets) / self.max_chunk_rate)
+        if self._pending and (urgent or now - self._last_post >= interval):
             batch = [(ticket, events) for ticket, events in self._pending.items() if events]
             self._pending = {}
             self._last_post = now
