@@ -82,3 +82,32 @@ def test_smollm2_gguf_generates_offline():
 def test_hub_id_loads():  # deselected by default: needs network
     lm = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert lm.num_layers == 30
+
+
+def test_prompt_longer_than_the_context_is_refused_naming_both_lengths(tiny_lm):
+    """Reproduction: a 32,509-token prompt against 1,024 positions ran silently and printed garbage."""
+    from lynx_exit.engine import Engine
+
+    context = tiny_lm.context_length
+    engine = Engine(tiny_lm)
+    with pytest.raises(ValueError, match=rf"{context + 5} tokens .* context of {context} positions"):
+        engine.add_request([5] * (context + 5))
+    assert engine.num_waiting == 0
+
+
+def test_lone_surrogate_in_a_prompt_is_a_clear_error(tiny_lm):
+    """Reproduction: `generate $'\\xed\\xa0\\x80'` ended in a tokenizer TypeError traceback."""
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tiny_lm.prompt_ids("What is \ud800 3+4?")
+    with pytest.raises(ValueError, match="position 2"):
+        tiny_lm.encode("ab\udcff")
+
+
+def test_arith_task_refuses_a_data_file_and_train_reference_writes_under_the_working_directory(capsys):
+    """Reproductions: `--task arith --data F` ignored F; `train-reference` without --out wrote into the package."""
+    from lynx_exit.cli import build_parser, main
+
+    assert main(["eval", "--task", "arith", "--data", "some.jsonl", "--methods", "never", "--out", "x"]) == 2
+    assert "takes no --data" in capsys.readouterr().err
+    args = build_parser().parse_args(["train-reference"])
+    assert args.out == "runs/reference"

@@ -213,6 +213,8 @@ BAD_REQUESTS = [
     ("chat", {"frequency_penalty": 0.5}, 400, "frequency_penalty", "0.5"),
     ("chat", {"stop": [""]}, 400, "stop", "''"),
     ("completions", {"prompt": [10**6]}, 400, "prompt", "1000000"),
+    ("chat", {"messages": [{"role": "user", "content": "a\ud800"}]}, 400, None, "hex escape"),  # refused by the JSON parser
+    ("completions", {"prompt": "b\udfff"}, 400, None, "surrogate"),
 ]
 
 
@@ -221,7 +223,8 @@ def test_bad_requests_get_an_openai_error_naming_field_and_value(base_url, endpo
     body = {"model": MODEL, "max_tokens": 5}
     body.update({"messages": [{"role": "user", "content": "Hi"}]} if endpoint == "chat" else {"prompt": "Hi"})
     body.update(changes)
-    r = httpx.post(f"{base_url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", json=body, timeout=BOUND_S)
+    r = httpx.post(f"{base_url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", timeout=BOUND_S,
+                   content=json.dumps(body).encode(), headers={"content-type": "application/json"})  # ASCII escapes: lone surrogates travel
     error = r.json()["error"]
     assert r.status_code == status, error
     assert error["param"] == param and needle in error["message"], error

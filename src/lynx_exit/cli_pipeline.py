@@ -13,14 +13,13 @@ from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation
 def cmd_train_reference(args: argparse.Namespace) -> int:
     import torch
 
-    from lynx_exit.models import REFERENCE_MODEL_DIR
     from lynx_exit.reference import ReferenceTrainConfig, train_reference_model
 
     torch.set_num_threads(args.threads) if args.threads else None
     config = ReferenceTrainConfig(
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, learning_rate=args.lr, init_from=args.init_from
     )
-    out = Path(args.out) if args.out else REFERENCE_MODEL_DIR
+    out = Path(args.out)
     report = train_reference_model(config, out)
     print(json.dumps(report, indent=2))
     return 0
@@ -31,6 +30,9 @@ def _problems(args: argparse.Namespace) -> list[Any]:
     from lynx_exit.tasks import load_task
 
     if args.task == "arith":  # the reference model's synthetic problems, split by --split
+        if args.data:
+            raise ValueError(f"--task arith generates its problems and takes no --data (got {args.data!r}); "
+                             "pass a task name that reads JSONL, e.g. --task gsm8k --data FILE")
         problems = as_task_problems(make_problems(args.split, args.offset + args.num_problems), args.split)
         return problems[args.offset :]
     return load_task(args.task, args.data, limit=args.num_problems, offset=args.offset)
@@ -150,7 +152,8 @@ def _add_task_flags(parser: argparse.ArgumentParser, task: str, split: str, num_
 
 def add_commands(sub: Any) -> None:
     ref = sub.add_parser("train-reference", help="train the small reference reasoning model from scratch")
-    ref.add_argument("--out", default=None, help="output folder (default: the package's reference_model/)")
+    ref.add_argument("--out", default="runs/reference",
+                     help="output folder (default: runs/reference; never the installed package)")
     ref.add_argument("--steps", type=int, default=1600)
     ref.add_argument("--batch-size", type=int, default=16)
     ref.add_argument("--seed", type=int, default=0)

@@ -98,6 +98,17 @@ class FeatureSpec:
             )
 
 
+def check_text(text: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, e.g. from a mis-decoded shell argument)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text has an invalid character {text[exc.start]!r} at position {exc.start} (a lone surrogate: "
+            "not valid Unicode); fix the input's encoding"
+        ) from None
+
+
 def tokenizer_hash(tokenizer: Any) -> str:
     vocab = tokenizer.get_vocab()
     payload = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()
@@ -139,6 +150,12 @@ class LoadedModel:
         )
 
     @property
+    def context_length(self) -> int | None:
+        """Positions the model was built for (`max_position_embeddings`), if its config says."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    @property
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
         for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
@@ -156,12 +173,14 @@ class LoadedModel:
         return int(pad)
 
     def encode(self, text: str) -> list[int]:
+        check_text(text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_ids(self, user_text: str, system: str | None = None) -> list[int]:
         """Token ids of a one-turn chat prompt, ending where the assistant starts writing."""
         if not user_text:
             raise ValueError("prompt must not be empty")
+        check_text(user_text)
         if getattr(self.tokenizer, "chat_template", None):
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": user_text}

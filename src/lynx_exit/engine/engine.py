@@ -124,6 +124,10 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("every prompt must have at least one token")
+        context = self.lm.context_length
+        if context is not None and len(prompt) >= context:
+            raise ValueError(f"the prompt is {len(prompt)} tokens but model {self.lm.model_id!r} has a context of "
+                             f"{context} positions: shorten the prompt")
         layers = self._request_layers(policy, feature_layers)
         generator = None
         if config.temperature > 0:

@@ -61,7 +61,7 @@ class Server:
     def __init__(self, lm: LoadedModel, options: ServerOptions, engine_factory: Callable[[], Engine] | None = None) -> None:
         self.lm = lm
         self.options = options
-        self.context_length = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0) or None
+        self.context_length = lm.context_length
         self.metrics = ServerMetrics(options.max_batch_size)
         self.methods = MethodContext(lm=lm, probe=options.probe)
         factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size))
