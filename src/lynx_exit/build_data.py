@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.models import FeatureSpec, LoadedModel
-from lynx_exit.tasks import Problem
+from lynx_exit.tasks import Problem, read_appended_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ def _select(indices: list[int], config: BuildConfig) -> list[int]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_appended_jsonl(path)
 
 
 def _append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:

@@ -14,7 +14,7 @@ from lynx_exit.build_data import rollout_seed
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits import MethodContext, MethodSetting, make_policy
 from lynx_exit.models import LoadedModel
-from lynx_exit.tasks import Problem
+from lynx_exit.tasks import Problem, read_appended_jsonl
 
 
 def run_eval(
@@ -42,12 +42,7 @@ def run_eval(
         raise ValueError(f"batch_size and rollouts must be >= 1, got {batch_size}, {rollouts}")
     out_dir.mkdir(parents=True, exist_ok=True)
     records_file = out_dir / "records.jsonl"
-    done = set()
-    if records_file.exists():
-        for line in records_file.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((r["setting"], r["problem_id"], r["rollout"]))
+    done = {(r["setting"], r["problem_id"], r["rollout"]) for r in read_appended_jsonl(records_file)}
     jobs = [
         (setting, index, problem, r)
         for setting in settings
@@ -106,17 +101,14 @@ def run_eval(
 def load_timing(path: Path) -> dict[str, float]:
     """Seconds per rollout for each setting, over all (possibly resumed) runs."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                item = json.loads(line)
-                totals[item["setting"]][0] += item["seconds"]
-                totals[item["setting"]][1] += item["rollouts"]
+    for item in read_appended_jsonl(path):
+        totals[item["setting"]][0] += item["seconds"]
+        totals[item["setting"]][1] += item["rollouts"]
     return {k: v[0] / v[1] for k, v in totals.items() if v[1]}
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_appended_jsonl(path)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +105,41 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             yield line_number, record
+
+
+logger = logging.getLogger(__name__)
+
+
+def read_appended_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file a resumable job appends to ([] if it does not exist).
+
+    A torn final line (no newline and not valid JSON: a crash or a full disk mid-write) is dropped
+    with a warning and the file is rewritten atomically without it, so the next append starts on a
+    fresh line. Any other bad line is an error naming file and line.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records: list[dict[str, Any]] = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if line_number == len(lines):  # the last piece has no newline after it: torn mid-write
+                logger.warning("%s:%d: dropping a torn final line (%d characters)", path, line_number, len(line))
+                kept = text[: len(text) - len(line)]
+                temporary = path.with_name(path.name + ".tmp")
+                temporary.write_text(kept, encoding="utf-8")
+                os.replace(temporary, path)
+                break
+            raise ValueError(f"{path}:{line_number}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 def load_task(name: str, path: str | Path | None = None, limit: int | None = None, offset: int = 0) -> list[Problem]:
