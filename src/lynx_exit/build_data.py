@@ -57,10 +57,6 @@ def _select(indices: list[int], config: BuildConfig) -> list[int]:
     return kept
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return read_appended_jsonl(path)
-
-
 def _append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         for record in records:
@@ -105,9 +101,9 @@ def build_dataset(
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
 
     rollouts_file, events_file = out_dir / "rollouts.jsonl", out_dir / "events.jsonl"
-    done = {r["problem_id"] for r in _read_jsonl(rollouts_file)}
+    done = {r["problem_id"] for r in read_appended_jsonl(rollouts_file)}
     # Drop events of a problem whose write was interrupted before its rollouts were recorded.
-    events = [e for e in _read_jsonl(events_file) if e["problem_id"] in done]
+    events = [e for e in read_appended_jsonl(events_file) if e["problem_id"] in done]
     events_file.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
     todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
     per_batch = max(1, config.batch_size // config.rollouts_per_problem)
@@ -228,8 +224,8 @@ def load_dataset(folder: str | Path) -> Dataset:
         raise FileNotFoundError(f"{str(folder)!r} is not a lynx-exit dataset (no meta.json)")
     meta = json.loads(meta_file.read_text())
     spec = FeatureSpec.from_dict(meta["feature_spec"])
-    events = _read_jsonl(folder / "events.jsonl")
-    rollouts = _read_jsonl(folder / "rollouts.jsonl")
+    events = read_appended_jsonl(folder / "events.jsonl")
+    rollouts = read_appended_jsonl(folder / "rollouts.jsonl")
     shards: dict[str, torch.Tensor] = {}
     rows = []
     for event in events:
@@ -247,8 +243,8 @@ def load_dataset(folder: str | Path) -> Dataset:
 
 
 def summarize_dataset(folder: Path) -> dict[str, Any]:
-    events = _read_jsonl(folder / "events.jsonl")
-    rollouts = _read_jsonl(folder / "rollouts.jsonl")
+    events = read_appended_jsonl(folder / "events.jsonl")
+    rollouts = read_appended_jsonl(folder / "rollouts.jsonl")
     n = max(1, len(rollouts))
     return {
         "rollouts": len(rollouts),

@@ -11,12 +11,11 @@ from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from lynx_exit.exits import get_method, knobs
+    from lynx_exit.exits import knobs
     from lynx_exit.models import load_model
     from lynx_exit.serve import Server, ServerOptions, run
 
-    method = args.exit or ("lynx" if args.probe else "never")
-    get_method(method)  # a clear error before the model loads
+    method = args.exit or ("lynx" if args.probe else "never")  # argparse has checked --exit
     defaults = {k.name: getattr(args, k.flag.lstrip("-").replace("-", "_")) for k in knobs()}
     defaults["mode"] = args.mode
     options = ServerOptions(

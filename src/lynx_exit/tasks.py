@@ -12,6 +12,8 @@ from typing import Any
 
 from lynx_exit.grading import extract_boxed, grade, gsm8k_gold
 
+logger = logging.getLogger(__name__)
+
 DATA_DIR = Path(__file__).parent / "data"
 REASONING_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -92,22 +94,23 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+def _parse_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
+    """One JSONL record; a bad line raises naming file and line (chained to the JSON error, if any)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{line_number}: invalid JSON: {exc.msg}") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line; a bad line raises naming file and line."""
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_number}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            yield line_number, record
-
-
-logger = logging.getLogger(__name__)
+            if line.strip():
+                yield line_number, _parse_line(path, line_number, line)
 
 
 def read_appended_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -126,19 +129,15 @@ def read_appended_jsonl(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if line_number == len(lines):  # the last piece has no newline after it: torn mid-write
-                logger.warning("%s:%d: dropping a torn final line (%d characters)", path, line_number, len(line))
-                kept = text[: len(text) - len(line)]
-                temporary = path.with_name(path.name + ".tmp")
-                temporary.write_text(kept, encoding="utf-8")
-                os.replace(temporary, path)
-                break
-            raise ValueError(f"{path}:{line_number}: invalid JSON: {exc.msg}") from exc
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+            records.append(_parse_line(path, line_number, line))
+        except ValueError as exc:
+            # The last piece has no newline after it: a line torn mid-write, not a bad record.
+            if line_number < len(lines) or not isinstance(exc.__cause__, json.JSONDecodeError):
+                raise
+            logger.warning("%s:%d: dropping a torn final line (%d characters)", path, line_number, len(line))
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(text[: len(text) - len(line)], encoding="utf-8")
+            os.replace(temporary, path)
     return records
 
 

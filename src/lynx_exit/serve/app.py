@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lynx_exit.exits import method_names
+from lynx_exit.exits.lynx import shared_probe
 from lynx_exit.serve.generation import Generation, exit_object, finish_reason, now, usage
 from lynx_exit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from lynx_exit.serve.server import Plan, Server
@@ -100,16 +102,12 @@ def _check_key(server: Server, request: Request) -> None:
 async def _models(server: Server) -> Response:
     bundle_info: dict[str, Any] = {}
     if server.options.probe is not None:
-        from lynx_exit.exits.lynx import shared_probe
-
         bundle, _ = shared_probe(server.methods)
         bundle_info = {
             "path": server.options.probe,
             "calibrated_deltas": {mode: [t.delta for t in getattr(bundle, f"{mode}_thresholds")]
                                   for mode in ("event", "trajectory", "harm")},
         }
-    from lynx_exit.exits import method_names
-
     card = {
         "id": server.options.model_name, "object": "model", "created": server.started, "owned_by": "lynx-exit",
         "max_model_len": server.context_length,

@@ -222,7 +222,7 @@ class Server:
         policies = self.policies(plan.exit, plan.rows)
         tickets, texts = [], []
         for i in range(plan.rows):
-            tickets.append(Ticket(i, plan.prompts[i // plan.n], plan.config, policies[i], (base + i) % _SEED_RANGE, _unset))
+            tickets.append(Ticket(i, plan.prompts[i // plan.n], plan.config, policies[i], (base + i) % _SEED_RANGE))
             texts.append(ChoiceText(self.lm.profile.think_end, plan.stop, split=split))
         generation = Generation(self.worker, tickets, texts, lambda t, e: self._finished(plan, t, e))
         self.in_flight += plan.rows
@@ -245,7 +245,3 @@ class Server:
         m.latency.observe(time.perf_counter() - ticket.submitted)
         if event.first_token_s is not None:
             m.ttft.observe(event.first_token_s)
-
-
-def _unset(_choice: int, _events: list[Any]) -> None:
-    raise RuntimeError("ticket delivered before its generation took it")

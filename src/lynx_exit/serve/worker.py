@@ -54,7 +54,8 @@ class Ticket:
     config: GenerationConfig
     policy: ExitPolicy | None
     seed: int
-    deliver: Callable[[int, list[Event]], None]  # called on the event loop with (choice, events)
+    # Called on the event loop with (choice, events); the request's `Generation` sets it.
+    deliver: Callable[[int, list[Event]], None] = field(default=lambda _choice, _events: None)
     submitted: float = field(default_factory=time.perf_counter)
     engine_id: int | None = None
     admitted: float | None = None
