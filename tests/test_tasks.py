@@ -68,3 +68,27 @@ def test_a_bad_line_that_is_not_the_last_is_an_error_naming_file_and_line(tmp_pa
     with pytest.raises(ValueError, match=r"events.jsonl:2: invalid JSON"):
         read_appended_jsonl(path)
     assert path.read_text() == '{"a": 1}\n{"a": \n{"a": 3}\n'  # untouched
+
+
+@pytest.mark.parametrize("answer_key", ["", None, "F", 2])
+def test_csqa_answer_key_must_be_a_choice_label(tmp_path, answer_key):
+    good = {"question": "Q?", "choices": {"label": ["A", "B"], "text": ["x", "y"]}, "answerKey": "A"}
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answerKey": answer_key}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: not a csqa record .*answerKey"):
+        load_task("csqa", data)
+
+
+def test_math500_keeps_its_unique_id(tmp_path):
+    data = tmp_path / "math500.jsonl"
+    records = [{"problem": "p", "answer": "3", "unique_id": "test/algebra/1.json"}, {"problem": "q", "answer": "4"}]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert [problem.problem_id for problem in load_task("math", data)] == ["test/algebra/1.json", "math-1"]
+
+
+def test_repeated_problem_ids_are_an_error(tmp_path):
+    data = tmp_path / "m.jsonl"
+    record = {"problem": "p", "answer": "3", "unique_id": "x"}
+    data.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:2: problem id 'x' repeats line 1"):
+        load_task("math", data)

@@ -70,7 +70,10 @@ def _csqa(record: dict[str, Any]) -> tuple[str, str]:
     choices = record["choices"]
     lines = [f"({label}) {text}" for label, text in zip(choices["label"], choices["text"], strict=True)]
     question = record["question"] + "\nChoices:\n" + "\n".join(lines) + "\nAnswer with the letter of the correct choice."
-    return question, str(record["answerKey"]).strip()
+    answer_key = record["answerKey"]
+    if not isinstance(answer_key, str) or answer_key.strip() not in choices["label"]:
+        raise ValueError(f"answerKey {answer_key!r} is not one of the choice labels {choices['label']}")
+    return question, answer_key.strip()
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,10 @@ def read_appended_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+# The file's own id: `id` (GSM8K copies, CSQA), `ID` (SVAMP), `unique_id` (MATH-500).
+_ID_KEYS = ("id", "ID", "unique_id")
+
+
 def load_task(name: str, path: str | Path | None = None, limit: int | None = None, offset: int = 0) -> list[Problem]:
     """Problems of task `name` from `path` (or the shipped file), records [offset, offset+limit)."""
     if name not in TASKS:
@@ -156,6 +163,7 @@ def load_task(name: str, path: str | Path | None = None, limit: int | None = Non
     if offset < 0 or (limit is not None and limit < 0):
         raise ValueError(f"offset and limit must be >= 0, got offset={offset} limit={limit}")
     problems: list[Problem] = []
+    id_lines: dict[str, int] = {}  # resumable jobs key their outputs by problem id
     for index, (line_number, record) in enumerate(iter_jsonl(path)):
         if index < offset:
             continue
@@ -165,6 +173,9 @@ def load_task(name: str, path: str | Path | None = None, limit: int | None = Non
             question, gold = spec.parse(record)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}:{line_number}: not a {name} record ({exc})") from exc
-        problem_id = str(record.get("id", record.get("ID", f"{name}-{index}")))
+        problem_id = next((str(record[key]) for key in _ID_KEYS if record.get(key) is not None), f"{name}-{index}")
+        if problem_id in id_lines:
+            raise ValueError(f"{path}:{line_number}: problem id {problem_id!r} repeats line {id_lines[problem_id]}")
+        id_lines[problem_id] = line_number
         problems.append(Problem(task=name.removesuffix("-train"), problem_id=problem_id, question=question, gold=gold))
     return problems
