@@ -38,11 +38,11 @@ def never_exit_probe(lm: Any, folder: Path, seed: int = 0) -> Path:
     Scoring costs exactly what a trained probe costs; never exiting keeps both sides of a
     throughput comparison at the same number of tokens.
     """
-    from lynx_exit.probe import Probe, save_probe
+    from lynx_exit.probe import Probe, save_probe, write_conformal
 
     spec = lm.feature_spec()
     torch.manual_seed(seed)
     save_probe(folder, Probe(spec.feature_dim), spec, {"training_task": "none (random weights, for timing)"})
     never = {"delta": 0.05, "q_pos": 0.0, "q_neg": "inf", "n_pos": 0, "n_neg": 0}
-    (folder / "conformal.json").write_text(json.dumps({"event": [never], "trajectory": [], "harm": []}))
+    write_conformal(folder, {"event": [never], "trajectory": [], "harm": []})
     return folder

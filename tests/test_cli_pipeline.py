@@ -39,6 +39,23 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     assert main(["generate", "--exit", "deer", question]) == 2
     assert "--exit deer needs --threshold" in capsys.readouterr().err
 
+    # Every setting and artifact is checked before the first rollout; a busy folder is refused at once.
+    for flags, message in (
+        (["--probe", str(tmp_path / "nowhere"), "--methods", "never"], "has no probe.safetensors"),
+        (["--probe", str(tmp_path / "probe"), "--methods", "never,lynx", "--deltas", "0.5,0.15"], "delta=0.15"),
+    ):
+        assert main(["eval", "--task", "arith", "--num-problems", "2", "--out", str(tmp_path / "e2"), *flags, *COMMON]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "e2").exists()
+    from lynx_exit.artifacts import FolderLock
+
+    with FolderLock(out, "lynx-exit eval"):
+        assert main(["eval", "--task", "arith", "--num-problems", "4", "--out", str(out), "--methods", "never", *COMMON]) == 2
+    assert "is in use by another lynx-exit eval run" in capsys.readouterr().err
+    # Retraining drops the old calibration: LYNX asks for a new one instead of using stale thresholds.
+    assert main(["train", "--data", str(tmp_path / "tr"), "--out", str(tmp_path / "probe"), "--epochs", "3"]) == 0
+    assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.5", question]) == 2
+    assert "run lynx-exit calibrate" in capsys.readouterr().err
+
 
 def test_demo_smoke(tmp_path):
     config = DemoConfig(train_problems=16, calib_problems=16, test_problems=6, deltas=(0.3,), budgets=(100,), batch_size=8)

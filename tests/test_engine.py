@@ -22,7 +22,7 @@ from lynx_exit.exits import (
     parse_methods,
 )
 from lynx_exit.models import FeatureSpec
-from lynx_exit.probe import Probe, ProbeTrainConfig, load_probe, save_probe
+from lynx_exit.probe import Probe, ProbeTrainConfig, load_probe, save_probe, write_conformal
 from lynx_exit.tasks import Problem
 
 CONFIG = GenerationConfig(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=40, cue_regex="e", answer_max_tokens=4)
@@ -155,7 +155,7 @@ def _write_probe(folder, spec, q_neg):
     torch.manual_seed(0)
     save_probe(folder, Probe(spec.feature_dim), spec, {"training_task": "toy"})
     event = {"delta": 0.2, "q_pos": 1.0, "q_neg": q_neg, "n_pos": 10, "n_neg": 10}
-    (folder / "conformal.json").write_text(json.dumps({"event": [event], "trajectory": [], "harm": []}))
+    write_conformal(folder, {"event": [event], "trajectory": [], "harm": []})
 
 
 def test_eval_scores_a_probe_on_non_default_layers_at_its_own_layers(tiny_lm, tmp_path):

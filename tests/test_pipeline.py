@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset
 from lynx_exit.calibration import calibrate_probe_folder, empirical_rates, train_probe_folder
@@ -79,6 +80,37 @@ def test_resume_continues_same_problem_list(chain, tiny_lm, tmp_path):
     assert resumed["events"] == len(full.events)
     key = lambda e: (e["problem_id"], e["rollout"], e["token_index"])  # noqa: E731
     assert sorted(map(key, again.events)) == sorted(map(key, full.events))
+
+
+def test_lost_events_are_detected_and_rebuilt_on_resume(chain, tiny_lm, tmp_path, caplog):
+    """Reproduction: with events.jsonl emptied and rollouts.jsonl intact, a rerun exited 0 with 0 events."""
+    root, _, _ = chain
+    full = load_dataset(root / "train")
+    spec, first = tiny_lm.feature_spec(), problems("train", 10)
+    build_dataset(tiny_lm, first, tmp_path / "d", GEN, BUILD, spec, progress=False)
+    (tmp_path / "d" / "events.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"incomplete: rollout 'train-0'/0 records \d+ events but events.jsonl has 0"):
+        load_dataset(tmp_path / "d")
+    with caplog.at_level("WARNING"):
+        resumed = build_dataset(tiny_lm, first, tmp_path / "d", GEN, BUILD, spec, progress=False)
+    assert "10 problem(s) have incomplete records" in caplog.text
+    again = load_dataset(tmp_path / "d")
+    assert resumed["events"] == len(full.events) and resumed["rollouts"] == 20
+    assert torch.equal(again.features, full.features)
+    # A lost feature shard is rebuilt too, without overwriting the shards other problems still use.
+    shards = sorted((tmp_path / "d" / "features").glob("shard-*.safetensors"))
+    shards[0].unlink()
+    build_dataset(tiny_lm, first, tmp_path / "d", GEN, BUILD, spec, progress=False)
+    assert torch.equal(load_dataset(tmp_path / "d").features.sort(dim=0).values, full.features.sort(dim=0).values)
+    assert not list((tmp_path / "d").rglob("*.tmp"))
+
+
+def test_a_second_build_on_the_same_folder_is_refused(tiny_lm, tmp_path):
+    from lynx_exit.artifacts import FolderBusyError, FolderLock
+
+    with FolderLock(tmp_path / "d", "lynx-exit build-data"):
+        with pytest.raises(FolderBusyError, match="in use by another lynx-exit build-data run"):
+            build_dataset(tiny_lm, problems("x", 1), tmp_path / "d", GEN, BUILD, tiny_lm.feature_spec(), progress=False)
 
 
 def test_calibration_refuses_overlap(chain):

@@ -75,3 +75,78 @@ def test_no_calibration_gives_clear_error(tmp_path):
     with pytest.raises(ValueError, match="run lynx-exit calibrate"):
         load_probe(tmp_path).event_threshold(0.05)
     assert json.loads((tmp_path / "probe.json").read_text())["feature_spec"]["feature_dim"] == 10
+
+
+EVENT = {"delta": 0.1, "q_pos": 0.4, "q_neg": 0.6, "n_pos": 10, "n_neg": 10}
+
+
+def _saved_probe(folder, seed=0):
+    torch.manual_seed(seed)
+    from lynx_exit.probe import Probe
+
+    save_probe(folder, Probe(SPEC.feature_dim), SPEC, {})
+    return folder
+
+
+def test_calibration_is_bound_to_the_weights_it_was_computed_for(tmp_path, caplog):
+    """Reproduction: retraining into a calibrated folder kept the old conformal.json, and generate used it."""
+    from lynx_exit.probe import write_conformal
+
+    folder = _saved_probe(tmp_path / "p")
+    write_conformal(folder, {"event": [EVENT]})
+    assert load_probe(folder).event_threshold(0.1).q_pos == 0.4
+    stale = (folder / "conformal.json").read_text()
+    with caplog.at_level("WARNING"):
+        _saved_probe(folder, seed=1)  # retrain into the same folder
+    assert not (folder / "conformal.json").exists() and "run lynx-exit calibrate again" in caplog.text
+    (folder / "conformal.json").write_text(stale)  # copied back by hand
+    with pytest.raises(ValueError, match=r"conformal.json does not belong to the probe weights beside it"):
+        load_probe(folder)
+    assert load_probe(folder, calibration=False).event_thresholds == []
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[1, 2]", "expected a JSON object of calibrations, got list"),
+        ('{"event": [{"delta": 0.1}]', "invalid JSON"),
+        ('{"event": [{"delta": 0.1}]}', "no weights hash"),
+    ],
+)
+def test_malformed_conformal_files_name_the_file_and_the_fault(tmp_path, content, message):
+    folder = _saved_probe(tmp_path / "p")
+    (folder / "conformal.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"conformal.json.*{message}"):
+        load_probe(folder)
+
+
+@pytest.mark.parametrize(
+    "report,message",
+    [
+        ({"event": [{"delta": 0.1}]}, r"event\[0\] has no 'q_pos'"),
+        ({"event": [{**EVENT, "q_neg": 1.5}]}, r"event\[0\]: q_neg must be in \[0, 1\] or inf, got 1.5"),
+        ({"event": [{**EVENT, "q_pos": "nan"}]}, r"event\[0\]: q_pos must be in \[0, 1\]"),
+        ({"event": [{**EVENT, "delta": 0}]}, r"event\[0\]: delta must be in \(0, 1\)"),
+        ({"trajectory": [{"delta": 0.1, "epsilon": 0.1, "threshold": -0.2, "n_rollouts": 3, "empirical_risk": 0}]},
+         r"trajectory\[0\]: threshold must be in \[0, 1\]"),
+        ({"harm": {"delta": 0.1}}, "'harm' must be a list"),
+        ({"event": ["x"]}, r"event\[0\] must be an object"),
+    ],
+)
+def test_thresholds_outside_their_range_are_refused(tmp_path, report, message):
+    from lynx_exit.probe import write_conformal
+
+    folder = _saved_probe(tmp_path / "p")
+    write_conformal(folder, report)
+    with pytest.raises(ValueError, match=rf"conformal.json: {message}"):
+        load_probe(folder)
+
+
+def test_malformed_probe_metadata_names_the_file(tmp_path):
+    folder = _saved_probe(tmp_path / "p")
+    (folder / "probe.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"probe.json is not a valid probe metadata file: expected a JSON object"):
+        load_probe(folder)
+    (folder / "probe.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"probe.json is not a valid probe metadata file: no 'feature_spec'"):
+        load_probe(folder)

@@ -22,7 +22,7 @@ from conftest import make_tiny_lm
 
 from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
 from lynx_exit.exits import LynxPolicy, TokenBudget
-from lynx_exit.probe import Probe, load_probe, save_probe
+from lynx_exit.probe import Probe, load_probe, save_probe, write_conformal
 from lynx_exit.serve import Server, ServerOptions, create_app
 
 MODEL = "tiny-test"
@@ -61,7 +61,7 @@ def write_probe(folder, lm):
     save_probe(folder, Probe(spec.feature_dim).double(), spec, {"training_task": "toy"})
     always = {"delta": 0.2, "q_pos": 1.0, "q_neg": 0.0, "n_pos": 10, "n_neg": 10}
     never = {"delta": 0.1, "q_pos": 0.0, "q_neg": 1.0, "n_pos": 10, "n_neg": 10}
-    (folder / "conformal.json").write_text(json.dumps({"event": [always, never], "trajectory": [], "harm": []}))
+    write_conformal(folder, {"event": [always, never], "trajectory": [], "harm": []})
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import sys
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +22,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lynx_exit.artifacts import (
+    FolderLock,
+    append_jsonl,
+    read_appended_jsonl,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.models import FeatureSpec, LoadedModel
-from lynx_exit.tasks import Problem, read_appended_jsonl
+from lynx_exit.tasks import Problem
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +66,19 @@ def _select(indices: list[int], config: BuildConfig) -> list[int]:
     return kept
 
 
-def _append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
+# Keys every record must carry; a line without one is an error naming file and line.
+EVENT_KEYS = ("problem_id", "rollout", "token_index", "label", "shard", "shard_row")
+ROLLOUT_KEYS = ("problem_id", "rollout", "correct", "generated_tokens", "num_cues", "num_events")
+
+
+def _read_meta(meta_file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict) or "feature_spec" not in meta:
+        raise ValueError(f"{meta_file} is not a lynx-exit dataset description (no 'feature_spec')")
+    return meta
 
 
 def build_dataset(
@@ -74,9 +91,7 @@ def build_dataset(
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Sample, hook, label and write; resumes a folder left by an interrupted run."""
-    from tqdm import tqdm
-
+    """Sample, hook, label and write; resumes a folder left by an interrupted run (locked meanwhile)."""
     if not problems:
         raise ValueError("build_dataset needs at least one problem")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,22 +105,76 @@ def build_dataset(
         "task": problems[0].task,
         **(extra_meta or {}),
     }
-    meta_file = out_dir / "meta.json"
-    if meta_file.exists():
-        old = json.loads(meta_file.read_text())
-        for key in ("feature_spec", "generation", "build", "problem_ids"):
-            if old.get(key) != json.loads(json.dumps(meta[key])):
-                raise ValueError(f"{out_dir} holds a dataset built with other {key}; use a new folder to change it")
-    meta["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
-    meta["command"] = " ".join(sys.argv)
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    with FolderLock(out_dir, "lynx-exit build-data"):
+        meta_file = out_dir / "meta.json"
+        if meta_file.exists():
+            old = _read_meta(meta_file)
+            for key in ("feature_spec", "generation", "build", "problem_ids"):
+                if old.get(key) != json.loads(json.dumps(meta[key])):
+                    raise ValueError(f"{out_dir} holds a dataset built with other {key}; use a new folder to change it")
+        meta["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
+        meta["command"] = " ".join(sys.argv)
+        write_json_atomic(meta_file, meta)
+        done = _resume(out_dir, config)
+        todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
+        _build_all(lm, problems, todo, out_dir, generation, config, spec, progress)
+        return summarize_dataset(out_dir)
 
+
+def _resume(out_dir: Path, config: BuildConfig) -> set[str]:
+    """Ids of the problems whose records are complete; the rest are dropped, to be rebuilt.
+
+    A problem is complete when each of its rollouts is recorded once and has as many events as
+    its record says, all in shards that exist. Files are rewritten atomically, never truncated.
+    """
     rollouts_file, events_file = out_dir / "rollouts.jsonl", out_dir / "events.jsonl"
-    done = {r["problem_id"] for r in read_appended_jsonl(rollouts_file)}
-    # Drop events of a problem whose write was interrupted before its rollouts were recorded.
-    events = [e for e in read_appended_jsonl(events_file) if e["problem_id"] in done]
-    events_file.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
-    todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
+    rollouts = read_appended_jsonl(rollouts_file, ROLLOUT_KEYS)
+    events = read_appended_jsonl(events_file, EVENT_KEYS)
+    event_counts = Counter((e["problem_id"], e["rollout"]) for e in events)
+    features = out_dir / "features"
+    lost_shards = {e["problem_id"] for e in events if not (features / e["shard"]).is_file()}
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in rollouts:
+        by_problem[record["problem_id"]].append(record)
+    complete = {
+        problem_id
+        for problem_id, records in by_problem.items()
+        if sorted(r["rollout"] for r in records) == list(range(config.rollouts_per_problem))
+        and all(event_counts[(problem_id, r["rollout"])] == r["num_events"] for r in records)
+        and problem_id not in lost_shards
+    }
+    incomplete = sorted(set(by_problem) - complete)
+    if incomplete:
+        logger.warning(
+            "%s: %d problem(s) have incomplete records (missing events or feature shards, e.g. %s); rebuilding them",
+            out_dir, len(incomplete), incomplete[:3],
+        )
+    kept_rollouts = [r for r in rollouts if r["problem_id"] in complete]
+    # Events of a problem whose rollouts were never recorded belong to an interrupted chunk.
+    kept_events = [e for e in events if e["problem_id"] in complete]
+    if len(kept_rollouts) != len(rollouts):
+        write_jsonl_atomic(rollouts_file, kept_rollouts)
+    if len(kept_events) != len(events):
+        write_jsonl_atomic(events_file, kept_events)
+    referenced = {e["shard"] for e in kept_events}
+    for orphan in features.glob("shard-*.safetensors"):
+        if orphan.name not in referenced:
+            orphan.unlink()
+    return complete
+
+
+def _build_all(
+    lm: LoadedModel,
+    problems: Sequence[Problem],
+    todo: Sequence[tuple[int, Problem]],
+    out_dir: Path,
+    generation: GenerationConfig,
+    config: BuildConfig,
+    spec: FeatureSpec,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
     per_batch = max(1, config.batch_size // config.rollouts_per_problem)
     exit_cue_ids = lm.exit_cue_ids(generation.exit_cue)
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="build-data", unit="problem", disable=not progress)
@@ -114,7 +183,6 @@ def build_dataset(
         _build_chunk(lm, chunk, out_dir, generation, config, spec, exit_cue_ids)
         bar.update(len(chunk))
     bar.close()
-    return summarize_dataset(out_dir)
 
 
 def _build_chunk(
@@ -158,9 +226,11 @@ def _build_chunk(
         answers += loop.engine.forced_answers(
             [(e["row"], e["token_index"]) for e in part], exit_cue_ids, generation.answer_max_tokens
         )
-    shard = f"shard-{chunk[0][0]:06d}.safetensors"
+    shard = _new_shard_name(out_dir / "features", chunk[0][0])
     if vectors:
-        save_file({"features": torch.stack(vectors).cpu().contiguous()}, str(out_dir / "features" / shard))
+        temporary = out_dir / "features" / f".{shard}.tmp"
+        save_file({"features": torch.stack(vectors).cpu().contiguous()}, str(temporary))
+        os.replace(temporary, out_dir / "features" / shard)
     event_records, rollout_records = [], []
     per_row_events: dict[int, int] = {}
     for shard_row, (event, forced) in enumerate(zip(pending, answers, strict=True)):
@@ -196,8 +266,18 @@ def _build_chunk(
                 "num_events": per_row_events.get(row, 0),
             }
         )
-    _append_jsonl(out_dir / "events.jsonl", event_records)
-    _append_jsonl(out_dir / "rollouts.jsonl", rollout_records)
+    # Rollouts last: a problem counts as done only once its events and shard are on disk.
+    append_jsonl(out_dir / "events.jsonl", event_records)
+    append_jsonl(out_dir / "rollouts.jsonl", rollout_records)
+
+
+def _new_shard_name(features: Path, first_problem: int) -> str:
+    """A shard name no kept event uses (a rebuilt problem must not overwrite its old chunk's shard)."""
+    name, copy = f"shard-{first_problem:06d}.safetensors", 0
+    while (features / name).exists():
+        copy += 1
+        name = f"shard-{first_problem:06d}-{copy}.safetensors"
+    return name
 
 
 @dataclass
@@ -218,14 +298,19 @@ class Dataset:
 
 
 def load_dataset(folder: str | Path) -> Dataset:
+    """Read a build-data folder; an incomplete or malformed one raises naming the file and the fault."""
     folder = Path(folder)
     meta_file = folder / "meta.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a lynx-exit dataset (no meta.json)")
-    meta = json.loads(meta_file.read_text())
-    spec = FeatureSpec.from_dict(meta["feature_spec"])
-    events = read_appended_jsonl(folder / "events.jsonl")
-    rollouts = read_appended_jsonl(folder / "rollouts.jsonl")
+    meta = _read_meta(meta_file)
+    try:
+        spec = FeatureSpec.from_dict(meta["feature_spec"])
+    except ValueError as exc:
+        raise ValueError(f"{meta_file}: {exc}") from None
+    events = read_appended_jsonl(folder / "events.jsonl", EVENT_KEYS, repair=False)
+    rollouts = read_appended_jsonl(folder / "rollouts.jsonl", ROLLOUT_KEYS, repair=False)
+    _check_complete(folder, events, rollouts)
     shards: dict[str, torch.Tensor] = {}
     rows = []
     for event in events:
@@ -235,16 +320,34 @@ def load_dataset(folder: str | Path) -> Dataset:
             if not path.is_file():
                 raise FileNotFoundError(f"dataset {str(folder)!r} is missing feature shard {name}")
             shards[name] = load_file(str(path))["features"]
-        rows.append(shards[name][event["shard_row"]])
+        row = event["shard_row"]
+        if not isinstance(row, int) or not 0 <= row < len(shards[name]):
+            raise ValueError(
+                f"{folder / 'events.jsonl'}: event {event['problem_id']!r}/{event['rollout']}@{event['token_index']} "
+                f"points at row {row!r} of {name}, which has {len(shards[name])} rows"
+            )
+        rows.append(shards[name][row])
     features = torch.stack(rows) if rows else torch.zeros(0, spec.feature_dim)
     if features.shape[1] != spec.feature_dim:
         raise ValueError(f"dataset {str(folder)!r}: features have dim {features.shape[1]}, spec says {spec.feature_dim}")
     return Dataset(spec=spec, meta=meta, features=features, events=events, rollouts=rollouts)
 
 
+def _check_complete(folder: Path, events: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> None:
+    """Every rollout's events are present: a dataset that lost some would silently bias training and calibration."""
+    event_counts = Counter((e["problem_id"], e["rollout"]) for e in events)
+    recorded = {(r["problem_id"], r["rollout"]): r["num_events"] for r in rollouts}
+    for key, expected in recorded.items():
+        if event_counts.get(key, 0) != expected:
+            raise ValueError(
+                f"dataset {str(folder)!r} is incomplete: rollout {key[0]!r}/{key[1]} records {expected} events but "
+                f"events.jsonl has {event_counts.get(key, 0)}; rerun build-data with the same flags to repair it"
+            )
+
+
 def summarize_dataset(folder: Path) -> dict[str, Any]:
-    events = read_appended_jsonl(folder / "events.jsonl")
-    rollouts = read_appended_jsonl(folder / "rollouts.jsonl")
+    events = read_appended_jsonl(folder / "events.jsonl", EVENT_KEYS)
+    rollouts = read_appended_jsonl(folder / "rollouts.jsonl", ROLLOUT_KEYS)
     n = max(1, len(rollouts))
     return {
         "rollouts": len(rollouts),

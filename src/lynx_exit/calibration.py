@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from lynx_exit.artifacts import FolderLock
 from lynx_exit.build_data import Dataset
 from lynx_exit.conformal import (
     DEFAULT_DELTAS,
@@ -20,13 +20,26 @@ from lynx_exit.conformal import (
     harm_labels,
     trajectory_loss,
 )
-from lynx_exit.probe import CONFORMAL_FILE, ProbeBundle, ProbeTrainConfig, load_probe, save_probe, train_probe
+from lynx_exit.probe import (
+    ProbeBundle,
+    ProbeTrainConfig,
+    load_probe,
+    save_probe,
+    train_probe,
+    write_conformal,
+)
 
 
 def train_probe_folder(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str) -> dict[str, Any]:
-    started = time.perf_counter()
+    """Train a probe on `dataset` and write it to `out_dir` (locked meanwhile)."""
     if len(dataset.events) == 0:
         raise ValueError(f"dataset {dataset_dir!r} has no events to train on")
+    with FolderLock(out_dir, "lynx-exit train/calibrate"):
+        return _train(dataset, out_dir, config, dataset_dir)
+
+
+def _train(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str) -> dict[str, Any]:
+    started = time.perf_counter()
     probe, metrics = train_probe(dataset.features, dataset.labels, config)
     meta: dict[str, Any] = {
         "format": "lynx-exit-probe-v1",
@@ -57,7 +70,12 @@ def calibrate_probe_folder(
     probe_dir: Path, dataset: Dataset, deltas: Sequence[float] = DEFAULT_DELTAS, epsilon: float = 0.1
 ) -> dict[str, Any]:
     """Write `conformal.json` (per-event and trajectory thresholds) from a disjoint calibration set."""
-    bundle = load_probe(probe_dir)
+    with FolderLock(probe_dir, "lynx-exit train/calibrate"):
+        return _calibrate(probe_dir, dataset, deltas, epsilon)
+
+
+def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsilon: float) -> dict[str, Any]:
+    bundle = load_probe(probe_dir, calibration=False)
     bundle.spec.check_compatible(dataset.spec, what=f"probe {str(probe_dir)!r}")
     overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
     if overlap:
@@ -82,7 +100,7 @@ def calibrate_probe_folder(
         "trajectory": [t.to_dict() for t in trajectory],
         "harm": [t.to_dict() for t in harm],
     }
-    (probe_dir / CONFORMAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_conformal(probe_dir, report)
     return report
 
 

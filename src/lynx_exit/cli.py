@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lynx_exit import cli_pipeline, cli_serve
+from lynx_exit.artifacts import FolderBusyError
 from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config, parse_layers
 
 
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FolderBusyError) as exc:
         print(f"lynx-exit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,12 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
+def _check_threshold(name: str, value: float) -> None:
+    """A score threshold lives in [0, 1]; +inf means "never exit"."""
+    if not (0 <= value <= 1 or value == math.inf):
+        raise ValueError(f"{name} must be in [0, 1] or inf, got {value}")
+
+
 def conformal_quantile(scores: np.ndarray, delta: float) -> float:
     """The ⌈(n+1)(1−δ)⌉-th smallest score; +inf when that rank exceeds n (no clipping)."""
     _check_delta(delta)
@@ -43,6 +49,13 @@ class EventThreshold:
     q_neg: float
     n_pos: int
     n_neg: int
+
+    def __post_init__(self) -> None:
+        _check_delta(self.delta)
+        _check_threshold("q_pos", self.q_pos)
+        _check_threshold("q_neg", self.q_neg)
+        if self.n_pos < 0 or self.n_neg < 0:
+            raise ValueError(f"n_pos and n_neg must be >= 0, got {self.n_pos}, {self.n_neg}")
 
     @property
     def never_exit(self) -> bool:
@@ -146,6 +159,12 @@ class TrajectoryThreshold:
     threshold: float  # +inf: never exit
     n_rollouts: int
     empirical_risk: float
+
+    def __post_init__(self) -> None:
+        _check_delta(self.delta)
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        _check_threshold("threshold", self.threshold)
 
     @property
     def never_exit(self) -> bool:

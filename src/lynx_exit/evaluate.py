@@ -10,11 +10,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lynx_exit.artifacts import FolderLock, read_appended_jsonl, write_atomic, write_json_atomic
 from lynx_exit.build_data import rollout_seed
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits import MethodContext, MethodSetting, make_policy
+from lynx_exit.exits.lynx import shared_probe
 from lynx_exit.models import LoadedModel
-from lynx_exit.tasks import Problem, read_appended_jsonl
+from lynx_exit.tasks import Problem
+
+RECORD_KEYS = ("method", "setting", "knob", "problem_id", "rollout", "correct", "generated_tokens", "trial_tokens",
+               "exit_index", "latency_s")
+TIMING_KEYS = ("setting", "rollouts", "seconds")
 
 
 def run_eval(
@@ -31,18 +37,39 @@ def run_eval(
 ) -> dict[str, Any]:
     """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable).
 
-    Every setting is built once before the first rollout, so a bad setting or artifact (an
-    uncalibrated δ, a probe of another model) fails at once. `probe` is the LYNX probe folder.
+    Every setting and the probe are loaded once before the first rollout, so a bad setting or
+    artifact (an uncalibrated δ, a missing probe, a probe of another model) fails at once.
+    `probe` is the LYNX probe folder. `out_dir` is locked while the run lasts.
     """
-    from tqdm import tqdm
-
     if not problems:
         raise ValueError("eval needs at least one problem")
     if batch_size < 1 or rollouts < 1:
         raise ValueError(f"batch_size and rollouts must be >= 1, got {batch_size}, {rollouts}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    context = MethodContext(lm=lm, probe=probe)
+    if probe is not None:
+        shared_probe(context)
+    for setting in settings:  # validate every setting and artifact up front
+        make_policy(setting.method, context, **dict(setting.options))
+    with FolderLock(out_dir, "lynx-exit eval"):
+        return _run_locked(lm, problems, settings, generation, out_dir, rollouts, batch_size, progress, on_record, context)
+
+
+def _run_locked(
+    lm: LoadedModel,
+    problems: Sequence[Problem],
+    settings: Sequence[MethodSetting],
+    generation: GenerationConfig,
+    out_dir: Path,
+    rollouts: int,
+    batch_size: int,
+    progress: bool,
+    on_record: Callable[[], None] | None,
+    context: MethodContext,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
     records_file = out_dir / "records.jsonl"
-    done = {(r["setting"], r["problem_id"], r["rollout"]) for r in read_appended_jsonl(records_file)}
+    done = {(r["setting"], r["problem_id"], r["rollout"]) for r in read_appended_jsonl(records_file, RECORD_KEYS)}
     jobs = [
         (setting, index, problem, r)
         for setting in settings
@@ -50,9 +77,6 @@ def run_eval(
         for r in range(rollouts)
         if (setting.label, problem.problem_id, r) not in done
     ]
-    context = MethodContext(lm=lm, probe=probe)
-    for setting in settings:  # validate every setting and artifact up front
-        make_policy(setting.method, context, **dict(setting.options))
     prompt_cache: dict[str, list[int]] = {}
     bar = tqdm(total=len(jobs), desc="eval", unit="rollout", disable=not progress)
     timing_file = out_dir / "timing.jsonl"
@@ -101,14 +125,14 @@ def run_eval(
 def load_timing(path: Path) -> dict[str, float]:
     """Seconds per rollout for each setting, over all (possibly resumed) runs."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for item in read_appended_jsonl(path):
+    for item in read_appended_jsonl(path, TIMING_KEYS):
         totals[item["setting"]][0] += item["seconds"]
         totals[item["setting"]][1] += item["rollouts"]
     return {k: v[0] / v[1] for k, v in totals.items() if v[1]}
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
-    return read_appended_jsonl(path)
+    return read_appended_jsonl(path, RECORD_KEYS)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -212,6 +236,7 @@ def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs t
 
 
 def write_report(summary: dict[str, Any], out_dir: Path, meta: dict[str, Any], title: str) -> None:
-    (out_dir / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2) + "\n")
-    (out_dir / "summary.md").write_text(markdown_table(summary))
-    pareto_plot(summary, out_dir / "pareto.png", title)
+    with FolderLock(out_dir, "lynx-exit eval"):
+        write_json_atomic(out_dir / "summary.json", {**meta, **summary})
+        write_atomic(out_dir / "summary.md", markdown_table(summary))
+        pareto_plot(summary, out_dir / "pareto.png", title)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lynx_exit.artifacts import file_sha256, write_json_atomic
 from lynx_exit.conformal import EventThreshold, TrajectoryThreshold
 from lynx_exit.models import FeatureSpec
 
@@ -203,14 +205,62 @@ def _pick(thresholds: list[Any], delta: float, mode: str) -> Any:
 
 
 def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, Any]) -> None:
+    """Write the weights and metadata; a calibration of the weights this replaces is removed."""
     folder.mkdir(parents=True, exist_ok=True)
+    stale = folder / CONFORMAL_FILE
+    if stale.exists():
+        logger.warning("%s belonged to the probe being replaced: removed (run lynx-exit calibrate again)", stale)
+        stale.unlink()
     tensors = {name: value.detach().contiguous() for name, value in probe.state_dict().items()}
-    save_file(tensors, str(folder / PROBE_WEIGHTS), metadata={"format": "lynx-exit-probe-v1"})
-    (folder / PROBE_META).write_text(json.dumps({"feature_spec": spec.to_dict(), **meta}, indent=2) + "\n")
+    temporary = folder / f".{PROBE_WEIGHTS}.tmp"
+    save_file(tensors, str(temporary), metadata={"format": "lynx-exit-probe-v1"})
+    os.replace(temporary, folder / PROBE_WEIGHTS)
+    write_json_atomic(folder / PROBE_META, {"feature_spec": spec.to_dict(), **meta})
 
 
-def load_probe(folder: str | Path, expected: FeatureSpec | None = None) -> ProbeBundle:
-    """Load a probe folder; with `expected`, refuse a probe from another feature space."""
+def write_conformal(folder: Path, report: dict[str, Any]) -> None:
+    """Write `conformal.json` bound to the probe weights it was computed for (their sha256)."""
+    write_json_atomic(folder / CONFORMAL_FILE, {"probe_weights_sha256": file_sha256(folder / PROBE_WEIGHTS), **report})
+
+
+def _read_conformal(path: Path, weights_sha256: str) -> tuple[list[EventThreshold], list[TrajectoryThreshold], list[TrajectoryThreshold]]:
+    """The thresholds of `conformal.json`; a malformed file or one from other weights raises naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of calibrations, got {type(data).__name__}")
+    recorded = data.get("probe_weights_sha256")
+    if recorded != weights_sha256:
+        found = f"weights {recorded[:12]}" if isinstance(recorded, str) else "no weights hash"
+        raise ValueError(
+            f"{path} does not belong to the probe weights beside it ({found}, the weights are "
+            f"{weights_sha256[:12]}): the probe was retrained or copied after calibration; run lynx-exit calibrate again"
+        )
+    sections: dict[str, list[Any]] = {}
+    for mode, parse in (("event", EventThreshold.from_dict), ("trajectory", TrajectoryThreshold.from_dict), ("harm", TrajectoryThreshold.from_dict)):
+        rows = data.get(mode, [])
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: {mode!r} must be a list of thresholds, got {type(rows).__name__}")
+        sections[mode] = []
+        for index, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: {mode}[{index}] must be an object, got {type(row).__name__}")
+            try:
+                sections[mode].append(parse(row))
+            except KeyError as exc:
+                raise ValueError(f"{path}: {mode}[{index}] has no {exc.args[0]!r}") from None
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: {mode}[{index}]: {exc}") from None
+    return sections["event"], sections["trajectory"], sections["harm"]
+
+
+def load_probe(folder: str | Path, expected: FeatureSpec | None = None, calibration: bool = True) -> ProbeBundle:
+    """Load a probe folder; with `expected`, refuse a probe from another feature space.
+
+    With `calibration`, also read `conformal.json` if present (refused if it belongs to other weights).
+    """
     folder = Path(folder)
     weights, meta_file = folder / PROBE_WEIGHTS, folder / PROBE_META
     for path in (weights, meta_file):
@@ -218,9 +268,13 @@ def load_probe(folder: str | Path, expected: FeatureSpec | None = None) -> Probe
             raise FileNotFoundError(f"probe folder {str(folder)!r} has no {path.name}")
     try:
         meta = json.loads(meta_file.read_text())
+        if not isinstance(meta, dict):
+            raise TypeError(f"expected a JSON object, got {type(meta).__name__}")
         spec = FeatureSpec.from_dict(meta["feature_spec"])
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ValueError(f"{meta_file} is not a valid probe metadata file: {exc}") from exc
+    except KeyError as exc:
+        raise ValueError(f"{meta_file} is not a valid probe metadata file: no {exc.args[0]!r}") from None
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{meta_file} is not a valid probe metadata file: {exc}") from None
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -235,9 +289,7 @@ def load_probe(folder: str | Path, expected: FeatureSpec | None = None) -> Probe
         spec.check_compatible(expected, what=f"probe {str(folder)!r}")
     bundle = ProbeBundle(probe=probe, spec=spec, meta=meta)
     conformal_file = folder / CONFORMAL_FILE
-    if conformal_file.is_file():
-        data = json.loads(conformal_file.read_text())
-        bundle.event_thresholds = [EventThreshold.from_dict(d) for d in data.get("event", [])]
-        bundle.trajectory_thresholds = [TrajectoryThreshold.from_dict(d) for d in data.get("trajectory", [])]
-        bundle.harm_thresholds = [TrajectoryThreshold.from_dict(d) for d in data.get("harm", [])]
+    if calibration and conformal_file.is_file():
+        thresholds = _read_conformal(conformal_file, file_sha256(weights))
+        bundle.event_thresholds, bundle.trajectory_thresholds, bundle.harm_thresholds = thresholds
     return bundle

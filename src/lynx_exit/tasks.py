@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lynx_exit.artifacts import iter_jsonl
 from lynx_exit.grading import extract_boxed, grade, gsm8k_gold
-
-logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
 REASONING_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -95,53 +91,6 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("csqa", _csqa, None),
     )
 }
-
-
-def _parse_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
-    """One JSONL record; a bad line raises naming file and line (chained to the JSON error, if any)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{line_number}: invalid JSON: {exc.msg}") from exc
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-    return record
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; a bad line raises naming file and line."""
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield line_number, _parse_line(path, line_number, line)
-
-
-def read_appended_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file a resumable job appends to ([] if it does not exist).
-
-    A torn final line (no newline and not valid JSON: a crash or a full disk mid-write) is dropped
-    with a warning and the file is rewritten atomically without it, so the next append starts on a
-    fresh line. Any other bad line is an error naming file and line.
-    """
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records: list[dict[str, Any]] = []
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_parse_line(path, line_number, line))
-        except ValueError as exc:
-            # The last piece has no newline after it: a line torn mid-write, not a bad record.
-            if line_number < len(lines) or not isinstance(exc.__cause__, json.JSONDecodeError):
-                raise
-            logger.warning("%s:%d: dropping a torn final line (%d characters)", path, line_number, len(line))
-            temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(text[: len(text) - len(line)], encoding="utf-8")
-            os.replace(temporary, path)
-    return records
 
 
 # The file's own id: `id` (GSM8K copies, CSQA), `ID` (SVAMP), `unique_id` (MATH-500).
