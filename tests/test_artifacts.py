@@ -43,9 +43,8 @@ def test_atomic_rewrite_leaves_no_temporary_file(tmp_path):
 
 
 def test_a_second_run_on_a_locked_folder_fails_at_once_and_the_lock_is_released(tmp_path):
-    with FolderLock(tmp_path / "out", "lynx-exit eval"):
-        with pytest.raises(FolderBusyError, match=r"in use by another lynx-exit eval run"):
-            with FolderLock(tmp_path / "out", "lynx-exit eval"):
-                pass
+    busy = pytest.raises(FolderBusyError, match=r"in use by another lynx-exit eval run")
+    with FolderLock(tmp_path / "out", "lynx-exit eval"), busy, FolderLock(tmp_path / "out", "lynx-exit eval"):
+        pass
     with FolderLock(tmp_path / "out", "lynx-exit eval"):  # released on exit
         pass

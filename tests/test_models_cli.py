@@ -111,3 +111,11 @@ def test_arith_task_refuses_a_data_file_and_train_reference_writes_under_the_wor
     assert "takes no --data" in capsys.readouterr().err
     args = build_parser().parse_args(["train-reference"])
     assert args.out == "runs/reference"
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")])
+def test_non_finite_sampling_flags_are_refused_naming_the_field(capsys, flag, value):
+    """Reproduction: `--temperature nan` ended in a traceback; `inf` sampled uniformly."""
+    assert main(["generate", flag, value, "--max-new-tokens", "4", "What is 2+2?"]) == 2
+    err = capsys.readouterr().err
+    assert flag.lstrip("-").replace("-", "_") in err and value in err and "Traceback" not in err

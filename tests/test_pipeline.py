@@ -108,9 +108,9 @@ def test_lost_events_are_detected_and_rebuilt_on_resume(chain, tiny_lm, tmp_path
 def test_a_second_build_on_the_same_folder_is_refused(tiny_lm, tmp_path):
     from lynx_exit.artifacts import FolderBusyError, FolderLock
 
-    with FolderLock(tmp_path / "d", "lynx-exit build-data"):
-        with pytest.raises(FolderBusyError, match="in use by another lynx-exit build-data run"):
-            build_dataset(tiny_lm, problems("x", 1), tmp_path / "d", GEN, BUILD, tiny_lm.feature_spec(), progress=False)
+    busy = pytest.raises(FolderBusyError, match="in use by another lynx-exit build-data run")
+    with FolderLock(tmp_path / "d", "lynx-exit build-data"), busy:
+        build_dataset(tiny_lm, problems("x", 1), tmp_path / "d", GEN, BUILD, tiny_lm.feature_spec(), progress=False)
 
 
 def test_calibration_refuses_overlap(chain):
