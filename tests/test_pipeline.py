@@ -105,6 +105,21 @@ def test_lost_events_are_detected_and_rebuilt_on_resume(chain, tiny_lm, tmp_path
     assert not list((tmp_path / "d").rglob("*.tmp"))
 
 
+def test_an_event_line_without_shard_names_file_line_and_key(chain, tmp_path):
+    """Reproduction: an event line without `shard` gave a KeyError traceback."""
+    import shutil
+
+    root, _, _ = chain
+    shutil.copytree(root / "train", tmp_path / "d")
+    lines = (tmp_path / "d" / "events.jsonl").read_text().splitlines()
+    broken = json.loads(lines[2])
+    del broken["shard"]
+    lines[2] = json.dumps(broken)
+    (tmp_path / "d" / "events.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"events.jsonl:3: record has no 'shard'"):
+        load_dataset(tmp_path / "d")
+
+
 def test_a_second_build_on_the_same_folder_is_refused(tiny_lm, tmp_path):
     from lynx_exit.artifacts import FolderBusyError, FolderLock
 
