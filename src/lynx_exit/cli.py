@@ -12,7 +12,13 @@ from typing import Any
 
 from lynx_exit import cli_pipeline, cli_serve
 from lynx_exit.artifacts import FolderBusyError
-from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config, parse_layers
+from lynx_exit.cli_common import (
+    add_model_flags,
+    add_sampling_flags,
+    generation_config,
+    load_model_from_args,
+    parse_layers,
+)
 
 
 def _policy_from_args(args: argparse.Namespace, lm: Any) -> Any:
@@ -36,7 +42,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lynx_exit.engine import DecodeLoop
-    from lynx_exit.models import load_model
     from lynx_exit.tasks import REASONING_SUFFIX, load_task
 
     config = generation_config(args)
@@ -52,7 +57,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_text = args.prompt if args.no_suffix else args.prompt + REASONING_SUFFIX
     else:
         raise ValueError("give a prompt or --task NAME [--index I]")
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model_from_args(args)
     policy = _policy_from_args(args, lm)
     layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
     loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers)

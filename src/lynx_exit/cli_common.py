@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS
-from lynx_exit.models import EXIT_CUE_VARIANTS
+from lynx_exit.families import EXIT_CUE_PHRASES, FAMILY_NAMES
 
 DEFAULT_MODEL = "reference"
 
@@ -15,7 +15,30 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="alias (reference, smollm2), GGUF file, folder or hub id")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", default=None, help="comma-separated hidden-state layers (default: ¼,½,¾ depth + last)")
+    parser.add_argument("--layers", default=None, help="comma-separated hidden-state layers (default: the profile's)")
+    profile = parser.add_argument_group("model profile overrides (default: from the family table, see `lynx-exit profiles`)")
+    profile.add_argument("--family", default=None, choices=FAMILY_NAMES, help="use this family's profile")
+    profile.add_argument("--think-start", default=None, help="marker that opens thinking ('none': no marker)")
+    profile.add_argument("--think-end", default=None, help="marker that closes thinking ('none': all text is thinking)")
+    profile.add_argument("--exit-close", default=None, help="text an exit writes to close thinking, before the answer phrase")
+    profile.add_argument("--chat-template-kwargs", default=None, help='JSON switches for the chat template, e.g. \'{"enable_thinking": true}\'')
+    profile.add_argument("--system-prompt", default=None, help="system prompt added to chat prompts")
+
+
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    """`load_model` with the model and profile flags."""
+    from lynx_exit.families import ProfileOverrides, parse_template_kwargs
+    from lynx_exit.models import load_model
+
+    overrides = ProfileOverrides(
+        family=args.family,
+        think_start=args.think_start,
+        think_end=args.think_end,
+        exit_close=args.exit_close,
+        template_kwargs=parse_template_kwargs(args.chat_template_kwargs),
+        system_prompt=args.system_prompt,
+    )
+    return load_model(args.model, dtype=args.dtype, device=args.device, overrides=overrides)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
@@ -24,7 +47,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 51
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--exit-cue", default="boxed", choices=sorted(EXIT_CUE_VARIANTS))
+    parser.add_argument("--exit-cue", default="boxed",
+                        help=f"exit cue: {', '.join(sorted(EXIT_CUE_PHRASES))} (in the family's format) or literal text")
     parser.add_argument("--answer-max-tokens", type=int, default=64)
     parser.add_argument("--cue-words", default=",".join(DEFAULT_CUE_WORDS), help="comma-separated cue words")
     parser.add_argument("--cue-regex", default=None, help="a regex cue instead of words, e.g. '\\n\\n'")

@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config, parse_layers
+from lynx_exit.cli_common import (
+    add_model_flags,
+    add_sampling_flags,
+    generation_config,
+    load_model_from_args,
+    parse_layers,
+)
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:
@@ -40,7 +46,6 @@ def _problems(args: argparse.Namespace) -> list[Any]:
 
 def cmd_build_data(args: argparse.Namespace) -> int:
     from lynx_exit.build_data import BuildConfig, build_dataset
-    from lynx_exit.models import load_model
 
     generation = generation_config(args)
     config = BuildConfig(
@@ -52,7 +57,7 @@ def cmd_build_data(args: argparse.Namespace) -> int:
         label_batch_size=args.label_batch_size,
     )
     problems = _problems(args)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model_from_args(args)
     spec = lm.feature_spec(parse_layers(args))
     summary = build_dataset(lm, problems, Path(args.out), generation, config, spec, extra_meta={"model": args.model})
     print(json.dumps(summary, indent=2))
@@ -100,13 +105,12 @@ def _dest(flag: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lynx_exit.evaluate import markdown_table, run_eval, write_report
     from lynx_exit.exits import knobs, parse_methods
-    from lynx_exit.models import load_model
 
     grids = {knob.name: getattr(args, _dest(knob.grid_flag)) for knob in knobs()}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = parse_methods(methods, grids, extra={"mode": args.mode})
     problems = _problems(args)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model_from_args(args)
     out = Path(args.out)
     summary = run_eval(
         lm, problems, settings, generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size,

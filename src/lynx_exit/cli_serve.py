@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config
+from lynx_exit.cli_common import add_model_flags, add_sampling_flags, generation_config, load_model_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from lynx_exit.exits import knobs
-    from lynx_exit.models import load_model
     from lynx_exit.serve import Server, ServerOptions, run
 
     method = args.exit or ("lynx" if args.probe else "never")  # argparse has checked --exit
@@ -37,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Leave a core to the HTTP side: with every core in torch's pool, the event loop (and clients on the
         # same machine) stall its threads at each step (compare benchmarks/serve_load.py --server-threads).
         torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) - 1))
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model_from_args(args)
     server = Server(lm, options)
     print(f"lynx-exit serve: {options.model_name!r} on http://{args.host}:{args.port}/v1 (exit method {method})", flush=True)
     run(server, host=args.host, port=args.port, log_level=args.log_level)

@@ -92,14 +92,27 @@ class CueDetector:
     returns the cue word that token completes, if any. `lookahead` is the text of the
     token sampled next: a word cue is only confirmed once the following character shows
     it is a whole word (`wait,` yes, `waiting` no). Nothing after `think_end` is a cue.
+
+    `start` says how thinking starts: "template" (the prompt opened it: cues from the first
+    token), "model" (cues only after the model writes `think_start`) or "off" (the prompt
+    closed it: no thinking, no cues).
     """
 
     def __init__(
-        self, pattern: re.Pattern[str], think_end: str | None = "</think>", max_cue_chars: int | None = None
+        self,
+        pattern: re.Pattern[str],
+        think_end: str | None = "</think>",
+        max_cue_chars: int | None = None,
+        think_start: str | None = None,
+        start: str = "template",
     ) -> None:
         """`max_cue_chars` (the longest cue word) lets each step scan only the last few characters."""
+        if start == "model" and not think_start:
+            raise ValueError("start='model' needs the think_start marker the model writes")
         self.pattern = pattern
         self.think_end = think_end
+        self.think_start = think_start
+        self.start = start
         self.max_cue_chars = max_cue_chars
         self.reset()
 
@@ -107,13 +120,20 @@ class CueDetector:
         self._tail = ""
         self._tail_start = 0  # absolute char offset of _tail[0]
         self._reported_ends: set[int] = set()
-        self.thinking = True
+        self.thinking = self.start != "off"
+        # Absolute offset where cues may start: 0 once thinking is open, None while waiting for think_start.
+        self._cues_from: int | None = 0 if self.start == "template" else None
 
     def step(self, delta: str, lookahead: str = "") -> str | None:
         self._tail += delta
         if not self.thinking:
             return None
         committed_end = self._tail_start + len(self._tail)
+        if self._cues_from is None:
+            assert self.think_start is not None
+            recent = self._tail[-(len(delta) + len(self.think_start)) :]
+            if self.think_start in recent:
+                self._cues_from = committed_end - len(recent) + recent.index(self.think_start) + len(self.think_start)
         window = 0  # a word match ending in this delta starts at most max_cue_chars (+1 boundary) back
         if self.max_cue_chars is not None:
             window = max(0, len(self._tail) - len(delta) - self.max_cue_chars - 1)
@@ -127,6 +147,8 @@ class CueDetector:
             if match.start() == 0 and scan_start > 0:
                 continue  # the char before it is outside the scan: cannot confirm a word start
             abs_end = scan_start + match.end()
+            if self._cues_from is None or scan_start + match.start() < self._cues_from:
+                continue  # before the thinking block opened
             if match.end() > match.start() and abs_end <= committed_end and abs_end not in self._reported_ends:
                 self._reported_ends.add(abs_end)
                 found = match.group(0).strip().lower() or match.group(0)

@@ -15,32 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lynx_exit.families import EXIT_CUE_PHRASES, ModelProfile, ProfileOverrides, resolve_profile
+
+__all__ = ["EXIT_CUE_PHRASES", "FeatureSpec", "LoadedModel", "ModelProfile", "ProfileOverrides", "load_model"]
+
 logger = logging.getLogger(__name__)
 
-# Exit cues (LYNX spec §3): appended after the thinking prefix to force an answer.
-EXIT_CUE_VARIANTS: dict[str, str] = {
-    "boxed": "</think> Final Answer: \\boxed{",
-    "answer_tag": "</think><answer> The final answer is \\boxed{",
-}
-
 REFERENCE_MODEL_DIR = Path(__file__).parent / "reference_model"
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    """What the loop needs to know about a model family; data, not `if "qwen" in name`."""
-
-    think_end: str | None = "</think>"
-    layers: tuple[int, ...] | None = None  # None: the depth rule in `default_layers`
-
-    def exit_cue_text(self, variant: str) -> str:
-        if variant not in EXIT_CUE_VARIANTS:
-            raise ValueError(f"unknown exit cue variant {variant!r}; choose from {sorted(EXIT_CUE_VARIANTS)}")
-        text = EXIT_CUE_VARIANTS[variant]
-        if self.think_end is None:
-            # No thinking markers: the cue must not write a tag the model never learnt.
-            text = "\n" + text.removeprefix("</think>").lstrip()
-        return text
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -59,13 +40,16 @@ class FeatureSpec:
     layers: tuple[int, ...]
     tokenizer_hash: str
     hidden_size: int
+    profile: str | None = None  # canonical JSON of `ModelProfile.identity()`; None in artifacts made before profiles
 
     @property
     def feature_dim(self) -> int:
         return len(self.layers) * self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "layers": list(self.layers), "feature_dim": self.feature_dim}
+        out = {**asdict(self), "layers": list(self.layers), "feature_dim": self.feature_dim}
+        out["profile"] = json.loads(self.profile) if self.profile is not None else None
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
@@ -75,6 +59,7 @@ class FeatureSpec:
                 layers=tuple(int(x) for x in data["layers"]),
                 tokenizer_hash=str(data["tokenizer_hash"]),
                 hidden_size=int(data["hidden_size"]),
+                profile=None if data.get("profile") is None else json.dumps(data["profile"], sort_keys=True),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed feature spec {data!r}: {exc}") from exc
@@ -89,6 +74,11 @@ class FeatureSpec:
             for name in ("layers", "tokenizer_hash", "hidden_size")
             if getattr(self, name) != getattr(other, name)
         ]
+        if self.profile is not None and other.profile is not None and self.profile != other.profile:
+            mine, theirs = json.loads(self.profile), json.loads(other.profile)
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    mismatches.append(f"profile {key} {mine.get(key)!r} vs {theirs.get(key)!r}")
         if mismatches:
             raise ValueError(
                 f"{what} was built for model {self.model_id!r} (layers {list(self.layers)}, hidden "
@@ -147,6 +137,7 @@ class LoadedModel:
             layers=tuple(chosen),
             tokenizer_hash=self.tokenizer_digest,
             hidden_size=int(self.model.config.hidden_size),
+            profile=json.dumps(self.profile.identity(), sort_keys=True),
         )
 
     @property
@@ -182,15 +173,19 @@ class LoadedModel:
             raise ValueError("prompt must not be empty")
         check_text(user_text)
         if getattr(self.tokenizer, "chat_template", None):
+            system = system if system is not None else self.profile.system_prompt
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": user_text}
             ]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **dict(self.profile.template_kwargs)
+            )
             return self.encode(text)
         return list(self.tokenizer(user_text)["input_ids"])
 
-    def exit_cue_ids(self, variant: str = "boxed") -> list[int]:
-        return self.encode(self.profile.exit_cue_text(variant))
+    def exit_cue_ids(self, cue: str = "boxed") -> list[int]:
+        """Token ids of the exit cue: a variant name in this family's format, or literal text."""
+        return self.encode(self.profile.exit_cue_text(cue))
 
 
 def smollm2_gguf_path() -> Path:
@@ -208,21 +203,19 @@ def smollm2_gguf_path() -> Path:
 
 
 def _profile_for(model: Any, tokenizer: Any) -> ModelProfile:
-    template = getattr(tokenizer, "chat_template", None) or ""
-    has_markers = "</think>" in tokenizer.get_vocab() or "<think>" in template
-    layers = getattr(model.config, "lynx_layers", None)
-    return ModelProfile(think_end="</think>" if has_markers else None, layers=tuple(layers) if layers else None)
+    return resolve_profile(model, tokenizer)
 
 
 def load_model(
     name: str,
     dtype: str = "float32",
     device: str = "cpu",
-    think_end: str | None = "auto",
+    overrides: ProfileOverrides | None = None,
 ) -> LoadedModel:
     """Load a causal LM: an alias (`reference`, `smollm2`), a GGUF file, a local folder or a hub id.
 
-    `think_end` overrides the thinking-end marker (`None` for models without one).
+    Its `ModelProfile` comes from the family table (`lynx_exit.families`); `overrides` replace
+    any of its fields (thinking markers, exit cue, chat-template switches, system prompt).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,10 +250,8 @@ def load_model(
         raise FileNotFoundError(f"could not load model {name!r}: {exc}") from exc
     model.to(device)  # type: ignore[arg-type]
     model.eval()
-    profile = _profile_for(model, tokenizer)
-    if think_end != "auto":
-        profile = ModelProfile(think_end=think_end, layers=profile.layers)
-    logger.info("loaded %s (%d layers, think_end=%r)", name, model.config.num_hidden_layers, profile.think_end)
+    profile = resolve_profile(model, tokenizer, overrides)
+    logger.info("loaded %s (%d layers): %s", name, model.config.num_hidden_layers, profile.reason)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, profile=profile)
 
 

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS, compile_cue_pattern
-from lynx_exit.models import EXIT_CUE_VARIANTS
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,7 @@ class GenerationConfig:
     top_p: float = 0.95
     top_k: int = 0  # 0 means no top-k filter
     seed: int = 0
-    exit_cue: str = "boxed"
+    exit_cue: str = "boxed"  # a variant (`boxed`, `answer_tag`) in the model family's format, or literal text
     answer_max_tokens: int = 64
     cue_words: tuple[str, ...] = DEFAULT_CUE_WORDS
     cue_regex: str | None = None
@@ -40,6 +39,6 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.answer_max_tokens < 1:
             raise ValueError(f"answer_max_tokens must be >= 1, got {self.answer_max_tokens}")
-        if self.exit_cue not in EXIT_CUE_VARIANTS:
-            raise ValueError(f"exit_cue must be one of {sorted(EXIT_CUE_VARIANTS)}, got {self.exit_cue!r}")
+        if not self.exit_cue.strip():
+            raise ValueError(f"exit_cue must be a variant name or non-empty text, got {self.exit_cue!r}")
         compile_cue_pattern(self.cue_words, self.cue_regex)  # validates

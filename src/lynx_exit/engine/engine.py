@@ -136,6 +136,7 @@ class Engine:
         if policy is not None:
             policy.reset()
         max_cue_chars = None if config.cue_regex else max(len(w.strip()) for w in config.cue_words)
+        profile = self.lm.profile
         request_id = self._next_id
         self._next_id += 1
         self._requests[request_id] = _Request(
@@ -149,8 +150,14 @@ class Engine:
             every_step=bool(feature_layers),
             detok=IncrementalDetokenizer(self.lm.tokenizer),
             detector=CueDetector(
-                _cue_pattern(config.cue_words, config.cue_regex), think_end=self.lm.profile.think_end, max_cue_chars=max_cue_chars
+                _cue_pattern(config.cue_words, config.cue_regex),
+                think_end=profile.think_end,
+                max_cue_chars=max_cue_chars,
+                think_start=profile.think_start,
+                start=profile.thinking,
             ),
+            phase="think" if profile.thinking != "off" else "answer",
+            reasoning_tokens=0 if profile.thinking == "off" else None,
             exit_cue_ids=self.exit_cue_ids(config.exit_cue),
             hold=hold,
         )
@@ -169,10 +176,11 @@ class Engine:
         spec.check_compatible(self.lm.feature_spec(spec.layers), what=f"exit method {policy.name!r}'s probe")
         return spec.layers
 
-    def exit_cue_ids(self, variant: str) -> list[int]:
-        if variant not in self._exit_cues:
-            self._exit_cues[variant] = self.lm.exit_cue_ids(variant)
-        return self._exit_cues[variant]
+    def exit_cue_ids(self, cue: str) -> list[int]:
+        """Token ids of an exit cue (a variant in the model family's format, or literal text), cached."""
+        if cue not in self._exit_cues:
+            self._exit_cues[cue] = self.lm.exit_cue_ids(cue)
+        return self._exit_cues[cue]
 
     def abort(self, request_id: int) -> None:
         """End a request now; its row is free for the next step. A no-op once it has finished."""

@@ -1,0 +1,310 @@
+"""Reasoning model families as data: thinking markers, exit cue format, chat-template switches, layers.
+
+A model gets the first family whose `match` holds for its facts (architecture, tokens, chat
+template), never for a substring of its name. How thinking starts is read from the model's own
+chat template: the generation prompt opens the thinking block (R1, QwQ), leaves it to the model
+(Qwen3, gpt-oss) or closes it (Qwen3 with thinking switched off).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+ThinkingStart = Literal["template", "model", "off"]
+
+# The answer phrase after the thinking block is closed (LYNX spec §3). Right after a thinking
+# marker it keeps its leading space, exactly as the paper's cue; after a channel header or a
+# newline it starts the line.
+EXIT_CUE_PHRASES: dict[str, str] = {
+    "boxed": " Final Answer: \\boxed{",
+    "answer_tag": "<answer> The final answer is \\boxed{",
+}
+
+# The official code's layer choices (spec §2), keyed by facts of the architecture:
+# (model_type, num_hidden_layers, hidden_size) → output_hidden_states indices.
+KNOWN_LAYERS: dict[tuple[str, int, int], tuple[int, ...]] = {
+    ("qwen2", 64, 5120): (16, 32, 48, 64),  # QwQ-32B, R1-Distill-Qwen-32B
+    ("qwen3", 36, 4096): (12, 18, 24, 36),  # Qwen3-8B
+    ("qwen2", 28, 1536): (9, 16, 28),  # R1-Distill-Qwen-1.5B
+}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a family is recognised by."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    added_tokens: frozenset[str]  # special and added tokens of the tokenizer
+    template: str  # the chat template's source ("" if none)
+
+    @classmethod
+    def of(cls, model: Any, tokenizer: Any) -> ModelFacts:
+        added = getattr(tokenizer, "get_added_vocab", None)
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: read them all
+            template = "\n".join(str(t) for t in template.values())
+        return cls(
+            model_type=str(getattr(model.config, "model_type", "")),
+            num_layers=int(model.config.num_hidden_layers),
+            hidden_size=int(model.config.hidden_size),
+            added_tokens=frozenset(added() if callable(added) else ()),
+            template=str(template or ""),
+        )
+
+    def has(self, marker: str) -> bool:
+        return marker in self.added_tokens or marker in self.template
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    models: str
+    recognised_by: str
+    match: Callable[[ModelFacts], bool] = field(repr=False, compare=False)
+    think_start: str | None
+    think_end: str | None
+    exit_close: str  # closes the thinking block and opens the answer, before the answer phrase
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
+    system_prompt: str | None = None  # added when the caller gives none
+
+
+def _has_think(facts: ModelFacts) -> bool:
+    return facts.has("</think>") or facts.has("<think>")
+
+
+HARMONY_FINAL = "<|start|>assistant<|channel|>final<|message|>"
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "gpt-oss", "gpt-oss (harmony format)", "tokens <|channel|> and <|message|>",
+        lambda f: {"<|channel|>", "<|message|>"} <= f.added_tokens or f.model_type == "gpt_oss",
+        think_start="<|channel|>analysis<|message|>", think_end="<|end|>", exit_close="<|end|>" + HARMONY_FINAL,
+    ),
+    Family(
+        "magistral", "Magistral", "tokens [THINK] and [/THINK]", lambda f: f.has("[/THINK]"),
+        think_start="[THINK]", think_end="[/THINK]", exit_close="[/THINK]",
+    ),
+    Family(
+        "nemotron", "Llama-3.1-Nemotron (Nano, Super, Ultra)", "template switched by 'detailed thinking'",
+        lambda f: "detailed thinking" in f.template,
+        think_start="<think>", think_end="</think>", exit_close="</think>", system_prompt="detailed thinking on",
+    ),
+    Family(
+        "phi4-reasoning", "Phi-4-reasoning (-plus, -mini)", "<think> with Phi-4's <|im_sep|>",
+        lambda f: "<|im_sep|>" in f.added_tokens and _has_think(f),
+        think_start="<think>", think_end="</think>", exit_close="</think>",
+    ),
+    Family(
+        "qwen3", "Qwen3 (hybrid thinking)", "<think> template with an enable_thinking switch",
+        lambda f: "enable_thinking" in f.template and _has_think(f),
+        think_start="<think>", think_end="</think>", exit_close="</think>", template_kwargs=(("enable_thinking", True),),
+    ),
+    Family(
+        "think", "DeepSeek-R1 and its Qwen/Llama distills, QwQ, other <think> models", "<think> or </think> in tokens or template",
+        _has_think, think_start="<think>", think_end="</think>", exit_close="</think>",
+    ),
+    Family(
+        "generic", "models without thinking markers (e.g. SmolLM2): all generated text is thinking", "fallback",
+        lambda f: True, think_start=None, think_end=None, exit_close="\n",
+    ),
+)
+FAMILY_NAMES = tuple(family.name for family in FAMILIES)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything model-specific the engine, the prompts and the artifacts need; resolved once per model."""
+
+    family: str = "think"
+    think_start: str | None = "<think>"
+    think_end: str | None = "</think>"
+    exit_close: str = "</think>"
+    thinking: ThinkingStart = "template"  # how thinking starts after a chat prompt
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
+    system_prompt: str | None = None
+    layers: tuple[int, ...] | None = None  # None: the depth rule in `default_layers`
+    reason: str = ""  # why this profile: for `generate --explain`
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"family must be one of {list(FAMILY_NAMES)}, got {self.family!r}")
+        if self.thinking not in ("template", "model", "off"):
+            raise ValueError(f"thinking must be 'template', 'model' or 'off', got {self.thinking!r}")
+        if self.thinking == "model" and not self.think_start:
+            raise ValueError("a profile whose model writes the thinking start needs think_start")
+        for name in ("think_start", "think_end"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must be a marker or None, got ''")
+        if not self.exit_close:
+            raise ValueError("exit_close must not be empty")
+
+    def exit_cue_text(self, cue: str) -> str:
+        """The exit cue in this family's format: a variant name (`boxed`, `answer_tag`) or literal text."""
+        if cue not in EXIT_CUE_PHRASES:
+            return cue
+        phrase = EXIT_CUE_PHRASES[cue]
+        return self.exit_close + (phrase if self.exit_close == self.think_end else phrase.lstrip())
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a probe depends on (recorded in its `FeatureSpec`)."""
+        return {
+            "family": self.family,
+            "think_start": self.think_start,
+            "think_end": self.think_end,
+            "exit_close": self.exit_close,
+            "thinking": self.thinking,
+            "template_kwargs": dict(self.template_kwargs),
+            "system_prompt": self.system_prompt,
+        }
+
+
+@dataclass(frozen=True)
+class ProfileOverrides:
+    """User overrides of a profile's fields (CLI flags, `load_model` arguments); None keeps the family's."""
+
+    family: str | None = None
+    think_start: str | None = None  # "none": no marker
+    think_end: str | None = None  # "none": no marker
+    exit_close: str | None = None
+    template_kwargs: dict[str, Any] | None = None
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.family is not None and self.family not in FAMILY_NAMES:
+            raise ValueError(f"family must be one of {list(FAMILY_NAMES)}, got {self.family!r}")
+
+
+def parse_template_kwargs(text: str | None) -> dict[str, Any] | None:
+    """`--chat-template-kwargs '{"enable_thinking": false}'` → a dict."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--chat-template-kwargs must be a JSON object, got {text!r} ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--chat-template-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def _marker(value: str | None, default: str | None) -> str | None:
+    if value is None:
+        return default
+    return None if value.lower() == "none" else value
+
+
+def generation_prompt(tokenizer: Any, template_kwargs: dict[str, Any], system_prompt: str | None) -> str | None:
+    """What the chat template appends to open the assistant's turn (None: no template, or it fails)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": "1+1?"}]
+    try:
+        opened = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+        closed = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False, **template_kwargs)
+    except Exception as exc:  # a template may raise anything (jinja errors, its own raise_exception)
+        logger.warning("could not render the chat template to read how thinking starts: %s", exc)
+        return None
+    return str(opened)[len(closed) :] if str(opened).startswith(str(closed)) else str(opened)[-200:]
+
+
+def thinking_start(think_start: str | None, think_end: str | None, suffix: str | None) -> tuple[ThinkingStart, str]:
+    """How thinking starts, read from the generation prompt `suffix`, and why."""
+    if think_start is None:
+        return "template", "no thinking-start marker: all generated text is thinking"
+    if suffix is None:
+        return "model", f"no chat template to read: the model is expected to write {think_start!r}"
+    at = suffix.rfind(think_start)
+    if at < 0:
+        return "model", f"the generation prompt does not open thinking: the model writes {think_start!r}"
+    if think_end and think_end in suffix[at:]:
+        return "off", "the generation prompt opens and closes thinking (thinking switched off)"
+    return "template", f"the generation prompt opens thinking with {think_start!r}"
+
+
+def resolve_profile(model: Any, tokenizer: Any, overrides: ProfileOverrides | None = None) -> ModelProfile:
+    """The profile of a loaded model: its family (by facts), overrides, and how its template starts thinking."""
+    overrides = overrides or ProfileOverrides()
+    facts = ModelFacts.of(model, tokenizer)
+    if overrides.family is not None:
+        family = next(f for f in FAMILIES if f.name == overrides.family)
+        why = f"family {family.name!r} chosen by the user"
+    else:
+        family = next(f for f in FAMILIES if f.match(facts))
+        why = f"family {family.name!r}: {family.recognised_by}"
+    think_start = _marker(overrides.think_start, family.think_start)
+    think_end = _marker(overrides.think_end, family.think_end)
+    exit_close = overrides.exit_close or (family.exit_close if think_end == family.think_end else (think_end or "\n"))
+    template_kwargs = {**dict(family.template_kwargs), **(overrides.template_kwargs or {})}
+    system_prompt = overrides.system_prompt if overrides.system_prompt is not None else family.system_prompt
+    suffix = generation_prompt(tokenizer, template_kwargs, system_prompt)
+    thinking, how = thinking_start(think_start, think_end, suffix)
+    layers = getattr(model.config, "lynx_layers", None)
+    key = (facts.model_type, facts.num_layers, facts.hidden_size)
+    if layers:
+        layer_why = "layers from the model config's lynx_layers"
+    elif key in KNOWN_LAYERS:
+        layers, layer_why = KNOWN_LAYERS[key], f"the official code's layers for {key[0]} with {key[1]} layers"
+    else:
+        layer_why = "layers at ¼, ½, ¾ depth and the last"
+    return ModelProfile(
+        family=family.name,
+        think_start=think_start,
+        think_end=think_end,
+        exit_close=exit_close,
+        thinking=thinking,
+        template_kwargs=tuple(sorted(template_kwargs.items())),
+        system_prompt=system_prompt,
+        layers=tuple(int(x) for x in layers) if layers else None,
+        reason=f"{why}; {how}; {layer_why}",
+    )
+
+
+def with_overrides(profile: ModelProfile, **changes: Any) -> ModelProfile:
+    return replace(profile, **changes)
+
+
+def profiles_table(markdown: bool = False) -> list[dict[str, str]] | str:
+    """The family table printed by `lynx-exit profiles` (and copied into the README)."""
+    rows = []
+    for family in FAMILIES:
+        profile = ModelProfile(
+            family=family.name, think_start=family.think_start, think_end=family.think_end, exit_close=family.exit_close
+        )
+        rows.append(
+            {
+                "family": family.name,
+                "models": family.models,
+                "recognised by": family.recognised_by,
+                "thinking": "—" if family.think_start is None else f"{family.think_start} … {family.think_end}",
+                "exit cue (boxed)": json.dumps(profile.exit_cue_text("boxed"), ensure_ascii=False),
+                "template switches": ", ".join(
+                    [f"{k}={json.dumps(v)}" for k, v in family.template_kwargs]
+                    + ([f"system prompt {family.system_prompt!r}"] if family.system_prompt else [])
+                ) or "—",
+            }
+        )
+    if not markdown:
+        return rows
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(row[k]) for k in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|") + "`" if text.startswith('"') else text.replace("|", "\\|")
+
+
+LAYER_RULE = "the model config's lynx_layers, else the official code's choice (KNOWN_LAYERS), else ¼, ½, ¾ depth and the last"
+
+
+def describe_layers(known: Sequence[tuple[tuple[str, int, int], tuple[int, ...]]] = tuple(KNOWN_LAYERS.items())) -> str:
+    return "; ".join(f"{t} {n} layers × {h}: {list(layers)}" for (t, n, h), layers in known)
