@@ -1,0 +1,201 @@
+"""Each reasoning family with a tiny random model whose tokenizer and chat template have that family's shape.
+
+The templates are written here from the families' public formats; nothing is downloaded. A
+scripted sampler makes the random model "write" a chosen text, so the test controls where the
+thinking block opens and closes while the engine, the detector and the exit run for real.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import lynx_exit.engine.engine as engine_module
+from lynx_exit.engine import Engine, GenerationConfig
+from lynx_exit.exits import TokenBudget
+from lynx_exit.families import ProfileOverrides, resolve_profile
+from lynx_exit.grading import grade
+from lynx_exit.models import LoadedModel
+
+CORPUS = ["Hmm, wait, 3 + 4 = 7. Let me check. The answer is 7. Final Answer: \\boxed{7}"] * 4
+
+
+def _loop(open_: str, close: str, body: str) -> str:
+    return "{% for m in messages %}" + open_ + body + close + "{% endfor %}"
+
+
+# name: (special tokens, bos, eos, chat template, expected family, expected start, thinking open/close as the model writes them)
+FAMILY_SHAPES = {
+    "deepseek-r1": (
+        ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
+        "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}<｜User｜>{{ m.content }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}",
+        "think", "template", "", "</think>",
+    ),
+    "qwen3": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        None, "<|im_end|>",
+        _loop("<|im_start|>", "<|im_end|>\n", "{{ m.role }}\n{{ m.content }}")
+        + "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
+        "qwen3", "model", "<think>\n", "</think>",
+    ),
+    "phi4-reasoning": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<think>", "</think>"],
+        None, "<|im_end|>",
+        "<|im_start|>system<|im_sep|>You are Phi. Reason inside <think> </think>, then answer.<|im_end|>"
+        + _loop("<|im_start|>", "<|im_end|>", "{{ m.role }}<|im_sep|>{{ m.content }}")
+        + "{% if add_generation_prompt %}<|im_start|>assistant<|im_sep|>{% endif %}",
+        "phi4-reasoning", "model", "<think>", "</think>",
+    ),
+    "nemotron": (
+        ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+        "<|begin_of_text|>", "<|eot_id|>",
+        "{{ bos_token }}{% if messages[0].role != 'system' %}<|start_header_id|>system<|end_header_id|>\n\n"
+        "detailed thinking off<|eot_id|>{% endif %}"
+        + _loop("<|start_header_id|>", "<|eot_id|>", "{{ m.role }}<|end_header_id|>\n\n{{ m.content }}")
+        + "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+        "nemotron", "model", "<think>\n", "</think>",
+    ),
+    "magistral": (
+        ["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]"],
+        "<s>", "</s>",
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ m.content }}[/SYSTEM_PROMPT]"
+        "{% elif m.role == 'user' %}[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}",
+        "magistral", "model", "[THINK]", "[/THINK]",
+    ),
+    "gpt-oss": (
+        ["<|startoftext|>", "<|return|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>"],
+        None, "<|return|>",
+        _loop("<|start|>", "<|end|>", "{{ m.role }}<|message|>{{ m.content }}")
+        + "{% if add_generation_prompt %}<|start|>assistant{% endif %}",
+        "gpt-oss", "model", "<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>",
+    ),
+    "smollm2": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None, "<|im_end|>",
+        _loop("<|im_start|>", "<|im_end|>\n", "{{ m.role }}\n{{ m.content }}")
+        + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "generic", "template", "", "\n",
+    ),
+}
+
+
+def family_lm(name: str, overrides: ProfileOverrides | None = None) -> LoadedModel:
+    specials, bos, eos, template, *_ = FAMILY_SHAPES[name]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos)
+    tokenizer.chat_template = template
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=20, intermediate_size=28, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=f"tiny-{name}", profile=resolve_profile(model, tokenizer, overrides))
+
+
+def run_scripted(monkeypatch, lm, written: str, answer: str = "7}", policy=None, config=None):
+    """Run the engine on a real prompt while the sampler "writes" `written`, then `answer` after a forced exit."""
+    think_ids, answer_ids = lm.encode(written), lm.encode(answer)
+    engine = Engine(lm, max_batch_size=1)
+
+    def scripted_sample(logits, params, generators):
+        request = next(r for r in engine._requests.values() if r.finish_reason is None)
+        if request.phase in ("think", "answer"):
+            position = request.index + 1
+            token = think_ids[position] if position < len(think_ids) else lm.tokenizer.eos_token_id
+        elif request.phase == "exit_cue" and request.forced:
+            token = 0  # ignored: the exit cue is forced
+        else:
+            position = 0 if request.phase == "exit_cue" else request.answer_tokens + 1
+            token = answer_ids[min(position, len(answer_ids) - 1)]
+        return torch.tensor([token] * logits.shape[0])
+
+    monkeypatch.setattr(engine_module, "sample", scripted_sample)
+    config = config or GenerationConfig(max_new_tokens=len(think_ids) + 4, temperature=0.0, answer_max_tokens=6)
+    prompt = lm.prompt_ids("Wait, what is 3 + 4? Hmm.")  # cue words in the prompt are never events
+    request_id = engine.add_request(prompt, config, policy=policy)
+    steps = [s for s in engine.stream() if s.phase != "end"]
+    return steps, engine.result(request_id)
+
+
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_family_is_recognised_and_thinking_read_from_its_template(name):
+    _, _, _, _, family, start, *_ = FAMILY_SHAPES[name]
+    lm = family_lm(name)
+    assert (lm.profile.family, lm.profile.thinking) == (family, start), lm.profile.reason
+    assert family in lm.profile.reason
+
+
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_natural_end_of_thinking_cues_only_inside_and_the_grader_reads_the_answer(monkeypatch, name):
+    *_, opens, closes = FAMILY_SHAPES[name]
+    lm = family_lm(name)
+    thinking = "Hmm, 3 + 4 = 7. Wait, let me check."
+    answer = " Wait: the answer is \\boxed{7}"  # a cue word in the answer is not an event
+    if lm.profile.think_end is None:  # no markers: all generated text is thinking
+        written = thinking + answer
+    else:
+        # Where the model opens thinking itself, text before the marker is not thinking either.
+        written = ("Wait. " if lm.profile.thinking == "model" else "") + opens + thinking + closes + answer
+    steps, result = run_scripted(monkeypatch, lm, written)
+    cues = [s.cue for s in steps if s.cue is not None]
+    expected = ["hmm", "wait", "wait"] if lm.profile.think_end is None else ["hmm", "wait"]
+    assert cues == expected
+    assert result.finish_reason == "eos" and grade("gsm8k", result.text, "7")
+    if lm.profile.think_end is not None:
+        end = written.index(lm.profile.think_end) + len(lm.profile.think_end)
+        thinking_tokens = len(lm.encode(written[:end]))
+        assert result.reasoning_tokens == thinking_tokens
+        assert all(s.phase == "think" for s in steps[:thinking_tokens])
+        assert all(s.phase == "answer" for s in steps[thinking_tokens:])
+
+
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_an_exit_writes_the_family_format_and_the_grader_reads_it(monkeypatch, name):
+    *_, opens, closes = FAMILY_SHAPES[name]
+    lm = family_lm(name)
+    written = opens + "Hmm, 3 + 4 = 7. " * 6
+    budget = len(lm.encode(opens)) + 5
+    steps, result = run_scripted(monkeypatch, lm, written, policy=TokenBudget(budget))
+    assert result.finish_reason == "exit" and result.exit_index == budget - 1
+    cue_text = lm.profile.exit_cue_text("boxed")
+    assert cue_text.startswith(closes) and cue_text.endswith("Final Answer: \\boxed{")
+    assert cue_text in result.text and result.text.endswith(cue_text + "7}")
+    assert grade("gsm8k", result.text, "7")
+    marker = lm.profile.think_end
+    if marker in lm.tokenizer.get_added_vocab():  # the marker goes in as the family's own token, not as text
+        assert lm.tokenizer.convert_tokens_to_ids(marker) in lm.exit_cue_ids("boxed")
+
+
+def test_qwen3_thinking_switched_off_has_no_thinking_region(monkeypatch):
+    lm = family_lm("qwen3", ProfileOverrides(template_kwargs={"enable_thinking": False}))
+    assert lm.profile.thinking == "off" and "switched off" in lm.profile.reason
+    assert lm.tokenizer.decode(lm.prompt_ids("hi")).endswith("<think>\n\n</think>\n\n")
+    steps, result = run_scripted(monkeypatch, lm, "Wait, the answer is \\boxed{7}", policy=TokenBudget(2))
+    assert all(s.phase == "answer" and s.cue is None for s in steps)
+    assert result.finish_reason == "eos" and result.reasoning_tokens == 0 and grade("gsm8k", result.text, "7")
+
+
+def test_nemotron_adds_its_system_prompt_and_overrides_replace_any_field():
+    lm = family_lm("nemotron")
+    assert "detailed thinking on" in lm.tokenizer.decode(lm.prompt_ids("hi"))
+    custom = family_lm("deepseek-r1", ProfileOverrides(think_end="</reasoning>", exit_close="</reasoning>\n"))
+    assert custom.profile.exit_cue_text("boxed") == "</reasoning>\nFinal Answer: \\boxed{"
+    assert custom.profile.exit_cue_text("So the answer is \\boxed{") == "So the answer is \\boxed{"
+
+
+def test_a_probe_built_under_one_profile_is_refused_under_another():
+    lm = family_lm("qwen3")
+    other = family_lm("qwen3", ProfileOverrides(template_kwargs={"enable_thinking": False}))
+    with pytest.raises(ValueError, match=r"profile thinking 'model' vs 'off'"):
+        lm.feature_spec().check_compatible(other.feature_spec(), what="probe")
+    lm.feature_spec().check_compatible(family_lm("qwen3").feature_spec())
