@@ -199,3 +199,54 @@ def test_a_probe_built_under_one_profile_is_refused_under_another():
     with pytest.raises(ValueError, match=r"profile thinking 'model' vs 'off'"):
         lm.feature_spec().check_compatible(other.feature_spec(), what="probe")
     lm.feature_spec().check_compatible(family_lm("qwen3").feature_spec())
+
+
+def test_readme_family_table_is_the_output_of_lynx_exit_profiles(capsys):
+    from pathlib import Path
+
+    from lynx_exit.cli import main
+
+    assert main(["profiles"]) == 0
+    printed = capsys.readouterr().out
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- profiles:start -->\n", 1)[1].split("<!-- profiles:end -->", 1)[0]
+    assert table and printed.startswith(table)
+    assert all(f"| {name} |" in table for name in FAMILY_FAMILIES)
+
+
+FAMILY_FAMILIES = ("gpt-oss", "magistral", "nemotron", "phi4-reasoning", "qwen3", "think", "generic")
+
+
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"bos_token_id": 0, "eos_token_id": 0}),
+}
+
+
+@pytest.mark.parametrize("kind", list(ARCHITECTURES))
+def test_hidden_state_taps_match_output_hidden_states_for_every_family_architecture(kind):
+    import transformers
+
+    from lynx_exit.models import HiddenStateCapture
+
+    config_name, model_name, extra = ARCHITECTURES[kind]
+    sizes = {"vocab_size": 53, "hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 3,
+             "num_key_value_heads": 3, "max_position_embeddings": 64, "n_embd": 24, "n_layer": 3, "n_head": 3, "n_positions": 64}
+    config = getattr(transformers, config_name)(**sizes, **extra)
+    torch.manual_seed(1)
+    model = getattr(transformers, model_name)(config).eval()
+    ids = torch.randint(0, 53, (2, 7))
+    layers = (1, 2, 3) if kind == "gpt2" else (0, 1, 2, 3)  # GPT-2's layer 0 adds position embeddings: refused
+    with torch.no_grad(), HiddenStateCapture(model, layers) as capture:
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        got = capture.features()
+    want = torch.cat([hidden[layer][:, -1, :] for layer in layers], dim=-1).float()
+    torch.testing.assert_close(got, want)
+    if kind == "gpt2":
+        with pytest.raises(ValueError, match="position embeddings"):
+            HiddenStateCapture(model, (0, 3))

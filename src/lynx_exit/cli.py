@@ -58,6 +58,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give a prompt or --task NAME [--index I]")
     lm = load_model_from_args(args)
+    if args.explain:
+        print(f"profile {lm.profile.family!r} for {args.model!r}: {lm.profile.reason}", file=sys.stderr)
+        print(f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers {list(lm.feature_spec().layers)}", file=sys.stderr)
     policy = _policy_from_args(args, lm)
     layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
     loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers)
@@ -85,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "cue_indices": result.cue_indices,
         "wall_time_s": round(wall, 3),
         "text": result.text,
+        "profile": {**lm.profile.identity(), "reason": lm.profile.reason},
     }
     if problem is not None:
         record.update(task=problem.task, problem_id=problem.problem_id, gold=problem.gold, correct=problem.grade(result.text))
@@ -98,6 +102,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if problem is not None:
             summary += f", answer {result.answer!r} vs gold {problem.gold!r}: {'right' if record['correct'] else 'wrong'}"
         print(summary + "]")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from lynx_exit.families import LAYER_RULE, profiles_table
+
+    if args.json:
+        print(json.dumps(profiles_table(), indent=2, ensure_ascii=False))
+    else:
+        print(profiles_table(markdown=True), end="")
+        print(f"\nLayers: {LAYER_RULE}.")
     return 0
 
 
@@ -121,9 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
     gen.add_argument("--no-suffix", action="store_true", help="send the prompt as is, without the step-by-step instruction")
+    gen.add_argument("--explain", action="store_true", help="say which model profile was chosen and why")
     add_model_flags(gen)
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    profiles = sub.add_parser("profiles", help="the table of reasoning model families and how each is recognised")
+    profiles.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    profiles.set_defaults(func=cmd_profiles)
 
     cli_pipeline.add_commands(sub)
     cli_serve.add_command(sub)

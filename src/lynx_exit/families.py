@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -84,31 +84,31 @@ HARMONY_FINAL = "<|start|>assistant<|channel|>final<|message|>"
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        "gpt-oss", "gpt-oss (harmony format)", "tokens <|channel|> and <|message|>",
+        "gpt-oss", "gpt-oss (harmony format)", "tokens `<|channel|>` and `<|message|>`, or model type gpt_oss",
         lambda f: {"<|channel|>", "<|message|>"} <= f.added_tokens or f.model_type == "gpt_oss",
         think_start="<|channel|>analysis<|message|>", think_end="<|end|>", exit_close="<|end|>" + HARMONY_FINAL,
     ),
     Family(
-        "magistral", "Magistral", "tokens [THINK] and [/THINK]", lambda f: f.has("[/THINK]"),
+        "magistral", "Magistral", "`[/THINK]` in tokens or template", lambda f: f.has("[/THINK]"),
         think_start="[THINK]", think_end="[/THINK]", exit_close="[/THINK]",
     ),
     Family(
-        "nemotron", "Llama-3.1-Nemotron (Nano, Super, Ultra)", "template switched by 'detailed thinking'",
-        lambda f: "detailed thinking" in f.template,
+        "nemotron", "Llama-3.1-Nemotron (Nano, Super, Ultra)", "template mentions 'detailed thinking', or model type nemotron-nas (else pass `--family nemotron`)",
+        lambda f: "detailed thinking" in f.template or f.model_type == "nemotron-nas",
         think_start="<think>", think_end="</think>", exit_close="</think>", system_prompt="detailed thinking on",
     ),
     Family(
-        "phi4-reasoning", "Phi-4-reasoning (-plus, -mini)", "<think> with Phi-4's <|im_sep|>",
+        "phi4-reasoning", "Phi-4-reasoning (-plus, -mini)", "`<think>` with Phi-4's `<|im_sep|>` token",
         lambda f: "<|im_sep|>" in f.added_tokens and _has_think(f),
         think_start="<think>", think_end="</think>", exit_close="</think>",
     ),
     Family(
-        "qwen3", "Qwen3 (hybrid thinking)", "<think> template with an enable_thinking switch",
+        "qwen3", "Qwen3 (hybrid thinking)", "`<think>` and an `enable_thinking` switch in the template",
         lambda f: "enable_thinking" in f.template and _has_think(f),
         think_start="<think>", think_end="</think>", exit_close="</think>", template_kwargs=(("enable_thinking", True),),
     ),
     Family(
-        "think", "DeepSeek-R1 and its Qwen/Llama distills, QwQ, other <think> models", "<think> or </think> in tokens or template",
+        "think", "DeepSeek-R1 and its Qwen/Llama distills, QwQ, other `<think>` models", "`<think>` or `</think>` in tokens or template",
         _has_think, think_start="<think>", think_end="</think>", exit_close="</think>",
     ),
     Family(
@@ -267,10 +267,6 @@ def resolve_profile(model: Any, tokenizer: Any, overrides: ProfileOverrides | No
     )
 
 
-def with_overrides(profile: ModelProfile, **changes: Any) -> ModelProfile:
-    return replace(profile, **changes)
-
-
 def profiles_table(markdown: bool = False) -> list[dict[str, str]] | str:
     """The family table printed by `lynx-exit profiles` (and copied into the README)."""
     rows = []
@@ -283,10 +279,10 @@ def profiles_table(markdown: bool = False) -> list[dict[str, str]] | str:
                 "family": family.name,
                 "models": family.models,
                 "recognised by": family.recognised_by,
-                "thinking": "—" if family.think_start is None else f"{family.think_start} … {family.think_end}",
+                "thinking": "—" if family.think_start is None else f"`{family.think_start}` … `{family.think_end}`",
                 "exit cue (boxed)": json.dumps(profile.exit_cue_text("boxed"), ensure_ascii=False),
                 "template switches": ", ".join(
-                    [f"{k}={json.dumps(v)}" for k, v in family.template_kwargs]
+                    [f"`{k}={json.dumps(v)}`" for k, v in family.template_kwargs]
                     + ([f"system prompt {family.system_prompt!r}"] if family.system_prompt else [])
                 ) or "—",
             }
@@ -300,11 +296,12 @@ def profiles_table(markdown: bool = False) -> list[dict[str, str]] | str:
 
 
 def _cell(text: str) -> str:
-    return "`" + text.replace("|", "\\|") + "`" if text.startswith('"') else text.replace("|", "\\|")
+    text = "`" + text + "`" if text.startswith('"') else text
+    return text.replace("|", "\\|")
 
 
-LAYER_RULE = "the model config's lynx_layers, else the official code's choice (KNOWN_LAYERS), else ¼, ½, ¾ depth and the last"
-
-
-def describe_layers(known: Sequence[tuple[tuple[str, int, int], tuple[int, ...]]] = tuple(KNOWN_LAYERS.items())) -> str:
-    return "; ".join(f"{t} {n} layers × {h}: {list(layers)}" for (t, n, h), layers in known)
+LAYER_RULE = (
+    "--layers, else the model config's lynx_layers, else the official code's choice for known architectures ("
+    + "; ".join(f"{kind} with {n} layers of width {width}: {list(layers)}" for (kind, n, width), layers in KNOWN_LAYERS.items())
+    + "), else ¼, ½, ¾ depth and the last (8/16/24/32 for 32-layer models, as the official code)"
+)

@@ -258,10 +258,25 @@ def load_model(
 def _decoder_modules(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module], nn.Module]:
     """(embedding, blocks, final norm) of a decoder-only transformer."""
     base: Any = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]
-    for blocks_name, norm_name, embed_name in (("layers", "norm", "embed_tokens"), ("h", "ln_f", "wte")):
-        if hasattr(base, blocks_name) and hasattr(base, norm_name):
+    for blocks_name, norm_name, embed_name in _DECODER_LAYOUTS:
+        if hasattr(base, blocks_name) and hasattr(base, norm_name) and hasattr(base, embed_name):
             return getattr(base, embed_name), getattr(base, blocks_name), getattr(base, norm_name)
-    raise ValueError(f"cannot find decoder blocks in {type(model).__name__}; pass a Llama/Qwen/GPT-2 style model")
+    raise ValueError(
+        f"cannot find decoder blocks in {type(model).__name__}; known layouts (blocks, final norm, embeddings): "
+        f"{list(_DECODER_LAYOUTS)}"
+    )
+
+
+# (blocks, final norm, embeddings) under the decoder: Llama, Qwen2/3, Mistral/Magistral, Phi-3/4, gpt-oss,
+# Nemotron (Llama); GPT-2 / Falcon; Phi-1/2; GPT-NeoX; OPT.
+_DECODER_LAYOUTS = (
+    ("layers", "norm", "embed_tokens"),
+    ("h", "ln_f", "wte"),
+    ("h", "ln_f", "word_embeddings"),
+    ("layers", "final_layernorm", "embed_tokens"),
+    ("layers", "final_layer_norm", "embed_in"),
+    ("layers", "final_layer_norm", "embed_tokens"),
+)
 
 
 _TAPS = "_lynx_exit_taps"  # per-module list of sinks, stored on the module instance
@@ -322,6 +337,9 @@ class HiddenStateCapture:
         self._removers: list[Callable[[], None]] = []
         for layer in self.layers:
             if layer == 0:
+                if hasattr(model.get_decoder() if hasattr(model, "get_decoder") else model, "wpe"):
+                    raise ValueError("layer 0 of a model with absolute position embeddings (GPT-2 style) is not "
+                                     "the token embedding alone: choose layers >= 1")
                 module = embed
             elif layer == num_layers:
                 module = norm
