@@ -267,6 +267,11 @@ def _decoder_modules(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module], 
     )
 
 
+def _has_position_embeddings(model: nn.Module) -> bool:
+    base: Any = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]
+    return hasattr(base, "wpe")
+
+
 # (blocks, final norm, embeddings) under the decoder: Llama, Qwen2/3, Mistral/Magistral, Phi-3/4, gpt-oss,
 # Nemotron (Llama); GPT-2 / Falcon; Phi-1/2; GPT-NeoX; OPT.
 _DECODER_LAYOUTS = (
@@ -337,7 +342,7 @@ class HiddenStateCapture:
         self._removers: list[Callable[[], None]] = []
         for layer in self.layers:
             if layer == 0:
-                if hasattr(model.get_decoder() if hasattr(model, "get_decoder") else model, "wpe"):
+                if _has_position_embeddings(model):
                     raise ValueError("layer 0 of a model with absolute position embeddings (GPT-2 style) is not "
                                      "the token embedding alone: choose layers >= 1")
                 module = embed
