@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lynx_exit.models import LoadedModel, _profile_for
+from lynx_exit.families import resolve_profile
+from lynx_exit.models import LoadedModel
 from lynx_exit.tokenizer import train_tokenizer
 
 CORPUS = [
@@ -34,7 +35,7 @@ def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-test", profile=_profile_for(model, tokenizer))
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-test", profile=resolve_profile(model, tokenizer))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import sys
 from collections import Counter, defaultdict
@@ -20,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lynx_exit.artifacts import (
     FolderLock,
     append_jsonl,
     read_appended_jsonl,
+    save_tensors_atomic,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -130,18 +130,17 @@ def _resume(out_dir: Path, config: BuildConfig) -> set[str]:
     rollouts_file, events_file = out_dir / "rollouts.jsonl", out_dir / "events.jsonl"
     rollouts = read_appended_jsonl(rollouts_file, ROLLOUT_KEYS)
     events = read_appended_jsonl(events_file, EVENT_KEYS)
-    event_counts = Counter((e["problem_id"], e["rollout"]) for e in events)
     features = out_dir / "features"
-    lost_shards = {e["problem_id"] for e in events if not (features / e["shard"]).is_file()}
+    missing_shards = {name for name in {e["shard"] for e in events} if not (features / name).is_file()}
+    lost = {e["problem_id"] for e in events if e["shard"] in missing_shards}
+    lost |= {problem_id for (problem_id, _), _, _ in _missing_events(events, rollouts)}
     by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in rollouts:
         by_problem[record["problem_id"]].append(record)
     complete = {
         problem_id
         for problem_id, records in by_problem.items()
-        if sorted(r["rollout"] for r in records) == list(range(config.rollouts_per_problem))
-        and all(event_counts[(problem_id, r["rollout"])] == r["num_events"] for r in records)
-        and problem_id not in lost_shards
+        if sorted(r["rollout"] for r in records) == list(range(config.rollouts_per_problem)) and problem_id not in lost
     }
     incomplete = sorted(set(by_problem) - complete)
     if incomplete:
@@ -228,9 +227,7 @@ def _build_chunk(
         )
     shard = _new_shard_name(out_dir / "features", chunk[0][0])
     if vectors:
-        temporary = out_dir / "features" / f".{shard}.tmp"
-        save_file({"features": torch.stack(vectors).cpu().contiguous()}, str(temporary))
-        os.replace(temporary, out_dir / "features" / shard)
+        save_tensors_atomic(out_dir / "features" / shard, {"features": torch.stack(vectors).cpu().contiguous()})
     event_records, rollout_records = [], []
     per_row_events: dict[int, int] = {}
     for shard_row, (event, forced) in enumerate(zip(pending, answers, strict=True)):
@@ -333,16 +330,24 @@ def load_dataset(folder: str | Path) -> Dataset:
     return Dataset(spec=spec, meta=meta, features=features, events=events, rollouts=rollouts)
 
 
+def _missing_events(
+    events: list[dict[str, Any]], rollouts: list[dict[str, Any]]
+) -> list[tuple[tuple[str, int], int, int]]:
+    """(problem id, rollout), events recorded, events present: each rollout whose events are not all there."""
+    event_counts = Counter((e["problem_id"], e["rollout"]) for e in events)
+    keyed = (((r["problem_id"], r["rollout"]), r["num_events"]) for r in rollouts)
+    return [(key, expected, event_counts.get(key, 0)) for key, expected in keyed if event_counts.get(key, 0) != expected]
+
+
 def _check_complete(folder: Path, events: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> None:
     """Every rollout's events are present: a dataset that lost some would silently bias training and calibration."""
-    event_counts = Counter((e["problem_id"], e["rollout"]) for e in events)
-    recorded = {(r["problem_id"], r["rollout"]): r["num_events"] for r in rollouts}
-    for key, expected in recorded.items():
-        if event_counts.get(key, 0) != expected:
-            raise ValueError(
-                f"dataset {str(folder)!r} is incomplete: rollout {key[0]!r}/{key[1]} records {expected} events but "
-                f"events.jsonl has {event_counts.get(key, 0)}; rerun build-data with the same flags to repair it"
-            )
+    missing = _missing_events(events, rollouts)
+    if missing:
+        (problem_id, rollout), expected, found = missing[0]
+        raise ValueError(
+            f"dataset {str(folder)!r} is incomplete: rollout {problem_id!r}/{rollout} records {expected} events but "
+            f"events.jsonl has {found}; rerun build-data with the same flags to repair it"
+        )
 
 
 def summarize_dataset(folder: Path) -> dict[str, Any]:

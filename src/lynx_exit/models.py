@@ -202,10 +202,6 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def _profile_for(model: Any, tokenizer: Any) -> ModelProfile:
-    return resolve_profile(model, tokenizer)
-
-
 def load_model(
     name: str,
     dtype: str = "float32",

@@ -8,17 +8,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from lynx_exit.artifacts import file_sha256, write_json_atomic
+from lynx_exit.artifacts import file_sha256, save_tensors_atomic, write_json_atomic
 from lynx_exit.conformal import EventThreshold, TrajectoryThreshold
 from lynx_exit.models import FeatureSpec
 
@@ -212,9 +211,7 @@ def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, An
         logger.warning("%s belonged to the probe being replaced: removed (run lynx-exit calibrate again)", stale)
         stale.unlink()
     tensors = {name: value.detach().contiguous() for name, value in probe.state_dict().items()}
-    temporary = folder / f".{PROBE_WEIGHTS}.tmp"
-    save_file(tensors, str(temporary), metadata={"format": "lynx-exit-probe-v1"})
-    os.replace(temporary, folder / PROBE_WEIGHTS)
+    save_tensors_atomic(folder / PROBE_WEIGHTS, tensors, metadata={"format": "lynx-exit-probe-v1"})
     write_json_atomic(folder / PROBE_META, {"feature_spec": spec.to_dict(), **meta})
 
 
