@@ -41,7 +41,7 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
 
     # Every setting and artifact is checked before the first rollout; a busy folder is refused at once.
     for flags, message in (
-        (["--probe", str(tmp_path / "nowhere"), "--methods", "never"], "has no probe.safetensors"),
+        (["--probe", str(tmp_path / "nowhere"), "--methods", "never"], "nowhere' does not exist"),
         (["--probe", str(tmp_path / "probe"), "--methods", "never,lynx", "--deltas", "0.5,0.15"], "delta=0.15"),
     ):
         assert main(["eval", "--task", "arith", "--num-problems", "2", "--out", str(tmp_path / "e2"), *flags, *COMMON]) == 2

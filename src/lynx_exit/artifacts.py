@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+import shlex
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,14 @@ def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def command_line() -> str:
+    """The command that is running, as a shell would take it back (recorded in artifacts)."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program in ("cli.py", "__main__.py"):
+        program = "lynx-exit"
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def file_sha256(path: Path) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from lynx_exit.artifacts import (
     FolderLock,
     append_jsonl,
+    command_line,
     read_appended_jsonl,
     save_tensors_atomic,
     write_json_atomic,
@@ -113,7 +113,7 @@ def build_dataset(
                 if old.get(key) != json.loads(json.dumps(meta[key])):
                     raise ValueError(f"{out_dir} holds a dataset built with other {key}; use a new folder to change it")
         meta["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
-        meta["command"] = " ".join(sys.argv)
+        meta["command"] = command_line()
         write_json_atomic(meta_file, meta)
         done = _resume(out_dir, config)
         todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
@@ -284,6 +284,7 @@ class Dataset:
     features: torch.Tensor  # [events, feature_dim]
     events: list[dict[str, Any]]
     rollouts: list[dict[str, Any]]
+    folder: Path | None = None  # where it was read from
 
     @property
     def labels(self) -> torch.Tensor:
@@ -327,7 +328,7 @@ def load_dataset(folder: str | Path) -> Dataset:
     features = torch.stack(rows) if rows else torch.zeros(0, spec.feature_dim)
     if features.shape[1] != spec.feature_dim:
         raise ValueError(f"dataset {str(folder)!r}: features have dim {features.shape[1]}, spec says {spec.feature_dim}")
-    return Dataset(spec=spec, meta=meta, features=features, events=events, rollouts=rollouts)
+    return Dataset(spec=spec, meta=meta, features=features, events=events, rollouts=rollouts, folder=folder)
 
 
 def _missing_events(

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lynx_exit.artifacts import FolderLock
+from lynx_exit.artifacts import FolderLock, command_line
 from lynx_exit.build_data import Dataset
 from lynx_exit.conformal import (
     DEFAULT_DELTAS,
@@ -28,6 +28,23 @@ from lynx_exit.probe import (
     train_probe,
     write_conformal,
 )
+from lynx_exit.sharing import write_model_card
+
+
+def dataset_summary(dataset: Dataset) -> dict[str, Any]:
+    """What a probe records about the data it was trained or calibrated on (shown in its model card)."""
+    labels = [int(e["label"]) for e in dataset.events]
+    return {
+        "folder": str(dataset.folder) if dataset.folder is not None else None,
+        "task": dataset.meta.get("task"),
+        "model": dataset.meta.get("model"),
+        "problems": len(dataset.problem_ids),
+        "rollouts": len(dataset.rollouts),
+        "events": len(labels),
+        "safe_events": sum(labels),
+        "generation": dataset.meta.get("generation"),
+        "command": dataset.meta.get("command"),
+    }
 
 
 def train_probe_folder(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str) -> dict[str, Any]:
@@ -46,6 +63,8 @@ def _train(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_di
         "training_data": dataset_dir,
         "training_task": dataset.meta.get("task"),
         "training_problem_ids": sorted(dataset.problem_ids),
+        "training_dataset": dataset_summary(dataset),
+        "command": command_line(),
         "train_config": asdict(config),
         "metrics": {**metrics, "train_seconds": round(time.perf_counter() - started, 2)},
     }
@@ -67,11 +86,17 @@ def rollout_scores(bundle: ProbeBundle, dataset: Dataset) -> list[tuple[list[flo
 
 
 def calibrate_probe_folder(
-    probe_dir: Path, dataset: Dataset, deltas: Sequence[float] = DEFAULT_DELTAS, epsilon: float = 0.1
+    probe_dir: Path,
+    dataset: Dataset,
+    deltas: Sequence[float] = DEFAULT_DELTAS,
+    epsilon: float = 0.1,
 ) -> dict[str, Any]:
-    """Write `conformal.json` (per-event and trajectory thresholds) from a disjoint calibration set."""
+    """Write `conformal.json` (per-event and trajectory thresholds) from a disjoint calibration set,
+    and the folder's `README.md` model card."""
     with FolderLock(probe_dir, "lynx-exit train/calibrate"):
-        return _calibrate(probe_dir, dataset, deltas, epsilon)
+        report = _calibrate(probe_dir, dataset, deltas, epsilon)
+        write_model_card(probe_dir)
+        return report
 
 
 def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsilon: float) -> dict[str, Any]:
@@ -94,6 +119,9 @@ def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsil
     harm = [calibrate_trajectories(relabelled, d, epsilon) for d in deltas]
     report = {
         "calibration_data": str(dataset.meta.get("task")),
+        "calibration_dataset": dataset_summary(dataset),
+        "epsilon": epsilon,
+        "command": command_line(),
         "n_events": int(len(labels)),
         "n_rollouts": len(rollouts),
         "event": [t.to_dict() for t in event],

@@ -17,14 +17,18 @@ from lynx_exit.cli_common import (
     add_sampling_flags,
     generation_config,
     load_model_from_args,
+    locate_probe_arg,
     parse_layers,
 )
 
 
-def _policy_from_args(args: argparse.Namespace, lm: Any) -> Any:
+def _policy_from_args(args: argparse.Namespace, lm: Any, probe_folder: str | None) -> Any:
     from lynx_exit.exits import MethodContext, get_method, make_policy
 
+    args.exit = args.exit or ("lynx" if args.probe else "never")
     method = get_method(args.exit)
+    if args.probe is not None and not method.needs_probe:
+        raise ValueError(f"--probe {args.probe!r} is read only by the LYNX methods, and --exit {args.exit} does not use it")
     options: dict[str, Any] = {}
     if method.knob is not None:
         value = getattr(args, method.knob.flag.lstrip("-").replace("-", "_"))
@@ -35,7 +39,7 @@ def _policy_from_args(args: argparse.Namespace, lm: Any) -> Any:
         options.update(method.knob.parse_value(str(value), method.knob.flag))
     if "mode" in method.options:
         options["mode"] = args.mode
-    return make_policy(args.exit, MethodContext(lm=lm, probe=args.probe), **options)
+    return make_policy(args.exit, MethodContext(lm=lm, probe=probe_folder), **options)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -57,11 +61,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_text = args.prompt if args.no_suffix else args.prompt + REASONING_SUFFIX
     else:
         raise ValueError("give a prompt or --task NAME [--index I]")
+    probe_folder = locate_probe_arg(args)
     lm = load_model_from_args(args)
     if args.explain:
         print(f"profile {lm.profile.family!r} for {args.model!r}: {lm.profile.reason}", file=sys.stderr)
         print(f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers {list(lm.feature_spec().layers)}", file=sys.stderr)
-    policy = _policy_from_args(args, lm)
+    policy = _policy_from_args(args, lm, probe_folder)
     layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
     loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers)
     console = Console(highlight=False, soft_wrap=True)
@@ -128,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--index", type=int, default=0, help="problem index within --task")
     from lynx_exit.exits import knobs, method_names
 
-    gen.add_argument("--exit", default="never", choices=method_names(), help="exit method")
+    gen.add_argument("--exit", default=None, choices=method_names(), help="exit method (default: lynx with --probe, else never)")
     for knob in knobs():
         gen.add_argument(knob.flag, default=knob.default, help=knob.help)
-    gen.add_argument("--probe", default=None, help="probe folder for the LYNX methods")
+    gen.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")
     gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
     gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")

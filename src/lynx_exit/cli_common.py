@@ -41,6 +41,15 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     return load_model(args.model, dtype=args.dtype, device=args.device, overrides=overrides)
 
 
+def locate_probe_arg(args: argparse.Namespace) -> str | None:
+    """The folder of `--probe` (a Hub repo id is fetched, or read from the Hub cache), found before the model loads."""
+    if args.probe is None:
+        return None
+    from lynx_exit.sharing import locate_probe
+
+    return str(locate_probe(args.probe))
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")

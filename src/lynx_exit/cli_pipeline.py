@@ -12,6 +12,7 @@ from lynx_exit.cli_common import (
     add_sampling_flags,
     generation_config,
     load_model_from_args,
+    locate_probe_arg,
     parse_layers,
 )
 
@@ -94,7 +95,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         for row in report[mode]:
             note = "  (never exits)" if row["never_exit"] else ""
             print(f"{mode:<10} δ={row['delta']:<5} threshold={row['threshold']} calib risk={row['empirical_risk']:.3f}{note}")
-    print(f"wrote {Path(args.probe) / 'conformal.json'}")
+    print(f"wrote {Path(args.probe) / 'conformal.json'} and the model card {Path(args.probe) / 'README.md'}")
     return 0
 
 
@@ -110,16 +111,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = parse_methods(methods, grids, extra={"mode": args.mode})
     problems = _problems(args)
+    probe_folder = locate_probe_arg(args)
     lm = load_model_from_args(args)
     out = Path(args.out)
     summary = run_eval(
         lm, problems, settings, generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size,
-        probe=args.probe,
+        probe=probe_folder,
     )
     probe_task = None
-    if args.probe:
-        probe_task = json.loads((Path(args.probe) / "probe.json").read_text()).get("training_task")
-    meta = {"model": args.model, "task": args.task, "probe": args.probe, "probe_training_task": probe_task, "seed": args.seed}
+    if probe_folder:
+        probe_task = json.loads((Path(probe_folder) / "probe.json").read_text()).get("training_task")
+    meta = {"model": args.model, "task": args.task, "probe": args.probe, "probe_folder": probe_folder,
+            "probe_training_task": probe_task, "seed": args.seed}
     write_report(summary, out, meta, title=f"{args.model} on {args.task}")
     print(markdown_table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'pareto.png'}")
@@ -201,7 +204,7 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--methods", default="never,token-budget,lynx", help=f"comma-separated, from: {', '.join(method_names())}")
     for knob in knobs():
         ev.add_argument(knob.grid_flag, default=knob.default_grid, help=f"comma-separated values: {knob.help}")
-    ev.add_argument("--probe", default=None, help="probe folder for the LYNX methods")
+    ev.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")
     ev.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="mode of method 'lynx'")
     add_model_flags(ev)
     add_sampling_flags(ev)

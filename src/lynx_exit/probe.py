@@ -210,6 +210,9 @@ def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, An
     if stale.exists():
         logger.warning("%s belonged to the probe being replaced: removed (run lynx-exit calibrate again)", stale)
         stale.unlink()
+    card = folder / "README.md"  # the model card calibrate wrote describes the old calibration
+    if card.is_file() and card.read_text(encoding="utf-8").startswith("---\nlibrary_name: lynx-exit\n"):
+        card.unlink()
     tensors = {name: value.detach().contiguous() for name, value in probe.state_dict().items()}
     save_tensors_atomic(folder / PROBE_WEIGHTS, tensors, metadata={"format": "lynx-exit-probe-v1"})
     write_json_atomic(folder / PROBE_META, {"feature_spec": spec.to_dict(), **meta})

@@ -14,6 +14,7 @@ from lynx_exit.engine.types import Decision, Scorer, Step
 from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
 from lynx_exit.models import FeatureSpec
 from lynx_exit.probe import Probe, ProbeBundle, load_probe
+from lynx_exit.sharing import locate_probe
 
 MODES = ("event", "trajectory", "harm")
 
@@ -75,10 +76,10 @@ class LynxPolicy(BasePolicy):
 def shared_probe(context: MethodContext) -> tuple[ProbeBundle, ProbeScorer]:
     """The context's probe, loaded once, checked against the model and moved to its device."""
     if context.probe is None:
-        raise ValueError("the LYNX methods need a probe (--probe DIR)")
+        raise ValueError("the LYNX methods need a probe (--probe DIR or a Hub repo id OWNER/NAME)")
     key = f"probe:{context.probe}"
     if key not in context.shared:
-        bundle = load_probe(context.probe)
+        bundle = load_probe(locate_probe(context.probe))
         if context.lm is not None:
             # Any task's probe is accepted if it lives in this model's feature space at *its own* layers.
             bundle.spec.check_compatible(context.lm.feature_spec(bundle.spec.layers), what=f"probe {context.probe!r}")

@@ -133,7 +133,7 @@ def make_policy(name: str, context: MethodContext | None = None, **options: Any)
     if method.knob is not None and method.knob.name not in options:
         raise ValueError(f"exit method {name!r} needs {method.knob.name} ({method.knob.flag})")
     if method.needs_probe and context.probe is None:
-        raise ValueError(f"exit method {name!r} needs a probe (--probe DIR)")
+        raise ValueError(f"exit method {name!r} needs a probe (--probe DIR or OWNER/NAME)")
     return method.build(context, {**options, **dict(method.fixed)})
 
 
