@@ -18,6 +18,7 @@ from lynx_exit.exits import TokenBudget
 from lynx_exit.families import ProfileOverrides, resolve_profile
 from lynx_exit.grading import grade
 from lynx_exit.models import LoadedModel
+from lynx_exit.serve.text import ChoiceText
 
 CORPUS = ["Hmm, wait, 3 + 4 = 7. Let me check. The answer is 7. Final Answer: \\boxed{7}"] * 4
 
@@ -250,3 +251,64 @@ def test_hidden_state_taps_match_output_hidden_states_for_every_family_architect
     if kind == "gpt2":
         with pytest.raises(ValueError, match="position embeddings"):
             HiddenStateCapture(model, (0, 3))
+
+
+def served(lm, steps):
+    """(reasoning_content, content) of a chat response, pushed as the server's worker pushes steps."""
+    text = ChoiceText.for_profile(lm.profile)
+    for step in steps:
+        if step.text and not (step.exit and step.cue is not None):
+            text.push(step.text, step.phase)
+        text.take()
+    text.take(final=True)
+    return text.reasoning, text.content
+
+
+@pytest.mark.parametrize("name", [name for name, shape in FAMILY_SHAPES.items() if shape[4] != "generic"])
+def test_the_server_splits_thinking_and_answer_without_the_family_markers(monkeypatch, name):
+    *_, opens, closes = FAMILY_SHAPES[name]  # markerless models: test_serve_text (all text is thinking until an exit)
+    lm = family_lm(name)
+    thinking = "Hmm, 3 + 4 = 7."
+    # gpt-oss's `closes` opens the final channel too: the model writes the header itself
+    steps, _ = run_scripted(monkeypatch, lm, opens + thinking + closes + "The answer is \\boxed{7}")
+    reasoning, content = served(lm, steps)
+    assert reasoning.strip() == thinking and content == "The answer is \\boxed{7}"
+
+    written = opens + "Hmm, 3 + 4 = 7. " * 6
+    steps, _ = run_scripted(monkeypatch, lm, written, policy=TokenBudget(len(lm.encode(opens)) + 5))
+    reasoning, content = served(lm, steps)
+    assert not any(marker in reasoning for marker in (lm.profile.think_start, lm.profile.think_end))
+    assert written.removeprefix(opens).startswith(reasoning.strip()) and content == "Final Answer: \\boxed{7}"
+
+
+def test_a_request_switches_qwen3_thinking_off_with_chat_template_kwargs():
+    import openai
+    from test_serve import BOUND_S, serving
+
+    from lynx_exit.serve import Server, ServerOptions
+
+    lm = family_lm("qwen3")
+    defaults = GenerationConfig(max_new_tokens=12, min_new_tokens=12, temperature=1.0, cue_regex="e")
+    options = ServerOptions(model_name="tiny-qwen3", defaults=defaults, max_batch_size=2, max_queue=4)
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    with serving(Server(lm, options)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=BOUND_S, max_retries=0)
+        ask = lambda **extra: client.chat.completions.create(model="tiny-qwen3", messages=messages, seed=1, extra_body=extra)  # noqa: E731
+        thinking, direct = ask(), ask(chat_template_kwargs={"enable_thinking": False})
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(chat_template_kwargs={"tokenize": True})
+    off = lm.chat_ids(messages, {"enable_thinking": False})
+    assert lm.tokenizer.decode(off).endswith("<think>\n\n</think>\n\n") and lm.thinking_with({"enable_thinking": False}) == "off"
+    assert direct.usage.prompt_tokens == len(off) and thinking.usage.prompt_tokens == len(lm.chat_ids(messages))
+    # A tiny random model never writes `<think>`: with thinking on, all it writes is thinking; switched off, none is.
+    assert (thinking.choices[0].message.model_extra or {}).get("reasoning_content") and not thinking.choices[0].message.content
+    assert direct.choices[0].message.content and not (direct.choices[0].message.model_extra or {}).get("reasoning_content")
+    assert direct.usage.completion_tokens_details.reasoning_tokens == 0
+    assert error.value.body["param"] == "chat_template_kwargs.tokenize"
+
+
+def test_the_server_adds_the_family_system_prompt_only_when_the_messages_bring_none():
+    lm = family_lm("nemotron")
+    assert "detailed thinking on" in lm.tokenizer.decode(lm.chat_ids([{"role": "user", "content": "hi"}]))
+    own = lm.tokenizer.decode(lm.chat_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]))
+    assert "be brief" in own and "detailed thinking" not in own

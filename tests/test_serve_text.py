@@ -59,3 +59,23 @@ def test_markerless_model_keeps_all_text_as_thinking_until_an_exit():
     text = ChoiceText(None)
     assert feed(text, [("no markers here", "think"), ("\nFinal Answer: \\boxed{", "exit_cue"), ("3}", "forced_answer")]) == (
         "no markers here", "Final Answer: \\boxed{3}")
+
+
+def test_an_opening_marker_the_model_writes_is_never_streamed_even_split_across_tokens():
+    text = ChoiceText("<|end|>", think_start="<|channel|>analysis<|message|>",
+                      answer_header="<|start|>assistant<|channel|>final<|message|>")
+    pieces = [("<|channel|>ana", "think"), ("lysis<|mess", "think"), ("age|>Let me add.", "think"), ("<|end|><|start|>assistant", "think"),
+              ("<|channel|>final<|message|>", "answer"), ("7", "answer")]
+    sent = []
+    for piece, phase in pieces:
+        text.push(piece, phase)
+        sent.append(text.take())
+    sent.append(text.take(final=True))
+    assert "".join(r for r, _ in sent) == "Let me add." and "".join(c for _, c in sent) == "7"
+    assert all("<|" not in r + c for r, c in sent)
+
+
+def test_a_model_that_never_opens_thinking_keeps_its_text_and_only_the_first_opening_marker_goes():
+    assert feed(ChoiceText("</think>", think_start="<think>"), [("no marker", "think"), ("</think>A", "think")]) == ("no marker", "A")
+    assert feed(ChoiceText("</think>", think_start="<think>"), [("<think>a <think> b", "think"), ("</think>A", "think")]) == (
+        "a <think> b", "A")

@@ -146,6 +146,14 @@ class ModelProfile:
         if not self.exit_close:
             raise ValueError("exit_close must not be empty")
 
+    @property
+    def answer_header(self) -> str:
+        """What opens the answer after the thinking-end marker, e.g. gpt-oss's final-channel header ('' if none)."""
+        if not self.think_end or not self.exit_close.startswith(self.think_end):
+            return ""
+        header = self.exit_close.removeprefix(self.think_end)
+        return header if header.strip() else ""
+
     def exit_cue_text(self, cue: str) -> str:
         """The exit cue in this family's format: a variant name (`boxed`, `answer_tag`) or literal text."""
         if cue not in EXIT_CUE_PHRASES:

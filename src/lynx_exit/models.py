@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lynx_exit.families import EXIT_CUE_PHRASES, ModelProfile, ProfileOverrides, resolve_profile
+from lynx_exit.families import (
+    EXIT_CUE_PHRASES,
+    ModelProfile,
+    ProfileOverrides,
+    ThinkingStart,
+    generation_prompt,
+    resolve_profile,
+    thinking_start,
+)
 
 __all__ = ["EXIT_CUE_PHRASES", "FeatureSpec", "LoadedModel", "ModelProfile", "ProfileOverrides", "load_model"]
 
@@ -173,15 +181,29 @@ class LoadedModel:
             raise ValueError("prompt must not be empty")
         check_text(user_text)
         if getattr(self.tokenizer, "chat_template", None):
-            system = system if system is not None else self.profile.system_prompt
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": user_text}
-            ]
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **dict(self.profile.template_kwargs)
-            )
-            return self.encode(text)
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+            return self.chat_ids(messages)
         return list(self.tokenizer(user_text)["input_ids"])
+
+    def chat_ids(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of a chat, ending where the assistant starts writing.
+
+        The template gets the profile's switches (e.g. Qwen3's `enable_thinking`) updated with
+        `template_kwargs`, and the profile's system prompt when the messages bring none.
+        """
+        if self.profile.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.profile.system_prompt}, *messages]
+        kwargs = {**dict(self.profile.template_kwargs), **(template_kwargs or {})}
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        return self.encode(str(text))
+
+    def thinking_with(self, template_kwargs: dict[str, Any] | None) -> ThinkingStart:
+        """How thinking starts when the chat template gets `template_kwargs` on top of the profile's switches."""
+        if not template_kwargs:
+            return self.profile.thinking
+        kwargs = {**dict(self.profile.template_kwargs), **template_kwargs}
+        suffix = generation_prompt(self.tokenizer, kwargs, self.profile.system_prompt)
+        return thinking_start(self.profile.think_start, self.profile.think_end, suffix)[0]
 
     def exit_cue_ids(self, cue: str = "boxed") -> list[int]:
         """Token ids of the exit cue: a variant name in this family's format, or literal text."""

@@ -35,6 +35,7 @@ from lynx_exit.engine.types import (
     RequestResult,
     Step,
 )
+from lynx_exit.families import ThinkingStart
 from lynx_exit.grading import extract_boxed
 from lynx_exit.models import LoadedModel
 
@@ -113,12 +114,15 @@ class Engine:
         seed: int | None = None,
         feature_layers: Sequence[int] | None = None,
         hold: bool = False,
+        thinking: ThinkingStart | None = None,
     ) -> int:
         """Queue a request; returns its id. It joins the batch at the next `step` with a free row.
 
         `seed` defaults to `config.seed`. A policy's `Step.features` (its own `feature_spec`
         layers) come at cue steps; `feature_layers` asks for them at every thinking step. A policy whose feature space
-        does not match this model is refused here, with both sides named.
+        does not match this model is refused here, with both sides named. `thinking` says how this
+        prompt starts thinking when its chat template was given other switches than the profile's
+        (`LoadedModel.thinking_with`); by default the profile's.
         """
         config = config or GenerationConfig()
         prompt = [int(t) for t in prompt_ids]
@@ -137,6 +141,7 @@ class Engine:
             policy.reset()
         max_cue_chars = None if config.cue_regex else max(len(w.strip()) for w in config.cue_words)
         profile = self.lm.profile
+        thinking = thinking or profile.thinking
         request_id = self._next_id
         self._next_id += 1
         self._requests[request_id] = _Request(
@@ -154,10 +159,10 @@ class Engine:
                 think_end=profile.think_end,
                 max_cue_chars=max_cue_chars,
                 think_start=profile.think_start,
-                start=profile.thinking,
+                start=thinking,
             ),
-            phase="think" if profile.thinking != "off" else "answer",
-            reasoning_tokens=0 if profile.thinking == "off" else None,
+            phase="think" if thinking != "off" else "answer",
+            reasoning_tokens=0 if thinking == "off" else None,
             exit_cue_ids=self.exit_cue_ids(config.exit_cue),
             hold=hold,
         )

@@ -17,6 +17,7 @@ from typing import Any
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.engine.types import ExitPolicy
 from lynx_exit.exits import MethodContext, get_method, make_policy
+from lynx_exit.families import ThinkingStart
 from lynx_exit.models import LoadedModel
 from lynx_exit.serve.generation import Generation
 from lynx_exit.serve.metrics import ServerMetrics
@@ -49,6 +50,7 @@ class Plan:
     config: GenerationConfig
     exit: ExitChoice
     stop: tuple[str, ...]
+    thinking: ThinkingStart | None = None  # how a chat prompt starts thinking under its chat_template_kwargs
 
     @property
     def rows(self) -> int:
@@ -127,17 +129,20 @@ class Server:
         return [make_policy(choice.method, self.methods, **choice.options) for _ in range(count)]
 
     # -- prompts and limits --------------------------------------------------------------------
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        tokenizer = self.lm.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
+    def chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], ThinkingStart]:
+        """The prompt's token ids (the profile's template switches and system prompt, then the request's), and
+        how it starts thinking."""
+        if not getattr(self.lm.tokenizer, "chat_template", None):
             raise bad_request("messages", f"model {self.options.model_name!r} has no chat template; "
                                           "send a raw prompt to /v1/completions")
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        kwargs = request.template_kwargs()
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.lm.chat_ids(messages, kwargs)
         except Exception as exc:  # the template's own checks (e.g. role order) raise jinja errors
-            raise bad_request("messages", f"the chat template rejected the messages: {exc}") from None
-        return self.lm.encode(text)
+            param = "chat_template_kwargs" if kwargs else "messages"
+            raise bad_request(param, f"the chat template rejected the request: {exc}") from None
+        return ids, self.lm.thinking_with(kwargs)
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
         given: Any = request.prompt
@@ -185,8 +190,10 @@ class Server:
             raise bad_request("n", f"n {request.n} is above this server's limit of {self.options.max_n}")
         stop = request.stop_strings()
         requested = request.token_limit()
+        thinking = None
         if isinstance(request, ChatCompletionRequest):
-            prompts, param = [self.chat_prompt(request)], "messages"
+            prompt, thinking = self.chat_prompt(request)
+            prompts, param = [prompt], "messages"
         else:
             prompts, param = self.completion_prompts(request), "prompt"
         max_new = self.max_new_tokens(prompts, requested, param)
@@ -204,7 +211,7 @@ class Server:
         except ValueError as exc:
             raise bad_request(str(exc).split(" ", 1)[0], str(exc)) from None
         exit_choice = self.resolve_exit(request.exit)
-        return Plan(prompts, request.n, config, exit_choice, stop)
+        return Plan(prompts, request.n, config, exit_choice, stop, thinking)
 
     def admit(self, rows: int) -> None:
         if not self.accepting:
@@ -222,8 +229,9 @@ class Server:
         policies = self.policies(plan.exit, plan.rows)
         tickets, texts = [], []
         for i in range(plan.rows):
-            tickets.append(Ticket(i, plan.prompts[i // plan.n], plan.config, policies[i], (base + i) % _SEED_RANGE))
-            texts.append(ChoiceText(self.lm.profile.think_end, plan.stop, split=split))
+            tickets.append(Ticket(i, plan.prompts[i // plan.n], plan.config, policies[i], (base + i) % _SEED_RANGE,
+                                  thinking=plan.thinking))
+            texts.append(ChoiceText.for_profile(self.lm.profile, plan.stop, split=split, thinking=plan.thinking))
         generation = Generation(self.worker, tickets, texts, lambda t, e: self._finished(plan, t, e))
         self.in_flight += plan.rows
         generation.start()

@@ -18,6 +18,7 @@ from typing import Any
 
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.engine.types import ExitPolicy, Phase, RequestResult, Step
+from lynx_exit.families import ThinkingStart
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Ticket:
     config: GenerationConfig
     policy: ExitPolicy | None
     seed: int
+    thinking: ThinkingStart | None = None  # how the prompt starts thinking, if not as the profile says
     # Called on the event loop with (choice, events); the request's `Generation` sets it.
     deliver: Callable[[int, list[Event]], None] = field(default=lambda _choice, _events: None)
     submitted: float = field(default_factory=time.perf_counter)
@@ -149,7 +151,9 @@ class EngineWorker:
 
     def _add(self, ticket: Ticket) -> None:
         try:
-            ticket.engine_id = self.engine.add_request(ticket.prompt_ids, ticket.config, ticket.policy, seed=ticket.seed)
+            ticket.engine_id = self.engine.add_request(
+                ticket.prompt_ids, ticket.config, ticket.policy, seed=ticket.seed, thinking=ticket.thinking
+            )
         except ValueError as exc:  # validated by the handler already; kept so a client always hears back
             self._post([(ticket, [Failure(str(exc))])])
             return
