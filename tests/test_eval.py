@@ -19,10 +19,10 @@ from lynx_exit.tasks import Problem
 
 
 def _steps(answers, cues):
-    """Hand-made trajectory: step i is a cue if i in `cues`; its trial answer is answers[i]."""
+    """Hand-made trajectory: step i is a cue if i in `cues`; its trial answer is answers[i] (3 forced tokens + 2)."""
     out = []
     for i, (answer, prob) in enumerate(answers):
-        forced = ForcedAnswer(token_ids=[1, 2], text=f"{answer}}}", answer=answer, mean_prob=prob)
+        forced = ForcedAnswer(token_ids=[1, 2], text=f"{answer}}}", answer=answer, mean_prob=prob, forced_tokens=3)
         out.append(Step(request_id=0, index=i, token_id=5, text="x", phase="think", cue="wait" if i in cues else None,
                         fork=lambda f=forced: f))
     return out
@@ -30,9 +30,10 @@ def _steps(answers, cues):
 
 def test_deer_exits_at_first_confident_cue_and_counts_trials():
     steps = _steps([("3", 0.99), ("4", 0.5), ("4", 0.97), ("4", 0.99)], cues={1, 2, 3})
-    policy = DeerPolicy(threshold=0.95, exit_cue_tokens=3)
+    policy = DeerPolicy(threshold=0.95)
     assert first_exit(policy, steps) == 2
     assert policy.trial_tokens == 2 * (3 + 2)  # trials at cues 1 and 2 only
+    assert [policy.trial_at(s) for s in steps] == [None, "answer", "answer", "answer"]
     with pytest.raises(ValueError, match="threshold"):
         DeerPolicy(threshold=0)
 
@@ -43,7 +44,7 @@ def test_dynasor_exits_when_last_answers_agree():
     assert first_exit(policy, steps) == 3
     policy = DynasorPolicy(interval=2, window=2)  # probes at steps 1, 3, 5
     assert first_exit(policy, steps) == 5
-    assert policy.trial_tokens == 3 * 2
+    assert policy.trial_tokens == 3 * (3 + 2)
 
 
 def test_nowait_bans_cue_tokens(tiny_lm):

@@ -39,7 +39,7 @@ def _policy_from_args(args: argparse.Namespace, lm: Any, probe_folder: str | Non
         options.update(method.knob.parse_value(str(value), method.knob.flag))
     if "mode" in method.options:
         options["mode"] = args.mode
-    return make_policy(args.exit, MethodContext(lm=lm, probe=probe_folder), **options)
+    return make_policy(args.exit, MethodContext(lm=lm, probe=probe_folder, deepconf=args.deepconf), **options)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     for knob in knobs():
         gen.add_argument(knob.flag, default=knob.default, help=knob.help)
     gen.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")
+    gen.add_argument("--deepconf", default=None, help="warm-up folder for --exit deepconf (from lynx-exit deepconf-warmup)")
     gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
     gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")

@@ -82,6 +82,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deepconf_warmup(args: argparse.Namespace) -> int:
+    from lynx_exit.exits.deepconf import WARMUP_FILE, run_warmup
+
+    if args.rollouts != 1:
+        raise ValueError(f"deepconf-warmup takes one trace per problem (got --rollouts {args.rollouts})")
+    problems = _problems(args)
+    lm = load_model_from_args(args)
+    summary = run_warmup(lm, problems, generation_config(args), Path(args.out), top_k=args.confidence_top_k, window=args.window,
+                         batch_size=args.batch_size)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {Path(args.out) / WARMUP_FILE}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from lynx_exit.build_data import load_dataset
     from lynx_exit.calibration import calibrate_probe_folder
@@ -116,13 +130,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     summary = run_eval(
         lm, problems, settings, generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size,
-        probe=probe_folder,
+        probe=probe_folder, deepconf=args.deepconf,
     )
     probe_task = None
     if probe_folder:
         probe_task = json.loads((Path(probe_folder) / "probe.json").read_text()).get("training_task")
     meta = {"model": args.model, "task": args.task, "probe": args.probe, "probe_folder": probe_folder,
-            "probe_training_task": probe_task, "seed": args.seed}
+            "probe_training_task": probe_task, "deepconf": args.deepconf, "seed": args.seed, "offset": args.offset}
     write_report(summary, out, meta, title=f"{args.model} on {args.task}")
     print(markdown_table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'pareto.png'}")
@@ -205,10 +219,19 @@ def add_commands(sub: Any) -> None:
     for knob in knobs():
         ev.add_argument(knob.grid_flag, default=knob.default_grid, help=f"comma-separated values: {knob.help}")
     ev.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")
+    ev.add_argument("--deepconf", default=None, help="warm-up folder for deepconf (from lynx-exit deepconf-warmup)")
     ev.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="mode of method 'lynx'")
     add_model_flags(ev)
     add_sampling_flags(ev)
     ev.set_defaults(func=cmd_eval)
+
+    warm = sub.add_parser("deepconf-warmup", help="full traces with token confidences: the warm-up deepconf's threshold needs")
+    _add_task_flags(warm, task="gsm8k-train", split="train", num_problems=32)
+    warm.add_argument("--confidence-top-k", type=int, default=5, help="most likely tokens averaged in each token confidence")
+    warm.add_argument("--window", type=int, default=32, help="default group window (tokens); deepconf's window option overrides")
+    add_model_flags(warm)
+    add_sampling_flags(warm)
+    warm.set_defaults(func=cmd_deepconf_warmup)
 
     demo = sub.add_parser("demo", help="the whole LYNX loop on the shipped reference model, offline")
     demo.add_argument("--out", default="runs/demo")

@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         api_key=args.api_key or os.environ.get("LYNX_EXIT_API_KEY") or None,
         probe=locate_probe_arg(args),
+        deepconf=args.deepconf,
         shutdown_timeout_s=args.shutdown_timeout,
         stream_interval_ms=args.stream_interval_ms,
         max_chunk_rate=args.max_chunk_rate,
@@ -55,6 +56,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server with per-request early exit")
     add_model_flags(p)
     add_sampling_flags(p)  # the defaults of requests that leave a field out (--max-new-tokens: max_tokens)
+    p.add_argument("--deepconf", default=None, help="warm-up folder for the deepconf method (from lynx-exit deepconf-warmup)")
     p.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")
     p.add_argument("--exit", default=None, choices=method_names(),
                    help="default exit method of requests without exit.method (default: lynx with --probe, else never)")

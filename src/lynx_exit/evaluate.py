@@ -34,18 +34,19 @@ def run_eval(
     progress: bool = True,
     on_record: Callable[[], None] | None = None,
     probe: str | None = None,
+    deepconf: str | None = None,
 ) -> dict[str, Any]:
     """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable).
 
     Every setting and the probe are loaded once before the first rollout, so a bad setting or
     artifact (an uncalibrated δ, a missing probe, a probe of another model) fails at once.
-    `probe` is the LYNX probe folder. `out_dir` is locked while the run lasts.
+    `probe` is the LYNX probe folder, `deepconf` deepconf's warm-up folder. `out_dir` is locked while the run lasts.
     """
     if not problems:
         raise ValueError("eval needs at least one problem")
     if batch_size < 1 or rollouts < 1:
         raise ValueError(f"batch_size and rollouts must be >= 1, got {batch_size}, {rollouts}")
-    context = MethodContext(lm=lm, probe=probe)
+    context = MethodContext(lm=lm, probe=probe, deepconf=deepconf)
     if probe is not None:
         shared_probe(context)
     for setting in settings:  # validate every setting and artifact up front

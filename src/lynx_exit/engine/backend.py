@@ -59,10 +59,12 @@ class Backend(Protocol):
         max_new_tokens: int,
         stop_ids: set[int],
         done: Callable[[int, list[int]], bool],
-    ) -> list[tuple[list[int], list[float]]]:
+    ) -> list[tuple[list[int], list[float], float]]:
         """Greedy continuations; item i continues request `items[i][0]` from its first `items[i][1]`
         tokens followed by `forced_ids`. Item i stops at a token in `stop_ids` (not kept), when
-        `done(i, tokens)` holds or after `max_new_tokens`. Returns (token ids, their probabilities)."""
+        `done(i, tokens)` holds or after `max_new_tokens` (0: none, only the forced tokens are read).
+        Returns (token ids, their probabilities, the entropy in nats of the distribution right
+        after the forced tokens)."""
         ...
 
     def release(self, request_id: int) -> None:
@@ -264,7 +266,7 @@ class TransformersBackend:
         max_new_tokens: int,
         stop_ids: set[int],
         done: Callable[[int, list[int]], bool],
-    ) -> list[tuple[list[int], list[float]]]:
+    ) -> list[tuple[list[int], list[float], float]]:
         if not items:
             return []
         if not forced_ids:
@@ -292,12 +294,19 @@ class TransformersBackend:
         logits = self._forward(cue, mask, positions, fork)
         outputs: list[list[int]] = [[] for _ in range(n)]
         probs_out: list[list[float]] = [[] for _ in range(n)]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).nansum(-1)  # [n], after the forced tokens
+        if max_new_tokens == 0:
+            return [([], [], value) for value in entropy.tolist()]
+        entropies: list[float] = []
         active = list(range(n))
         for t in range(max_new_tokens):
             probs = torch.softmax(logits.float(), dim=-1)
             next_ids = probs.argmax(-1)  # [n]
             chosen = probs.gather(-1, next_ids[:, None])[:, 0]
-            ids_host, probs_host = torch.stack([next_ids.double(), chosen.double()]).tolist()  # one sync
+            host: list[torch.Tensor] = [next_ids.double(), chosen.double()] + ([entropy.double()] if t == 0 else [])
+            ids_host, probs_host, *first = torch.stack(host).tolist()  # one sync
+            entropies = first[0] if t == 0 else entropies
             still = []
             for i in active:
                 token = int(ids_host[i])
@@ -313,4 +322,4 @@ class TransformersBackend:
             mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=self.device)], dim=1)
             positions = (kept + num_forced + t)[:, None]
             logits = self._forward(next_ids[:, None], mask, positions, fork)
-        return list(zip(outputs, probs_out, strict=True))
+        return list(zip(outputs, probs_out, entropies, strict=True))

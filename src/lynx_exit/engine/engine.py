@@ -34,6 +34,7 @@ from lynx_exit.engine.types import (
     Phase,
     RequestResult,
     Step,
+    TrialKind,
 )
 from lynx_exit.families import ThinkingStart
 from lynx_exit.grading import extract_boxed
@@ -81,6 +82,8 @@ class _Request:
     cue_indices: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     feature_columns: torch.Tensor | None = None  # columns of the captured features that are this request's
+    feed_confidence: float | None = None  # DeepConf confidence of `feed` where it was sampled
+    candidate_confidence: float | None = None  # ... of the token sampled at this step
     started: float = 0.0
     wall_time_s: float = 0.0
     in_cache: bool = False
@@ -264,11 +267,12 @@ class Engine:
         batch = fed + admitted
         self._ban_tokens(logits, batch)
         sampling = [r.phase in ("think", "answer") for r in batch]
-        token_ids = sample(
+        sampled = sample(
             logits,
             [r.params if s else GREEDY for r, s in zip(batch, sampling, strict=True)],
             [r.generator if s else None for r, s in zip(batch, sampling, strict=True)],
-        ).tolist()  # the step's one host sync
+        )
+        token_ids = self._read_samples(sampled, logits, batch)  # the step's one host sync
         now = time.perf_counter()
         for request, token_id in zip(admitted, token_ids[len(fed) :], strict=True):
             request.started, request.index = now, -1  # `_next` makes the first token index 0
@@ -276,6 +280,24 @@ class Engine:
         steps += self._advance_all(fed, token_ids[: len(fed)])
         self._after_step()
         return steps
+
+    def _read_samples(self, sampled: torch.Tensor, logits: torch.Tensor, batch: list[_Request]) -> list[int]:
+        """The sampled ids on the host; with them, in the same sync, DeepConf token confidences for the
+        thinking rows whose policy asks (the negative mean log-probability of their top-k tokens)."""
+        wanted = [(i, r.policy.confidence_top_k) for i, r in enumerate(batch)
+                  if r.phase == "think" and r.policy is not None and r.policy.confidence_top_k > 0]
+        if not wanted:
+            return [int(t) for t in sampled.tolist()]
+        k = max(top_k for _, top_k in wanted)
+        rows = torch.tensor([i for i, _ in wanted], device=logits.device)
+        top = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1).topk(k, dim=-1).values  # [n, k]
+        ks = torch.tensor([top_k for _, top_k in wanted], device=logits.device)
+        in_k = torch.arange(k, device=logits.device)[None, :] < ks[:, None]
+        confidence = -(top.clamp_min(-1e4) * in_k).sum(-1) / ks  # [n]
+        host = torch.cat([sampled.double(), confidence.double()]).tolist()
+        for (i, _), value in zip(wanted, host[len(batch) :], strict=True):
+            batch[i].candidate_confidence = value
+        return [int(t) for t in host[: len(batch)]]
 
     def _admit(self) -> list[_Request]:
         admitted = []
@@ -315,6 +337,7 @@ class Engine:
                 steps += self._forced(request, candidate)
         self._attach_features(reads)
         self._score(reads)
+        self._run_trials(reads)
         for request, step, candidate in reads:
             if step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT:
                 candidate = self._exit(request, step)
@@ -343,10 +366,38 @@ class Engine:
             request.phase, request.reasoning_tokens = "answer", len(request.kept_ids)
         if cue is not None:
             request.cue_indices.append(index)
-        step = Step(request_id=request.request_id, index=index, token_id=token, text=delta, phase="think" if thinking else "answer", cue=cue)
+        step = Step(request_id=request.request_id, index=index, token_id=token, text=delta, phase="think" if thinking else "answer",
+                    cue=cue, confidence=request.feed_confidence)
         if thinking and request.policy is not None:
             step.fork = self._fork_callback(request, drop_current=cue is not None)
         return step
+
+    def _run_trials(self, reads: list[tuple[_Request, Step, int]]) -> None:
+        """The trial decodes the policies ask for at this step: one batched fork per kind (and exit cue)."""
+        groups: dict[tuple[TrialKind, tuple[int, ...], int], list[tuple[Step, tuple[int, int]]]] = {}
+        for request, step, _ in reads:
+            if step.phase != "think" or request.policy is None:
+                continue
+            kind = request.policy.trial_at(step)
+            if kind is None:
+                continue
+            keep = len(request.prompt_ids) + len(request.kept_ids) - (1 if step.cue is not None else 0)
+            key: tuple[TrialKind, tuple[int, ...], int] = (
+                (kind, tuple(request.exit_cue_ids), request.config.answer_max_tokens)
+                if kind == "answer"
+                else (kind, tuple(self.think_end_ids), 0)
+            )
+            groups.setdefault(key, []).append((step, (request.request_id, keep)))
+        for (_, forced, max_tokens), members in groups.items():
+            trials = self._fork([item for _, item in members], list(forced), max_tokens)
+            for (step, _), trial in zip(members, trials, strict=True):
+                step.trial = trial
+
+    @functools.cached_property
+    def think_end_ids(self) -> list[int]:
+        """What an "entropy" trial forces: the thinking-end marker (a markerless model's exit close)."""
+        profile = self.lm.profile
+        return self.lm.encode(profile.think_end or profile.exit_close)
 
     def _score(self, reads: list[tuple[_Request, Step, int]]) -> None:
         """Score the features of every cue step that has a scorer, one call per scorer."""
@@ -406,6 +457,7 @@ class Engine:
             self._close(request, "length")
             return [self._end_step(request, -1, "length")]
         request.feed = candidate
+        request.feed_confidence, request.candidate_confidence = request.candidate_confidence, None
         return []
 
     def _end_step(self, request: _Request, token_id: int, reason: FinishReason) -> Step:
@@ -467,10 +519,11 @@ class Engine:
         cue_text = tokenizer.decode(exit_cue_ids, skip_special_tokens=False)
         boxed_at = cue_text.rfind("\\boxed{")
         results = []
-        for token_ids, probs in outputs:
+        for token_ids, probs, entropy in outputs:
             text = tokenizer.decode(token_ids, skip_special_tokens=True)
             answer = extract_boxed(cue_text[boxed_at:] + text) if boxed_at >= 0 else None
-            results.append(ForcedAnswer(token_ids, text, answer, sum(probs) / len(probs) if probs else 0.0))
+            mean_prob = sum(probs) / len(probs) if probs else 0.0
+            results.append(ForcedAnswer(token_ids, text, answer, mean_prob, len(exit_cue_ids), entropy))
         return results
 
     def _fork_callback(self, request: _Request, drop_current: bool) -> Callable[[], ForcedAnswer]:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 Phase = Literal["think", "answer", "exit_cue", "forced_answer", "end"]
 FinishReason = Literal["eos", "length", "exit", "abort"]
+# A trial decode from the current point: "answer" = the exit cue and a greedy answer (DEER, Dynasor);
+# "entropy" = the thinking-end marker alone, to read the entropy of what would come next (EAT).
+TrialKind = Literal["answer", "entropy"]
 
 
 class Decision(enum.Enum):
@@ -27,12 +30,22 @@ class Decision(enum.Enum):
 
 @dataclass
 class ForcedAnswer:
-    """Greedy answer after an exit cue; `mean_prob` is the mean probability of its tokens."""
+    """Greedy answer after forced tokens (an exit cue); `mean_prob` is the mean probability of its tokens.
+
+    `forced_tokens` is how many tokens were forced before it and `entropy` the entropy (nats) of the
+    next-token distribution right after them: a trial costs `forced_tokens + len(token_ids)` tokens.
+    """
 
     token_ids: list[int]
     text: str
     answer: str | None
     mean_prob: float
+    forced_tokens: int = 0
+    entropy: float | None = None
+
+    @property
+    def cost(self) -> int:
+        return self.forced_tokens + len(self.token_ids)
 
 
 @dataclass(slots=True)
@@ -50,6 +63,8 @@ class Step:
     exit: bool = False  # the policy exited here (a cue token here is dropped from the output)
     finish_reason: FinishReason | None = None  # on the request's last step
     fork: Callable[[], ForcedAnswer] | None = field(default=None, repr=False)  # trial forced exit from this point
+    trial: ForcedAnswer | None = None  # the trial the policy asked for here (`trial_at`), decoded with all rows' at once
+    confidence: float | None = None  # DeepConf token confidence, if the policy asks (`confidence_top_k`)
 
     @property
     def row(self) -> int:
@@ -77,7 +92,12 @@ class ExitPolicy(Protocol):
     - `scorer`: if set, the engine scores the features of all cue steps of one decode step in
       one batched call and puts each result in `Step.score` before `observe`.
     - `banned_token_ids`: tokens masked out while thinking (NoWait-style logit bias).
-    - `trial_tokens`: tokens this sequence has spent on trial decodes (`Step.fork`) so far.
+    - `trial_tokens`: tokens this sequence has spent on trial decodes so far.
+    - `confidence_top_k`: if > 0, each thinking step's `Step.confidence` is the negative mean
+      log-probability of the k most likely tokens where that token was sampled (DeepConf).
+    - `trial_at(step)`: the trial decode wanted at this thinking step, if any; the engine decodes
+      the trials of all rows of a step in one batched fork and puts each in `Step.trial` before
+      `observe`. (`Step.fork` still runs a single trial on demand.)
     `observe` sees every thinking-phase step of one sequence (cue or not); `reset` starts a new one.
     """
 
@@ -86,8 +106,11 @@ class ExitPolicy(Protocol):
     scorer: Scorer | None
     banned_token_ids: frozenset[int]
     trial_tokens: int
+    confidence_top_k: int
 
     def reset(self) -> None: ...
+
+    def trial_at(self, step: Step) -> TrialKind | None: ...
 
     def observe(self, step: Step) -> Decision: ...
 

@@ -1,9 +1,18 @@
 """Exit methods behind one protocol, each registered once (importing this package registers them)."""
 
 from lynx_exit.engine.types import Decision, ExitPolicy
-from lynx_exit.exits import baselines, basic, lynx
-from lynx_exit.exits.baselines import DeerPolicy, DynasorPolicy, NoWaitPolicy, cue_token_ids
+from lynx_exit.exits import baselines, basic, deepconf, lynx
+from lynx_exit.exits.baselines import (
+    AnswerConvergencePolicy,
+    DeerPolicy,
+    DynasorPolicy,
+    EatPolicy,
+    FirstAnswerPolicy,
+    NoWaitPolicy,
+    cue_token_ids,
+)
 from lynx_exit.exits.basic import NeverExit, TokenBudget
+from lynx_exit.exits.deepconf import DeepConfPolicy
 from lynx_exit.exits.lynx import LynxPolicy
 from lynx_exit.exits.registry import (
     METHODS,
@@ -22,6 +31,11 @@ from lynx_exit.exits.registry import (
 
 __all__ = [
     "METHODS",
+    "AnswerConvergencePolicy",
+    "DeepConfPolicy",
+    "EatPolicy",
+    "FirstAnswerPolicy",
+    "deepconf",
     "BasePolicy",
     "Decision",
     "DeerPolicy",

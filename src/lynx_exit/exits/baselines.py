@@ -1,24 +1,32 @@
 """Baseline exit methods (spec §9), siblings of LYNX behind the ExitPolicy protocol.
 
-Trial decodes use the engine's `Step.fork` (a forced exit from the same KV cache that leaves
-the main generation untouched); their tokens are counted in `trial_tokens`.
+Methods that need a trial decode say so in `trial_at`; the engine decodes the trials of all rows
+of a step in one batched fork (from the same KV cache, leaving the main generation untouched) and
+hands each policy its `Step.trial`. Every trial's tokens, forced ones included, are counted in
+`trial_tokens`.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS
-from lynx_exit.engine.types import Decision, ForcedAnswer, Step
+from lynx_exit.engine.types import Decision, ForcedAnswer, Step, TrialKind
 from lynx_exit.exits.basic import positive_int
 from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
+from lynx_exit.grading import extract_boxed
 
 
 def _trial(step: Step) -> ForcedAnswer:
+    """The step's trial: decoded by the engine in its batch, else (offline replay) by the step's own fork."""
+    if step.trial is not None:
+        return step.trial
     if step.fork is None:
-        raise RuntimeError("this exit method needs trial decodes, but the step carries no fork")
+        raise RuntimeError("this exit method needs trial decodes, but the step carries neither a trial nor a fork")
     return step.fork()
 
 
@@ -27,7 +35,6 @@ class DeerPolicy(BasePolicy):
     """DEER-style: at each cue, trial-decode an answer; exit if its mean token probability ≥ λ."""
 
     threshold: float = 0.9
-    exit_cue_tokens: int = 0  # added to each trial's cost
     name: str = "deer"
     trial_tokens: int = 0
 
@@ -35,41 +42,149 @@ class DeerPolicy(BasePolicy):
         if not 0 < self.threshold <= 1:
             raise ValueError(f"deer threshold λ must be in (0, 1], got {self.threshold}")
 
+    def trial_at(self, step: Step) -> TrialKind | None:
+        return "answer" if step.cue is not None else None
+
     def observe(self, step: Step) -> Decision:
         if step.cue is None:
             return Decision.CONTINUE
         trial = _trial(step)
-        self.trial_tokens += self.exit_cue_tokens + len(trial.token_ids)
+        self.trial_tokens += trial.cost
         return Decision.EXIT if trial.answer is not None and trial.mean_prob >= self.threshold else Decision.CONTINUE
 
 
 @dataclass
-class DynasorPolicy(BasePolicy):
-    """Dynasor-CoT-style: every `interval` thinking tokens probe an answer; exit when the last `window` agree."""
+class _AgreementPolicy(BasePolicy):
+    """Trial answers at the steps `_due` picks; exit when the last `window` are the same answer."""
 
-    interval: int = 32
     window: int = 3
-    exit_cue_tokens: int = 0
-    name: str = "dynasor"
     trial_tokens: int = 0
     _answers: deque[str | None] = field(default_factory=deque)
 
-    def __post_init__(self) -> None:
-        if self.interval < 1 or self.window < 2:
-            raise ValueError(f"dynasor needs interval >= 1 and window >= 2, got {self.interval}, {self.window}")
+    def _due(self, step: Step) -> bool:
+        raise NotImplementedError
 
     def reset(self) -> None:
         self.trial_tokens = 0
         self._answers = deque(maxlen=self.window)
 
+    def trial_at(self, step: Step) -> TrialKind | None:
+        return "answer" if self._due(step) else None
+
     def observe(self, step: Step) -> Decision:
-        if (step.index + 1) % self.interval:
+        if not self._due(step):
             return Decision.CONTINUE
         trial = _trial(step)
-        self.trial_tokens += self.exit_cue_tokens + len(trial.token_ids)
+        self.trial_tokens += trial.cost
         self._answers.append(trial.answer)
         agreed = len(self._answers) == self.window and len(set(self._answers)) == 1 and self._answers[0] is not None
         return Decision.EXIT if agreed else Decision.CONTINUE
+
+
+@dataclass
+class DynasorPolicy(_AgreementPolicy):
+    """Dynasor-CoT-style: every `interval` thinking tokens probe an answer; exit when the last `window` agree."""
+
+    interval: int = 32
+    name: str = "dynasor"
+
+    def __post_init__(self) -> None:
+        if self.interval < 1 or self.window < 2:
+            raise ValueError(f"dynasor needs interval >= 1 and window >= 2, got {self.interval}, {self.window}")
+        self.reset()
+
+    def _due(self, step: Step) -> bool:
+        return (step.index + 1) % self.interval == 0
+
+
+@dataclass
+class AnswerConvergencePolicy(_AgreementPolicy):
+    """Dynasor's rule at cues: a trial answer at each cue; exit when the last `window` agree."""
+
+    name: str = "answer-convergence"
+
+    def __post_init__(self) -> None:
+        if self.window < 2:
+            raise ValueError(f"answer-convergence needs at least 2 agreeing answers, got {self.window}")
+        self.reset()
+
+    def _due(self, step: Step) -> bool:
+        return step.cue is not None
+
+
+# "the answer is 42" with the number complete: followed by something that cannot continue it.
+_STATED_ANSWER = re.compile(r"\banswer is\s*:?\s*\$?\s*-?\d+(?:,\d{3})*(?:\.\d+)?(?=[^\d.,]|[.,][^\d])", re.IGNORECASE)
+
+
+@dataclass
+class FirstAnswerPolicy(BasePolicy):
+    """First-Try-Matters-style: exit once the thinking holds a complete candidate answer, no trial decode.
+
+    A candidate is a closed `\\boxed{…}` or "the answer is N" with N complete.
+    """
+
+    name: str = "first-answer"
+    tail_chars: int = 200  # only this much recent thinking is searched (an answer is short)
+    _tail: str = ""
+
+    def reset(self) -> None:
+        self.trial_tokens = 0
+        self._tail = ""
+
+    def observe(self, step: Step) -> Decision:
+        if not step.text:
+            return Decision.CONTINUE
+        self._tail = (self._tail + step.text)[-self.tail_chars :]
+        found = _STATED_ANSWER.search(self._tail) is not None or bool(extract_boxed(self._tail))
+        return Decision.EXIT if found else Decision.CONTINUE
+
+
+@dataclass
+class EatPolicy(BasePolicy):
+    """EAT-style (Entropy After `</think>`): at each cue (or every `every` tokens) a fork appends the
+    thinking-end marker and reads the entropy H of the next token; exit once an exponential moving
+    variance of H (weight `alpha`) is below `variance`, after at least `min_trials` trials."""
+
+    variance: float = 0.01
+    every: int = 0  # 0: at cues
+    alpha: float = 0.2
+    min_trials: int = 3
+    name: str = "eat"
+    trial_tokens: int = 0
+    _trials: int = 0
+    _mean: float = 0.0
+    _var: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.variance) and self.variance > 0):
+            raise ValueError(f"eat variance threshold must be > 0, got {self.variance}")
+        if not 0 < self.alpha <= 1 or self.every < 0 or self.min_trials < 2:
+            raise ValueError(f"eat needs 0 < alpha <= 1, every >= 0, min_trials >= 2; got {self.alpha}, {self.every}, {self.min_trials}")
+
+    def reset(self) -> None:
+        self.trial_tokens, self._trials, self._mean, self._var = 0, 0, 0.0, 0.0
+
+    def _due(self, step: Step) -> bool:
+        return (step.index + 1) % self.every == 0 if self.every else step.cue is not None
+
+    def trial_at(self, step: Step) -> TrialKind | None:
+        return "entropy" if self._due(step) else None
+
+    def observe(self, step: Step) -> Decision:
+        if not self._due(step):
+            return Decision.CONTINUE
+        if step.trial is None or step.trial.entropy is None:
+            raise RuntimeError("eat needs the engine's entropy trials (Step.trial), but this step has none")
+        self.trial_tokens += step.trial.cost
+        entropy = step.trial.entropy
+        self._trials += 1
+        if self._trials == 1:
+            self._mean, self._var = entropy, 0.0
+            return Decision.CONTINUE
+        diff = entropy - self._mean
+        self._mean += self.alpha * diff
+        self._var = (1 - self.alpha) * (self._var + self.alpha * diff * diff)
+        return Decision.EXIT if self._trials >= self.min_trials and self._var < self.variance else Decision.CONTINUE
 
 
 @dataclass
@@ -91,16 +206,12 @@ def cue_token_ids(tokenizer: Any, words: tuple[str, ...] = DEFAULT_CUE_WORDS) ->
     return frozenset(banned)
 
 
-def _exit_cue_tokens(context: MethodContext) -> int:
-    return len(context.lm.exit_cue_ids()) if context.lm is not None else 0
+def _deer(_context: MethodContext, options: dict[str, Any]) -> DeerPolicy:
+    return DeerPolicy(threshold=float(options["threshold"]))
 
 
-def _deer(context: MethodContext, options: dict[str, Any]) -> DeerPolicy:
-    return DeerPolicy(threshold=float(options["threshold"]), exit_cue_tokens=_exit_cue_tokens(context))
-
-
-def _dynasor(context: MethodContext, options: dict[str, Any]) -> DynasorPolicy:
-    return DynasorPolicy(int(options["interval"]), int(options.get("window", 3)), exit_cue_tokens=_exit_cue_tokens(context))
+def _dynasor(_context: MethodContext, options: dict[str, Any]) -> DynasorPolicy:
+    return DynasorPolicy(window=int(options.get("window", 3)), interval=int(options["interval"]))
 
 
 def _nowait(context: MethodContext, _options: dict[str, Any]) -> NoWaitPolicy:
@@ -124,6 +235,24 @@ def _interval(text: str) -> dict[str, Any]:
     return options
 
 
+def _agree(text: str) -> dict[str, Any]:
+    value = int(text)
+    if value < 2:
+        raise ValueError("must be >= 2 (answers that agree)")
+    return {"agree": value}
+
+
+def _variance(text: str) -> dict[str, Any]:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError("must be > 0")
+    return {"variance": value}
+
+
+def _eat(_context: MethodContext, options: dict[str, Any]) -> EatPolicy:
+    return EatPolicy(variance=float(options["variance"]), every=int(options.get("every", 0)))
+
+
 register(
     ExitMethod(
         "deer",
@@ -143,3 +272,24 @@ register(
     )
 )
 register(ExitMethod("nowait", "never exits; bans cue-word tokens while thinking", _nowait))
+register(
+    ExitMethod(
+        "answer-convergence",
+        "trial answer at each cue; exit when the last K agree",
+        lambda _c, o: AnswerConvergencePolicy(window=int(o["agree"])),
+        knob=Knob("agree", "--agree", "--agree-counts", _agree, "answer-convergence: trial answers at cues that must agree",
+                  default_grid="2,3,4"),
+    )
+)
+register(ExitMethod("first-answer", "exit once the thinking states a complete answer; no trial decode",
+                    lambda _c, _o: FirstAnswerPolicy()))
+register(
+    ExitMethod(
+        "eat",
+        "entropy after the thinking-end marker at each cue; exit when its moving variance < V",
+        _eat,
+        knob=Knob("variance", "--eat-variance", "--eat-variances", _variance,
+                  "EAT: exit when the EMA variance of the entropy after </think> falls below V", default_grid="0.001,0.01,0.05"),
+        options=("every",),
+    )
+)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lynx_exit.engine.types import Decision, ExitPolicy, Step
+from lynx_exit.engine.types import Decision, ExitPolicy, Step, TrialKind
 
 if TYPE_CHECKING:
     from lynx_exit.models import LoadedModel
@@ -24,9 +24,13 @@ class BasePolicy:
     scorer: Any = None
     banned_token_ids: frozenset[int] = frozenset()
     trial_tokens: int = 0
+    confidence_top_k: int = 0
 
     def reset(self) -> None:
         self.trial_tokens = 0
+
+    def trial_at(self, step: Step) -> TrialKind | None:
+        return None
 
     def observe(self, step: Step) -> Decision:
         return Decision.CONTINUE
@@ -66,6 +70,7 @@ class MethodContext:
 
     lm: LoadedModel | None = None
     probe: str | None = None  # probe folder for the LYNX methods
+    deepconf: str | None = None  # warm-up folder for deepconf
     shared: dict[str, Any] = field(default_factory=dict)  # loaded once per context (probes, banned ids)
 
     def need_lm(self, method: str) -> LoadedModel:
@@ -83,6 +88,7 @@ class ExitMethod:
     fixed: tuple[tuple[str, Any], ...] = ()  # options this name pins (e.g. lynx-harm: mode=harm)
     options: tuple[str, ...] = ()  # further options it accepts besides the knob
     needs_probe: bool = False
+    needs_deepconf: bool = False  # a warm-up folder (`--deepconf DIR`)
     choices: tuple[tuple[str, tuple[str, ...]], ...] = ()  # allowed values of options that are closed sets
 
     def check_option(self, name: str, value: Any) -> None:
@@ -134,6 +140,8 @@ def make_policy(name: str, context: MethodContext | None = None, **options: Any)
         raise ValueError(f"exit method {name!r} needs {method.knob.name} ({method.knob.flag})")
     if method.needs_probe and context.probe is None:
         raise ValueError(f"exit method {name!r} needs a probe (--probe DIR or OWNER/NAME)")
+    if method.needs_deepconf and context.deepconf is None:
+        raise ValueError(f"exit method {name!r} needs a warm-up (--deepconf DIR, made by lynx-exit deepconf-warmup)")
     return method.build(context, {**options, **dict(method.fixed)})
 
 

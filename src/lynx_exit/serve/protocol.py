@@ -47,6 +47,7 @@ class ServerOptions:
     max_tokens_limit: int | None = None  # None: the model's context length
     api_key: str | None = None
     probe: str | None = None
+    deepconf: str | None = None  # deepconf's warm-up folder
     shutdown_timeout_s: float = 30.0
     stream_interval_ms: float = 20.0  # tokens are sent at most this often per request (first token and end at once)
     max_chunk_rate: float = 500.0  # chunks per second over all streams: the interval grows with the running requests

@@ -65,7 +65,7 @@ class Server:
         self.options = options
         self.context_length = lm.context_length
         self.metrics = ServerMetrics(options.max_batch_size)
-        self.methods = MethodContext(lm=lm, probe=options.probe)
+        self.methods = MethodContext(lm=lm, probe=options.probe, deepconf=options.deepconf)
         factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size))
         self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine,
                                    stream_interval_s=options.stream_interval_ms / 1000, max_chunk_rate=options.max_chunk_rate)
@@ -90,6 +90,8 @@ class Server:
             raise bad_request("exit.method", str(exc), code="unknown_exit_method") from None
         if method.needs_probe and self.options.probe is None:
             raise bad_request("exit.method", f"exit method {name!r} needs a probe; this server was started without --probe")
+        if method.needs_deepconf and self.options.deepconf is None:
+            raise bad_request("exit.method", f"exit method {name!r} needs a warm-up; this server was started without --deepconf")
         accepted = ({method.knob.name} if method.knob else set()) | set(method.options)
         unknown = sorted(set(given) - accepted)
         if unknown:
