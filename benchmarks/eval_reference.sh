@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The evaluation quoted in the README: reference model, 300 held-out problems, LYNX vs baselines.
-# Probe trained on the arith train split and calibrated on the disjoint calib split. ~15 min on 2 cores.
+# The evaluation quoted in the README: the reference model, LYNX against every baseline, on three
+# disjoint slices of 300 held-out problems with different seeds, pooled by benchmarks/eval_slices.py.
+# The probe is trained on the arith train split and calibrated on the disjoint calib split; deepconf's
+# warm-up uses other train problems. Resumable (rerun after an interruption). ~70 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -8,9 +10,20 @@ W=${WORK:-runs/eval-reference}
 mkdir -p "$W"
 lynx-exit build-data --model reference --task arith --split train --num-problems 400 --max-new-tokens 500 --seed 0 --out "$W/d-train"
 lynx-exit build-data --model reference --task arith --split calib --num-problems 300 --max-new-tokens 500 --seed 1 --out "$W/d-calib"
-lynx-exit train --data "$W/d-train" --out "$R/probe_reference"
-lynx-exit calibrate --probe "$R/probe_reference" --data "$W/d-calib" --deltas 0.02,0.05,0.1,0.2,0.3
-lynx-exit eval --model reference --task arith --split test --num-problems 300 --max-new-tokens 500 --seed 2 \
-  --probe "$R/probe_reference" --methods never,token-budget,lynx,lynx-trajectory,lynx-harm,deer,dynasor,nowait \
-  --budgets 150,200,250 --deltas 0.02,0.05,0.1,0.2,0.3 --deer-thresholds 0.9,0.95,0.99 --dynasor 32:2,48:3 \
-  --batch-size 16 --out "$R/eval_reference"
+if [ ! -f "$R/probe_reference/README.md" ]; then  # calibrate writes the model card last
+  lynx-exit train --data "$W/d-train" --out "$R/probe_reference"
+  lynx-exit calibrate --probe "$R/probe_reference" --data "$W/d-calib" --deltas 0.02,0.05,0.1,0.2,0.3
+fi
+if [ ! -f "$R/deepconf_reference/deepconf.json" ]; then
+  lynx-exit deepconf-warmup --model reference --task arith --split train --offset 400 --num-problems 64 \
+    --max-new-tokens 500 --seed 5 --out "$R/deepconf_reference"
+fi
+for i in 0 1 2; do
+  lynx-exit eval --model reference --task arith --split test --offset $((300 * i)) --num-problems 300 \
+    --max-new-tokens 500 --seed $((2 + i)) --probe "$R/probe_reference" --deepconf "$R/deepconf_reference" \
+    --methods never,token-budget,lynx,lynx-trajectory,lynx-harm,deer,dynasor,nowait,first-answer,answer-convergence,eat,deepconf \
+    --budgets 150,200,250 --deltas 0.02,0.05,0.1,0.2,0.3 --deer-thresholds 0.9,0.95,0.99 --dynasor 32:2,48:3 \
+    --agree-counts 2,3 --eat-variances 0.001,0.01,0.1 --deepconf-keeps 90,95,99 \
+    --batch-size 16 --out "$R/eval_reference/slice-$i"
+done
+python benchmarks/eval_slices.py "$R"/eval_reference/slice-{0,1,2} --out "$R/eval_reference"

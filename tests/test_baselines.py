@@ -170,11 +170,11 @@ def test_batched_trials_equal_single_forks_and_entropy_matches_a_direct_forward(
                 assert step.trial.forced_tokens == len(tiny_lm.exit_cue_ids())
             checked += 1
         assert checked > 2
-    # entropy: recompute the last trial from scratch, a forward over prompt + kept tokens + </think>
+    # entropy: recompute the last trial from scratch, a forward over prompt + kept tokens + exit cue
     policy = policies[-1]
     request = next(s for s in reversed(policy.steps) if s.cue is not None)
     kept = [s.token_id for s in policy.steps[: request.index]]  # the cue token itself is dropped, as on an exit
-    marker = engine.think_end_ids
+    marker = tiny_lm.exit_cue_ids()
     ids = torch.tensor([prompts[1] + kept + marker])
     with torch.no_grad():
         logits = tiny_lm.model(ids).logits[0, -1].float()

@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if probe_folder:
         probe_task = json.loads((Path(probe_folder) / "probe.json").read_text()).get("training_task")
     meta = {"model": args.model, "task": args.task, "probe": args.probe, "probe_folder": probe_folder,
-            "probe_training_task": probe_task, "deepconf": args.deepconf, "seed": args.seed, "offset": args.offset}
+            "probe_training_task": probe_task, "deepconf": args.deepconf, "seed": args.seed, "offset": args.offset, "mode": args.mode}
     write_report(summary, out, meta, title=f"{args.model} on {args.task}")
     print(markdown_table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'pareto.png'}")

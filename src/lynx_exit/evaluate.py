@@ -209,28 +209,44 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs tokens") -> None:
+# What each LYNX method guarantees at its δ (spec §5); the plot names it in the legend.
+GUARANTEES = {
+    "event": "P(exit | unsafe cue) ≤ δ",
+    "trajectory": "P(premature exit) ≤ δ",
+    "harm": "P(exit turns right into wrong) ≤ δ",
+}
+LYNX_MODES = {"lynx-event": "event", "lynx-trajectory": "trajectory", "lynx-harm": "harm"}
+
+
+def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs tokens", lynx_mode: str = "event") -> None:
+    """Accuracy (with its 95 % interval as error bars) against mean tokens, one curve per method;
+    the LYNX curves are drawn solid with the guarantee of their mode in the legend, baselines dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    curves: dict[str, list[tuple[float, float, float, float, str]]] = defaultdict(list)
     for row in summary["settings"]:
-        curves[row["method"]].append((row["mean_total_tokens"], 100 * row["accuracy"], row["setting"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        low, high = row["accuracy_ci95"]
+        curves[row["method"]].append((row["mean_total_tokens"], 100 * row["accuracy"], 100 * low, 100 * high, row["setting"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for method, points in curves.items():
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(xs, ys, marker="o", label=method)
-        for x, y, label in points:
-            if "@" in label:
-                ax.annotate(label.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        errors = [[y - p[2] for y, p in zip(ys, points, strict=True)], [p[3] - y for y, p in zip(ys, points, strict=True)]]
+        mode = lynx_mode if method == "lynx" else LYNX_MODES.get(method)
+        label = f"{method} ({GUARANTEES[mode]})" if mode else method
+        ax.errorbar(xs, ys, yerr=errors, capsize=2, markersize=4, label=label, linestyle="-" if mode else "--",
+                    linewidth=2.2 if mode else 1.0, marker="D" if mode else "o")
+        for x, y, _, _, label_text in points:
+            if "@" in label_text:
+                ax.annotate(label_text.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("mean tokens per problem (incl. trial decodes)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%), 95 % interval")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -240,4 +256,4 @@ def write_report(summary: dict[str, Any], out_dir: Path, meta: dict[str, Any], t
     with FolderLock(out_dir, "lynx-exit eval"):
         write_json_atomic(out_dir / "summary.json", {**meta, **summary})
         write_atomic(out_dir / "summary.md", markdown_table(summary))
-        pareto_plot(summary, out_dir / "pareto.png", title)
+        pareto_plot(summary, out_dir / "pareto.png", title, lynx_mode=str(meta.get("mode", "event")))

@@ -382,22 +382,13 @@ class Engine:
             if kind is None:
                 continue
             keep = len(request.prompt_ids) + len(request.kept_ids) - (1 if step.cue is not None else 0)
-            key: tuple[TrialKind, tuple[int, ...], int] = (
-                (kind, tuple(request.exit_cue_ids), request.config.answer_max_tokens)
-                if kind == "answer"
-                else (kind, tuple(self.think_end_ids), 0)
-            )
+            max_tokens = request.config.answer_max_tokens if kind == "answer" else 0
+            key = (kind, tuple(request.exit_cue_ids), max_tokens)
             groups.setdefault(key, []).append((step, (request.request_id, keep)))
         for (_, forced, max_tokens), members in groups.items():
             trials = self._fork([item for _, item in members], list(forced), max_tokens)
             for (step, _), trial in zip(members, trials, strict=True):
                 step.trial = trial
-
-    @functools.cached_property
-    def think_end_ids(self) -> list[int]:
-        """What an "entropy" trial forces: the thinking-end marker (a markerless model's exit close)."""
-        profile = self.lm.profile
-        return self.lm.encode(profile.think_end or profile.exit_close)
 
     def _score(self, reads: list[tuple[_Request, Step, int]]) -> None:
         """Score the features of every cue step that has a scorer, one call per scorer."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 Phase = Literal["think", "answer", "exit_cue", "forced_answer", "end"]
 FinishReason = Literal["eos", "length", "exit", "abort"]
 # A trial decode from the current point: "answer" = the exit cue and a greedy answer (DEER, Dynasor);
-# "entropy" = the thinking-end marker alone, to read the entropy of what would come next (EAT).
+# "entropy" = the exit cue alone, to read the entropy of the answer's first token (EAT).
 TrialKind = Literal["answer", "entropy"]
 
 

@@ -142,8 +142,11 @@ class FirstAnswerPolicy(BasePolicy):
 @dataclass
 class EatPolicy(BasePolicy):
     """EAT-style (Entropy After `</think>`): at each cue (or every `every` tokens) a fork appends the
-    thinking-end marker and reads the entropy H of the next token; exit once an exponential moving
-    variance of H (weight `alpha`) is below `variance`, after at least `min_trials` trials."""
+    exit cue (the thinking-end marker and the answer's opening, e.g. `</think> Final Answer: \\boxed{`)
+    and reads the entropy H of the answer's first token; exit once an exponential moving variance of
+    H (weight `alpha`) is below `variance`, after at least `min_trials` trials. (The paper reads H
+    right after `</think>`; where a fixed phrase follows the marker, as in the exit cue, that token
+    is certain and says nothing, so the cue is appended whole.)"""
 
     variance: float = 0.01
     every: int = 0  # 0: at cues
@@ -286,10 +289,10 @@ register(ExitMethod("first-answer", "exit once the thinking states a complete an
 register(
     ExitMethod(
         "eat",
-        "entropy after the thinking-end marker at each cue; exit when its moving variance < V",
+        "entropy of the answer after the exit cue at each cue; exit when its moving variance < V",
         _eat,
         knob=Knob("variance", "--eat-variance", "--eat-variances", _variance,
-                  "EAT: exit when the EMA variance of the entropy after </think> falls below V", default_grid="0.001,0.01,0.05"),
+                  "EAT: exit when the moving variance of the entropy after the exit cue falls below V", default_grid="0.001,0.01,0.05"),
         options=("every",),
     )
 )
