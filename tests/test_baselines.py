@@ -226,3 +226,17 @@ def test_deepconf_needs_a_warmup_of_the_same_model(tiny_lm, tmp_path):
     with pytest.raises(FileNotFoundError, match="lynx-exit deepconf-warmup"):
         make_policy("deepconf", MethodContext(lm=tiny_lm, deepconf=str(tmp_path / "nowhere")), keep=50)
     assert isinstance(make_policy("deer", threshold=0.9), DeerPolicy)
+
+
+def test_readme_methods_table_lists_every_registered_method_with_its_flags():
+    from pathlib import Path
+
+    from lynx_exit.exits import METHODS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- methods:start -->", 1)[1].split("<!-- methods:end -->", 1)[0]
+    for name, method in METHODS.items():
+        row = next((line for line in table.splitlines() if f"`{name}`" in line), None)
+        assert row is not None, name
+        if method.knob is not None:
+            assert f"`{method.knob.flag}` / `{method.knob.grid_flag}`" in row, name

@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,8 +90,14 @@ def build_dataset(
     spec: FeatureSpec,
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
+    runner: ChunkRunner | None = None,
 ) -> dict[str, Any]:
-    """Sample, hook, label and write; resumes a folder left by an interrupted run (locked meanwhile)."""
+    """Sample, hook, label and write; resumes a folder left by an interrupted run (locked meanwhile).
+
+    Problems are built in chunks of `config.batch_size` rollouts. `runner` computes the chunks
+    elsewhere (e.g. `lynx_exit.scale` on Ray workers) and yields their results in order; this
+    process writes them, so the folder is the same however the chunks were computed.
+    """
     if not problems:
         raise ValueError("build_dataset needs at least one problem")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +123,7 @@ def build_dataset(
         write_json_atomic(meta_file, meta)
         done = _resume(out_dir, config)
         todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
-        _build_all(lm, problems, todo, out_dir, generation, config, spec, progress)
+        _build_all(lm, problems, todo, out_dir, generation, config, spec, progress, runner)
         return summarize_dataset(out_dir)
 
 
@@ -162,6 +168,29 @@ def _resume(out_dir: Path, config: BuildConfig) -> set[str]:
     return complete
 
 
+Chunk = list[tuple[int, Problem]]  # (index among all problems, problem): the index seeds its rollouts
+
+
+@dataclass
+class ChunkResult:
+    """One chunk's rollouts, labelled events (without their shard) and the events' features."""
+
+    first_problem: int
+    features: torch.Tensor  # [events, feature_dim] on the CPU (empty: [0])
+    events: list[dict[str, Any]]
+    rollouts: list[dict[str, Any]]
+
+
+# Computes chunks elsewhere: (chunks, generation, config, spec) -> each chunk's result, in order.
+ChunkRunner = Callable[[list[Chunk], GenerationConfig, BuildConfig, FeatureSpec], Iterator[ChunkResult]]
+
+
+def chunks_of(todo: Sequence[tuple[int, Problem]], config: BuildConfig) -> list[Chunk]:
+    """The chunks a build is made of: `batch_size` rollouts each (whole problems)."""
+    per_batch = max(1, config.batch_size // config.rollouts_per_problem)
+    return [list(todo[start : start + per_batch]) for start in range(0, len(todo), per_batch)]
+
+
 def _build_all(
     lm: LoadedModel,
     problems: Sequence[Problem],
@@ -171,28 +200,27 @@ def _build_all(
     config: BuildConfig,
     spec: FeatureSpec,
     progress: bool,
+    runner: ChunkRunner | None,
 ) -> None:
     from tqdm import tqdm
 
-    per_batch = max(1, config.batch_size // config.rollouts_per_problem)
-    exit_cue_ids = lm.exit_cue_ids(generation.exit_cue)
+    chunks = chunks_of(todo, config)
+    if runner is None:
+        results: Iterable[ChunkResult] = (compute_chunk(lm, chunk, generation, config, spec) for chunk in chunks)
+    else:
+        results = runner(chunks, generation, config, spec)
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="build-data", unit="problem", disable=not progress)
-    for start in range(0, len(todo), per_batch):
-        chunk = todo[start : start + per_batch]
-        _build_chunk(lm, chunk, out_dir, generation, config, spec, exit_cue_ids)
+    for chunk, result in zip(chunks, results, strict=True):
+        write_chunk(out_dir, result)
         bar.update(len(chunk))
     bar.close()
 
 
-def _build_chunk(
-    lm: LoadedModel,
-    chunk: Sequence[tuple[int, Problem]],
-    out_dir: Path,
-    generation: GenerationConfig,
-    config: BuildConfig,
-    spec: FeatureSpec,
-    exit_cue_ids: list[int],
-) -> None:
+def compute_chunk(
+    lm: LoadedModel, chunk: Chunk, generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
+) -> ChunkResult:
+    """Sample a chunk's rollouts, hook the cue events' features and label them by forced exits."""
+    exit_cue_ids = lm.exit_cue_ids(generation.exit_cue)
     rows = [(index, problem, r) for index, problem in chunk for r in range(config.rollouts_per_problem)]
     prompts = [lm.prompt_ids(problem.prompt) for _, problem, _ in rows]
     seeds = [rollout_seed(generation.seed, index, r, config.rollouts_per_problem) for index, _, r in rows]
@@ -225,9 +253,6 @@ def _build_chunk(
         answers += loop.engine.forced_answers(
             [(e["row"], e["token_index"]) for e in part], exit_cue_ids, generation.answer_max_tokens
         )
-    shard = _new_shard_name(out_dir / "features", chunk[0][0])
-    if vectors:
-        save_tensors_atomic(out_dir / "features" / shard, {"features": torch.stack(vectors).cpu().contiguous()})
     event_records, rollout_records = [], []
     per_row_events: dict[int, int] = {}
     for shard_row, (event, forced) in enumerate(zip(pending, answers, strict=True)):
@@ -244,7 +269,6 @@ def _build_chunk(
                 "forced_answer": forced.answer,
                 "forced_tokens": len(forced.token_ids),
                 "label": int(problem.grade("\\boxed{" + forced.text)),
-                "shard": shard,
                 "shard_row": shard_row,
             }
         )
@@ -263,9 +287,19 @@ def _build_chunk(
                 "num_events": per_row_events.get(row, 0),
             }
         )
+    features = torch.stack(vectors).cpu().contiguous() if vectors else torch.zeros(0)
+    return ChunkResult(chunk[0][0], features, event_records, rollout_records)
+
+
+def write_chunk(out_dir: Path, result: ChunkResult) -> None:
+    """Append a chunk: its features shard first, then its events, then its rollouts (the commit)."""
+    shard = _new_shard_name(out_dir / "features", result.first_problem)
+    if result.events:
+        save_tensors_atomic(out_dir / "features" / shard, {"features": result.features})
     # Rollouts last: a problem counts as done only once its events and shard are on disk.
-    append_jsonl(out_dir / "events.jsonl", event_records)
-    append_jsonl(out_dir / "rollouts.jsonl", rollout_records)
+    events = [{**{k: v for k, v in e.items() if k != "shard_row"}, "shard": shard, "shard_row": e["shard_row"]} for e in result.events]
+    append_jsonl(out_dir / "events.jsonl", events)
+    append_jsonl(out_dir / "rollouts.jsonl", result.rollouts)
 
 
 def _new_shard_name(features: Path, first_problem: int) -> str:

@@ -6,11 +6,11 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lynx_exit.artifacts import FolderLock, read_appended_jsonl, write_atomic, write_json_atomic
+from lynx_exit.artifacts import FolderLock, append_jsonl, read_appended_jsonl, write_atomic, write_json_atomic
 from lynx_exit.build_data import rollout_seed
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits import MethodContext, MethodSetting, make_policy
@@ -35,12 +35,15 @@ def run_eval(
     on_record: Callable[[], None] | None = None,
     probe: str | None = None,
     deepconf: str | None = None,
+    runner: ShardRunner | None = None,
 ) -> dict[str, Any]:
     """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable).
 
     Every setting and the probe are loaded once before the first rollout, so a bad setting or
     artifact (an uncalibrated δ, a missing probe, a probe of another model) fails at once.
     `probe` is the LYNX probe folder, `deepconf` deepconf's warm-up folder. `out_dir` is locked while the run lasts.
+    `runner` runs shards of `batch_size` rollouts elsewhere (e.g. `lynx_exit.scale` on Ray workers); this
+    process writes their records, so the folder is the same however they were computed.
     """
     if not problems:
         raise ValueError("eval needs at least one problem")
@@ -52,7 +55,14 @@ def run_eval(
     for setting in settings:  # validate every setting and artifact up front
         make_policy(setting.method, context, **dict(setting.options))
     with FolderLock(out_dir, "lynx-exit eval"):
-        return _run_locked(lm, problems, settings, generation, out_dir, rollouts, batch_size, progress, on_record, context)
+        return _run_locked(lm, problems, settings, generation, out_dir, rollouts, batch_size, progress, on_record, context,
+                           runner)
+
+
+Job = tuple[int, Problem, int]  # (index among all problems, problem, rollout): the index and rollout seed it
+# Runs (setting, jobs) shards elsewhere and yields each shard's records and compute seconds, in any order.
+ShardRunner = Callable[[list[tuple[MethodSetting, list[Job]]], GenerationConfig, int, int],
+                       Iterator[tuple[MethodSetting, list[dict[str, Any]], float]]]
 
 
 def _run_locked(
@@ -66,61 +76,84 @@ def _run_locked(
     progress: bool,
     on_record: Callable[[], None] | None,
     context: MethodContext,
+    runner: ShardRunner | None,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
     records_file = out_dir / "records.jsonl"
     done = {(r["setting"], r["problem_id"], r["rollout"]) for r in read_appended_jsonl(records_file, RECORD_KEYS)}
-    jobs = [
-        (setting, index, problem, r)
+    todo = [
+        (setting, [(i, p, r) for i, p in enumerate(problems) for r in range(rollouts) if (setting.label, p.problem_id, r) not in done])
         for setting in settings
-        for index, problem in enumerate(problems)
-        for r in range(rollouts)
-        if (setting.label, problem.problem_id, r) not in done
     ]
-    prompt_cache: dict[str, list[int]] = {}
-    bar = tqdm(total=len(jobs), desc="eval", unit="rollout", disable=not progress)
+    todo = [(setting, jobs) for setting, jobs in todo if jobs]
+    bar = tqdm(total=sum(len(jobs) for _, jobs in todo), desc="eval", unit="rollout", disable=not progress)
     timing_file = out_dir / "timing.jsonl"
-    for setting in settings:
-        todo = [j for j in jobs if j[0] is setting]
-        if not todo:
-            continue
-        policies = [make_policy(setting.method, context, **dict(setting.options)) for _ in todo]
-        prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, _, p, _ in todo]
-        seeds = [rollout_seed(generation.seed, i, r, rollouts) for _, i, _, r in todo]
-        # Continuous batching: finished rows are refilled, so early exits become throughput.
-        loop = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds, max_batch_size=batch_size)
-        began = time.perf_counter()
+
+    def write(records: Iterable[dict[str, Any]]) -> int:
+        count = 0
         with records_file.open("a", encoding="utf-8") as handle:
-            for step in loop.steps():
-                if step.finish_reason is None:
-                    continue
-                _, _, problem, r = todo[step.row]
-                result, policy = loop.result(step.row), policies[step.row]
-                record = {
-                    "method": setting.method,
-                    "setting": setting.label,
-                    "knob": setting.knob,
-                    "problem_id": problem.problem_id,
-                    "rollout": r,
-                    "answer": result.answer,
-                    "gold": problem.gold,
-                    "correct": problem.grade(result.text),
-                    "generated_tokens": result.num_generated_tokens,
-                    "trial_tokens": int(policy.trial_tokens),
-                    "exit_index": result.exit_index,
-                    "finish_reason": result.finish_reason,
-                    "latency_s": result.wall_time_s,
-                }
+            for record in records:
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
+                count += 1
                 bar.update(1)
                 if on_record is not None:
                     on_record()
-        with timing_file.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"setting": setting.label, "rollouts": len(todo), "seconds": time.perf_counter() - began}) + "\n")
+        return count
+
+    def timed(setting: MethodSetting, rollouts_done: int, seconds: float) -> None:
+        append_jsonl(timing_file, [{"setting": setting.label, "rollouts": rollouts_done, "seconds": seconds}])
+
+    if runner is None:
+        for setting, jobs in todo:
+            began = time.perf_counter()
+            count = write(eval_jobs(lm, context, setting, jobs, generation, rollouts, batch_size))
+            timed(setting, count, time.perf_counter() - began)
+    else:  # the seconds are the worker's compute time for the shard
+        shards = [(setting, jobs[start : start + batch_size]) for setting, jobs in todo for start in range(0, len(jobs), batch_size)]
+        for setting, records, seconds in runner(shards, generation, rollouts, batch_size):
+            timed(setting, write(records), seconds)
     bar.close()
     return summarize(load_records(records_file), [s.label for s in settings], load_timing(timing_file))
+
+
+def eval_jobs(
+    lm: LoadedModel,
+    context: MethodContext,
+    setting: MethodSetting,
+    jobs: Sequence[Job],
+    generation: GenerationConfig,
+    rollouts: int,
+    batch_size: int,
+) -> Iterator[dict[str, Any]]:
+    """Run one setting's rollouts with continuous batching; yield each record as its rollout ends."""
+    policies = [make_policy(setting.method, context, **dict(setting.options)) for _ in jobs]
+    prompt_cache: dict[str, list[int]] = {}
+    prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, p, _ in jobs]
+    seeds = [rollout_seed(generation.seed, i, r, rollouts) for i, _, r in jobs]
+    # Continuous batching: finished rows are refilled, so early exits become throughput.
+    loop = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds, max_batch_size=batch_size)
+    for step in loop.steps():
+        if step.finish_reason is None:
+            continue
+        _, problem, r = jobs[step.row]
+        result, policy = loop.result(step.row), policies[step.row]
+        yield {
+            "method": setting.method,
+            "setting": setting.label,
+            "knob": setting.knob,
+            "problem_id": problem.problem_id,
+            "rollout": r,
+            "answer": result.answer,
+            "gold": problem.gold,
+            "correct": problem.grade(result.text),
+            "generated_tokens": result.num_generated_tokens,
+            "trial_tokens": int(policy.trial_tokens),
+            "exit_index": result.exit_index,
+            "finish_reason": result.finish_reason,
+            "latency_s": result.wall_time_s,
+        }
 
 
 def load_timing(path: Path) -> dict[str, float]:
@@ -231,13 +264,16 @@ def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs t
         low, high = row["accuracy_ci95"]
         curves[row["method"]].append((row["mean_total_tokens"], 100 * row["accuracy"], 100 * low, 100 * high, row["setting"]))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, points in curves.items():
+    colormap = plt.get_cmap("tab20")  # more methods than the default cycle's ten colours
+    colors = [colormap(i) for i in range(20)]
+    for index, (method, points) in enumerate(curves.items()):
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         errors = [[y - p[2] for y, p in zip(ys, points, strict=True)], [p[3] - y for y, p in zip(ys, points, strict=True)]]
         mode = lynx_mode if method == "lynx" else LYNX_MODES.get(method)
         label = f"{method} ({GUARANTEES[mode]})" if mode else method
-        ax.errorbar(xs, ys, yerr=errors, capsize=2, markersize=4, label=label, linestyle="-" if mode else "--",
+        ax.errorbar(xs, ys, yerr=errors, capsize=2, markersize=4, label=label, color=colors[index % len(colors)],
+                    linestyle="-" if mode else "--",
                     linewidth=2.2 if mode else 1.0, marker="D" if mode else "o")
         for x, y, _, _, label_text in points:
             if "@" in label_text:
