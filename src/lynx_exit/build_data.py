@@ -82,7 +82,7 @@ def _read_meta(meta_file: Path) -> dict[str, Any]:
 
 
 def build_dataset(
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     problems: Sequence[Problem],
     out_dir: Path,
     generation: GenerationConfig,
@@ -100,6 +100,8 @@ def build_dataset(
     """
     if not problems:
         raise ValueError("build_dataset needs at least one problem")
+    if lm is None and runner is None:
+        raise ValueError("build_dataset needs the model, or a runner that has it")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "features").mkdir(exist_ok=True)
     meta = {
@@ -192,7 +194,7 @@ def chunks_of(todo: Sequence[tuple[int, Problem]], config: BuildConfig) -> list[
 
 
 def _build_all(
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     problems: Sequence[Problem],
     todo: Sequence[tuple[int, Problem]],
     out_dir: Path,
@@ -205,10 +207,11 @@ def _build_all(
     from tqdm import tqdm
 
     chunks = chunks_of(todo, config)
-    if runner is None:
-        results: Iterable[ChunkResult] = (compute_chunk(lm, chunk, generation, config, spec) for chunk in chunks)
+    if runner is not None:
+        results: Iterable[ChunkResult] = runner(chunks, generation, config, spec)
     else:
-        results = runner(chunks, generation, config, spec)
+        assert lm is not None  # checked by build_dataset
+        results = (compute_chunk(lm, chunk, generation, config, spec) for chunk in chunks)
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="build-data", unit="problem", disable=not progress)
     for chunk, result in zip(chunks, results, strict=True):
         write_chunk(out_dir, result)

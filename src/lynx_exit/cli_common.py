@@ -25,10 +25,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--system-prompt", default=None, help="system prompt added to chat prompts")
 
 
-def load_model_from_args(args: argparse.Namespace) -> Any:
-    """`load_model` with the model and profile flags."""
+def model_source(args: argparse.Namespace) -> Any:
+    """The `ModelSource` of the model and profile flags."""
     from lynx_exit.families import ProfileOverrides, parse_template_kwargs
-    from lynx_exit.models import load_model
+    from lynx_exit.models import ModelSource
 
     overrides = ProfileOverrides(
         family=args.family,
@@ -38,7 +38,33 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
         template_kwargs=parse_template_kwargs(args.chat_template_kwargs),
         system_prompt=args.system_prompt,
     )
-    return load_model(args.model, dtype=args.dtype, device=args.device, overrides=overrides)
+    return ModelSource(args.model, dtype=args.dtype, device=args.device, overrides=overrides)
+
+
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    """`load_model` with the model and profile flags."""
+    return model_source(args).load()
+
+
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scale-out on Ray (pip install 'lynx-exit[ray]')")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray workers: 'local' (a Ray instance started here), 'auto' (the running cluster), "
+                            "a cluster address; bare --ray: the running cluster if any, else a local instance")
+    group.add_argument("--workers", type=int, default=2, help="Ray workers, each loads the model once (default 2)")
+    group.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    group.add_argument("--cpus-per-worker", type=int, default=None,
+                       help="CPUs (and torch threads) per worker; default: this machine's cores / workers")
+
+
+def ray_options(args: argparse.Namespace) -> Any:
+    """The `RayOptions` of the Ray flags, or None without --ray."""
+    if args.ray is None:
+        return None
+    from lynx_exit.scale import RayOptions
+
+    return RayOptions(address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                      cpus_per_worker=args.cpus_per_worker)
 
 
 def locate_probe_arg(args: argparse.Namespace) -> str | None:

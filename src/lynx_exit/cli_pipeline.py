@@ -9,11 +9,14 @@ from typing import Any
 
 from lynx_exit.cli_common import (
     add_model_flags,
+    add_ray_flags,
     add_sampling_flags,
     generation_config,
     load_model_from_args,
     locate_probe_arg,
+    model_source,
     parse_layers,
+    ray_options,
 )
 
 
@@ -58,9 +61,18 @@ def cmd_build_data(args: argparse.Namespace) -> int:
         label_batch_size=args.label_batch_size,
     )
     problems = _problems(args)
-    lm = load_model_from_args(args)
-    spec = lm.feature_spec(parse_layers(args))
-    summary = build_dataset(lm, problems, Path(args.out), generation, config, spec, extra_meta={"model": args.model})
+    scale = ray_options(args)
+    if scale is None:
+        lm = load_model_from_args(args)
+        spec = lm.feature_spec(parse_layers(args))
+        summary = build_dataset(lm, problems, Path(args.out), generation, config, spec, extra_meta={"model": args.model})
+    else:
+        from lynx_exit.scale import RayPool
+
+        with RayPool(model_source(args), scale) as pool:
+            spec = pool.feature_spec(parse_layers(args))
+            summary = build_dataset(None, problems, Path(args.out), generation, config, spec,
+                                    extra_meta={"model": args.model}, runner=pool.build_runner)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -126,12 +138,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = parse_methods(methods, grids, extra={"mode": args.mode})
     problems = _problems(args)
     probe_folder = locate_probe_arg(args)
-    lm = load_model_from_args(args)
     out = Path(args.out)
-    summary = run_eval(
-        lm, problems, settings, generation_config(args), out, rollouts=args.rollouts, batch_size=args.batch_size,
-        probe=probe_folder, deepconf=args.deepconf,
-    )
+    scale = ray_options(args)
+    if scale is None:
+        summary = run_eval(
+            load_model_from_args(args), problems, settings, generation_config(args), out, rollouts=args.rollouts,
+            batch_size=args.batch_size, probe=probe_folder, deepconf=args.deepconf,
+        )
+    else:
+        from lynx_exit.scale import RayPool
+
+        # Workers find the probe themselves: a Hub id, or a folder they can see (a shared filesystem on a cluster).
+        with RayPool(model_source(args), scale, probe=args.probe, deepconf=args.deepconf) as pool:
+            pool.check_settings(settings)
+            summary = run_eval(None, problems, settings, generation_config(args), out, rollouts=args.rollouts,
+                               batch_size=args.batch_size, probe=probe_folder, deepconf=args.deepconf,
+                               runner=pool.eval_runner)
     probe_task = None
     if probe_folder:
         probe_task = json.loads((Path(probe_folder) / "probe.json").read_text()).get("training_task")
@@ -190,6 +212,7 @@ def add_commands(sub: Any) -> None:
     build.add_argument("--no-synthetic-event", action="store_true", help="no 70%% event for cue-less rollouts")
     build.add_argument("--label-batch-size", type=int, default=64, help="forced exits decoded together")
     add_model_flags(build)
+    add_ray_flags(build)
     add_sampling_flags(build)
     build.set_defaults(func=cmd_build_data)
 
@@ -222,6 +245,7 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--deepconf", default=None, help="warm-up folder for deepconf (from lynx-exit deepconf-warmup)")
     ev.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="mode of method 'lynx'")
     add_model_flags(ev)
+    add_ray_flags(ev)
     add_sampling_flags(ev)
     ev.set_defaults(func=cmd_eval)
 

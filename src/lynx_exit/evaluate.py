@@ -24,7 +24,7 @@ TIMING_KEYS = ("setting", "rollouts", "seconds")
 
 
 def run_eval(
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     problems: Sequence[Problem],
     settings: Sequence[MethodSetting],
     generation: GenerationConfig,
@@ -49,11 +49,11 @@ def run_eval(
         raise ValueError("eval needs at least one problem")
     if batch_size < 1 or rollouts < 1:
         raise ValueError(f"batch_size and rollouts must be >= 1, got {batch_size}, {rollouts}")
+    if lm is None and runner is None:
+        raise ValueError("run_eval needs the model, or a runner that has it")
     context = MethodContext(lm=lm, probe=probe, deepconf=deepconf)
-    if probe is not None:
-        shared_probe(context)
-    for setting in settings:  # validate every setting and artifact up front
-        make_policy(setting.method, context, **dict(setting.options))
+    if lm is not None:  # validate every setting and artifact up front (a runner's workers check their own)
+        check_settings(context, settings)
     with FolderLock(out_dir, "lynx-exit eval"):
         return _run_locked(lm, problems, settings, generation, out_dir, rollouts, batch_size, progress, on_record, context,
                            runner)
@@ -65,8 +65,16 @@ ShardRunner = Callable[[list[tuple[MethodSetting, list[Job]]], GenerationConfig,
                        Iterator[tuple[MethodSetting, list[dict[str, Any]], float]]]
 
 
+def check_settings(context: MethodContext, settings: Sequence[MethodSetting]) -> None:
+    """Load the probe and build every setting once: a bad setting or artifact fails before any rollout."""
+    if context.probe is not None:
+        shared_probe(context)
+    for setting in settings:
+        make_policy(setting.method, context, **dict(setting.options))
+
+
 def _run_locked(
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     problems: Sequence[Problem],
     settings: Sequence[MethodSetting],
     generation: GenerationConfig,
@@ -106,6 +114,7 @@ def _run_locked(
         append_jsonl(timing_file, [{"setting": setting.label, "rollouts": rollouts_done, "seconds": seconds}])
 
     if runner is None:
+        assert lm is not None  # checked by run_eval
         for setting, jobs in todo:
             began = time.perf_counter()
             count = write(eval_jobs(lm, context, setting, jobs, generation, rollouts, batch_size))

