@@ -29,6 +29,11 @@ def main() -> None:
         path = RESULTS / name / "summary.md"
         if path.exists():
             out.append(f"\n### {title} (from `benchmarks/results/{name}/summary.json`)\n")
+            slices = json.loads((RESULTS / name / "summary.json").read_text()).get("slices")
+            if slices:
+                parts = ", ".join(f"problems {s['offset']}–{s['offset'] + s['problems'] - 1} with seed {s['seed']}" for s in slices)
+                out.append(f"{len(slices)} disjoint slices of the held-out split ({parts}), pooled; the per-slice "
+                           "accuracy and the spread of tokens saved show how much one draw moves.\n")
             out.append(path.read_text().strip())
             out.append(f"\n![Pareto plot](benchmarks/results/{name}/pareto.png)")
     eng = load("engine_throughput.json")
@@ -63,7 +68,23 @@ def main() -> None:
     cells = ", ".join(f"{r['method']} batch {r['batch_size']}: {r['problems_per_s']}/s" for r in thr["results"])
     out.append(f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch 1 |")
     out += serve_table()
+    out += ray_table()
     print("\n".join(out))
+
+
+def ray_table() -> list[str]:
+    path = RESULTS / "ray_scaling.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    out = ["\n### Ray (`benchmarks/ray_scaling.py`, from `benchmarks/results/ray_scaling.json`)\n",
+           f"The same `eval` ({data['rollouts']} rollouts: {', '.join(data['settings'])}; {data['model']}) in one process and "
+           f"on a local Ray instance; {data['note']}. {data['environment']['cpus']} CPU cores.\n",
+           "| run | torch threads per process | worker start-up s | eval s | rollouts/s | ÷ 1 worker |", "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        out.append(f"| {r['run']} | {r['threads']} | {r.get('startup_s', '—')} | {r['seconds']} | {r['problems_per_s']} | "
+                   f"**{r['speedup_vs_1_worker']}×** |")
+    return out
 
 
 def serve_table() -> list[str]:

@@ -35,7 +35,8 @@ def source(tiny_lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # Logical CPUs: the module pool, a second pool and the CLI's workers (1 torch thread each) coexist.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
 
