@@ -124,3 +124,11 @@ def test_eval_is_paired_resumable_and_reports(tiny_lm, tmp_path):
     write_report(summary, tmp_path, {"model": "tiny"}, "t")
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     assert "token-budget@6" in (tmp_path / "summary.md").read_text()
+
+
+def test_pareto_plot_draws_settings_at_0_and_100_percent(tmp_path):
+    from lynx_exit.evaluate import pareto_plot
+
+    records = [_record(s, f"p{i}", s != "deer@0.9", 10) for s in ("never", "lynx@0.1", "deer@0.9") for i in range(6)]  # 6/6: the interval end rounds below 100 %
+    pareto_plot(summarize(records, ["never", "lynx@0.1", "deer@0.9"]), tmp_path / "p.png", lynx_mode="harm")
+    assert (tmp_path / "p.png").stat().st_size > 1000

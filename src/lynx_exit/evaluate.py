@@ -278,7 +278,9 @@ def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs t
     for index, (method, points) in enumerate(curves.items()):
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        errors = [[y - p[2] for y, p in zip(ys, points, strict=True)], [p[3] - y for y, p in zip(ys, points, strict=True)]]
+        # (clamped: at 0 % or 100 % the interval's end equals the point up to rounding)
+        errors = [[max(0.0, y - p[2]) for y, p in zip(ys, points, strict=True)],
+                  [max(0.0, p[3] - y) for y, p in zip(ys, points, strict=True)]]
         mode = lynx_mode if method == "lynx" else LYNX_MODES.get(method)
         label = f"{method} ({GUARANTEES[mode]})" if mode else method
         ax.errorbar(xs, ys, yerr=errors, capsize=2, markersize=4, label=label, color=colors[index % len(colors)],
