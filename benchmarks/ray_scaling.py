@@ -4,7 +4,8 @@
 
 On this 2-core machine two workers can at best double one worker's single-threaded throughput;
 rerun on a GPU node (`--gpus-per-worker 1`) or a cluster (`--address auto`) for the real figure.
-Worker start-up (loading the model) is timed apart from the work.
+Worker start-up (loading the model) is timed apart from the work; the one-process run is warmed up
+on one batch first.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         import torch
 
+        lm = source.load()  # warmed up first, as the Ray workers are by wait_ready and their first shard
+        run_eval(lm, problems[: args.batch_size], settings, generation, Path(tmp) / "warm", batch_size=args.batch_size, progress=False)
         started = time.perf_counter()
-        run_eval(source.load(), problems, settings, generation, Path(tmp) / "single", batch_size=args.batch_size, progress=False)
+        run_eval(lm, problems, settings, generation, Path(tmp) / "single", batch_size=args.batch_size, progress=False)
         single_s = time.perf_counter() - started
         rows.append({"run": "one process", "threads": torch.get_num_threads(), "seconds": round(single_s, 2),
                      "problems_per_s": round(rollouts / single_s, 2)})
