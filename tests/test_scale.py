@@ -113,3 +113,21 @@ def test_cli_eval_with_ray_and_without_it_installed(source, local_ray, tmp_path,
     capsys.readouterr()
     assert main([*flags, "--out", str(tmp_path / "none"), "--ray"]) == 2
     assert "pip install 'lynx-exit[ray]'" in capsys.readouterr().err
+
+
+def test_an_interrupted_ray_eval_resumes_to_the_single_process_output(source, pool, tmp_path):
+    settings = parse_methods(["never", "token-budget"], {"budget": "6"})
+    run_eval(source.load(), PROBLEMS, settings, GEN, tmp_path / "local", batch_size=3, progress=False)
+    seen = []
+
+    def stop_after_four():
+        seen.append(1)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(None, PROBLEMS, settings, GEN, tmp_path / "ray", batch_size=3, progress=False, runner=pool.eval_runner,
+                 on_record=stop_after_four)
+    assert len(lines(tmp_path / "ray" / "records.jsonl")) == 4
+    run_eval(None, PROBLEMS, settings, GEN, tmp_path / "ray", batch_size=3, progress=False, runner=pool.eval_runner)
+    assert sorted_records(tmp_path / "ray") == sorted_records(tmp_path / "local")
