@@ -175,7 +175,7 @@ Chunk = list[tuple[int, Problem]]  # (index among all problems, problem): the in
 
 @dataclass
 class ChunkResult:
-    """One chunk's rollouts, labelled events (without their shard) and the events' features."""
+    """One chunk's rollouts, labelled events (without their shard; event i is row i of `features`) and the features."""
 
     first_problem: int
     features: torch.Tensor  # [events, feature_dim] on the CPU (empty: [0])
@@ -258,7 +258,7 @@ def compute_chunk(
         )
     event_records, rollout_records = [], []
     per_row_events: dict[int, int] = {}
-    for shard_row, (event, forced) in enumerate(zip(pending, answers, strict=True)):
+    for event, forced in zip(pending, answers, strict=True):
         _, problem, rollout = rows[event["row"]]
         per_row_events[event["row"]] = per_row_events.get(event["row"], 0) + 1
         event_records.append(
@@ -272,7 +272,6 @@ def compute_chunk(
                 "forced_answer": forced.answer,
                 "forced_tokens": len(forced.token_ids),
                 "label": int(problem.grade("\\boxed{" + forced.text)),
-                "shard_row": shard_row,
             }
         )
     for row, (_, problem, rollout) in enumerate(rows):
@@ -300,8 +299,7 @@ def write_chunk(out_dir: Path, result: ChunkResult) -> None:
     if result.events:
         save_tensors_atomic(out_dir / "features" / shard, {"features": result.features})
     # Rollouts last: a problem counts as done only once its events and shard are on disk.
-    events = [{**{k: v for k, v in e.items() if k != "shard_row"}, "shard": shard, "shard_row": e["shard_row"]} for e in result.events]
-    append_jsonl(out_dir / "events.jsonl", events)
+    append_jsonl(out_dir / "events.jsonl", [{**e, "shard": shard, "shard_row": i} for i, e in enumerate(result.events)])
     append_jsonl(out_dir / "rollouts.jsonl", result.rollouts)
 
 

@@ -381,7 +381,7 @@ class Engine:
             kind = request.policy.trial_at(step)
             if kind is None:
                 continue
-            keep = len(request.prompt_ids) + len(request.kept_ids) - (1 if step.cue is not None else 0)
+            keep = self._trial_prefix(request, drop_current=step.cue is not None)
             max_tokens = request.config.answer_max_tokens if kind == "answer" else 0
             key = (kind, tuple(request.exit_cue_ids), max_tokens)
             groups.setdefault(key, []).append((step, (request.request_id, keep)))
@@ -517,9 +517,14 @@ class Engine:
             results.append(ForcedAnswer(token_ids, text, answer, mean_prob, len(exit_cue_ids), entropy))
         return results
 
+    @staticmethod
+    def _trial_prefix(request: _Request, drop_current: bool) -> int:
+        """Tokens a trial from this step keeps: prompt and generated ones, less a cue token (spec §3)."""
+        return len(request.prompt_ids) + len(request.kept_ids) - (1 if drop_current else 0)
+
     def _fork_callback(self, request: _Request, drop_current: bool) -> Callable[[], ForcedAnswer]:
         # A partial, not a closure: it is made for every thinking step of every row (hot path).
-        keep = len(request.prompt_ids) + len(request.kept_ids) - (1 if drop_current else 0)
+        keep = self._trial_prefix(request, drop_current)
         return functools.partial(self._fork_one, request.request_id, keep, request.exit_cue_ids, request.config.answer_max_tokens)
 
     def _fork_one(self, request_id: int, keep: int, exit_cue_ids: list[int], max_answer_tokens: int) -> ForcedAnswer:

@@ -146,10 +146,8 @@ class RayPool:
 
     def _ask(self, method: str, *args: Any) -> Any:
         """One worker's answer; an error raised there is raised here as itself (not wrapped by Ray)."""
-        if not self._actors:
-            raise RuntimeError("use the pool inside `with RayPool(...) as pool:`")
         try:
-            return self.ray.get(getattr(self._actors[0], method).remote(*args))
+            return self.ray.get(getattr(self._running()[0], method).remote(*args))
         except self.ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, Exception):
@@ -158,7 +156,7 @@ class RayPool:
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded the model (for timing the work alone)."""
-        self.ray.get([actor.feature_spec.remote(None) for actor in self._actors])
+        self.ray.get([actor.feature_spec.remote(None) for actor in self._running()])
 
     def feature_spec(self, layers: tuple[int, ...] | None = None) -> FeatureSpec:
         """The workers' model's feature space at `layers` (the driver need not load the model)."""
@@ -168,12 +166,15 @@ class RayPool:
         """Build every setting (and load the probe) in a worker before any shard is sent."""
         self._ask("check_settings", settings)
 
+    def _running(self) -> list[Any]:
+        if not self._actors:
+            raise RuntimeError("use the pool inside `with RayPool(...) as pool:`")
+        return self._actors
+
     def _pool(self) -> Any:
         from ray.util import ActorPool
 
-        if not self._actors:
-            raise RuntimeError("use the pool inside `with RayPool(...) as pool:`")
-        return ActorPool(self._actors)
+        return ActorPool(self._running())
 
     def build_runner(
         self, chunks: list[Chunk], generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
