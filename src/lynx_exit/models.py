@@ -148,6 +148,12 @@ class LoadedModel:
             profile=json.dumps(self.profile.identity(), sort_keys=True),
         )
 
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """Rows of the output layer: the width of the logits, and one past the largest token id the model reads."""
+        head = self.model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
+
     @property
     def context_length(self) -> int | None:
         """Positions the model was built for (`max_position_embeddings`), if its config says."""

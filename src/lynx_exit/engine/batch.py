@@ -53,8 +53,14 @@ class DecodeLoop:
             )
 
     def steps(self) -> Iterator[Step]:
-        """Every request's steps, in engine order, until all prompts have finished."""
-        return self.engine.stream()
+        """Every request's steps, in engine order, until all prompts have finished.
+
+        A batch job keeps nothing back: a prompt that failed alone (finish_reason "error") raises here,
+        with the engine's exception as the cause."""
+        for step in self.engine.stream():
+            if step.finish_reason == "error":
+                raise RuntimeError(f"prompt {step.request_id} failed: {step.error}") from self.engine.error(step.request_id)
+            yield step
 
     def run(self) -> list[RequestResult]:
         for _ in self.steps():

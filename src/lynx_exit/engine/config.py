@@ -7,16 +7,29 @@ from dataclasses import dataclass
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS, compile_cue_pattern
 
+# A temperature below this samples as greedy: logits / T overflow long before T reaches 0 (vLLM uses the same 1e-5).
+GREEDY_BELOW = 1e-5
+MAX_TOKENS = 2**31 - 1  # largest token count any field takes
+SEED_RANGE = (-(2**63), 2**64)  # what `torch.Generator.manual_seed` accepts
+
+
+def _whole(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling and exit settings of one request."""
+    """Sampling and exit settings of one request; every field is checked here, so no request's values can
+    break the batched step it shares with others."""
 
     max_new_tokens: int = 512
     min_new_tokens: int = 0  # end-of-sequence is suppressed until this many tokens exist
-    temperature: float = 0.6  # 0 means greedy
+    temperature: float = 0.6  # 0 (or anything below GREEDY_BELOW) means greedy
     top_p: float = 0.95
-    top_k: int = 0  # 0 means no top-k filter
+    top_k: int = 0  # 0 means no top-k filter; a value at or above the vocabulary means none either
     seed: int = 0
     exit_cue: str = "boxed"  # a variant (`boxed`, `answer_tag`) in the model family's format, or literal text
     answer_max_tokens: int = 64
@@ -25,20 +38,24 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        _whole("max_new_tokens", self.max_new_tokens, 1, MAX_TOKENS)
+        _whole("min_new_tokens", self.min_new_tokens, 0, MAX_TOKENS)
+        _whole("top_k", self.top_k, 0, 2**63 - 1)
+        _whole("seed", self.seed, SEED_RANGE[0], SEED_RANGE[1] - 1)
+        _whole("answer_max_tokens", self.answer_max_tokens, 1, MAX_TOKENS)
+        if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.answer_max_tokens < 1:
-            raise ValueError(f"answer_max_tokens must be >= 1, got {self.answer_max_tokens}")
-        if not self.exit_cue.strip():
+        if not isinstance(self.exit_cue, str) or not self.exit_cue.strip():
             raise ValueError(f"exit_cue must be a variant name or non-empty text, got {self.exit_cue!r}")
         compile_cue_pattern(self.cue_words, self.cue_regex)  # validates
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW

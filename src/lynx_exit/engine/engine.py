@@ -14,6 +14,7 @@ until its `\\boxed{...}` closes.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import time
 from collections import deque
@@ -24,7 +25,7 @@ import torch
 
 from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_pattern
 from lynx_exit.engine.backend import Backend, TransformersBackend
-from lynx_exit.engine.config import GenerationConfig
+from lynx_exit.engine.config import SEED_RANGE, GenerationConfig
 from lynx_exit.engine.sampler import GREEDY, SamplingParams, mask_tokens, sample
 from lynx_exit.engine.types import (
     Decision,
@@ -40,6 +41,8 @@ from lynx_exit.families import ThinkingStart
 from lynx_exit.grading import extract_boxed
 from lynx_exit.models import LoadedModel
 
+logger = logging.getLogger(__name__)
+
 
 def brace_depth(text: str, depth: int) -> int:
     """Brace depth after `text`, starting at `depth`; 0 as soon as it closes."""
@@ -48,6 +51,10 @@ def brace_depth(text: str, depth: int) -> int:
         if depth <= 0:
             return 0
     return depth
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,6 +94,7 @@ class _Request:
     started: float = 0.0
     wall_time_s: float = 0.0
     in_cache: bool = False
+    error: BaseException | None = None  # why it failed (finish_reason "error")
 
 
 class Engine:
@@ -131,15 +139,22 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("every prompt must have at least one token")
+        vocab = self.lm.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        seed = config.seed if seed is None else seed
+        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}), got {seed}")
         context = self.lm.context_length
         if context is not None and len(prompt) >= context:
             raise ValueError(f"the prompt is {len(prompt)} tokens but model {self.lm.model_id!r} has a context of "
                              f"{context} positions: shorten the prompt")
         layers = self._request_layers(policy, feature_layers)
         generator = None
-        if config.temperature > 0:
+        if not config.greedy:
             generator = torch.Generator(device=self.lm.device)
-            generator.manual_seed(int(config.seed if seed is None else seed))
+            generator.manual_seed(int(seed))
         if policy is not None:
             policy.reset()
         max_cue_chars = None if config.cue_regex else max(len(w.strip()) for w in config.cue_words)
@@ -151,7 +166,8 @@ class Engine:
             request_id=request_id,
             prompt_ids=prompt,
             config=config,
-            params=SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k),
+            params=SamplingParams(temperature=0.0 if config.greedy else config.temperature, top_p=config.top_p,
+                                  top_k=config.top_k if config.top_k < vocab else 0),  # top-k over the whole vocabulary is off
             generator=generator,
             policy=policy,
             layers=layers,
@@ -226,7 +242,12 @@ class Engine:
             answer=extract_boxed(request.text),
             wall_time_s=request.wall_time_s,
             reasoning_tokens=len(request.kept_ids) if request.reasoning_tokens is None else request.reasoning_tokens,
+            error=describe_error(request.error) if request.error is not None else None,
         )
+
+    def error(self, request_id: int) -> BaseException | None:
+        """The exception that failed a request (finish_reason "error"), else None."""
+        return self._get(request_id).error
 
     def _get(self, request_id: int) -> _Request:
         if request_id not in self._requests:
@@ -249,37 +270,89 @@ class Engine:
         while self.has_unfinished():
             yield from self.step()
 
-    # -- one step ------------------------------------------------------------------------------
+    # -- one step ---------------------------------------------------------------------------------
+    # Containment: a step shares one forward pass and one sampler call between strangers, so a fault
+    # is charged to the requests that can have caused it. The rows admitted in a step are prefilled
+    # apart from the running ones and bisected on failure; a sampler failure is retried row by row
+    # (each row samples from its own generator, so a survivor's token is the one it would have had);
+    # per-row work (detokenising, cue matching, the policy) and the batched reads after sampling
+    # (features, scores, trials) fail only their own rows. A request failed this way ends with
+    # finish_reason "error"; the others go on exactly as if it had never been there. Only a fault in
+    # the running rows' own decode is the engine's, and `step` raises it.
     @torch.inference_mode()
     def step(self) -> list[Step]:
         """Admit waiting requests, run one forward pass for all running ones, sample once."""
         steps, self._outbox = self._outbox, []
         fed = [self._requests[r] for r in self._running if self._requests[r].feed >= 0]
         admitted = self._admit()
-        parts = []
+        parts, batch = [], list(fed)
         if fed:
             parts.append(self.backend.decode([r.request_id for r in fed], [r.feed for r in fed]))
         if admitted:
-            parts.append(self.backend.prefill([r.request_id for r in admitted], [r.prompt_ids for r in admitted]))
+            prefilled = self._prefill(admitted)
+            for group, logits in prefilled:
+                parts.append(logits)
+                batch += group
+            admitted = [r for group, _ in prefilled for r in group]
         if not parts:
-            return steps
+            return steps + self._take_outbox()
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [fed + admitted, vocab]
-        batch = fed + admitted
         self._ban_tokens(logits, batch)
-        sampling = [r.phase in ("think", "answer") for r in batch]
-        sampled = sample(
-            logits,
-            [r.params if s else GREEDY for r, s in zip(batch, sampling, strict=True)],
-            [r.generator if s else None for r, s in zip(batch, sampling, strict=True)],
-        )
-        token_ids = self._read_samples(sampled, logits, batch)  # the step's one host sync
+        sampled, alive, logits = self._sample(logits, batch)
+        token_ids = self._read_samples(sampled, logits, alive) if alive else []  # the step's one host sync
+        by_request = dict(zip([r.request_id for r in alive], token_ids, strict=True))
         now = time.perf_counter()
-        for request, token_id in zip(admitted, token_ids[len(fed) :], strict=True):
+        for request in admitted:
+            if request.request_id not in by_request:
+                continue
             request.started, request.index = now, -1  # `_next` makes the first token index 0
-            steps += self._next(request, token_id)
-        steps += self._advance_all(fed, token_ids[: len(fed)])
+            try:
+                steps += self._next(request, by_request[request.request_id])
+            except Exception as exc:
+                self._fail(request, exc)
+        fed = [r for r in fed if r.request_id in by_request]
+        steps += self._advance_all(fed, [by_request[r.request_id] for r in fed])
         self._after_step()
+        return steps + self._take_outbox()
+
+    def _take_outbox(self) -> list[Step]:
+        steps, self._outbox = self._outbox, []
         return steps
+
+    def _prefill(self, admitted: list[_Request]) -> list[tuple[list[_Request], torch.Tensor]]:
+        """Prefill the admitted requests; on failure bisect them, failing each one that fails alone."""
+        try:
+            return [(admitted, self.backend.prefill([r.request_id for r in admitted], [r.prompt_ids for r in admitted]))]
+        except Exception as exc:  # a backend's prefill keeps no part of a batch it failed to read
+            if len(admitted) == 1:
+                admitted[0].in_cache = False  # nothing of it reached the cache
+                self._fail(admitted[0], exc)
+                return []
+            half = len(admitted) // 2
+            return self._prefill(admitted[:half]) + self._prefill(admitted[half:])
+
+    def _sample(self, logits: torch.Tensor, batch: list[_Request]) -> tuple[torch.Tensor, list[_Request], torch.Tensor]:
+        """Sampled ids [n] for the rows of `batch` still alive, those rows and their logits; a failing row fails alone."""
+
+        def params(rows: list[_Request]) -> tuple[list[SamplingParams], list[torch.Generator | None]]:
+            sampling = [r.phase in ("think", "answer") for r in rows]
+            return ([r.params if s else GREEDY for r, s in zip(rows, sampling, strict=True)],
+                    [r.generator if s else None for r, s in zip(rows, sampling, strict=True)])
+
+        try:
+            return sample(logits, *params(batch)), batch, logits
+        except Exception:  # the filters run before any row draws from its generator: a retry is exact
+            picks, alive = [], []
+            for i, request in enumerate(batch):
+                try:
+                    picks.append(sample(logits[i : i + 1], *params([request])))
+                    alive.append(request)
+                except Exception as exc:
+                    self._fail(request, exc)
+            if not alive:
+                return logits.new_zeros(0, dtype=torch.long), [], logits[:0]
+            keep = torch.tensor([i for i, r in enumerate(batch) if r.finish_reason is None], device=logits.device)
+            return torch.cat(picks), alive, logits.index_select(0, keep)
 
     def _read_samples(self, sampled: torch.Tensor, logits: torch.Tensor, batch: list[_Request]) -> list[int]:
         """The sampled ids on the host; with them, in the same sync, DeepConf token confidences for the
@@ -331,19 +404,55 @@ class Engine:
         steps: list[Step] = []
         reads: list[tuple[_Request, Step, int]] = []
         for request, candidate in zip(fed, token_ids, strict=True):
-            if request.phase in ("think", "answer"):
-                reads.append((request, self._read(request, candidate), candidate))
-            else:
-                steps += self._forced(request, candidate)
-        self._attach_features(reads)
-        self._score(reads)
-        self._run_trials(reads)
+            try:
+                if request.phase in ("think", "answer"):
+                    reads.append((request, self._read(request, candidate), candidate))
+                else:
+                    steps += self._forced(request, candidate)
+            except Exception as exc:
+                self._fail(request, exc)
+        for stage in (self._attach_features, self._score, self._run_trials):
+            self._batched(stage, [read for read in reads if read[0].finish_reason is None])
         for request, step, candidate in reads:
-            if step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT:
-                candidate = self._exit(request, step)
+            if request.finish_reason is not None:  # failed in a batched read
+                continue
+            try:
+                if step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT:
+                    candidate = self._exit(request, step)
+                after = self._next(request, candidate)
+            except Exception as exc:
+                self._fail(request, exc)
+                continue
             steps.append(step)
-            steps += self._next(request, candidate)
+            steps += after
         return steps
+
+    def _batched(self, stage: Callable[[list[tuple[_Request, Step, int]]], None], reads: list[tuple[_Request, Step, int]]) -> None:
+        """Run a batched read over all rows; if it raises, over each row alone, failing the rows that raise again.
+        The stages only attach results to their steps, so a rerun is harmless."""
+        if not reads:
+            return
+        try:
+            stage(reads)
+        except Exception as exc:
+            if len(reads) == 1:
+                self._fail(reads[0][0], exc)
+                return
+            for read in reads:
+                self._batched(stage, [read])
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        """End one request with finish_reason "error"; the rest of the batch is untouched."""
+        if request.finish_reason is not None:
+            return
+        logger.warning("request %d failed and was ended alone: %s", request.request_id, describe_error(exc))
+        request.error = exc
+        if request.request_id in self._waiting:
+            self._waiting.remove(request.request_id)
+        self._close(request, "error")
+        step = self._end_step(request, -1, "error")
+        step.error = describe_error(exc)
+        self._outbox.append(step)
 
     def _attach_features(self, reads: list[tuple[_Request, Step, int]]) -> None:
         """Hidden states of the steps that need them, read from the backend in one call."""

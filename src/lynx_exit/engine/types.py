@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lynx_exit.models import FeatureSpec
 
 Phase = Literal["think", "answer", "exit_cue", "forced_answer", "end"]
-FinishReason = Literal["eos", "length", "exit", "abort"]
+FinishReason = Literal["eos", "length", "exit", "abort", "error"]  # "error": this request alone failed (`error` says why)
 # A trial decode from the current point: "answer" = the exit cue and a greedy answer (DEER, Dynasor);
 # "entropy" = the exit cue alone, to read the entropy of the answer's first token (EAT).
 TrialKind = Literal["answer", "entropy"]
@@ -65,6 +65,7 @@ class Step:
     fork: Callable[[], ForcedAnswer] | None = field(default=None, repr=False)  # trial forced exit from this point
     trial: ForcedAnswer | None = None  # the trial the policy asked for here (`trial_at`), decoded with all rows' at once
     confidence: float | None = None  # DeepConf token confidence, if the policy asks (`confidence_top_k`)
+    error: str | None = None  # with finish_reason "error": what failed
 
     @property
     def row(self) -> int:
@@ -127,6 +128,7 @@ class RequestResult:
     answer: str | None
     wall_time_s: float
     reasoning_tokens: int  # generated tokens before the end of thinking (natural or forced)
+    error: str | None = None  # with finish_reason "error": what failed
 
     @property
     def row(self) -> int:

@@ -16,8 +16,19 @@ from typing import Any
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS
 from lynx_exit.engine.types import Decision, ForcedAnswer, Step, TrialKind
-from lynx_exit.exits.basic import positive_int
-from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
+from lynx_exit.exits.registry import (
+    MAX_TOKENS,
+    MAX_WINDOW,
+    BasePolicy,
+    ExitMethod,
+    Knob,
+    MethodContext,
+    Option,
+    positive_int,
+    register,
+    whole_number,
+    window_option,
+)
 from lynx_exit.grading import extract_boxed
 
 
@@ -234,15 +245,12 @@ def _interval(text: str) -> dict[str, Any]:
     interval, _, window = text.partition(":")
     options: dict[str, Any] = {"interval": positive_int(interval)}
     if window:
-        options["window"] = int(window)
+        options["window"] = whole_number(window, 2, MAX_WINDOW)
     return options
 
 
 def _agree(text: str) -> dict[str, Any]:
-    value = int(text)
-    if value < 2:
-        raise ValueError("must be >= 2 (answers that agree)")
-    return {"agree": value}
+    return {"agree": whole_number(text, 2, MAX_WINDOW)}  # answers that must agree
 
 
 def _variance(text: str) -> dict[str, Any]:
@@ -271,7 +279,7 @@ register(
         _dynasor,
         knob=Knob("interval", "--interval", "--dynasor", _interval, "Dynasor probe interval K (K:M sets the window M)",
                   default_grid="32:3,64:2"),
-        options=("window",),
+        options=(window_option("window", "trial answers that must agree (M)", low=2),),
     )
 )
 register(ExitMethod("nowait", "never exits; bans cue-word tokens while thinking", _nowait))
@@ -293,6 +301,7 @@ register(
         _eat,
         knob=Knob("variance", "--eat-variance", "--eat-variances", _variance,
                   "EAT: exit when the moving variance of the entropy after the exit cue falls below V", default_grid="0.001,0.01,0.05"),
-        options=("every",),
+        options=(Option("every", lambda value: whole_number(value, 0, MAX_TOKENS),
+                         "a trial every N thinking tokens instead of at cues (0: at cues)"),),
     )
 )

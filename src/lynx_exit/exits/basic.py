@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lynx_exit.engine.types import Decision, Step
-from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
+from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, positive_int, register
 
 
 @dataclass
@@ -29,13 +29,6 @@ class TokenBudget(BasePolicy):
 
     def observe(self, step: Step) -> Decision:
         return Decision.EXIT if step.index + 1 >= self.budget else Decision.CONTINUE
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be >= 1")
-    return value
 
 
 def _budget(_context: MethodContext, options: dict[str, Any]) -> TokenBudget:

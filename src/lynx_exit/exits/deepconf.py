@@ -24,7 +24,7 @@ import numpy as np
 
 from lynx_exit.artifacts import FolderLock, command_line, write_json_atomic
 from lynx_exit.engine.types import Decision, Step
-from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
+from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register, window_option
 
 if TYPE_CHECKING:
     from lynx_exit.engine import GenerationConfig
@@ -214,7 +214,7 @@ register(
         _build,
         knob=Knob("keep", "--deepconf-keep", "--deepconf-keeps", _keep,
                   "DeepConf η: % of warm-up traces that would never exit", default_grid="10,50,90"),
-        options=("window",),
+        options=(window_option("window", "tokens in the group confidence (default: the warm-up's)"),),
         needs_deepconf=True,
     )
 )

@@ -11,7 +11,7 @@ import torch
 
 from lynx_exit.conformal import EventThreshold, TrajectoryThreshold
 from lynx_exit.engine.types import Decision, Scorer, Step
-from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, register
+from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, choice_option, register
 from lynx_exit.models import FeatureSpec
 from lynx_exit.probe import Probe, ProbeBundle, load_probe
 from lynx_exit.sharing import locate_probe
@@ -106,7 +106,7 @@ def _build(context: MethodContext, options: dict[str, Any]) -> LynxPolicy:
 DELTA = Knob("delta", "--delta", "--deltas", _delta, "LYNX risk level δ (confidence 1 - δ)", default="0.05",
              default_grid="0.05,0.1,0.2,0.3")
 register(ExitMethod("lynx", "probe at each cue + conformal threshold (mode by --mode)", _build, knob=DELTA,
-                    options=("mode",), needs_probe=True, choices=(("mode", MODES),)))
+                    options=(choice_option("mode", MODES, "conformal mode"),), needs_probe=True))
 for _mode in MODES:
     register(ExitMethod(f"lynx-{_mode}", f"lynx with mode {_mode}", _build, knob=DELTA, fixed=(("mode", _mode),),
                         needs_probe=True))

@@ -64,6 +64,52 @@ class Knob:
             raise ValueError(f"{source}: bad {self.name} {text.strip()!r}: {exc}") from exc
 
 
+# Bounds of whole-number settings: a window of answers or tokens, and a count of tokens. Nothing
+# unbounded reaches a policy (a deque's maxlen, a tensor) from a request or a flag.
+MAX_WINDOW = 4096
+MAX_TOKENS = 2**31 - 1
+
+
+def whole_number(value: Any, low: int, high: int) -> int:
+    """`value` (an int, or text spelling one) as an int in [low, high]; ValueError saying why not."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"must be in [{low}, {high}], got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return whole_number(text, 1, MAX_TOKENS)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting a method takes besides its knob, parsed and bounded like the knob is."""
+
+    name: str
+    parse: Callable[[Any], Any]  # the value as given (JSON or flag text) -> the value the policy gets; ValueError if bad
+    help: str
+
+
+def window_option(name: str, help: str, low: int = 1) -> Option:
+    return Option(name, lambda value: whole_number(value, low, MAX_WINDOW), help)
+
+
+def choice_option(name: str, allowed: tuple[str, ...], help: str) -> Option:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return str(value)
+
+    return Option(name, parse, help)
+
+
 @dataclass
 class MethodContext:
     """What a method may need to build itself: the model and the shared, loaded artifacts."""
@@ -86,16 +132,23 @@ class ExitMethod:
     build: Callable[[MethodContext, dict[str, Any]], ExitPolicy]
     knob: Knob | None = None
     fixed: tuple[tuple[str, Any], ...] = ()  # options this name pins (e.g. lynx-harm: mode=harm)
-    options: tuple[str, ...] = ()  # further options it accepts besides the knob
+    options: tuple[Option, ...] = ()  # further settings it accepts besides the knob
     needs_probe: bool = False
     needs_deepconf: bool = False  # a warm-up folder (`--deepconf DIR`)
-    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()  # allowed values of options that are closed sets
 
-    def check_option(self, name: str, value: Any) -> None:
-        """Raise naming the option if `value` is not one of its allowed values."""
-        allowed = dict(self.choices).get(name)
-        if allowed is not None and value not in allowed:
-            raise ValueError(f"{self.name} {name} must be one of {', '.join(allowed)}, got {value!r}")
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(option.name for option in self.options)
+
+    def parse_option(self, name: str, value: Any) -> Any:
+        """The parsed value of option `name`; ValueError naming the method, the option and the value."""
+        option = next((o for o in self.options if o.name == name), None)
+        if option is None:
+            raise ValueError(f"exit method {self.name!r} takes no option {name!r}")
+        try:
+            return option.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{self.name} {name} {exc}") from None
 
 
 METHODS: dict[str, ExitMethod] = {}
@@ -132,10 +185,11 @@ def make_policy(name: str, context: MethodContext | None = None, **options: Any)
     method = get_method(name)
     context = context or MethodContext()
     allowed = {method.knob.name} if method.knob else set()
-    allowed |= set(method.options)
+    allowed |= set(method.option_names)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"exit method {name!r} takes {sorted(allowed) or 'no options'}, got {unknown}")
+    options = {k: method.parse_option(k, v) if k in method.option_names else v for k, v in options.items()}
     if method.knob is not None and method.knob.name not in options:
         raise ValueError(f"exit method {name!r} needs {method.knob.name} ({method.knob.flag})")
     if method.needs_probe and context.probe is None:
@@ -168,7 +222,7 @@ def parse_methods(methods: Sequence[str], grids: dict[str, str] | None = None, e
     out: list[MethodSetting] = []
     for name in methods:
         method = get_method(name)
-        fixed = {k: v for k, v in extra.items() if k in method.options and k not in dict(method.fixed)}
+        fixed = {k: v for k, v in extra.items() if k in method.option_names and k not in dict(method.fixed)}
         if method.knob is None:
             out.append(MethodSetting(name, None, tuple(sorted(fixed.items()))))
             continue

@@ -12,15 +12,19 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lynx_exit.exits import method_names
 from lynx_exit.exits.lynx import shared_probe
@@ -39,8 +43,11 @@ def create_app(server: Server) -> FastAPI:
         yield
         server.accepting = False
         await asyncio.to_thread(server.worker.stop)
+        server.prompt_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="lynx-exit", lifespan=lifespan)
+    # With an API key, nothing is open without it: the documentation routes are off.
+    docs: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None} if server.options.api_key else {}
+    app = FastAPI(title="lynx-exit", lifespan=lifespan, **docs)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -85,8 +92,36 @@ async def _api(server: Server, request: Request, endpoint: str, handler: Callabl
         response = await handler()
     except APIError as exc:
         response = JSONResponse(exc.body(), status_code=exc.status)
+    except ClientDisconnect:  # the client left while sending its body: nobody to answer
+        logger.debug("client disconnected during its upload to %s", request.url.path)
+        response = Response(status_code=499)
+    except Exception as exc:  # a fault of ours: an OpenAI-shaped 500, one log line, counted like any answer
+        logger.error("unhandled %s in %s: %s", type(exc).__name__, request.url.path, exc,
+                     exc_info=logger.isEnabledFor(logging.DEBUG))
+        error = APIError(500, f"internal error ({type(exc).__name__}); the request was not completed",
+                         kind="server_error", code="internal_error")
+        response = JSONResponse(error.body(), status_code=500)
     server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     return response
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the request body is {size} bytes or more; this server accepts at most {limit} bytes "
+                         "(lynx-exit serve --max-body-mb)", code="request_too_large")
 
 
 def _check_key(server: Server, request: Request) -> None:
@@ -104,7 +139,7 @@ async def _models(server: Server) -> Response:
     if server.options.probe is not None:
         bundle, _ = shared_probe(server.methods)
         bundle_info = {
-            "path": server.options.probe,
+            "name": server.options.probe_label or Path(server.options.probe).name,
             "calibrated_deltas": {mode: [t.delta for t in getattr(bundle, f"{mode}_thresholds")]
                                   for mode in ("event", "trajectory", "harm")},
         }
@@ -118,8 +153,15 @@ async def _models(server: Server) -> Response:
 
 
 async def _completions(server: Server, request: Request, chat: bool) -> Response:
-    body = parse_body(ChatCompletionRequest if chat else CompletionRequest, await request.body())
-    plan = server.plan(body)
+    raw = await _read_body(request, server.options.max_body_bytes)
+
+    def parse_and_plan() -> tuple[Any, Plan]:
+        body = parse_body(ChatCompletionRequest if chat else CompletionRequest, raw)
+        return body, server.plan(body)
+
+    # Parsing, templating and tokenizing take time in proportion to the body: off the event loop, so
+    # /health and every stream keep flowing while a large prompt is read.
+    body, plan = await asyncio.get_running_loop().run_in_executor(server.prompt_pool, parse_and_plan)
     generation = server.start(plan, body.seed, split=chat)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": now(), "model": server.options.model_name}
     prompt_tokens = sum(len(p) for p in plan.prompts)
@@ -208,6 +250,10 @@ async def _stream(generation: Generation, plan: Plan, meta: dict[str, Any], chat
     except APIError as exc:  # the status line has gone out: report the failure in the stream
         yield _sse(exc.body())
         yield "data: [DONE]\n\n"
+    except Exception as exc:  # a fault of ours mid-stream: the client still gets an error event and the end
+        logger.error("unhandled %s in a stream: %s", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+        yield _sse(APIError(500, f"internal error ({type(exc).__name__})", kind="server_error", code="internal_error").body())
+        yield "data: [DONE]\n\n"
     finally:
         generation.cancel()  # a client that went away: abort what still runs (a no-op once all finished)
 
@@ -216,11 +262,22 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: st
     """Serve until SIGINT/SIGTERM; then refuse new requests and let in-flight ones finish (bounded)."""
     import uvicorn
 
+    timeout = server.options.shutdown_timeout_s
+
     class _Uvicorn(uvicorn.Server):
+        expiry: threading.Timer | None = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             server.accepting = False
+            if self.expiry is None:
+                # At the timeout, what still runs is failed by the worker (503 shutting_down): each stream ends
+                # with an error event and [DONE] instead of being cut; uvicorn's own limit comes after that.
+                self.expiry = threading.Timer(timeout, server.worker.expire,
+                                              args=("the server shut down before this request finished",))
+                self.expiry.daemon = True
+                self.expiry.start()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=max(1, round(server.options.shutdown_timeout_s)))
+                            timeout_graceful_shutdown=math.ceil(timeout) + 2)
     _Uvicorn(config).run()

@@ -81,7 +81,7 @@ class Generation:
                         pending.discard(choice)
                     else:
                         self.cancel()
-                        raise APIError(500, event.message, kind="server_error", code="engine_error")
+                        raise APIError(event.status, event.message, kind="server_error", code=event.code)
                 if self.texts[choice].stopped and choice in self._open and choice not in self._stopped:
                     self.worker.abort([self.tickets[choice]])  # its `Finish` (reason "abort") still comes
                     self._stopped.add(choice)

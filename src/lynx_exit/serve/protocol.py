@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, the server's options, and the errors it answers with.
 
-Bodies are parsed strictly: an unknown field, a wrong type or a value out of range is a 400
-naming the field and the value, in OpenAI's error shape. Fields OpenAI clients may send that
+Bodies are parsed strictly: an unknown field, a wrong type (no "8" for 8, no true for 1) or a
+value out of range is a 400 naming the field and the value, in OpenAI's error shape. Fields OpenAI clients may send that
 this server cannot honour (penalties, logprobs, tools) are accepted only at their neutral
 values, so a request is never answered as if they had been applied.
 """
@@ -48,12 +48,14 @@ class ServerOptions:
     api_key: str | None = None
     probe: str | None = None
     deepconf: str | None = None  # deepconf's warm-up folder
+    max_body_bytes: int = 4 * 2**20  # a larger request body is answered 413 before it is read
+    probe_label: str | None = None  # how /v1/models names the probe (never a path on this machine)
     shutdown_timeout_s: float = 30.0
     stream_interval_ms: float = 20.0  # tokens are sent at most this often per request (first token and end at once)
     max_chunk_rate: float = 500.0  # chunks per second over all streams: the interval grows with the running requests
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_n"):
+        for name in ("max_batch_size", "max_n", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
@@ -74,7 +76,7 @@ class ServerOptions:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Strict):
@@ -102,7 +104,7 @@ class _Sampling(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # vLLM's extension; 0 = off
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: end-of-sequence is held off until then
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
@@ -184,14 +186,33 @@ def parse_body(model: type[_Sampling], raw: bytes) -> Any:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
+        errors = exc.errors(include_url=False)
+        error = errors[0]
         if error["type"] == "json_invalid":
             raise bad_request(None, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}",
                               code="invalid_json") from None
-        param = ".".join(str(part) for part in error["loc"]) or None
+        param = _param(error["loc"])
+        # A field of several types fails once per type: name them all in one message.
+        messages = list(dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param and e["type"] != "missing"))
         value = error.get("input")
         shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
-        message = f"{param}: {error['msg']}" + ("" if error["type"] == "missing" else f" (got {shown})")
+        where = param or "the body"
         if error["type"] == "extra_forbidden":
             message = f"unknown field {param!r} (got {shown})"
+        elif error["type"] == "missing":
+            message = f"{where}: {error['msg']}"
+        else:
+            message = f"{where}: {' or '.join(messages) or error['msg']} (got {shown})"
         raise bad_request(param, message) from None
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """A dotted field path without pydantic's union-member tags (`messages.0.content`, not `...content.str`)."""
+    parts = [str(part) for part in loc if not (isinstance(part, str) and _is_type_tag(part))]
+    return ".".join(parts) or None
+
+
+def _is_type_tag(part: str) -> bool:
+    # Field names here are lower-case identifiers; pydantic names union members by type ("str",
+    # "list[int]", "ContentPart", "function-after[...]").
+    return part in {"str", "int", "float", "bool", "none"} or "[" in part or part[:1].isupper()

@@ -11,6 +11,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,12 @@ class Server:
         factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size))
         self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine,
                                    stream_interval_s=options.stream_interval_ms / 1000, max_chunk_rate=options.max_chunk_rate)
+        # Templating and tokenizing run here, off the event loop, one request at a time.
+        self.prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lynx-exit-prompts")
+        # No token spells more characters than the longest vocabulary entry, and a normaliser can merge at most a
+        # few code points into one (Hangul jamo: 3 -> 1): text longer than this many characters per context
+        # position cannot fit, and is refused before the template or the tokenizer reads it.
+        self.max_chars_per_position = 3 * max((len(token) for token in lm.tokenizer.get_vocab()), default=1)
         self.in_flight = 0  # rows submitted and not finished; touched on the event loop only
         self.accepting = True
         self.started = int(time.time())
@@ -92,7 +99,7 @@ class Server:
             raise bad_request("exit.method", f"exit method {name!r} needs a probe; this server was started without --probe")
         if method.needs_deepconf and self.options.deepconf is None:
             raise bad_request("exit.method", f"exit method {name!r} needs a warm-up; this server was started without --deepconf")
-        accepted = ({method.knob.name} if method.knob else set()) | set(method.options)
+        accepted = ({method.knob.name} if method.knob else set()) | set(method.option_names)
         unknown = sorted(set(given) - accepted)
         if unknown:
             raise bad_request(f"exit.{unknown[0]}", f"exit method {name!r} takes {sorted(accepted) or 'no settings'} "
@@ -110,15 +117,14 @@ class Server:
                 options.update(knob.parse_value(str(value), f"exit.{knob.name}"))
             except ValueError as exc:
                 raise bad_request(f"exit.{knob.name}", str(exc)) from None
-        for option in method.options:
+        for option in method.option_names:
             value = given.get(option, defaults.get(option))
             if value is None:
                 continue
             try:
-                method.check_option(option, value)
+                options[option] = method.parse_option(option, value)  # the parsed value is what is reported
             except ValueError as exc:
                 raise bad_request(f"exit.{option}", f"exit.{option}: {exc}") from None
-            options[option] = value
         try:
             make_policy(name, self.methods, **options)
         except ValueError as exc:  # e.g. δ not calibrated in the probe: the message lists the calibrated ones
@@ -131,6 +137,13 @@ class Server:
         return [make_policy(choice.method, self.methods, **choice.options) for _ in range(count)]
 
     # -- prompts and limits --------------------------------------------------------------------
+    def check_length(self, characters: int, param: str) -> None:
+        """Refuse text that cannot fit the context whatever its tokens, before anything tokenizes it."""
+        ctx = self.context_length
+        if ctx is not None and characters > ctx * self.max_chars_per_position:
+            raise bad_request(param, f"the {param} has {characters} characters, more than the model's context of {ctx} "
+                                     f"tokens can hold", code="context_length_exceeded")
+
     def chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], ThinkingStart]:
         """The prompt's token ids (the profile's template switches and system prompt, then the request's), and
         how it starts thinking."""
@@ -138,6 +151,7 @@ class Server:
             raise bad_request("messages", f"model {self.options.model_name!r} has no chat template; "
                                           "send a raw prompt to /v1/completions")
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        self.check_length(sum(len(m["content"]) for m in messages), "messages")
         kwargs = request.template_kwargs()
         try:
             ids = self.lm.chat_ids(messages, kwargs)
@@ -157,6 +171,7 @@ class Server:
             if isinstance(item, str):
                 if not item:
                     raise bad_request("prompt", f"prompt {i} is empty")
+                self.check_length(len(item), "prompt")
                 out.append(list(self.lm.tokenizer(item)["input_ids"]))
             else:
                 ids = [int(t) for t in item]
@@ -215,18 +230,21 @@ class Server:
         exit_choice = self.resolve_exit(request.exit)
         return Plan(prompts, request.n, config, exit_choice, stop, thinking)
 
-    def admit(self, rows: int) -> None:
+    def admit(self, plan: Plan) -> None:
+        rows = plan.rows
         if not self.accepting:
             raise APIError(503, "the server is shutting down", kind="server_error", code="shutting_down")
         if rows > self.options.capacity:
-            raise bad_request("n", f"the request needs {rows} rows; this server runs at most {self.options.capacity} at once")
+            param, what = ("prompt", f"{len(plan.prompts)} prompts × n {plan.n}") if len(plan.prompts) > 1 else ("n", f"n {plan.n}")
+            raise bad_request(param, f"the request needs {rows} rows ({what}); this server runs at most "
+                                     f"{self.options.capacity} at once")
         if self.in_flight + rows > self.options.capacity:
             raise APIError(503, f"the server is at capacity ({self.in_flight} rows running or queued, limit "
                                 f"{self.options.capacity}); retry later", kind="server_error", code="server_overloaded")
 
     def start(self, plan: Plan, seed: int | None, split: bool) -> Generation:
         """Submit a planned request to the engine; `split` sends thinking to `reasoning_content`."""
-        self.admit(plan.rows)
+        self.admit(plan)
         base = secrets.randbelow(_SEED_RANGE) if seed is None else seed % _SEED_RANGE
         policies = self.policies(plan.exit, plan.rows)
         tickets, texts = [], []

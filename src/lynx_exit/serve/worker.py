@@ -41,6 +41,8 @@ class Finish:
 @dataclass
 class Failure:
     message: str
+    status: int = 500
+    code: str = "engine_error"
 
 
 Event = TokenEvent | Finish | Failure
@@ -90,6 +92,7 @@ class EngineWorker:
         self._tickets: dict[int, Ticket] = {}  # engine request id -> ticket
         self._post: Callable[[list[tuple[Ticket, list[Event]]]], None] = _deliver_all
         self._thread: threading.Thread | None = None
+        self._expire_message = "the server is shutting down"
 
     def start(self, post: Callable[[Callable[..., Any], Any], Any] | None = None) -> None:
         """Start the thread; `post(fn, arg)` runs `fn(arg)` where the handlers live (the event loop)."""
@@ -103,6 +106,11 @@ class EngineWorker:
 
     def abort(self, tickets: Sequence[Ticket]) -> None:
         self._inbox.put(("abort", list(tickets)))
+
+    def expire(self, message: str) -> None:
+        """Fail every request still running or queued (with a 503), and keep the thread running."""
+        self._expire_message = message
+        self._inbox.put(("expire", []))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail what is still running and end the thread."""
@@ -119,15 +127,18 @@ class EngineWorker:
         while self._drain(block=not self.engine.has_unfinished()):
             try:
                 steps = self.engine.step()
-            except Exception as exc:  # a broken step must not leave clients waiting forever
-                logger.exception("engine step failed; failing the running requests and starting a fresh engine")
+            except Exception as exc:  # the engine contains a request's own faults; this one is the engine's
+                logger.error("engine step failed (%s: %s); failing the running requests and starting a fresh engine",
+                             type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
                 self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
                 self.engine = self._engine_factory()
+                if self._on_step is not None:  # gauges describe the fresh engine, not the failed one
+                    self._on_step(self.engine)
                 continue
             self._dispatch(steps)
             if self._on_step is not None:
                 self._on_step(self.engine)
-        self._fail_all("the server is shutting down")
+        self._fail_all("the server is shutting down", status=503, code="shutting_down")
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if `block`); False once asked to stop."""
@@ -139,6 +150,12 @@ class EngineWorker:
             kind, tickets = command
             if kind == "stop":
                 return False
+            if kind == "expire":
+                for engine_id in list(self._tickets):
+                    self.engine.abort(engine_id)
+                    self.engine.result(engine_id, forget=True)
+                self._fail_all(self._expire_message, status=503, code="shutting_down")
+                tickets = []
             for ticket in tickets:
                 if kind == "add":
                     self._add(ticket)
@@ -154,8 +171,8 @@ class EngineWorker:
             ticket.engine_id = self.engine.add_request(
                 ticket.prompt_ids, ticket.config, ticket.policy, seed=ticket.seed, thinking=ticket.thinking
             )
-        except ValueError as exc:  # validated by the handler already; kept so a client always hears back
-            self._post([(ticket, [Failure(str(exc))])])
+        except Exception as exc:  # validated by the handler already; kept so a client always hears back
+            self._post([(ticket, [Failure(f"the engine refused this request: {exc}")])])
             return
         self._tickets[ticket.engine_id] = ticket
 
@@ -180,7 +197,12 @@ class EngineWorker:
                     last.text += step.text  # one event per phase run: fewer objects, fewer and larger chunks
                 else:
                     events.append(TokenEvent(step.text, step.phase))
-            if step.finish_reason is not None:
+            if step.finish_reason == "error":  # this request alone failed; the engine went on with the others
+                del self._tickets[step.request_id]
+                self.engine.result(step.request_id, forget=True)
+                events.append(Failure(f"the engine failed on this request: {step.error}"))
+                urgent = True
+            elif step.finish_reason is not None:
                 del self._tickets[step.request_id]
                 events.append(self._finish(ticket, now))
                 urgent = True
@@ -204,8 +226,9 @@ class EngineWorker:
             queued_s=admitted - ticket.submitted,
         )
 
-    def _fail_all(self, message: str) -> None:
-        failed: list[tuple[Ticket, list[Event]]] = [(ticket, [Failure(message)]) for ticket in self._tickets.values()]
+    def _fail_all(self, message: str, status: int = 500, code: str = "engine_error") -> None:
+        failure = Failure(message, status, code)
+        failed: list[tuple[Ticket, list[Event]]] = [(ticket, [failure]) for ticket in self._tickets.values()]
         self._tickets.clear()
         self._pending.clear()
         while True:  # tickets submitted but never added
@@ -214,7 +237,7 @@ class EngineWorker:
             except queue.Empty:
                 break
             if kind == "add":
-                failed += [(ticket, [Failure(message)]) for ticket in tickets]
+                failed += [(ticket, [failure]) for ticket in tickets]
         if failed:
             self._post(failed)
 

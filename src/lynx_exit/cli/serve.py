@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
-from lynx_exit.cli_common import (
+from lynx_exit.cli.common import (
     add_model_flags,
     add_sampling_flags,
     generation_config,
@@ -35,6 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("LYNX_EXIT_API_KEY") or None,
         probe=locate_probe_arg(args),
         deepconf=args.deepconf,
+        max_body_bytes=round(args.max_body_mb * 2**20),
+        probe_label=None if args.probe is None or Path(args.probe).exists() else args.probe,  # a Hub id; a folder by its name
         shutdown_timeout_s=args.shutdown_timeout,
         stream_interval_ms=args.stream_interval_ms,
         max_chunk_rate=args.max_chunk_rate,
@@ -50,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_command(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     from lynx_exit.exits import knobs, method_names
 
     p = sub.add_parser("serve", help="OpenAI-compatible server with per-request early exit")
@@ -71,7 +74,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: the context length)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LYNX_EXIT_API_KEY)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get after SIGTERM; then each ends with a 503 error event")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; larger ones get 413")
     p.add_argument("--stream-interval-ms", type=float, default=20.0,
                    help="send a stream's tokens at most this often (0: every token); the first token goes at once")
     p.add_argument("--max-chunk-rate", type=float, default=500.0,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lynx_exit.cli_common import (
+from lynx_exit.cli.common import (
     add_model_flags,
     add_ray_flags,
     add_sampling_flags,

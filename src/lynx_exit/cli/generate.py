@@ -1,18 +1,14 @@
-"""`lynx-exit` command line: thin wrappers that map flags 1:1 onto library config and print results."""
+"""`lynx-exit generate` and `lynx-exit profiles`: one prompt with online early exit, and the family table."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from lynx_exit import cli_pipeline, cli_serve
-from lynx_exit.artifacts import FolderBusyError
-from lynx_exit.cli_common import (
+from lynx_exit.cli.common import (
     add_model_flags,
     add_sampling_flags,
     generation_config,
@@ -37,7 +33,7 @@ def _policy_from_args(args: argparse.Namespace, lm: Any, probe_folder: str | Non
         if value is None:
             raise ValueError(f"--exit {args.exit} needs {method.knob.flag} ({method.knob.help})")
         options.update(method.knob.parse_value(str(value), method.knob.flag))
-    if "mode" in method.options:
+    if "mode" in method.option_names:
         options["mode"] = args.mode
     return make_policy(args.exit, MethodContext(lm=lm, probe=probe_folder, deepconf=args.deepconf), **options)
 
@@ -121,10 +117,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lynx-exit", description="Confidence-controlled early exit for reasoning LLMs (LYNX).")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub: Any) -> None:
 
     gen = sub.add_parser("generate", help="stream one generation with online early exit")
     gen.add_argument("prompt", nargs="?", help="the user prompt")
@@ -150,22 +143,3 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = sub.add_parser("profiles", help="the table of reasoning model families and how each is recognised")
     profiles.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     profiles.set_defaults(func=cmd_profiles)
-
-    cli_pipeline.add_commands(sub)
-    cli_serve.add_command(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except (ValueError, FileNotFoundError, FolderBusyError) as exc:
-        print(f"lynx-exit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
