@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
 import torch
+import uvicorn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lynx_exit.families import resolve_profile
@@ -18,7 +25,7 @@ CORPUS = [
 ] * 4
 
 
-def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 3) -> LoadedModel:
+def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 3, context: int = 512) -> LoadedModel:
     tokenizer = train_tokenizer(CORPUS, vocab_size=311)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -27,7 +34,7 @@ def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int 
         num_hidden_layers=layers,
         num_attention_heads=3,
         num_key_value_heads=3,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -41,3 +48,32 @@ def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int 
 @pytest.fixture(scope="session")
 def tiny_lm() -> LoadedModel:
     return make_tiny_lm()
+
+
+BOUND_S = 60.0  # every wait of the server tests is bounded by this
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(server) -> Iterator[str]:
+    """Run a `lynx_exit.serve.Server` with uvicorn on a background thread; yields its base URL."""
+    from lynx_exit.serve import create_app
+
+    config = uvicorn.Config(create_app(server), host="127.0.0.1", port=free_port(), log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + BOUND_S
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        uv.should_exit = True
+        thread.join(BOUND_S)

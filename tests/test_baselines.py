@@ -1,6 +1,7 @@
 """The newer baselines (answer-convergence, first-answer, EAT, DeepConf): their rules on hand-made step
 streams, the engine's batched trials and token confidences on a tiny model, and an eval with all four."""
 
+import dataclasses
 import json
 
 import pytest
@@ -142,8 +143,9 @@ def test_the_trials_of_all_rows_of_a_step_are_one_batched_fork_equal_to_single_f
     original = engine.backend.fork
     monkeypatch.setattr(engine.backend, "fork", lambda items, *a, **k: calls.append(len(items)) or original(items, *a, **k))
     policies = [Trials("answer") for _ in range(4)]
+    config = dataclasses.replace(CUES, max_new_tokens=40, min_new_tokens=40)  # long enough for rows to cue together
     for i, policy in enumerate(policies):
-        engine.add_request(tiny_lm.prompt_ids(f"What is {i} + 2?"), CUES, policy, seed=i)
+        engine.add_request(tiny_lm.prompt_ids(f"What is {i} + 2?"), config, policy, seed=i)
     steps_with_trials: dict[int, int] = {}
     for step in engine.stream():
         if step.trial is not None:

@@ -6,52 +6,23 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import make_tiny_lm
+from conftest import BOUND_S, free_port, make_tiny_lm, serving
 
 from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
 from lynx_exit.exits import LynxPolicy, TokenBudget
 from lynx_exit.probe import Probe, load_probe, save_probe, write_conformal
-from lynx_exit.serve import Server, ServerOptions, create_app
+from lynx_exit.serve import Server, ServerOptions
 
 MODEL = "tiny-test"
 DEFAULTS = GenerationConfig(max_new_tokens=40, temperature=1.0, top_p=1.0, cue_regex="e", answer_max_tokens=6)
-BOUND_S = 60.0  # every wait in this module is bounded by this
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serving(server: Server) -> Iterator[str]:
-    """Run `server` with uvicorn on a background thread; yields its base URL."""
-    config = uvicorn.Config(create_app(server), host="127.0.0.1", port=free_port(), log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + BOUND_S
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        uv.should_exit = True
-        thread.join(BOUND_S)
 
 
 def write_probe(folder, lm):

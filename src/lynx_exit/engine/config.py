@@ -13,7 +13,7 @@ MAX_TOKENS = 2**31 - 1  # largest token count any field takes
 SEED_RANGE = (-(2**63), 2**64)  # what `torch.Generator.manual_seed` accepts
 
 
-def _whole(name: str, value: object, low: int, high: int) -> None:
+def _whole(name: str, value: object, low: int, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     if not low <= value <= high:
@@ -43,7 +43,7 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         _whole("max_new_tokens", self.max_new_tokens, 1, MAX_TOKENS)
         _whole("min_new_tokens", self.min_new_tokens, 0, MAX_TOKENS)
-        _whole("top_k", self.top_k, 0, 2**63 - 1)
+        _whole("top_k", self.top_k, 0, math.inf)  # the engine turns a top-k at or above the vocabulary off
         _whole("seed", self.seed, SEED_RANGE[0], SEED_RANGE[1] - 1)
         _whole("answer_max_tokens", self.answer_max_tokens, 1, MAX_TOKENS)
         if self.min_new_tokens > self.max_new_tokens:

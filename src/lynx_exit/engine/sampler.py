@@ -42,27 +42,33 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor | float:
     return torch.tensor(values, device=like.device, dtype=like.dtype)[:, None]
 
 
-def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Probabilities after top-k/top-p, in sorted order with the sort's index when a filter is on."""
-    top_ks = [p.top_k if p.top_k > 0 else scores.shape[-1] for p in params]
-    top_ps = [p.top_p for p in params]
-    if all(k >= scores.shape[-1] for k in top_ks) and all(p >= 1 for p in top_ps):
-        return torch.softmax(scores, dim=-1), None
+def _filters(params: SamplingParams, vocab: int) -> bool:
+    return 0 < params.top_k < vocab or params.top_p < 1
+
+
+def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities [n, vocab] in token order after each row's top-k and top-p (rows that filter only)."""
+    vocab = scores.shape[-1]
+    top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # [n, vocab]
-    ranks = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+    ranks = torch.arange(vocab, device=scores.device)[None, :]
     remove = ranks >= torch.tensor(top_ks, device=scores.device)[:, None]
     probs = torch.softmax(sorted_scores, dim=-1)
-    top_p = _column(top_ps, probs)
+    top_p = _column([p.top_p for p in params], probs)
     # Remove a token once the tokens before it already cover top_p; the first token always stays.
     remove |= (probs.cumsum(-1) - probs) >= top_p
     probs = torch.softmax(sorted_scores.masked_fill(remove, float("-inf")), dim=-1)
-    return probs, order
+    return torch.empty_like(probs).scatter_(-1, order, probs)  # back to token order
 
 
 def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
-    """Next token ids [batch] from `logits` [batch, vocab]; row i uses `params[i]` and `generators[i]`."""
+    """Next token ids [batch] from `logits` [batch, vocab]; row i uses `params[i]` and `generators[i]`.
+
+    A row's token depends on its own logits, settings and generator only: rows that filter (top-k,
+    top-p) are filtered apart from rows that do not, and every row races its noise in token order.
+    """
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(f"{logits.shape[0]} rows of logits but {len(params)} params and {len(generators)} generators")
     token_ids = torch.argmax(logits, dim=-1)  # [batch]; greedy rows keep these
@@ -73,13 +79,17 @@ def sample(
     rows = logits if every_row else logits[torch.tensor(sampled, device=logits.device)]
     row_params = [params[i] for i in sampled]
     scores = rows.float() / _column([p.temperature for p in row_params], rows.float())
-    probs, order = _filtered_probs(scores, row_params)  # [n, vocab]
+    probs = torch.softmax(scores, dim=-1)  # [n, vocab]
+    filtering = [n for n, p in enumerate(row_params) if _filters(p, scores.shape[-1])]
+    if len(filtering) == len(row_params):
+        probs = _filtered_probs(scores, row_params)
+    elif filtering:
+        index = torch.tensor(filtering, device=scores.device)
+        probs = probs.index_copy(0, index, _filtered_probs(scores.index_select(0, index), [row_params[n] for n in filtering]))
     noise = torch.empty_like(probs)
     for n, i in enumerate(sampled):  # one draw per row from its own generator: batch-independent
         noise[n].exponential_(generator=generators[i])
-    picks = torch.argmax(probs / noise, dim=-1, keepdim=True)  # [n, 1]
-    if order is not None:
-        picks = order.gather(-1, picks)
+    picks = torch.argmax(probs / noise, dim=-1)  # [n]
     if every_row:
-        return picks[:, 0]
-    return token_ids.index_copy(0, torch.tensor(sampled, device=logits.device), picks[:, 0])
+        return picks
+    return token_ids.index_copy(0, torch.tensor(sampled, device=logits.device), picks)
