@@ -68,6 +68,7 @@ def main() -> None:
     cells = ", ".join(f"{r['method']} batch {r['batch_size']}: {r['problems_per_s']}/s" for r in thr["results"])
     out.append(f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch 1 |")
     out += serve_table()
+    out += faults_table()
     out += ray_table()
     print("\n".join(out))
 
@@ -84,6 +85,34 @@ def ray_table() -> list[str]:
     for r in data["results"]:
         out.append(f"| {r['run']} | {r['threads']} | {r.get('startup_s', '—')} | {r['seconds']} | {r['problems_per_s']} | "
                    f"**{r['speedup_vs_1_worker']}×** |")
+    return out
+
+
+def faults_table() -> list[str]:
+    path = RESULTS / "serve_faults.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    setup, summary = data["setup"], data["summary"]
+    out = ["\n### Hostile clients (`benchmarks/serve_faults.py`, from `benchmarks/results/serve_faults.json`)\n",
+           f"`lynx-exit serve --model reference` on 127.0.0.1 (batch {setup['max_batch_size']}, queue {setup['max_queue']}). "
+           f"{setup['victims']} seeded victim streams (max_tokens {setup['victim_max_tokens']}) run round after round while "
+           f"{setup['hostile_per_repeat']} hostile requests (huge `top_k`, malformed exit options, wrongly typed fields, "
+           f"tiny temperatures, mutated and random bodies) and {setup['big_bodies_per_repeat']} large bodies (10 MB with and "
+           f"without `Content-Length`, 3.9 MB under the limit) arrive; {setup['repeats']} repeats. Victims are compared "
+           "token for token with the same streams on a quiet server.\n",
+           "| repeat | hostile requests | answers by status | 5xx | victim streams | failed | identical to quiet | "
+           "`/health` p50 / p99 / max s during large bodies |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(data["repeats"]):
+        statuses = ", ".join(f"{k}: {v}" for k, v in r["hostile_by_status"].items())
+        big = ", ".join(f"{k}: {v}" for k, v in r["big_bodies_by_status"].items())
+        out.append(f"| {i + 1} | {r['hostile_requests']} | {statuses}; large bodies {big} | {r['responses_5xx']} | "
+                   f"{r['victim_streams']} | {r['victims_failed']} | {r['victims_identical_to_quiet']} | "
+                   f"{r['health_p50_s']} / {r['health_p99_s']} / {r['health_max_s']} ({r['health_samples_during_large_bodies']} samples) |")
+    met = ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in data["targets"].items())
+    out.append(f"\nServer RSS {summary['rss_before_mb']} MB before the hostile runs, {summary['rss_after_mb']} MB after "
+               f"({summary['rss_growth_mb']:+} MB); `/health` afterwards: {summary['health_after']['status']} with "
+               f"{summary['health_after']['in_flight']} in flight. Targets: {met}.")
     return out
 
 
