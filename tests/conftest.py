@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -77,3 +80,38 @@ def serving(server) -> Iterator[str]:
     finally:
         uv.should_exit = True
         thread.join(BOUND_S)
+
+
+@contextlib.contextmanager
+def cli_server(model_dir, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`lynx-exit serve --model model_dir FLAGS` as a subprocess on a free loopback port, once /health answers;
+    killed on the way out if it is still running."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lynx_exit.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--log-level", "warning", *flags],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def run_alone(lm, prompt, seed, config, policy=None):
+    """The result of one request on an engine of its own (batch 1): what batching must not change."""
+    from lynx_exit.engine import Engine
+
+    engine = Engine(lm, max_batch_size=1)
+    request_id = engine.add_request(prompt, config, policy=policy, seed=seed)
+    list(engine.stream())
+    return engine.result(request_id)

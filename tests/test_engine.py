@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import run_alone
 
 from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset, rollout_seed
 from lynx_exit.calibration import calibrate_probe_folder, train_probe_folder
@@ -31,10 +32,7 @@ TEXTS = ["What is 3+4?", "Hi", "A much longer prompt about twelve apples and fiv
 
 
 def alone(lm, prompt, seed, policy=None, config=CONFIG):
-    engine = Engine(lm, max_batch_size=1)
-    request_id = engine.add_request(prompt, config, policy=policy, seed=seed)
-    list(engine.stream())
-    return engine.result(request_id)
+    return run_alone(lm, prompt, seed, config, policy)
 
 
 def test_request_added_while_others_run_equals_request_alone(tiny_lm):

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import run_alone
 
 from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
 from lynx_exit.engine.sampler import SamplingParams
@@ -16,11 +17,8 @@ CONFIG = GenerationConfig(max_new_tokens=20, min_new_tokens=20, temperature=0.9,
 TEXTS = ["What is 3+4?", "Hi", "A longer prompt about twelve apples and five pears.", "Tom?"]
 
 
-def alone(lm, prompt, seed, config=CONFIG, policy=None):
-    engine = Engine(lm, max_batch_size=1)
-    request_id = engine.add_request(prompt, config, policy=policy, seed=seed)
-    list(engine.stream())
-    return engine.result(request_id)
+def alone(lm, prompt, seed, config=CONFIG):
+    return run_alone(lm, prompt, seed, config)
 
 
 def run_all(engine):

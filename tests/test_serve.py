@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import BOUND_S, free_port, make_tiny_lm, serving
+from conftest import BOUND_S, cli_server, make_tiny_lm, serving
 
 from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
 from lynx_exit.exits import LynxPolicy, TokenBudget
@@ -295,20 +292,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tmp_path):
     lm = make_tiny_lm(seed=5, dtype=torch.float32)
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lynx_exit.cli", "serve", "--model", str(tmp_path / "model"),
-                             "--port", str(port), "--temperature", "1.0", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + BOUND_S
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with cli_server(tmp_path / "model", "--temperature", "1.0") as (proc, url):
         body = {"model": str(tmp_path / "model"), "prompt": "Hi", "max_tokens": 400, "min_tokens": 400, "stream": True}
         lines = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=BOUND_S) as r:
@@ -317,9 +301,6 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tmp_path):
                     proc.send_signal(signal.SIGTERM)  # in flight: it must still finish
                 lines.append(line)
         assert proc.wait(BOUND_S) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a graceful stop
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     events = [line for line in lines if line]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"

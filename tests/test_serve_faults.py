@@ -8,12 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import BOUND_S, free_port, make_tiny_lm, serving
+from conftest import BOUND_S, cli_server, make_tiny_lm, serving
 
 from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
-from lynx_exit.probe import Probe, save_probe, write_conformal
 from lynx_exit.serve import Server, ServerOptions
 
 MODEL = "tiny-test"
@@ -41,14 +37,6 @@ class PoisonedPrefill(TransformersBackend):
         return super().prefill(request_ids, prompts)
 
 
-def write_probe(folder, lm):
-    spec = lm.feature_spec()
-    torch.manual_seed(0)
-    save_probe(folder, Probe(spec.feature_dim).double(), spec, {"training_task": "toy"})
-    row = {"delta": 0.2, "q_pos": 1.0, "q_neg": 0.0, "n_pos": 10, "n_neg": 10}
-    write_conformal(folder, {"event": [row], "trajectory": [], "harm": []})
-
-
 @pytest.fixture(scope="module")
 def lm():
     return make_tiny_lm(seed=3)
@@ -56,6 +44,8 @@ def lm():
 
 @pytest.fixture(scope="module")
 def probe_dir(lm, tmp_path_factory):
+    from test_serve import write_probe
+
     folder = tmp_path_factory.mktemp("probe")
     write_probe(folder, lm)
     return folder
@@ -353,21 +343,7 @@ def test_d11_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error(tmp
     lm = make_tiny_lm(seed=5, dtype=torch.float32, context=4096)
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lynx_exit.cli", "serve", "--model", str(tmp_path / "model"),
-                             "--port", str(port), "--temperature", "1.0", "--log-level", "warning",
-                             "--shutdown-timeout", "0.5", "--torch-threads", "1"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + BOUND_S
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with cli_server(tmp_path / "model", "--temperature", "1.0", "--shutdown-timeout", "0.5", "--torch-threads", "1") as (proc, url):
         body = {"model": str(tmp_path / "model"), "prompt": "Hi", "max_tokens": 4000, "min_tokens": 4000, "stream": True}
         lines = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=BOUND_S) as r:
@@ -377,9 +353,6 @@ def test_d11_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error(tmp
                 if line:
                     lines.append(line)
         assert proc.wait(BOUND_S) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
     assert len(lines) < 4000  # cut by the timeout, not finished
