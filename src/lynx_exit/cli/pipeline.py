@@ -130,38 +130,59 @@ def _dest(flag: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lynx_exit.evaluate import markdown_table, run_eval, write_report
+    """Several tasks (`--task math500,aime24,gsm8k`) run one after another on one loaded model, each into OUT/TASK."""
     from lynx_exit.exits import knobs, parse_methods
 
     grids = {knob.name: getattr(args, _dest(knob.grid_flag)) for knob in knobs()}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = parse_methods(methods, grids, extra={"mode": args.mode})
-    problems = _problems(args)
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    if len(tasks) > 1 and args.data:
+        raise ValueError(f"--data names one task's data; run the tasks {tasks} one at a time to give each its file")
+    jobs = [(task, _problems(argparse.Namespace(**{**vars(args), "task": task})),
+             Path(args.out) / task if len(tasks) > 1 else Path(args.out)) for task in tasks]
     probe_folder = locate_probe_arg(args)
-    out = Path(args.out)
     scale = ray_options(args)
     if scale is None:
-        summary = run_eval(
-            load_model_from_args(args), problems, settings, generation_config(args), out, rollouts=args.rollouts,
-            batch_size=args.batch_size, probe=probe_folder, deepconf=args.deepconf,
-        )
-    else:
-        from lynx_exit.scale import RayPool
+        lm = load_model_from_args(args)
+        for task, problems, out in jobs:
+            _eval_one(args, task, problems, out, settings, probe_folder, lm=lm)
+        return 0
+    from lynx_exit.scale import RayPool
 
-        # Workers find the probe themselves: a Hub id, or a folder they can see (a shared filesystem on a cluster).
-        with RayPool(model_source(args), scale, probe=args.probe, deepconf=args.deepconf) as pool:
-            pool.check_settings(settings)
-            summary = run_eval(None, problems, settings, generation_config(args), out, rollouts=args.rollouts,
-                               batch_size=args.batch_size, probe=probe_folder, deepconf=args.deepconf,
-                               runner=pool.eval_runner)
+    # Workers find the probe themselves: a Hub id, or a folder they can see (a shared filesystem on a cluster).
+    with RayPool(model_source(args), scale, probe=args.probe, deepconf=args.deepconf) as pool:
+        pool.check_settings(settings)
+        for task, problems, out in jobs:
+            _eval_one(args, task, problems, out, settings, probe_folder, runner=pool.eval_runner)
+    return 0
+
+
+def _eval_one(args: argparse.Namespace, task: str, problems: list[Any], out: Path, settings: Any, probe_folder: str | None,
+              lm: Any = None, runner: Any = None) -> None:
+    from lynx_exit.evaluate import markdown_table, run_eval, write_report
+
+    summary = run_eval(lm, problems, settings, generation_config(args), out, rollouts=args.rollouts,
+                       batch_size=args.batch_size, probe=probe_folder, deepconf=args.deepconf, runner=runner)
     probe_task = None
     if probe_folder:
         probe_task = json.loads((Path(probe_folder) / "probe.json").read_text()).get("training_task")
-    meta = {"model": args.model, "task": args.task, "probe": args.probe, "probe_folder": probe_folder,
+    meta = {"model": args.model, "task": task, "probe": args.probe, "probe_folder": probe_folder,
             "probe_training_task": probe_task, "deepconf": args.deepconf, "seed": args.seed, "offset": args.offset, "mode": args.mode}
-    write_report(summary, out, meta, title=f"{args.model} on {args.task}")
+    write_report(summary, out, meta, title=f"{args.model} on {task}")
     print(markdown_table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'pareto.png'}")
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from lynx_exit.tasks import download, task_rows, task_table
+
+    for name in args.download or []:
+        print(f"{name}: {download(name)} problems read into the datasets cache")
+    if args.json:
+        print(json.dumps(task_rows(), indent=2, ensure_ascii=False))
+    elif not args.download:
+        print(task_table(), end="")
     return 0
 
 
@@ -184,9 +205,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_task_flags(parser: argparse.ArgumentParser, task: str, split: str, num_problems: int) -> None:
     parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
-    parser.add_argument("--task", default=task, help="task name, or 'arith' for the reference model's problems")
+    parser.add_argument("--task", default=task,
+                        help="task name (lynx-exit tasks lists them), or 'arith' for the reference model's problems")
     parser.add_argument("--split", default=split, choices=["train", "calib", "test"], help="split for --task arith")
-    parser.add_argument("--data", default=None, help="JSONL file for the task")
+    parser.add_argument("--data", default=None,
+                        help="the task's data from a JSONL or Parquet file, or a folder laid out like its Hub repository")
     parser.add_argument("--num-problems", type=int, default=num_problems)
     parser.add_argument("--offset", type=int, default=0, help="first problem index (use disjoint ranges for calibration)")
     parser.add_argument("--rollouts", type=int, default=1, help="rollouts per problem")
@@ -194,6 +217,11 @@ def _add_task_flags(parser: argparse.ArgumentParser, task: str, split: str, num_
 
 
 def add_commands(sub: Any) -> None:
+    tasks = sub.add_parser("tasks", help="every task: its source, grader and whether it reads offline")
+    tasks.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    tasks.add_argument("--download", nargs="+", metavar="TASK", help="read these Hub tasks once into the datasets cache")
+    tasks.set_defaults(func=cmd_tasks)
+
     ref = sub.add_parser("train-reference", help="train the small reference reasoning model from scratch")
     ref.add_argument("--out", default="runs/reference",
                      help="output folder (default: runs/reference; never the installed package)")

@@ -38,8 +38,8 @@ from lynx_exit.engine.types import (
     TrialKind,
 )
 from lynx_exit.families import ThinkingStart
-from lynx_exit.grading import extract_boxed
 from lynx_exit.models import LoadedModel
+from lynx_exit.tasks.grading import extract_boxed
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from lynx_exit.exits.registry import (
     whole_number,
     window_option,
 )
-from lynx_exit.grading import extract_boxed
+from lynx_exit.tasks.grading import extract_boxed
 
 
 def _trial(step: Step) -> ForcedAnswer:
