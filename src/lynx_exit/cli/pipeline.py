@@ -23,11 +23,12 @@ from lynx_exit.cli.common import (
 def cmd_train_reference(args: argparse.Namespace) -> int:
     import torch
 
-    from lynx_exit.reference import ReferenceTrainConfig, train_reference_model
+    from lynx_exit.reference.training import PRESET_SIZES, ReferenceTrainConfig, train_reference_model
 
     torch.set_num_threads(args.threads) if args.threads else None
     config = ReferenceTrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, learning_rate=args.lr, init_from=args.init_from
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, learning_rate=args.lr, init_from=args.init_from,
+        preset=args.preset, **PRESET_SIZES.get(args.preset, {}),
     )
     out = Path(args.out)
     report = train_reference_model(config, out)
@@ -231,6 +232,9 @@ def add_commands(sub: Any) -> None:
     ref.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ref.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
     ref.add_argument("--init-from", default=None, help="continue training this checkpoint folder")
+    ref.add_argument("--preset", default="v1", choices=["v1", "reference", "reference-large"],
+                     help="traces and size: v1 = the shipped model's; reference / reference-large = the calibrated pair "
+                          "(traces that revise, hesitate and loop as real reasoners do; one shared tokenizer)")
     ref.set_defaults(func=cmd_train_reference)
 
     build = sub.add_parser("build-data", help="sample rollouts and label cue events by forced exits")

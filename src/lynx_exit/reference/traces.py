@@ -1,0 +1,254 @@
+"""Reasoning traces for the reference models to learn.
+
+`make_trace` is the generator of the model shipped until now: steps, "So the answer is N.", then
+re-checks that never change anything (its first stated answer is always final). `generate_trace`
+is the generator calibrated to measured traces of real reasoning models (see its docstring).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from lynx_exit.reference.problems import WordProblem, apply_op, describe_op
+
+
+def _wrong_value(rng: random.Random, right: int) -> int:
+    wrong = right + rng.choice([-2, -1, 1, 2, 10, -10])
+    return wrong if wrong >= 0 and wrong != right else right + 1
+
+
+def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0.15) -> str:
+    """A thinking trace with steps, mid-trace cues, self-corrections and re-checks, then the answer."""
+    lines = [f"{problem.name} starts with {problem.start} {problem.obj}."]
+    values = problem.values
+    for i, (op, b) in enumerate(problem.ops):
+        before, after = values[i], values[i + 1]
+        if i > 0 and rng.random() < 0.35:
+            lines.append(rng.choice(["Hmm, next step.", "Hmm, what comes next?", "Wait, there is more."]))
+        lead = f"Step {i + 1}: {problem.name} {describe_op(op, b, rng.randrange(3))}, so {before} {op} {b}"
+        if rng.random() < mistake_rate:
+            wrong = _wrong_value(rng, after)
+            lines.append(f"{lead} = {wrong}.")
+            lines.append(f"Wait, {before} {op} {b} is not {wrong}. It is {after}.")
+        else:
+            lines.append(f"{lead} = {after}.")
+        lines.append(f"Now {problem.name} has {after} {problem.obj}.")
+    lines.append(f"So the answer is {problem.answer}.")
+    # Overthinking: 0–9 redundant re-checks (mean ≈ 4) after the answer is already known.
+    for _ in range(rng.choice([0, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7, 8, 9])):
+        kind = rng.randrange(3)
+        if kind == 2 and len(problem.ops) > 1:
+            lines.append(f"Alternatively, let me redo it from the start: {problem.start} gives {problem.answer} again.")
+        else:
+            k = rng.randrange(len(problem.ops))
+            op, b = problem.ops[k]
+            cue = "Wait" if kind == 0 else "Hmm"
+            lines.append(f"{cue}, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}. Yes, that is right.")
+    return "\n".join(lines) + f"\n</think> Final Answer: \\boxed{{{problem.answer}}}"
+
+
+# -- the calibrated generator ------------------------------------------------------------------------------
+# Sources (full tables in the project's TRACE_STATISTICS notes):
+# FTM = "First Try Matters", arXiv 2510.08308; DEER = arXiv 2504.15895; 2412.21187 = "Do NOT think that much
+# for 2+3=?"; 2501.18585 = "Thoughts are all over the place"; 2603.15500 = wait-token counts by model size.
+
+
+@dataclass(frozen=True)
+class TracePreset:
+    """Every rate of the generator, each from the literature; none is tuned toward any exit method's result."""
+
+    name: str
+    # P(the first stated answer is wrong), by the number of steps: an arithmetic slip that is not caught at once.
+    # FTM Table 5: first-candidate accuracy is 1.4-5.6 points below final; small models err more on longer chains.
+    first_wrong_by_steps: dict[int, float]
+    # Of traces whose first answer is wrong, P(a re-check corrects it) and P(it turns into another wrong answer);
+    # of traces whose first answer is right, P(a re-check spoils it). Chosen so that final != first in ~8 % of
+    # finished traces (3-10 % on MATH-500) split wrong->right 65 %, wrong->other 20 %, right->wrong 15 % (FTM
+    # Tables 4-5 and Fig. 3/11, bounds derived in the notes).
+    fix_given_wrong: float
+    other_given_wrong: float
+    spoil_given_right: float
+    # P(the trace loops until the budget without ending), by the number of steps: ~15 % of MATH-500-like traces
+    # for a 1.5B distill, ~7 % for the 7B, most on the hardest problems (DEER Table 5 means, derived).
+    runaway_by_steps: dict[int, float]
+    runaway_after_candidate: float = 0.5  # share of loops that start after a candidate answer (assumption in the notes)
+    # Re-checks after the first answer: 2.5-7 candidates per rollout (FTM Table 4), 3-4.5 rounds (2412.21187).
+    rechecks: tuple[int, ...] = (0, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6)
+    slip_caught_rate: float = 0.12  # per step: a slip fixed at once ("Wait, ... is not X. It is Y.")
+    step_cue_rate: float = 0.35  # "Hmm, next step." between steps: cues come before the answer too (FTM Fig. 1)
+    # A gap between the answer being computed and being stated (2412.21187: the first correct answer ends at
+    # 43-56 % of the tokens; FTM: the first candidate at 0.5-0.75 of the trace).
+    hesitation_rate: float = 0.5
+    # Wrong traces switch thoughts far more (2501.18585: +418 %): extra cues while the answer held is wrong.
+    extra_doubt_if_wrong: float = 0.6
+    runaway_chars: int = 2200  # a loop is written this long (past any budget the model is run with) and never ends
+
+
+SMALL = TracePreset(
+    name="reference",
+    first_wrong_by_steps={2: 0.05, 3: 0.09, 4: 0.14, 5: 0.19, 6: 0.25},
+    fix_given_wrong=0.35, other_given_wrong=0.11, spoil_given_right=0.014,
+    runaway_by_steps={2: 0.03, 3: 0.07, 4: 0.13, 5: 0.22, 6: 0.32},
+)
+LARGE = TracePreset(
+    name="reference-large",
+    # A 7B-like model: fewer first-try errors, fewer and mostly corrective changes (FTM: Qwen3-8B and R1-0528
+    # change the answer in 1.6-2.4 % of reflections against 12.4 % for R1-Distill-Qwen-7B), half the loops.
+    first_wrong_by_steps={2: 0.02, 3: 0.04, 4: 0.06, 5: 0.08, 6: 0.11},
+    fix_given_wrong=0.45, other_given_wrong=0.05, spoil_given_right=0.007,
+    runaway_by_steps={2: 0.01, 3: 0.03, 4: 0.06, 5: 0.10, 6: 0.16},
+    rechecks=(0, 1, 1, 1, 2, 2, 2, 3, 3, 4),
+)
+PRESETS = {preset.name: preset for preset in (SMALL, LARGE)}
+
+ANSWER_SENTENCE = "So the answer is {}."
+
+
+@dataclass
+class Trace:
+    text: str
+    first_answer: int | None  # the first stated answer (None: the trace loops before stating one)
+    final_answer: int | None  # what the trace ends with (None: a runaway, which never ends)
+    runaway: bool
+    revisions: list[tuple[int, int]] = field(default_factory=list)  # (from, to) of each changed answer
+    cue_count_before_first: int = 0
+    cue_count_after_first: int = 0
+
+
+_CUE = re.compile(r"\b(?:wait|hmm|alternatively)\b", re.IGNORECASE)
+
+
+def _slipped(rng: random.Random, right: int) -> int:
+    wrong = right + rng.choice([-2, -1, 1, 2, 10, -10])
+    return wrong if wrong >= 0 and wrong != right else right + 1
+
+
+def _recompute(problem: WordProblem, start_step: int, value: int) -> list[int]:
+    """Running values from step `start_step` on, starting from `value` after that step."""
+    values = [value]
+    for op, b in problem.ops[start_step + 1 :]:
+        values.append(apply_op(values[-1], op, b))
+    return values
+
+
+def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset = SMALL) -> Trace:
+    """A thinking trace whose behaviour follows `preset`'s rates (all from measured reasoning traces).
+
+    Structure: the steps, with cues between them and slips caught at once; maybe an uncaught slip that
+    carries into the first stated answer; hesitation between computing the answer and stating it; re-checks
+    that mostly confirm and sometimes revise (wrong->right, wrong->other wrong, right->wrong); or a loop of
+    re-checks or of a step that never ends (before or after a candidate answer).
+    """
+    steps = len(problem.ops)
+    lines: list[str] = [f"{problem.name} starts with {problem.start} {problem.obj}."]
+    first_wrong = rng.random() < preset.first_wrong_by_steps[steps]
+    runaway = rng.random() < preset.runaway_by_steps[steps]
+    loop_after_candidate = runaway and rng.random() < preset.runaway_after_candidate
+    slip_step = rng.randrange(steps) if first_wrong else -1
+    values = list(problem.values)
+    if first_wrong:  # the slip carries through every later step
+        values[slip_step + 1] = _slipped(rng, values[slip_step + 1])
+        values[slip_step + 1 :] = _recompute(problem, slip_step, values[slip_step + 1])
+    loop_step = rng.randrange(steps) if runaway and not loop_after_candidate else -1
+    for i, (op, b) in enumerate(problem.ops):
+        before, after = values[i], values[i + 1]
+        if i > 0 and rng.random() < preset.step_cue_rate:
+            lines.append(rng.choice(["Hmm, next step.", "Hmm, what comes next?", "Wait, there is more."]))
+        lead = f"Step {i + 1}: {problem.name} {describe_op(op, b, rng.randrange(3))}, so {before} {op} {b}"
+        if i != slip_step and rng.random() < preset.slip_caught_rate:
+            caught = _slipped(rng, after)
+            lines.append(f"{lead} = {caught}.")
+            lines.append(f"Wait, {before} {op} {b} is not {caught}. It is {after}.")
+        else:
+            lines.append(f"{lead} = {after}.")
+        lines.append(f"Now {problem.name} has {after} {problem.obj}.")
+        if i == loop_step:  # a loop before any answer: the same step redone forever
+            return _loop(lines, [f"Wait, let me redo step {i + 1}: {before} {op} {b} = {after}."], preset, None)
+    held = values[-1]
+    doubtful = held != problem.answer
+    if rng.random() < preset.hesitation_rate:
+        lines.append(rng.choice(["Hmm, did I use every step?", "Hmm, let me make sure I read the question right.",
+                                 f"Wait, the question asks how many {problem.obj} {problem.name} has now."]))
+    if doubtful and rng.random() < preset.extra_doubt_if_wrong:
+        lines.append(rng.choice(["Hmm, I am not sure about this.", "Hmm, that number feels off.",
+                                 "Alternatively, I could have slipped somewhere."]))
+    before_first = _count_cues(lines)
+    lines.append(ANSWER_SENTENCE.format(held))
+    first = held
+    if loop_after_candidate:
+        k = rng.randrange(steps)
+        op, b = problem.ops[k]
+        return _loop(lines, [f"Wait, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}.",
+                             f"Hmm, let me check the answer {held} again."], preset, first, before_first)
+    # Which change, if any, a re-check makes (FTM: over 90 % of reflections confirm).
+    change = None
+    if doubtful:
+        draw = rng.random()
+        change = "fix" if draw < preset.fix_given_wrong else "other" if draw < preset.fix_given_wrong + preset.other_given_wrong else None
+    elif rng.random() < preset.spoil_given_right:
+        change = "spoil"
+    rechecks = rng.choice(preset.rechecks) + (1 if doubtful else 0)
+    if change is not None:
+        rechecks = max(rechecks, 1)
+    change_at = rng.randrange(rechecks) if change is not None else -1
+    revisions: list[tuple[int, int]] = []
+    for r in range(rechecks):
+        if r == change_at and change is not None:
+            values, text = _revision(problem, rng, values, slip_step, change)
+            if values[-1] != held:
+                revisions.append((held, values[-1]))
+            held = values[-1]
+            lines += [text, ANSWER_SENTENCE.format(held)]
+        else:
+            lines.append(_confirmation(problem, rng, values, held))
+    lines.append(f"</think> Final Answer: \\boxed{{{held}}}")
+    text = "\n".join(lines)
+    return Trace(text, first, held, False, revisions, before_first, _count_cues(lines) - before_first)
+
+
+def _count_cues(lines: list[str]) -> int:
+    return sum(len(_CUE.findall(line)) for line in lines)
+
+
+def _loop(lines: list[str], segment: list[str], preset: TracePreset, first: int | None, before_first: int = 0) -> Trace:
+    """Repeat `segment` until the trace is `runaway_chars` long: no end of thinking, no answer."""
+    body = "\n".join(lines)
+    while len(body) < preset.runaway_chars:
+        body += "\n" + "\n".join(segment)
+    cues = len(_CUE.findall(body))
+    if first is None:
+        return Trace(body, None, None, True, [], cues, 0)
+    return Trace(body, first, None, True, [], before_first, cues - before_first)
+
+
+def _confirmation(problem: WordProblem, rng: random.Random, values: list[int], held: int) -> str:
+    kind = rng.randrange(3)
+    if kind == 2 and len(problem.ops) > 1:
+        return f"Alternatively, let me redo it from the start: {problem.start} gives {held} again."
+    k = rng.randrange(len(problem.ops))
+    op, b = problem.ops[k]
+    cue = "Wait" if kind == 0 else "Hmm"
+    return f"{cue}, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}. Yes, that is right."
+
+
+def _revision(problem: WordProblem, rng: random.Random, values: list[int], slip_step: int,
+              change: str) -> tuple[list[int], str]:
+    """A re-check that changes the answer: the running values it leaves, and the sentence that says so.
+
+    "fix": the slip is found and every later step redone; "other": the redo slips again, to a third
+    answer; "spoil": a spurious "error" in a right chain (what FTM calls reflection hurting)."""
+    right = problem.values
+    k = slip_step if change in ("fix", "other") else rng.randrange(len(problem.ops))
+    new = right[k + 1]
+    if change != "fix":
+        new = _slipped(rng, right[k + 1])
+        while new == values[k + 1]:
+            new += 1
+    redone = values[: k + 1] + _recompute(problem, k, new)
+    op, b = problem.ops[k]
+    later = ", ".join(f"{redone[j]} {o} {c} = {redone[j + 1]}" for j, (o, c) in enumerate(problem.ops[k + 1 :], start=k + 1))
+    redo = f" Redoing from there: {later}." if later else ""
+    text = f"Wait, step {k + 1} was wrong: {values[k]} {op} {b} = {new}, not {values[k + 1]}.{redo}"
+    return redone, text
