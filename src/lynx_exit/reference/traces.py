@@ -83,7 +83,7 @@ class TracePreset:
     hesitation_rate: float = 0.5
     # Wrong traces switch thoughts far more (2501.18585: +418 %): extra cues while the answer held is wrong.
     extra_doubt_if_wrong: float = 0.6
-    runaway_chars: int = 2200  # a loop is written this long (past any budget the model is run with) and never ends
+    runaway_chars: int = 1300  # a loop is written this long (~600 tokens: past the 500-token budgets it runs with), never ending
 
 
 SMALL = TracePreset(
