@@ -342,17 +342,18 @@ class Engine:
         try:
             return sample(logits, *params(batch)), batch, logits
         except Exception:  # the filters run before any row draws from its generator: a retry is exact
-            picks, alive = [], []
+            picks, alive, rows = [], [], []
             for i, request in enumerate(batch):
                 try:
                     picks.append(sample(logits[i : i + 1], *params([request])))
-                    alive.append(request)
                 except Exception as exc:
                     self._fail(request, exc)
+                    continue
+                alive.append(request)
+                rows.append(i)
             if not alive:
                 return logits.new_zeros(0, dtype=torch.long), [], logits[:0]
-            keep = torch.tensor([i for i, r in enumerate(batch) if r.finish_reason is None], device=logits.device)
-            return torch.cat(picks), alive, logits.index_select(0, keep)
+            return torch.cat(picks), alive, logits.index_select(0, torch.tensor(rows, device=logits.device))
 
     def _read_samples(self, sampled: torch.Tensor, logits: torch.Tensor, batch: list[_Request]) -> list[int]:
         """The sampled ids on the host; with them, in the same sync, DeepConf token confidences for the

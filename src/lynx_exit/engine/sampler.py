@@ -79,13 +79,14 @@ def sample(
     rows = logits if every_row else logits[torch.tensor(sampled, device=logits.device)]
     row_params = [params[i] for i in sampled]
     scores = rows.float() / _column([p.temperature for p in row_params], rows.float())
-    probs = torch.softmax(scores, dim=-1)  # [n, vocab]
     filtering = [n for n, p in enumerate(row_params) if _filters(p, scores.shape[-1])]
     if len(filtering) == len(row_params):
-        probs = _filtered_probs(scores, row_params)
-    elif filtering:
-        index = torch.tensor(filtering, device=scores.device)
-        probs = probs.index_copy(0, index, _filtered_probs(scores.index_select(0, index), [row_params[n] for n in filtering]))
+        probs = _filtered_probs(scores, row_params)  # [n, vocab]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        if filtering:
+            index = torch.tensor(filtering, device=scores.device)
+            probs = probs.index_copy(0, index, _filtered_probs(scores.index_select(0, index), [row_params[n] for n in filtering]))
     noise = torch.empty_like(probs)
     for n, i in enumerate(sampled):  # one draw per row from its own generator: batch-independent
         noise[n].exponential_(generator=generators[i])
