@@ -120,11 +120,6 @@ class Trace:
 _CUE = re.compile(r"\b(?:wait|hmm|alternatively)\b", re.IGNORECASE)
 
 
-def _slipped(rng: random.Random, right: int) -> int:
-    wrong = right + rng.choice([-2, -1, 1, 2, 10, -10])
-    return wrong if wrong >= 0 and wrong != right else right + 1
-
-
 def _recompute(problem: WordProblem, start_step: int, value: int) -> list[int]:
     """Running values from step `start_step` on, starting from `value` after that step."""
     values = [value]
@@ -149,7 +144,7 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
     slip_step = rng.randrange(steps) if first_wrong else -1
     values = list(problem.values)
     if first_wrong:  # the slip carries through every later step
-        values[slip_step + 1] = _slipped(rng, values[slip_step + 1])
+        values[slip_step + 1] = _wrong_value(rng, values[slip_step + 1])
         values[slip_step + 1 :] = _recompute(problem, slip_step, values[slip_step + 1])
     loop_step = rng.randrange(steps) if runaway and not loop_after_candidate else -1
     for i, (op, b) in enumerate(problem.ops):
@@ -158,7 +153,7 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
             lines.append(rng.choice(["Hmm, next step.", "Hmm, what comes next?", "Wait, there is more."]))
         lead = f"Step {i + 1}: {problem.name} {describe_op(op, b, rng.randrange(3))}, so {before} {op} {b}"
         if i != slip_step and rng.random() < preset.slip_caught_rate:
-            caught = _slipped(rng, after)
+            caught = _wrong_value(rng, after)
             lines.append(f"{lead} = {caught}.")
             lines.append(f"Wait, {before} {op} {b} is not {caught}. It is {after}.")
         else:
@@ -243,7 +238,7 @@ def _revision(problem: WordProblem, rng: random.Random, values: list[int], slip_
     k = slip_step if change in ("fix", "other") else rng.randrange(len(problem.ops))
     new = right[k + 1]
     if change != "fix":
-        new = _slipped(rng, right[k + 1])
+        new = _wrong_value(rng, right[k + 1])
         while new == values[k + 1]:
             new += 1
     redone = values[: k + 1] + _recompute(problem, k, new)
