@@ -25,6 +25,7 @@ def main() -> None:
     for row in ref["forced_exit_accuracy_by_position"]:
         acc = "—" if row["forced_exit_accuracy"] is None else f"{100 * row['forced_exit_accuracy']:.1f} %"
         out.append(f"| {row['trace_fraction']} | {row['events']} | {acc} |")
+    out += behaviour_table()
     for name, title in (("demo", "`lynx-exit demo`"), ("eval_reference", "`benchmarks/eval_reference.sh`")):
         path = RESULTS / name / "summary.md"
         if path.exists():
@@ -85,6 +86,32 @@ def ray_table() -> list[str]:
     for r in data["results"]:
         out.append(f"| {r['run']} | {r['threads']} | {r.get('startup_s', '—')} | {r['seconds']} | {r['problems_per_s']} | "
                    f"**{r['speedup_vs_1_worker']}×** |")
+    return out
+
+
+def behaviour_table() -> list[str]:
+    path = RESULTS / "reference_behaviour.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    targets = data["targets"]["small"]
+    out = ["\n### Sampled behaviour beside real reasoners (`benchmarks/reference_behaviour.py`, from "
+           "`benchmarks/results/reference_behaviour.json`)\n",
+           f"{data['models'][0]['problems']} held-out problems, T={data['temperature']}, top-p {data['top_p']}, "
+           f"{data['max_new_tokens']} new tokens. The last column gives the band the literature puts a 1.5B distilled "
+           "reasoner in (TRACE_STATISTICS notes; FTM = arXiv 2510.08308, DEER = arXiv 2504.15895).\n"]
+    rows = [("accuracy (full chain of thought)", "accuracy", "{:.1%}"),
+            ("first stated answer, fraction of thinking tokens", "first_answer_position", "{:.2f}"),
+            ("finished traces whose final answer differs from the first", "final_differs_from_first", "{:.1%}"),
+            ("runaway (no end of thinking within the budget)", "runaway", "{:.1%}"),
+            ("cue words before the first stated answer", "cues_before_first_answer", "{:.1%}"),
+            ("accuracy of exiting at the first stated answer", "accuracy_of_exiting_at_first_stated_answer", "{:.1%}")]
+    out.append("| measure | " + " | ".join(m["model"] for m in data["models"]) + " | literature band |")
+    out.append("|---|" + "---|" * (len(data["models"]) + 1))
+    for label, key, fmt in rows:
+        band = targets.get(key)
+        cells = " | ".join("—" if m[key] is None else fmt.format(m[key]) for m in data["models"])
+        out.append(f"| {label} | {cells} | {'—' if band is None else f'{fmt.format(band[0])}–{fmt.format(band[1])}'} |")
     return out
 
 
