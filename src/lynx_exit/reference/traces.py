@@ -19,22 +19,30 @@ def _wrong_value(rng: random.Random, right: int) -> int:
     return wrong if wrong >= 0 and wrong != right else right + 1
 
 
+def _step_lines(problem: WordProblem, rng: random.Random, i: int, values: list[int], cue_rate: float, slip_rate: float,
+                may_slip: bool = True) -> list[str]:
+    """Step i of the chain: maybe a cue before it, the step, a slip caught at once, the running value."""
+    op, b = problem.ops[i]
+    before, after = values[i], values[i + 1]
+    lines = []
+    if i > 0 and rng.random() < cue_rate:
+        lines.append(rng.choice(["Hmm, next step.", "Hmm, what comes next?", "Wait, there is more."]))
+    lead = f"Step {i + 1}: {problem.name} {describe_op(op, b, rng.randrange(3))}, so {before} {op} {b}"
+    if may_slip and rng.random() < slip_rate:
+        caught = _wrong_value(rng, after)
+        lines += [f"{lead} = {caught}.", f"Wait, {before} {op} {b} is not {caught}. It is {after}."]
+    else:
+        lines.append(f"{lead} = {after}.")
+    lines.append(f"Now {problem.name} has {after} {problem.obj}.")
+    return lines
+
+
 def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0.15) -> str:
     """A thinking trace with steps, mid-trace cues, self-corrections and re-checks, then the answer."""
     lines = [f"{problem.name} starts with {problem.start} {problem.obj}."]
     values = problem.values
-    for i, (op, b) in enumerate(problem.ops):
-        before, after = values[i], values[i + 1]
-        if i > 0 and rng.random() < 0.35:
-            lines.append(rng.choice(["Hmm, next step.", "Hmm, what comes next?", "Wait, there is more."]))
-        lead = f"Step {i + 1}: {problem.name} {describe_op(op, b, rng.randrange(3))}, so {before} {op} {b}"
-        if rng.random() < mistake_rate:
-            wrong = _wrong_value(rng, after)
-            lines.append(f"{lead} = {wrong}.")
-            lines.append(f"Wait, {before} {op} {b} is not {wrong}. It is {after}.")
-        else:
-            lines.append(f"{lead} = {after}.")
-        lines.append(f"Now {problem.name} has {after} {problem.obj}.")
+    for i in range(len(problem.ops)):
+        lines += _step_lines(problem, rng, i, values, cue_rate=0.35, slip_rate=mistake_rate)
     lines.append(f"So the answer is {problem.answer}.")
     # Overthinking: 0–9 redundant re-checks (mean ≈ 4) after the answer is already known.
     for _ in range(rng.choice([0, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7, 8, 9])):
@@ -148,18 +156,9 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
         values[slip_step + 1 :] = _recompute(problem, slip_step, values[slip_step + 1])
     loop_step = rng.randrange(steps) if runaway and not loop_after_candidate else -1
     for i, (op, b) in enumerate(problem.ops):
-        before, after = values[i], values[i + 1]
-        if i > 0 and rng.random() < preset.step_cue_rate:
-            lines.append(rng.choice(["Hmm, next step.", "Hmm, what comes next?", "Wait, there is more."]))
-        lead = f"Step {i + 1}: {problem.name} {describe_op(op, b, rng.randrange(3))}, so {before} {op} {b}"
-        if i != slip_step and rng.random() < preset.slip_caught_rate:
-            caught = _wrong_value(rng, after)
-            lines.append(f"{lead} = {caught}.")
-            lines.append(f"Wait, {before} {op} {b} is not {caught}. It is {after}.")
-        else:
-            lines.append(f"{lead} = {after}.")
-        lines.append(f"Now {problem.name} has {after} {problem.obj}.")
+        lines += _step_lines(problem, rng, i, values, preset.step_cue_rate, preset.slip_caught_rate, may_slip=i != slip_step)
         if i == loop_step:  # a loop before any answer: the same step redone forever
+            before, after = values[i], values[i + 1]
             return _loop(lines, [f"Wait, let me redo step {i + 1}: {before} {op} {b} = {after}."], preset, None)
     held = values[-1]
     doubtful = held != problem.answer
