@@ -56,7 +56,7 @@ def random_r1_distill(device: str) -> LoadedModel:
 
 def _byte_tokenizer() -> Any:
     """A small byte-level tokenizer: its ids are a subset of the architecture's vocabulary."""
-    from lynx_exit.tokenizer import train_tokenizer
+    from lynx_exit.reference.tokenizer import train_tokenizer
 
     return train_tokenizer(PROMPTS * 4, vocab_size=300)
 

@@ -2,7 +2,9 @@
 # The evaluation quoted in the README: the reference model, LYNX against every baseline, on three
 # disjoint slices of 300 held-out problems with different seeds, pooled by benchmarks/eval_slices.py.
 # The probe is trained on the arith train split and calibrated on the disjoint calib split; deepconf's
-# warm-up uses other train problems. Resumable (rerun after an interruption). ~70 min on 2 cores.
+# warm-up uses other train problems. Resumable (rerun after an interruption). SLICES="1 2" runs some slices
+# (e.g. two processes side by side with OMP_NUM_THREADS=1, once the probe exists); the pooled summary is
+# written when all three are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -18,7 +20,7 @@ if [ ! -f "$R/deepconf_reference/deepconf.json" ]; then
   lynx-exit deepconf-warmup --model reference --task arith --split train --offset 400 --num-problems 64 \
     --max-new-tokens 500 --seed 5 --out "$R/deepconf_reference"
 fi
-for i in 0 1 2; do
+for i in ${SLICES:-0 1 2}; do
   lynx-exit eval --model reference --task arith --split test --offset $((300 * i)) --num-problems 300 \
     --max-new-tokens 500 --seed $((2 + i)) --probe "$R/probe_reference" --deepconf "$R/deepconf_reference" \
     --methods never,token-budget,lynx,lynx-trajectory,lynx-harm,deer,dynasor,nowait,first-answer,answer-convergence,eat,deepconf \
@@ -26,4 +28,7 @@ for i in 0 1 2; do
     --agree-counts 2,3 --eat-variances 0.001,0.01,0.1 --deepconf-keeps 90,95,99 \
     --batch-size 16 --out "$R/eval_reference/slice-$i"
 done
-python benchmarks/eval_slices.py "$R"/eval_reference/slice-{0,1,2} --out "$R/eval_reference"
+if [ -f "$R/eval_reference/slice-0/summary.json" ] && [ -f "$R/eval_reference/slice-1/summary.json" ] \
+   && [ -f "$R/eval_reference/slice-2/summary.json" ]; then
+  python benchmarks/eval_slices.py "$R"/eval_reference/slice-{0,1,2} --out "$R/eval_reference"
+fi

@@ -14,17 +14,6 @@ def load(name: str) -> dict:
 
 def main() -> None:
     out = []
-    ref = load("reference_model.json")
-    out.append("### The shipped reference model (`benchmarks/reference_model.py`)\n")
-    out.append(
-        f"{ref['problems']} held-out problems at T={ref['temperature']}: full chain-of-thought accuracy "
-        f"**{100 * ref['full_cot_accuracy']:.1f} %**, mean **{ref['mean_generated_tokens']}** generated tokens, "
-        f"**{ref['mean_cue_events_per_rollout']}** cue events per rollout. Forced-exit accuracy along the trace:\n"
-    )
-    out.append("| position in trace | cue events | forced-exit accuracy |\n|---|---|---|")
-    for row in ref["forced_exit_accuracy_by_position"]:
-        acc = "—" if row["forced_exit_accuracy"] is None else f"{100 * row['forced_exit_accuracy']:.1f} %"
-        out.append(f"| {row['trace_fraction']} | {row['events']} | {acc} |")
     out += behaviour_table()
     for name, title in (("demo", "`lynx-exit demo`"), ("eval_reference", "`benchmarks/eval_reference.sh`")):
         path = RESULTS / name / "summary.md"
@@ -90,13 +79,13 @@ def ray_table() -> list[str]:
 
 
 def behaviour_table() -> list[str]:
-    path = RESULTS / "reference_behaviour.json"
+    path = RESULTS / "reference_model.json"
     if not path.exists():
         return []
     data = json.loads(path.read_text())
     targets = data["targets"]["small"]
-    out = ["\n### Sampled behaviour beside real reasoners (`benchmarks/reference_behaviour.py`, from "
-           "`benchmarks/results/reference_behaviour.json`)\n",
+    out = ["### The reference pair beside real reasoners (`benchmarks/reference_model.py`, from "
+           "`benchmarks/results/reference_model.json`)\n",
            f"{data['models'][0]['problems']} held-out problems, T={data['temperature']}, top-p {data['top_p']}, "
            f"{data['max_new_tokens']} new tokens. The last column gives the band the literature puts a 1.5B distilled "
            "reasoner in (TRACE_STATISTICS notes; FTM = arXiv 2510.08308, DEER = arXiv 2504.15895).\n"]
@@ -112,6 +101,18 @@ def behaviour_table() -> list[str]:
         band = targets.get(key)
         cells = " | ".join("—" if m[key] is None else fmt.format(m[key]) for m in data["models"])
         out.append(f"| {label} | {cells} | {'—' if band is None else f'{fmt.format(band[0])}–{fmt.format(band[1])}'} |")
+    extra = [("mean thinking tokens (2 / 4 / 6 steps)", lambda m: " / ".join(
+                 str(round(m["thinking_tokens_by_steps"].get(k, 0))) for k in ("2", "4", "6"))),
+             ("changed answers: wrong→right / wrong→other / right→wrong", lambda m: " / ".join(
+                 str(m["final_differs_by_direction"].get(k, 0)) for k in ("wrong->right", "wrong->other wrong", "right->wrong"))),
+             ("runaways with a candidate answer before the loop", lambda m: "—" if m["runaway_with_candidate_before_loop"] is None
+                 else f"{m['runaway_with_candidate_before_loop']:.0%}")]
+    for label, cell in extra:
+        out.append(f"| {label} | " + " | ".join(cell(m) for m in data["models"]) + " | — |")
+    met = data.get("targets_met", {})
+    if met:
+        out.append("\nTargets of the reference-pair issue: " + "; ".join(
+            f"{name}: {'met' if ok else '**missed**'}" for name, ok in met.items()) + ".")
     return out
 
 

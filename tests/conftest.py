@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lynx_exit.families import resolve_profile
 from lynx_exit.models import LoadedModel
-from lynx_exit.tokenizer import train_tokenizer
+from lynx_exit.reference.tokenizer import train_tokenizer
 
 CORPUS = [
     "Tom has 3 apples and buys 4 more. 3 + 4 = 7. Wait, let me check: 3 + 4 = 7. Hmm, yes.",

@@ -3,7 +3,7 @@
 import json
 
 from lynx_exit.cli import main
-from lynx_exit.demo import DemoConfig, run_demo
+from lynx_exit.reference.demo import DemoConfig, run_demo
 
 COMMON = ["--model", "reference", "--max-new-tokens", "400", "--batch-size", "12"]
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lynx_exit.conformal import (
+from lynx_exit.probe.conformal import (
     binomial_cdf,
     calibrate_events,
     calibrate_trajectories,

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset
-from lynx_exit.calibration import calibrate_probe_folder, empirical_rates, train_probe_folder
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits import LynxPolicy, first_exit
 from lynx_exit.probe import ProbeTrainConfig, load_probe
+from lynx_exit.probe.build_data import BuildConfig, build_dataset, load_dataset
+from lynx_exit.probe.calibration import calibrate_probe_folder, empirical_rates, train_probe_folder
 from lynx_exit.tasks import Problem
 
 

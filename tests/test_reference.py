@@ -1,10 +1,11 @@
+import json
 import random
 import re
 
 import pytest
 
 from lynx_exit.grading import extract_boxed
-from lynx_exit.models import load_model
+from lynx_exit.models import REFERENCE_MODELS, load_model, tokenizer_fingerprint
 from lynx_exit.reference import ReferenceTrainConfig, apply_op, make_problems, make_trace
 
 
@@ -49,6 +50,21 @@ def test_train_config_validation():
         ReferenceTrainConfig(hidden_size=130, num_heads=4)
     with pytest.raises(ValueError, match="steps"):
         ReferenceTrainConfig(steps=0)
+    with pytest.raises(ValueError, match="tokenizer_from"):
+        ReferenceTrainConfig(init_from="a", tokenizer_from="b")
+
+
+def test_both_reference_models_load_offline_from_the_package_and_share_one_tokenizer(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    small, large = load_model("reference"), load_model("reference-large")
+    assert tokenizer_fingerprint(small.tokenizer) == tokenizer_fingerprint(large.tokenizer)
+    text = "Tom has 3 apples. Wait, let me check step 1: 3 + 4 = 7. Yes, that is right."
+    assert small.encode(text) == large.encode(text) and small.prompt_ids(text) == large.prompt_ids(text)
+    params = [sum(p.numel() for p in lm.model.parameters()) for lm in (small, large)]
+    assert params[1] >= 3 * params[0]
+    for lm in (small, large):
+        training = json.loads((REFERENCE_MODELS[lm.model_id] / "training.json").read_text())
+        assert training["config"]["preset"] == lm.model_id
 
 
 def test_shipped_reference_model_encodes_any_text_and_reasons():

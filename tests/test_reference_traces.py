@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from lynx_exit.reference import LARGE, SMALL, generate_trace, make_problems
+from lynx_exit.reference import LARGE, SMALL, apply_op, generate_trace, make_problems
 from lynx_exit.tasks.grading import extract_boxed
 
 N = 20_000
@@ -52,7 +52,7 @@ def test_each_trace_says_what_its_text_says(sample):
 
 def test_runaway_share_matches_the_preset(sample, problems):
     preset, traces = sample
-    expected = sum(preset.runaway_by_steps[len(p.ops)] for p in problems) / N
+    expected = sum(preset.trained_runaway(len(p.ops)) for p in problems) / N
     assert within(sum(t.runaway for t in traces), N, expected)
     runaways = [t for t in traces if t.runaway]
     assert within(sum(t.first_answer is not None for t in runaways), len(runaways), preset.runaway_after_candidate)
@@ -85,7 +85,8 @@ def test_the_small_preset_meets_the_literature_targets(problems):
     direction = Counter("w->r" if t.final_answer == p.answer else "r->w" if t.first_answer == p.answer else "w->w"
                         for t, p in changed)
     assert direction.most_common(1)[0][0] == "w->r" and direction["r->w"] > 0
-    assert 0.08 <= sum(t.runaway for t in traces) / N <= 0.25
+    sampled_runaway = sum(SMALL.runaway_by_steps[len(p.ops)] for p in problems) / N  # the rate to sample at T=0.6
+    assert 0.08 <= sampled_runaway <= 0.25 and sum(t.runaway for t in traces) / N > sampled_runaway
     cues_before = sum(t.cue_count_before_first for t in traces)
     assert cues_before / (cues_before + sum(t.cue_count_after_first for t in traces)) >= 0.2
     positions = [t.text.index("So the answer is") / len(t.text.split("</think>")[0]) for t in traces if t.first_answer is not None]
@@ -105,4 +106,47 @@ def test_the_large_preset_errs_and_loops_less():
         return sum(t.final_answer == p.answer for t, p in zip(traces, problems, strict=True)) / len(problems)
 
     assert accuracy(large) >= accuracy(small) + 0.10
-    assert sum(t.runaway for t in large) <= 0.5 * sum(t.runaway for t in small) * 1.1
+    def sampled_runaway(preset):  # the rate a model trained on the preset's traces is to loop at, at T=0.6
+        return sum(preset.runaway_by_steps[len(p.ops)] for p in problems)
+
+    assert sampled_runaway(LARGE) <= 0.5 * sampled_runaway(SMALL)
+    assert sum(t.runaway for t in large) < sum(t.runaway for t in small)
+
+
+STEP = re.compile(r"^Step (\d+): .*, so (-?\d+) ([-+*]) (\d+) = (-?\d+)\.$")
+CAUGHT = re.compile(r"^Wait, (-?\d+) ([-+*]) (\d+) is not (-?\d+)\. It is (-?\d+)\.$")
+CHECK = re.compile(r"^(?:Wait|Hmm), let me check step (\d+): (-?\d+) ([-+*]) (\d+) = (-?\d+)\. Yes, that is right\.$")
+REDERIVE = re.compile(r"^Hmm, let me work it out again from the start: (.*?)\.( Same answer, (-?\d+)\.)?$")
+REDO = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
+
+
+def test_the_answer_changes_exactly_when_a_rederivation_ends_elsewhere(sample):
+    """Revisions are decided by the arithmetic on the page: a re-derivation from the start that ends on another
+    value states it, one that ends on the held answer says so, and a confirming step check recomputes the value
+    written for that step (so a model that re-derives its own slip correctly revises)."""
+    _, traces = sample
+    checked = rederived = changed = 0
+    for trace in traces[:5000]:
+        written: dict[int, int] = {}
+        lines = trace.text.split("\n")
+        held = None
+        for line, following in zip(lines, lines[1:] + [""], strict=True):
+            if m := ANSWER.fullmatch(line):
+                held = int(m[1])
+            elif m := STEP.match(line):
+                written[int(m[1])] = int(m[5])
+            elif m := CAUGHT.match(line):
+                written[max(written)] = int(m[5])
+            elif m := CHECK.match(line):
+                checked += 1
+                assert written[int(m[1])] == int(m[5]) == apply_op(int(m[2]), m[3], int(m[4])), line
+            elif m := REDERIVE.match(line):
+                rederived += 1
+                redo = REDO.findall(m[1])
+                written = {step: int(r[3]) for step, r in enumerate(redo, start=1)}
+                if m[2]:
+                    assert int(m[3]) == held == written[len(redo)], line
+                else:
+                    changed += 1
+                    assert ANSWER.fullmatch(following) and int(ANSWER.fullmatch(following)[1]) == written[len(redo)] != held
+    assert checked > 1000 and rederived > 1000 and changed > 20

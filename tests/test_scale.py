@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset
 from lynx_exit.cli import main
 from lynx_exit.engine import GenerationConfig
 from lynx_exit.evaluate import run_eval
 from lynx_exit.exits import parse_methods
 from lynx_exit.models import ModelSource
+from lynx_exit.probe.build_data import BuildConfig, build_dataset, load_dataset
 from lynx_exit.scale import RayOptions, RayPool
 from lynx_exit.scale.ray_runner import EXIT_AFTER_ENV, EXIT_MARKER_ENV
 from lynx_exit.tasks import Problem

@@ -9,12 +9,12 @@ import pytest
 from test_pipeline import chain  # noqa: F401  (the module fixture: train and cal datasets, a calibrated probe)
 
 from lynx_exit.artifacts import file_sha256
-from lynx_exit.build_data import load_dataset
-from lynx_exit.calibration import calibrate_probe_folder, train_probe_folder
 from lynx_exit.exits.lynx import shared_probe
 from lynx_exit.exits.registry import MethodContext
 from lynx_exit.probe import ProbeTrainConfig, load_probe
-from lynx_exit.sharing import PROBE_FILES, locate_probe
+from lynx_exit.probe.build_data import load_dataset
+from lynx_exit.probe.calibration import calibrate_probe_folder, train_probe_folder
+from lynx_exit.probe.sharing import PROBE_FILES, locate_probe
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

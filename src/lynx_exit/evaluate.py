@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from lynx_exit.artifacts import FolderLock, append_jsonl, read_appended_jsonl, write_atomic, write_json_atomic
-from lynx_exit.build_data import rollout_seed
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits import MethodContext, MethodSetting, make_policy
 from lynx_exit.exits.lynx import shared_probe
 from lynx_exit.models import LoadedModel
+from lynx_exit.probe.build_data import rollout_seed
 from lynx_exit.tasks import Problem
 
 RECORD_KEYS = ("method", "setting", "knob", "problem_id", "rollout", "correct", "generated_tokens", "trial_tokens",

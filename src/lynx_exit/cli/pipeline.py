@@ -23,11 +23,13 @@ from lynx_exit.cli.common import (
 def cmd_train_reference(args: argparse.Namespace) -> int:
     import torch
 
+    from lynx_exit.models import REFERENCE_MODELS
     from lynx_exit.reference.training import PRESET_SIZES, ReferenceTrainConfig, train_reference_model
 
     torch.set_num_threads(args.threads) if args.threads else None
     config = ReferenceTrainConfig(
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, learning_rate=args.lr, init_from=args.init_from,
+        tokenizer_from=str(REFERENCE_MODELS.get(args.tokenizer_from, args.tokenizer_from)) if args.tokenizer_from else None,
         preset=args.preset, **PRESET_SIZES.get(args.preset, {}),
     )
     out = Path(args.out)
@@ -50,7 +52,7 @@ def _problems(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_build_data(args: argparse.Namespace) -> int:
-    from lynx_exit.build_data import BuildConfig, build_dataset
+    from lynx_exit.probe.build_data import BuildConfig, build_dataset
 
     generation = generation_config(args)
     config = BuildConfig(
@@ -79,10 +81,10 @@ def cmd_build_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lynx_exit.build_data import load_dataset
-    from lynx_exit.calibration import train_probe_folder
     from lynx_exit.models import FeatureSpec
     from lynx_exit.probe import ProbeTrainConfig
+    from lynx_exit.probe.build_data import load_dataset
+    from lynx_exit.probe.calibration import train_probe_folder
 
     dataset = load_dataset(args.data)
     if args.expect_spec:
@@ -110,8 +112,8 @@ def cmd_deepconf_warmup(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from lynx_exit.build_data import load_dataset
-    from lynx_exit.calibration import calibrate_probe_folder
+    from lynx_exit.probe.build_data import load_dataset
+    from lynx_exit.probe.calibration import calibrate_probe_folder
 
     deltas = [float(x) for x in args.deltas.split(",")]
     report = calibrate_probe_folder(Path(args.probe), load_dataset(args.data), deltas, epsilon=args.epsilon)
@@ -188,7 +190,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lynx_exit.demo import DemoConfig, run_demo
+    from lynx_exit.reference.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         train_problems=args.train_problems,
@@ -223,7 +225,7 @@ def add_commands(sub: Any) -> None:
     tasks.add_argument("--download", nargs="+", metavar="TASK", help="read these Hub tasks once into the datasets cache")
     tasks.set_defaults(func=cmd_tasks)
 
-    ref = sub.add_parser("train-reference", help="train the small reference reasoning model from scratch")
+    ref = sub.add_parser("train-reference", help="train a reference reasoning model (from scratch, or on from --init-from)")
     ref.add_argument("--out", default="runs/reference",
                      help="output folder (default: runs/reference; never the installed package)")
     ref.add_argument("--steps", type=int, default=1600)
@@ -232,9 +234,13 @@ def add_commands(sub: Any) -> None:
     ref.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ref.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
     ref.add_argument("--init-from", default=None, help="continue training this checkpoint folder")
-    ref.add_argument("--preset", default="v1", choices=["v1", "reference", "reference-large"],
-                     help="traces and size: v1 = the shipped model's; reference / reference-large = the calibrated pair "
-                          "(traces that revise, hesitate and loop as real reasoners do; one shared tokenizer)")
+    ref.add_argument("--tokenizer-from", default=None,
+                     help="train from scratch with this model's tokenizer (alias or folder), e.g. the large model with "
+                          "the small one's")
+    ref.add_argument("--preset", default="reference", choices=["reference", "reference-large", "v1"],
+                     help="traces and size: reference / reference-large = the shipped pair (traces that revise, hesitate "
+                          "and loop as real reasoners do; one shared tokenizer); v1 = the first reference model's traces, "
+                          "whose first answer is always final")
     ref.set_defaults(func=cmd_train_reference)
 
     build = sub.add_parser("build-data", help="sample rollouts and label cue events by forced exits")

@@ -104,8 +104,8 @@ def run_warmup(
     """Full traces of `problems` with their token confidences, written to `out_dir/deepconf.json`."""
     from tqdm import tqdm
 
-    from lynx_exit.build_data import rollout_seed
     from lynx_exit.engine import DecodeLoop
+    from lynx_exit.probe.build_data import rollout_seed
 
     if not problems:
         raise ValueError("the deepconf warm-up needs at least one problem")

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from lynx_exit.conformal import EventThreshold, TrajectoryThreshold
 from lynx_exit.engine.types import Decision, Scorer, Step
 from lynx_exit.exits.registry import BasePolicy, ExitMethod, Knob, MethodContext, choice_option, register
 from lynx_exit.models import FeatureSpec
 from lynx_exit.probe import Probe, ProbeBundle, load_probe
-from lynx_exit.sharing import locate_probe
+from lynx_exit.probe.conformal import EventThreshold, TrajectoryThreshold
+from lynx_exit.probe.sharing import locate_probe
 
 MODES = ("event", "trajectory", "harm")
 

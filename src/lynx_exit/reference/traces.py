@@ -74,12 +74,14 @@ class TracePreset:
     # Of traces whose first answer is wrong, P(a re-check corrects it) and P(it turns into another wrong answer);
     # of traces whose first answer is right, P(a re-check spoils it). Chosen so that final != first in ~8 % of
     # finished traces (3-10 % on MATH-500) split wrong->right 65 %, wrong->other 20 %, right->wrong 15 % (FTM
-    # Tables 4-5 and Fig. 3/11, bounds derived in the notes).
+    # Tables 4-5 and Fig. 3/11, bounds derived in the notes). Every change happens in a re-derivation from the
+    # start (below), whose arithmetic decides it: the trace shows why the answer changes.
     fix_given_wrong: float
     other_given_wrong: float
     spoil_given_right: float
-    # P(the trace loops until the budget without ending), by the number of steps: ~15 % of MATH-500-like traces
-    # for a 1.5B distill, ~7 % for the 7B, most on the hardest problems (DEER Table 5 means, derived).
+    # P(the trace loops until the budget without ending), by the number of steps, as sampled at T=0.6: ~15 % of
+    # MATH-500-like traces for a 1.5B distill, ~7 % for the 7B, most on the hardest problems (DEER Table 5 means,
+    # derived). The traces are written with `trained_runaway`, the rate that samples at this one (see there).
     runaway_by_steps: dict[int, float]
     runaway_after_candidate: float = 0.5  # share of loops that start after a candidate answer (assumption in the notes)
     # Re-checks after the first answer: 2.5-7 candidates per rollout (FTM Table 4), 3-4.5 rounds (2412.21187).
@@ -92,6 +94,23 @@ class TracePreset:
     # Wrong traces switch thoughts far more (2501.18585: +418 %): extra cues while the answer held is wrong.
     extra_doubt_if_wrong: float = 0.6
     runaway_chars: int = 1300  # a loop is written this long (~600 tokens: past the 500-token budgets it runs with), never ending
+    # P(one re-check re-derives the whole chain from the start). An assumption (FTM: most reflections re-derive or
+    # re-verify the candidate); it must be >= the change rates above, which happen only in such a re-derivation.
+    rederive_rate: float = 0.5
+    sampling_temperature: float = 0.6  # the temperature the rates above are measured at (FTM, DEER: T=0.6)
+
+    def __post_init__(self) -> None:
+        for change in (self.fix_given_wrong + self.other_given_wrong, self.spoil_given_right):
+            if change > self.rederive_rate:
+                raise ValueError(f"{self.name}: a change rate {change} exceeds rederive_rate {self.rederive_rate}")
+
+    def trained_runaway(self, steps: int) -> float:
+        """The share of loops to write so that a model sampled at `sampling_temperature` loops at the literature's
+        rate: a branch learned with probability p is sampled with p^(1/T) / (p^(1/T) + (1-p)^(1/T)), so a rare
+        branch written at the sampled rate all but vanishes at T=0.6 (measured: 3 % sampled from 13 % written).
+        Solving for p gives q^T / (q^T + (1-q)^T) for a sampled rate q."""
+        q, t = self.runaway_by_steps[steps], self.sampling_temperature
+        return q**t / (q**t + (1 - q) ** t)
 
 
 SMALL = TracePreset(
@@ -147,7 +166,7 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
     steps = len(problem.ops)
     lines: list[str] = [f"{problem.name} starts with {problem.start} {problem.obj}."]
     first_wrong = rng.random() < preset.first_wrong_by_steps[steps]
-    runaway = rng.random() < preset.runaway_by_steps[steps]
+    runaway = rng.random() < preset.trained_runaway(steps)
     loop_after_candidate = runaway and rng.random() < preset.runaway_after_candidate
     slip_step = rng.randrange(steps) if first_wrong else -1
     values = list(problem.values)
@@ -171,32 +190,39 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
     before_first = _count_cues(lines)
     lines.append(ANSWER_SENTENCE.format(held))
     first = held
-    if loop_after_candidate:
-        k = rng.randrange(steps)
+    if loop_after_candidate:  # a loop that re-checks a step it does not catch (never the slipped one)
+        k = rng.choice([j for j in range(steps) if j != slip_step])
         op, b = problem.ops[k]
         return _loop(lines, [f"Wait, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}.",
                              f"Hmm, let me check the answer {held} again."], preset, first, before_first)
-    # Which change, if any, a re-check makes (FTM: over 90 % of reflections confirm).
-    change = None
-    if doubtful:
-        draw = rng.random()
-        change = "fix" if draw < preset.fix_given_wrong else "other" if draw < preset.fix_given_wrong + preset.other_given_wrong else None
-    elif rng.random() < preset.spoil_given_right:
-        change = "spoil"
+    # Whether one re-check re-derives the chain from the start, and what that re-derivation finds (FTM: over
+    # 90 % of reflections confirm): in a wrong chain it fixes the slip, slips elsewhere or repeats the slip; in a
+    # right chain it repeats it or slips (reflection hurting).
+    rederive = rng.random() < preset.rederive_rate
+    change = "same"
+    if rederive:
+        draw = rng.random() * preset.rederive_rate
+        if doubtful:
+            change = "fix" if draw < preset.fix_given_wrong else "other" if draw < preset.fix_given_wrong + preset.other_given_wrong else "same"
+        elif draw < preset.spoil_given_right:
+            change = "spoil"
     rechecks = rng.choice(preset.rechecks) + (1 if doubtful else 0)
-    if change is not None:
+    if rederive:
         rechecks = max(rechecks, 1)
-    change_at = rng.randrange(rechecks) if change is not None else -1
+    rederive_at = rng.randrange(rechecks) if rederive else -1
     revisions: list[tuple[int, int]] = []
+    bad_step = slip_step  # the step whose written value is wrong (-1: none)
     for r in range(rechecks):
-        if r == change_at and change is not None:
-            values, text = _revision(problem, rng, values, slip_step, change)
+        if r == rederive_at:
+            values, text, bad_step = _rederivation(problem, rng, values, slip_step, change)
             if values[-1] != held:
                 revisions.append((held, values[-1]))
-            held = values[-1]
-            lines += [text, ANSWER_SENTENCE.format(held)]
-        else:
-            lines.append(_confirmation(problem, rng, values, held))
+                held = values[-1]
+                lines += [text, ANSWER_SENTENCE.format(held)]
+            else:
+                lines.append(f"{text} Same answer, {held}.")
+        else:  # no confirmation recomputes a step written wrong (it would catch it)
+            lines.append(_confirmation(problem, rng, values, held, avoid=bad_step))
     lines.append(f"</think> Final Answer: \\boxed{{{held}}}")
     text = "\n".join(lines)
     return Trace(text, first, held, False, revisions, before_first, _count_cues(lines) - before_first)
@@ -217,32 +243,38 @@ def _loop(lines: list[str], segment: list[str], preset: TracePreset, first: int 
     return Trace(body, first, None, True, [], before_first, cues - before_first)
 
 
-def _confirmation(problem: WordProblem, rng: random.Random, values: list[int], held: int) -> str:
+def _confirmation(problem: WordProblem, rng: random.Random, values: list[int], held: int, avoid: int = -1) -> str:
+    """A re-check that confirms: a step recomputed (never step `avoid`, whose written value is wrong and would
+    be caught) or the whole chain restated."""
     kind = rng.randrange(3)
     if kind == 2 and len(problem.ops) > 1:
         return f"Alternatively, let me redo it from the start: {problem.start} gives {held} again."
-    k = rng.randrange(len(problem.ops))
+    k = rng.choice([j for j in range(len(problem.ops)) if j != avoid])
     op, b = problem.ops[k]
     cue = "Wait" if kind == 0 else "Hmm"
     return f"{cue}, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}. Yes, that is right."
 
 
-def _revision(problem: WordProblem, rng: random.Random, values: list[int], slip_step: int,
-              change: str) -> tuple[list[int], str]:
-    """A re-check that changes the answer: the running values it leaves, and the sentence that says so.
+def _rederivation(problem: WordProblem, rng: random.Random, values: list[int], slip_step: int,
+                  change: str) -> tuple[list[int], str, int]:
+    """A re-check that works the whole chain out again: the running values it leaves, its sentence, and the step
+    it leaves written wrong (-1: none).
 
-    "fix": the slip is found and every later step redone; "other": the redo slips again, to a third
-    answer; "spoil": a spurious "error" in a right chain (what FTM calls reflection hurting)."""
+    Each step is computed afresh, so whether the answer changes is decided by the arithmetic on the page, not by
+    a scripted choice of words: "fix" gets the slipped step right and every later one with it; "same" repeats
+    the chain (a right one, or a wrong one's own slip: the model makes the same mistake twice); "other" slips
+    again at the slipped step, to a third answer; "spoil" slips in a right chain (what FTM calls reflection
+    hurting). A sampling model thus revises when it re-derives correctly what it first got wrong."""
     right = problem.values
-    k = slip_step if change in ("fix", "other") else rng.randrange(len(problem.ops))
-    new = right[k + 1]
-    if change != "fix":
-        new = _wrong_value(rng, right[k + 1])
-        while new == values[k + 1]:
+    if change == "fix":
+        redone, bad = list(right), -1
+    elif change == "same":
+        redone, bad = list(values), slip_step
+    else:
+        bad = slip_step if change == "other" else rng.randrange(len(problem.ops))
+        new = _wrong_value(rng, right[bad + 1])
+        while new == values[bad + 1]:
             new += 1
-    redone = values[: k + 1] + _recompute(problem, k, new)
-    op, b = problem.ops[k]
-    later = ", ".join(f"{redone[j]} {o} {c} = {redone[j + 1]}" for j, (o, c) in enumerate(problem.ops[k + 1 :], start=k + 1))
-    redo = f" Redoing from there: {later}." if later else ""
-    text = f"Wait, step {k + 1} was wrong: {values[k]} {op} {b} = {new}, not {values[k + 1]}.{redo}"
-    return redone, text
+        redone = right[: bad + 1] + _recompute(problem, bad, new)
+    steps = ", ".join(f"{redone[j]} {op} {b} = {redone[j + 1]}" for j, (op, b) in enumerate(problem.ops))
+    return redone, f"Hmm, let me work it out again from the start: {steps}.", bad

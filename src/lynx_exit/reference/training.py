@@ -1,8 +1,8 @@
-"""Training the reference reasoning models.
+"""Training the reference reasoning models: small Llama models trained from scratch on the traces of
+`traces.generate_trace` (a preset per model, one tokenizer for both), in length-grouped batches.
 
-Traces have the structure LYNX exploits (issue: reference model): arithmetic steps, cue words
-at natural places, genuine self-corrections after "Wait" (exiting before the fix is wrong),
-and a variable number of redundant re-checks after the answer is known (what early exit cuts).
+What a model then does when sampled (how often it slips, revises or loops) is measured, not assumed:
+`benchmarks/reference_model.py`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ class ReferenceTrainConfig:
     num_train_problems: int = 20000
     seed: int = 0
     init_from: str | None = None  # continue training this checkpoint (its tokenizer is kept)
-    # The traces: "v1" (the generator of the model shipped so far, whose first answer is always final) or a
-    # calibrated preset of `traces.PRESETS` ("reference", "reference-large"), which share one tokenizer.
-    preset: str = "v1"
+    tokenizer_from: str | None = None  # start from scratch with this model folder's tokenizer (to share it)
+    # The traces: a calibrated preset of `traces.PRESETS` ("reference", "reference-large"; one shared tokenizer)
+    # or "v1" (the first reference model's generator, whose first answer is always final).
+    preset: str = "reference"
 
     def __post_init__(self) -> None:
         if self.preset not in ("v1", *PRESETS):
@@ -47,9 +48,13 @@ class ReferenceTrainConfig:
         for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_train_problems"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_from and self.tokenizer_from:
+            raise ValueError("init_from keeps that checkpoint's tokenizer; tokenizer_from is for training from scratch")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
+
+GROUP = 8  # batches drawn at once and grouped by length
 
 # Model sizes of the presets: the large one has >= 3x the parameters of the small one (issue: reference pair).
 PRESET_SIZES: dict[str, dict[str, int]] = {
@@ -72,7 +77,7 @@ def build_corpus(problems: list[WordProblem], seed: int, preset: str = "v1") -> 
 
 def shared_tokenizer(vocab_size: int) -> Any:
     """The one tokenizer of the calibrated presets: trained on a fixed corpus, so both models get the same one."""
-    from lynx_exit.tokenizer import train_tokenizer
+    from lynx_exit.reference.tokenizer import train_tokenizer
 
     corpus = build_corpus(make_problems("train", 5000), seed=0, preset="reference")
     return train_tokenizer((q + "\n" + t for q, t, _ in corpus), vocab_size=vocab_size)
@@ -83,20 +88,21 @@ def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress:
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lynx_exit.tokenizer import train_tokenizer
+    from lynx_exit.reference.tokenizer import train_tokenizer
 
     torch.manual_seed(config.seed)
     problems = make_problems("train", config.num_train_problems)
     corpus = build_corpus(problems, seed=config.seed, preset=config.preset)
+    previous = None
     if config.init_from:
         tokenizer = AutoTokenizer.from_pretrained(config.init_from)
         previous = json.loads((Path(config.init_from) / "training.json").read_text())
+    elif config.tokenizer_from:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_from)
     elif config.preset == "v1":
         tokenizer = train_tokenizer((q + "\n" + t for q, t, _ in corpus[:5000]), vocab_size=config.vocab_size)
-        previous = None
     else:
         tokenizer = shared_tokenizer(config.vocab_size)
-        previous = None
     examples = []
     for question, trace, ends in corpus:
         prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
@@ -126,9 +132,16 @@ def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress:
     started = time.perf_counter()
     losses = []
     bar = tqdm(range(config.steps), desc="train-reference", disable=not progress)
+    queue: list[list[int]] = []
     for _ in bar:
-        picks = torch.randint(len(examples), (config.batch_size,), generator=generator).tolist()
-        batch = [examples[i] for i in picks]
+        if not queue:  # length-grouped batches (as transformers' group_by_length): 8 random batches' worth of
+            # examples, sorted by length and cut into batches, so a loop of ~600 tokens pads few short traces
+            picks = torch.randint(len(examples), (config.batch_size * GROUP,), generator=generator).tolist()
+            picks.sort(key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+            queue = [picks[j : j + config.batch_size] for j in range(0, len(picks), config.batch_size)]
+            order = torch.randperm(len(queue), generator=generator).tolist()
+            queue = [queue[j] for j in order]
+        batch = [examples[i] for i in queue.pop()]
         width = max(len(p) + len(t) for p, t in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any
 
-from lynx_exit.build_data import BuildConfig, Chunk, ChunkResult, compute_chunk
 from lynx_exit.engine import GenerationConfig
 from lynx_exit.evaluate import Job, check_settings, eval_jobs
 from lynx_exit.exits import MethodContext, MethodSetting
 from lynx_exit.models import FeatureSpec, ModelSource
+from lynx_exit.probe.build_data import BuildConfig, Chunk, ChunkResult, compute_chunk
 
 logger = logging.getLogger(__name__)
 

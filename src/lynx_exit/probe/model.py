@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lynx_exit.artifacts import file_sha256, save_tensors_atomic, write_json_atomic
-from lynx_exit.conformal import EventThreshold, TrajectoryThreshold
 from lynx_exit.models import FeatureSpec
+from lynx_exit.probe.conformal import EventThreshold, TrajectoryThreshold
 
 logger = logging.getLogger(__name__)
 

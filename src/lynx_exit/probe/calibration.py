@@ -12,14 +12,6 @@ from typing import Any
 import numpy as np
 
 from lynx_exit.artifacts import FolderLock, command_line
-from lynx_exit.build_data import Dataset
-from lynx_exit.conformal import (
-    DEFAULT_DELTAS,
-    calibrate_events,
-    calibrate_trajectories,
-    harm_labels,
-    trajectory_loss,
-)
 from lynx_exit.probe import (
     ProbeBundle,
     ProbeTrainConfig,
@@ -28,7 +20,15 @@ from lynx_exit.probe import (
     train_probe,
     write_conformal,
 )
-from lynx_exit.sharing import write_model_card
+from lynx_exit.probe.build_data import Dataset
+from lynx_exit.probe.conformal import (
+    DEFAULT_DELTAS,
+    calibrate_events,
+    calibrate_trajectories,
+    harm_labels,
+    trajectory_loss,
+)
+from lynx_exit.probe.sharing import write_model_card
 
 
 def dataset_summary(dataset: Dataset) -> dict[str, Any]:

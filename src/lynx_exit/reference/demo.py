@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lynx_exit.build_data import BuildConfig, build_dataset, load_dataset
-from lynx_exit.calibration import calibrate_probe_folder, empirical_rates, train_probe_folder
 from lynx_exit.engine import GenerationConfig
 from lynx_exit.evaluate import markdown_table, run_eval, write_report
 from lynx_exit.exits import parse_methods
 from lynx_exit.models import load_model
 from lynx_exit.probe import ProbeTrainConfig, load_probe
+from lynx_exit.probe.build_data import BuildConfig, build_dataset, load_dataset
+from lynx_exit.probe.calibration import calibrate_probe_folder, empirical_rates, train_probe_folder
 from lynx_exit.reference import as_task_problems, make_problems
 
 logger = logging.getLogger(__name__)

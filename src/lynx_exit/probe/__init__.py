@@ -1,0 +1,34 @@
+"""The probe pipeline: labelled cue events from rollouts (`build_data`), the probe and its training (`model`),
+split conformal thresholds (`conformal`, `calibration`) and probes on the Hub (`sharing`)."""
+
+from lynx_exit.probe.model import (
+    CONFORMAL_FILE,
+    PROBE_META,
+    PROBE_WEIGHTS,
+    Probe,
+    ProbeBundle,
+    ProbeTrainConfig,
+    auroc,
+    brier,
+    load_probe,
+    save_probe,
+    stratified_split,
+    train_probe,
+    write_conformal,
+)
+
+__all__ = [
+    "CONFORMAL_FILE",
+    "PROBE_META",
+    "PROBE_WEIGHTS",
+    "Probe",
+    "ProbeBundle",
+    "ProbeTrainConfig",
+    "auroc",
+    "brier",
+    "load_probe",
+    "save_probe",
+    "stratified_split",
+    "train_probe",
+    "write_conformal",
+]
