@@ -26,6 +26,7 @@ from lynx_exit.models import load_model
 from lynx_exit.reference import make_problems
 
 ANSWER = re.compile(r"So the answer is (-?\d+)\.")
+REDERIVATION = re.compile(r"work it out again from the start: [^\n]*?= (-?\d+)\.")
 TARGETS = {
     "small": {"accuracy": [0.60, 0.85], "first_answer_position": [0.45, 0.80], "final_differs_from_first": [0.03, 0.12],
               "runaway": [0.08, 0.25], "cues_before_first_answer": [0.20, 1.0]},
@@ -44,6 +45,7 @@ def behaviour(model: str, problems: int, seed: int) -> dict[str, Any]:
     lengths: dict[int, list[int]] = defaultdict(list)
     positions, cues_before, cues_after = [], 0, 0
     finished = changed = runaway = runaway_with_candidate = right = first_right = 0
+    wrong_first = wrong_first_rederived = rederived_to_first = rederived_to_gold = 0
     directions: Counter[str] = Counter()
     for problem, result in zip(tasks, results, strict=True):
         gold = problem.answer
@@ -74,6 +76,13 @@ def behaviour(model: str, problems: int, seed: int) -> dict[str, Any]:
             runaway_with_candidate += first is not None
             continue
         finished += 1
+        if first is not None and first != gold:  # why a wrong first answer stays: is it re-derived, and to what?
+            wrong_first += 1
+            redo = REDERIVATION.search(text, stated.end()) if stated else None
+            if redo:
+                wrong_first_rederived += 1
+                rederived_to_first += int(redo.group(1)) == first
+                rederived_to_gold += int(redo.group(1)) == gold
         if first is not None and final is not None and final.strip() != str(first):
             changed += 1
             directions["wrong->right" if correct else "right->wrong" if first == gold else "wrong->other wrong"] += 1
@@ -88,6 +97,10 @@ def behaviour(model: str, problems: int, seed: int) -> dict[str, Any]:
         "finished": finished,
         "final_differs_from_first": round(changed / finished, 3) if finished else None,
         "final_differs_by_direction": dict(directions),
+        "finished_with_wrong_first_answer": wrong_first,
+        "of_which_rederived": wrong_first_rederived,
+        "rederivation_repeats_the_wrong_answer": rederived_to_first,
+        "rederivation_reaches_the_right_answer": rederived_to_gold,
         "runaway": round(runaway / n, 3),
         "runaway_with_candidate_before_loop": round(runaway_with_candidate / runaway, 3) if runaway else None,
         "cues_before_first_answer": round(cues_before / max(1, cues_before + cues_after), 3),
