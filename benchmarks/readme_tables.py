@@ -105,6 +105,10 @@ def behaviour_table() -> list[str]:
                  str(round(m["thinking_tokens_by_steps"].get(k, 0))) for k in ("2", "4", "6"))),
              ("changed answers: wrong→right / wrong→other / right→wrong", lambda m: " / ".join(
                  str(m["final_differs_by_direction"].get(k, 0)) for k in ("wrong->right", "wrong->other wrong", "right->wrong"))),
+             ("wrong first answers (finished): count / re-derived / re-derivation repeats it / reaches the right one",
+              lambda m: " / ".join(str(m[k]) for k in ("finished_with_wrong_first_answer", "of_which_rederived",
+                                                       "rederivation_repeats_the_wrong_answer",
+                                                       "rederivation_reaches_the_right_answer"))),
              ("runaways with a candidate answer before the loop", lambda m: "—" if m["runaway_with_candidate_before_loop"] is None
                  else f"{m['runaway_with_candidate_before_loop']:.0%}")]
     for label, cell in extra:
