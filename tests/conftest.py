@@ -16,8 +16,8 @@ import torch
 import uvicorn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lynx_exit.families import resolve_profile
 from lynx_exit.models import LoadedModel
+from lynx_exit.models.families import resolve_profile
 from lynx_exit.reference.tokenizer import train_tokenizer
 
 CORPUS = [

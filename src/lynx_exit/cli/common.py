@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS
-from lynx_exit.families import EXIT_CUE_PHRASES, FAMILY_NAMES
+from lynx_exit.models.families import EXIT_CUE_PHRASES, FAMILY_NAMES
 
 DEFAULT_MODEL = "reference"
 
@@ -27,8 +27,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def model_source(args: argparse.Namespace) -> Any:
     """The `ModelSource` of the model and profile flags."""
-    from lynx_exit.families import ProfileOverrides, parse_template_kwargs
     from lynx_exit.models import ModelSource
+    from lynx_exit.models.families import ProfileOverrides, parse_template_kwargs
 
     overrides = ProfileOverrides(
         family=args.family,

@@ -37,8 +37,8 @@ from lynx_exit.engine.types import (
     Step,
     TrialKind,
 )
-from lynx_exit.families import ThinkingStart
 from lynx_exit.models import LoadedModel
+from lynx_exit.models.families import ThinkingStart
 from lynx_exit.tasks.grading import extract_boxed
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from typing import Any
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.engine.types import ExitPolicy
 from lynx_exit.exits import MethodContext, get_method, make_policy
-from lynx_exit.families import ThinkingStart
 from lynx_exit.models import LoadedModel
+from lynx_exit.models.families import ThinkingStart
 from lynx_exit.serve.generation import Generation
 from lynx_exit.serve.metrics import ServerMetrics
 from lynx_exit.serve.protocol import (

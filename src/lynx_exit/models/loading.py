@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lynx_exit.families import (
+from lynx_exit.models.families import (
     EXIT_CUE_PHRASES,
     ModelProfile,
     ProfileOverrides,
@@ -30,7 +30,7 @@ __all__ = ["EXIT_CUE_PHRASES", "FeatureSpec", "LoadedModel", "ModelProfile", "Mo
 logger = logging.getLogger(__name__)
 
 # The shipped reference reasoners (one tokenizer): alias -> folder.
-REFERENCE_MODELS = {name: Path(__file__).parent / "reference" / "weights" / name for name in ("reference", "reference-large")}
+REFERENCE_MODELS = {name: Path(__file__).parent.parent / "reference" / "weights" / name for name in ("reference", "reference-large")}
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -109,6 +109,8 @@ def check_text(text: str) -> None:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of the vocabulary: what artifacts (probes, datasets, warm-ups) store to name their model's
+    tokenizer. `tokenizer_fingerprint` is the stricter check for two models sharing token ids."""
     vocab = tokenizer.get_vocab()
     payload = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()
     return hashlib.sha256(payload).hexdigest()
@@ -266,7 +268,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM: an alias (`reference`, `reference-large`, `smollm2`), a GGUF file, a local folder or a hub id.
 
-    Its `ModelProfile` comes from the family table (`lynx_exit.families`); `overrides` replace
+    Its `ModelProfile` comes from the family table (`lynx_exit.models.families`); `overrides` replace
     any of its fields (thinking markers, exit cue, chat-template switches, system prompt).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,48 @@
+"""Models: loading any causal LM with its profile (`loading`), the table of reasoning families (`families`),
+and the hidden-state taps the probe reads."""
+
+from lynx_exit.models.families import (
+    EXIT_CUE_PHRASES,
+    ModelProfile,
+    ProfileOverrides,
+    ThinkingStart,
+    generation_prompt,
+    resolve_profile,
+    thinking_start,
+)
+from lynx_exit.models.loading import (
+    REFERENCE_MODELS,
+    FeatureSpec,
+    HiddenStateCapture,
+    LoadedModel,
+    ModelSource,
+    check_text,
+    default_layers,
+    load_model,
+    smollm2_gguf_path,
+    tap_forward,
+    tokenizer_fingerprint,
+    tokenizer_hash,
+)
+
+__all__ = [
+    "EXIT_CUE_PHRASES",
+    "REFERENCE_MODELS",
+    "FeatureSpec",
+    "HiddenStateCapture",
+    "LoadedModel",
+    "ModelProfile",
+    "ModelSource",
+    "ProfileOverrides",
+    "ThinkingStart",
+    "check_text",
+    "default_layers",
+    "generation_prompt",
+    "load_model",
+    "resolve_profile",
+    "smollm2_gguf_path",
+    "tap_forward",
+    "thinking_start",
+    "tokenizer_fingerprint",
+    "tokenizer_hash",
+]
