@@ -46,14 +46,7 @@ def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0
     lines.append(f"So the answer is {problem.answer}.")
     # Overthinking: 0–9 redundant re-checks (mean ≈ 4) after the answer is already known.
     for _ in range(rng.choice([0, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7, 8, 9])):
-        kind = rng.randrange(3)
-        if kind == 2 and len(problem.ops) > 1:
-            lines.append(f"Alternatively, let me redo it from the start: {problem.start} gives {problem.answer} again.")
-        else:
-            k = rng.randrange(len(problem.ops))
-            op, b = problem.ops[k]
-            cue = "Wait" if kind == 0 else "Hmm"
-            lines.append(f"{cue}, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}. Yes, that is right.")
+        lines.append(_confirmation(problem, rng, values, problem.answer))
     return "\n".join(lines) + f"\n</think> Final Answer: \\boxed{{{problem.answer}}}"
 
 
