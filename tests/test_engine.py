@@ -55,7 +55,7 @@ def test_request_added_while_others_run_equals_request_alone(tiny_lm):
         assert got.token_ids == want.token_ids, request_id
         assert got.exit_index == want.exit_index and got.text == want.text
     assert engine.result(ids[1]).finish_reason == "exit" and engine.result(ids[1]).exit_index == 9
-    assert not engine.has_unfinished() and engine.backend.mask.shape[0] == 0  # every row was released and compacted
+    assert not engine.has_unfinished() and engine.backend.rows == {}  # every slot was released
 
 
 def test_abort_frees_the_row_and_leaves_the_others_unchanged(tiny_lm):
@@ -71,7 +71,7 @@ def test_abort_frees_the_row_and_leaves_the_others_unchanged(tiny_lm):
     assert engine.num_running == 1 and engine.result(ids[0]).finish_reason == "abort"
     steps = engine.step()
     assert [s.finish_reason for s in steps if s.request_id == ids[0]] == ["abort"]
-    assert engine.num_running == 2 and engine.backend.mask.shape[0] == 2  # the third took the freed row
+    assert engine.num_running == 2 and sorted(engine.backend.rows.values()) == [0, 1]  # the third took the freed slot
     list(engine.stream())
     assert len(engine.result(ids[0]).token_ids) == 3  # three tokens were read before the abort
     for i in (1, 2):
@@ -245,18 +245,21 @@ def test_lynx_end_to_end_on_cuda(tmp_path):
     _lynx_end_to_end(lm, tmp_path)
 
 
-def test_cache_width_stays_bounded_under_continuous_batching(tiny_lm):
-    """Leading columns of finished requests are trimmed while others wait (the width must not grow with the run)."""
+def test_kv_store_stays_bounded_under_continuous_batching(tiny_lm):
+    """Slots are reused by new requests and kept dense; capacity follows the longest request, not the run."""
     prompts = [tiny_lm.prompt_ids(TEXTS[i % len(TEXTS)]) for i in range(10)]
     config = GenerationConfig(max_new_tokens=12, min_new_tokens=12, temperature=0.9)
     engine = Engine(tiny_lm, max_batch_size=2)
     for i, prompt in enumerate(prompts):
         engine.add_request(prompt, config, seed=i)
-    widths = []
+    slots, capacities = [], []
     while engine.has_unfinished():
         engine.step()
-        widths.append(engine.backend.mask.shape[1])
-    assert max(widths) <= max(map(len, prompts)) + 12 + 1
+        slots.append(engine.backend.store.slots)
+        capacities.append(engine.backend.store.capacity)
+        assert sorted(engine.backend.rows.values()) == list(range(len(engine.backend.rows)))  # dense: views
+    assert max(slots) == 2
+    assert max(capacities) < 2 * (max(map(len, prompts)) + 12 + 1)
     assert all(engine.result(i).num_generated_tokens == 12 for i in range(10))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_alone
 
-from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
+from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, StoreBackend
 from lynx_exit.engine.sampler import SamplingParams
 from lynx_exit.exits import BasePolicy, Decision, MethodContext, get_method, make_policy, parse_methods
 
@@ -139,7 +139,7 @@ def test_a_policy_that_raises_fails_only_its_own_request(tiny_lm):
     assert not engine.has_unfinished() and not engine.backend.rows
 
 
-class _PoisonedPrefill(TransformersBackend):
+class _PoisonedPrefill(StoreBackend):
     """A backend whose prefill fails for one prompt (a stand-in for, e.g., out-of-memory on a huge prompt)."""
 
     def __init__(self, lm, poison):

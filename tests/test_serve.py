@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import BOUND_S, cli_server, make_tiny_lm, serving
 
-from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
+from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, StoreBackend
 from lynx_exit.exits import LynxPolicy, TokenBudget
 from lynx_exit.probe import Probe, load_probe, save_probe, write_conformal
 from lynx_exit.serve import Server, ServerOptions
@@ -246,7 +246,7 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_row(base_url, client)
     assert response.choices[0].finish_reason in ("length", "stop")
 
 
-class SlowBackend(TransformersBackend):
+class SlowBackend(StoreBackend):
     """Sleeps at each decode so that requests stay in flight while a test looks at them."""
 
     def decode(self, request_ids, token_ids):

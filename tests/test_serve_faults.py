@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import BOUND_S, cli_server, make_tiny_lm, serving
 
-from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, TransformersBackend
+from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, StoreBackend
 from lynx_exit.serve import Server, ServerOptions
 
 MODEL = "tiny-test"
@@ -30,7 +30,7 @@ VICTIM_TOKENS = 150
 POISON = [7, 8, 9, 10, 11]  # token ids whose prefill the test backend fails, as out-of-memory would
 
 
-class PoisonedPrefill(TransformersBackend):
+class PoisonedPrefill(StoreBackend):
     def prefill(self, request_ids, prompts):
         if any(list(p) == POISON for p in prompts):
             raise torch.OutOfMemoryError("CUDA out of memory (poisoned prompt)")
@@ -233,7 +233,7 @@ def test_d4_no_type_coercion(url, field, value):
 
 
 # -- D6: gauges after an engine rebuild ----------------------------------------------------------
-class _DecodeFailsOnce(TransformersBackend):
+class _DecodeFailsOnce(StoreBackend):
     failed = False
 
     def decode(self, request_ids, token_ids):

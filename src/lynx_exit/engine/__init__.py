@@ -4,7 +4,9 @@ from lynx_exit.engine.backend import Backend, TransformersBackend
 from lynx_exit.engine.batch import DecodeLoop
 from lynx_exit.engine.config import GenerationConfig
 from lynx_exit.engine.engine import Engine
+from lynx_exit.engine.kv_store import KVStore, KVStoreFull
 from lynx_exit.engine.sampler import SamplingParams, sample
+from lynx_exit.engine.store_backend import StoreBackend
 from lynx_exit.engine.types import Decision, ExitPolicy, ForcedAnswer, RequestResult, Scorer, Step
 
 RowResult = RequestResult  # the name of the batch-job era
@@ -17,11 +19,14 @@ __all__ = [
     "ExitPolicy",
     "ForcedAnswer",
     "GenerationConfig",
+    "KVStore",
+    "KVStoreFull",
     "RequestResult",
     "RowResult",
     "SamplingParams",
     "Scorer",
     "Step",
+    "StoreBackend",
     "TransformersBackend",
     "sample",
 ]

@@ -1,7 +1,9 @@
 """The seam between the engine and a model: a small protocol with named cache verbs.
 
 The engine never calls the model or touches a KV cache; it speaks to a `Backend` in
-requests (integer ids) and token ids. `TransformersBackend` is the one implementation.
+requests (integer ids) and token ids. `StoreBackend` (a KV store written in place, `store_backend`)
+is the engine's default; `TransformersBackend` here is the first one (one left-padded
+`DynamicCache`), kept as the baseline it is measured against.
 
 What another inference engine would have to provide to stand behind this protocol:
 - `prefill`/`decode` as one scheduler step each, returning the last position's logits of
@@ -11,7 +13,8 @@ What another inference engine would have to provide to stand behind this protoco
   read, at those layers, for the requests asked (`[n, len(layers) * hidden]`). vLLM exposes no per-step intermediate hidden
   states: it would need a plugin model class that reads those layers inside its forward pass
   (and could score the LYNX probe there), plus a logits processor that forces the exit cue.
-- `drop_last`: forget the most recent token of one request (the cue token at an exit).
+- `truncate`: roll one request back to a shorter prefix (the cue token at an exit, a look-ahead);
+  `extend`: append several known tokens to requests in one pass (chunked prefill, a hand-over).
 - `fork`: greedy continuations of several requests from a prefix of their own cache plus a
   few forced tokens, leaving the requests untouched (prefix caching / copy-on-write blocks in
   vLLM and SGLang).
@@ -48,8 +51,12 @@ class Backend(Protocol):
         """Float32 hidden states [n, len(layers) * hidden] of the token each request read in the last `decode`."""
         ...
 
-    def drop_last(self, request_id: int) -> None:
-        """Forget the most recent token of a request: later tokens neither see nor count it."""
+    def truncate(self, request_id: int, length: int) -> None:
+        """Roll a request back to its first `length` tokens: later tokens neither see nor count the rest."""
+        ...
+
+    def extend(self, request_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append several known tokens to each request in one pass; returns logits [n, vocab] after each chunk."""
         ...
 
     def fork(
@@ -164,11 +171,30 @@ class TransformersBackend:
         self.layers = layers
 
     @torch.inference_mode()
-    def drop_last(self, request_id: int) -> None:
+    def truncate(self, request_id: int, length: int) -> None:
         row = self.rows[request_id]
-        self.mask[row, -1] = 0
-        self.lengths[row] -= 1
-        self._dropped[row] = self._dropped.get(row, 0) + 1
+        held = int(self.lengths[row])
+        if not 0 < length <= held:
+            raise ValueError(f"request {request_id} holds {held} tokens, cannot truncate to {length}")
+        attended = self.mask[row].nonzero().flatten()
+        self.mask[row, attended[length:]] = 0
+        self.lengths[row] = length
+        self._dropped[row] = self._dropped.get(row, 0) + held - length
+
+    def drop_last(self, request_id: int) -> None:
+        self.truncate(request_id, int(self.lengths[self.rows[request_id]]) - 1)
+
+    @torch.inference_mode()
+    def extend(self, request_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One decode per token (this backend has no multi-token pass over a live request)."""
+        if len(request_ids) != len(chunks) or not chunks or any(len(c) == 0 for c in chunks):
+            raise ValueError("extend needs one non-empty chunk per request")
+        last: dict[int, torch.Tensor] = {}
+        for t in range(max(len(c) for c in chunks)):
+            live = [(r, c[t]) for r, c in zip(request_ids, chunks, strict=True) if t < len(c)]
+            logits = self.decode([r for r, _ in live], [token for _, token in live])
+            last.update({r: logits[i] for i, (r, _) in enumerate(live)})
+        return torch.stack([last[r] for r in request_ids])
 
     @torch.inference_mode()
     def release(self, request_id: int) -> None:

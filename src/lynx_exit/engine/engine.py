@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_pattern
-from lynx_exit.engine.backend import Backend, TransformersBackend
+from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.config import SEED_RANGE, GenerationConfig
 from lynx_exit.engine.sampler import GREEDY, SamplingParams, mask_tokens, sample
+from lynx_exit.engine.store_backend import StoreBackend
 from lynx_exit.engine.types import (
     Decision,
     ExitPolicy,
@@ -100,12 +101,13 @@ class _Request:
 class Engine:
     """Continuous-batching decode engine over one `Backend`. Not thread-safe: one thread drives it."""
 
-    def __init__(self, lm: LoadedModel, max_batch_size: int = 16, backend: Backend | None = None) -> None:
+    def __init__(self, lm: LoadedModel, max_batch_size: int = 16, backend: Backend | None = None,
+                 kv_cache_gb: float | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.lm = lm
         self.max_batch_size = max_batch_size
-        self.backend: Backend = backend if backend is not None else TransformersBackend(lm)
+        self.backend: Backend = backend if backend is not None else StoreBackend(lm, kv_cache_gb=kv_cache_gb)
         self.eos_ids = lm.eos_token_ids
         self._requests: dict[int, _Request] = {}
         self._waiting: deque[int] = deque()
@@ -519,8 +521,8 @@ class Engine:
         step.exit = True
         request.exit_index = step.index
         if step.cue is not None:  # spec §3: the prefix ends before the cue token
-            self.backend.drop_last(request.request_id)
             request.kept_ids.pop()
+            self.backend.truncate(request.request_id, len(request.prompt_ids) + len(request.kept_ids))
             request.text = request.text[: len(request.text) - len(step.text)]
             request.cue_indices.pop()
         request.phase, request.reasoning_tokens = "exit_cue", len(request.kept_ids)
@@ -554,8 +556,10 @@ class Engine:
             request.kept_ids.append(candidate)
             self._close(request, "eos")
             return [self._end_step(request, candidate, "eos")]
-        if request.phase in ("think", "answer") and len(request.kept_ids) >= request.config.max_new_tokens:
-            self._close(request, "length")
+        context = self.lm.context_length
+        if (request.phase in ("think", "answer") and len(request.kept_ids) >= request.config.max_new_tokens) or (
+                context is not None and len(request.prompt_ids) + len(request.kept_ids) >= context):
+            self._close(request, "length")  # the budget, or the model's last position
             return [self._end_step(request, -1, "length")]
         request.feed = candidate
         request.feed_confidence, request.candidate_confidence = request.candidate_confidence, None

@@ -1,0 +1,139 @@
+"""Decode step time against context length: the KV store written in place vs the first backend.
+
+Side by side in one run, per model, batch and context: each backend holds `batch` requests of
+`context` tokens (their keys and values filled at random: a prefill of 32 x 4,096 tokens would take
+longer than the whole measurement and reads nothing a decode step reads), then decodes `steps`
+tokens; the median step after a warm-up is compared with the memory-bandwidth floor
+
+    floor = (weight bytes + live KV bytes) / measured copy bandwidth
+
+(the time to read everything a step must read once, at the rate this machine copies memory).
+Goal on a CPU: the store within 1.3x the floor at every context, its ratio flat from 128 to 4,096.
+
+Usage: python benchmarks/context_scaling.py [--models reference,smollm2] [--batches 1,8,32]
+       [--contexts 128,512,1024,2048,4096] [--steps 6] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from typing import Any
+
+import torch
+from _common import write_result
+from transformers import DynamicCache
+
+from lynx_exit.engine import StoreBackend, TransformersBackend
+from lynx_exit.models import LoadedModel, load_model
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this machine reads while copying a buffer far larger than its caches."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return src.numel() * 4 / statistics.median(times[1:])
+
+
+def _kv_shape(lm: LoadedModel) -> tuple[int, int, int, torch.dtype]:
+    config = lm.model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim, next(lm.model.parameters()).dtype
+
+
+def filled_legacy(lm: LoadedModel, batch: int, context: int) -> TransformersBackend:
+    layers, kv_heads, head_dim, dtype = _kv_shape(lm)
+    backend = TransformersBackend(lm)
+    cache = DynamicCache()
+    for layer in range(layers):
+        cache.update(0.1 * torch.randn(batch, kv_heads, context, head_dim, dtype=dtype),
+                     0.1 * torch.randn(batch, kv_heads, context, head_dim, dtype=dtype), layer)
+    backend._insert(list(range(batch)), cache, torch.ones(batch, context, dtype=torch.long), [0] * batch)
+    return backend
+
+
+def filled_store(lm: LoadedModel, batch: int, context: int, steps: int) -> StoreBackend:
+    backend = StoreBackend(lm, max_context=context + steps + 8)
+    backend.prefill(list(range(batch)), [[3]] * batch)  # allocates every layer at the model's shapes
+    backend.store.reserve(batch, context + steps + 4)
+    for tensors in (backend.store.keys, backend.store.values):
+        for tensor in tensors:
+            assert tensor is not None
+            tensor[:, :, :context].normal_(0, 0.1)
+    for slot in range(batch):
+        backend.store.lengths[slot] = context
+    return backend
+
+
+def time_steps(backend: Any, batch: int, steps: int, vocab: int) -> float:
+    """Median seconds of one decode step over `steps` steps after two not counted."""
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps + 2):
+        tokens = torch.randint(3, vocab, (batch,), generator=generator).tolist()
+        start = time.perf_counter()
+        backend.decode(list(range(batch)), tokens)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="reference,smollm2")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--contexts", default="128,512,1024,2048,4096")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bandwidth = copy_bandwidth()
+    rows: list[dict[str, Any]] = []
+    for model_name in args.models.split(","):
+        lm = load_model(model_name, device="cpu")
+        weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+        layers, kv_heads, head_dim, dtype = _kv_shape(lm)
+        token_bytes = layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        for batch in map(int, args.batches.split(",")):
+            for context in map(int, args.contexts.split(",")):
+                floor = (weight_bytes + batch * context * token_bytes) / bandwidth
+                row: dict[str, Any] = {"model": model_name, "batch": batch, "context": context,
+                                       "floor_ms": round(1000 * floor, 3)}
+                for name in ("legacy", "store"):  # one at a time: both at 32 x 4,096 would not fit beside each other
+                    with torch.inference_mode():
+                        backend = filled_legacy(lm, batch, context) if name == "legacy" else filled_store(lm, batch, context, args.steps)
+                        step = time_steps(backend, batch, args.steps, lm.vocab_size)
+                    del backend
+                    gc.collect()
+                    row[f"{name}_step_ms"] = round(1000 * step, 3)
+                    row[f"{name}_vs_floor"] = round(step / floor, 3)
+                row["store_speedup"] = round(row["legacy_step_ms"] / row["store_step_ms"], 3)
+                print(row, flush=True)
+                rows.append(row)
+    summary = {}
+    for model_name in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            ratios = [r["store_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch]
+            summary[f"{model_name}/batch{batch}"] = {
+                "store_vs_floor_max": max(ratios), "store_vs_floor_spread": round(max(ratios) / min(ratios) - 1, 3),
+                "legacy_vs_floor_max": max(r["legacy_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch),
+            }
+    write_result("context_scaling", {
+        "what": "decode step vs the memory-bandwidth floor, KV store vs first backend, random-filled KV of each context",
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "steps": args.steps,
+        "rows": rows,
+        "summary": summary,
+    })
+
+
+if __name__ == "__main__":
+    main()

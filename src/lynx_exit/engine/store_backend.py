@@ -1,0 +1,250 @@
+"""`StoreBackend`: the engine's backend on a `KVStore` written in place (see `kv_store`).
+
+Every pass is one plan over slots: a decode reads one token for every slot in use (consecutive
+slots from 0, so the keys are views), a prefill or `extend` reads a chunk for some requests, a
+fork reads forced tokens and greedy ones in scratch slots above the live ones. Cache verbs are
+index operations: `truncate` sets a length, `release` frees a slot, `compact` moves the few
+requests above a hole down into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lynx_exit.engine.kv_store import ATTENTION, KVStore, KVStoreFull, make_plan
+from lynx_exit.models import HiddenStateCapture, LoadedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 32768  # when a config names no context length
+
+
+def _context_limit(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_CONTEXT
+
+
+def _bytes_per_token(model: Any) -> int:
+    config = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    dtype_bytes = next(model.parameters()).element_size()
+    return int(config.num_hidden_layers) * 2 * kv_heads * head_dim * dtype_bytes
+
+
+def use_store_attention(model: Any) -> None:
+    """Route the model's attention through the store's function (plain SDPA outside store passes)."""
+    if model.config._attn_implementation == ATTENTION:
+        return
+    try:
+        model.set_attn_implementation(ATTENTION)
+    except (AttributeError, ValueError):
+        model.config._attn_implementation = ATTENTION
+    if model.config._attn_implementation != ATTENTION:
+        raise ValueError(f"{type(model).__name__} does not take a registered attention function; "
+                         "the KV store needs one (transformers' AttentionInterface)")
+
+
+class StoreBackend:
+    """A transformers causal LM over a `KVStore`: one slot per request, tokens written at their positions."""
+
+    def __init__(self, lm: LoadedModel, kv_cache_gb: float | None = None, max_context: int | None = None) -> None:
+        if kv_cache_gb is not None and not kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+        self.lm = lm
+        self.model = lm.model
+        self.device = lm.device
+        self.pad_id = lm.pad_token_id
+        use_store_attention(self.model)
+        limit = _context_limit(self.model.config) if max_context is None else max_context
+        budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
+        self.store = KVStore(int(self.model.config.num_hidden_layers), self.device, limit, budget,
+                             _bytes_per_token(self.model))
+        self.rows: dict[int, int] = {}  # request id -> slot
+        self._capture: HiddenStateCapture | None = None
+        self._decoded: dict[int, torch.Tensor] = {}
+        self.layers: tuple[int, ...] = ()
+
+    # -- passes -------------------------------------------------------------------------------------
+    def _run(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One pass: slot i reads chunks[i] after what it holds; returns each row's last-position logits."""
+        lengths = self.store.lengths
+        starts = [lengths[s] for s in slots]
+        counts = [len(c) for c in chunks]
+        self.store.reserve(max(slots) + 1, max(s + c for s, c in zip(starts, counts, strict=True)))
+        plan = make_plan(slots, starts, counts, self.device)
+        q = plan.positions.shape[1]
+        input_ids = torch.full((len(slots), q), self.pad_id, dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            if chunk:
+                input_ids[i, q - len(chunk) :] = torch.as_tensor(list(chunk), dtype=torch.long)
+        with self.store.planned(plan):
+            out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=plan.mask,
+                             position_ids=plan.positions, cache=self.store, use_cache=True, logits_to_keep=1)
+        for slot, start, count in zip(slots, starts, counts, strict=True):
+            lengths[slot] = start + count
+        return out.logits[:, -1, :]
+
+    def _take_slots(self, count: int) -> list[int]:
+        used = set(self.rows.values())
+        free = [s for s in range(self.store.slots) if s not in used]
+        return (free + list(range(self.store.slots, self.store.slots + count)))[:count]
+
+    @torch.inference_mode()
+    def prefill(self, request_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        if len(request_ids) != len(prompts) or not prompts:
+            raise ValueError(f"prefill needs one prompt per request, got {len(request_ids)} ids and {len(prompts)} prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs a non-empty prompt for every request")
+        slots = self._take_slots(len(prompts))
+        self.store.reserve(max(slots) + 1, 1)
+        for slot in slots:
+            self.store.lengths[slot] = 0
+        logits = self._run(slots, prompts)  # on failure no slot is taken: the rows map is untouched
+        self.rows.update(zip(request_ids, slots, strict=True))
+        return logits
+
+    @torch.inference_mode()
+    def extend(self, request_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append several known tokens to each request in one pass (chunked prefill, a forced cue, a hand-over);
+        returns each request's logits after its last new token."""
+        if len(request_ids) != len(chunks) or not chunks or any(len(c) == 0 for c in chunks):
+            raise ValueError("extend needs one non-empty chunk per request")
+        slots = [self.rows[r] for r in request_ids]
+        if len(set(slots)) != len(slots):
+            raise ValueError("extend got a request twice")
+        return self._run(slots, chunks)
+
+    @torch.inference_mode()
+    def decode(self, request_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        slots = [self.rows[r] for r in request_ids]
+        width = max(self.rows.values()) + 1  # every slot in use, so the batch is slots 0.. (views, no gather)
+        chunks: list[list[int]] = [[] for _ in range(width)]
+        for slot, token in zip(slots, token_ids, strict=True):
+            chunks[slot] = [int(token)]
+        logits = self._run(range(width), chunks)
+        self._decoded = self._capture.snapshot() if self._capture is not None else {}
+        if slots != list(range(width)):
+            logits = logits.index_select(0, torch.tensor(slots, device=self.device))
+        return logits
+
+    # -- hidden states ------------------------------------------------------------------------------
+    def capture(self, layers: Sequence[int]) -> None:
+        layers = tuple(layers)
+        if layers == self.layers:
+            return
+        if self._capture is not None:
+            self._capture.close()
+        self._capture = HiddenStateCapture(self.model, layers) if layers else None
+        self.layers = layers
+
+    def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
+        if self._capture is None or not self._decoded:
+            raise RuntimeError("no hidden-state layers were captured by the last decode")
+        index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)  # decode row == slot
+        return self._capture.features(index, self._decoded)
+
+    # -- cache verbs ----------------------------------------------------------------------------------
+    def length(self, request_id: int) -> int:
+        return self.store.lengths[self.rows[request_id]]
+
+    def truncate(self, request_id: int, length: int) -> None:
+        """Roll a request back to its first `length` tokens (any number of them)."""
+        held = self.length(request_id)
+        if not 0 < length <= held:
+            raise ValueError(f"request {request_id} holds {held} tokens, cannot truncate to {length}")
+        self.store.lengths[self.rows[request_id]] = length
+
+    def drop_last(self, request_id: int) -> None:
+        self.truncate(request_id, self.length(request_id) - 1)
+
+    def release(self, request_id: int) -> None:
+        self.store.lengths[self.rows.pop(request_id)] = 0
+
+    @torch.inference_mode()
+    def compact(self, drop_rows: bool) -> None:
+        """Move requests above a free slot down into it, so decode batches stay slots 0..n-1."""
+        used = sorted(self.rows.values())
+        free = [s for s in range(len(used)) if s not in set(used)]
+        by_slot = {slot: request_id for request_id, slot in self.rows.items()}
+        for target, source in zip(free, reversed(used), strict=False):
+            if source < target:
+                break
+            self.store.copy_slot(source, target, self.store.lengths[source])
+            self.store.lengths[source] = 0
+            self.rows[by_slot[source]] = target
+
+    @torch.inference_mode()
+    def fork(
+        self,
+        items: Sequence[tuple[int, int]],
+        forced_ids: Sequence[int],
+        max_new_tokens: int,
+        stop_ids: set[int],
+        done: Callable[[int, list[int]], bool],
+    ) -> list[tuple[list[int], list[float], float]]:
+        if not items:
+            return []
+        if not forced_ids:
+            raise ValueError("fork needs at least one forced token")
+        for request_id, keep in items:
+            if not 0 < keep <= self.length(request_id):
+                raise ValueError(f"request {request_id} holds {self.length(request_id)} tokens, cannot keep {keep}")
+        n = len(items)
+        base = max(self.rows.values()) + 1
+        scratch = list(range(base, base + n))
+        longest = max(keep for _, keep in items) + len(forced_ids) + max_new_tokens
+        self.store.reserve(base + n, longest)
+        try:
+            for (request_id, keep), slot in zip(items, scratch, strict=True):
+                self.store.copy_slot(self.rows[request_id], slot, keep)
+            return self._greedy(scratch, list(forced_ids), max_new_tokens, stop_ids, done)
+        finally:
+            for slot in scratch:
+                self.store.lengths[slot] = 0
+
+    def _greedy(self, slots: list[int], forced_ids: list[int], max_new_tokens: int, stop_ids: set[int],
+                done: Callable[[int, list[int]], bool]) -> list[tuple[list[int], list[float], float]]:
+        n = len(slots)
+        logits = self._run(slots, [forced_ids] * n)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).nansum(-1)  # [n], after the forced tokens
+        if max_new_tokens == 0:
+            return [([], [], value) for value in entropy.tolist()]
+        outputs: list[list[int]] = [[] for _ in range(n)]
+        probs_out: list[list[float]] = [[] for _ in range(n)]
+        entropies: list[float] = []
+        active = list(range(n))
+        for t in range(max_new_tokens):
+            probs = torch.softmax(logits.float(), dim=-1)
+            next_ids = probs.argmax(-1)
+            chosen = probs.gather(-1, next_ids[:, None])[:, 0]
+            host = [next_ids.double(), chosen.double()] + ([entropy.double()] if t == 0 else [])
+            ids_host, probs_host, *first = torch.stack(host).tolist()  # one sync
+            entropies = first[0] if t == 0 else entropies
+            still = []
+            for i in active:
+                token = int(ids_host[i])
+                if token in stop_ids:
+                    continue
+                outputs[i].append(token)
+                probs_out[i].append(float(probs_host[i]))
+                if not done(i, outputs[i]):
+                    still.append(i)
+            active = still
+            if not active or t + 1 == max_new_tokens:
+                break
+            chunks = [[int(ids_host[i])] for i in range(n)]  # finished rows read on; nobody looks at them
+            logits = self._run(slots, chunks)
+        return list(zip(outputs, probs_out, entropies, strict=True))
+
+
+__all__ = ["KVStoreFull", "StoreBackend", "use_store_attention"]

@@ -1,0 +1,176 @@
+"""The KV store written in place (`StoreBackend`) beside the first backend (one left-padded DynamicCache):
+identical tokens through the engine, logits equal to a fresh prefill after any sequence of cache verbs,
+clear errors when it is full."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import CORPUS, make_tiny_lm
+from test_decode import ExitAtCue, FeatureThreshold
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lynx_exit.engine import Engine, GenerationConfig, KVStoreFull, StoreBackend, TransformersBackend
+from lynx_exit.exits import make_policy
+from lynx_exit.models import LoadedModel
+from lynx_exit.models.families import resolve_profile
+from lynx_exit.reference.tokenizer import train_tokenizer
+
+TEXTS = ["What is 3+4?", "Hi", "A much longer prompt about twelve apples and five pears, so think hard about it.", "Tom?",
+         "Wait, alternatively: 12 - 5 = 7."]
+
+
+def _tiny(cls, config_cls, seed: int, **sizes) -> LoadedModel:
+    tokenizer = train_tokenizer(CORPUS, vocab_size=311)
+    config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **sizes)
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float64).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-store", profile=resolve_profile(model, tokenizer))
+
+
+@pytest.fixture(scope="module")
+def gqa_lm() -> LoadedModel:
+    """Grouped-query attention (4 query heads on 2 KV heads), odd sizes."""
+    return _tiny(LlamaForCausalLM, LlamaConfig, 7, hidden_size=40, intermediate_size=50, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def sliding_lm() -> LoadedModel:
+    """Qwen2 with a 6-token sliding window on its upper layers."""
+    return _tiny(Qwen2ForCausalLM, Qwen2Config, 3, hidden_size=24, intermediate_size=44, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True,
+                 sliding_window=6, max_window_layers=1, layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+
+
+def _scenario(lm: LoadedModel, backend) -> tuple[list, list]:
+    """Continuous batching with sampling, exits at cues (the cue token dropped), a probe stand-in on hidden
+    states, fork trials (deer) and requests joining late: every result and every streamed step."""
+    engine = Engine(lm, max_batch_size=3, backend=backend(lm))
+    frequent = GenerationConfig(max_new_tokens=28, min_new_tokens=20, temperature=0.9, top_p=0.9, cue_regex="[ae]",
+                                answer_max_tokens=6)
+    layers = lm.feature_spec().layers
+    plans = [(TEXTS[0], None), (TEXTS[1], ExitAtCue(k=2)), (TEXTS[2], FeatureThreshold(0.0, feature_spec=lm.feature_spec())),
+             (TEXTS[3], make_policy("deer", threshold=0.05)), (TEXTS[4], ExitAtCue(k=1))]
+    ids, steps = [], []
+    for i, (text, policy) in enumerate(plans):
+        ids.append(engine.add_request(lm.prompt_ids(text), frequent, policy=policy, seed=i + 1,
+                                      feature_layers=layers if policy is not None else None))
+        for _ in range(i * 3):
+            steps += [(s.request_id, s.token_id, s.phase, s.exit) for s in engine.step()]
+    steps += [(s.request_id, s.token_id, s.phase, s.exit) for s in engine.stream()]
+    results = [engine.result(i) for i in ids]
+    return steps, [(r.token_ids, r.exit_index, r.finish_reason, r.text) for r in results]
+
+
+@pytest.mark.parametrize("which", ["mha", "gqa"])
+def test_engine_tokens_are_identical_on_both_backends(tiny_lm, gqa_lm, which):
+    lm = tiny_lm if which == "mha" else gqa_lm
+    old_steps, old = _scenario(lm, TransformersBackend)
+    new_steps, new = _scenario(lm, StoreBackend)
+    assert new == old
+    assert new_steps == old_steps
+    assert any(finish == "exit" for _, _, finish, _ in new)  # the scenario did exit, on cue and on the probe
+
+
+def _fresh_logits(lm: LoadedModel, token_ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return lm.model(input_ids=torch.tensor([token_ids]), use_cache=False).logits[0, -1]
+
+
+@pytest.mark.parametrize("which", ["gqa", "sliding"])
+def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(gqa_lm, sliding_lm, which):
+    """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
+    after each, every live request's next-token logits equal the model's own forward over its token list."""
+    lm = gqa_lm if which == "gqa" else sliding_lm
+    backend = StoreBackend(lm)
+    rng = random.Random(11)
+    vocab = lm.model.config.vocab_size
+    held: dict[int, list[int]] = {}
+    next_id = 0
+
+    def check(request_ids, logits):
+        for request_id, row in zip(request_ids, logits, strict=True):
+            torch.testing.assert_close(row, _fresh_logits(lm, held[request_id]), rtol=1e-9, atol=1e-9)
+
+    for _round in range(40):
+        verb = rng.choice(["prefill", "decode", "decode", "extend", "truncate", "release", "fork"])
+        if verb == "prefill" or not held:
+            ids = list(range(next_id, next_id + rng.randint(1, 3)))
+            next_id += len(ids)
+            prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 14))] for _ in ids]
+            held.update(zip(ids, prompts, strict=True))
+            check(ids, backend.prefill(ids, prompts))
+        elif verb == "decode":
+            ids = rng.sample(sorted(held), rng.randint(1, len(held)))
+            tokens = [rng.randrange(3, vocab) for _ in ids]
+            for request_id, token in zip(ids, tokens, strict=True):
+                held[request_id].append(token)
+            check(ids, backend.decode(ids, tokens))
+        elif verb == "extend":
+            ids = rng.sample(sorted(held), rng.randint(1, len(held)))
+            chunks = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))] for _ in ids]
+            for request_id, chunk in zip(ids, chunks, strict=True):
+                held[request_id] += chunk
+            check(ids, backend.extend(ids, chunks))
+        elif verb == "truncate":
+            request_id = rng.choice(sorted(held))
+            length = rng.randint(1, len(held[request_id]))
+            backend.truncate(request_id, length)
+            held[request_id] = held[request_id][:length]
+            token = rng.randrange(3, vocab)
+            held[request_id].append(token)
+            check([request_id], backend.decode([request_id], [token]))
+        elif verb == "release":
+            request_id = rng.choice(sorted(held))
+            backend.release(request_id)
+            del held[request_id]
+            backend.compact(drop_rows=False)
+            assert sorted(backend.rows.values()) == list(range(len(held)))  # dense again
+        else:
+            request_id = rng.choice(sorted(held))
+            keep = rng.randint(1, len(held[request_id]))
+            forced = [rng.randrange(3, vocab) for _ in range(3)]
+            (tokens, _, _), = backend.fork([(request_id, keep)], forced, 4, set(), lambda _i, _t: False)
+            prefix = held[request_id][:keep] + forced
+            for token in tokens:  # greedy continuation of the prefix, by the model alone
+                assert token == int(_fresh_logits(lm, prefix).argmax())
+                prefix.append(token)
+        for request_id, tokens in held.items():
+            assert backend.length(request_id) == len(tokens)
+
+
+def test_a_full_store_says_what_does_not_fit(tiny_lm):
+    tiny = make_tiny_lm(context=40)
+    backend = StoreBackend(tiny)
+    with pytest.raises(KVStoreFull, match="context limit 40"):
+        backend.prefill([0], [list(range(3, 45))])
+    assert backend.rows == {}  # nothing of the failed prefill is held
+    budget = StoreBackend(tiny_lm, kv_cache_gb=2e-6)  # about 2 KiB: a few tokens of the tiny model
+    with pytest.raises(KVStoreFull, match="GiB holds .* tokens"):
+        budget.prefill([0, 1], [list(range(3, 30)), list(range(3, 30))])
+    with pytest.raises(ValueError, match="kv_cache_gb must be > 0"):
+        StoreBackend(tiny_lm, kv_cache_gb=0)
+
+
+def test_a_request_ends_at_the_context_limit_and_the_others_run_as_alone():
+    """A request that reaches the model's last position ends with `length` (never past the store); the
+    request beside it is unchanged."""
+    short = make_tiny_lm(context=96)
+    engine = Engine(short, max_batch_size=2)
+    config = GenerationConfig(max_new_tokens=200, min_new_tokens=200, temperature=0.8)
+    prompt = short.prompt_ids(TEXTS[2])
+    long_id = engine.add_request(prompt, config, seed=1)
+    fine = GenerationConfig(max_new_tokens=10, temperature=0.8)
+    short_id = engine.add_request(short.prompt_ids(TEXTS[1]), fine, seed=2)
+    list(engine.stream())
+    result = engine.result(long_id)
+    assert engine.error(long_id) is None and result.finish_reason == "length"
+    assert len(prompt) + result.num_generated_tokens == 96
+    alone = Engine(short, max_batch_size=1)
+    alone_id = alone.add_request(short.prompt_ids(TEXTS[1]), fine, seed=2)
+    list(alone.stream())
+    assert engine.result(short_id).token_ids == alone.result(alone_id).token_ids
