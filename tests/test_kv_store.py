@@ -174,3 +174,33 @@ def test_a_request_ends_at_the_context_limit_and_the_others_run_as_alone():
     alone_id = alone.add_request(short.prompt_ids(TEXTS[1]), fine, seed=2)
     list(alone.stream())
     assert engine.result(short_id).token_ids == alone.result(alone_id).token_ids
+
+
+def test_chunked_prefill_reads_a_long_prompt_while_the_others_decode(tiny_lm):
+    """Under a budget of 5 prompt tokens per step, a long prompt joins over several steps; the running request
+    gets a token at every one of them, and every result equals the one read in a single pass."""
+    config = GenerationConfig(max_new_tokens=30, min_new_tokens=30, temperature=0.9, cue_regex="e")
+    long_prompt = tiny_lm.prompt_ids(TEXTS[2] + " " + TEXTS[4])
+
+    def run(budget: int) -> tuple[list, list[int]]:
+        engine = Engine(tiny_lm, max_batch_size=3, prefill_tokens_per_step=budget)
+        first = engine.add_request(tiny_lm.prompt_ids(TEXTS[0]), config, seed=1)
+        while not any(s.request_id == first for s in engine.step()):  # its own prompt is read in chunks too
+            pass
+        second = engine.add_request(long_prompt, config, seed=2)
+        third = engine.add_request(tiny_lm.prompt_ids(TEXTS[1]), config, seed=3)
+        per_step = []
+        while engine.has_unfinished():
+            per_step.append({s.request_id for s in engine.step()})
+        return [engine.result(i).token_ids for i in (first, second, third)], [first in ids for ids in per_step]
+
+    chunked, first_ran = run(5)
+    whole, _ = run(4096)
+    assert chunked == whole
+    reading_steps = -(-len(long_prompt) // 5)
+    assert reading_steps >= 8 and all(first_ran[:reading_steps])  # the first request never waited
+
+
+def test_bad_prefill_budget_is_named(tiny_lm):
+    with pytest.raises(ValueError, match="prefill_tokens_per_step"):
+        Engine(tiny_lm, prefill_tokens_per_step=0)

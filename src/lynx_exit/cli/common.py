@@ -25,6 +25,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--system-prompt", default=None, help="system prompt added to chat prompts")
 
 
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--kv-cache-gb", type=float, default=None,
+                       help="memory for the KV cache in GiB (default: grown as requests need, up to the context limit)")
+    group.add_argument("--prefill-tokens-per-step", type=int, default=2048,
+                       help="prompt tokens read per engine step; a longer prompt is read over several steps "
+                            "while running requests keep decoding")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `Engine` keywords of the engine flags (checked by the engine, which names a bad value)."""
+    return {"kv_cache_gb": args.kv_cache_gb, "prefill_tokens_per_step": args.prefill_tokens_per_step}
+
+
 def model_source(args: argparse.Namespace) -> Any:
     """The `ModelSource` of the model and profile flags."""
     from lynx_exit.models import ModelSource

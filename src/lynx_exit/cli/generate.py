@@ -9,8 +9,10 @@ import time
 from typing import Any
 
 from lynx_exit.cli.common import (
+    add_engine_flags,
     add_model_flags,
     add_sampling_flags,
+    engine_options,
     generation_config,
     load_model_from_args,
     locate_probe_arg,
@@ -64,7 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers {list(lm.feature_spec().layers)}", file=sys.stderr)
     policy = _policy_from_args(args, lm, probe_folder)
     layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
-    loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers)
+    loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers,
+                      engine_options=engine_options(args))
     console = Console(highlight=False, soft_wrap=True)
     stream = not args.json
     started = time.perf_counter()
@@ -137,6 +140,7 @@ def add_commands(sub: Any) -> None:
     gen.add_argument("--no-suffix", action="store_true", help="send the prompt as is, without the step-by-step instruction")
     gen.add_argument("--explain", action="store_true", help="say which model profile was chosen and why")
     add_model_flags(gen)
+    add_engine_flags(gen)
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 from lynx_exit.cli.common import (
+    add_engine_flags,
     add_model_flags,
     add_sampling_flags,
+    engine_options,
     generation_config,
     load_model_from_args,
     locate_probe_arg,
@@ -30,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         exit_method=method,
         exit_defaults=tuple(sorted((k, v) for k, v in defaults.items() if v is not None)),
         max_batch_size=args.max_batch_size,
+        engine_options=tuple(sorted(engine_options(args).items())),
         max_queue=args.max_queue,
         max_n=args.max_n,
         max_tokens_limit=args.max_tokens_limit,
@@ -58,6 +61,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="OpenAI-compatible server with per-request early exit")
     add_model_flags(p)
+    add_engine_flags(p)
     add_sampling_flags(p)  # the defaults of requests that leave a field out (--max-new-tokens: max_tokens)
     p.add_argument("--deepconf", default=None, help="warm-up folder for the deepconf method (from lynx-exit deepconf-warmup)")
     p.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")

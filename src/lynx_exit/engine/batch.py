@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from lynx_exit.engine.config import GenerationConfig
 from lynx_exit.engine.engine import Engine
@@ -29,6 +30,7 @@ class DecodeLoop:
         seeds: Sequence[int] | None = None,
         max_batch_size: int | None = None,
         hold: bool = False,
+        engine_options: dict[str, Any] | None = None,
     ) -> None:
         config = config or GenerationConfig()
         n = len(prompts)
@@ -40,7 +42,7 @@ class DecodeLoop:
             raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.engine = Engine(lm, max_batch_size=min(n, max_batch_size or n))
+        self.engine = Engine(lm, max_batch_size=min(n, max_batch_size or n), **(engine_options or {}))
         self.num_prompts = n
         for i, prompt in enumerate(prompts):
             self.engine.add_request(

@@ -95,18 +95,27 @@ class _Request:
     started: float = 0.0
     wall_time_s: float = 0.0
     in_cache: bool = False
+    read: int = 0  # prompt tokens in the cache (a long prompt is read over several steps)
     error: BaseException | None = None  # why it failed (finish_reason "error")
+
+
+# Prompt tokens read per engine step, over all joining requests: a longer prompt is read in chunks over
+# several steps while the running requests keep decoding (vLLM's chunked prefill; its default budget is 2,048-8,192).
+DEFAULT_PREFILL_TOKENS = 2048
 
 
 class Engine:
     """Continuous-batching decode engine over one `Backend`. Not thread-safe: one thread drives it."""
 
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, backend: Backend | None = None,
-                 kv_cache_gb: float | None = None) -> None:
+                 kv_cache_gb: float | None = None, prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if isinstance(prefill_tokens_per_step, bool) or not isinstance(prefill_tokens_per_step, int) or prefill_tokens_per_step < 1:
+            raise ValueError(f"prefill_tokens_per_step must be a whole number >= 1, got {prefill_tokens_per_step!r}")
         self.lm = lm
         self.max_batch_size = max_batch_size
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         self.backend: Backend = backend if backend is not None else StoreBackend(lm, kv_cache_gb=kv_cache_gb)
         self.eos_ids = lm.eos_token_ids
         self._requests: dict[int, _Request] = {}
@@ -286,16 +295,17 @@ class Engine:
         """Admit waiting requests, run one forward pass for all running ones, sample once."""
         steps, self._outbox = self._outbox, []
         fed = [self._requests[r] for r in self._running if self._requests[r].feed >= 0]
-        admitted = self._admit()
+        self._admit()
         parts, batch = [], list(fed)
         if fed:
             parts.append(self.backend.decode([r.request_id for r in fed], [r.feed for r in fed]))
-        if admitted:
-            prefilled = self._prefill(admitted)
-            for group, logits in prefilled:
-                parts.append(logits)
-                batch += group
-            admitted = [r for group, _ in prefilled for r in group]
+        admitted: list[_Request] = []  # requests whose whole prompt is read by this step: they sample now
+        for group, logits in self._read_prompts():
+            done = [i for i, r in enumerate(group) if r.read == len(r.prompt_ids)]
+            if done:
+                parts.append(logits if len(done) == len(group) else logits[done])
+                batch += [group[i] for i in done]
+                admitted += [group[i] for i in done]
         if not parts:
             return steps + self._take_outbox()
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [fed + admitted, vocab]
@@ -321,17 +331,39 @@ class Engine:
         steps, self._outbox = self._outbox, []
         return steps
 
-    def _prefill(self, admitted: list[_Request]) -> list[tuple[list[_Request], torch.Tensor]]:
-        """Prefill the admitted requests; on failure bisect them, failing each one that fails alone."""
+    def _read_prompts(self) -> list[tuple[list[_Request], torch.Tensor]]:
+        """Read the next chunk of every prompt still being read, in admission order, within the step's token
+        budget (the first request always gets at least one token). Returns the groups read and their logits."""
+        budget = self.prefill_tokens_per_step
+        first: list[tuple[_Request, list[int]]] = []
+        more: list[tuple[_Request, list[int]]] = []
+        for request_id in self._running:
+            request = self._requests[request_id]
+            left = len(request.prompt_ids) - request.read
+            if left <= 0 or request.finish_reason is not None or budget <= 0:
+                continue
+            take = min(left, budget)
+            budget -= take
+            (first if request.read == 0 else more).append((request, request.prompt_ids[request.read : request.read + take]))
+        out = self._read_chunks(first, self.backend.prefill) if first else []
+        return out + (self._read_chunks(more, self.backend.extend) if more else [])
+
+    def _read_chunks(self, items: list[tuple[_Request, list[int]]],
+                     read: Callable[[list[int], list[list[int]]], torch.Tensor]) -> list[tuple[list[_Request], torch.Tensor]]:
+        """Read one chunk per request; on failure bisect them, failing each one that fails alone."""
         try:
-            return [(admitted, self.backend.prefill([r.request_id for r in admitted], [r.prompt_ids for r in admitted]))]
-        except Exception as exc:  # a backend's prefill keeps no part of a batch it failed to read
-            if len(admitted) == 1:
-                admitted[0].in_cache = False  # nothing of it reached the cache
-                self._fail(admitted[0], exc)
+            logits = read([r.request_id for r, _ in items], [chunk for _, chunk in items])
+        except Exception as exc:  # a backend keeps no part of a batch it failed to read
+            if len(items) == 1:
+                request = items[0][0]
+                request.in_cache = request.read > 0  # a first chunk that failed left nothing in the cache
+                self._fail(request, exc)
                 return []
-            half = len(admitted) // 2
-            return self._prefill(admitted[:half]) + self._prefill(admitted[half:])
+            half = len(items) // 2
+            return self._read_chunks(items[:half], read) + self._read_chunks(items[half:], read)
+        for request, chunk in items:
+            request.read += len(chunk)
+        return [([r for r, _ in items], logits)]
 
     def _sample(self, logits: torch.Tensor, batch: list[_Request]) -> tuple[torch.Tensor, list[_Request], torch.Tensor]:
         """Sampled ids [n] for the rows of `batch` still alive, those rows and their logits; a failing row fails alone."""

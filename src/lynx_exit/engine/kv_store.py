@@ -47,7 +47,7 @@ class Plan:
     src_rows: torch.Tensor  # [m] its batch row
     src_cols: torch.Tensor  # [m] its query position in the pass
     width: int  # key columns the pass attends over
-    mask: torch.Tensor  # [n, 1, q, width] bool: True = attend
+    mask: torch.Tensor | None  # [n, 1, q, width] bool: True = attend (None: every row attends every column)
     positions: torch.Tensor  # [n, q] position of each query (clamped at 0 for padding)
     windows: dict[int, torch.Tensor]  # sliding-window masks, made on first use
 
@@ -57,8 +57,9 @@ _ACTIVE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("lynx_stor
 
 def _window_mask(plan: Plan, window: int) -> torch.Tensor:
     if window not in plan.windows:
-        columns = torch.arange(plan.width, device=plan.mask.device)
-        plan.windows[window] = plan.mask & (plan.positions[:, None, :, None] - columns < window)
+        columns = torch.arange(plan.width, device=plan.positions.device)
+        inside = plan.positions[:, None, :, None] - columns < window
+        plan.windows[window] = inside if plan.mask is None else plan.mask & inside
     return plan.windows[window]
 
 
@@ -189,7 +190,11 @@ class KVStore(Cache):
             tensor = store[layer]
             if tensor is None:  # first pass: shapes and dtype come from the model itself
                 tensor = store[layer] = states.new_zeros(self.slots, states.shape[1], self.capacity, states.shape[3])
-            tensor[plan.write_rows, :, plan.write_cols] = states.transpose(1, 2)[plan.src_rows, plan.src_cols].to(tensor.dtype)
+            if states.shape[2] == 1:  # decode: one token per row
+                new = states[:, :, 0] if plan.src_rows.shape[0] == states.shape[0] else states[plan.src_rows, :, 0]
+            else:
+                new = states.transpose(1, 2)[plan.src_rows, plan.src_cols]
+            tensor[plan.write_rows, :, plan.write_cols] = new.to(tensor.dtype)
             if plan.first is not None:
                 out.append(tensor[plan.first : plan.first + plan.rows.shape[0], :, : plan.width])
             else:
@@ -215,20 +220,37 @@ class KVStore(Cache):
         self.lengths[target] = length
 
 
+def _first(rows: Sequence[int]) -> int | None:
+    return rows[0] if list(rows) == list(range(rows[0], rows[0] + len(rows))) else None
+
+
 def make_plan(rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], device: torch.device) -> Plan:
     """The plan of one pass: batch row i is slot rows[i], holding starts[i] tokens, and reads counts[i] new ones,
     right-aligned in the pass (so the last query position is every row's last token)."""
-    n, q = len(rows), max(max(counts), 1)
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
+
+    slots = torch.tensor(list(rows), dtype=torch.long)
+    if max(counts) <= 1:  # a decode step: the hot path, built from host lists in a few small tensors
+        ends = [s + c for s, c in zip(starts, counts, strict=True)]
+        width = max(1, max(ends))
+        written = [i for i, c in enumerate(counts) if c]
+        clamped = torch.tensor([[max(e - 1, 0)] for e in ends], dtype=torch.long)  # the query's own position
+        host = move(torch.tensor([[rows[i] for i in written], [starts[i] for i in written], written], dtype=torch.long))
+        # Every row attending its whole width (equal lengths) needs no mask at all: SDPA's fastest path.
+        mask = None if min(ends) == width else move((torch.arange(width)[None, None, :] <= clamped[:, :, None])[:, None])
+        return Plan(_first(rows), move(slots), host[0], host[1], host[2], torch.zeros_like(host[2]), width, mask,
+                    move(clamped), {})
+    q = max(counts)
     start = torch.tensor(list(starts), dtype=torch.long)
     count = torch.tensor(list(counts), dtype=torch.long)
     offsets = torch.arange(q, dtype=torch.long)[None, :] - (q - count)[:, None]  # [n, q]: < 0 is padding
     positions = start[:, None] + offsets
     valid = offsets >= 0
     src_rows, src_cols = valid.nonzero(as_tuple=True)
-    slots = torch.tensor(list(rows), dtype=torch.long)
     width = max(1, int((start + count).max()))
     clamped = positions.clamp(min=0)
     mask = torch.arange(width)[None, None, :] <= clamped[:, :, None]  # [n, q, width]
-    first = rows[0] if list(rows) == list(range(rows[0], rows[0] + n)) else None
-    moved = [t.to(device, non_blocking=True) for t in (slots, slots[src_rows], positions[valid], src_rows, src_cols, mask, clamped)]
-    return Plan(first, moved[0], moved[1], moved[2], moved[3], moved[4], width, moved[5][:, None], moved[6], {})
+    return Plan(_first(rows), move(slots), move(slots[src_rows]), move(positions[valid]), move(src_rows), move(src_cols),
+                width, move(mask[:, None]), move(clamped), {})

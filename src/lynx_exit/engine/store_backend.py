@@ -69,6 +69,7 @@ class StoreBackend:
         self.store = KVStore(int(self.model.config.num_hidden_layers), self.device, limit, budget,
                              _bytes_per_token(self.model))
         self.rows: dict[int, int] = {}  # request id -> slot
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._capture: HiddenStateCapture | None = None
         self._decoded: dict[int, torch.Tensor] = {}
         self.layers: tuple[int, ...] = ()
@@ -87,7 +88,8 @@ class StoreBackend:
             if chunk:
                 input_ids[i, q - len(chunk) :] = torch.as_tensor(list(chunk), dtype=torch.long)
         with self.store.planned(plan):
-            out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=plan.mask,
+            # A 4-D mask is taken as built (transformers builds none of its own); the store's attention reads the plan's.
+            out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=self._no_mask,
                              position_ids=plan.positions, cache=self.store, use_cache=True, logits_to_keep=1)
         for slot, start, count in zip(slots, starts, counts, strict=True):
             lengths[slot] = start + count
