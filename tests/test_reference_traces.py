@@ -116,14 +116,13 @@ def test_the_large_preset_errs_and_loops_less():
 STEP = re.compile(r"^Step (\d+): .*, so (-?\d+) ([-+*]) (\d+) = (-?\d+)\.$")
 CAUGHT = re.compile(r"^Wait, (-?\d+) ([-+*]) (\d+) is not (-?\d+)\. It is (-?\d+)\.$")
 CHECK = re.compile(r"^(?:Wait|Hmm), let me check step (\d+): (-?\d+) ([-+*]) (\d+) = (-?\d+)\. Yes, that is right\.$")
-REDERIVE = re.compile(r"^Hmm, let me work it out again from the start: (.*?)\.$")
-REDO = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)")
+REDERIVE = re.compile(r"^Hmm, let me work it out again from the start: (.*?)\.( Same answer, (-?\d+)\.)?$")
+REDO = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
 
 
 def test_the_answer_changes_exactly_when_a_rederivation_ends_elsewhere(sample):
-    """Revisions are decided by the arithmetic on the page: a re-derivation from the start recomputes every step
-    (sums and products written the other way round, so they are not copied), then states the value it reached,
-    which is a change exactly when it differs from the answer held; a confirming step check recomputes the value
+    """Revisions are decided by the arithmetic on the page: a re-derivation from the start that ends on another
+    value states it, one that ends on the held answer says so, and a confirming step check recomputes the value
     written for that step (so a model that re-derives its own slip correctly revises)."""
     _, traces = sample
     checked = rederived = changed = 0
@@ -144,13 +143,10 @@ def test_the_answer_changes_exactly_when_a_rederivation_ends_elsewhere(sample):
             elif m := REDERIVE.match(line):
                 rederived += 1
                 redo = REDO.findall(m[1])
-                running = None
-                for a, op, b, result in redo:  # each step starts from the value the one before reached
-                    carried = int(b) if op in "+*" else int(a)
-                    assert running is None or carried == running, line
-                    running = int(result)
                 written = {step: int(r[3]) for step, r in enumerate(redo, start=1)}
-                stated = ANSWER.fullmatch(following)
-                assert stated and int(stated[1]) == written[len(redo)], line
-                changed += int(stated[1]) != held
+                if m[2]:
+                    assert int(m[3]) == held == written[len(redo)], line
+                else:
+                    changed += 1
+                    assert ANSWER.fullmatch(following) and int(ANSWER.fullmatch(following)[1]) == written[len(redo)] != held
     assert checked > 1000 and rederived > 1000 and changed > 20

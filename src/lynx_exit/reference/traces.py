@@ -87,19 +87,15 @@ class TracePreset:
     # Wrong traces switch thoughts far more (2501.18585: +418 %): extra cues while the answer held is wrong.
     extra_doubt_if_wrong: float = 0.6
     runaway_chars: int = 1300  # a loop is written this long (~600 tokens: past the 500-token budgets it runs with), never ending
-    # P(one re-check re-derives the whole chain from the start), when the answer held is right and when it is
-    # wrong. An assumption (FTM: most reflections re-derive or re-verify the candidate) shaped by 2501.18585:
-    # wrong traces switch thoughts about 5x as often (+418 %). Each must be >= the change rates above, which
-    # happen only in such a re-derivation.
-    rederive_rate: float = 0.2
-    rederive_rate_if_wrong: float = 0.9
+    # P(one re-check re-derives the whole chain from the start). An assumption (FTM: most reflections re-derive or
+    # re-verify the candidate); it must be >= the change rates above, which happen only in such a re-derivation.
+    rederive_rate: float = 0.5
     sampling_temperature: float = 0.6  # the temperature the rates above are measured at (FTM, DEER: T=0.6)
 
     def __post_init__(self) -> None:
-        for change, rate in ((self.fix_given_wrong + self.other_given_wrong, self.rederive_rate_if_wrong),
-                             (self.spoil_given_right, self.rederive_rate)):
-            if change > rate:
-                raise ValueError(f"{self.name}: a change rate {change} exceeds its re-derivation rate {rate}")
+        for change in (self.fix_given_wrong + self.other_given_wrong, self.spoil_given_right):
+            if change > self.rederive_rate:
+                raise ValueError(f"{self.name}: a change rate {change} exceeds rederive_rate {self.rederive_rate}")
 
     def trained_runaway(self, steps: int) -> float:
         """The share of loops to write so that a model sampled at `sampling_temperature` loops at the literature's
@@ -195,11 +191,10 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
     # Whether one re-check re-derives the chain from the start, and what that re-derivation finds (FTM: over
     # 90 % of reflections confirm): in a wrong chain it fixes the slip, slips elsewhere or repeats the slip; in a
     # right chain it repeats it or slips (reflection hurting).
-    rederive_rate = preset.rederive_rate_if_wrong if doubtful else preset.rederive_rate
-    rederive = rng.random() < rederive_rate
+    rederive = rng.random() < preset.rederive_rate
     change = "same"
     if rederive:
-        draw = rng.random() * rederive_rate
+        draw = rng.random() * preset.rederive_rate
         if doubtful:
             change = "fix" if draw < preset.fix_given_wrong else "other" if draw < preset.fix_given_wrong + preset.other_given_wrong else "same"
         elif draw < preset.spoil_given_right:
@@ -212,13 +207,13 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
     bad_step = slip_step  # the step whose written value is wrong (-1: none)
     for r in range(rechecks):
         if r == rederive_at:
-            # The re-derivation states what it reached, changed or not: a model that compares its result with
-            # the answer held before writing it learns to keep the held one (97 % of re-derivations end on it).
             values, text, bad_step = _rederivation(problem, rng, values, slip_step, change)
             if values[-1] != held:
                 revisions.append((held, values[-1]))
                 held = values[-1]
-            lines += [text, ANSWER_SENTENCE.format(held)]
+                lines += [text, ANSWER_SENTENCE.format(held)]
+            else:
+                lines.append(f"{text} Same answer, {held}.")
         else:  # no confirmation recomputes a step written wrong (it would catch it)
             lines.append(_confirmation(problem, rng, values, held, avoid=bad_step))
     lines.append(f"</think> Final Answer: \\boxed{{{held}}}")
@@ -274,7 +269,5 @@ def _rederivation(problem: WordProblem, rng: random.Random, values: list[int], s
         while new == values[bad + 1]:
             new += 1
         redone = right[: bad + 1] + _recompute(problem, bad, new)
-    # Sums and products are written the other way round (b + a): recomputed, not copied from the first pass.
-    steps = ", ".join(f"{b} {op} {redone[j]} = {redone[j + 1]}" if op in "+*" else f"{redone[j]} {op} {b} = {redone[j + 1]}"
-                      for j, (op, b) in enumerate(problem.ops))
+    steps = ", ".join(f"{redone[j]} {op} {b} = {redone[j + 1]}" for j, (op, b) in enumerate(problem.ops))
     return redone, f"Hmm, let me work it out again from the start: {steps}.", bad
