@@ -26,7 +26,7 @@ import torch
 from _common import write_result
 from transformers import DynamicCache
 
-from lynx_exit.engine import StoreBackend, TransformersBackend
+from lynx_exit.engine import LegacyBackend, StoreBackend
 from lynx_exit.models import LoadedModel, load_model
 
 
@@ -50,9 +50,9 @@ def _kv_shape(lm: LoadedModel) -> tuple[int, int, int, torch.dtype]:
     return int(config.num_hidden_layers), kv_heads, head_dim, next(lm.model.parameters()).dtype
 
 
-def filled_legacy(lm: LoadedModel, batch: int, context: int) -> TransformersBackend:
+def filled_legacy(lm: LoadedModel, batch: int, context: int) -> LegacyBackend:
     layers, kv_heads, head_dim, dtype = _kv_shape(lm)
-    backend = TransformersBackend(lm)
+    backend = LegacyBackend(lm)
     cache = DynamicCache()
     for layer in range(layers):
         cache.update(0.1 * torch.randn(batch, kv_heads, context, head_dim, dtype=dtype),

@@ -57,10 +57,37 @@ def main() -> None:
     thr = load("eval_throughput.json")
     cells = ", ".join(f"{r['method']} batch {r['batch_size']}: {r['problems_per_s']}/s" for r in thr["results"])
     out.append(f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch 1 |")
+    out += context_table()
     out += serve_table()
     out += faults_table()
     out += ray_table()
     print("\n".join(out))
+
+
+def context_table() -> list[str]:
+    ctx = load("context_scaling.json")
+    out = ["\n### Decode step against context (`benchmarks/context_scaling.py`, from `benchmarks/results/context_scaling.json`)\n",
+           f"{ctx['environment']['threads']} threads; each backend holds `batch` requests of `context` tokens (keys and values "
+           "filled at random) and decodes; median step after a warm-up. Floor = (weight bytes + live KV bytes) ÷ this "
+           f"machine's copy bandwidth ({ctx['copy_bandwidth_gb_s']} GB/s; a step that only reads can beat it, hence "
+           "ratios below 1). Goal: the KV store ≤ 1.3× the floor at every context, the ratio flat from 128 to 4,096.\n",
+           "| model | batch | context | floor ms | first backend ms (× floor) | KV store ms (× floor) | store speed-up |",
+           "|---|---|---|---|---|---|---|"]
+    for r in ctx["rows"]:
+        out.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['floor_ms']} | {r['legacy_step_ms']} ({r['legacy_vs_floor']}×) | "
+                   f"{r['store_step_ms']} (**{r['store_vs_floor']}×**) | {r['store_speedup']}× |")
+    path = RESULTS / "compile_speed.json"
+    if path.exists():
+        comp = json.loads(path.read_text())
+        out += ["\n`benchmarks/compile_speed.py` (`--compile` vs eager through the engine; greedy, fixed length, median of "
+                "alternating runs after the compile warm-up). Goal on this CPU: the reference model ≥ 1.5× at batch 1 and 8 "
+                "with identical tokens, SmolLM2 not slower.\n",
+                "| model | batch | eager tokens/s | compiled tokens/s | compiled ÷ eager | identical tokens | compile warm-up s |",
+                "|---|---|---|---|---|---|---|"]
+        for r in comp["rows"]:
+            out.append(f"| {r['model']} | {r['batch']} | {r['eager_tokens_per_s']} | {r['compiled_tokens_per_s']} | "
+                       f"**{r['compiled_vs_eager']}×** | {r['identical_tokens']} | {r['compile_warmup_s']} |")
+    return out
 
 
 def ray_table() -> list[str]:

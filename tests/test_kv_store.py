@@ -12,7 +12,7 @@ from conftest import CORPUS, make_tiny_lm
 from test_decode import ExitAtCue, FeatureThreshold
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lynx_exit.engine import Engine, GenerationConfig, KVStoreFull, StoreBackend, TransformersBackend
+from lynx_exit.engine import Engine, GenerationConfig, KVStoreFull, LegacyBackend, StoreBackend
 from lynx_exit.exits import make_policy
 from lynx_exit.models import LoadedModel
 from lynx_exit.models.families import resolve_profile
@@ -69,7 +69,7 @@ def _scenario(lm: LoadedModel, backend) -> tuple[list, list]:
 @pytest.mark.parametrize("which", ["mha", "gqa"])
 def test_engine_tokens_are_identical_on_both_backends(tiny_lm, gqa_lm, which):
     lm = tiny_lm if which == "mha" else gqa_lm
-    old_steps, old = _scenario(lm, TransformersBackend)
+    old_steps, old = _scenario(lm, LegacyBackend)
     new_steps, new = _scenario(lm, StoreBackend)
     assert new == old
     assert new_steps == old_steps
@@ -81,11 +81,14 @@ def _fresh_logits(lm: LoadedModel, token_ids: list[int]) -> torch.Tensor:
         return lm.model(input_ids=torch.tensor([token_ids]), use_cache=False).logits[0, -1]
 
 
-@pytest.mark.parametrize("which", ["gqa", "sliding"])
-def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(gqa_lm, sliding_lm, which):
+@pytest.mark.parametrize("which", ["gqa", "sliding", "gqa-matmul-decode", "mha-matmul-decode"])
+def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sliding_lm, which, monkeypatch):
     """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
-    after each, every live request's next-token logits equal the model's own forward over its token list."""
-    lm = gqa_lm if which == "gqa" else sliding_lm
+    after each, every live request's next-token logits equal the model's own forward over its token list.
+    The matmul variants run the long-context CPU decode path at every width."""
+    lm = {"gqa": gqa_lm, "sliding": sliding_lm, "gqa-matmul-decode": gqa_lm, "mha-matmul-decode": tiny_lm}[which]
+    if which.endswith("matmul-decode"):
+        monkeypatch.setattr("lynx_exit.engine.kv_store.CPU_MATMUL_DECODE_FROM", 1)
     backend = StoreBackend(lm)
     rng = random.Random(11)
     vocab = lm.model.config.vocab_size
@@ -204,3 +207,39 @@ def test_chunked_prefill_reads_a_long_prompt_while_the_others_decode(tiny_lm):
 def test_bad_prefill_budget_is_named(tiny_lm):
     with pytest.raises(ValueError, match="prefill_tokens_per_step"):
         Engine(tiny_lm, prefill_tokens_per_step=0)
+
+
+def test_compiled_blocks_decode_the_same_tokens():
+    """`--compile` (Inductor on a CPU): greedy and seeded tokens equal eager decoding, late joiners included."""
+    eager_lm, compiled_lm = make_tiny_lm(seed=5), make_tiny_lm(seed=5)
+    config = GenerationConfig(max_new_tokens=10, min_new_tokens=10, temperature=0.8)
+
+    def run(lm, compile):
+        engine = Engine(lm, max_batch_size=2, compile=compile)
+        ids = [engine.add_request(lm.prompt_ids(text), config, seed=i) for i, text in enumerate(TEXTS[:3])]
+        list(engine.stream())
+        return [engine.result(i).token_ids for i in ids]
+
+    assert run(compiled_lm, True) == run(eager_lm, False)
+    assert compiled_lm.model._lynx_compiled
+
+
+def test_a_request_the_kv_budget_cannot_grow_for_fails_alone():
+    """Under a budget that holds short requests only, the one that outgrows it ends with KVStoreFull (naming
+    the budget); the requests beside it finish exactly as they would alone."""
+    lm = make_tiny_lm(seed=2)
+    per_token = 3 * 2 * 3 * 12 * 8  # layers x (keys, values) x kv heads x head dim x float64 bytes
+    budget_gb = 3 * 128 * per_token / 2**30  # three slots of 128 tokens
+    long_config = GenerationConfig(max_new_tokens=300, min_new_tokens=300, temperature=0.8)
+    short_config = GenerationConfig(max_new_tokens=40, min_new_tokens=40, temperature=0.8)
+    engine = Engine(lm, max_batch_size=3, kv_cache_gb=budget_gb)
+    long_id = engine.add_request(lm.prompt_ids(TEXTS[0]), long_config, seed=1)
+    short_ids = [engine.add_request(lm.prompt_ids(TEXTS[i]), short_config, seed=i) for i in (1, 3)]
+    list(engine.stream())
+    assert isinstance(engine.error(long_id), KVStoreFull) and "GiB" in str(engine.error(long_id))
+    for request_id, i in zip(short_ids, (1, 3), strict=True):
+        alone = Engine(lm, max_batch_size=1)
+        alone_id = alone.add_request(lm.prompt_ids(TEXTS[i]), short_config, seed=i)
+        list(alone.stream())
+        assert engine.error(request_id) is None
+        assert engine.result(request_id).token_ids == alone.result(alone_id).token_ids

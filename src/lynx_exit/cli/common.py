@@ -32,11 +32,15 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-tokens-per-step", type=int, default=2048,
                        help="prompt tokens read per engine step; a longer prompt is read over several steps "
                             "while running requests keep decoding")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the decoder blocks (CUDA graphs on a GPU, Inductor on a CPU); "
+                            "the first steps of each new shape compile")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `Engine` keywords of the engine flags (checked by the engine, which names a bad value)."""
-    return {"kv_cache_gb": args.kv_cache_gb, "prefill_tokens_per_step": args.prefill_tokens_per_step}
+    return {"kv_cache_gb": args.kv_cache_gb, "prefill_tokens_per_step": args.prefill_tokens_per_step,
+            "compile": args.compile}
 
 
 def model_source(args: argparse.Namespace) -> Any:

@@ -1,10 +1,11 @@
 """The decode engine: requests, one batched sampler per step, and a backend seam to the model."""
 
-from lynx_exit.engine.backend import Backend, TransformersBackend
+from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.batch import DecodeLoop
 from lynx_exit.engine.config import GenerationConfig
 from lynx_exit.engine.engine import Engine
 from lynx_exit.engine.kv_store import KVStore, KVStoreFull
+from lynx_exit.engine.legacy import LegacyBackend
 from lynx_exit.engine.sampler import SamplingParams, sample
 from lynx_exit.engine.store_backend import StoreBackend
 from lynx_exit.engine.types import Decision, ExitPolicy, ForcedAnswer, RequestResult, Scorer, Step
@@ -27,6 +28,6 @@ __all__ = [
     "Scorer",
     "Step",
     "StoreBackend",
-    "TransformersBackend",
+    "LegacyBackend",
     "sample",
 ]

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_pattern
+from lynx_exit.engine.assist import AssistConfig, AssistState, Buffered
 from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.config import SEED_RANGE, GenerationConfig
+from lynx_exit.engine.kv_store import KVStoreFull
 from lynx_exit.engine.sampler import GREEDY, SamplingParams, mask_tokens, sample
 from lynx_exit.engine.store_backend import StoreBackend
 from lynx_exit.engine.types import (
@@ -38,7 +40,7 @@ from lynx_exit.engine.types import (
     Step,
     TrialKind,
 )
-from lynx_exit.models import LoadedModel
+from lynx_exit.models import LoadedModel, tokenizer_fingerprint
 from lynx_exit.models.families import ThinkingStart
 from lynx_exit.tasks.grading import extract_boxed
 
@@ -59,6 +61,25 @@ def describe_error(exc: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=64)
+def _fit_vocab(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The assistant's logits over the thinker's vocabulary and dtype (same token ids; a head may be padded wider)."""
+    vocab = like.shape[-1]
+    if logits.shape[-1] < vocab:
+        logits = torch.nn.functional.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
+    return logits[..., :vocab].to(like.dtype)
+
+
+def _has_any(text: str, words: tuple[str, ...]) -> bool:
+    return re.search(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", text, re.IGNORECASE) is not None
+
+
+def check_same_tokenizer(thinker: LoadedModel, assistant: LoadedModel) -> None:
+    """Speculative Thinking hands token ids from one model to the other: their tokenizers must be the same."""
+    if tokenizer_fingerprint(thinker.tokenizer) != tokenizer_fingerprint(assistant.tokenizer):
+        raise ValueError(f"the assistant model {assistant.model_id!r} does not share the tokenizer of {thinker.model_id!r} "
+                         "(their token ids differ): choose a larger model of the same family")
+
+
 def _cue_pattern(words: tuple[str, ...], regex: str | None) -> re.Pattern[str]:
     return compile_cue_pattern(words, regex)
 
@@ -96,6 +117,7 @@ class _Request:
     wall_time_s: float = 0.0
     in_cache: bool = False
     read: int = 0  # prompt tokens in the cache (a long prompt is read over several steps)
+    assist: AssistState | None = None  # Speculative Thinking: who writes, and what each model did
     error: BaseException | None = None  # why it failed (finish_reason "error")
 
 
@@ -108,7 +130,9 @@ class Engine:
     """Continuous-batching decode engine over one `Backend`. Not thread-safe: one thread drives it."""
 
     def __init__(self, lm: LoadedModel, max_batch_size: int = 16, backend: Backend | None = None,
-                 kv_cache_gb: float | None = None, prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS) -> None:
+                 kv_cache_gb: float | None = None, prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS,
+                 compile: bool = False, assistant: LoadedModel | None = None,
+                 assistant_backend: Backend | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if isinstance(prefill_tokens_per_step, bool) or not isinstance(prefill_tokens_per_step, int) or prefill_tokens_per_step < 1:
@@ -116,7 +140,12 @@ class Engine:
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.prefill_tokens_per_step = prefill_tokens_per_step
-        self.backend: Backend = backend if backend is not None else StoreBackend(lm, kv_cache_gb=kv_cache_gb)
+        self.backend: Backend = backend if backend is not None else StoreBackend(lm, kv_cache_gb=kv_cache_gb, compile=compile)
+        self.assistant = assistant
+        self.assistant_backend: Backend | None = None
+        if assistant is not None:
+            check_same_tokenizer(lm, assistant)
+            self.assistant_backend = assistant_backend or StoreBackend(assistant, kv_cache_gb=kv_cache_gb, compile=compile)
         self.eos_ids = lm.eos_token_ids
         self._requests: dict[int, _Request] = {}
         self._waiting: deque[int] = deque()
@@ -137,6 +166,7 @@ class Engine:
         feature_layers: Sequence[int] | None = None,
         hold: bool = False,
         thinking: ThinkingStart | None = None,
+        assist: AssistConfig | None = None,
     ) -> int:
         """Queue a request; returns its id. It joins the batch at the next `step` with a free row.
 
@@ -147,6 +177,9 @@ class Engine:
         (`LoadedModel.thinking_with`); by default the profile's.
         """
         config = config or GenerationConfig()
+        if assist is not None and self.assistant_backend is None:
+            raise ValueError("this request asks for an assistant model, but the engine was built without one "
+                             "(--assistant-model)")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("every prompt must have at least one token")
@@ -195,6 +228,7 @@ class Engine:
             reasoning_tokens=0 if thinking == "off" else None,
             exit_cue_ids=self.exit_cue_ids(config.exit_cue),
             hold=hold,
+            assist=AssistState(assist) if assist is not None else None,
         )
         self._waiting.append(request_id)
         return request_id
@@ -254,6 +288,7 @@ class Engine:
             wall_time_s=request.wall_time_s,
             reasoning_tokens=len(request.kept_ids) if request.reasoning_tokens is None else request.reasoning_tokens,
             error=describe_error(request.error) if request.error is not None else None,
+            assist=request.assist.report(len(request.kept_ids)) if request.assist is not None else None,
         )
 
     def error(self, request_id: int) -> BaseException | None:
@@ -294,11 +329,21 @@ class Engine:
     def step(self) -> list[Step]:
         """Admit waiting requests, run one forward pass for all running ones, sample once."""
         steps, self._outbox = self._outbox, []
+        self._resume_thinkers()
         fed = [self._requests[r] for r in self._running if self._requests[r].feed >= 0]
         self._admit()
         parts, batch = [], list(fed)
         if fed:
-            parts.append(self.backend.decode([r.request_id for r in fed], [r.feed for r in fed]))
+            decoded = self._decode(fed)
+            alive = [i for i, r in enumerate(fed) if r.finish_reason is None]
+            fed = [fed[i] for i in alive]
+            batch = list(fed)
+            if fed:
+                parts.append(decoded)
+        resumed: list[_Request] = []  # requests that sample without a token fed (an assistant taking over)
+        if self.assistant_backend is not None:
+            parts, batch, resumed = self._assistant_pass(parts, batch)
+            fed = [r for r in fed if r.finish_reason is None]
         admitted: list[_Request] = []  # requests whose whole prompt is read by this step: they sample now
         for group, logits in self._read_prompts():
             done = [i for i, r in enumerate(group) if r.read == len(r.prompt_ids)]
@@ -308,18 +353,21 @@ class Engine:
                 admitted += [group[i] for i in done]
         if not parts:
             return steps + self._take_outbox()
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [fed + admitted, vocab]
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [fed + resumed + admitted, vocab]
         self._ban_tokens(logits, batch)
-        sampled, alive, logits = self._sample(logits, batch)
-        token_ids = self._read_samples(sampled, logits, alive) if alive else []  # the step's one host sync
-        by_request = dict(zip([r.request_id for r in alive], token_ids, strict=True))
+        sampled, alive_rows, logits = self._sample(logits, batch)
+        token_ids = self._read_samples(sampled, logits, alive_rows) if alive_rows else []  # the step's one host sync
+        by_request = dict(zip([r.request_id for r in alive_rows], token_ids, strict=True))
         now = time.perf_counter()
-        for request in admitted:
+        for request in admitted + resumed:
             if request.request_id not in by_request:
                 continue
-            request.started, request.index = now, -1  # `_next` makes the first token index 0
+            if request in admitted:
+                request.started, request.index = now, -1  # `_next` makes the first token index 0
             try:
                 steps += self._next(request, by_request[request.request_id])
+                if request.assist is not None:
+                    self._after_sample(request, by_request[request.request_id])
             except Exception as exc:
                 self._fail(request, exc)
         fed = [r for r in fed if r.request_id in by_request]
@@ -327,9 +375,182 @@ class Engine:
         self._after_step()
         return steps + self._take_outbox()
 
+    # -- Speculative Thinking -------------------------------------------------------------------
+    def _resume_thinkers(self) -> None:
+        """A thinker that takes its turn back without a token to read (its look-ahead was dropped, official
+        schedule) re-reads its last token to sample the next one."""
+        for request_id in self._running:
+            request = self._requests[request_id]
+            if request.assist is not None and request.assist.resume == "thinker" and request.finish_reason is None:
+                tokens = len(request.prompt_ids) + len(request.kept_ids)
+                self.backend.truncate(request_id, tokens - 1)
+                request.feed = (request.prompt_ids + request.kept_ids)[-1]
+
+    def _assistant_pass(self, parts: list[torch.Tensor], batch: list[_Request]
+                        ) -> tuple[list[torch.Tensor], list[_Request], list[_Request]]:
+        """The assistant reads, in one pass, what each request it writes for holds and it has not seen; its
+        logits replace the thinker's for those rows (or add a row for a request that has no token fed)."""
+        assert self.assistant_backend is not None
+        rows = [self._requests[r] for r in self._running]
+        rows = [r for r in rows if r.assist is not None and r.assist.driver == "assistant" and r.finish_reason is None
+                and not r.assist.forced and (r.feed >= 0 or r.assist.resume == "assistant")]
+        if not rows:
+            return parts, batch, []
+        logits_by_id = self._assistant_read(rows)
+        like = parts[0] if parts else next(iter(logits_by_id.values()))
+        fed_ids = [r.request_id for r in batch]
+        if parts and any(r.request_id in logits_by_id for r in batch):
+            decoded = parts[0].clone()
+            for i, request_id in enumerate(fed_ids):
+                if request_id in logits_by_id:
+                    decoded[i] = _fit_vocab(logits_by_id[request_id], like)
+            parts = [decoded, *parts[1:]]
+        resumed = [r for r in rows if r.request_id not in fed_ids and r.request_id in logits_by_id]
+        if resumed:
+            parts = [*parts, torch.stack([_fit_vocab(logits_by_id[r.request_id], like) for r in resumed])]
+            batch = [*batch, *resumed]
+        for request in resumed:
+            assert request.assist is not None
+            request.assist.resume = None
+        return parts, batch, resumed
+
+    def _assistant_read(self, rows: list[_Request]) -> dict[int, torch.Tensor]:
+        """One assistant pass (a first read is a prefill, later ones extend); a row that fails fails alone."""
+        assert self.assistant_backend is not None
+        out: dict[int, torch.Tensor] = {}
+        groups = {first: [r for r in rows if r.assist is not None and (r.assist.synced == 0) == first] for first in (True, False)}
+        for first, group in groups.items():
+            read = self.assistant_backend.prefill if first else self.assistant_backend.extend
+            items = []
+            for request in group:
+                assert request.assist is not None
+                tokens = request.prompt_ids + request.kept_ids + ([request.feed] if request.feed >= 0 else [])
+                items.append((request, tokens[request.assist.synced :]))
+            lengths = {r.request_id: len(chunk) for r, chunk in items}
+            for members, logits in self._read_chunks(items, read, prompt=False):
+                for i, request in enumerate(members):
+                    assert request.assist is not None
+                    if not request.assist.takeover_ids:  # the first pass of a takeover: a hand-over read
+                        request.assist.assistant_read += lengths[request.request_id]
+                    request.assist.synced += lengths[request.request_id]
+                    out[request.request_id] = logits[i]
+        return out
+
+    def _after_sample(self, request: _Request, candidate: int) -> None:
+        """Count what the assistant wrote; end its takeover (or extend it once for a verify word)."""
+        assist = request.assist
+        assert assist is not None
+        if assist.driver != "assistant" or assist.forced or request.finish_reason is not None:
+            return
+        assist.assistant_tokens += 1
+        assist.takeover_ids.append(candidate)
+        assist.left -= 1
+        if assist.left > 0:
+            return
+        text = self.lm.tokenizer.decode(assist.takeover_ids, skip_special_tokens=True)
+        config = assist.config
+        if not assist.extended and config.verify_extension and _has_any(text, config.verify_words):
+            assist.left, assist.extended = config.verify_extension, True
+            assist.verify_extensions += 1
+            return
+        if config.sentiment(text) < 0:
+            assist.negatives += 1
+        assist.driver, assist.takeover_ids, assist.extended = "thinker", [], False
+
+    def _maybe_assist(self, request: _Request, step: Step) -> None:
+        """After the thinker commits a token: at a paragraph break while thinking, start a look-ahead, or
+        (after too many negative takeovers) write the recap sentence and hand over."""
+        assist = request.assist
+        assert assist is not None
+        config = assist.config
+        if (assist.driver != "thinker" or assist.lookahead is not None or step.phase != "think" or request.feed < 0
+                or request.phase != "think" or config.trigger not in request.text[-(len(step.text) + len(config.trigger) - 1):]):
+            return
+        if assist.negatives >= assist.recap_after:  # too much reflection: a recap, written by the assistant
+            recap = self.lm.tokenizer.encode(config.recap_text, add_special_tokens=False)
+            request.feed, assist.forced = recap[0], recap[1:]
+            assist.driver, assist.left, assist.takeover_ids, assist.extended = "assistant", assist.recap_tokens, [], True
+            assist.negatives = 0
+            assist.recap_tokens = min(assist.recap_tokens + config.recap_tokens_growth, config.recap_tokens_max)
+            assist.recap_after = min(assist.recap_after + config.recap_after_growth, config.recap_after_max)
+            assist.recaps += 1
+            assist.takeovers += 1
+            return
+        assist.lookahead = []
+        assist.lookaheads += 1
+
+    def _buffer(self, request: _Request, candidate: int) -> list[Step]:
+        """A look-ahead token was read: keep it aside; when the look-ahead is complete, decide."""
+        assist = request.assist
+        assert assist is not None and assist.lookahead is not None
+        features = None
+        if request.layers:
+            features = self.backend.hidden_states([request.request_id])[0]
+        assist.lookahead.append(Buffered(request.feed, request.index, request.feed_confidence, features))
+        written = len(request.kept_ids) + len(assist.lookahead)
+        full = (len(assist.lookahead) >= assist.config.lookahead or candidate in self.eos_ids
+                or written >= request.config.max_new_tokens)
+        if not full:
+            request.index += 1
+            request.feed = candidate
+            request.feed_confidence, request.candidate_confidence = request.candidate_confidence, None
+            return []
+        buffered, assist.lookahead = assist.lookahead, None
+        text = self.lm.tokenizer.decode([b.token_id for b in buffered], skip_special_tokens=True)
+        keyword = assist.config.keywords.search(text) is not None
+        if keyword or not assist.config.keep_lookahead:  # roll the thinker back to the paragraph break
+            self.backend.truncate(request.request_id, len(request.prompt_ids) + len(request.kept_ids))
+            assist.lookahead_tokens_discarded += len(buffered)
+            request.feed, request.index = -1, len(request.kept_ids) - 1
+            request.feed_confidence = request.candidate_confidence = None
+            if keyword:
+                assist.driver, assist.left, assist.takeover_ids, assist.extended = "assistant", assist.config.takeover, [], False
+                assist.resume = "assistant"
+                assist.takeovers += 1
+            else:
+                assist.resume = "thinker"
+            return []
+        return self._replay(request, buffered, candidate)
+
+    def _replay(self, request: _Request, buffered: list[Buffered], candidate: int) -> list[Step]:
+        """Commit a kept look-ahead token by token, as if read one per step (cues, features, policy, exit)."""
+        steps: list[Step] = []
+        for j, item in enumerate(buffered):
+            after = buffered[j + 1].token_id if j + 1 < len(buffered) else candidate
+            request.feed, request.index, request.feed_confidence = item.token_id, item.index, item.confidence
+            step = self._read(request, after)
+            if item.features is not None and step.phase == "think" and (request.every_step or step.cue is not None):
+                step.features = item.features if request.feature_columns is None else item.features[request.feature_columns]
+            read = [(request, step, after)]
+            for stage in (self._score, self._run_trials):
+                self._batched(stage, read)
+            if request.finish_reason is not None:
+                return steps
+            steps.append(step)
+            if step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT:
+                return steps + self._next(request, self._exit(request, step))
+        return steps + self._next(request, candidate)
+
     def _take_outbox(self) -> list[Step]:
         steps, self._outbox = self._outbox, []
         return steps
+
+    def _decode(self, fed: list[_Request]) -> torch.Tensor:
+        """One decode pass; requests the KV store cannot grow for fail alone (named by the store), the rest go on."""
+        try:
+            return self.backend.decode([r.request_id for r in fed], [r.feed for r in fed])
+        except KVStoreFull as exc:
+            over = set(exc.request_ids)
+            if not over:
+                raise
+            for request in fed:
+                if request.request_id in over:
+                    self._fail(request, exc)
+            self._after_step()  # their slots are free (and compacted) before the others decode
+            rest = [r for r in fed if r.finish_reason is None]
+            if not rest:
+                return torch.empty((0, self.lm.vocab_size), device=self.lm.device)
+            return self._decode(rest)
 
     def _read_prompts(self) -> list[tuple[list[_Request], torch.Tensor]]:
         """Read the next chunk of every prompt still being read, in admission order, within the step's token
@@ -348,21 +569,26 @@ class Engine:
         out = self._read_chunks(first, self.backend.prefill) if first else []
         return out + (self._read_chunks(more, self.backend.extend) if more else [])
 
-    def _read_chunks(self, items: list[tuple[_Request, list[int]]],
-                     read: Callable[[list[int], list[list[int]]], torch.Tensor]) -> list[tuple[list[_Request], torch.Tensor]]:
-        """Read one chunk per request; on failure bisect them, failing each one that fails alone."""
+    def _read_chunks(self, items: list[tuple[_Request, list[int]]], read: Callable[[list[int], list[list[int]]], torch.Tensor],
+                     prompt: bool = True) -> list[tuple[list[_Request], torch.Tensor]]:
+        """Read one chunk per request (of its prompt, or for the assistant); on failure bisect them, failing each
+        one that fails alone."""
+        if not items:
+            return []
         try:
             logits = read([r.request_id for r, _ in items], [chunk for _, chunk in items])
         except Exception as exc:  # a backend keeps no part of a batch it failed to read
             if len(items) == 1:
                 request = items[0][0]
-                request.in_cache = request.read > 0  # a first chunk that failed left nothing in the cache
+                if prompt:
+                    request.in_cache = request.read > 0  # a first chunk that failed left nothing in the cache
                 self._fail(request, exc)
                 return []
             half = len(items) // 2
-            return self._read_chunks(items[:half], read) + self._read_chunks(items[half:], read)
-        for request, chunk in items:
-            request.read += len(chunk)
+            return self._read_chunks(items[:half], read, prompt) + self._read_chunks(items[half:], read, prompt)
+        if prompt:
+            for request, chunk in items:
+                request.read += len(chunk)
         return [([r for r, _ in items], logits)]
 
     def _sample(self, logits: torch.Tensor, batch: list[_Request]) -> tuple[torch.Tensor, list[_Request], torch.Tensor]:
@@ -426,7 +652,8 @@ class Engine:
             if request.phase not in ("think", "answer"):
                 continue
             policy_bans = request.policy.banned_token_ids if request.phase == "think" and request.policy is not None else ()
-            no_eos = len(request.kept_ids) + (request.feed >= 0) < request.config.min_new_tokens
+            pending = len(request.assist.lookahead) if request.assist is not None and request.assist.lookahead else 0
+            no_eos = len(request.kept_ids) + pending + (request.feed >= 0) < request.config.min_new_tokens
             if not policy_bans and not no_eos:
                 continue
             banned = set(policy_bans) | (self.eos_ids if no_eos else set())
@@ -440,7 +667,13 @@ class Engine:
         reads: list[tuple[_Request, Step, int]] = []
         for request, candidate in zip(fed, token_ids, strict=True):
             try:
-                if request.phase in ("think", "answer"):
+                assist = request.assist
+                if assist is not None and assist.resume == "thinker":  # re-read its last token: nothing new
+                    assist.resume = None
+                    steps += self._next(request, candidate)
+                elif assist is not None and assist.lookahead is not None and request.phase == "think":
+                    steps += self._buffer(request, candidate)
+                elif request.phase in ("think", "answer"):
                     reads.append((request, self._read(request, candidate), candidate))
                 else:
                     steps += self._forced(request, candidate)
@@ -452,9 +685,17 @@ class Engine:
             if request.finish_reason is not None:  # failed in a batched read
                 continue
             try:
-                if step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT:
+                exited = step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT
+                if exited:
                     candidate = self._exit(request, step)
+                forced = not exited and request.assist is not None and bool(request.assist.forced)
+                if forced:  # the recap sentence, token by token, instead of what was sampled
+                    assert request.assist is not None
+                    candidate = request.assist.forced.pop(0)
                 after = self._next(request, candidate)
+                if request.assist is not None and not exited and not forced and request.finish_reason is None:
+                    self._after_sample(request, candidate)
+                    self._maybe_assist(request, step)
             except Exception as exc:
                 self._fail(request, exc)
                 continue
@@ -558,6 +799,9 @@ class Engine:
             request.text = request.text[: len(request.text) - len(step.text)]
             request.cue_indices.pop()
         request.phase, request.reasoning_tokens = "exit_cue", len(request.kept_ids)
+        if request.assist is not None:  # the answer after an exit is the thinker's
+            request.assist.driver, request.assist.left, request.assist.forced = "thinker", 0, []
+            request.assist.lookahead = None
         request.forced = deque(request.exit_cue_ids)
         return request.forced.popleft()
 
@@ -614,10 +858,17 @@ class Engine:
             request.in_cache = False
             self.backend.release(request.request_id)
             self._freed = True
+        if (request.assist is not None and request.assist.synced and self.assistant_backend is not None
+                and (force or not request.hold)):
+            request.assist.synced = 0
+            self.assistant_backend.release(request.request_id)
+            self._freed = True
 
     def _after_step(self) -> None:
         if self._freed:  # trim columns now; drop free rows only if no waiting request will take them
             self.backend.compact(drop_rows=not self._waiting)
+            if self.assistant_backend is not None:
+                self.assistant_backend.compact(drop_rows=not self._waiting)
             self._freed = False
         if not self._running and self._layers:
             self._update_layers()

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from lynx_exit.engine.kv_store import ATTENTION, KVStore, KVStoreFull, make_plan
+from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, make_plan
 from lynx_exit.models import HiddenStateCapture, LoadedModel
+from lynx_exit.models.loading import decoder_modules
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,31 @@ def use_store_attention(model: Any) -> None:
                          "the KV store needs one (transformers' AttentionInterface)")
 
 
+def compile_blocks(model: Any) -> None:
+    """`torch.compile` every decoder block (once per model): the plan reaches them as a keyword input, so one
+    graph with dynamic shapes serves every batch and width. CUDA graphs on a GPU (`reduce-overhead`), Inductor on
+    a CPU. The embedding, final norm and head stay eager (transformers' output wrappers do not trace)."""
+    if getattr(model, "_lynx_compiled", False):
+        return
+    _, blocks, _ = decoder_modules(model)
+    mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+    # Every block shares one code object: dynamo keeps one entry per block (its layer index is a constant), plus
+    # one for the first pass that allocates the store. The default limit (8) would leave deep models eager.
+    limit = 4 * len(blocks) + 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4 * limit)
+    for block in blocks:
+        if "forward" in block.__dict__:
+            raise ValueError("compile the blocks before any hidden-state tap wraps them")
+        block.forward = torch.compile(block.forward, dynamic=True, mode=mode)
+    model._lynx_compiled = True
+
+
 class StoreBackend:
     """A transformers causal LM over a `KVStore`: one slot per request, tokens written at their positions."""
 
-    def __init__(self, lm: LoadedModel, kv_cache_gb: float | None = None, max_context: int | None = None) -> None:
+    def __init__(self, lm: LoadedModel, kv_cache_gb: float | None = None, max_context: int | None = None,
+                 compile: bool = False) -> None:
         if kv_cache_gb is not None and not kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
         self.lm = lm
@@ -68,6 +90,8 @@ class StoreBackend:
         budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
         self.store = KVStore(int(self.model.config.num_hidden_layers), self.device, limit, budget,
                              _bytes_per_token(self.model))
+        if compile:
+            compile_blocks(self.model)
         self.rows: dict[int, int] = {}  # request id -> slot
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._capture: HiddenStateCapture | None = None
@@ -90,7 +114,8 @@ class StoreBackend:
         with self.store.planned(plan):
             # A 4-D mask is taken as built (transformers builds none of its own); the store's attention reads the plan's.
             out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=self._no_mask,
-                             position_ids=plan.positions, cache=self.store, use_cache=True, logits_to_keep=1)
+                             position_ids=plan.positions, cache=self.store, use_cache=True, logits_to_keep=1,
+                             **{PLAN_KWARG: plan})
         for slot, start, count in zip(slots, starts, counts, strict=True):
             lengths[slot] = start + count
         return out.logits[:, -1, :]
@@ -132,6 +157,14 @@ class StoreBackend:
         chunks: list[list[int]] = [[] for _ in range(width)]
         for slot, token in zip(slots, token_ids, strict=True):
             chunks[slot] = [int(token)]
+        lengths = self.store.lengths
+        longest = max(lengths[s] + len(c) for s, c in enumerate(chunks))
+        try:
+            self.store.reserve(width, longest)
+        except KVStoreFull as exc:  # name the requests that cannot grow: the others still fit and go on
+            fits = min(self.store.capacity, self.store.max_tokens)
+            over = tuple(r for r, s in zip(request_ids, slots, strict=True) if lengths[s] + 1 > fits)
+            raise KVStoreFull(str(exc), over) from None
         logits = self._run(range(width), chunks)
         self._decoded = self._capture.snapshot() if self._capture is not None else {}
         if slots != list(range(width)):

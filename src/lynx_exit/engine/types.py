@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +66,7 @@ class Step:
     trial: ForcedAnswer | None = None  # the trial the policy asked for here (`trial_at`), decoded with all rows' at once
     confidence: float | None = None  # DeepConf token confidence, if the policy asks (`confidence_top_k`)
     error: str | None = None  # with finish_reason "error": what failed
+    assist: dict[str, Any] | None = None  # Speculative Thinking: tokens each model wrote and read, takeovers
 
     @property
     def row(self) -> int:
@@ -129,6 +130,7 @@ class RequestResult:
     wall_time_s: float
     reasoning_tokens: int  # generated tokens before the end of thinking (natural or forced)
     error: str | None = None  # with finish_reason "error": what failed
+    assist: dict[str, Any] | None = None  # Speculative Thinking: tokens each model wrote and read, takeovers
 
     @property
     def row(self) -> int:

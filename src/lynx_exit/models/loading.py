@@ -310,7 +310,7 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, profile=profile)
 
 
-def _decoder_modules(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module], nn.Module]:
+def decoder_modules(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module], nn.Module]:
     """(embedding, blocks, final norm) of a decoder-only transformer."""
     base: Any = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]
     for blocks_name, norm_name, embed_name in _DECODER_LAYOUTS:
@@ -390,7 +390,7 @@ class HiddenStateCapture:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
-        embed, blocks, norm = _decoder_modules(model)
+        embed, blocks, norm = decoder_modules(model)
         num_layers = len(blocks)
         self.layers = tuple(layers)
         self._latest: dict[int, torch.Tensor] = {}
