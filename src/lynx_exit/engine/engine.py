@@ -425,6 +425,9 @@ class Engine:
             for request in group:
                 assert request.assist is not None
                 tokens = request.prompt_ids + request.kept_ids + ([request.feed] if request.feed >= 0 else [])
+                if request.assist.synced >= len(tokens):  # it holds everything already: re-read the last token
+                    request.assist.synced = len(tokens) - 1
+                    self.assistant_backend.truncate(request.request_id, request.assist.synced)
                 items.append((request, tokens[request.assist.synced :]))
             lengths = {r.request_id: len(chunk) for r, chunk in items}
             for members, logits in self._read_chunks(items, read, prompt=False):
@@ -694,8 +697,8 @@ class Engine:
                     candidate = request.assist.forced.pop(0)
                 after = self._next(request, candidate)
                 if request.assist is not None and not exited and not forced and request.finish_reason is None:
+                    self._maybe_assist(request, step)  # only where the thinker sampled what comes next
                     self._after_sample(request, candidate)
-                    self._maybe_assist(request, step)
             except Exception as exc:
                 self._fail(request, exc)
                 continue
