@@ -268,3 +268,18 @@ def test_batching_invariance_with_some_rows_assisted_and_some_not(pair):
         assert together.assist == single.assist
     assert engine.result(request_ids[0]).assist["takeovers"] >= 1
     assert engine.result(request_ids[1]).assist is None
+
+
+def test_generate_with_an_assistant_model_reports_what_each_model_wrote(capsys):
+    import json
+
+    from lynx_exit.cli import main
+
+    question = make_problems("test", 1)[0].question()
+    assert main(["generate", question, "--model", "reference", "--assistant-model", "reference-large",
+                 "--assist-trigger", "\\n", "--assist-lookahead", "6", "--temperature", "0.6", "--seed", "2", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["assistant_model"] == "reference-large"
+    assist = record["assist"]
+    assert assist["thinker_tokens"] + assist["assistant_tokens"] == record["generated_tokens"]
+    assert assist["lookaheads"] >= 1

@@ -37,6 +37,31 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "the first steps of each new shape compile")
 
 
+def add_assist_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Speculative Thinking (a larger model of the same family writes the reflective steps)")
+    group.add_argument("--assistant-model", default=None, help="the assistant: alias, GGUF file, folder or hub id (same tokenizer)")
+    group.add_argument("--assist-trigger", default="\n\n", help="text that ends a paragraph (default: a blank line)")
+    group.add_argument("--assist-lookahead", type=int, default=20, help="tokens the model writes after a break to look for keywords")
+    group.add_argument("--assist-takeover", type=int, default=20, help="tokens the assistant writes per takeover")
+    group.add_argument("--assist-verify-extension", type=int, default=125, help="more tokens when its text has a verify word")
+    group.add_argument("--official-lookahead", action="store_true",
+                       help="drop a look-ahead without keywords and rewrite it, as the official code does (default: keep it)")
+
+
+def assist_from_args(args: argparse.Namespace, lm: Any) -> tuple[Any, Any]:
+    """(the assistant model, the AssistConfig) of the assist flags; (None, None) without --assistant-model."""
+    if not getattr(args, "assistant_model", None):
+        return None, None
+    from lynx_exit.engine.assist import AssistConfig
+    from lynx_exit.models import load_model
+
+    config = AssistConfig(lookahead=args.assist_lookahead, takeover=args.assist_takeover,
+                          verify_extension=args.assist_verify_extension, keep_lookahead=not args.official_lookahead,
+                          trigger=args.assist_trigger.encode().decode("unicode_escape"))
+    assistant = load_model(args.assistant_model, dtype=args.dtype, device=args.device)
+    return assistant, config
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `Engine` keywords of the engine flags (checked by the engine, which names a bad value)."""
     return {"kv_cache_gb": args.kv_cache_gb, "prefill_tokens_per_step": args.prefill_tokens_per_step,

@@ -9,9 +9,11 @@ import time
 from typing import Any
 
 from lynx_exit.cli.common import (
+    add_assist_flags,
     add_engine_flags,
     add_model_flags,
     add_sampling_flags,
+    assist_from_args,
     engine_options,
     generation_config,
     load_model_from_args,
@@ -66,8 +68,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers {list(lm.feature_spec().layers)}", file=sys.stderr)
     policy = _policy_from_args(args, lm, probe_folder)
     layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
+    assistant, assist = assist_from_args(args, lm)
+    options = engine_options(args) | ({"assistant": assistant} if assistant is not None else {})
     loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers,
-                      engine_options=engine_options(args))
+                      engine_options=options, assist=assist)
     console = Console(highlight=False, soft_wrap=True)
     stream = not args.json
     started = time.perf_counter()
@@ -94,6 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "text": result.text,
         "profile": {**lm.profile.identity(), "reason": lm.profile.reason},
     }
+    if result.assist is not None:
+        record.update(assistant_model=args.assistant_model, assist=result.assist)
     if problem is not None:
         record.update(task=problem.task, problem_id=problem.problem_id, gold=problem.gold, correct=problem.grade(result.text))
     if args.json:
@@ -103,6 +109,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         summary = f"[{result.num_generated_tokens} tokens, {wall:.2f} s, {len(result.cue_indices)} cues, finish: {result.finish_reason}"
         if result.exit_index is not None:
             summary += f", exited at token {result.exit_index}"
+        if result.assist is not None:
+            summary += (f", assistant wrote {result.assist['assistant_tokens']} ({100 * result.assist['assistant_share']:.0f} %) "
+                        f"in {result.assist['takeovers']} takeovers")
         if problem is not None:
             summary += f", answer {result.answer!r} vs gold {problem.gold!r}: {'right' if record['correct'] else 'wrong'}"
         print(summary + "]")
@@ -141,6 +150,7 @@ def add_commands(sub: Any) -> None:
     gen.add_argument("--explain", action="store_true", help="say which model profile was chosen and why")
     add_model_flags(gen)
     add_engine_flags(gen)
+    add_assist_flags(gen)
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 

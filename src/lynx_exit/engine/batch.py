@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from lynx_exit.engine.assist import AssistConfig
 from lynx_exit.engine.config import GenerationConfig
 from lynx_exit.engine.engine import Engine
 from lynx_exit.engine.types import ExitPolicy, RequestResult, Step
@@ -31,6 +32,7 @@ class DecodeLoop:
         max_batch_size: int | None = None,
         hold: bool = False,
         engine_options: dict[str, Any] | None = None,
+        assist: AssistConfig | None = None,
     ) -> None:
         config = config or GenerationConfig()
         n = len(prompts)
@@ -50,6 +52,7 @@ class DecodeLoop:
                 config,
                 policy=policies[i] if policies is not None else None,
                 seed=seeds[i] if seeds is not None else config.seed + i,
+                assist=assist,
                 feature_layers=layers,
                 hold=hold,
             )
