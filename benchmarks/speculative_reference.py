@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,15 @@ from lynx_exit.models import load_model
 from lynx_exit.reference.problems import make_problems
 
 PROBE = Path(__file__).parent / "results" / "probe_reference"
+FIRST = re.compile(r"So the answer is (-?\d+)")
 SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 ASSIST = AssistConfig(trigger="\n")
+TO_BREAK = AssistConfig(trigger="\n", to_break=True)
 
 
 def run(thinker: Any, assistant: Any, problems: list, assist: AssistConfig | None, lynx_delta: float | None,
         batch: int, seed: int) -> dict[str, Any]:
+    """One method on every problem: accuracy per problem, tokens, throughput and what each model did."""
     engine = Engine(thinker, max_batch_size=batch, assistant=assistant if assist is not None else None)
     config = GenerationConfig(max_new_tokens=500, temperature=0.6, top_p=0.95, top_k=50)
     context = MethodContext(lm=thinker, probe=str(PROBE)) if lynx_delta is not None else None
@@ -46,8 +50,14 @@ def run(thinker: Any, assistant: Any, problems: list, assist: AssistConfig | Non
     wall = time.perf_counter() - start
     results = [engine.result(i) for i in ids]
     correct = [r.answer is not None and r.answer.strip() == str(p.answer) for r, p in zip(results, problems, strict=True)]
+    revisions = {"right->wrong": 0, "wrong->right": 0}
+    for result, problem in zip(results, problems, strict=True):
+        first = FIRST.search(result.text)
+        if first and result.answer is not None and first.group(1) != result.answer.strip():
+            revisions["right->wrong" if int(first.group(1)) == problem.answer else "wrong->right"] += 1
     out: dict[str, Any] = {
         "accuracy": round(sum(correct) / len(correct), 4),
+        "revised_answers": revisions,
         "correct": correct,
         "mean_tokens": round(sum(r.num_generated_tokens for r in results) / len(results), 1),
         "mean_thinking_tokens": round(sum(r.reasoning_tokens for r in results) / len(results), 1),
@@ -90,7 +100,10 @@ def main() -> None:
         "speculative-thinking": run(small, large, problems, ASSIST, None, 16, args.seed),
         "speculative-thinking (official: look-ahead dropped)": run(
             small, large, problems, AssistConfig(trigger="\n", keep_lookahead=False), None, 16, args.seed),
+        "speculative-thinking (takeover to the end of the line)": run(small, large, problems, TO_BREAK, None, 16, args.seed),
         f"speculative-thinking+lynx@{args.delta}": run(small, large, problems, ASSIST, args.delta, 16, args.seed),
+        f"speculative-thinking (to the end of the line)+lynx@{args.delta}": run(small, large, problems, TO_BREAK, args.delta,
+                                                                                16, args.seed),
     }
     base = rows["small alone"]["correct"]
     for name, row in rows.items():

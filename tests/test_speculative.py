@@ -283,3 +283,16 @@ def test_generate_with_an_assistant_model_reports_what_each_model_wrote(capsys):
     assist = record["assist"]
     assert assist["thinker_tokens"] + assist["assistant_tokens"] == record["generated_tokens"]
     assert assist["lookaheads"] >= 1
+
+
+def test_a_takeover_to_the_break_ends_with_the_assistants_paragraph(lm):
+    config = AssistConfig(lookahead=3, takeover=2, verify_extension=30, trigger=".", to_break=True)
+    thinker_text = "Tom has 3 apples. Wait, he buys 4 more and has 7 apples in all and so on"
+    assistant_text = "Tom has 3 apples. so we count them again. then we are done and so on"
+    result, thinker, assistant, t_ids, a_ids, prompt = run_scripted(lm, thinker_text, assistant_text, config)
+    decode = lm.tokenizer.decode
+    brk = next(k + 1 for k in range(len(t_ids)) if decode(t_ids[: k + 1]).endswith("."))
+    end = next(k + 1 for k in range(brk + config.takeover - 1, len(a_ids)) if "." in decode(a_ids[k : k + 1]))
+    assert result.token_ids[:end] == t_ids[:brk] + a_ids[brk:end]  # the assistant's sentence, whole
+    assert result.assist["assistant_spans"][0] == [brk, end]
+    assert result.token_ids[end] == t_ids[end]  # then the thinker again

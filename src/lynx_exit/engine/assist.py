@@ -54,6 +54,9 @@ class AssistConfig:
     recap_tokens_max: int = 200
     keep_lookahead: bool = True
     trigger: str = "\n\n"
+    # Ours: the assistant writes on to the end of its paragraph (the next trigger), `takeover` tokens at least and
+    # `takeover + verify_extension` at most, instead of handing a half-written sentence back.
+    to_break: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lookahead", "takeover", "recap_after", "recap_tokens"):
@@ -114,6 +117,7 @@ class AssistState:
     recap_after: int = 0
     recap_tokens: int = 0
     # accounting
+    spans: list[list[int]] = field(default_factory=list)  # [start, end) generated indices the assistant wrote
     assistant_tokens: int = 0
     assistant_read: int = 0  # tokens the assistant read when it took over (catch-up passes)
     takeovers: int = 0
@@ -137,4 +141,12 @@ class AssistState:
             "recaps": self.recaps,
             "lookaheads": self.lookaheads,
             "lookahead_tokens_discarded": self.lookahead_tokens_discarded,
+            "assistant_spans": [span for span in self.spans if span[0] < generated],
         }
+
+    def wrote(self, index: int) -> None:
+        """The assistant wrote generated token `index`."""
+        if self.spans and self.spans[-1][1] == index:
+            self.spans[-1][1] = index + 1
+        else:
+            self.spans.append([index, index + 1])

@@ -446,13 +446,19 @@ class Engine:
         if assist.driver != "assistant" or assist.forced or request.finish_reason is not None:
             return
         assist.assistant_tokens += 1
+        assist.wrote(request.index)
         assist.takeover_ids.append(candidate)
         assist.left -= 1
-        if assist.left > 0:
-            return
-        text = self.lm.tokenizer.decode(assist.takeover_ids, skip_special_tokens=True)
         config = assist.config
-        if not assist.extended and config.verify_extension and _has_any(text, config.verify_words):
+        text = self.lm.tokenizer.decode(assist.takeover_ids, skip_special_tokens=True)
+        if config.to_break:  # on to the end of the paragraph: `takeover` tokens at least, the extension at most
+            written = len(assist.takeover_ids)
+            at_break = config.trigger in text[-(len(self.lm.tokenizer.decode([candidate])) + len(config.trigger) - 1):]
+            if (written < config.takeover or not at_break) and written < config.takeover + config.verify_extension:
+                return
+        elif assist.left > 0:
+            return
+        elif not assist.extended and config.verify_extension and _has_any(text, config.verify_words):
             assist.left, assist.extended = config.verify_extension, True
             assist.verify_extensions += 1
             return
