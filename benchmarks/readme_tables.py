@@ -57,11 +57,40 @@ def main() -> None:
     thr = load("eval_throughput.json")
     cells = ", ".join(f"{r['method']} batch {r['batch_size']}: {r['problems_per_s']}/s" for r in thr["results"])
     out.append(f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch 1 |")
+    out += speculative_table()
     out += context_table()
     out += serve_table()
     out += faults_table()
     out += ray_table()
     print("\n".join(out))
+
+
+def speculative_table() -> list[str]:
+    path = RESULTS / "speculative_reference.json"
+    if not path.exists():
+        return []
+    spec = json.loads(path.read_text())
+    out = ["\n### Speculative Thinking on the reference pair (`benchmarks/speculative_reference.py`, from "
+           "`benchmarks/results/speculative_reference.json`)\n",
+           f"{spec['problems']} test problems, the same seeds for every row; {spec['sampling']}; trigger a line break "
+           f"(a step per line in these traces), look-ahead {spec['assist']['lookahead']}, takeover "
+           f"{spec['assist']['takeover']}, verify extension {spec['assist']['verify_extension']}. Differences are paired by "
+           "problem against the small model alone (95 % bootstrap interval). Target from the paper: above the small model "
+           "alone with the assistant writing ≤ 25 % of the thinking.\n",
+           "| method | accuracy | vs small alone | revised answers (right→wrong / wrong→right) | tokens | assistant share | takeovers | problems/s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, row in spec["methods"].items():
+        versus = row.get("vs_small_alone")
+        cell = f"{100 * versus['difference']:+.1f} [{100 * versus['ci95'][0]:+.1f}, {100 * versus['ci95'][1]:+.1f}]" if versus else "–"
+        rev = row["revised_answers"]
+        share = f"{100 * row['assistant_share']:.1f} %" if "assistant_share" in row else "–"
+        out.append(f"| {name} | {100 * row['accuracy']:.1f} % | {cell} | {rev['right->wrong']} / {rev['wrong->right']} | "
+                   f"{row['mean_tokens']} | {share} | {row.get('mean_takeovers', '–')} | {row['problems_per_s']} |")
+    thr = spec["throughput"]
+    out.append(f"\nThroughput ({thr['problems']} problems): batch 16 {thr['batch_16']['problems_per_s']} problems/s against "
+               f"the official schedule emulated at batch 1 {thr['batch_1_official_schedule']['problems_per_s']} problems/s: "
+               f"**{thr['speedup_batch16_vs_official_batch1']}×**.")
+    return out
 
 
 def context_table() -> list[str]:

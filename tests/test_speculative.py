@@ -296,3 +296,23 @@ def test_a_takeover_to_the_break_ends_with_the_assistants_paragraph(lm):
     assert result.token_ids[:end] == t_ids[:brk] + a_ids[brk:end]  # the assistant's sentence, whole
     assert result.assist["assistant_spans"][0] == [brk, end]
     assert result.token_ids[end] == t_ids[end]  # then the thinker again
+
+
+def test_eval_runs_speculative_thinking_beside_the_small_model_alone(pair, tmp_path):
+    from lynx_exit.evaluate import run_eval
+    from lynx_exit.exits import parse_methods
+    from lynx_exit.tasks import Problem
+
+    thinker, assistant = pair
+    problems = [Problem(task="arith", problem_id=str(i), question=p.question(), gold=str(p.answer))
+                for i, p in enumerate(make_problems("test", 4))]
+    settings = parse_methods(["never", "speculative-thinking"])
+    generation = GenerationConfig(max_new_tokens=200, temperature=0.6)
+    with pytest.raises(ValueError, match="needs an assistant model"):
+        run_eval(thinker, problems, settings, generation, tmp_path / "no-assistant", progress=False)
+    summary = run_eval(thinker, problems, settings, generation, tmp_path / "eval", progress=False,
+                       assistant=assistant, assist=FREQUENT)
+    rows = {row["setting"]: row for row in summary["settings"]}
+    assert rows["never"]["n"] == rows["speculative-thinking"]["n"] == 4
+    assert "assistant_share" not in rows["never"]
+    assert 0 < rows["speculative-thinking"]["assistant_share"] < 1 and rows["speculative-thinking"]["mean_takeovers"] > 0

@@ -14,6 +14,7 @@ from lynx_exit.artifacts import FolderLock, append_jsonl, read_appended_jsonl, w
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits import MethodContext, MethodSetting, make_policy
 from lynx_exit.exits.lynx import shared_probe
+from lynx_exit.exits.registry import get_method
 from lynx_exit.models import LoadedModel
 from lynx_exit.probe.build_data import rollout_seed
 from lynx_exit.tasks import Problem
@@ -36,6 +37,8 @@ def run_eval(
     probe: str | None = None,
     deepconf: str | None = None,
     runner: ShardRunner | None = None,
+    assistant: LoadedModel | None = None,
+    assist: Any = None,
 ) -> dict[str, Any]:
     """Run every setting on the same problems and seeds; append records to `records.jsonl` (resumable).
 
@@ -51,7 +54,9 @@ def run_eval(
         raise ValueError(f"batch_size and rollouts must be >= 1, got {batch_size}, {rollouts}")
     if lm is None and runner is None:
         raise ValueError("run_eval needs the model, or a runner that has it")
-    context = MethodContext(lm=lm, probe=probe, deepconf=deepconf)
+    context = MethodContext(lm=lm, probe=probe, deepconf=deepconf, assistant=assistant, assist=assist)
+    if runner is not None and any(get_method(s.method).assisted for s in settings):
+        raise ValueError("speculative-thinking methods run in this process only (not on Ray workers yet): drop --ray")
     if lm is not None:  # validate every setting and artifact up front (a runner's workers check their own)
         check_settings(context, settings)
     with FolderLock(out_dir, "lynx-exit eval"):
@@ -138,11 +143,18 @@ def eval_jobs(
 ) -> Iterator[dict[str, Any]]:
     """Run one setting's rollouts with continuous batching; yield each record as its rollout ends."""
     policies = [make_policy(setting.method, context, **dict(setting.options)) for _ in jobs]
+    assist = None
+    options: dict[str, Any] = {}
+    if get_method(setting.method).assisted:  # Speculative Thinking: the engine holds both models
+        from lynx_exit.engine.assist import AssistConfig
+
+        assist, options = context.assist or AssistConfig(), {"assistant": context.assistant}
     prompt_cache: dict[str, list[int]] = {}
     prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, p, _ in jobs]
     seeds = [rollout_seed(generation.seed, i, r, rollouts) for i, _, r in jobs]
     # Continuous batching: finished rows are refilled, so early exits become throughput.
-    loop = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds, max_batch_size=batch_size)
+    loop = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds, max_batch_size=batch_size,
+                      engine_options=options, assist=assist)
     for step in loop.steps():
         if step.finish_reason is None:
             continue
@@ -162,6 +174,8 @@ def eval_jobs(
             "exit_index": result.exit_index,
             "finish_reason": result.finish_reason,
             "latency_s": result.wall_time_s,
+            **({"assistant_tokens": result.assist["assistant_tokens"], "takeovers": result.assist["takeovers"]}
+               if result.assist is not None else {}),
         }
 
 
@@ -227,6 +241,10 @@ def summarize(
                 "wall_time_per_problem_s": (seconds_per_rollout or {}).get(label),
             }
         )
+        if any("assistant_tokens" in r for r in group):  # Speculative Thinking: what the assistant wrote
+            written = sum(r["generated_tokens"] for r in group)
+            rows[-1]["assistant_share"] = sum(r.get("assistant_tokens", 0) for r in group) / written if written else 0.0
+            rows[-1]["mean_takeovers"] = sum(r.get("takeovers", 0) for r in group) / n
     return {"settings": rows, "n_records": len(records)}
 
 

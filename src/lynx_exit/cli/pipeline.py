@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from lynx_exit.cli.common import (
+    add_assist_flags,
     add_model_flags,
     add_ray_flags,
     add_sampling_flags,
+    assist_from_args,
     generation_config,
     load_model_from_args,
     locate_probe_arg,
@@ -165,12 +167,14 @@ def _eval_one(args: argparse.Namespace, task: str, problems: list[Any], out: Pat
               lm: Any = None, runner: Any = None) -> None:
     from lynx_exit.evaluate import markdown_table, run_eval, write_report
 
+    assistant, assist = assist_from_args(args, lm) if lm is not None else (None, None)
     summary = run_eval(lm, problems, settings, generation_config(args), out, rollouts=args.rollouts,
-                       batch_size=args.batch_size, probe=probe_folder, deepconf=args.deepconf, runner=runner)
+                       batch_size=args.batch_size, probe=probe_folder, deepconf=args.deepconf, runner=runner,
+                       assistant=assistant, assist=assist)
     probe_task = None
     if probe_folder:
         probe_task = json.loads((Path(probe_folder) / "probe.json").read_text()).get("training_task")
-    meta = {"model": args.model, "task": task, "probe": args.probe, "probe_folder": probe_folder,
+    meta = {"model": args.model, "assistant_model": args.assistant_model, "task": task, "probe": args.probe, "probe_folder": probe_folder,
             "probe_training_task": probe_task, "deepconf": args.deepconf, "seed": args.seed, "offset": args.offset, "mode": args.mode}
     write_report(summary, out, meta, title=f"{args.model} on {task}")
     print(markdown_table(summary))
@@ -283,6 +287,7 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--deepconf", default=None, help="warm-up folder for deepconf (from lynx-exit deepconf-warmup)")
     ev.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="mode of method 'lynx'")
     add_model_flags(ev)
+    add_assist_flags(ev)
     add_ray_flags(ev)
     add_sampling_flags(ev)
     ev.set_defaults(func=cmd_eval)

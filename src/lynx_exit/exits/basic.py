@@ -36,6 +36,8 @@ def _budget(_context: MethodContext, options: dict[str, Any]) -> TokenBudget:
 
 
 register(ExitMethod("never", "full chain of thought", lambda _c, _o: NeverExit()))
+register(ExitMethod("speculative-thinking", "full chain of thought; a larger model of the same family writes the "
+                    "reflective steps (arXiv 2504.12329)", lambda _c, _o: NeverExit(), assisted=True))
 register(
     ExitMethod(
         "token-budget",

@@ -110,3 +110,6 @@ register(ExitMethod("lynx", "probe at each cue + conformal threshold (mode by --
 for _mode in MODES:
     register(ExitMethod(f"lynx-{_mode}", f"lynx with mode {_mode}", _build, knob=DELTA, fixed=(("mode", _mode),),
                         needs_probe=True))
+register(ExitMethod("speculative-thinking+lynx", "the assistant writes the reflective steps; lynx decides the exit "
+                    "on the thinker's states", _build, knob=DELTA, options=(choice_option("mode", MODES, "conformal mode"),),
+                    needs_probe=True, assisted=True))

@@ -118,6 +118,8 @@ class MethodContext:
     probe: str | None = None  # probe folder for the LYNX methods
     deepconf: str | None = None  # warm-up folder for deepconf
     shared: dict[str, Any] = field(default_factory=dict)  # loaded once per context (probes, banned ids)
+    assistant: LoadedModel | None = None  # Speculative Thinking's larger model (`--assistant-model`)
+    assist: Any = None  # its AssistConfig (None: the official values)
 
     def need_lm(self, method: str) -> LoadedModel:
         if self.lm is None:
@@ -135,6 +137,7 @@ class ExitMethod:
     options: tuple[Option, ...] = ()  # further settings it accepts besides the knob
     needs_probe: bool = False
     needs_deepconf: bool = False  # a warm-up folder (`--deepconf DIR`)
+    assisted: bool = False  # Speculative Thinking: the assistant model writes the reflective steps
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -192,6 +195,8 @@ def make_policy(name: str, context: MethodContext | None = None, **options: Any)
     options = {k: method.parse_option(k, v) if k in method.option_names else v for k, v in options.items()}
     if method.knob is not None and method.knob.name not in options:
         raise ValueError(f"exit method {name!r} needs {method.knob.name} ({method.knob.flag})")
+    if method.assisted and context.assistant is None:
+        raise ValueError(f"exit method {name!r} needs an assistant model (--assistant-model)")
     if method.needs_probe and context.probe is None:
         raise ValueError(f"exit method {name!r} needs a probe (--probe DIR or OWNER/NAME)")
     if method.needs_deepconf and context.deepconf is None:
