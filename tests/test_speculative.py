@@ -316,3 +316,23 @@ def test_eval_runs_speculative_thinking_beside_the_small_model_alone(pair, tmp_p
     assert rows["never"]["n"] == rows["speculative-thinking"]["n"] == 4
     assert "assistant_share" not in rows["never"]
     assert 0 < rows["speculative-thinking"]["assistant_share"] < 1 and rows["speculative-thinking"]["mean_takeovers"] > 0
+
+
+def test_serve_runs_speculative_thinking_per_request(pair):
+    import httpx
+    from conftest import BOUND_S, serving
+
+    from lynx_exit.serve import Server, ServerOptions
+
+    thinker, assistant = pair
+    options = ServerOptions(model_name="reference", defaults=GenerationConfig(max_new_tokens=120, temperature=0.6),
+                            max_batch_size=4)
+    body = {"model": "reference", "prompt": PROBLEMS[1], "max_tokens": 120, "seed": 4,
+            "exit": {"method": "speculative-thinking"}}
+    with serving(Server(thinker, options, assistant=assistant, assist=FREQUENT)) as url:
+        answers = [httpx.post(url + "/v1/completions", json=b, timeout=BOUND_S) for b in (body, {**body, "exit": {"method": "never"}})]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    assert answers[0].json()["choices"][0]["text"]
+    with serving(Server(thinker, options)) as url:  # no assistant on this server
+        refused = httpx.post(url + "/v1/completions", json=body, timeout=BOUND_S)
+    assert refused.status_code == 400 and "assistant" in refused.json()["error"]["message"]

@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 from lynx_exit.cli.common import (
+    add_assist_flags,
     add_engine_flags,
     add_model_flags,
     add_sampling_flags,
+    assist_from_args,
     engine_options,
     generation_config,
     load_model_from_args,
@@ -50,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # same machine) stall its threads at each step (compare benchmarks/serve_load.py --server-threads).
         torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) - 1))
     lm = load_model_from_args(args)
-    server = Server(lm, options)
+    assistant, assist = assist_from_args(args, lm)
+    server = Server(lm, options, assistant=assistant, assist=assist)
     print(f"lynx-exit serve: {options.model_name!r} on http://{args.host}:{args.port}/v1 (exit method {method})", flush=True)
     run(server, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -62,6 +65,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server with per-request early exit")
     add_model_flags(p)
     add_engine_flags(p)
+    add_assist_flags(p)
     add_sampling_flags(p)  # the defaults of requests that leave a field out (--max-new-tokens: max_tokens)
     p.add_argument("--deepconf", default=None, help="warm-up folder for the deepconf method (from lynx-exit deepconf-warmup)")
     p.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")

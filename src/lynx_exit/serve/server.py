@@ -61,13 +61,15 @@ class Plan:
 class Server:
     """The model, its engine worker and what every route shares."""
 
-    def __init__(self, lm: LoadedModel, options: ServerOptions, engine_factory: Callable[[], Engine] | None = None) -> None:
+    def __init__(self, lm: LoadedModel, options: ServerOptions, engine_factory: Callable[[], Engine] | None = None,
+                 assistant: LoadedModel | None = None, assist: Any = None) -> None:
         self.lm = lm
         self.options = options
         self.context_length = lm.context_length
         self.metrics = ServerMetrics(options.max_batch_size)
-        self.methods = MethodContext(lm=lm, probe=options.probe, deepconf=options.deepconf)
-        factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size, **dict(options.engine_options)))
+        self.methods = MethodContext(lm=lm, probe=options.probe, deepconf=options.deepconf, assistant=assistant, assist=assist)
+        factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size, assistant=assistant,
+                                                    **dict(options.engine_options)))
         self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine,
                                    stream_interval_s=options.stream_interval_ms / 1000, max_chunk_rate=options.max_chunk_rate)
         # Templating and tokenizing run here, off the event loop, one request at a time.
@@ -247,10 +249,15 @@ class Server:
         self.admit(plan)
         base = secrets.randbelow(_SEED_RANGE) if seed is None else seed % _SEED_RANGE
         policies = self.policies(plan.exit, plan.rows)
+        assist = None
+        if get_method(plan.exit.method).assisted:
+            from lynx_exit.engine.assist import AssistConfig
+
+            assist = self.methods.assist or AssistConfig()
         tickets, texts = [], []
         for i in range(plan.rows):
             tickets.append(Ticket(i, plan.prompts[i // plan.n], plan.config, policies[i], (base + i) % _SEED_RANGE,
-                                  thinking=plan.thinking))
+                                  thinking=plan.thinking, assist=assist))
             texts.append(ChoiceText.for_profile(self.lm.profile, plan.stop, split=split, thinking=plan.thinking))
         generation = Generation(self.worker, tickets, texts, lambda t, e: self._finished(plan, t, e))
         self.in_flight += plan.rows

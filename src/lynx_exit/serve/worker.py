@@ -58,6 +58,7 @@ class Ticket:
     policy: ExitPolicy | None
     seed: int
     thinking: ThinkingStart | None = None  # how the prompt starts thinking, if not as the profile says
+    assist: Any = None  # Speculative Thinking's AssistConfig, for an assisted exit method
     # Called on the event loop with (choice, events); the request's `Generation` sets it.
     deliver: Callable[[int, list[Event]], None] = field(default=lambda _choice, _events: None)
     submitted: float = field(default_factory=time.perf_counter)
@@ -169,7 +170,8 @@ class EngineWorker:
     def _add(self, ticket: Ticket) -> None:
         try:
             ticket.engine_id = self.engine.add_request(
-                ticket.prompt_ids, ticket.config, ticket.policy, seed=ticket.seed, thinking=ticket.thinking
+                ticket.prompt_ids, ticket.config, ticket.policy, seed=ticket.seed, thinking=ticket.thinking,
+                assist=ticket.assist,
             )
         except Exception as exc:  # validated by the handler already; kept so a client always hears back
             self._post([(ticket, [Failure(f"the engine refused this request: {exc}")])])
