@@ -4,7 +4,8 @@
 # The probe is trained on the arith train split and calibrated on the disjoint calib split; deepconf's
 # warm-up uses other train problems. Resumable (rerun after an interruption). SLICES="1 2" runs some slices
 # (e.g. two processes side by side with OMP_NUM_THREADS=1, once the probe exists); the pooled summary is
-# written when all three are there.
+# written when all three are there. Speculative Thinking rows: the small model helped by reference-large (a line
+# break ends a step, the analogue of a paragraph), alone and with LYNX; the large model alone in its own folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -23,12 +24,20 @@ fi
 for i in ${SLICES:-0 1 2}; do
   lynx-exit eval --model reference --task arith --split test --offset $((300 * i)) --num-problems 300 \
     --max-new-tokens 500 --seed $((2 + i)) --probe "$R/probe_reference" --deepconf "$R/deepconf_reference" \
-    --methods never,token-budget,lynx,lynx-trajectory,lynx-harm,deer,dynasor,nowait,first-answer,answer-convergence,eat,deepconf \
+    --methods never,token-budget,lynx,lynx-trajectory,lynx-harm,deer,dynasor,nowait,first-answer,answer-convergence,eat,deepconf,speculative-thinking,speculative-thinking+lynx \
+    --assistant-model reference-large --assist-trigger '\n' \
     --budgets 150,200,250 --deltas 0.02,0.05,0.1,0.2,0.3 --deer-thresholds 0.9,0.95,0.99 --dynasor 32:2,48:3 \
     --agree-counts 2,3 --eat-variances 0.001,0.01,0.1 --deepconf-keeps 90,95,99 \
     --batch-size 16 --out "$R/eval_reference/slice-$i"
+  # the large model alone on the same problems and seeds (its own folder: its "never" is another model's)
+  lynx-exit eval --model reference-large --task arith --split test --offset $((300 * i)) --num-problems 300 \
+    --max-new-tokens 500 --seed $((2 + i)) --methods never --batch-size 16 --out "$R/eval_reference_large/slice-$i"
 done
 if [ -f "$R/eval_reference/slice-0/summary.json" ] && [ -f "$R/eval_reference/slice-1/summary.json" ] \
    && [ -f "$R/eval_reference/slice-2/summary.json" ]; then
   python benchmarks/eval_slices.py "$R"/eval_reference/slice-{0,1,2} --out "$R/eval_reference"
+fi
+if [ -f "$R/eval_reference_large/slice-0/summary.json" ] && [ -f "$R/eval_reference_large/slice-1/summary.json" ] \
+   && [ -f "$R/eval_reference_large/slice-2/summary.json" ]; then
+  python benchmarks/eval_slices.py "$R"/eval_reference_large/slice-{0,1,2} --out "$R/eval_reference_large"
 fi
