@@ -65,6 +65,12 @@ def pool(folders: list[Path]) -> dict[str, Any]:
     return {"model": first["model"], "task": first["task"], "slices": slices, **pooled}
 
 
+def _label(row: dict[str, Any]) -> str:
+    """The setting, with the assistant's share of the tokens for Speculative Thinking."""
+    share = row.get("assistant_share")
+    return row["setting"] if share is None else f"{row['setting']} (assistant wrote {100 * share:.0f} %)"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     n = len(summary["slices"])
     lines = [
@@ -80,7 +86,7 @@ def markdown(summary: dict[str, Any]) -> str:
         trial = f" (+{row['mean_trial_tokens']:.1f})" if row["mean_trial_tokens"] else ""
         wall = "—" if row["wall_time_per_problem_s"] is None else f"{row['wall_time_per_problem_s']:.3f}"
         lines.append(
-            f"| {row['setting']} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | {per} | {saved_text} | "
+            f"| {_label(row)} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | {per} | {saved_text} | "
             f"{row['mean_generated_tokens']:.1f}{trial} | {100 * row['exit_rate']:.0f} % | {row['help']}/{row['harm']} | {wall} |"
         )
     return "\n".join(lines) + "\n"

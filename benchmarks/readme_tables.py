@@ -25,6 +25,13 @@ def main() -> None:
                 out.append(f"{len(slices)} disjoint slices of the held-out split ({parts}), pooled; the per-slice "
                            "accuracy and the spread of tokens saved show how much one draw moves.\n")
             out.append(path.read_text().strip())
+            large = RESULTS / f"{name}_large" / "summary.json"
+            if large.exists():
+                row = json.loads(large.read_text())["settings"][0]
+                low, high = row["accuracy_ci95"]
+                out.append(f"\nThe large model alone (`reference-large`, same problems and seeds, "
+                           f"`benchmarks/results/{name}_large/summary.json`): {100 * row['accuracy']:.1f} % "
+                           f"({100 * low:.1f}–{100 * high:.1f}), {row['mean_generated_tokens']:.1f} tokens.")
             out.append(f"\n![Pareto plot](benchmarks/results/{name}/pareto.png)")
     eng = load("engine_throughput.json")
     out.append("\n### Speed\n")

@@ -248,6 +248,12 @@ def summarize(
     return {"settings": rows, "n_records": len(records)}
 
 
+def _label(row: dict[str, Any]) -> str:
+    """The setting, with the assistant's share of the tokens for Speculative Thinking."""
+    share = row.get("assistant_share")
+    return row["setting"] if share is None else f"{row['setting']} (assistant wrote {100 * share:.0f} %)"
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = [
         "| method | accuracy (95% CI) | mean tokens (+trial) | tokens saved | exit rate | help/harm | wall s/problem |",
@@ -258,7 +264,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         saved = "—" if row["tokens_saved_pct"] is None else f"{row['tokens_saved_pct']:.1f} %"
         trial = f" (+{row['mean_trial_tokens']:.1f})" if row["mean_trial_tokens"] else ""
         lines.append(
-            f"| {row['setting']} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | "
+            f"| {_label(row)} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | "
             f"{row['mean_generated_tokens']:.1f}{trial} | {saved} | {100 * row['exit_rate']:.0f} % | "
             f"{row['help']}/{row['harm']} | {_seconds(row['wall_time_per_problem_s'])} |"
         )

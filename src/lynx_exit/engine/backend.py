@@ -77,3 +77,44 @@ class Backend(Protocol):
     def compact(self, drop_rows: bool) -> None:
         """Reclaim what released requests left; keep free rows for waiting requests unless `drop_rows`."""
         ...
+
+
+def greedy_continuations(
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    done: Callable[[int, list[int]], bool],
+    step: Callable[[torch.Tensor, list[int], int], torch.Tensor],
+) -> list[tuple[list[int], list[float], float]]:
+    """The greedy loop of `fork`, over any backend: `logits` [n, vocab] follow the forced tokens; `step(ids, host_ids, t)`
+    reads the n chosen ids (every row, finished or not) and returns the next logits. One host sync per token."""
+    n = logits.shape[0]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(-1)  # [n], after the forced tokens
+    if max_new_tokens == 0:
+        return [([], [], value) for value in entropy.tolist()]
+    outputs: list[list[int]] = [[] for _ in range(n)]
+    probs_out: list[list[float]] = [[] for _ in range(n)]
+    entropies: list[float] = []
+    active = list(range(n))
+    for t in range(max_new_tokens):
+        probs = torch.softmax(logits.float(), dim=-1)
+        next_ids = probs.argmax(-1)  # [n]
+        chosen = probs.gather(-1, next_ids[:, None])[:, 0]
+        host: list[torch.Tensor] = [next_ids.double(), chosen.double()] + ([entropy.double()] if t == 0 else [])
+        ids_host, probs_host, *first = torch.stack(host).tolist()  # one sync
+        entropies = first[0] if t == 0 else entropies
+        still = []
+        for i in active:
+            token = int(ids_host[i])
+            if token in stop_ids:
+                continue
+            outputs[i].append(token)
+            probs_out[i].append(float(probs_host[i]))
+            if not done(i, outputs[i]):
+                still.append(i)
+        active = still
+        if not active or t + 1 == max_new_tokens:
+            break
+        logits = step(next_ids, [int(i) for i in ids_host], t)
+    return list(zip(outputs, probs_out, entropies, strict=True))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from lynx_exit.engine.backend import greedy_continuations
 from lynx_exit.models import HiddenStateCapture, LoadedModel
 
 
@@ -253,34 +254,10 @@ class LegacyBackend:
         mask = torch.cat([mask, torch.ones_like(cue)], dim=1)
         positions = kept[:, None] + torch.arange(num_forced, device=self.device)[None, :]
         logits = self._forward(cue, mask, positions, fork)
-        outputs: list[list[int]] = [[] for _ in range(n)]
-        probs_out: list[list[float]] = [[] for _ in range(n)]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(log_probs.exp() * log_probs).nansum(-1)  # [n], after the forced tokens
-        if max_new_tokens == 0:
-            return [([], [], value) for value in entropy.tolist()]
-        entropies: list[float] = []
-        active = list(range(n))
-        for t in range(max_new_tokens):
-            probs = torch.softmax(logits.float(), dim=-1)
-            next_ids = probs.argmax(-1)  # [n]
-            chosen = probs.gather(-1, next_ids[:, None])[:, 0]
-            host: list[torch.Tensor] = [next_ids.double(), chosen.double()] + ([entropy.double()] if t == 0 else [])
-            ids_host, probs_host, *first = torch.stack(host).tolist()  # one sync
-            entropies = first[0] if t == 0 else entropies
-            still = []
-            for i in active:
-                token = int(ids_host[i])
-                if token in stop_ids:
-                    continue
-                outputs[i].append(token)
-                probs_out[i].append(float(probs_host[i]))
-                if not done(i, outputs[i]):
-                    still.append(i)
-            active = still
-            if not active or t + 1 == max_new_tokens:
-                break
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            positions = (kept + num_forced + t)[:, None]
-            logits = self._forward(next_ids[:, None], mask, positions, fork)
-        return list(zip(outputs, probs_out, entropies, strict=True))
+        state = {"mask": mask}
+
+        def step(next_ids: torch.Tensor, _host: list[int], t: int) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], torch.ones(n, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            return self._forward(next_ids[:, None], state["mask"], (kept + num_forced + t)[:, None], fork)
+
+        return greedy_continuations(logits, max_new_tokens, stop_ids, done, step)

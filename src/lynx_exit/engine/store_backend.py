@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lynx_exit.engine.backend import greedy_continuations
 from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, make_plan
 from lynx_exit.models import HiddenStateCapture, LoadedModel
 from lynx_exit.models.loading import decoder_modules
@@ -248,38 +249,10 @@ class StoreBackend:
 
     def _greedy(self, slots: list[int], forced_ids: list[int], max_new_tokens: int, stop_ids: set[int],
                 done: Callable[[int, list[int]], bool]) -> list[tuple[list[int], list[float], float]]:
-        n = len(slots)
-        logits = self._run(slots, [forced_ids] * n)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(log_probs.exp() * log_probs).nansum(-1)  # [n], after the forced tokens
-        if max_new_tokens == 0:
-            return [([], [], value) for value in entropy.tolist()]
-        outputs: list[list[int]] = [[] for _ in range(n)]
-        probs_out: list[list[float]] = [[] for _ in range(n)]
-        entropies: list[float] = []
-        active = list(range(n))
-        for t in range(max_new_tokens):
-            probs = torch.softmax(logits.float(), dim=-1)
-            next_ids = probs.argmax(-1)
-            chosen = probs.gather(-1, next_ids[:, None])[:, 0]
-            host = [next_ids.double(), chosen.double()] + ([entropy.double()] if t == 0 else [])
-            ids_host, probs_host, *first = torch.stack(host).tolist()  # one sync
-            entropies = first[0] if t == 0 else entropies
-            still = []
-            for i in active:
-                token = int(ids_host[i])
-                if token in stop_ids:
-                    continue
-                outputs[i].append(token)
-                probs_out[i].append(float(probs_host[i]))
-                if not done(i, outputs[i]):
-                    still.append(i)
-            active = still
-            if not active or t + 1 == max_new_tokens:
-                break
-            chunks = [[int(ids_host[i])] for i in range(n)]  # finished rows read on; nobody looks at them
-            logits = self._run(slots, chunks)
-        return list(zip(outputs, probs_out, entropies, strict=True))
+        logits = self._run(slots, [forced_ids] * len(slots))
+        # finished rows read on (nobody looks at them): the batch keeps its shape
+        return greedy_continuations(logits, max_new_tokens, stop_ids, done,
+                                    lambda _ids, host, _t: self._run(slots, [[i] for i in host]))
 
 
 __all__ = ["KVStoreFull", "StoreBackend", "use_store_attention"]
