@@ -85,10 +85,10 @@ def _fresh_logits(lm: LoadedModel, token_ids: list[int]) -> torch.Tensor:
 def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sliding_lm, which, monkeypatch):
     """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
     after each, every live request's next-token logits equal the model's own forward over its token list.
-    The matmul variants run the long-context CPU decode path at every width."""
+    The matmul variants run the CPU decode path; the others SDPA, as on a GPU."""
     lm = {"gqa": gqa_lm, "sliding": sliding_lm, "gqa-matmul-decode": gqa_lm, "mha-matmul-decode": tiny_lm}[which]
-    if which.endswith("matmul-decode"):
-        monkeypatch.setattr("lynx_exit.engine.kv_store.CPU_MATMUL_DECODE_FROM", 1)
+    if not which.endswith("matmul-decode"):  # SDPA for the decode too (what a GPU runs)
+        monkeypatch.setattr("lynx_exit.engine.kv_store.CPU_MATMUL_DECODE_FROM", 10**9)
     backend = StoreBackend(lm)
     rng = random.Random(11)
     vocab = lm.model.config.vocab_size

@@ -30,7 +30,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION = "lynx_store"
 MIN_CAPACITY = 64
-CPU_MATMUL_DECODE_FROM = 2048  # key columns from which a CPU decode reads attention with matmuls instead of SDPA
+# Key columns from which a CPU decode reads attention with two matmuls instead of SDPA: from the first. SDPA's CPU
+# kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76 us at 40 columns,
+# 373 vs 427-446 us at 1,000; 32 rows at 4,096: 12 vs 19 ms per layer).
+CPU_MATMUL_DECODE_FROM = 1
 
 
 class KVStoreFull(RuntimeError):
@@ -93,13 +96,14 @@ def store_attention(
                                       "run it with the legacy backend")
     mask = plan.mask if sliding_window is None else _window_mask(plan, int(sliding_window))
     batch, heads, q_len, head_dim = query.shape
-    groups = heads // key.shape[1]
+    # From the module where it says (a plain int: under torch.compile the shapes are symbolic)
+    groups = int(getattr(module, "num_key_value_groups", 0)) or heads // key.shape[1]
     if q_len == 1 and (groups > 1 or (query.device.type == "cpu" and plan.width >= CPU_MATMUL_DECODE_FROM)):
         # Decode: a group of query heads reads its KV head as one short query (no repeated keys).
         grouped = query.view(batch, key.shape[1], groups, head_dim)
         if query.device.type == "cpu" and plan.width >= CPU_MATMUL_DECODE_FROM:
-            # Long contexts on a CPU: two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel
-            # for a query this short is compute-bound (measured 12 vs 19 ms per layer, 32 rows x 4,096 tokens).
+            # On a CPU two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel for a query this
+            # short is slower (see CPU_MATMUL_DECODE_FROM).
             scores = torch.matmul(grouped, key.transpose(-1, -2)) * (head_dim**-0.5 if scaling is None else scaling)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
