@@ -63,3 +63,18 @@ def test_demo_smoke(tmp_path):
     assert [row["setting"] for row in result["settings"]] == ["never", "token-budget@100", "lynx@0.3", "lynx-harm@0.3"]
     assert (tmp_path / "eval" / "pareto.png").exists() and (tmp_path / "demo.json").exists()
     assert "| lynx@0.3 |" in result["table"]
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help strings with %: a stray one makes `--help` a traceback."""
+    import pytest
+
+    from lynx_exit.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)).choices
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert "usage: lynx-exit " + name in capsys.readouterr().out

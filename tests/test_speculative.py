@@ -277,7 +277,8 @@ def test_generate_with_an_assistant_model_reports_what_each_model_wrote(capsys):
 
     question = make_problems("test", 1)[0].question()
     assert main(["generate", question, "--model", "reference", "--assistant-model", "reference-large",
-                 "--assist-trigger", "\\n", "--assist-lookahead", "6", "--temperature", "0.6", "--seed", "2", "--json"]) == 0
+                 "--assist-trigger", "\\n", "--assist-lookahead", "6", "--assist-negative-words", "wait,hmm",
+                 "--assist-to-break", "--temperature", "0.6", "--seed", "2", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["assistant_model"] == "reference-large"
     assist = record["assist"]

@@ -38,6 +38,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_assist_flags(parser: argparse.ArgumentParser) -> None:
+    from lynx_exit.engine.assist import NEGATIVE_WORDS, POSITIVE_WORDS, VERIFY_WORDS
+
     group = parser.add_argument_group("Speculative Thinking (a larger model of the same family writes the reflective steps)")
     group.add_argument("--assistant-model", default=None, help="the assistant: alias, GGUF file, folder or hub id (same tokenizer)")
     group.add_argument("--assist-trigger", default="\n\n", help="text that ends a paragraph (default: a blank line)")
@@ -46,6 +48,14 @@ def add_assist_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--assist-verify-extension", type=int, default=125, help="more tokens when its text has a verify word")
     group.add_argument("--official-lookahead", action="store_true",
                        help="drop a look-ahead without keywords and rewrite it, as the official code does (default: keep it)")
+    group.add_argument("--assist-to-break", action="store_true",
+                       help="the assistant writes on to the end of its paragraph (ours; default: a fixed length, as the paper)")
+    for kind, words in (("verify", VERIFY_WORDS), ("negative", NEGATIVE_WORDS), ("positive", POSITIVE_WORDS)):
+        group.add_argument(f"--assist-{kind}-words", default=",".join(words), help=f"comma-separated {kind} keywords")
+    group.add_argument("--assist-recap-after", type=int, default=15,
+                       help="negative takeovers before the recap sentence (grows by 5 up to 30 each time)")
+    group.add_argument("--assist-recap-tokens", type=int, default=125,
+                       help="tokens the assistant writes after the recap sentence (grows by 25 up to 200)")
 
 
 def assist_from_args(args: argparse.Namespace, lm: Any) -> tuple[Any, Any]:
@@ -55,9 +65,16 @@ def assist_from_args(args: argparse.Namespace, lm: Any) -> tuple[Any, Any]:
     from lynx_exit.engine.assist import AssistConfig
     from lynx_exit.models import load_model
 
+    def words(text: str) -> tuple[str, ...]:
+        return tuple(w.strip() for w in text.split(",") if w.strip())
+
     config = AssistConfig(lookahead=args.assist_lookahead, takeover=args.assist_takeover,
                           verify_extension=args.assist_verify_extension, keep_lookahead=not args.official_lookahead,
-                          trigger=args.assist_trigger.encode().decode("unicode_escape"))
+                          trigger=args.assist_trigger.encode().decode("unicode_escape"), to_break=args.assist_to_break,
+                          verify_words=words(args.assist_verify_words), negative_words=words(args.assist_negative_words),
+                          positive_words=words(args.assist_positive_words), recap_after=args.assist_recap_after,
+                          recap_after_max=max(30, args.assist_recap_after), recap_tokens=args.assist_recap_tokens,
+                          recap_tokens_max=max(200, args.assist_recap_tokens))
     assistant = load_model(args.assistant_model, dtype=args.dtype, device=args.device)
     return assistant, config
 

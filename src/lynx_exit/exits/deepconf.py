@@ -213,7 +213,7 @@ register(
         "exit when the mean token confidence of the last W tokens falls below the warm-up's (100-η)th percentile",
         _build,
         knob=Knob("keep", "--deepconf-keep", "--deepconf-keeps", _keep,
-                  "DeepConf η: % of warm-up traces that would never exit", default_grid="10,50,90"),
+                  "DeepConf η: per cent of warm-up traces that would never exit", default_grid="10,50,90"),
         options=(window_option("window", "tokens in the group confidence (default: the warm-up's)"),),
         needs_deepconf=True,
     )
