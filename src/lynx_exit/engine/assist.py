@@ -19,6 +19,7 @@ The assistant reads what it has not seen in one pass when it takes over (the `ex
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,8 +32,19 @@ POSITIVE_WORDS = ("yeah", "yes", "final answer", "confident")
 RECAP_TEXT = "Let me check whether there are some wrong steps:"
 
 
+@functools.lru_cache(maxsize=64)
 def _words(words: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
+
+def contains_any(text: str, words: tuple[str, ...]) -> bool:
+    """Whether `text` holds one of `words` as a whole word or phrase (any case)."""
+    return _words(words).search(text) is not None
+
+
+def ends_paragraph(text: str, last: str, trigger: str) -> bool:
+    """Whether the piece `last` that ends `text` completes `trigger` (it may start in the piece before)."""
+    return trigger in text[-(len(last) + len(trigger) - 1):]
 
 
 @dataclass(frozen=True)

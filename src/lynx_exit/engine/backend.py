@@ -118,3 +118,12 @@ def greedy_continuations(
             break
         logits = step(next_ids, [int(i) for i in ids_host], t)
     return list(zip(outputs, probs_out, entropies, strict=True))
+
+
+def check_fork(items: Sequence[tuple[int, int]], forced_ids: Sequence[int], held: Callable[[int], int]) -> None:
+    """What every backend's `fork` refuses: no forced token, or a prefix longer than the request holds."""
+    if not forced_ids:
+        raise ValueError("fork needs at least one forced token")
+    for request_id, keep in items:
+        if not 0 < keep <= held(request_id):
+            raise ValueError(f"request {request_id} holds {held(request_id)} tokens, cannot keep {keep}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_pattern
-from lynx_exit.engine.assist import AssistConfig, AssistState, Buffered
+from lynx_exit.engine.assist import AssistConfig, AssistState, Buffered, contains_any, ends_paragraph
 from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.config import SEED_RANGE, GenerationConfig
 from lynx_exit.engine.kv_store import KVStoreFull
@@ -67,10 +67,6 @@ def _fit_vocab(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if logits.shape[-1] < vocab:
         logits = torch.nn.functional.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
     return logits[..., :vocab].to(like.dtype)
-
-
-def _has_any(text: str, words: tuple[str, ...]) -> bool:
-    return re.search(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", text, re.IGNORECASE) is not None
 
 
 def check_same_tokenizer(thinker: LoadedModel, assistant: LoadedModel) -> None:
@@ -379,6 +375,8 @@ class Engine:
     def _resume_thinkers(self) -> None:
         """A thinker that takes its turn back without a token to read (its look-ahead was dropped, official
         schedule) re-reads its last token to sample the next one."""
+        if self.assistant_backend is None:  # nothing to do on the decode path without an assistant
+            return
         for request_id in self._running:
             request = self._requests[request_id]
             if request.assist is not None and request.assist.resume == "thinker" and request.finish_reason is None:
@@ -450,15 +448,15 @@ class Engine:
         assist.takeover_ids.append(candidate)
         assist.left -= 1
         config = assist.config
-        text = self.lm.tokenizer.decode(assist.takeover_ids, skip_special_tokens=True)
-        if config.to_break:  # on to the end of the paragraph: `takeover` tokens at least, the extension at most
-            written = len(assist.takeover_ids)
-            at_break = config.trigger in text[-(len(self.lm.tokenizer.decode([candidate])) + len(config.trigger) - 1):]
-            if (written < config.takeover or not at_break) and written < config.takeover + config.verify_extension:
-                return
-        elif assist.left > 0:
+        written = len(assist.takeover_ids)
+        if (written < config.takeover if config.to_break else assist.left > 0):
             return
-        elif not assist.extended and config.verify_extension and _has_any(text, config.verify_words):
+        decode = self.lm.tokenizer.decode
+        text = decode(assist.takeover_ids, skip_special_tokens=True)
+        if config.to_break:  # on to the end of the paragraph: `takeover` tokens at least, the extension at most
+            if not ends_paragraph(text, decode([candidate]), config.trigger) and written < config.takeover + config.verify_extension:
+                return
+        elif not assist.extended and config.verify_extension and contains_any(text, config.verify_words):
             assist.left, assist.extended = config.verify_extension, True
             assist.verify_extensions += 1
             return
@@ -473,7 +471,7 @@ class Engine:
         assert assist is not None
         config = assist.config
         if (assist.driver != "thinker" or assist.lookahead is not None or step.phase != "think" or request.feed < 0
-                or request.phase != "think" or config.trigger not in request.text[-(len(step.text) + len(config.trigger) - 1):]):
+                or request.phase != "think" or not ends_paragraph(request.text, step.text, config.trigger)):
             return
         if assist.negatives >= assist.recap_after:  # too much reflection: a recap, written by the assistant
             recap = self.lm.tokenizer.encode(config.recap_text, add_special_tokens=False)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from lynx_exit.engine.backend import greedy_continuations
+from lynx_exit.engine.backend import check_fork, greedy_continuations
 from lynx_exit.models import HiddenStateCapture, LoadedModel
 
 
@@ -231,13 +231,9 @@ class LegacyBackend:
     ) -> list[tuple[list[int], list[float], float]]:
         if not items:
             return []
-        if not forced_ids:
-            raise ValueError("fork needs at least one forced token")
+        check_fork(items, forced_ids, lambda request_id: int(self.lengths[self.rows[request_id]]))
         rows = [self.rows[request_id] for request_id, _ in items]
         keeps = [keep for _, keep in items]
-        for (request_id, keep), row in zip(items, rows, strict=True):
-            if not 0 < keep <= int(self.lengths[row]):
-                raise ValueError(f"request {request_id} holds {int(self.lengths[row])} tokens, cannot keep {keep}")
         # Columns past the last kept token of any item are masked for all: do not copy them.
         num_columns = max(self._starts[row] + keep + self._dropped.get(row, 0) for row, keep in zip(rows, keeps, strict=True))
         num_columns = min(num_columns, self.mask.shape[1])

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lynx_exit.engine.backend import greedy_continuations
+from lynx_exit.engine.backend import check_fork, greedy_continuations
 from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, make_plan
 from lynx_exit.models import HiddenStateCapture, LoadedModel
 from lynx_exit.models.loading import decoder_modules
@@ -229,11 +229,7 @@ class StoreBackend:
     ) -> list[tuple[list[int], list[float], float]]:
         if not items:
             return []
-        if not forced_ids:
-            raise ValueError("fork needs at least one forced token")
-        for request_id, keep in items:
-            if not 0 < keep <= self.length(request_id):
-                raise ValueError(f"request {request_id} holds {self.length(request_id)} tokens, cannot keep {keep}")
+        check_fork(items, forced_ids, self.length)
         n = len(items)
         base = max(self.rows.values()) + 1
         scratch = list(range(base, base + n))
