@@ -209,19 +209,28 @@ def test_bad_prefill_budget_is_named(tiny_lm):
         Engine(tiny_lm, prefill_tokens_per_step=0)
 
 
-def test_compiled_blocks_decode_the_same_tokens():
-    """`--compile` (Inductor on a CPU): greedy and seeded tokens equal eager decoding, late joiners included."""
+def test_compiled_decode_steps_match_eager():
+    """`--compile` (Inductor on a CPU): one compiled graph per batch and width bucket gives the eager tokens, exits
+    and probe features, with late joiners, an odd batch padded to its bucket, widths past 64 and requests ending."""
     eager_lm, compiled_lm = make_tiny_lm(seed=5), make_tiny_lm(seed=5)
-    config = GenerationConfig(max_new_tokens=10, min_new_tokens=10, temperature=0.8)
+    config = GenerationConfig(max_new_tokens=70, min_new_tokens=40, temperature=0.8, cue_regex="[ae]",
+                              answer_max_tokens=4)
 
     def run(lm, compile):
-        engine = Engine(lm, max_batch_size=2, compile=compile)
-        ids = [engine.add_request(lm.prompt_ids(text), config, seed=i) for i, text in enumerate(TEXTS[:3])]
+        engine = Engine(lm, max_batch_size=3, compile=compile)
+        policies = [None, FeatureThreshold(0.0, feature_spec=lm.feature_spec()), ExitAtCue(k=3), None]
+        ids = [engine.add_request(lm.prompt_ids(text), config, policy=policy, seed=i)
+               for i, (text, policy) in enumerate(zip(TEXTS, policies, strict=False))]
         list(engine.stream())
-        return [engine.result(i).token_ids for i in ids]
+        results = [engine.result(i) for i in ids]
+        return [(r.token_ids, r.finish_reason, r.exit_index, r.cue_indices) for r in results], engine
 
-    assert run(compiled_lm, True) == run(eager_lm, False)
-    assert compiled_lm.model._lynx_compiled
+    compiled, engine = run(compiled_lm, True)
+    eager, _ = run(eager_lm, False)
+    assert compiled == eager
+    graph = engine.backend.graph
+    assert graph.steps > 50  # most steps ran compiled (steps with a request joining or leaving run eagerly)
+    assert {size for size, _ in graph.shapes} >= {2, 4} and {width for _, width in graph.shapes} >= {64, 128}
 
 
 def test_a_request_the_kv_budget_cannot_grow_for_fails_alone():

@@ -15,6 +15,7 @@ per doubling, not per token) up to the context limit and the memory budget.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,9 @@ MIN_CAPACITY = 64
 # kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76 us at 40 columns,
 # 373 vs 427-446 us at 1,000; 32 rows at 4,096: 12 vs 19 ms per layer).
 CPU_MATMUL_DECODE_FROM = 1
+
+
+_SERIALS = itertools.count()
 
 
 class KVStoreFull(RuntimeError):
@@ -165,6 +169,15 @@ class KVStore(Cache):
         self.lengths: list[int] = []  # per slot, host side
         self.capacity = 0
         self.plan: Plan | None = None
+        self.static_addresses = False  # a CUDA graph writes the tensors in place: their addresses must not move
+        self.serial = next(_SERIALS)  # which store, and which of its allocations (compiled steps key on both)
+        self.generation = 0
+
+    def _allocated(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.generation += 1
+        if self.static_addresses:
+            torch._dynamo.mark_static_address(tensor)
+        return tensor
 
     # -- sizes --------------------------------------------------------------------------------------
     @property
@@ -195,7 +208,7 @@ class KVStore(Cache):
                     continue
                 new = old.new_zeros(slots, old.shape[1], capacity, old.shape[3])
                 new[: old.shape[0], :, : self.capacity] = old
-                store[i] = new
+                store[i] = self._allocated(new)
         self.lengths += [0] * (slots - self.slots)
         self.capacity = capacity
 
@@ -213,7 +226,8 @@ class KVStore(Cache):
         for store, states in ((self.keys, key_states), (self.values, value_states)):
             tensor = store[layer]
             if tensor is None:  # first pass: shapes and dtype come from the model itself
-                tensor = store[layer] = states.new_zeros(self.slots, states.shape[1], self.capacity, states.shape[3])
+                tensor = states.new_zeros(self.slots, states.shape[1], self.capacity, states.shape[3])
+                tensor = store[layer] = self._allocated(tensor)
             if states.shape[2] == 1:  # decode: one token per row
                 new = states[:, :, 0] if plan.src_rows.shape[0] == states.shape[0] else states[plan.src_rows, :, 0]
             else:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from lynx_exit.engine.backend import check_fork, greedy_continuations
+from lynx_exit.engine.decode_graph import DecodeGraph, bucket
 from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, make_plan
 from lynx_exit.models import HiddenStateCapture, LoadedModel
-from lynx_exit.models.loading import decoder_modules
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +55,6 @@ def use_store_attention(model: Any) -> None:
                          "the KV store needs one (transformers' AttentionInterface)")
 
 
-def compile_blocks(model: Any) -> None:
-    """`torch.compile` every decoder block (once per model): the plan reaches them as a keyword input, so one
-    graph with dynamic shapes serves every batch and width. CUDA graphs on a GPU (`reduce-overhead`), Inductor on
-    a CPU. The embedding, final norm and head stay eager (transformers' output wrappers do not trace)."""
-    if getattr(model, "_lynx_compiled", False):
-        return
-    _, blocks, _ = decoder_modules(model)
-    mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-    # Every block shares one code object: dynamo keeps one entry per block (its layer index is a constant), plus
-    # one for the first pass that allocates the store. The default limit (8) would leave deep models eager.
-    limit = 4 * len(blocks) + 8
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4 * limit)
-    for block in blocks:
-        if "forward" in block.__dict__:
-            raise ValueError("compile the blocks before any hidden-state tap wraps them")
-        block.forward = torch.compile(block.forward, dynamic=True, mode=mode)
-    model._lynx_compiled = True
-
-
 class StoreBackend:
     """A transformers causal LM over a `KVStore`: one slot per request, tokens written at their positions."""
 
@@ -91,12 +71,13 @@ class StoreBackend:
         budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
         self.store = KVStore(int(self.model.config.num_hidden_layers), self.device, limit, budget,
                              _bytes_per_token(self.model))
-        if compile:
-            compile_blocks(self.model)
+        # `compile`: decode steps run as one compiled graph per batch and width bucket (see `decode_graph`)
+        self.graph = DecodeGraph(self.model, self.store, self.device, self.pad_id) if compile else None
         self.rows: dict[int, int] = {}  # request id -> slot
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._capture: HiddenStateCapture | None = None
         self._decoded: dict[int, torch.Tensor] = {}
+        self._features: torch.Tensor | None = None  # the compiled step's hidden states, row = slot
         self.layers: tuple[int, ...] = ()
 
     # -- passes -------------------------------------------------------------------------------------
@@ -166,10 +147,30 @@ class StoreBackend:
             fits = min(self.store.capacity, self.store.max_tokens)
             over = tuple(r for r, s in zip(request_ids, slots, strict=True) if lengths[s] + 1 > fits)
             raise KVStoreFull(str(exc), over) from None
-        logits = self._run(range(width), chunks)
-        self._decoded = self._capture.snapshot() if self._capture is not None else {}
+        logits = self._captured(chunks) if self.graph is not None else None
+        if logits is None:
+            logits = self._run(range(width), chunks)
+            self._decoded = self._capture.snapshot() if self._capture is not None else {}
+            self._features = None
         if slots != list(range(width)):
             logits = logits.index_select(0, torch.tensor(slots, device=self.device))
+        return logits
+
+    def _captured(self, chunks: list[list[int]]) -> torch.Tensor | None:
+        """The compiled decode step, when every slot 0..n-1 reads a token (else None: the eager pass runs)."""
+        assert self.graph is not None
+        if not all(chunks) or not self.graph.fits(len(chunks)):
+            return None
+        lengths = self.store.lengths
+        starts = lengths[: len(chunks)]
+        try:  # padding rows need slots of their own; when the budget has no room for them, the step runs eagerly
+            self.store.reserve(bucket(len(chunks)), max(starts) + 1)
+        except KVStoreFull:
+            return None
+        logits, self._features = self.graph.run([c[0] for c in chunks], starts)
+        self._decoded = {}
+        for slot in range(len(chunks)):
+            lengths[slot] += 1
         return logits
 
     # -- hidden states ------------------------------------------------------------------------------
@@ -181,11 +182,15 @@ class StoreBackend:
             self._capture.close()
         self._capture = HiddenStateCapture(self.model, layers) if layers else None
         self.layers = layers
+        if self.graph is not None:
+            self.graph.capture = self._capture
 
     def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
+        index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)  # decode row == slot
+        if self._features is not None:
+            return self._features.index_select(0, index)
         if self._capture is None or not self._decoded:
             raise RuntimeError("no hidden-state layers were captured by the last decode")
-        index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)  # decode row == slot
         return self._capture.features(index, self._decoded)
 
     # -- cache verbs ----------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""The decode step as one captured graph: `--compile`.
+
+A decode step of the `KVStore` backend reads one token for each of the slots 0..n-1. Here that step
+is traced whole (embedding, every block, the KV writes, the final norm, the head and the
+hidden-state taps) and compiled with `torch.compile` at fixed shapes: the batch is padded up to a
+bucket (1, 2, 4, 8, ...), the attended width up to a power of two (at least 64, at most the store's
+capacity). Each (batch bucket, width bucket, store shape) compiles once; on a GPU the graph is then
+recorded as a CUDA graph (`mode="reduce-overhead"`), on a CPU Inductor's fused kernels run it.
+
+What makes the step capturable:
+- static input buffers per batch bucket (token ids and positions), filled by one host-to-device copy;
+- the plan (write positions, the mask from per-row positions) is built inside the graph from them;
+- padding rows write at column 0 of free slots, which hold nothing anyone reads;
+- the hidden states at the tapped layers leave the graph as one `[bucket, layers x hidden]` float32
+  tensor that is copied into a buffer owned here, so a later replay cannot overwrite it;
+- the store's tensors are marked as static addresses, so a CUDA graph may write them in place.
+
+Guards: dynamo checks a few hundred guards before each call (about 0.1-0.25 ms on this CPU, a third
+of the reference model's compiled step). Everything they protect is in a key kept here: the batch
+and width bucket, which store and which allocation of its tensors, which hidden-state taps. A shape's first call
+runs every guard (and compiles); later calls of a key already seen run only the guards that tell
+compiled entries apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). Each model gets
+its own copy of the step's code (dynamo keeps compiled entries on the code object), so no two models
+ever share an entry; engines on one model share its compiled steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lynx_exit.engine.kv_store import MIN_CAPACITY, PLAN_KWARG, KVStore, Plan
+from lynx_exit.models import HiddenStateCapture
+
+MAX_BUCKET = 512  # larger decode batches run eagerly
+
+
+def bucket(n: int) -> int:
+    """The batch bucket of n rows: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+WIDTH_STEP = 1024  # past this, widths are rounded up to a multiple of it (at most 1/8 of the columns wasted from 8k)
+
+
+def width_bucket(longest: int, capacity: int) -> int:
+    """Key columns a step attends: the next power of two over `longest` (at least 64) up to 1,024, then the next
+    multiple of 1,024; at most `capacity`."""
+    width = max(MIN_CAPACITY, bucket(longest)) if longest <= WIDTH_STEP else -(-longest // WIDTH_STEP) * WIDTH_STEP
+    return min(capacity, width)
+
+
+_CAPTURES = itertools.count(1)
+_STEP = "_lynx_decode_step"  # on the model: its compiled step and the keys it has run
+
+
+def _compiled_step(model: Any, mode: str | None) -> tuple[Any, set[tuple[Any, ...]]]:
+    """The model's compiled decode step, made once per model from a copy of `DecodeGraph._step`'s code."""
+    if _STEP not in model.__dict__:
+        code = DecodeGraph._step.__code__.replace()
+        step = types.FunctionType(code, DecodeGraph._step.__globals__, "decode_step")
+        model.__dict__[_STEP] = (torch.compile(step, dynamic=False, fullgraph=True, mode=mode), set())
+    return model.__dict__[_STEP]
+
+
+class DecodeGraph:
+    """Compiled decode steps of one model over one store, at fixed shapes per batch and width bucket."""
+
+    def __init__(self, model: Any, store: KVStore, device: torch.device, pad_id: int) -> None:
+        self.model, self.store, self.device, self.pad_id = model, store, device, pad_id
+        self.mode = "reduce-overhead" if device.type == "cuda" else None
+        store.static_addresses = device.type == "cuda"
+        self._capture: HiddenStateCapture | None = None
+        self._capture_serial = 0
+        self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [2, bucket, 1] long: token ids, positions
+        self._features: dict[int, torch.Tensor] = {}  # bucket -> [bucket, layers x hidden] float32
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+        self.steps = 0  # decode steps run as a compiled graph
+        self.shapes: set[tuple[int, int]] = set()  # (batch bucket, width bucket) seen
+        # One entry per shape: batch buckets x width buckets x store sizes stay well under this.
+        limit = 256
+        dynamo = torch._dynamo.config
+        dynamo.cache_size_limit = max(dynamo.cache_size_limit, limit)
+        dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, limit)
+        self._compiled, self._seen = _compiled_step(model, self.mode)
+
+    def _step(self, inputs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids, positions = inputs[0], inputs[1]  # [b, 1] each
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        columns = torch.arange(width, device=ids.device)
+        mask = (columns[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, 1, width]
+        plan = Plan(0, rows, rows, positions[:, 0], rows, torch.zeros_like(rows), width, mask, positions, {})
+        out = self.model(input_ids=ids, attention_mask=self._no_mask, position_ids=positions, cache=self.store,
+                         use_cache=True, logits_to_keep=1, **{PLAN_KWARG: plan})
+        features = self.capture.features() if self.capture is not None else None
+        return out.logits[:, -1, :], features
+
+    @property
+    def capture(self) -> HiddenStateCapture | None:
+        return self._capture
+
+    @capture.setter
+    def capture(self, capture: HiddenStateCapture | None) -> None:
+        self._capture, self._capture_serial = capture, next(_CAPTURES)
+
+    def fits(self, n: int) -> bool:
+        return n <= MAX_BUCKET
+
+    def run(self, token_ids: Sequence[int], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slot i (i < n) reads token_ids[i] at position lengths[i]: (logits [n, vocab], features [n, F] or None).
+
+        The store must already hold `bucket(n)` slots and room for every row's new token."""
+        n = len(token_ids)
+        size = bucket(n)
+        width = width_bucket(max(lengths) + 1, self.store.capacity)
+        host = torch.zeros((2, size, 1), dtype=torch.long)
+        host[0, :, 0] = self.pad_id
+        host[0, :n, 0] = torch.as_tensor(list(token_ids), dtype=torch.long)
+        host[1, :n, 0] = torch.as_tensor(list(lengths), dtype=torch.long)
+        inputs = self._inputs.get(size)
+        if inputs is None:
+            inputs = self._inputs[size] = torch.empty((2, size, 1), dtype=torch.long, device=self.device)
+        inputs.copy_(host, non_blocking=True)
+        key = (size, width, self.store.serial, self.store.generation, self._capture_serial)
+        if key in self._seen:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                logits, features = self._compiled(self, inputs, width)
+        else:
+            logits, features = self._compiled(self, inputs, width)
+            self._seen.add(key)
+        self.steps += 1
+        self.shapes.add((size, width))
+        logits = logits[:n].clone() if self.mode == "reduce-overhead" else logits[:n]  # a replay reuses its outputs
+        if features is None:
+            return logits, None
+        kept = self._features.get(size)
+        if kept is None or kept.shape != features.shape:
+            kept = self._features[size] = torch.empty_like(features)
+        kept.copy_(features)
+        return logits, kept[:n]
