@@ -176,7 +176,7 @@ class KVStore(Cache):
     def _allocated(self, tensor: torch.Tensor) -> torch.Tensor:
         self.generation += 1
         if self.static_addresses:
-            torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.mark_static_address(tensor, guard=False)  # a moved tensor re-records its CUDA graph
         return tensor
 
     # -- sizes --------------------------------------------------------------------------------------
