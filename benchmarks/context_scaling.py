@@ -1,6 +1,7 @@
 """Decode step time against context length: the KV store written in place vs the first backend.
 
-Side by side in one run, per model, batch and context: each backend holds `batch` requests of
+Side by side in one run, per model, batch and context: each backend (the first one, the store, and the
+store with `--compile`, whose decode step is one compiled graph) holds `batch` requests of
 `context` tokens (their keys and values filled at random: a prefill of 32 x 4,096 tokens would take
 longer than the whole measurement and reads nothing a decode step reads), then decodes `steps`
 tokens; the median step after a warm-up is compared with the memory-bandwidth floor
@@ -61,8 +62,8 @@ def filled_legacy(lm: LoadedModel, batch: int, context: int) -> LegacyBackend:
     return backend
 
 
-def filled_store(lm: LoadedModel, batch: int, context: int, steps: int) -> StoreBackend:
-    backend = StoreBackend(lm, max_context=context + steps + 8)
+def filled_store(lm: LoadedModel, batch: int, context: int, steps: int, compile: bool = False) -> StoreBackend:
+    backend = StoreBackend(lm, max_context=context + steps + 8, compile=compile)
     backend.prefill(list(range(batch)), [[3]] * batch)  # allocates every layer at the model's shapes
     backend.store.reserve(batch, context + steps + 4)
     for tensors in (backend.store.keys, backend.store.values):
@@ -74,16 +75,16 @@ def filled_store(lm: LoadedModel, batch: int, context: int, steps: int) -> Store
     return backend
 
 
-def time_steps(backend: Any, batch: int, steps: int, vocab: int) -> float:
-    """Median seconds of one decode step over `steps` steps after two not counted."""
+def time_steps(backend: Any, batch: int, steps: int, vocab: int, warmup: int = 2) -> float:
+    """Median seconds of one decode step over `steps` steps after `warmup` not counted."""
     generator = torch.Generator().manual_seed(0)
     times = []
-    for _ in range(steps + 2):
+    for _ in range(steps + warmup):
         tokens = torch.randint(3, vocab, (batch,), generator=generator).tolist()
         start = time.perf_counter()
         backend.decode(list(range(batch)), tokens)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    return statistics.median(times[warmup:])
 
 
 def main() -> None:
@@ -107,27 +108,35 @@ def main() -> None:
                 floor = (weight_bytes + batch * context * token_bytes) / bandwidth
                 row: dict[str, Any] = {"model": model_name, "batch": batch, "context": context,
                                        "floor_ms": round(1000 * floor, 3)}
-                for name in ("legacy", "store"):  # one at a time: both at 32 x 4,096 would not fit beside each other
+                for name in ("legacy", "store", "store_compiled"):  # one at a time: all at 32 x 4,096 would not fit
                     with torch.inference_mode():
-                        backend = filled_legacy(lm, batch, context) if name == "legacy" else filled_store(lm, batch, context, args.steps)
-                        step = time_steps(backend, batch, args.steps, lm.vocab_size)
+                        if name == "legacy":
+                            backend: Any = filled_legacy(lm, batch, context)
+                        else:  # the compiled side: 3 steps warm up (a new shape compiles, the first call checks guards)
+                            backend = filled_store(lm, batch, context, args.steps, compile=name == "store_compiled")
+                        step = time_steps(backend, batch, args.steps, lm.vocab_size, warmup=3 if name == "store_compiled" else 2)
                     del backend
                     gc.collect()
                     row[f"{name}_step_ms"] = round(1000 * step, 3)
                     row[f"{name}_vs_floor"] = round(step / floor, 3)
                 row["store_speedup"] = round(row["legacy_step_ms"] / row["store_step_ms"], 3)
+                row["compiled_speedup"] = round(row["store_step_ms"] / row["store_compiled_step_ms"], 3)
                 print(row, flush=True)
                 rows.append(row)
     summary = {}
     for model_name in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             ratios = [r["store_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch]
+            compiled = [r["store_compiled_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch]
             summary[f"{model_name}/batch{batch}"] = {
                 "store_vs_floor_max": max(ratios), "store_vs_floor_spread": round(max(ratios) / min(ratios) - 1, 3),
+                "store_compiled_vs_floor_max": max(compiled),
+                "store_compiled_vs_floor_spread": round(max(compiled) / min(compiled) - 1, 3),
                 "legacy_vs_floor_max": max(r["legacy_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch),
             }
     write_result("context_scaling", {
-        "what": "decode step vs the memory-bandwidth floor, KV store vs first backend, random-filled KV of each context",
+        "what": "decode step vs the memory-bandwidth floor: KV store (eager and --compile) vs first backend, "
+                "random-filled KV of each context",
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "steps": args.steps,
         "rows": rows,

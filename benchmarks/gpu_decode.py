@@ -5,7 +5,7 @@ the bandwidth roofline. One script, sized to finish in under 8 minutes on one H2
     python benchmarks/gpu_decode.py --device cuda
 
 Per context (1k, 8k) and batch (1, 8, 32, 64): the store holds `batch` requests of `context` tokens (keys and
-values filled at random: the prefill is not what is measured) and decodes greedily (`--compile` blocks and
+values filled at random: the prefill is not what is measured) and decodes greedily (`--compile`, the decode step as CUDA graphs, and
 eager); step time, tokens/s, and roofline share = (weight bytes + live KV bytes) / step time / measured copy
 bandwidth (bytes read and written per second by a device-to-device copy). The baseline runs `generate` on
 random prompts of the same length with `cache_implementation="static"` and a compiled forward; its decode time

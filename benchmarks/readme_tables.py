@@ -107,11 +107,14 @@ def context_table() -> list[str]:
            "filled at random) and decodes; median step after a warm-up. Floor = (weight bytes + live KV bytes) ÷ this "
            f"machine's copy bandwidth ({ctx['copy_bandwidth_gb_s']} GB/s; a step that only reads can beat it, hence "
            "ratios below 1). Goal: the KV store ≤ 1.3× the floor at every context, the ratio flat from 128 to 4,096.\n",
-           "| model | batch | context | floor ms | first backend ms (× floor) | KV store ms (× floor) | store speed-up |",
-           "|---|---|---|---|---|---|---|"]
+           "| model | batch | context | floor ms | first backend ms (× floor) | KV store ms (× floor) | store speed-up "
+           "| store `--compile` ms (× floor) | compiled ÷ eager store |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in ctx["rows"]:
+        compiled = (f"{r['store_compiled_step_ms']} (**{r['store_compiled_vs_floor']}×**) | {r['compiled_speedup']}×"
+                    if "store_compiled_step_ms" in r else "— | —")
         out.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['floor_ms']} | {r['legacy_step_ms']} ({r['legacy_vs_floor']}×) | "
-                   f"{r['store_step_ms']} (**{r['store_vs_floor']}×**) | {r['store_speedup']}× |")
+                   f"{r['store_step_ms']} (**{r['store_vs_floor']}×**) | {r['store_speedup']}× | {compiled} |")
     path = RESULTS / "compile_speed.json"
     if path.exists():
         comp = json.loads(path.read_text())

@@ -2,14 +2,15 @@
 
 A decode step of the `KVStore` backend reads one token for each of the slots 0..n-1. Here that step
 is traced whole (embedding, every block, the KV writes, the final norm, the head and the
-hidden-state taps) and compiled with `torch.compile`, with the batch padded up to a bucket (1, 2, 4,
-8, ...) and the attended width up to a bucket (powers of two from 64 to 1,024, then multiples of
-1,024; at most the store's capacity). The first shape compiles as it is; the next, with dynamo's
-automatic dynamic shapes, compiles once more with the sizes symbolic, and that graph serves every
-later bucket (two or three compiles for a whole trace, measured 12 s against 36 s for one graph per
-shape on the reference model). On a GPU each bucket is then recorded as its own CUDA graph
-(`mode="reduce-overhead"`), so the buckets bound how many graphs there are; on a CPU Inductor's
-fused kernels run it.
+hidden-state taps) and compiled with `torch.compile`. The first shape compiles as it is; the next,
+with dynamo's automatic dynamic shapes, compiles once more with the sizes symbolic, and that graph
+serves every later shape (two or three compiles for a whole trace: 12 s against 36 s for one graph
+per shape on the reference model).
+
+On a GPU the step is recorded as CUDA graphs (`mode="reduce-overhead"`), one per shape, so shapes
+are padded to buckets (`pad`): the batch up to a power of two (1, 2, 4, 8, ...), the attended width
+up to a power of two from 64 to 512, then to a multiple of an eighth of its octave (`width_bucket`).
+On a CPU Inductor's fused kernels run the step at its exact shape: padding would only add work.
 
 What makes the step capturable:
 - static input buffers per batch bucket (token ids and positions), filled by one host-to-device copy;
@@ -48,14 +49,14 @@ def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-WIDTH_STEP = 1024  # past this, widths are rounded up to a multiple of it (at most 1/8 of the columns wasted from 8k)
-
-
 def width_bucket(longest: int, capacity: int) -> int:
-    """Key columns a step attends: the next power of two over `longest` (at least 64) up to 1,024, then the next
-    multiple of 1,024; at most `capacity`."""
-    width = max(MIN_CAPACITY, bucket(longest)) if longest <= WIDTH_STEP else -(-longest // WIDTH_STEP) * WIDTH_STEP
-    return min(capacity, width)
+    """Key columns a padded step attends: the next power of two over `longest` (at least 64) up to 512, then the next
+    multiple of an eighth of the power of two below it (1,025 -> 1,152; 8,193 -> 9,216: at most 1/8 of the columns
+    wasted, eight CUDA graphs per octave); at most `capacity`."""
+    if longest <= 512:
+        return min(capacity, max(MIN_CAPACITY, bucket(longest)))
+    step = (1 << (longest.bit_length() - 1)) // 8
+    return min(capacity, -(-longest // step) * step)
 
 
 _CAPTURES = itertools.count(1)
@@ -74,9 +75,10 @@ def _compiled_step(model: Any, mode: str | None) -> tuple[Any, set[tuple[Any, ..
 class DecodeGraph:
     """Compiled decode steps of one model over one store, at fixed shapes per batch and width bucket."""
 
-    def __init__(self, model: Any, store: KVStore, device: torch.device, pad_id: int) -> None:
+    def __init__(self, model: Any, store: KVStore, device: torch.device, pad_id: int, pad: bool | None = None) -> None:
         self.model, self.store, self.device, self.pad_id = model, store, device, pad_id
         self.mode = "reduce-overhead" if device.type == "cuda" else None
+        self.pad = device.type == "cuda" if pad is None else pad  # shapes padded to buckets (CUDA graphs)
         store.static_addresses = device.type == "cuda"
         self._capture: HiddenStateCapture | None = None
         self._capture_serial = 0
@@ -84,7 +86,7 @@ class DecodeGraph:
         self._features: dict[int, torch.Tensor] = {}  # bucket -> [bucket, layers x hidden] float32
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
         self.steps = 0  # decode steps run as a compiled graph
-        self.shapes: set[tuple[int, int]] = set()  # (batch bucket, width bucket) seen
+        self.shapes: set[tuple[int, int]] = set()  # (batch, width) run
         # Entries: the first static graph, the dynamic one, and one per change of hidden-state taps.
         limit = 64
         dynamo = torch._dynamo.config
@@ -114,13 +116,17 @@ class DecodeGraph:
     def fits(self, n: int) -> bool:
         return n <= MAX_BUCKET
 
+    def rows(self, n: int) -> int:
+        """Batch rows a step of n requests runs (the slots the store must hold)."""
+        return bucket(n) if self.pad else n
+
     def run(self, token_ids: Sequence[int], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Slot i (i < n) reads token_ids[i] at position lengths[i]: (logits [n, vocab], features [n, F] or None).
 
-        The store must already hold `bucket(n)` slots and room for every row's new token."""
+        The store must already hold `rows(n)` slots and room for every row's new token."""
         n = len(token_ids)
-        size = bucket(n)
-        width = width_bucket(max(lengths) + 1, self.store.capacity)
+        size = self.rows(n)
+        width = width_bucket(max(lengths) + 1, self.store.capacity) if self.pad else max(lengths) + 1
         host = torch.zeros((2, size, 1), dtype=torch.long)
         host[0, :, 0] = self.pad_id
         host[0, :n, 0] = torch.as_tensor(list(token_ids), dtype=torch.long)

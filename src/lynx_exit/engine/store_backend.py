@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lynx_exit.engine.backend import check_fork, greedy_continuations
-from lynx_exit.engine.decode_graph import DecodeGraph, bucket
+from lynx_exit.engine.decode_graph import DecodeGraph
 from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, make_plan
 from lynx_exit.models import HiddenStateCapture, LoadedModel
 
@@ -164,7 +164,7 @@ class StoreBackend:
         lengths = self.store.lengths
         starts = lengths[: len(chunks)]
         try:  # padding rows need slots of their own; when the budget has no room for them, the step runs eagerly
-            self.store.reserve(bucket(len(chunks)), max(starts) + 1)
+            self.store.reserve(self.graph.rows(len(chunks)), max(starts) + 1)
         except KVStoreFull:
             return None
         logits, self._features = self.graph.run([c[0] for c in chunks], starts)
