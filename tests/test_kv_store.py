@@ -38,12 +38,16 @@ def gqa_lm() -> LoadedModel:
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
-@pytest.fixture(scope="module")
-def sliding_lm() -> LoadedModel:
+def make_tiny_sliding_lm() -> LoadedModel:
     """Qwen2 with a 6-token sliding window on its upper layers."""
     return _tiny(Qwen2ForCausalLM, Qwen2Config, 3, hidden_size=24, intermediate_size=44, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True,
                  sliding_window=6, max_window_layers=1, layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+
+
+@pytest.fixture(scope="module")
+def sliding_lm() -> LoadedModel:
+    return make_tiny_sliding_lm()
 
 
 def _scenario(lm: LoadedModel, backend) -> tuple[list, list]:
@@ -81,23 +85,31 @@ def _fresh_logits(lm: LoadedModel, token_ids: list[int]) -> torch.Tensor:
         return lm.model(input_ids=torch.tensor([token_ids]), use_cache=False).logits[0, -1]
 
 
-@pytest.mark.parametrize("which", ["gqa", "sliding", "gqa-matmul-decode", "mha-matmul-decode"])
+@pytest.mark.parametrize("which", ["gqa", "sliding", "gqa-matmul-decode", "mha-matmul-decode", "sliding-compiled-padded"])
 def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sliding_lm, which, monkeypatch):
     """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
     after each, every live request's next-token logits equal the model's own forward over its token list.
-    The matmul variants run the CPU decode path; the others SDPA, as on a GPU."""
-    lm = {"gqa": gqa_lm, "sliding": sliding_lm, "gqa-matmul-decode": gqa_lm, "mha-matmul-decode": tiny_lm}[which]
+    The matmul variants run the CPU decode path; the others SDPA, as on a GPU. The compiled variant runs the
+    decodes of every live request as the compiled step padded to buckets, as on a GPU (sliding window, GQA)."""
+    lm = {"gqa": gqa_lm, "sliding": sliding_lm, "gqa-matmul-decode": gqa_lm, "mha-matmul-decode": tiny_lm,
+          "sliding-compiled-padded": make_tiny_sliding_lm()}[which]
     if not which.endswith("matmul-decode"):  # SDPA for the decode too (what a GPU runs)
         monkeypatch.setattr("lynx_exit.engine.kv_store.CPU_MATMUL_DECODE_FROM", 10**9)
-    backend = StoreBackend(lm)
+    compiled = which.endswith("compiled-padded")
+    backend = StoreBackend(lm, compile=compiled)
+    if compiled:
+        backend.graph.pad = True
     rng = random.Random(11)
     vocab = lm.model.config.vocab_size
     held: dict[int, list[int]] = {}
     next_id = 0
 
+    # Compiled, the rotary angles (float32 in every model) take Inductor's vectorised cos/sin: 1 ulp of float32 apart
+    tolerance = 1e-5 if compiled else 1e-9
+
     def check(request_ids, logits):
         for request_id, row in zip(request_ids, logits, strict=True):
-            torch.testing.assert_close(row, _fresh_logits(lm, held[request_id]), rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(row, _fresh_logits(lm, held[request_id]), rtol=tolerance, atol=tolerance)
 
     for _round in range(40):
         verb = rng.choice(["prefill", "decode", "decode", "extend", "truncate", "release", "fork"])
@@ -144,6 +156,8 @@ def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sli
                 prefix.append(token)
         for request_id, tokens in held.items():
             assert backend.length(request_id) == len(tokens)
+    if compiled:
+        assert backend.graph.steps >= 3
 
 
 def test_a_full_store_says_what_does_not_fit(tiny_lm):

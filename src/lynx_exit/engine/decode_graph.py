@@ -92,6 +92,10 @@ class DecodeGraph:
         dynamo = torch._dynamo.config
         dynamo.cache_size_limit = max(dynamo.cache_size_limit, limit)
         dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, limit)
+        if self.mode == "reduce-overhead":  # one CUDA graph per bucket is the design, not a warning's cause
+            import torch._inductor.config as inductor
+
+            inductor.triton.cudagraph_dynamic_shape_warn_limit = None
         self._compiled, self._seen = _compiled_step(model, self.mode)
 
     def _step(self, inputs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
