@@ -86,6 +86,23 @@ def _matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return torch.matmul(torch.softmax(scores, dim=-1), value)
 
 
+def _baddbmm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """`_matmul_attention` for a compiled CPU step: Inductor lowers a one-row `bmm` on a CPU to its own loops
+    (slower than BLAS at a thousand columns and more), a `baddbmm` to BLAS."""
+    batch, heads, rows, head_dim = query.shape
+    width = key.shape[2]
+    nothing = query.new_zeros((1, 1, 1))  # beta=0: only its shape matters
+    scores = torch.baddbmm(nothing, query.reshape(batch * heads, rows, head_dim),
+                           key.reshape(batch * heads, width, head_dim).transpose(1, 2), beta=0, alpha=scale)
+    scores = scores.view(batch, heads, rows, width)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(batch * heads, rows, width)
+    out = torch.baddbmm(nothing, probs, value.reshape(batch * heads, width, value.shape[-1]), beta=0)
+    return out.view(batch, heads, rows, value.shape[-1])
+
+
 def store_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -117,13 +134,8 @@ def store_attention(
             # On a CPU two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel for a query this
             # short is slower (see CPU_MATMUL_DECODE_FROM).
             scale = head_dim**-0.5 if scaling is None else float(scaling)
-            if torch.compiler.is_compiling():
-                # Inductor turns a one-row batched matmul on a CPU into its own loops, 1.4x slower than BLAS at
-                # 1,024 columns (8 rows, reference model); two rows keep BLAS, and the copy costs nothing
-                out = _matmul_attention(grouped.expand(-1, -1, 2, -1) if groups == 1 else grouped, key, value, mask,
-                                        scale)[:, :, :groups]
-            else:
-                out = _matmul_attention(grouped, key, value, mask, scale)
+            attend = _baddbmm_attention if torch.compiler.is_compiling() else _matmul_attention
+            out = attend(grouped, key, value, mask, scale)
         else:
             out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
         return out.view(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
