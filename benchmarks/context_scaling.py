@@ -9,8 +9,9 @@ tokens; the median step after a warm-up is compared with the memory-bandwidth fl
     floor = (weight bytes + live KV bytes) / measured copy bandwidth
 
 (the time to read everything a step must read once, at the rate this machine copies memory). This VM's
-copy rate drifts (11 to 18 GB/s between runs), so it is measured before each model and after the last,
-and every floor uses the fastest of those measurements (the lowest floor).
+copy rate drifts (11 to 34 GB/s between measurements), so it is measured right before each model's rows,
+which use that rate, and once more at the end (recorded, not used). `--refloor` recomputes the floors
+of an existing result file this way.
 Goal on a CPU: the store within 1.3x the floor at every context, its ratio flat from 128 to 4,096.
 
 Usage: python benchmarks/context_scaling.py [--models reference,smollm2] [--batches 1,8,32]
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +92,29 @@ def time_steps(backend: Any, batch: int, steps: int, vocab: int, warmup: int = 2
     return statistics.median(times[warmup:])
 
 
+RESULT = Path(__file__).parent / "results" / "context_scaling.json"
+NAMES = ("legacy", "store", "store_compiled")
+
+
+def floors(rows: list[dict[str, Any]], bandwidth: dict[str, float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each row's floor at its model's copy rate, the ratios to it, and the summary per model and batch."""
+    for row in rows:
+        floor_ms = 1000 * row["bytes_read"] / bandwidth[row["model"]]
+        row["floor_ms"] = round(floor_ms, 3)
+        for name in NAMES:
+            row[f"{name}_vs_floor"] = round(row[f"{name}_step_ms"] / floor_ms, 3)
+    summary = {}
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        group = [r for r in rows if r["model"] == model and r["batch"] == batch]
+        entry: dict[str, float] = {}
+        for name in NAMES:
+            ratios = [r[f"{name}_vs_floor"] for r in group]
+            entry[f"{name}_vs_floor_max"] = max(ratios)
+            entry[f"{name}_vs_floor_spread"] = round(max(ratios) / min(ratios) - 1, 3)
+        summary[f"{model}/batch{batch}"] = entry
+    return rows, summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="reference,smollm2")
@@ -96,13 +122,22 @@ def main() -> None:
     parser.add_argument("--contexts", default="128,512,1024,2048,4096")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--refloor", action="store_true", help="recompute the floors of the existing result file")
     args = parser.parse_args()
+    if args.refloor:
+        data = json.loads(RESULT.read_text())
+        models = list(dict.fromkeys(r["model"] for r in data["rows"]))
+        by_model = dict(zip(models, (1e9 * b for b in data["copy_bandwidth_measured_gb_s"]), strict=False))
+        data["rows"], data["summary"] = floors(data["rows"], by_model)
+        data["copy_bandwidth_gb_s"] = {m: round(b / 1e9, 2) for m, b in by_model.items()}
+        RESULT.write_text(json.dumps(data, indent=2) + "\n")
+        return
     torch.set_num_threads(args.threads)
     bandwidths: list[float] = []
     rows: list[dict[str, Any]] = []
     for model_name in args.models.split(","):
         bandwidths.append(copy_bandwidth())
-        bandwidth = max(bandwidths)
+        bandwidth = bandwidths[-1]
         lm = load_model(model_name, device="cpu")
         weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
         layers, kv_heads, head_dim, dtype = _kv_shape(lm)
@@ -112,7 +147,7 @@ def main() -> None:
                 floor = (weight_bytes + batch * context * token_bytes) / bandwidth  # provisional, for the log
                 row: dict[str, Any] = {"model": model_name, "batch": batch, "context": context,
                                        "bytes_read": weight_bytes + batch * context * token_bytes}
-                for name in ("legacy", "store", "store_compiled"):  # one at a time: all at 32 x 4,096 would not fit
+                for name in NAMES:  # one at a time: all three at 32 x 4,096 would not fit beside each other
                     with torch.inference_mode():
                         if name == "legacy":
                             backend: Any = filled_legacy(lm, batch, context)
@@ -128,27 +163,11 @@ def main() -> None:
                 print(row, flush=True)
                 rows.append(row)
     bandwidths.append(copy_bandwidth())
-    bandwidth = max(bandwidths)
-    for row in rows:
-        floor_ms = 1000 * row["bytes_read"] / bandwidth
-        row["floor_ms"] = round(floor_ms, 3)
-        for name in ("legacy", "store", "store_compiled"):
-            row[f"{name}_vs_floor"] = round(row[f"{name}_step_ms"] / floor_ms, 3)
-    summary = {}
-    for model_name in args.models.split(","):
-        for batch in map(int, args.batches.split(",")):
-            ratios = [r["store_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch]
-            compiled = [r["store_compiled_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch]
-            summary[f"{model_name}/batch{batch}"] = {
-                "store_vs_floor_max": max(ratios), "store_vs_floor_spread": round(max(ratios) / min(ratios) - 1, 3),
-                "store_compiled_vs_floor_max": max(compiled),
-                "store_compiled_vs_floor_spread": round(max(compiled) / min(compiled) - 1, 3),
-                "legacy_vs_floor_max": max(r["legacy_vs_floor"] for r in rows if r["model"] == model_name and r["batch"] == batch),
-            }
+    rows, summary = floors(rows, dict(zip(args.models.split(","), bandwidths, strict=False)))
     write_result("context_scaling", {
         "what": "decode step vs the memory-bandwidth floor: KV store (eager and --compile) vs first backend, "
                 "random-filled KV of each context",
-        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "copy_bandwidth_gb_s": {m: round(b / 1e9, 2) for m, b in zip(args.models.split(","), bandwidths, strict=False)},
         "copy_bandwidth_measured_gb_s": [round(b / 1e9, 2) for b in bandwidths],
         "steps": args.steps,
         "rows": rows,

@@ -102,11 +102,13 @@ def speculative_table() -> list[str]:
 
 def context_table() -> list[str]:
     ctx = load("context_scaling.json")
+    rates = ", ".join(f"{m} {b}" for m, b in ctx["copy_bandwidth_gb_s"].items())
     out = ["\n### Decode step against context (`benchmarks/context_scaling.py`, from `benchmarks/results/context_scaling.json`)\n",
            f"{ctx['environment']['threads']} threads; each backend holds `batch` requests of `context` tokens (keys and values "
            "filled at random) and decodes; median step after a warm-up. Floor = (weight bytes + live KV bytes) ÷ this "
-           f"machine's copy bandwidth ({ctx['copy_bandwidth_gb_s']} GB/s; a step that only reads can beat it, hence "
-           "ratios below 1). Goal: the KV store ≤ 1.3× the floor at every context, the ratio flat from 128 to 4,096.\n",
+           f"machine's copy bandwidth, measured right before each model's rows ({rates} GB/s; a step that only reads can "
+           "beat it, hence ratios below 1; this VM's copy rate drifts between measurements: "
+           f"{', '.join(map(str, ctx['copy_bandwidth_measured_gb_s']))} GB/s in this run, the last after all rows). Goal: the KV store ≤ 1.3× the floor at every context, the ratio flat from 128 to 4,096.\n",
            "| model | batch | context | floor ms | first backend ms (× floor) | KV store ms (× floor) | store speed-up "
            "| store `--compile` ms (× floor) | compiled ÷ eager store |",
            "|---|---|---|---|---|---|---|---|---|"]

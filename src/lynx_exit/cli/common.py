@@ -33,8 +33,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="prompt tokens read per engine step; a longer prompt is read over several steps "
                             "while running requests keep decoding")
     group.add_argument("--compile", action="store_true",
-                       help="run decode steps as one compiled graph per batch and width bucket (CUDA graphs on a "
-                            "GPU, Inductor on a CPU); each new bucket compiles on first use (seconds to a minute)")
+                       help="run each decode step as one compiled graph (CUDA graphs on a GPU, Inductor on a CPU); "
+                            "the first steps compile, for seconds to minutes")
 
 
 def add_assist_flags(parser: argparse.ArgumentParser) -> None:
