@@ -71,7 +71,7 @@ class StoreBackend:
         budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
         self.store = KVStore(int(self.model.config.num_hidden_layers), self.device, limit, budget,
                              _bytes_per_token(self.model))
-        # `compile`: decode steps run as one compiled graph per batch and width bucket (see `decode_graph`)
+        # `compile`: each decode step runs as one compiled graph (see `decode_graph`)
         self.graph = DecodeGraph(self.model, self.store, self.device, self.pad_id) if compile else None
         self.rows: dict[int, int] = {}  # request id -> slot
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
