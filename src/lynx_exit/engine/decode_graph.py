@@ -73,7 +73,7 @@ def _compiled_step(model: Any, mode: str | None) -> tuple[Any, set[tuple[Any, ..
 
 
 class DecodeGraph:
-    """Compiled decode steps of one model over one store, at fixed shapes per batch and width bucket."""
+    """Compiled decode steps of one model over one store (shapes padded to buckets when `pad`)."""
 
     def __init__(self, model: Any, store: KVStore, device: torch.device, pad_id: int, pad: bool | None = None) -> None:
         self.model, self.store, self.device, self.pad_id = model, store, device, pad_id
