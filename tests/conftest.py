@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import uvicorn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lynx_exit.models import LoadedModel
@@ -65,6 +64,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(server) -> Iterator[str]:
     """Run a `lynx_exit.serve.Server` with uvicorn on a background thread; yields its base URL."""
+    import uvicorn  # here, not at the top: the GPU check runs these tests where no server packages are installed
+
     from lynx_exit.serve import create_app
 
     config = uvicorn.Config(create_app(server), host="127.0.0.1", port=free_port(), log_level="warning")

@@ -286,3 +286,51 @@ def test_decode_buckets_cover_every_row_and_bound_the_waste():
         assert longest <= width and (longest <= 512 or (width - longest) * 8 <= width)
         assert width_bucket(longest, longest) == longest
     assert len({width_bucket(n, 1 << 20) for n in range(1025, 2049)}) == 8  # eight graphs per octave
+
+
+def _strided_sdpa(monkeypatch) -> list[bool]:
+    """SDPA with CUDA's output layout: the same values, not contiguous (CUDA's kernel for a grouped query with a
+    mask returns this; the CPU kernel a contiguous tensor). Returns a list that records each call's layout."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    seen: list[bool] = []
+
+    def strided(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out = out.transpose(-1, -2).contiguous().transpose(-1, -2)
+        seen.append(out.is_contiguous())
+        return out
+
+    monkeypatch.setattr("lynx_exit.engine.kv_store.F.scaled_dot_product_attention", strided)
+    return seen
+
+
+def test_cuda_branches_run_on_a_cpu_with_mixed_lengths(gqa_lm, monkeypatch):
+    """The branches a GPU takes (grouped SDPA with a mask, its strided output), run here: a batch of rows of
+    different lengths decodes, and every greedy token is the argmax of a fresh forward over the row's tokens.
+    On 5aada8b this is the crash seen on an H200 ("view size is not compatible with input tensor's size")."""
+    from lynx_exit.engine.kv_store import device_branches
+
+    seen = _strided_sdpa(monkeypatch)
+    lm = gqa_lm
+    config = GenerationConfig(max_new_tokens=6, temperature=0.0, cue_regex="[ae]")
+    prompts = [lm.prompt_ids(t) for t in TEXTS]
+    with device_branches("cuda"):
+        engine = Engine(lm, max_batch_size=4, backend=StoreBackend(lm))
+        ids = [engine.add_request(p, config) for p in prompts]
+        list(engine.stream())
+    assert seen and not any(seen)  # the strided layout reached the store's attention
+    assert len({len(p) for p in prompts}) > 1  # rows of different lengths: decode steps with a mask
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        tokens = engine.result(request_id).token_ids
+        assert tokens
+        for i, token in enumerate(tokens):
+            if token in lm.eos_token_ids and i == len(tokens) - 1:
+                continue
+            assert int(_fresh_logits(lm, prompt + tokens[:i]).argmax()) == token
+
+
+def test_device_branches_names_a_bad_device():
+    from lynx_exit.engine.kv_store import device_branches
+
+    with pytest.raises(ValueError, match="'tpu'"), device_branches("tpu"):
+        pass

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lynx_exit.engine.kv_store import MIN_CAPACITY, PLAN_KWARG, KVStore, Plan
+from lynx_exit.engine.kv_store import MIN_CAPACITY, PLAN_KWARG, KVStore, Plan, cache_kwarg
 from lynx_exit.models import HiddenStateCapture
 
 MAX_BUCKET = 512  # larger decode batches run eagerly
@@ -77,6 +77,7 @@ class DecodeGraph:
 
     def __init__(self, model: Any, store: KVStore, device: torch.device, pad_id: int, pad: bool | None = None) -> None:
         self.model, self.store, self.device, self.pad_id = model, store, device, pad_id
+        self._cache_kwarg = cache_kwarg(model)
         self.mode = "reduce-overhead" if device.type == "cuda" else None
         self.pad = device.type == "cuda" if pad is None else pad  # shapes padded to buckets (CUDA graphs)
         store.static_addresses = device.type == "cuda"
@@ -104,8 +105,11 @@ class DecodeGraph:
         columns = torch.arange(width, device=ids.device)
         mask = (columns[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, 1, width]
         plan = Plan(0, rows, rows, positions[:, 0], rows, torch.zeros_like(rows), width, mask, positions, {})
-        out = self.model(input_ids=ids, attention_mask=self._no_mask, position_ids=positions, cache=self.store,
-                         use_cache=True, logits_to_keep=1, **{PLAN_KWARG: plan})
+        # transformers before 5.2x hands the cache layers no keywords: they read the plan from the store
+        self.store.plan = plan
+        out = self.model(input_ids=ids, attention_mask=self._no_mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kwarg: self.store, PLAN_KWARG: plan})
+        self.store.plan = None
         features = self.capture.features() if self.capture is not None else None
         return out.logits[:, -1, :], features
 

@@ -15,6 +15,7 @@ per doubling, not per token) up to the context limit and the memory budget.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,37 @@ CPU_MATMUL_DECODE_FROM = 1
 
 
 _SERIALS = itertools.count()
+
+# Whose branches the attention takes: the query's device ("auto"), or the device named here. A CPU test that
+# sets "cuda" runs the kernels and layouts a GPU would (grouped SDPA with a mask, its strided output), so CI
+# executes the path that only a GPU takes otherwise. A plain global, not a context variable: a compiled step
+# reads it (and guards on it).
+_BRANCHES = "auto"
+
+
+@contextmanager
+def device_branches(device_type: str) -> Iterator[None]:
+    """Take the attention branches of `device_type` ("cpu", "cuda") whatever device the tensors are on (a test
+    hook for one thread: the setting is process-wide while the block runs)."""
+    global _BRANCHES
+    if device_type not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device_branches takes 'auto', 'cpu' or 'cuda', got {device_type!r}")
+    before, _BRANCHES = _BRANCHES, device_type
+    try:
+        yield
+    finally:
+        _BRANCHES = before
+
+
+def branch_device(tensor: torch.Tensor) -> str:
+    """The device type whose branches a pass over `tensor` takes (see `device_branches`)."""
+    return tensor.device.type if _BRANCHES == "auto" else _BRANCHES
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword a model's forward takes its cache by: transformers renamed `past_key_values` to `cache`
+    in 5.2x (5.17-5.19, the versions vLLM pins, know only the old name)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class KVStoreFull(RuntimeError):
@@ -127,10 +159,11 @@ def store_attention(
     batch, heads, q_len, head_dim = query.shape
     # From the module where it says (a plain int: under torch.compile the shapes are symbolic)
     groups = int(getattr(module, "num_key_value_groups", 0)) or heads // key.shape[1]
-    if q_len == 1 and (groups > 1 or (query.device.type == "cpu" and plan.width >= CPU_MATMUL_DECODE_FROM)):
+    on_cpu = branch_device(query) == "cpu"
+    if q_len == 1 and (groups > 1 or (on_cpu and plan.width >= CPU_MATMUL_DECODE_FROM)):
         # Decode: a group of query heads reads its KV head as one short query (no repeated keys).
-        grouped = query.view(batch, key.shape[1], groups, head_dim)
-        if query.device.type == "cpu" and plan.width >= CPU_MATMUL_DECODE_FROM:
+        grouped = query.reshape(batch, key.shape[1], groups, head_dim)
+        if on_cpu and plan.width >= CPU_MATMUL_DECODE_FROM:
             # On a CPU two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel for a query this
             # short is slower (see CPU_MATMUL_DECODE_FROM).
             scale = head_dim**-0.5 if scaling is None else float(scaling)
@@ -138,7 +171,8 @@ def store_attention(
             out = attend(grouped, key, value, mask, scale)
         else:
             out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
-        return out.view(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+        # `reshape`, not `view`: CUDA's SDPA returns this grouped query with a mask in a strided layout
+        return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
     return out.transpose(1, 2).contiguous(), None
 

@@ -8,7 +8,6 @@ Its decode concatenates every layer's keys and values (a copy of the whole cache
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,12 +15,8 @@ import torch
 from transformers import DynamicCache
 
 from lynx_exit.engine.backend import check_fork, greedy_continuations
+from lynx_exit.engine.kv_store import cache_kwarg
 from lynx_exit.models import HiddenStateCapture, LoadedModel
-
-
-def _cache_kwarg(model: Any) -> str:
-    # transformers renamed `past_key_values` to `cache` during 5.x; use whichever the model takes.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class LegacyBackend:
@@ -36,7 +31,7 @@ class LegacyBackend:
         self.model = lm.model
         self.device = lm.device
         self.pad_id = lm.pad_token_id
-        self._cache_kwarg = _cache_kwarg(lm.model)
+        self._cache_kwarg = cache_kwarg(lm.model)
         self.cache = DynamicCache()
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # [rows, columns]
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows] attended tokens

@@ -17,7 +17,7 @@ import torch
 
 from lynx_exit.engine.backend import check_fork, greedy_continuations
 from lynx_exit.engine.decode_graph import DecodeGraph
-from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, make_plan
+from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, cache_kwarg, make_plan
 from lynx_exit.models import HiddenStateCapture, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class StoreBackend:
         self.device = lm.device
         self.pad_id = lm.pad_token_id
         use_store_attention(self.model)
+        self._cache_kwarg = cache_kwarg(self.model)
         limit = _context_limit(self.model.config) if max_context is None else max_context
         budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
         self.store = KVStore(int(self.model.config.num_hidden_layers), self.device, limit, budget,
@@ -96,8 +97,8 @@ class StoreBackend:
         with self.store.planned(plan):
             # A 4-D mask is taken as built (transformers builds none of its own); the store's attention reads the plan's.
             out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=self._no_mask,
-                             position_ids=plan.positions, cache=self.store, use_cache=True, logits_to_keep=1,
-                             **{PLAN_KWARG: plan})
+                             position_ids=plan.positions, use_cache=True, logits_to_keep=1,
+                             **{self._cache_kwarg: self.store, PLAN_KWARG: plan})
         for slot, start, count in zip(slots, starts, counts, strict=True):
             lengths[slot] = start + count
         return out.logits[:, -1, :]
