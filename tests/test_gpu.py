@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -178,16 +179,26 @@ def test_a_lynx_exit_matches_its_offline_replay(lm, tmp_path):
 
 def test_speculative_thinking_on_a_tiny_pair():
     thinker, assistant = tiny_qwen(seed=1), tiny_qwen(seed=2, hidden=72, layers=4)
-    tokenizer = thinker.tokenizer  # every word the tokenizer has is a keyword: look-aheads hand over often
-    words = tuple(sorted({w for w in (tokenizer.decode([i]).strip() for i in range(len(tokenizer))) if w.isalpha()}))
-    assist = AssistConfig(lookahead=4, takeover=5, verify_extension=0, trigger="e", verify_words=words)
-    config = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=3)
+    config = GenerationConfig(max_new_tokens=40, temperature=0.0)
+    alone = Engine(thinker, max_batch_size=1)
+    first = alone.add_request(thinker.prompt_ids(TEXTS[0]), config)
+    list(alone.stream())
+    # The trigger is the first piece of text the thinker writes, the keywords every word of the look-ahead after it:
+    # greedy, so the first look-ahead hands over to the assistant on this device whatever the random weights say.
+    tokens = alone.result(first).token_ids
+    decode = thinker.tokenizer.decode
+    at = next(i for i, t in enumerate(tokens) if decode([t], skip_special_tokens=True).strip())
+    trigger = decode([tokens[at]], skip_special_tokens=True).strip()
+    words = tuple(dict.fromkeys(re.findall(r"\w+", decode(tokens[at + 1 : at + 5], skip_special_tokens=True))))
+    assert words, "the thinker's look-ahead holds no word to use as a keyword"
+    assist = AssistConfig(lookahead=4, takeover=5, verify_extension=0, trigger=trigger, verify_words=words)
     engine = Engine(thinker, max_batch_size=2, assistant=assistant)
     ids = [engine.add_request(thinker.prompt_ids(t), config, assist=assist, hold=True) for t in TEXTS[:2]]
     list(engine.stream())
+    assert engine.result(ids[0]).assist["assistant_tokens"] >= 1
     for request_id, text in zip(ids, TEXTS[:2], strict=True):
         result = engine.result(request_id)
-        assert result.assist is not None and result.assist["assistant_tokens"] >= 1
+        assert result.assist is not None
         tokens = thinker.prompt_ids(text) + result.token_ids
         held = engine.backend.length(request_id)  # the thinker's cache holds what was written, by either model
         assert len(tokens) - 1 <= held <= len(tokens)
