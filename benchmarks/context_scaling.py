@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 from _common import write_result
+from legacy_backend import LegacyBackend
 from transformers import DynamicCache
 
-from lynx_exit.engine import LegacyBackend, StoreBackend
+from lynx_exit.engine import StoreBackend
 from lynx_exit.models import LoadedModel, load_model
 
 

@@ -69,6 +69,7 @@ def main() -> None:
     out += serve_table()
     out += faults_table()
     out += ray_table()
+    out += gpu_table()
     print("\n".join(out))
 
 
@@ -251,6 +252,34 @@ def serve_table() -> list[str]:
         f"`/health` afterwards: {fault['health_after']['status']} with {fault['health_after']['in_flight']} in flight. "
         f"Lost in all passes: **{data['lost_total']}**."
     )
+    return out
+
+
+def gpu_table() -> list[str]:
+    """The last run of `benchmarks/gpu_check.py`: its tests and its speed rows (skipped ones named)."""
+    data = load("gpu_check.json")
+    tests = data["tests"]
+    out = [f"\n### On a GPU (`benchmarks/gpu_check.py`, from `benchmarks/results/gpu_check.json`)\n",
+           f"{data['device']}, torch {data['torch']}, transformers {data['transformers']}, {data['model']} (random bf16 "
+           f"weights), copy bandwidth {data['copy_bandwidth_gb_s']} GB/s. `pytest -m gpu`: {tests.get('summary', tests.get('status'))}. "
+           "tokens/s at the median decode step, its share of the bandwidth roofline in brackets; stalls are the seconds "
+           "of steps over 3× the median (compiles, graph captures).\n",
+           "| batch | prompt + new | eager | compiled | compiled + LYNX | `generate`, static cache | stalls: compiled / + LYNX |",
+           "|---|---|---|---|---|---|---|"]
+
+    def cell(side: dict) -> str:
+        if "skipped" in side:
+            return "skipped (time)"
+        if "error" in side:
+            return "error"
+        if "tokens_per_s" not in side:
+            return "cut short"
+        return f"{side['tokens_per_s']} ({100 * side['roofline_share']:.1f} %)" + ("" if side.get("complete", True) else ", cut short")
+
+    for r in data["rows"]:
+        stalls = " / ".join(f"{r[k]['stall_s']} s" if "stall_s" in r[k] else "—" for k in ("compiled", "compiled_lynx"))
+        out.append(f"| {r['batch']} | {r['prompt']} + {r['new_tokens']} | {cell(r['eager'])} | {cell(r['compiled'])} | "
+                   f"{cell(r['compiled_lynx'])} | {cell(r['generate_static'])} | {stalls} |")
     return out
 
 

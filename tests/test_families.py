@@ -12,13 +12,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import lynx_exit.engine.engine as engine_module
+import lynx_exit.engine.runner as engine_module
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.exits import TokenBudget
-from lynx_exit.grading import grade
 from lynx_exit.models import LoadedModel
 from lynx_exit.models.families import ProfileOverrides, resolve_profile
 from lynx_exit.serve.text import ChoiceText
+from lynx_exit.tasks.grading import grade
 
 CORPUS = ["Hmm, wait, 3 + 4 = 7. Let me check. The answer is 7. Final Answer: \\boxed{7}"] * 4
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lynx_exit.grading import answers_match, extract_boxed, grade, gsm8k_gold
+from lynx_exit.tasks.grading import answers_match, extract_boxed, grade, gsm8k_gold
 
 
 def test_balanced_boxed_extraction():

@@ -9,10 +9,11 @@ import random
 import pytest
 import torch
 from conftest import CORPUS, make_tiny_lm
+from legacy_backend import LegacyBackend
 from test_decode import ExitAtCue, FeatureThreshold
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lynx_exit.engine import Engine, GenerationConfig, KVStoreFull, LegacyBackend, StoreBackend
+from lynx_exit.engine import Engine, GenerationConfig, KVStoreFull, StoreBackend
 from lynx_exit.exits import make_policy
 from lynx_exit.models import LoadedModel
 from lynx_exit.models.families import resolve_profile

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from lynx_exit.grading import extract_boxed
 from lynx_exit.models import REFERENCE_MODELS, load_model, tokenizer_fingerprint
 from lynx_exit.reference import ReferenceTrainConfig, apply_op, make_problems, make_trace
+from lynx_exit.tasks.grading import extract_boxed
 
 
 def test_problems_are_correct_and_splits_disjoint():

@@ -158,8 +158,8 @@ def eval_jobs(
     for step in loop.steps():
         if step.finish_reason is None:
             continue
-        _, problem, r = jobs[step.row]
-        result, policy = loop.result(step.row), policies[step.row]
+        _, problem, r = jobs[step.request_id]
+        result, policy = loop.result(step.request_id), policies[step.request_id]
         yield {
             "method": setting.method,
             "setting": setting.label,

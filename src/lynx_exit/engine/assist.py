@@ -124,7 +124,6 @@ class AssistState:
     synced: int = 0  # tokens of the request (prompt first) the assistant's cache holds
     lookahead: list[Buffered] | None = None  # a look-ahead being written
     resume: Literal["thinker", "assistant"] | None = None  # who samples next from what it holds (nothing is fed)
-    forced: list[int] = field(default_factory=list)  # recap tokens still to write
     negatives: int = 0
     recap_after: int = 0
     recap_tokens: int = 0

@@ -2,8 +2,8 @@
 
 The engine never calls the model or touches a KV cache; it speaks to a `Backend` in
 requests (integer ids) and token ids. `StoreBackend` (a KV store written in place, `store_backend`)
-is the implementation; `legacy.LegacyBackend` (the first one: one left-padded `DynamicCache`) is
-kept only as the baseline the store is measured and tested against.
+is the implementation; the first one (one left-padded `DynamicCache`) lives on in
+`benchmarks/legacy_backend.py` as the baseline the store is measured and tested against.
 
 What another inference engine would have to provide to stand behind this protocol:
 - `prefill`/`decode` as one scheduler step each, returning the last position's logits of
@@ -26,6 +26,17 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
+
+
+class CacheFull(RuntimeError):
+    """A backend cannot hold what a request needs (the context limit or the memory budget).
+
+    `request_ids` names the requests that do not fit, when a decode step knows them (the others do): the engine
+    fails those alone and decodes the rest."""
+
+    def __init__(self, message: str, request_ids: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
 
 
 class Backend(Protocol):

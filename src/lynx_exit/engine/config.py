@@ -59,3 +59,24 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine (shared by every request it runs); each field is one CLI flag of `generate` and
+    `serve`. `prefill_tokens_per_step`: prompt tokens read per step over all joining requests (a longer prompt is
+    read in chunks while the running requests keep decoding: vLLM's chunked prefill)."""
+
+    max_batch_size: int = 16
+    kv_cache_gb: float | None = None  # the KV cache's memory budget (None: as much as the requests need)
+    prefill_tokens_per_step: int = 2048
+    compile: bool = False  # each decode step as one compiled graph (CUDA graphs on a GPU)
+
+    def __post_init__(self) -> None:
+        _whole("max_batch_size", self.max_batch_size, 1, MAX_TOKENS)
+        _whole("prefill_tokens_per_step", self.prefill_tokens_per_step, 1, MAX_TOKENS)
+        if self.kv_cache_gb is not None and (isinstance(self.kv_cache_gb, bool) or not isinstance(self.kv_cache_gb, int | float)
+                                             or not math.isfinite(self.kv_cache_gb) or self.kv_cache_gb <= 0):
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")

@@ -30,6 +30,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from lynx_exit.engine.backend import CacheFull
+
 ATTENTION = "lynx_store"
 MIN_CAPACITY = 64
 # Key columns from which a CPU decode reads attention with two matmuls instead of SDPA: from the first. SDPA's CPU
@@ -72,14 +74,8 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class KVStoreFull(RuntimeError):
-    """The store cannot hold what a request needs within the context limit or the memory budget.
-
-    `request_ids` names the requests that do not fit, when a decode step knows them (the others do)."""
-
-    def __init__(self, message: str, request_ids: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
-        self.request_ids = request_ids
+class KVStoreFull(CacheFull):
+    """The store cannot hold what a request needs within the context limit or the memory budget."""
 
 
 @dataclass
@@ -154,7 +150,7 @@ def store_attention(
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"the KV store's attention has no {name} (this model needs it): "
-                                      "run it with the legacy backend")
+                                      "no backend of lynx-exit runs this model")
     mask = plan.mask if sliding_window is None else _window_mask(plan, int(sliding_window))
     batch, heads, q_len, head_dim = query.shape
     # From the module where it says (a plain int: under torch.compile the shapes are symbolic)

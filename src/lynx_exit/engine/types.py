@@ -68,11 +68,6 @@ class Step:
     error: str | None = None  # with finish_reason "error": what failed
     assist: dict[str, Any] | None = None  # Speculative Thinking: tokens each model wrote and read, takeovers
 
-    @property
-    def row(self) -> int:
-        """The request id; for a batch run (`DecodeLoop`) the index of the prompt."""
-        return self.request_id
-
 
 @runtime_checkable
 class Scorer(Protocol):
@@ -131,10 +126,6 @@ class RequestResult:
     reasoning_tokens: int  # generated tokens before the end of thinking (natural or forced)
     error: str | None = None  # with finish_reason "error": what failed
     assist: dict[str, Any] | None = None  # Speculative Thinking: tokens each model wrote and read, takeovers
-
-    @property
-    def row(self) -> int:
-        return self.request_id
 
     @property
     def num_generated_tokens(self) -> int:

@@ -234,10 +234,10 @@ def compute_chunk(
         if step.phase != "think" or step.features is None:
             continue
         if step.cue is not None:
-            cue_features[step.row][step.index] = (step.cue, step.features.clone())
-            think_features[step.row] = []
-        elif config.synthetic_event and not cue_features[step.row]:
-            think_features[step.row].append(step.features.clone())
+            cue_features[step.request_id][step.index] = (step.cue, step.features.clone())
+            think_features[step.request_id] = []
+        elif config.synthetic_event and not cue_features[step.request_id]:
+            think_features[step.request_id].append(step.features.clone())
     results = loop.results()
     pending: list[dict[str, Any]] = []
     vectors: list[torch.Tensor] = []
