@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from _common import write_result
 
-from lynx_exit.engine import DecodeLoop, GenerationConfig
+from lynx_exit.engine import DecodeLoop, EngineConfig, GenerationConfig
 from lynx_exit.models import load_model
 
 PROMPTS = ["Ana has 3 coins. Then Ana doubles the pile. How many coins does Ana have now?",
@@ -29,7 +29,7 @@ def run(lm: Any, batch: int, tokens: int, compile: bool) -> tuple[float, list[li
     prompts = [lm.prompt_ids(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
     config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0)
     start = time.perf_counter()
-    loop = DecodeLoop(lm, prompts, config, engine_options={"compile": compile})
+    loop = DecodeLoop(lm, prompts, config, engine=EngineConfig(compile=compile))
     results = loop.run()
     seconds = time.perf_counter() - start
     return sum(r.num_generated_tokens for r in results) / seconds, [r.token_ids for r in results]

@@ -259,7 +259,7 @@ def gpu_table() -> list[str]:
     """The last run of `benchmarks/gpu_check.py`: its tests and its speed rows (skipped ones named)."""
     data = load("gpu_check.json")
     tests = data["tests"]
-    out = [f"\n### On a GPU (`benchmarks/gpu_check.py`, from `benchmarks/results/gpu_check.json`)\n",
+    out = ["\n### On a GPU (`benchmarks/gpu_check.py`, from `benchmarks/results/gpu_check.json`)\n",
            f"{data['device']}, torch {data['torch']}, transformers {data['transformers']}, {data['model']} (random bf16 "
            f"weights), copy bandwidth {data['copy_bandwidth_gb_s']} GB/s. `pytest -m gpu`: {tests.get('summary', tests.get('status'))}. "
            "tokens/s at the median decode step, its share of the bandwidth roofline in brackets; stalls are the seconds "

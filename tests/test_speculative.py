@@ -239,7 +239,8 @@ def test_both_caches_equal_a_fresh_prefill_of_the_final_tokens(pair):
         held = backend.length(request_id)  # the thinker read everything; the assistant up to its last turn
         assert len(tokens) - 1 <= held <= len(tokens) if model is thinker else 0 < held <= len(tokens)
         with torch.inference_mode():
-            fresh = model.model(input_ids=torch.tensor([tokens[:held]]), use_cache=True).cache
+            out = model.model(input_ids=torch.tensor([tokens[:held]]), use_cache=True)
+        fresh = getattr(out, "cache", None) or out.past_key_values  # transformers 5.2x renamed it
         slot = backend.rows[request_id]
         for layer in range(model.model.config.num_hidden_layers):
             torch.testing.assert_close(backend.store.keys[layer][slot, :, :held], fresh.layers[layer].keys[0])

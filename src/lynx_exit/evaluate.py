@@ -143,18 +143,17 @@ def eval_jobs(
 ) -> Iterator[dict[str, Any]]:
     """Run one setting's rollouts with continuous batching; yield each record as its rollout ends."""
     policies = [make_policy(setting.method, context, **dict(setting.options)) for _ in jobs]
-    assist = None
-    options: dict[str, Any] = {}
+    assist = assistant = None
     if get_method(setting.method).assisted:  # Speculative Thinking: the engine holds both models
         from lynx_exit.engine.assist import AssistConfig
 
-        assist, options = context.assist or AssistConfig(), {"assistant": context.assistant}
+        assist, assistant = context.assist or AssistConfig(), context.assistant
     prompt_cache: dict[str, list[int]] = {}
     prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, p, _ in jobs]
     seeds = [rollout_seed(generation.seed, i, r, rollouts) for i, _, r in jobs]
     # Continuous batching: finished rows are refilled, so early exits become throughput.
     loop = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds, max_batch_size=batch_size,
-                      engine_options=options, assist=assist)
+                      assist=assist, assistant=assistant)
     for step in loop.steps():
         if step.finish_reason is None:
             continue

@@ -79,10 +79,13 @@ def assist_from_args(args: argparse.Namespace, lm: Any) -> tuple[Any, Any]:
     return assistant, config
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The `Engine` keywords of the engine flags (checked by the engine, which names a bad value)."""
-    return {"kv_cache_gb": args.kv_cache_gb, "prefill_tokens_per_step": args.prefill_tokens_per_step,
-            "compile": args.compile}
+def engine_config(args: argparse.Namespace) -> Any:
+    """The `EngineConfig` of the engine flags (it names a bad value)."""
+    from lynx_exit.engine import EngineConfig
+
+    batch = getattr(args, "max_batch_size", None)
+    return EngineConfig(kv_cache_gb=args.kv_cache_gb, prefill_tokens_per_step=args.prefill_tokens_per_step,
+                        compile=args.compile, **({"max_batch_size": batch} if batch is not None else {}))
 
 
 def model_source(args: argparse.Namespace) -> Any:

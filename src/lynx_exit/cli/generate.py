@@ -14,7 +14,7 @@ from lynx_exit.cli.common import (
     add_model_flags,
     add_sampling_flags,
     assist_from_args,
-    engine_options,
+    engine_config,
     generation_config,
     load_model_from_args,
     locate_probe_arg,
@@ -69,9 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     policy = _policy_from_args(args, lm, probe_folder)
     layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
     assistant, assist = assist_from_args(args, lm)
-    options = engine_options(args) | ({"assistant": assistant} if assistant is not None else {})
     loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers,
-                      engine_options=options, assist=assist)
+                      engine=engine_config(args), assist=assist, assistant=assistant)
     console = Console(highlight=False, soft_wrap=True)
     stream = not args.json
     started = time.perf_counter()

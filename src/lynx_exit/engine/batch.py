@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import replace
 
 from lynx_exit.engine.assist import AssistConfig
-from lynx_exit.engine.config import GenerationConfig
+from lynx_exit.engine.config import EngineConfig, GenerationConfig
 from lynx_exit.engine.engine import Engine
 from lynx_exit.engine.types import ExitPolicy, RequestResult, Step
 from lynx_exit.models import LoadedModel
@@ -18,7 +18,8 @@ class DecodeLoop:
     Request ids are the prompt indices. `max_batch_size` below the number of prompts turns on
     continuous batching (a finished request's row goes to the next prompt). `seeds` default to
     `config.seed + i`; `layers` asks for `Step.features` at those layers for every prompt;
-    `hold` keeps every cache after it finishes, for `engine.forced_answers`.
+    `hold` keeps every cache after it finishes, for `engine.forced_answers`. `engine`: the engine's settings (its
+    batch size is `max_batch_size`'s); `assistant` with `assist`: Speculative Thinking.
     """
 
     def __init__(
@@ -31,8 +32,9 @@ class DecodeLoop:
         seeds: Sequence[int] | None = None,
         max_batch_size: int | None = None,
         hold: bool = False,
-        engine_options: dict[str, Any] | None = None,
+        engine: EngineConfig | None = None,
         assist: AssistConfig | None = None,
+        assistant: LoadedModel | None = None,
     ) -> None:
         config = config or GenerationConfig()
         n = len(prompts)
@@ -44,7 +46,8 @@ class DecodeLoop:
             raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.engine = Engine(lm, max_batch_size=min(n, max_batch_size or n), **(engine_options or {}))
+        settings = replace(engine or EngineConfig(), max_batch_size=min(n, max_batch_size or n))
+        self.engine = Engine(lm, config=settings, assistant=assistant)
         self.num_prompts = n
         for i, prompt in enumerate(prompts):
             self.engine.add_request(

@@ -64,6 +64,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None) 
         GatedRepoError,
         IncompleteSnapshotError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -91,7 +92,10 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None) 
         ) from None
     except RevisionNotFoundError:
         raise FileNotFoundError(f"{where}: repository {repo_id!r} has no revision {revision!r}") from None
-    except (LocalEntryNotFoundError, IncompleteSnapshotError) as exc:
+    except (LocalEntryNotFoundError, IncompleteSnapshotError, OfflineModeIsEnabled) as exc:
+        cached = _cached_snapshot(repo_id, revision, cache_dir)
+        if cached is not None:  # huggingface_hub 1.x asks the Hub about a commit hash even offline
+            return cached
         reason = (
             "HF_HUB_OFFLINE is set"
             if huggingface_hub.constants.is_offline_mode()
@@ -102,6 +106,17 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None) 
             f"Run once with network access to cache it (unset HF_HUB_OFFLINE), or download it where you have "
             f"network, `hf download {repo_id} --local-dir DIR`, and pass --probe DIR"
         ) from None
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> str | None:
+    """The cached snapshot folder that holds the probe's weights and metadata at `revision`, else None."""
+    import huggingface_hub
+
+    found = [huggingface_hub.try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+             for name in (PROBE_WEIGHTS, PROBE_META)]
+    if not all(isinstance(path, str) for path in found):
+        return None
+    return str(Path(str(found[0])).parent)
 
 
 def _number(value: Any) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lynx_exit.engine import GenerationConfig
+from lynx_exit.engine import EngineConfig, GenerationConfig
 
 
 class APIError(Exception):
@@ -42,7 +42,7 @@ class ServerOptions:
     exit_method: str = "never"
     exit_defaults: tuple[tuple[str, Any], ...] = ()  # knob values and options used when a request omits them
     max_batch_size: int = 16
-    engine_options: tuple[tuple[str, Any], ...] = ()  # Engine keywords (kv_cache_gb, prefill_tokens_per_step)
+    engine: EngineConfig = EngineConfig()  # the KV budget, the prefill budget, --compile (the batch size is the above)
     max_queue: int = 64  # requests waiting for a batch row beyond the running ones
     max_n: int = 8
     max_tokens_limit: int | None = None  # None: the model's context length

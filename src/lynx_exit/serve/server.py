@@ -68,8 +68,8 @@ class Server:
         self.context_length = lm.context_length
         self.metrics = ServerMetrics(options.max_batch_size)
         self.methods = MethodContext(lm=lm, probe=options.probe, deepconf=options.deepconf, assistant=assistant, assist=assist)
-        factory = engine_factory or (lambda: Engine(lm, max_batch_size=options.max_batch_size, assistant=assistant,
-                                                    **dict(options.engine_options)))
+        settings = dataclasses.replace(options.engine, max_batch_size=options.max_batch_size)
+        factory = engine_factory or (lambda: Engine(lm, config=settings, assistant=assistant))
         self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine,
                                    stream_interval_s=options.stream_interval_ms / 1000, max_chunk_rate=options.max_chunk_rate)
         # Templating and tokenizing run here, off the event loop, one request at a time.
