@@ -24,6 +24,6 @@ def test_the_gpu_check_runs_on_a_cpu_with_a_tiny_model(tmp_path):
     assert (row["batch"], row["prompt"], row["new_tokens"]) == (2, 9, 5)
     for side in ("eager", "compiled_lynx", "generate_static"):
         assert row[side]["tokens_per_s"] > 0, (side, row[side])
-        assert 0 < row[side]["roofline_share"]
+        assert row[side]["roofline_share"] > 0
     assert row["compiled_lynx"]["complete"] and row["compiled_lynx"]["decode_steps"] == 4  # 5 tokens: the first is the prefill's
     assert row["compiled_lynx"]["cues_scored"] > 0  # the LYNX side scores cues
