@@ -12,11 +12,11 @@ check of the tests themselves; the CPU suite covers these paths on its own).
 from __future__ import annotations
 
 import os
-import random
 import re
 
 import pytest
 import torch
+from cache_verbs import exercise_cache_verbs
 from conftest import CORPUS
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -106,46 +106,8 @@ def test_requests_that_join_and_leave_get_their_tokens_alone(lm):
 
 
 def test_random_cache_verbs_equal_a_fresh_forward(lm):
-    backend = StoreBackend(lm)
-    rng = random.Random(5)
-    vocab = lm.model.config.vocab_size
-    held: dict[int, list[int]] = {}
-    next_id = 0
-
-    def check(request_ids, logits):
-        for request_id, row in zip(request_ids, logits, strict=True):
-            torch.testing.assert_close(row.float(), _fresh(lm, held[request_id]), rtol=TOLERANCE, atol=TOLERANCE)
-
-    for _ in range(40):
-        verb = rng.choice(["prefill", "decode", "decode", "extend", "truncate", "release"])
-        if verb == "prefill" or not held:
-            ids = list(range(next_id, next_id + rng.randint(1, 3)))
-            next_id += len(ids)
-            prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))] for _ in ids]
-            held.update(zip(ids, prompts, strict=True))
-            check(ids, backend.prefill(ids, prompts))
-        elif verb == "decode":
-            ids = rng.sample(sorted(held), rng.randint(1, len(held)))
-            tokens = [rng.randrange(3, vocab) for _ in ids]
-            for request_id, token in zip(ids, tokens, strict=True):
-                held[request_id].append(token)
-            check(ids, backend.decode(ids, tokens))
-        elif verb == "extend":
-            ids = rng.sample(sorted(held), rng.randint(1, len(held)))
-            chunks = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))] for _ in ids]
-            for request_id, chunk in zip(ids, chunks, strict=True):
-                held[request_id] += chunk
-            check(ids, backend.extend(ids, chunks))
-        elif verb == "truncate":
-            request_id = rng.choice(sorted(held))
-            keep = rng.randint(1, len(held[request_id]))
-            backend.truncate(request_id, keep)
-            held[request_id] = held[request_id][:keep]
-        else:
-            request_id = rng.choice(sorted(held))
-            backend.release(request_id)
-            del held[request_id]
-            backend.compact(drop_rows=False)
+    exercise_cache_verbs(StoreBackend(lm), lm.model.config.vocab_size, lambda tokens: _fresh(lm, tokens), TOLERANCE,
+                         seed=5, longest_prompt=40)
 
 
 def test_a_lynx_exit_matches_its_offline_replay(lm, tmp_path):

@@ -4,10 +4,9 @@ clear errors when it is full."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from cache_verbs import exercise_cache_verbs
 from conftest import CORPUS, make_tiny_lm
 from legacy_backend import LegacyBackend
 from test_decode import ExitAtCue, FeatureThreshold
@@ -100,63 +99,9 @@ def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sli
     backend = StoreBackend(lm, compile=compiled)
     if compiled:
         backend.graph.pad = True
-    rng = random.Random(11)
-    vocab = lm.model.config.vocab_size
-    held: dict[int, list[int]] = {}
-    next_id = 0
-
     # Compiled, the rotary angles (float32 in every model) take Inductor's vectorised cos/sin: 1 ulp of float32 apart
     tolerance = 1e-5 if compiled else 1e-9
-
-    def check(request_ids, logits):
-        for request_id, row in zip(request_ids, logits, strict=True):
-            torch.testing.assert_close(row, _fresh_logits(lm, held[request_id]), rtol=tolerance, atol=tolerance)
-
-    for _round in range(40):
-        verb = rng.choice(["prefill", "decode", "decode", "extend", "truncate", "release", "fork"])
-        if verb == "prefill" or not held:
-            ids = list(range(next_id, next_id + rng.randint(1, 3)))
-            next_id += len(ids)
-            prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 14))] for _ in ids]
-            held.update(zip(ids, prompts, strict=True))
-            check(ids, backend.prefill(ids, prompts))
-        elif verb == "decode":
-            ids = rng.sample(sorted(held), rng.randint(1, len(held)))
-            tokens = [rng.randrange(3, vocab) for _ in ids]
-            for request_id, token in zip(ids, tokens, strict=True):
-                held[request_id].append(token)
-            check(ids, backend.decode(ids, tokens))
-        elif verb == "extend":
-            ids = rng.sample(sorted(held), rng.randint(1, len(held)))
-            chunks = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))] for _ in ids]
-            for request_id, chunk in zip(ids, chunks, strict=True):
-                held[request_id] += chunk
-            check(ids, backend.extend(ids, chunks))
-        elif verb == "truncate":
-            request_id = rng.choice(sorted(held))
-            length = rng.randint(1, len(held[request_id]))
-            backend.truncate(request_id, length)
-            held[request_id] = held[request_id][:length]
-            token = rng.randrange(3, vocab)
-            held[request_id].append(token)
-            check([request_id], backend.decode([request_id], [token]))
-        elif verb == "release":
-            request_id = rng.choice(sorted(held))
-            backend.release(request_id)
-            del held[request_id]
-            backend.compact(drop_rows=False)
-            assert sorted(backend.rows.values()) == list(range(len(held)))  # dense again
-        else:
-            request_id = rng.choice(sorted(held))
-            keep = rng.randint(1, len(held[request_id]))
-            forced = [rng.randrange(3, vocab) for _ in range(3)]
-            (tokens, _, _), = backend.fork([(request_id, keep)], forced, 4, set(), lambda _i, _t: False)
-            prefix = held[request_id][:keep] + forced
-            for token in tokens:  # greedy continuation of the prefix, by the model alone
-                assert token == int(_fresh_logits(lm, prefix).argmax())
-                prefix.append(token)
-        for request_id, tokens in held.items():
-            assert backend.length(request_id) == len(tokens)
+    exercise_cache_verbs(backend, lm.model.config.vocab_size, lambda tokens: _fresh_logits(lm, tokens), tolerance)
     if compiled:
         assert backend.graph.steps >= 3
 
