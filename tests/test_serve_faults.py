@@ -194,7 +194,7 @@ def test_d3_a_body_over_the_limit_is_413_before_it_is_read(url):
 
 def test_d3_text_that_cannot_fit_is_refused_before_the_template_reads_it(url, lm, server, monkeypatch):
     calls = []
-    monkeypatch.setattr(lm, "chat_ids", lambda *a, **k: calls.append(a) or [1])
+    monkeypatch.setattr(lm, "chat_text", lambda *a, **k: calls.append(a) or "x")
     text = "word " * (512 * server.max_chars_per_position // 5 + 1)
     r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": text}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
@@ -205,14 +205,14 @@ def test_d3_text_that_cannot_fit_is_refused_before_the_template_reads_it(url, lm
 
 def test_d3_templating_runs_off_the_event_loop(url, lm, monkeypatch):
     release, entered = threading.Event(), threading.Event()
-    original = lm.chat_ids
+    original = lm.chat_text
 
-    def slow_chat_ids(*args, **kwargs):
+    def slow_chat_text(*args, **kwargs):
         entered.set()
         release.wait(BOUND_S)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lm, "chat_ids", slow_chat_ids)
+    monkeypatch.setattr(lm, "chat_text", slow_chat_text)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, url, "/v1/chat/completions",
                               {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})

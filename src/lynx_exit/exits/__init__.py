@@ -18,6 +18,7 @@ from lynx_exit.exits.registry import (
     METHODS,
     BasePolicy,
     ExitMethod,
+    ExitSettingError,
     Knob,
     MethodContext,
     MethodSetting,
@@ -28,6 +29,7 @@ from lynx_exit.exits.registry import (
     make_policy,
     method_names,
     parse_methods,
+    resolve_exit_options,
 )
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "DeerPolicy",
     "DynasorPolicy",
     "ExitMethod",
+    "ExitSettingError",
+    "resolve_exit_options",
     "ExitPolicy",
     "Knob",
     "LynxPolicy",

@@ -127,6 +127,17 @@ class MethodContext:
         return self.lm
 
 
+class ExitSettingError(ValueError):
+    """A bad exit setting; `param` names the field (`exit.method`, `exit.delta`, ...) and `code` the kind."""
+
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (Ray workers) as itself
+        return (ExitSettingError, (self.param, str(self), self.code))
+
+
 @dataclass(frozen=True)
 class ExitMethod:
     name: str
@@ -142,6 +153,36 @@ class ExitMethod:
     @property
     def option_names(self) -> tuple[str, ...]:
         return tuple(option.name for option in self.options)
+
+    def resolve(self, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        """The knob and options of a request's `exit` object (`given`, without "method") over `defaults`, parsed;
+        `ExitSettingError` names the field at fault."""
+        accepted = ({self.knob.name} if self.knob else set()) | set(self.option_names)
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            raise ExitSettingError(f"exit.{unknown[0]}", f"exit method {self.name!r} takes {sorted(accepted) or 'no settings'} "
+                                                         f"besides 'method', got {unknown}")
+        options: dict[str, Any] = {}
+        if self.knob is not None:
+            knob, param = self.knob, f"exit.{self.knob.name}"
+            value = given.get(knob.name, defaults.get(knob.name))
+            if value is None:
+                raise ExitSettingError(param, f"exit method {self.name!r} needs {param} ({knob.help})")
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ExitSettingError(param, f"{param} must be a number or a string, got {value!r}")
+            try:
+                options.update(knob.parse_value(str(value), param))
+            except ValueError as exc:
+                raise ExitSettingError(param, str(exc)) from None
+        for option in self.option_names:
+            value = given.get(option, defaults.get(option))
+            if value is None:
+                continue
+            try:
+                options[option] = self.parse_option(option, value)  # the parsed value is what is reported
+            except ValueError as exc:
+                raise ExitSettingError(f"exit.{option}", f"exit.{option}: {exc}") from None
+        return options
 
     def parse_option(self, name: str, value: Any) -> Any:
         """The parsed value of option `name`; ValueError naming the method, the option and the value."""
@@ -196,12 +237,36 @@ def make_policy(name: str, context: MethodContext | None = None, **options: Any)
     if method.knob is not None and method.knob.name not in options:
         raise ValueError(f"exit method {name!r} needs {method.knob.name} ({method.knob.flag})")
     if method.assisted and context.assistant is None:
-        raise ValueError(f"exit method {name!r} needs an assistant model (--assistant-model)")
+        raise ExitSettingError("exit.method", f"exit method {name!r} needs an assistant model (--assistant-model)")
     if method.needs_probe and context.probe is None:
-        raise ValueError(f"exit method {name!r} needs a probe (--probe DIR or OWNER/NAME)")
+        raise ExitSettingError("exit.method", f"exit method {name!r} needs a probe (--probe DIR or OWNER/NAME)")
     if method.needs_deepconf and context.deepconf is None:
-        raise ValueError(f"exit method {name!r} needs a warm-up (--deepconf DIR, made by lynx-exit deepconf-warmup)")
+        raise ExitSettingError("exit.method", f"exit method {name!r} needs a warm-up (--deepconf DIR, made by lynx-exit "
+                                              "deepconf-warmup)")
     return method.build(context, {**options, **dict(method.fixed)})
+
+
+def resolve_exit_options(given: dict[str, Any] | None, default_method: str, defaults: dict[str, Any],
+                         context: MethodContext) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """An `exit` object ({"method": ..., knob and options}) over default settings: (method, options for
+    `make_policy`, the settings to report). Checked once, here, by building the policy; `ExitSettingError` names
+    the field at fault."""
+    given = dict(given or {})
+    name = given.pop("method", default_method)
+    if not isinstance(name, str):
+        raise ExitSettingError("exit.method", f"exit.method must be a string, got {name!r}")
+    try:
+        method = get_method(name)
+    except ValueError as exc:
+        raise ExitSettingError("exit.method", str(exc), code="unknown_exit_method") from None
+    options = method.resolve(given, defaults)
+    try:
+        make_policy(name, context, **options)
+    except ExitSettingError:
+        raise
+    except ValueError as exc:  # e.g. δ not calibrated in the probe: the message lists the calibrated ones
+        raise ExitSettingError(f"exit.{method.knob.name}" if method.knob else "exit.method", str(exc)) from None
+    return name, options, {**options, **dict(method.fixed)}
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ class Family:
     exit_close: str  # closes the thinking block and opens the answer, before the answer phrase
     template_kwargs: tuple[tuple[str, Any], ...] = ()
     system_prompt: str | None = None  # added when the caller gives none
+    # The chat-template switches a request may set (`chat_template_kwargs`), each with the values it takes
+    switches: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 def _has_think(facts: ModelFacts) -> bool:
@@ -87,6 +89,7 @@ FAMILIES: tuple[Family, ...] = (
         "gpt-oss", "gpt-oss (harmony format)", "tokens `<|channel|>` and `<|message|>`, or model type gpt_oss",
         lambda f: {"<|channel|>", "<|message|>"} <= f.added_tokens or f.model_type == "gpt_oss",
         think_start="<|channel|>analysis<|message|>", think_end="<|end|>", exit_close="<|end|>" + HARMONY_FINAL,
+        switches=(("reasoning_effort", ("low", "medium", "high")),),
     ),
     Family(
         "magistral", "Magistral", "`[/THINK]` in tokens or template", lambda f: f.has("[/THINK]"),
@@ -106,6 +109,7 @@ FAMILIES: tuple[Family, ...] = (
         "qwen3", "Qwen3 (hybrid thinking)", "`<think>` and an `enable_thinking` switch in the template",
         lambda f: "enable_thinking" in f.template and _has_think(f),
         think_start="<think>", think_end="</think>", exit_close="</think>", template_kwargs=(("enable_thinking", True),),
+        switches=(("enable_thinking", (True, False)),),
     ),
     Family(
         "think", "DeepSeek-R1 and its Qwen/Llama distills, QwQ, other `<think>` models", "`<think>` or `</think>` in tokens or template",
@@ -131,6 +135,7 @@ class ModelProfile:
     template_kwargs: tuple[tuple[str, Any], ...] = ()
     system_prompt: str | None = None
     layers: tuple[int, ...] | None = None  # None: the depth rule in `default_layers`
+    switches: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # what a request's chat_template_kwargs may set
     reason: str = ""  # why this profile: for `generate --explain`
 
     def __post_init__(self) -> None:
@@ -272,7 +277,18 @@ def resolve_profile(model: Any, tokenizer: Any, overrides: ProfileOverrides | No
         system_prompt=system_prompt,
         layers=tuple(int(x) for x in layers) if layers else None,
         reason=f"{why}; {how}; {layer_why}",
+        switches=_switches(family, overrides.template_kwargs or {}),
     )
+
+
+def _switches(family: Family, given: dict[str, Any]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The family's switches, and the ones the user set for this model (a true/false one takes either value, any
+    other only the value given)."""
+    out = dict(family.switches)
+    for key, value in given.items():
+        if key not in out:
+            out[key] = (True, False) if isinstance(value, bool) else (value,)
+    return tuple(sorted(out.items()))
 
 
 def profiles_table(markdown: bool = False) -> list[dict[str, str]] | str:

@@ -195,7 +195,11 @@ class LoadedModel:
         return list(self.tokenizer(user_text)["input_ids"])
 
     def chat_ids(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """Token ids of a chat, ending where the assistant starts writing.
+        """Token ids of a chat, ending where the assistant starts writing (`chat_text`, encoded)."""
+        return self.encode(self.chat_text(messages, template_kwargs))
+
+    def chat_text(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> str:
+        """The chat rendered by the model's template, ending where the assistant starts writing.
 
         The template gets the profile's switches (e.g. Qwen3's `enable_thinking`) updated with
         `template_kwargs`, and the profile's system prompt when the messages bring none.
@@ -203,8 +207,7 @@ class LoadedModel:
         if self.profile.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.profile.system_prompt}, *messages]
         kwargs = {**dict(self.profile.template_kwargs), **(template_kwargs or {})}
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
-        return self.encode(str(text))
+        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs))
 
     def thinking_with(self, template_kwargs: dict[str, Any] | None) -> ThinkingStart:
         """How thinking starts when the chat template gets `template_kwargs` on top of the profile's switches."""

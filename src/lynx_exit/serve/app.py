@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import math
 import threading
@@ -28,9 +27,11 @@ from starlette.requests import ClientDisconnect
 
 from lynx_exit.exits import method_names
 from lynx_exit.exits.lynx import shared_probe
-from lynx_exit.serve.generation import Generation, exit_object, finish_reason, now, usage
+from lynx_exit.serve.generation import Generation
+from lynx_exit.serve.planning import RequestPlan
 from lynx_exit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
-from lynx_exit.serve.server import Plan, Server
+from lynx_exit.serve.responses import full_response, now, stream
+from lynx_exit.serve.server import Server
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ async def _models(server: Server) -> Response:
 async def _completions(server: Server, request: Request, chat: bool) -> Response:
     raw = await _read_body(request, server.options.max_body_bytes)
 
-    def parse_and_plan() -> tuple[Any, Plan]:
+    def parse_and_plan() -> tuple[Any, RequestPlan]:
         body = parse_body(ChatCompletionRequest if chat else CompletionRequest, raw)
         return body, server.plan(body)
 
@@ -167,11 +168,11 @@ async def _completions(server: Server, request: Request, chat: bool) -> Response
     prompt_tokens = sum(len(p) for p in plan.prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream(generation, plan, meta, chat, prompt_tokens, include_usage)
+        chunks = stream(generation, plan, meta, chat, prompt_tokens, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     if not await _until_done_or_gone(generation, request):
         return Response(status_code=499)  # the client left; nobody reads this
-    return JSONResponse(_full_response(generation, plan, meta, chat, prompt_tokens))
+    return JSONResponse(full_response(generation, plan, meta, chat, prompt_tokens))
 
 
 async def _until_done_or_gone(generation: Generation, request: Request) -> bool:
@@ -182,10 +183,10 @@ async def _until_done_or_gone(generation: Generation, request: Request) -> bool:
         await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not run.done():
+        if not run.done():  # the client left first (or this handler was cancelled)
             run.cancel()
             generation.cancel()
-    if run.cancelled():
+    if not run.done() or run.cancelled():  # a cancelled task is done only once it has run again: no result
         return False
     run.result()  # re-raises an engine failure as its APIError
     return True
@@ -194,68 +195,6 @@ async def _until_done_or_gone(generation: Generation, request: Request) -> bool:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _full_response(generation: Generation, plan: Plan, meta: dict[str, Any], chat: bool, prompt_tokens: int) -> dict[str, Any]:
-    choices = []
-    for i, text in enumerate(generation.texts):
-        finish = generation.finishes[i]
-        choice: dict[str, Any] = {"index": i, "finish_reason": finish_reason(text, finish),
-                                  "exit": exit_object(finish, plan.exit.method, plan.exit.settings)}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text.content,
-                                 "reasoning_content": text.reasoning or None}
-        else:
-            choice.update(text=text.content, logprobs=None)
-        choices.append(choice)
-    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-            "usage": usage(prompt_tokens, list(generation.finishes.values()))}
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def _stream(generation: Generation, plan: Plan, meta: dict[str, Any], chat: bool, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[str]:
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    head = {**meta, "object": kind}
-    try:
-        if chat:  # the role first, at once: the client sees the response start even while queued
-            yield "".join(_sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                      "finish_reason": None}]}) for i in range(len(generation.texts)))
-        async for updates in generation.updates():
-            out = []
-            for update in updates:
-                text = generation.texts[update.choice]
-                if update.reasoning or update.content:
-                    if chat:
-                        delta = {k: v for k, v in (("reasoning_content", update.reasoning), ("content", update.content)) if v}
-                        choice: dict[str, Any] = {"index": update.choice, "delta": delta, "finish_reason": None}
-                    else:
-                        choice = {"index": update.choice, "text": update.content, "logprobs": None, "finish_reason": None}
-                    out.append(_sse({**head, "choices": [choice]}))
-                if update.finish is not None:
-                    last: dict[str, Any] = {"index": update.choice, "finish_reason": finish_reason(text, update.finish),
-                                            "exit": exit_object(update.finish, plan.exit.method, plan.exit.settings)}
-                    if chat:
-                        last["delta"] = {}
-                    else:
-                        last.update(text="", logprobs=None)
-                    out.append(_sse({**head, "choices": [last]}))
-            yield "".join(out)
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": usage(prompt_tokens, list(generation.finishes.values()))})
-        yield "data: [DONE]\n\n"
-    except APIError as exc:  # the status line has gone out: report the failure in the stream
-        yield _sse(exc.body())
-        yield "data: [DONE]\n\n"
-    except Exception as exc:  # a fault of ours mid-stream: the client still gets an error event and the end
-        logger.error("unhandled %s in a stream: %s", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-        yield _sse(APIError(500, f"internal error ({type(exc).__name__})", kind="server_error", code="internal_error").body())
-        yield "data: [DONE]\n\n"
-    finally:
-        generation.cancel()  # a client that went away: abort what still runs (a no-op once all finished)
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

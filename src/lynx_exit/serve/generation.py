@@ -9,10 +9,8 @@ since the last read, so a slow client gets fewer, larger chunks instead of falli
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from lynx_exit.serve.protocol import APIError
 from lynx_exit.serve.text import ChoiceText
@@ -33,7 +31,7 @@ class Generation:
         worker: EngineWorker,
         tickets: list[Ticket],
         texts: list[ChoiceText],
-        on_finish: Callable[[Ticket, Finish | Failure], None],
+        on_finish: Callable[[Ticket, Finish | Failure, bool], None],  # bool: a stop string ended the choice
     ) -> None:
         self.worker = worker
         self.tickets = tickets
@@ -54,7 +52,7 @@ class Generation:
         last = events[-1]
         if isinstance(last, Finish | Failure) and choice in self._open:
             self._open.discard(choice)
-            self._on_finish(self.tickets[choice], last)
+            self._on_finish(self.tickets[choice], last, choice in self._stopped)
         self._queue.put_nowait((choice, events))
 
     def cancel(self) -> None:
@@ -96,37 +94,3 @@ class Generation:
     async def run(self) -> None:
         async for _ in self.updates():
             pass
-
-
-def finish_reason(text: ChoiceText, finish: Finish) -> str:
-    """OpenAI's finish reason: a forced exit's answer and a stop string end with "stop" too."""
-    if text.stopped:
-        return "stop"
-    return "length" if finish.result.finish_reason == "length" else "stop"
-
-
-def exit_object(finish: Finish, method: str, settings: dict[str, Any]) -> dict[str, Any]:
-    result = finish.result
-    return {
-        "exited": result.exit_index is not None,
-        "token_index": result.exit_index,
-        "cue": finish.exit_cue,
-        "score": finish.exit_score,
-        "method": method,
-        "settings": settings,
-        "reasoning_tokens": result.reasoning_tokens,
-    }
-
-
-def usage(prompt_tokens: int, finishes: list[Finish]) -> dict[str, Any]:
-    completion = sum(len(f.result.token_ids) for f in finishes)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-        "completion_tokens_details": {"reasoning_tokens": sum(f.result.reasoning_tokens for f in finishes)},
-    }
-
-
-def now() -> int:
-    return int(time.time())

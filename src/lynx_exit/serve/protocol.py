@@ -137,27 +137,11 @@ class _Sampling(_Strict):
         return tuple(stops)
 
 
-# apply_chat_template's own parameters: a request's chat_template_kwargs may not set them.
-_TEMPLATE_RESERVED = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs",
-})
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     # vLLM's extension: keyword arguments for the chat template, e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict[str, Any] | None = None
-
-    def template_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.chat_template_kwargs or {})
-        reserved = sorted(_TEMPLATE_RESERVED & set(kwargs))
-        if reserved:
-            raise bad_request(f"chat_template_kwargs.{reserved[0]}",
-                              f"chat_template_kwargs may not set {reserved[0]!r}: the server sets it")
-        return kwargs
 
     def token_limit(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
@@ -192,7 +176,10 @@ def parse_body(model: type[_Sampling], raw: bytes) -> Any:
         if error["type"] == "json_invalid":
             raise bad_request(None, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}",
                               code="invalid_json") from None
-        param = _param(error["loc"])
+        loc = error["loc"]
+        # An unknown field's own name is never a type tag: only the path to it is cleaned
+        param = (".".join(filter(None, [_param(loc[:-1]), str(loc[-1])])) if error["type"] == "extra_forbidden" and loc
+                 else _param(loc))
         # A field of several types fails once per type: name them all in one message.
         messages = list(dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param and e["type"] != "missing"))
         value = error.get("input")
