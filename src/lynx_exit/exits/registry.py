@@ -236,6 +236,13 @@ def make_policy(name: str, context: MethodContext | None = None, **options: Any)
     options = {k: method.parse_option(k, v) if k in method.option_names else v for k, v in options.items()}
     if method.knob is not None and method.knob.name not in options:
         raise ValueError(f"exit method {name!r} needs {method.knob.name} ({method.knob.flag})")
+    check_resources(method, context)
+    return method.build(context, {**options, **dict(method.fixed)})
+
+
+def check_resources(method: ExitMethod, context: MethodContext) -> None:
+    """What the method needs besides its settings: an assistant model, a probe, a warm-up."""
+    name = method.name
     if method.assisted and context.assistant is None:
         raise ExitSettingError("exit.method", f"exit method {name!r} needs an assistant model (--assistant-model)")
     if method.needs_probe and context.probe is None:
@@ -243,7 +250,6 @@ def make_policy(name: str, context: MethodContext | None = None, **options: Any)
     if method.needs_deepconf and context.deepconf is None:
         raise ExitSettingError("exit.method", f"exit method {name!r} needs a warm-up (--deepconf DIR, made by lynx-exit "
                                               "deepconf-warmup)")
-    return method.build(context, {**options, **dict(method.fixed)})
 
 
 def resolve_exit_options(given: dict[str, Any] | None, default_method: str, defaults: dict[str, Any],
@@ -259,6 +265,7 @@ def resolve_exit_options(given: dict[str, Any] | None, default_method: str, defa
         method = get_method(name)
     except ValueError as exc:
         raise ExitSettingError("exit.method", str(exc), code="unknown_exit_method") from None
+    check_resources(method, context)
     options = method.resolve(given, defaults)
     try:
         make_policy(name, context, **options)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lynx_exit.engine import EngineConfig, GenerationConfig
 
@@ -150,11 +150,24 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+# Prompts one completions request may list. Counted before the field is validated: a union validator that tries
+# each member over a long list costs seconds (838,460 one-character prompts: 1.6 s), counting costs nothing.
+MAX_PROMPTS = 2048
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_prompts(cls, data: Any) -> Any:
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise PromptCountError(len(prompt))
+        return data
 
     def token_limit(self) -> int | None:
         if self.echo:
@@ -166,6 +179,11 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+class PromptCountError(ValueError):
+    def __init__(self, count: int) -> None:
+        super().__init__(f"prompt lists {count} prompts; a request takes at most {MAX_PROMPTS}")
+
+
 def parse_body(model: type[_Sampling], raw: bytes) -> Any:
     """Parse and validate a JSON body; any fault is a 400 naming the field and the value."""
     try:
@@ -173,6 +191,9 @@ def parse_body(model: type[_Sampling], raw: bytes) -> Any:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         error = errors[0]
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, PromptCountError):
+            raise bad_request("prompt", str(cause)) from None
         if error["type"] == "json_invalid":
             raise bad_request(None, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}",
                               code="invalid_json") from None
