@@ -3,7 +3,9 @@
 Starts the server as a subprocess on 127.0.0.1 (reference model, shipped probe). A quiet run first
 records what 8 seeded victim streams generate alone. Then, `--repeats` times, the victims stream
 again (round after round) while at least `--hostile` hostile requests arrive: the issue-21 families
-(D1 huge top_k, D2 malformed exit options, D4 wrongly typed fields, D5 tiny temperatures), 10 MB
+(D1 huge top_k, D2 malformed exit options, D4 wrongly typed fields, D5 tiny temperatures), issue 32's (N1 template
+switches and 5,000-message chats, N3 800,000-prompt completions, N6 fields named like type tags, N7 the developer
+role), 10 MB
 bodies (D3: 10 MB with and without a Content-Length, 3.9 MB under the limit) and randomly mutated or random
 bodies (seeded). Measured: every hostile status, 5xx
 count, victims failed and whether each victim round's tokens equal the quiet run's, /health latency
@@ -93,8 +95,17 @@ def hostile_request(rng: random.Random, prompt: str) -> tuple[str, bytes, str]:
     """(family, body bytes, path) of one hostile request."""
     base: dict[str, Any] = {"model": "reference", "messages": [{"role": "user", "content": prompt}],
                             "max_tokens": rng.randrange(1, 9)}
-    family = rng.choice(["D1", "D2", "D4", "D5", "fuzz", "fuzz", "fuzz", "root"])
-    if family == "D1":
+    family = rng.choice(["D1", "D2", "D4", "D5", "N1", "N6", "N7", "fuzz", "fuzz", "fuzz", "root"])
+    if family == "N1":  # template switches: special tokens, the template's own parameters, unknown ones; many messages
+        base["chat_template_kwargs"] = rng.choice([{"eos_token": "x" * 2000}, {"bos_token": "y" * 100_000},
+                                                   {"add_generation_prompt": False}, {"enable_thinking": "yes"}, {"foo": 1}])
+        if rng.random() < 0.05:
+            base["messages"] = [{"role": "assistant", "content": ""}] * 5000 + base["messages"]
+    elif family == "N6":  # unknown fields with names that look like type tags
+        base[rng.choice(["Foo", "str", "a[0]", "list[int]"])] = 1
+    elif family == "N7":
+        base["messages"] = [{"role": "developer", "content": "Be brief."}, *base["messages"]]
+    elif family == "D1":
         base["top_k"] = rng.choice([2**63, 10**30, 2**64 + 5])
     elif family == "D2":
         base["exit"] = rng.choice([
@@ -133,6 +144,8 @@ async def send_hostile(client: httpx.AsyncClient, url: str, rng: random.Random, 
                 return {"family": family, "status": None, "error": f"{type(exc).__name__}"}
             return {"family": family, "status": r.status_code}
 
+    huge = json.dumps({"model": "reference", "prompt": ["a"] * 800_000}).encode()  # N3: 3.9 MB, under the body limit
+    requests += [("N3", huge, "/v1/completions")] * max(1, count // 200)
     return await asyncio.gather(*(one(*request) for request in requests))
 
 

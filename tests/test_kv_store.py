@@ -94,7 +94,7 @@ def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sli
     lm = {"gqa": gqa_lm, "sliding": sliding_lm, "gqa-matmul-decode": gqa_lm, "mha-matmul-decode": tiny_lm,
           "sliding-compiled-padded": make_tiny_sliding_lm()}[which]
     if not which.endswith("matmul-decode"):  # SDPA for the decode too (what a GPU runs)
-        monkeypatch.setattr("lynx_exit.engine.kv_store.CPU_MATMUL_DECODE_FROM", 10**9)
+        monkeypatch.setattr("lynx_exit.engine.attention.CPU_MATMUL_DECODE_FROM", 10**9)
     compiled = which.endswith("compiled-padded")
     backend = StoreBackend(lm, compile=compiled)
     if compiled:
@@ -198,25 +198,34 @@ def test_compiled_decode_steps_match_eager():
     assert {size for size, _ in graph.shapes} == {1, 2, 4} and {width for _, width in graph.shapes} >= {64, 128}
 
 
-def test_a_request_the_kv_budget_cannot_grow_for_fails_alone():
-    """Under a budget that holds short requests only, the one that outgrows it ends with KVStoreFull (naming
-    the budget); the requests beside it finish exactly as they would alone."""
+def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
+    """Issue 32's N4: under a budget with room for about 2.5 requests at their largest, 8 requests that each fit all
+    finish, with the tokens each gets alone (they wait for memory instead of failing); one that cannot fit the whole
+    budget is refused at once, naming both numbers."""
     lm = make_tiny_lm(seed=2)
     per_token = 3 * 2 * 3 * 12 * 8  # layers x (keys, values) x kv heads x head dim x float64 bytes
-    budget_gb = 3 * 128 * per_token / 2**30  # three slots of 128 tokens
-    long_config = GenerationConfig(max_new_tokens=300, min_new_tokens=300, temperature=0.8)
-    short_config = GenerationConfig(max_new_tokens=40, min_new_tokens=40, temperature=0.8)
-    engine = Engine(lm, max_batch_size=3, kv_cache_gb=budget_gb)
-    long_id = engine.add_request(lm.prompt_ids(TEXTS[0]), long_config, seed=1)
-    short_ids = [engine.add_request(lm.prompt_ids(TEXTS[i]), short_config, seed=i) for i in (1, 3)]
-    list(engine.stream())
-    assert isinstance(engine.error(long_id), KVStoreFull) and "GiB" in str(engine.error(long_id))
-    for request_id, i in zip(short_ids, (1, 3), strict=True):
-        alone = Engine(lm, max_batch_size=1)
-        alone_id = alone.add_request(lm.prompt_ids(TEXTS[i]), short_config, seed=i)
-        list(alone.stream())
+    config = GenerationConfig(max_new_tokens=60, min_new_tokens=40, temperature=0.8, cue_regex="e", answer_max_tokens=5)
+    prompts = [lm.prompt_ids(TEXTS[i % len(TEXTS)]) for i in range(8)]
+    cue = len(lm.exit_cue_ids())
+    largest = max(len(p) for p in prompts) + config.max_new_tokens + cue + config.answer_max_tokens
+    engine = Engine(lm, max_batch_size=8, kv_cache_gb=int(2.5 * largest) * per_token / 2**30)
+    assert engine.backend.token_budget() == int(2.5 * largest)
+    ids = [engine.add_request(p, config, seed=i, policy=ExitAtCue(k=2) if i % 2 else None) for i, p in enumerate(prompts)]
+    running = []
+    while engine.has_unfinished():
+        engine.step()
+        running.append(engine.num_running)
+    assert 2 <= max(running) <= 3  # memory, not the batch size (8), held the others back
+    for i, (request_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
         assert engine.error(request_id) is None
+        alone = Engine(lm, max_batch_size=1)
+        alone_id = alone.add_request(prompt, config, seed=i, policy=ExitAtCue(k=2) if i % 2 else None)
+        list(alone.stream())
         assert engine.result(request_id).token_ids == alone.result(alone_id).token_ids
+    assert engine.backend.store.allocated_bytes() <= int(2.5 * largest) * per_token
+    with pytest.raises(ValueError, match=rf"need {largest + 300} tokens of KV cache; the cache budget holds {int(2.5 * largest)}"):
+        engine.add_request(prompts[2], GenerationConfig(max_new_tokens=config.max_new_tokens + 300, answer_max_tokens=5,
+                                                        temperature=0.8))
 
 
 def test_decode_buckets_cover_every_row_and_bound_the_waste():
@@ -246,7 +255,7 @@ def _strided_sdpa(monkeypatch) -> list[bool]:
         seen.append(out.is_contiguous())
         return out
 
-    monkeypatch.setattr("lynx_exit.engine.kv_store.F.scaled_dot_product_attention", strided)
+    monkeypatch.setattr("lynx_exit.engine.attention.F.scaled_dot_product_attention", strided)
     return seen
 
 
@@ -254,7 +263,7 @@ def test_cuda_branches_run_on_a_cpu_with_mixed_lengths(gqa_lm, monkeypatch):
     """The branches a GPU takes (grouped SDPA with a mask, its strided output), run here: a batch of rows of
     different lengths decodes, and every greedy token is the argmax of a fresh forward over the row's tokens.
     On 5aada8b this is the crash seen on an H200 ("view size is not compatible with input tensor's size")."""
-    from lynx_exit.engine.kv_store import device_branches
+    from lynx_exit.engine.attention import device_branches
 
     seen = _strided_sdpa(monkeypatch)
     lm = gqa_lm
@@ -276,7 +285,7 @@ def test_cuda_branches_run_on_a_cpu_with_mixed_lengths(gqa_lm, monkeypatch):
 
 
 def test_device_branches_names_a_bad_device():
-    from lynx_exit.engine.kv_store import device_branches
+    from lynx_exit.engine.attention import device_branches
 
     with pytest.raises(ValueError, match="'tpu'"), device_branches("tpu"):
         pass

@@ -5,6 +5,7 @@ Each test reproduces a defect seen against 5aada8b (N1-N7); every wait is bounde
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -189,3 +190,27 @@ def test_n7_a_developer_message_is_a_system_message(url):
         return r.json()["usage"]["prompt_tokens"]
 
     assert prompt_tokens("developer") == prompt_tokens("system") != prompt_tokens("assistant")
+
+
+# -- N4: admission by the KV budget ---------------------------------------------------------------------
+def test_n4_requests_that_fit_the_kv_budget_wait_and_all_succeed(lm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lynx_exit.engine import DecodeLoop, EngineConfig
+
+    per_token = 3 * 2 * 3 * 12 * 8  # the tiny model's KV bytes per token (float64)
+    prompt, max_tokens = "Tom has 3 apples", 60
+    ids = list(lm.tokenizer(prompt)["input_ids"])
+    largest = len(ids) + max_tokens + len(lm.exit_cue_ids()) + DEFAULTS.answer_max_tokens
+    engine = EngineConfig(kv_cache_gb=int(2.5 * largest) * per_token / 2**30)
+    server = Server(lm, ServerOptions(model_name=MODEL, defaults=DEFAULTS, engine=engine))
+    with serving(server) as base, ThreadPoolExecutor(8) as pool:
+        bodies = [{"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "seed": seed} for seed in range(8)]
+        responses = list(pool.map(lambda body: post(base, "/v1/completions", body), bodies))
+        too_big = post(base, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 3 * largest})
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
+    for seed, response in enumerate(responses):
+        config = dataclasses.replace(DEFAULTS, max_new_tokens=max_tokens)
+        assert response.json()["choices"][0]["text"] == DecodeLoop(lm, [ids], config, seeds=[seed]).run()[0].text
+    assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "kv_cache_exceeded"
+    assert f"holds {int(2.5 * largest)}" in too_big.json()["error"]["message"]

@@ -60,20 +60,32 @@ def bodies(hostile: bool):
         sampling |= {"logprobs": json_values, "stream_options": json_values, "frequency_penalty": json_values,
                      "user": json_values, "unknown_field": json_values, "exit": st.one_of(exit_objects, json_values)}
     any_json = json_values if hostile else st.nothing()
+    # Template switches: the family's own, special-token names, the template's own parameters, anything
+    template_kwargs = st.dictionaries(
+        st.one_of(st.sampled_from(["enable_thinking", "reasoning_effort", "eos_token", "bos_token", "add_generation_prompt",
+                                   "messages", "tools"]), st.text(max_size=8)),
+        st.one_of(st.booleans(), st.sampled_from(["low", "high"]), st.text(max_size=2000), st.integers(), json_values),
+        max_size=3)
+    roles = st.one_of(st.sampled_from(["user", "system", "developer", "assistant"]),
+                      st.sampled_from(["tool", "function", "User", ""]) if hostile else st.nothing())
+    prompt_lists = st.one_of(st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=120),
+                             st.lists(st.lists(st.integers(0, 310), min_size=1, max_size=4), min_size=1, max_size=120))
     chat = st.fixed_dictionaries(
         {"model": st.one_of(st.just(MODEL), any_json),
          "messages": st.one_of(st.just([{"role": "user", "content": "Hi"}]),
-                               st.lists(st.fixed_dictionaries({"role": value(st.sampled_from(["user", "system"])),
+                               st.lists(st.fixed_dictionaries({"role": value(roles),
                                                                "content": value(st.text(max_size=30))}),
                                         min_size=0 if hostile else 1, max_size=3),
+                               st.lists(st.fixed_dictionaries({"role": roles, "content": st.just("")}), min_size=1,
+                                        max_size=600),
                                any_json)},
         optional={**sampling, "max_completion_tokens": value(st.integers(1, 8)),
-                  **({"chat_template_kwargs": json_values} if hostile else {})},
+                  "chat_template_kwargs": st.one_of(template_kwargs, json_values) if hostile else template_kwargs},
     )
     completion = st.fixed_dictionaries(
         {"model": st.one_of(st.just(MODEL), any_json),
          "prompt": st.one_of(st.text(min_size=0 if hostile else 1, max_size=30), st.lists(st.integers(-5 if hostile else 0, 310), min_size=1, max_size=6),
-                             st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3), any_json)},
+                             st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3), prompt_lists, any_json)},
         optional={**sampling, **({"echo": json_values, "best_of": json_values, "suffix": json_values} if hostile else {})},
     )
     return st.one_of(st.tuples(st.just("/v1/chat/completions"), chat), st.tuples(st.just("/v1/completions"), completion))

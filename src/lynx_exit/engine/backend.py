@@ -39,6 +39,18 @@ class CacheFull(RuntimeError):
         self.request_ids = request_ids
 
 
+def token_budget(backend: Backend) -> int | None:
+    """Tokens of KV cache a backend may hold (None: as many as the requests need). Optional in a backend:
+    `token_budget()` and `fits(count, longest)` (whether `count` requests of up to `longest` tokens fit together)."""
+    method = getattr(backend, "token_budget", None)
+    return method() if method is not None else None
+
+
+def fits(backend: Backend, count: int, longest: int) -> bool:
+    method = getattr(backend, "fits", None)
+    return bool(method(count, longest)) if method is not None else True
+
+
 class Backend(Protocol):
     """What the engine needs from a model. Requests are identified by the engine's ids."""
 

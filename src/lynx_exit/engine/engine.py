@@ -102,6 +102,7 @@ class Engine:
             raise ValueError(f"the prompt is {len(prompt)} tokens but model {self.lm.model_id!r} has a context of "
                              f"{context} positions: shorten the prompt")
         layers = request_layers(self.lm, policy, feature_layers)
+        self.scheduler.check_fits_alone(len(prompt), config, len(self.exit_cue_ids(config.exit_cue)))
         generator = None
         if not config.greedy:
             generator = torch.Generator(device=self.lm.device)

@@ -5,11 +5,12 @@
 0..length-1 of its slot (no left padding), so a new token is written at its own position and nothing
 is ever concatenated. Before each forward pass the backend gives the store a `Plan`: which slots
 the batch rows are, where each row's new tokens go, and the boolean mask over the key columns. The
-attention function registered here as `lynx_store` reads that mask and calls SDPA on views of the
+attention function registered as `lynx_store` (`attention.py`) reads that mask and calls SDPA on views of the
 store (GQA without repeating the keys); a batch of consecutive slots needs no copy at all.
 
 Only what a request holds is masked in; a slot is grown by doubling its capacity (amortised: a copy
-per doubling, not per token) up to the context limit and the memory budget.
+per doubling, not per token) up to the context limit and the memory budget; under a budget, `shrink` gives
+back the slots and columns nobody holds.
 """
 
 from __future__ import annotations
@@ -24,49 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from lynx_exit.engine.backend import CacheFull
 
 ATTENTION = "lynx_store"
 MIN_CAPACITY = 64
-# Key columns from which a CPU decode reads attention with two matmuls instead of SDPA: from the first. SDPA's CPU
-# kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76 us at 40 columns,
-# 373 vs 427-446 us at 1,000; 32 rows at 4,096: 12 vs 19 ms per layer).
-CPU_MATMUL_DECODE_FROM = 1
-
-
 _SERIALS = itertools.count()
-
-# Whose branches the attention takes: the query's device ("auto"), or the device named here. A CPU test that
-# sets "cuda" runs the kernels and layouts a GPU would (grouped SDPA with a mask, its strided output), so CI
-# executes the path that only a GPU takes otherwise. A plain global, not a context variable: a compiled step
-# reads it (and guards on it).
-_BRANCHES = "auto"
-
-
-@contextmanager
-def device_branches(device_type: str) -> Iterator[None]:
-    """Take the attention branches of `device_type` ("cpu", "cuda") whatever device the tensors are on (a test
-    hook for one thread: the setting is process-wide while the block runs)."""
-    global _BRANCHES
-    if device_type not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device_branches takes 'auto', 'cpu' or 'cuda', got {device_type!r}")
-    before, _BRANCHES = _BRANCHES, device_type
-    try:
-        yield
-    finally:
-        _BRANCHES = before
-
-
-def branch_device(tensor: torch.Tensor) -> str:
-    """The device type whose branches a pass over `tensor` takes (see `device_branches`)."""
-    return tensor.device.type if _BRANCHES == "auto" else _BRANCHES
-
 
 def cache_kwarg(model: Any) -> str:
     """The keyword a model's forward takes its cache by: transformers renamed `past_key_values` to `cache`
@@ -96,85 +61,6 @@ class Plan:
 
 PLAN_KWARG = "lynx_plan"  # the plan rides the model's keyword arguments down to each attention call and cache update
 _ACTIVE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("lynx_store_plan", default=None)
-
-
-def _window_mask(plan: Plan, window: int) -> torch.Tensor:
-    if window not in plan.windows:
-        columns = torch.arange(plan.width, device=plan.positions.device)
-        inside = plan.positions[:, None, :, None] - columns < window
-        plan.windows[window] = inside if plan.mask is None else plan.mask & inside
-    return plan.windows[window]
-
-
-def _matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                      scale: float) -> torch.Tensor:
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
-
-
-def _baddbmm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
-    """`_matmul_attention` for a compiled CPU step: Inductor lowers a one-row `bmm` on a CPU to its own loops
-    (slower than BLAS at a thousand columns and more), a `baddbmm` to BLAS."""
-    batch, heads, rows, head_dim = query.shape
-    width = key.shape[2]
-    nothing = query.new_zeros((1, 1, 1))  # beta=0: only its shape matters
-    scores = torch.baddbmm(nothing, query.reshape(batch * heads, rows, head_dim),
-                           key.reshape(batch * heads, width, head_dim).transpose(1, 2), beta=0, alpha=scale)
-    scores = scores.view(batch, heads, rows, width)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(batch * heads, rows, width)
-    out = torch.baddbmm(nothing, probs, value.reshape(batch * heads, width, value.shape[-1]), beta=0)
-    return out.view(batch, heads, rows, value.shape[-1])
-
-
-def store_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """SDPA over the store's views with the plan's mask; outside a store pass, transformers' own SDPA."""
-    plan = kwargs.pop(PLAN_KWARG, None) or _ACTIVE.get()  # the keyword reaches compiled layers as an input
-    if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"the KV store's attention has no {name} (this model needs it): "
-                                      "no backend of lynx-exit runs this model")
-    mask = plan.mask if sliding_window is None else _window_mask(plan, int(sliding_window))
-    batch, heads, q_len, head_dim = query.shape
-    # From the module where it says (a plain int: under torch.compile the shapes are symbolic)
-    groups = int(getattr(module, "num_key_value_groups", 0)) or heads // key.shape[1]
-    on_cpu = branch_device(query) == "cpu"
-    if q_len == 1 and (groups > 1 or (on_cpu and plan.width >= CPU_MATMUL_DECODE_FROM)):
-        # Decode: a group of query heads reads its KV head as one short query (no repeated keys).
-        grouped = query.reshape(batch, key.shape[1], groups, head_dim)
-        if on_cpu and plan.width >= CPU_MATMUL_DECODE_FROM:
-            # On a CPU two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel for a query this
-            # short is slower (see CPU_MATMUL_DECODE_FROM).
-            scale = head_dim**-0.5 if scaling is None else float(scaling)
-            attend = _baddbmm_attention if torch.compiler.is_compiling() else _matmul_attention
-            out = attend(grouped, key, value, mask, scale)
-        else:
-            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
-        # `reshape`, not `view`: CUDA's SDPA returns this grouped query with a mask in a strided layout
-        return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTENTION, store_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # used only outside store passes
 
 
 class _StoreLayer(CacheLayerMixin):
@@ -250,20 +136,34 @@ class KVStore(Cache):
             return
         if self.budget_bytes is not None and slots * capacity * self.bytes_per_token > self.budget_bytes:
             fit = self.budget_bytes // max(1, slots * self.bytes_per_token)
-            capacity = max(tokens, self.capacity, min(capacity, fit))
+            # under a budget the columns may shrink to what the slots hold, to make room for more slots
+            capacity = max(tokens, max(self.lengths, default=0), min(capacity, fit))
             if slots * capacity * self.bytes_per_token > self.budget_bytes:
                 raise KVStoreFull(
                     f"the KV cache budget of {self.budget_bytes / 2**30:.3g} GiB holds "
                     f"{self.budget_bytes // max(1, self.bytes_per_token)} tokens; {slots} requests of {capacity} tokens "
                     "do not fit (raise --kv-cache-gb or lower the batch size)")
+        self._reallocate(slots, capacity)
+
+    def shrink(self, slots: int) -> None:
+        """Drop the slots from `slots` up and the columns none of the others holds (how a budgeted store frees room)."""
+        longest = max(self.lengths[:slots], default=0)
+        capacity = min(max(MIN_CAPACITY, 2 ** math.ceil(math.log2(max(longest, 1)))), self.max_tokens, self.capacity)
+        if slots < self.slots or capacity < self.capacity:
+            self._reallocate(slots, capacity)
+
+    def _reallocate(self, slots: int, capacity: int) -> None:
+        """`slots` × `capacity` tensors holding what the first slots hold (up to the smaller capacity)."""
+        keep, columns = min(slots, self.slots), min(capacity, self.capacity)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 if old is None:
                     continue
                 new = old.new_zeros(slots, old.shape[1], capacity, old.shape[3])
-                new[: old.shape[0], :, : self.capacity] = old
+                new[:keep, :, :columns] = old[:keep, :, :columns]
                 store[i] = self._allocated(new)
-        self.lengths += [0] * (slots - self.slots)
+        del self.lengths[slots:]  # in place: callers hold this list across a reserve
+        self.lengths.extend([0] * (slots - len(self.lengths)))
         self.capacity = capacity
 
     def allocated_bytes(self) -> int:

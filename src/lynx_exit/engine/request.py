@@ -88,6 +88,11 @@ class Request:
     assist: Any = None
 
     @property
+    def need(self) -> int:
+        """The most tokens of KV cache this request can hold: its prompt, its budget and an exit's cue and answer."""
+        return len(self.prompt_ids) + self.config.max_new_tokens + len(self.exit_cue_ids) + self.config.answer_max_tokens
+
+    @property
     def sampling(self) -> bool:
         """Whether the next token is sampled with the request's own settings (else greedy: cue, forced answer)."""
         return self.phase in ("think", "answer")

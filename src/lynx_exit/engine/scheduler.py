@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from lynx_exit.engine.backend import Backend
+from lynx_exit.engine.backend import Backend, fits, token_budget
+from lynx_exit.engine.config import GenerationConfig
 from lynx_exit.engine.request import Request, describe_error
 from lynx_exit.engine.types import FinishReason, Step
 
@@ -39,6 +40,7 @@ class Scheduler:
         self.outbox: list[Step] = []  # steps produced outside the step's own flow (aborts, failures)
         self.layers: tuple[int, ...] = ()  # union of the running requests' layers, as captured
         self.freed = False  # a row was released since the last compaction
+        self.held: set[int] = set()  # finished requests whose cache is kept (`hold`) until they are released
         # Plug-ins: free what they hold for a request (force: even a held one); compact their own caches.
         self.on_free: list[Callable[[Request, bool], bool]] = []
         self.on_compact: list[Callable[[bool], None]] = []
@@ -62,8 +64,11 @@ class Scheduler:
 
     # -- admission and the prefill budget ----------------------------------------------------------------
     def admit(self) -> list[Request]:
+        """Give waiting requests free rows, first come first served, while the KV cache can hold every admitted
+        request at its largest (`Request.need`): a request that fits waits until memory frees, and one admitted
+        never runs out of cache mid-way."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.max_batch_size and self.has_room(self.requests[self.waiting[0]]):
             request = self.requests[self.waiting.popleft()]
             self.running.append(request.request_id)
             request.in_cache = True
@@ -71,6 +76,23 @@ class Scheduler:
         if admitted:
             self.update_layers()
         return admitted
+
+    def check_fits_alone(self, prompt: int, config: GenerationConfig, cue_tokens: int) -> None:
+        """A request that cannot fit the whole KV cache budget alone is refused at once (one that fits waits its turn)."""
+        budget = token_budget(self.backend)
+        need = prompt + config.max_new_tokens + cue_tokens + config.answer_max_tokens
+        if budget is not None and need > budget:
+            raise ValueError(f"the prompt ({prompt} tokens) and max_new_tokens ({config.max_new_tokens}, with room for an "
+                             f"exit's cue and answer) need {need} tokens of KV cache; the cache budget holds {budget} "
+                             "(raise --kv-cache-gb or lower max_tokens)")
+
+    def has_room(self, request: Request) -> bool:
+        if token_budget(self.backend) is None:
+            return True
+        holding = [self.requests[r] for r in (*self.running, *self.held)]
+        longest = max([request.need] + [r.need if r.finish_reason is None else len(r.prompt_ids) + len(r.kept_ids)
+                                        for r in holding])
+        return fits(self.backend, len(holding) + 1, longest)
 
     def prompt_chunks(self) -> tuple[list[Chunk], list[Chunk]]:
         """The next chunk of every prompt still being read, in admission order, within the step's token budget (the
@@ -101,6 +123,8 @@ class Scheduler:
         if request.request_id in self.running:
             self.running.remove(request.request_id)
         self.free(request, force=False)
+        if request.in_cache:
+            self.held.add(request.request_id)
 
     def finish(self, request: Request, token_id: int, reason: FinishReason) -> list[Step]:
         self.close(request, reason)
@@ -130,6 +154,7 @@ class Scheduler:
             request.in_cache = False
             self.backend.release(request.request_id)
             self.freed = True
+            self.held.discard(request.request_id)
         for free in self.on_free:
             self.freed = free(request, force) or self.freed
 

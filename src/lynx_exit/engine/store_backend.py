@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lynx_exit.engine import attention  # noqa: F401 (registers the store's attention with transformers)
 from lynx_exit.engine.backend import check_fork, greedy_continuations
 from lynx_exit.engine.decode_graph import DecodeGraph
 from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, cache_kwarg, make_plan
@@ -211,9 +212,21 @@ class StoreBackend:
     def release(self, request_id: int) -> None:
         self.store.lengths[self.rows.pop(request_id)] = 0
 
+    def token_budget(self) -> int | None:
+        """Tokens of KV cache the memory budget holds (None: no budget)."""
+        budget = self.store.budget_bytes
+        return None if budget is None else budget // max(1, self.store.bytes_per_token)
+
+    def fits(self, count: int, longest: int) -> bool:
+        """Whether `count` requests of up to `longest` tokens each fit the budget together (the store gives up its
+        free slots and columns to make that room: see `compact`)."""
+        budget = self.token_budget()
+        return budget is None or count * longest <= budget
+
     @torch.inference_mode()
     def compact(self, drop_rows: bool) -> None:
-        """Move requests above a free slot down into it, so decode batches stay slots 0..n-1."""
+        """Move requests above a free slot down into it, so decode batches stay slots 0..n-1; under a budget, give
+        up the free slots and columns too (they are the room the next requests are admitted into)."""
         used = sorted(self.rows.values())
         free = [s for s in range(len(used)) if s not in set(used)]
         by_slot = {slot: request_id for request_id, slot in self.rows.items()}
@@ -223,6 +236,8 @@ class StoreBackend:
             self.store.copy_slot(source, target, self.store.lengths[source])
             self.store.lengths[source] = 0
             self.rows[by_slot[source]] = target
+        if self.store.budget_bytes is not None:
+            self.store.shrink(len(self.rows))
 
     @torch.inference_mode()
     def fork(

@@ -9,6 +9,7 @@ on the server's prompt thread, off the event loop.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,10 @@ def _allowed(value: Any, values: tuple[Any, ...]) -> bool:
 class Planner:
     """Checks and plans requests for one model and one set of server options."""
 
-    def __init__(self, lm: LoadedModel, options: ServerOptions, methods: MethodContext) -> None:
+    def __init__(self, lm: LoadedModel, options: ServerOptions, methods: MethodContext,
+                 token_budget: Callable[[], int | None] = lambda: None) -> None:
         self.lm, self.options, self.methods = lm, options, methods
+        self.token_budget = token_budget  # tokens of KV cache the engine may hold (None: no budget)
         self.context_length = lm.context_length
         # No token spells more characters than the longest vocabulary entry, and a normaliser can merge at most a
         # few code points into one (Hangul jamo: 3 -> 1): text longer than this many characters per context
@@ -166,15 +169,24 @@ class Planner:
         if ctx is not None and longest >= ctx:
             raise bad_request(param, f"the prompt is {longest} tokens; the model's context is {ctx} tokens",
                               code="context_length_exceeded")
+        budget = self.token_budget()
+        exit_room = len(self.lm.exit_cue_ids(self.options.defaults.exit_cue)) + self.options.defaults.answer_max_tokens
         if requested is not None:
             if limit is not None and requested > limit:
                 raise bad_request("max_tokens", f"max_tokens {requested} is above this server's limit of {limit}")
             if ctx is not None and longest + requested > ctx:
                 raise bad_request("max_tokens", f"the prompt ({longest} tokens) plus max_tokens ({requested}) exceeds the "
                                                 f"model's context of {ctx} tokens", code="context_length_exceeded")
-            return requested
-        room = [self.options.defaults.max_new_tokens] + [x for x in (limit, ctx and ctx - longest) if x]
-        return min(room)
+        else:
+            room = [self.options.defaults.max_new_tokens] + [x for x in (limit, ctx and ctx - longest) if x]
+            if budget is not None:
+                room.append(max(1, budget - longest - exit_room))
+            requested = min(room)
+        if budget is not None and longest + requested + exit_room > budget:  # it could never run: no use queueing it
+            raise bad_request("max_tokens", f"the prompt ({longest} tokens) plus max_tokens ({requested}) and room for an "
+                                            f"exit's answer ({exit_room}) need {longest + requested + exit_room} tokens of KV "
+                                            f"cache; this server's --kv-cache-gb holds {budget}", code="kv_cache_exceeded")
+        return requested
 
     # -- the plan ------------------------------------------------------------------------------
     def plan(self, request: ChatCompletionRequest | CompletionRequest) -> RequestPlan:

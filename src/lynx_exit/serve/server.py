@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lynx_exit.engine import Engine
+from lynx_exit.engine.backend import token_budget
 from lynx_exit.exits import MethodContext, get_method
 from lynx_exit.models import LoadedModel
 from lynx_exit.serve.generation import Generation
@@ -48,7 +49,7 @@ class Server:
                                    stream_interval_s=options.stream_interval_ms / 1000, max_chunk_rate=options.max_chunk_rate)
         # Templating and tokenizing run here, off the event loop, one request at a time.
         self.prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lynx-exit-prompts")
-        self.planner = Planner(lm, options, self.methods)
+        self.planner = Planner(lm, options, self.methods, lambda: token_budget(self.worker.engine.backend))
         self.in_flight = 0  # rows submitted and not finished; touched on the event loop only
         self.accepting = True
         self.started = int(time.time())
