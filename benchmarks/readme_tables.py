@@ -199,7 +199,8 @@ def faults_table() -> list[str]:
            f"`lynx-exit serve --model reference` on 127.0.0.1 (batch {setup['max_batch_size']}, queue {setup['max_queue']}). "
            f"{setup['victims']} seeded victim streams (max_tokens {setup['victim_max_tokens']}) run round after round while "
            f"{setup['hostile_per_repeat']} hostile requests (huge `top_k`, malformed exit options, wrongly typed fields, "
-           f"tiny temperatures, mutated and random bodies) and {setup['big_bodies_per_repeat']} large bodies (10 MB with and "
+           f"tiny temperatures, template switches and 5,000-message chats, 800,000-prompt completions, fields named like type "
+           f"tags, developer messages, mutated and random bodies) and {setup['big_bodies_per_repeat']} large bodies (10 MB with and "
            f"without `Content-Length`, 3.9 MB under the limit) arrive; {setup['repeats']} repeats. Victims are compared "
            "token for token with the same streams on a quiet server.\n",
            "| repeat | hostile requests | answers by status | 5xx | victim streams | failed | identical to quiet | "
