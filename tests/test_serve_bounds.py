@@ -214,9 +214,11 @@ def test_n4_requests_that_fit_the_kv_budget_wait_and_all_succeed(lm):
         bodies = [{"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "seed": seed} for seed in range(8)]
         responses = list(pool.map(lambda body: post(base, "/v1/completions", body), bodies))
         too_big = post(base, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 3 * largest})
+        preemptions = metric(base, "lynx_exit_preemptions_total")
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
     for seed, response in enumerate(responses):
         config = dataclasses.replace(DEFAULTS, max_new_tokens=max_tokens)
         assert response.json()["choices"][0]["text"] == DecodeLoop(lm, [ids], config, seeds=[seed]).run()[0].text
     assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "kv_cache_exceeded"
+    assert preemptions > 0  # the youngest gave way while the others grew, and was recomputed
     assert f"holds {int(2.5 * largest)}" in too_big.json()["error"]["message"]

@@ -1,15 +1,14 @@
 """The request-level decode engine: requests join and leave while it runs.
 
-`add_request` queues a prompt with its own sampling settings, seed and exit policy; `step`
-advances every running request by one forward pass and returns their `Step`s; `abort` ends a
-request at once. Up to `max_batch_size` requests run together and the rest wait; a finished
-or aborted request frees its batch row for the next one. Generation, dataset building,
-evaluation and the server all drive this engine (`DecodeLoop` is the batch-job wrapper).
+`add_request` queues a prompt with its own sampling settings, seed and exit policy; `step` advances every running
+request by one forward pass and returns their `Step`s; `abort` ends a request at once. Up to `max_batch_size`
+requests run together (and what the KV budget holds) and the rest wait. Generation, dataset building, evaluation
+and the server all drive this engine (`DecodeLoop` is the batch-job wrapper).
 
-The parts, as in nano-vllm: `scheduler` (waiting and running requests, admission, the prefill budget), `runner`
-(backend passes and the sampler, with one way to contain a fault), `postprocess` (what a sampled token does to
-its request; exits per LYNX spec §6), `forks` (forced answers and trial decodes), and a plug-in with named hooks
-(`plugin`; Speculative Thinking in `speculative`).
+The parts, as in nano-vllm: `scheduler` (waiting and running requests, admission, preemption, the prefill
+budget), `runner` (backend passes and the sampler, with one way to contain a fault), `postprocess` (what a sampled
+token does to its request; exits per LYNX spec §6), `forks` (forced answers and trial decodes), and a plug-in with
+named hooks (`plugin`; Speculative Thinking in `speculative`).
 """
 
 from __future__ import annotations
@@ -165,9 +164,7 @@ class Engine:
         """The exception that failed a request (finish_reason "error"), else None."""
         return self.scheduler.get(request_id).error
 
-    @property
-    def _requests(self) -> dict[int, Request]:  # for tests that reach into a request's record
-        return self.scheduler.requests
+    _requests = property(lambda self: self.scheduler.requests)  # for tests that reach into a request's record
 
     @property
     def num_waiting(self) -> int:
@@ -213,7 +210,7 @@ class Engine:
     def _schedule(self) -> list[Request]:
         """The running requests that feed a token this step; admits waiting ones (they read their prompts)."""
         self.plugin.before_step(self.scheduler.running_requests())
-        fed = [r for r in self.scheduler.running_requests() if r.feed >= 0]
+        fed = [r for r in self.scheduler.running_requests() if r.feed >= 0 and not r.restoring]
         self.scheduler.admit()
         return fed
 
@@ -222,12 +219,14 @@ class Engine:
         batch = Batch()
         if fed:
             decoded = self.runner.decode(fed)
-            batch.fed = [r for r in fed if r.finish_reason is None]
+            batch.fed = [r for r in fed if r.finish_reason is None and r.in_cache]
             if batch.fed:
                 batch.parts.append(decoded)
         self.plugin.extra_pass(batch, self.scheduler.running_requests())
         for group, logits in self.runner.read_prompts():
-            done = [i for i, r in enumerate(group) if r.read == len(r.prompt_ids)]
+            for request in (r for r in group if r.restoring and r.read == len(r.to_read)):
+                request.restoring = False  # a preempted request read back what it held: it decodes its feed next
+            done = [i for i, r in enumerate(group) if not r.restoring and r.feed < 0 and r.read == len(r.prompt_ids)]
             if done:  # a prompt read to its end samples its first token now
                 batch.parts.append(logits if len(done) == len(group) else logits[done])
                 batch.admitted += [group[i] for i in done]

@@ -67,7 +67,8 @@ class Request:
     # while thinking (Speculative Thinking). One queue: an exit replaces whatever was queued.
     forced: deque[int] = field(default_factory=deque)
     in_cache: bool = False
-    read: int = 0  # prompt tokens in the cache (a long prompt is read over several steps)
+    read: int = 0  # tokens of `to_read` in the cache (a long prompt is read over several steps)
+    restoring: bool = False  # preempted: re-reads its prompt and kept tokens, then decodes `feed` as before
     feature_columns: torch.Tensor | None = None  # columns of the captured features that are this request's
     feed_confidence: float | None = None  # DeepConf confidence of `feed` where it was sampled
     candidate_confidence: float | None = None  # ... of the token sampled at this step
@@ -86,6 +87,16 @@ class Request:
     wall_time_s: float = 0.0
     # A plug-in's state for this request (Speculative Thinking: who writes, and what each model did)
     assist: Any = None
+
+    @property
+    def to_read(self) -> list[int]:
+        """What the request reads into a fresh cache: its prompt, or after a preemption everything it holds."""
+        return self.prompt_ids + self.kept_ids if self.restoring else self.prompt_ids
+
+    @property
+    def length(self) -> int:
+        """Tokens the request holds in the cache once it has read what it was fed."""
+        return len(self.prompt_ids) + len(self.kept_ids) + (self.feed >= 0)
 
     @property
     def need(self) -> int:

@@ -50,18 +50,21 @@ class Runner:
         self.vocab_size, self.device, self.eos_ids = vocab_size, device, eos_ids
 
     def decode(self, fed: list[Request]) -> torch.Tensor:
-        """One decode pass; requests the cache cannot grow for fail alone (named by the backend), the rest go on."""
+        """One decode pass. When the cache cannot grow for some requests (named by the backend), the youngest running
+        request is preempted (recomputed later) and the rest decode; with nobody left to preempt, the named requests
+        fail alone. Returns the logits of the fed requests still in the cache, in order."""
         try:
             return self.backend.decode([r.request_id for r in fed], [r.feed for r in fed])
         except CacheFull as exc:
             over = set(exc.request_ids)
             if not over:
                 raise
-            for request in fed:
-                if request.request_id in over:
-                    self.scheduler.fail(request, exc)
-            self.scheduler.after_step()  # their slots are free (and compacted) before the others decode
-            rest = [r for r in fed if r.finish_reason is None]
+            if len(fed) < 2 or self.scheduler.preempt() is None:
+                for request in fed:
+                    if request.request_id in over:
+                        self.scheduler.fail(request, exc)
+            self.scheduler.after_step()  # the freed slots are given back (and compacted) before the others decode
+            rest = [r for r in fed if r.finish_reason is None and r.in_cache]
             if not rest:
                 return torch.empty((0, self.vocab_size), device=self.device)
             return self.decode(rest)

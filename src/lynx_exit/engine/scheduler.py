@@ -41,6 +41,7 @@ class Scheduler:
         self.layers: tuple[int, ...] = ()  # union of the running requests' layers, as captured
         self.freed = False  # a row was released since the last compaction
         self.held: set[int] = set()  # finished requests whose cache is kept (`hold`) until they are released
+        self.preemptions = 0  # running requests whose cache was freed for the older ones (recomputed later)
         # Plug-ins: free what they hold for a request (force: even a held one); compact their own caches.
         self.on_free: list[Callable[[Request, bool], bool]] = []
         self.on_compact: list[Callable[[bool], None]] = []
@@ -64,9 +65,8 @@ class Scheduler:
 
     # -- admission and the prefill budget ----------------------------------------------------------------
     def admit(self) -> list[Request]:
-        """Give waiting requests free rows, first come first served, while the KV cache can hold every admitted
-        request at its largest (`Request.need`): a request that fits waits until memory frees, and one admitted
-        never runs out of cache mid-way."""
+        """Give waiting requests free rows, first come first served, while the KV cache has room (`has_room`); a
+        request that fits the budget alone waits until memory frees."""
         admitted = []
         while self.waiting and len(self.running) < self.max_batch_size and self.has_room(self.requests[self.waiting[0]]):
             request = self.requests[self.waiting.popleft()]
@@ -87,12 +87,34 @@ class Scheduler:
                              "(raise --kv-cache-gb or lower max_tokens)")
 
     def has_room(self, request: Request) -> bool:
+        """A new request: room as the cache holds now (growth later preempts the youngest, as vLLM does). A preempted
+        one: room for it and every running request at their largest, so it runs to its end this time."""
         if token_budget(self.backend) is None:
             return True
         holding = [self.requests[r] for r in (*self.running, *self.held)]
-        longest = max([request.need] + [r.need if r.finish_reason is None else len(r.prompt_ids) + len(r.kept_ids)
-                                        for r in holding])
+        if request.restoring:
+            longest = max([request.need] + [r.need if r.finish_reason is None else r.length for r in holding])
+        else:
+            longest = max([len(request.prompt_ids) + 1] + [r.length + 1 for r in holding])
         return fits(self.backend, len(holding) + 1, longest)
+
+    def preempt(self) -> Request | None:
+        """Free the cache of the youngest running request that can be recomputed; it waits at the head of the queue
+        with its tokens, feed and generator as they were (a plug-in's request is never preempted)."""
+        for request_id in reversed(self.running):
+            request = self.requests[request_id]
+            if request.assist is not None or request.finish_reason is not None:
+                continue
+            self.running.remove(request_id)
+            if request.in_cache:
+                request.in_cache = False
+                self.backend.release(request_id)
+                self.freed = True
+            request.restoring, request.read = request.feed >= 0 or bool(request.kept_ids), 0
+            self.waiting.appendleft(request_id)
+            self.preemptions += 1
+            return request
+        return None
 
     def prompt_chunks(self) -> tuple[list[Chunk], list[Chunk]]:
         """The next chunk of every prompt still being read, in admission order, within the step's token budget (the
@@ -101,12 +123,13 @@ class Scheduler:
         first: list[Chunk] = []
         more: list[Chunk] = []
         for request in self.running_requests():
-            left = len(request.prompt_ids) - request.read
+            tokens = request.to_read
+            left = len(tokens) - request.read
             if left <= 0 or request.finish_reason is not None or budget <= 0:
                 continue
             take = min(left, budget)
             budget -= take
-            (first if request.read == 0 else more).append((request, request.prompt_ids[request.read : request.read + take]))
+            (first if request.read == 0 else more).append((request, tokens[request.read : request.read + take]))
         return first, more
 
     # -- ending --------------------------------------------------------------------------------------

@@ -29,7 +29,10 @@ class ServerMetrics:
         self.exits = Counter("lynx_exit_exits", "choices whose thinking an exit method stopped, by method", ["method"],
                              registry=r)
         self.choices = Counter("lynx_exit_choices", "finished choices by finish reason", ["finish_reason"], registry=r)
-        self.queue_depth = Gauge("lynx_exit_queue_depth", "requests waiting for a batch row", registry=r)
+        self.queue_depth = Gauge("lynx_exit_queue_depth", "requests waiting for a batch row (or for KV cache)", registry=r)
+        self.preemptions = Counter("lynx_exit_preemptions", "running requests whose KV cache was freed for older ones "
+                                   "(recomputed when memory frees)", registry=r)
+        self._preempted = 0  # the engine's count at the last step
         self.running = Gauge("lynx_exit_running", "requests holding a batch row", registry=r)
         self.batch_occupancy = Gauge("lynx_exit_batch_occupancy", "running requests / max batch size", registry=r)
         self.latency = Histogram("lynx_exit_request_latency_seconds", "time from submission to the last token",
@@ -40,6 +43,9 @@ class ServerMetrics:
     def observe_engine(self, engine: Engine) -> None:
         """Called by the engine thread after each step."""
         self.queue_depth.set(engine.num_waiting)
+        count = engine.scheduler.preemptions
+        self.preemptions.inc(count - self._preempted if count >= self._preempted else count)  # a new engine counts anew
+        self._preempted = count
         self.running.set(engine.num_running)
         self.batch_occupancy.set(engine.num_running / self.max_batch_size)
 
