@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from conftest import BOUND_S, make_tiny_lm, serving
+from conftest import BOUND_S, cli_server, make_tiny_lm, serving
 from test_serve_faults import metric, post
 
 from lynx_exit.engine import GenerationConfig
@@ -35,17 +35,28 @@ def url(lm):
         yield base
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
+@pytest.fixture(scope="module")
+def cli(lm, tmp_path_factory):
+    """`lynx-exit serve` in a process of its own (its heap and its garbage collector are the server's alone):
+    (pid, base URL, model name)."""
+    folder = tmp_path_factory.mktemp("model")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    with cli_server(folder) as (proc, base):
+        yield proc.pid, base, str(folder)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
         line = next(x for x in status if x.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
 
 
 @contextmanager
-def watched(base: str) -> Iterator[dict[str, float]]:
-    """Poll /health every 10 ms while the block runs: the slowest answer and the resident memory's growth."""
+def watched(base: str, pid: int) -> Iterator[dict[str, float]]:
+    """Poll /health every 10 ms while the block runs: the slowest answer and the server's resident memory growth."""
     seen = {"slowest_s": 0.0, "grew_mb": 0.0, "polls": 0}
-    before, done = _rss_mb(), threading.Event()
+    before, done = _rss_mb(pid), threading.Event()
 
     def poll() -> None:
         with httpx.Client(timeout=BOUND_S) as client:
@@ -54,7 +65,7 @@ def watched(base: str) -> Iterator[dict[str, float]]:
                 start = time.perf_counter()
                 assert client.get(base + "/health").status_code == 200
                 seen["slowest_s"] = max(seen["slowest_s"], time.perf_counter() - start)
-                seen["grew_mb"] = max(seen["grew_mb"], _rss_mb() - before)
+                seen["grew_mb"] = max(seen["grew_mb"], _rss_mb(pid) - before)
                 seen["polls"] += 1
                 time.sleep(0.01)
 
@@ -66,7 +77,7 @@ def watched(base: str) -> Iterator[dict[str, float]]:
     finally:
         done.set()
         thread.join(BOUND_S)
-        seen["grew_mb"] = max(seen["grew_mb"], _rss_mb() - before)
+        seen["grew_mb"] = max(seen["grew_mb"], _rss_mb(pid) - before)
 
 
 def timed_post(base: str, path: str, body: dict | bytes) -> tuple[httpx.Response, float]:
@@ -79,11 +90,12 @@ def timed_post(base: str, path: str, body: dict | bytes) -> tuple[httpx.Response
 
 
 # -- N1: chat_template_kwargs -----------------------------------------------------------------------
-def test_n1_a_huge_template_render_is_refused_at_once(url):
+def test_n1_a_huge_template_render_is_refused_at_once(cli):
     """5,000 empty assistant messages with a 2,000-character eos_token rendered a 10 MB prompt in 14-23 s."""
+    pid, url, model = cli
     messages = [{"role": "assistant", "content": ""}] * 5000 + [{"role": "user", "content": "hi"}]
-    body = json.dumps({"model": MODEL, "messages": messages, "chat_template_kwargs": {"eos_token": "x" * 2000}}).encode()
-    with watched(url) as seen:
+    body = json.dumps({"model": model, "messages": messages, "chat_template_kwargs": {"eos_token": "x" * 2000}}).encode()
+    with watched(url, pid) as seen:
         r, took = timed_post(url, "/v1/chat/completions", body)
     assert r.status_code == 400 and took < 1.0, (r.status_code, took)
     assert seen["polls"] >= 3 and seen["slowest_s"] < 0.2 and seen["grew_mb"] < 100, seen
@@ -122,10 +134,11 @@ def test_n1_messages_past_the_context_are_refused_before_the_template(url, lm):
 
 
 # -- N3: completions with a huge prompt list ---------------------------------------------------------
-def test_n3_a_huge_prompt_list_is_refused_before_any_prompt_is_tokenized(url):
+def test_n3_a_huge_prompt_list_is_refused_before_any_prompt_is_tokenized(cli):
     """838,460 one-character prompts (4 MB) were each tokenized before the row count was checked: 34.5 s."""
-    body = json.dumps({"model": MODEL, "prompt": ["a"] * 838_460}).encode()  # 4 MB
-    with watched(url) as seen:
+    pid, url, model = cli
+    body = json.dumps({"model": model, "prompt": ["a"] * 838_460}).encode()  # 4 MB
+    with watched(url, pid) as seen:
         r, took = timed_post(url, "/v1/completions", body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and took < 1.0, (r.text[:300], took)
     assert seen["polls"] >= 3 and seen["slowest_s"] < 0.2 and seen["grew_mb"] < 100, seen

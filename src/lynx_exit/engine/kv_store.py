@@ -9,8 +9,8 @@ attention function registered as `lynx_store` (`attention.py`) reads that mask a
 store (GQA without repeating the keys); a batch of consecutive slots needs no copy at all.
 
 Only what a request holds is masked in; a slot is grown by doubling its capacity (amortised: a copy
-per doubling, not per token) up to the context limit and the memory budget; under a budget, `shrink` gives
-back the slots and columns nobody holds.
+per doubling, not per token) up to the context limit and the memory budget; under a budget, a reserve that would
+pass it first gives back the slots and columns nobody holds (only then: a reallocation re-records a CUDA graph).
 """
 
 from __future__ import annotations
@@ -131,10 +131,12 @@ class KVStore(Cache):
         capacity = self.capacity
         if tokens > capacity:
             capacity = min(max(MIN_CAPACITY, 2 ** math.ceil(math.log2(tokens))), self.max_tokens)
-        slots = max(slots, self.slots)
+        asked, slots = slots, max(slots, self.slots)
         if capacity == self.capacity and slots == self.slots:
             return
         if self.budget_bytes is not None and slots * capacity * self.bytes_per_token > self.budget_bytes:
+            # Under a budget the store gives back what nobody holds: empty slots above the ones asked for
+            slots = max(asked, max((i + 1 for i, n in enumerate(self.lengths) if n), default=0))
             fit = self.budget_bytes // max(1, slots * self.bytes_per_token)
             # under a budget the columns may shrink to what the slots hold, to make room for more slots
             capacity = max(tokens, max(self.lengths, default=0), min(capacity, fit))
@@ -144,13 +146,6 @@ class KVStore(Cache):
                     f"{self.budget_bytes // max(1, self.bytes_per_token)} tokens; {slots} requests of {capacity} tokens "
                     "do not fit (raise --kv-cache-gb or lower the batch size)")
         self._reallocate(slots, capacity)
-
-    def shrink(self, slots: int) -> None:
-        """Drop the slots from `slots` up and the columns none of the others holds (how a budgeted store frees room)."""
-        longest = max(self.lengths[:slots], default=0)
-        capacity = min(max(MIN_CAPACITY, 2 ** math.ceil(math.log2(max(longest, 1)))), self.max_tokens, self.capacity)
-        if slots < self.slots or capacity < self.capacity:
-            self._reallocate(slots, capacity)
 
     def _reallocate(self, slots: int, capacity: int) -> None:
         """`slots` × `capacity` tensors holding what the first slots hold (up to the smaller capacity)."""

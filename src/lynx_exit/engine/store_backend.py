@@ -218,15 +218,15 @@ class StoreBackend:
         return None if budget is None else budget // max(1, self.store.bytes_per_token)
 
     def fits(self, count: int, longest: int) -> bool:
-        """Whether `count` requests of up to `longest` tokens each fit the budget together (the store gives up its
-        free slots and columns to make that room: see `compact`)."""
+        """Whether `count` requests of up to `longest` tokens each fit the budget together (the store gives back its
+        free slots and columns to make that room when it must: see `KVStore.reserve`)."""
         budget = self.token_budget()
         return budget is None or count * longest <= budget
 
     @torch.inference_mode()
     def compact(self, drop_rows: bool) -> None:
-        """Move requests above a free slot down into it, so decode batches stay slots 0..n-1; under a budget, give
-        up the free slots and columns too (they are the room the next requests are admitted into)."""
+        """Move requests above a free slot down into it, so decode batches stay slots 0..n-1 (under a budget the free
+        slots above them are the room the next requests are admitted into: `KVStore.reserve` gives them back)."""
         used = sorted(self.rows.values())
         free = [s for s in range(len(used)) if s not in set(used)]
         by_slot = {slot: request_id for request_id, slot in self.rows.items()}
@@ -236,8 +236,6 @@ class StoreBackend:
             self.store.copy_slot(source, target, self.store.lengths[source])
             self.store.lengths[source] = 0
             self.rows[by_slot[source]] = target
-        if self.store.budget_bytes is not None:
-            self.store.shrink(len(self.rows))
 
     @torch.inference_mode()
     def fork(
