@@ -101,7 +101,6 @@ class Engine:
             raise ValueError(f"the prompt is {len(prompt)} tokens but model {self.lm.model_id!r} has a context of "
                              f"{context} positions: shorten the prompt")
         layers = request_layers(self.lm, policy, feature_layers)
-        self.scheduler.check_fits_alone(len(prompt), config, len(self.exit_cue_ids(config.exit_cue)))
         generator = None
         if not config.greedy:
             generator = torch.Generator(device=self.lm.device)
@@ -115,14 +114,16 @@ class Engine:
                                think_start=profile.think_start, start=thinking)
         params = SamplingParams(temperature=0.0 if config.greedy else config.temperature, top_p=config.top_p,
                                 top_k=config.top_k if config.top_k < vocab else 0)  # top-k over the whole vocabulary is off
-        request_id, self._next_id = self._next_id, self._next_id + 1
-        self.scheduler.add(Request(
-            request_id=request_id, prompt_ids=prompt, config=config, params=params, generator=generator, policy=policy,
+        request = Request(
+            request_id=self._next_id, prompt_ids=prompt, config=config, params=params, generator=generator, policy=policy,
             layers=layers, every_step=bool(feature_layers), detok=IncrementalDetokenizer(self.lm.tokenizer),
             detector=detector, exit_cue_ids=self.exit_cue_ids(config.exit_cue), hold=hold,
             phase="think" if thinking != "off" else "answer", reasoning_tokens=0 if thinking == "off" else None,
-            assist=assist_state))
-        return request_id
+            assist=assist_state)
+        self.scheduler.check_fits_alone(request)
+        self.scheduler.add(request)
+        self._next_id += 1
+        return request.request_id
 
     def exit_cue_ids(self, cue: str) -> list[int]:
         """Token ids of an exit cue (a variant in the model family's format, or literal text), cached."""

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import torch
 
 from lynx_exit.engine.backend import Backend, fits, token_budget
-from lynx_exit.engine.config import GenerationConfig
 from lynx_exit.engine.request import Request, describe_error
 from lynx_exit.engine.types import FinishReason, Step
 
@@ -77,14 +76,13 @@ class Scheduler:
             self.update_layers()
         return admitted
 
-    def check_fits_alone(self, prompt: int, config: GenerationConfig, cue_tokens: int) -> None:
+    def check_fits_alone(self, request: Request) -> None:
         """A request that cannot fit the whole KV cache budget alone is refused at once (one that fits waits its turn)."""
         budget = token_budget(self.backend)
-        need = prompt + config.max_new_tokens + cue_tokens + config.answer_max_tokens
-        if budget is not None and need > budget:
-            raise ValueError(f"the prompt ({prompt} tokens) and max_new_tokens ({config.max_new_tokens}, with room for an "
-                             f"exit's cue and answer) need {need} tokens of KV cache; the cache budget holds {budget} "
-                             "(raise --kv-cache-gb or lower max_tokens)")
+        if budget is not None and request.need > budget:
+            raise ValueError(f"the prompt ({len(request.prompt_ids)} tokens) and max_new_tokens "
+                             f"({request.config.max_new_tokens}, with room for an exit's cue and answer) need {request.need} "
+                             f"tokens of KV cache; the cache budget holds {budget} (raise --kv-cache-gb or lower max_tokens)")
 
     def has_room(self, request: Request) -> bool:
         """A new request: room as the cache holds now (growth later preempts the youngest, as vLLM does). A preempted

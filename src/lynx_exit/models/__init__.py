@@ -1,5 +1,5 @@
 """Models: loading any causal LM with its profile (`loading`), the table of reasoning families (`families`),
-and the hidden-state taps the probe reads."""
+and the hidden-state taps the probe reads (`taps`)."""
 
 from lynx_exit.models.families import (
     EXIT_CUE_PHRASES,
@@ -13,17 +13,16 @@ from lynx_exit.models.families import (
 from lynx_exit.models.loading import (
     REFERENCE_MODELS,
     FeatureSpec,
-    HiddenStateCapture,
     LoadedModel,
     ModelSource,
     check_text,
     default_layers,
     load_model,
     smollm2_gguf_path,
-    tap_forward,
     tokenizer_fingerprint,
     tokenizer_hash,
 )
+from lynx_exit.models.taps import HiddenStateCapture, tap_forward
 
 __all__ = [
     "EXIT_CUE_PHRASES",

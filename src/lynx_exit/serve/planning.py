@@ -68,6 +68,8 @@ class Planner:
                  token_budget: Callable[[], int | None] = lambda: None) -> None:
         self.lm, self.options, self.methods = lm, options, methods
         self.token_budget = token_budget  # tokens of KV cache the engine may hold (None: no budget)
+        # What an exit may add to a request's tokens: the cue and the forced answer
+        self.exit_room = len(lm.exit_cue_ids(options.defaults.exit_cue)) + options.defaults.answer_max_tokens
         self.context_length = lm.context_length
         # No token spells more characters than the longest vocabulary entry, and a normaliser can merge at most a
         # few code points into one (Hangul jamo: 3 -> 1): text longer than this many characters per context
@@ -170,7 +172,7 @@ class Planner:
             raise bad_request(param, f"the prompt is {longest} tokens; the model's context is {ctx} tokens",
                               code="context_length_exceeded")
         budget = self.token_budget()
-        exit_room = len(self.lm.exit_cue_ids(self.options.defaults.exit_cue)) + self.options.defaults.answer_max_tokens
+        exit_room = self.exit_room
         if requested is not None:
             if limit is not None and requested > limit:
                 raise bad_request("max_tokens", f"max_tokens {requested} is above this server's limit of {limit}")
