@@ -132,7 +132,7 @@ def test_a_probe_of_another_feature_space_is_refused_when_added(tiny_lm):
 class CountingScorer:
     calls: list = field(default_factory=list)
 
-    def __call__(self, features):
+    def __call__(self, features, points=None):
         self.calls.append(len(features))
         return features[:, 0]
 

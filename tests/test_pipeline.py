@@ -150,4 +150,4 @@ def test_online_lynx_equals_offline_replay(chain, tiny_lm):
             exits += offline is not None
     assert exits > 0
     rates = empirical_rates(bundle, load_dataset(root / "cal"))
-    assert {r["mode"] for r in rates} == {"event", "trajectory", "harm"}
+    assert {r["mode"] for r in rates} == {"event", "trajectory", "harm", "give_up"}

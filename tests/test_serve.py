@@ -80,7 +80,8 @@ def test_chat_puts_thinking_in_reasoning_content_and_the_forced_answer_in_conten
     reasoning = extra(choice.message, "reasoning_content")
     assert choice.message.content.startswith("Final Answer: \\boxed{")
     assert want.text == reasoning + "</think> " + choice.message.content
-    assert extra(choice, "exit") == {"exited": True, "token_index": 5, "cue": None, "score": None, "method": "token-budget",
+    assert extra(choice, "exit") == {"exited": True, "token_index": 5, "cue": None, "point": None, "gave_up": False,
+                                     "score": None, "method": "token-budget",
                                      "settings": {"budget": 6}, "reasoning_tokens": 6}
     assert choice.finish_reason == "stop"
     assert response.usage.completion_tokens == len(want.token_ids)
@@ -170,6 +171,12 @@ BAD_REQUESTS = [
     ("chat", {"model": "gpt-9"}, 404, "model", "gpt-9"),
     ("chat", {"exit": {"method": "lynx", "delta": 1.5}}, 400, "exit.delta", "1.5"),
     ("chat", {"exit": {"method": "lynx", "delta": 0.3}}, 400, "exit.delta", "[0.2, 0.1]"),
+    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "decision_points": "cue,answer"}}, 400, "exit.decision_points",
+     "never saw answer"),
+    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "decision_points": ["cue", "hunch"]}}, 400, "exit.decision_points",
+     "'hunch'"),
+    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "give_up_delta": 2}}, 400, "exit.give_up_delta", "(0, 1)"),
+    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "give_up_delta": 0.05}}, 400, "exit.give_up_delta", "give-up"),
     ("chat", {"exit": {"method": "lynx", "mode": "sometimes"}}, 400, "exit.mode", "sometimes"),
     ("chat", {"exit": {"method": "telepathy"}}, 400, "exit.method", "telepathy"),
     ("chat", {"exit": {"method": "token-budget", "delta": 0.1, "budget": 3}}, 400, "exit.delta", "delta"),

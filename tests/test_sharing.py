@@ -50,11 +50,14 @@ def test_calibrate_writes_a_model_card_from_the_folder(chain):  # noqa: F811
     assert card.startswith("---\nlibrary_name: lynx-exit\n") and "\n---\n" in card
     assert f"`{bundle.spec.model_id}`" in card and bundle.spec.tokenizer_hash in card
     assert "layers: " + ", ".join(str(layer) for layer in bundle.spec.layers) in card
-    rows = [line for line in card.splitlines() if line.startswith(("| event |", "| trajectory |", "| harm |"))]
-    assert [row.split(" | ")[:2] for row in rows] == [[f"| {mode}", str(d)] for mode in ("event", "trajectory", "harm") for d in (0.3, 0.5)]
+    rows = [line for line in card.splitlines() if line.startswith(("| event |", "| trajectory |", "| harm |", "| give-up |"))]
+    assert [row.split(" | ")[:3] for row in rows] == [[f"| {mode}", "cue", str(d)] for mode in ("event", "trajectory", "harm", "give-up")
+                                                      for d in (0.3, 0.5)]
+    assert "Decision points it was trained on: cue" in card
     assert file_sha256(root / "probe" / "probe.safetensors") in card
     report = json.loads((root / "probe" / "conformal.json").read_text())
-    assert f"{report['calibration_dataset']['events']} cue events" in card
+    events = report["calibration_dataset"]["events"]
+    assert f"{events} events ({report['calibration_dataset']['safe_events']} safe): {events} at cue points" in card
     assert report["calibration_dataset"]["folder"] == str(root / "cal")
     assert "- train: `" in card and "- calibrate: `" in card
     assert f"{bundle.meta['training_dataset']['problems']} problems" in card
@@ -66,7 +69,7 @@ def test_retraining_removes_the_card_of_the_old_calibration(chain, tmp_path):  #
     train_probe_folder(load_dataset(root / "train"), tmp_path / "probe", ProbeTrainConfig(max_epochs=2), "train")
     assert not (tmp_path / "probe" / "README.md").exists() and not (tmp_path / "probe" / "conformal.json").exists()
     calibrate_probe_folder(tmp_path / "probe", load_dataset(root / "cal"), deltas=[0.4])
-    assert "| event | 0.4 |" in (tmp_path / "probe" / "README.md").read_text()
+    assert "| event | cue | 0.4 |" in (tmp_path / "probe" / "README.md").read_text()
 
 
 def test_a_hub_repo_id_is_read_from_the_hub_cache_offline(chain, tiny_lm, offline_cache):  # noqa: F811

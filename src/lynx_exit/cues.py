@@ -8,8 +8,9 @@ from typing import Protocol
 
 DEFAULT_CUE_WORDS: tuple[str, ...] = ("hmm", "wait", "alternatively")
 
-# Characters kept behind the current token; long enough for any cue word plus its boundary.
-_TAIL_CHARS = 96
+# Characters kept behind the current token; long enough for any cue word plus its boundary, and for a stated
+# answer (a decision point of kind "answer", `lynx_exit.decision_points`).
+_TAIL_CHARS = 256
 
 
 class Detokenizer(Protocol):
@@ -118,6 +119,7 @@ class CueDetector:
 
     def reset(self) -> None:
         self._tail = ""
+        self._trimmed = ""  # what the last trim dropped from the front of `_tail`
         self._tail_start = 0  # absolute char offset of _tail[0]
         self._reported_ends: set[int] = set()
         self.thinking = self.start != "off"
@@ -156,6 +158,7 @@ class CueDetector:
             self.thinking = False
         if len(self._tail) > 2 * _TAIL_CHARS:  # trim in amortised chunks, not every step
             overflow = len(self._tail) - _TAIL_CHARS
+            self._trimmed = self._tail[:overflow]
             self._tail = self._tail[overflow:]
             self._tail_start += overflow
             self._reported_ends = {end for end in self._reported_ends if end > self._tail_start}

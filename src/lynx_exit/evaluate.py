@@ -129,7 +129,10 @@ def _run_locked(
         for setting, records, seconds in runner(shards, generation, rollouts, batch_size):
             timed(setting, write(records), seconds)
     bar.close()
-    return summarize(load_records(records_file), [s.label for s in settings], load_timing(timing_file))
+    records = load_records(records_file)
+    labels = [s.label for s in settings]  # this run's settings first, then those earlier runs left in the folder
+    labels += [label for label in dict.fromkeys(r["setting"] for r in records) if label not in labels]
+    return summarize(records, labels, load_timing(timing_file))
 
 
 def eval_jobs(
@@ -171,6 +174,8 @@ def eval_jobs(
             "generated_tokens": result.num_generated_tokens,
             "trial_tokens": int(policy.trial_tokens),
             "exit_index": result.exit_index,
+            "exit_point": result.exit_point,
+            "gave_up": result.gave_up,
             "finish_reason": result.finish_reason,
             "latency_s": result.wall_time_s,
             **({"assistant_tokens": result.assist["assistant_tokens"], "takeovers": result.assist["takeovers"]}
@@ -236,6 +241,7 @@ def summarize(
                 "exit_rate": sum(r["exit_index"] is not None for r in group) / n,
                 "help": sum(bool(r["correct"]) and not bool(b["correct"]) for r, b in paired),
                 "harm": sum(not bool(r["correct"]) and bool(b["correct"]) for r, b in paired),
+                **_give_ups(group, paired),
                 "mean_latency_s": sum(r["latency_s"] for r in group) / n,
                 "wall_time_per_problem_s": (seconds_per_rollout or {}).get(label),
             }
@@ -247,6 +253,22 @@ def summarize(
     return {"settings": rows, "n_records": len(records)}
 
 
+def _give_ups(group: Sequence[dict[str, Any]], paired: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Give-up exits of a setting: how many, how many of those traces ended right in full (`never`: the cost), the
+    tokens they saved against the full traces, and the exits by decision point kind."""
+    given = [(r, b) for r, b in paired if r.get("gave_up")]
+    points: dict[str, int] = defaultdict(int)
+    for record in group:
+        if record["exit_index"] is not None:
+            points[record.get("exit_point") or "cue"] += 1
+    return {
+        "give_ups": sum(bool(r.get("gave_up")) for r in group),
+        "give_ups_right_in_full": sum(bool(b["correct"]) for _, b in given),
+        "give_up_tokens_saved": sum(b["generated_tokens"] - r["generated_tokens"] for r, b in given),
+        "exits_by_point": dict(points),
+    }
+
+
 def _label(row: dict[str, Any]) -> str:
     """The setting, with the assistant's share of the tokens for Speculative Thinking."""
     share = row.get("assistant_share")
@@ -255,8 +277,9 @@ def _label(row: dict[str, Any]) -> str:
 
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = [
-        "| method | accuracy (95% CI) | mean tokens (+trial) | tokens saved | exit rate | help/harm | wall s/problem |",
-        "|---|---|---|---|---|---|---|",
+        "| method | accuracy (95% CI) | mean tokens (+trial) | tokens saved | exit rate | help/harm | give-ups (right in full) "
+        "| wall s/problem |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["settings"]:
         low, high = row["accuracy_ci95"]
@@ -265,9 +288,13 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {_label(row)} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | "
             f"{row['mean_generated_tokens']:.1f}{trial} | {saved} | {100 * row['exit_rate']:.0f} % | "
-            f"{row['help']}/{row['harm']} | {_seconds(row['wall_time_per_problem_s'])} |"
+            f"{row['help']}/{row['harm']} | {_give_up_cell(row)} | {_seconds(row['wall_time_per_problem_s'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _give_up_cell(row: dict[str, Any]) -> str:
+    return f"{row['give_ups']} ({row['give_ups_right_in_full']})" if row.get("give_ups") else "—"
 
 
 def _seconds(value: float | None) -> str:
@@ -276,7 +303,7 @@ def _seconds(value: float | None) -> str:
 
 # What each LYNX method guarantees at its δ (spec §5); the plot names it in the legend.
 GUARANTEES = {
-    "event": "P(exit | unsafe cue) ≤ δ",
+    "event": "P(exit | unsafe point) ≤ δ per kind",
     "trajectory": "P(premature exit) ≤ δ",
     "harm": "P(exit turns right into wrong) ≤ δ",
 }
@@ -292,20 +319,24 @@ def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs t
     import matplotlib.pyplot as plt
 
     curves: dict[str, list[tuple[float, float, float, float, str]]] = defaultdict(list)
+    methods: dict[str, str] = {}
     for row in summary["settings"]:
         low, high = row["accuracy_ci95"]
-        curves[row["method"]].append((row["mean_total_tokens"], 100 * row["accuracy"], 100 * low, 100 * high, row["setting"]))
+        curve = row["setting"].rsplit("@", 1)[0] if row["knob"] is not None else row["setting"]
+        methods[curve] = row["method"]
+        curves[curve].append((row["mean_total_tokens"], 100 * row["accuracy"], 100 * low, 100 * high, row["setting"]))
     fig, ax = plt.subplots(figsize=(8, 5))
     colormap = plt.get_cmap("tab20")  # more methods than the default cycle's ten colours
     colors = [colormap(i) for i in range(20)]
-    for index, (method, points) in enumerate(curves.items()):
+    for index, (curve, points) in enumerate(curves.items()):
+        method = methods[curve]
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         # (clamped: at 0 % or 100 % the interval's end equals the point up to rounding)
         errors = [[max(0.0, y - p[2]) for y, p in zip(ys, points, strict=True)],
                   [max(0.0, p[3] - y) for y, p in zip(ys, points, strict=True)]]
         mode = lynx_mode if method == "lynx" else LYNX_MODES.get(method)
-        label = f"{method} ({GUARANTEES[mode]})" if mode else method
+        label = f"{curve} ({GUARANTEES[mode]})" if mode else curve
         ax.errorbar(xs, ys, yerr=errors, capsize=2, markersize=4, label=label, color=colors[index % len(colors)],
                     linestyle="-" if mode else "--",
                     linewidth=2.2 if mode else 1.0, marker="D" if mode else "o")

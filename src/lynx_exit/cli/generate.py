@@ -39,6 +39,13 @@ def _policy_from_args(args: argparse.Namespace, lm: Any, probe_folder: str | Non
         options.update(method.knob.parse_value(str(value), method.knob.flag))
     if "mode" in method.option_names:
         options["mode"] = args.mode
+    for option, flag in (("decision_points", "--decision-points"), ("give_up_delta", "--give-up-delta")):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option not in method.option_names:
+            raise ValueError(f"{flag} is read only by the LYNX methods, and --exit {args.exit} does not use it")
+        options[option] = value
     return make_policy(args.exit, MethodContext(lm=lm, probe=probe_folder, deepconf=args.deepconf), **options)
 
 
@@ -144,6 +151,10 @@ def add_commands(sub: Any) -> None:
     gen.add_argument("--deepconf", default=None, help="warm-up folder for --exit deepconf (from lynx-exit deepconf-warmup)")
     gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
     gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
+    gen.add_argument("--decision-points", default=None,
+                     help="where LYNX may decide, comma-separated: cue, answer, paragraph (default: the model family's, cue)")
+    gen.add_argument("--give-up-delta", default=None,
+                     help="give up on a trace the probe judges lost (risk of giving up on one that would end right ≤ this)")
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
     gen.add_argument("--no-suffix", action="store_true", help="send the prompt as is, without the step-by-step instruction")
     gen.add_argument("--explain", action="store_true", help="say which model profile was chosen and why")

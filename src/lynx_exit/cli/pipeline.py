@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from lynx_exit.artifacts import write_json_atomic
 from lynx_exit.cli.common import (
     add_assist_flags,
     add_model_flags,
@@ -20,6 +23,8 @@ from lynx_exit.cli.common import (
     parse_layers,
     ray_options,
 )
+from lynx_exit.decision_points import parse_points
+from lynx_exit.exits.lynx import give_up_delta_value as _give_up_delta
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:
@@ -64,11 +69,14 @@ def cmd_build_data(args: argparse.Namespace) -> int:
         synthetic_event=not args.no_synthetic_event,
         batch_size=args.batch_size,
         label_batch_size=args.label_batch_size,
+        **({"decision_points": parse_points(args.decision_points)} if args.decision_points else {}),
     )
     problems = _problems(args)
     scale = ray_options(args)
     if scale is None:
         lm = load_model_from_args(args)
+        if not args.decision_points:  # the model family's
+            config = replace(config, decision_points=lm.profile.decision_points)
         spec = lm.feature_spec(parse_layers(args))
         summary = build_dataset(lm, problems, Path(args.out), generation, config, spec, extra_meta={"model": args.model})
     else:
@@ -118,15 +126,43 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from lynx_exit.probe.calibration import calibrate_probe_folder
 
     deltas = [float(x) for x in args.deltas.split(",")]
-    report = calibrate_probe_folder(Path(args.probe), load_dataset(args.data), deltas, epsilon=args.epsilon)
+    report = calibrate_probe_folder(Path(args.probe), load_dataset(args.data), deltas, epsilon=args.epsilon,
+                                    give_up_after=args.give_up_after)
     for row in report["event"]:
         note = "  (never exits: too few unsafe calibration events for this δ)" if row["never_exit"] else ""
-        print(f"event      δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}")
-    for mode in ("trajectory", "harm"):
+        print(f"event      {row['point']:<9} δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}")
+    for mode in ("trajectory", "harm", "give_up"):
         for row in report[mode]:
-            note = "  (never exits)" if row["never_exit"] else ""
-            print(f"{mode:<10} δ={row['delta']:<5} threshold={row['threshold']} calib risk={row['empirical_risk']:.3f}{note}")
+            note = "  (never)" if row.get("never_exit", row.get("never")) else ""
+            print(f"{mode:<10} {row['points']:<9} δ={row['delta']:<5} threshold={row['threshold']} "
+                  f"calib risk={row['empirical_risk']:.3f}{note}")
     print(f"wrote {Path(args.probe) / 'conformal.json'} and the model card {Path(args.probe) / 'README.md'}")
+    return 0
+
+
+def cmd_risk(args: argparse.Namespace) -> int:
+    """The realized risk of every calibrated rule on held-out labelled data, with its 95 % sampling margin."""
+    from lynx_exit.probe import load_probe
+    from lynx_exit.probe.build_data import load_dataset
+    from lynx_exit.probe.calibration import empirical_rates
+
+    bundle = load_probe(args.probe)
+    dataset = load_dataset(args.data)
+    bundle.spec.check_compatible(dataset.spec, what=f"probe {args.probe!r}")
+    overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
+    if overlap:
+        raise ValueError(f"--data shares {len(overlap)} problems with the probe's training data (e.g. {sorted(overlap)[:3]}); "
+                         "measure the risk on held-out problems")
+    rows = [{**row, "margin95": 1.96 * (row["delta"] * (1 - row["delta"]) / row["n"]) ** 0.5 if row["n"] else None,
+             "within": bool(row["n"]) and row["rate"] <= row["delta"] + 1.96 * (row["delta"] * (1 - row["delta"]) / row["n"]) ** 0.5}
+            for row in empirical_rates(bundle, dataset)]
+    for row in rows:
+        margin = "—" if row["margin95"] is None else f"{row['margin95']:.3f}"
+        print(f"{row['mode']:<10} {row['points']:<24} δ={row['delta']:<5} realized {row['rate']:.3f} on {row['n']:<5} "
+              f"margin {margin}  {'ok' if row['within'] else 'OVER'}")
+    if args.out:
+        write_json_atomic(Path(args.out), {"probe": args.probe, "data": args.data, "rows": rows})
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -140,7 +176,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     grids = {knob.name: getattr(args, _dest(knob.grid_flag)) for knob in knobs()}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    settings = parse_methods(methods, grids, extra={"mode": args.mode})
+    axes: dict[str, Sequence[Any]] = {}
+    if args.decision_points:
+        axes["decision_points"] = [parse_points(part) for part in args.decision_points.split(";") if part.strip()]
+    if args.give_up_deltas:
+        axes["give_up_delta"] = [None if part.strip() == "none" else _give_up_delta(part)
+                                 for part in args.give_up_deltas.split(",") if part.strip()]
+    settings = parse_methods(methods, grids, extra={"mode": args.mode}, axes=axes)
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     if len(tasks) > 1 and args.data:
         raise ValueError(f"--data names one task's data; run the tasks {tasks} one at a time to give each its file")
@@ -253,6 +295,9 @@ def add_commands(sub: Any) -> None:
     build.add_argument("--skip-first", type=int, default=0, help="skip the first k cue events of each rollout")
     build.add_argument("--no-synthetic-event", action="store_true", help="no 70%% event for cue-less rollouts")
     build.add_argument("--label-batch-size", type=int, default=64, help="forced exits decoded together")
+    build.add_argument("--decision-points", default=None,
+                       help="decision point kinds to label, comma-separated: cue, answer, paragraph (default: the model "
+                            "family's, cue)")
     add_model_flags(build)
     add_ray_flags(build)
     add_sampling_flags(build)
@@ -274,7 +319,14 @@ def add_commands(sub: Any) -> None:
     cal.add_argument("--data", required=True, help="calibration dataset folder (problems disjoint from training)")
     cal.add_argument("--deltas", default="0.01,0.02,0.03,0.05,0.1,0.2,0.3")
     cal.add_argument("--epsilon", type=float, default=0.1, help="Learn-then-Test failure probability (trajectory mode)")
+    cal.add_argument("--give-up-after", type=int, default=200, help="generated tokens before a give-up may happen")
     cal.set_defaults(func=cmd_calibrate)
+
+    risk = sub.add_parser("risk", help="the realized risk of every calibrated rule on held-out labelled data")
+    risk.add_argument("--probe", required=True, help="calibrated probe folder")
+    risk.add_argument("--data", required=True, help="a build-data folder of held-out problems (e.g. the test split)")
+    risk.add_argument("--out", default=None, help="write the rows as JSON here")
+    risk.set_defaults(func=cmd_risk)
 
     ev = sub.add_parser("eval", help="tasks × exit methods × settings, paired seeds, Pareto report")
     _add_task_flags(ev, task="gsm8k", split="test", num_problems=100)
@@ -286,6 +338,10 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")
     ev.add_argument("--deepconf", default=None, help="warm-up folder for deepconf (from lynx-exit deepconf-warmup)")
     ev.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="mode of method 'lynx'")
+    ev.add_argument("--decision-points", default=None,
+                    help="LYNX decision point sets to sweep, ';'-separated, each comma-separated (e.g. 'cue;cue,answer')")
+    ev.add_argument("--give-up-deltas", default=None,
+                    help="LYNX give-up δ values to sweep, comma-separated; 'none' for no give-up (e.g. 'none,0.05')")
     add_model_flags(ev)
     add_assist_flags(ev)
     add_ray_flags(ev)

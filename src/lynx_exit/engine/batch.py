@@ -18,7 +18,8 @@ class DecodeLoop:
     Request ids are the prompt indices. `max_batch_size` below the number of prompts turns on
     continuous batching (a finished request's row goes to the next prompt). `seeds` default to
     `config.seed + i`; `layers` asks for `Step.features` at those layers for every prompt;
-    `hold` keeps every cache after it finishes, for `engine.forced_answers`. `engine`: the engine's settings (its
+    `hold` keeps every cache after it finishes, for `engine.forced_answers`; `decision_points`: the kinds found
+    (`Step.point`) for prompts without a policy. `engine`: the engine's settings (its
     batch size is `max_batch_size`'s); `assistant` with `assist`: Speculative Thinking.
     """
 
@@ -35,6 +36,7 @@ class DecodeLoop:
         engine: EngineConfig | None = None,
         assist: AssistConfig | None = None,
         assistant: LoadedModel | None = None,
+        decision_points: Sequence[str] | None = None,
     ) -> None:
         config = config or GenerationConfig()
         n = len(prompts)
@@ -58,6 +60,7 @@ class DecodeLoop:
                 assist=assist,
                 feature_layers=layers,
                 hold=hold,
+                decision_points=decision_points,
             )
 
     def steps(self) -> Iterator[Step]:

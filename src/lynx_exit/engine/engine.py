@@ -18,7 +18,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lynx_exit.cues import CueDetector, IncrementalDetokenizer, compile_cue_pattern
+from lynx_exit.cues import IncrementalDetokenizer, compile_cue_pattern
+from lynx_exit.decision_points import PointDetector, compile_point_pattern
 from lynx_exit.engine.assist import AssistConfig
 from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.config import SEED_RANGE, EngineConfig, GenerationConfig
@@ -74,7 +75,8 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, policy: ExitPolicy | None = None,
                     seed: int | None = None, feature_layers: Sequence[int] | None = None, hold: bool = False,
-                    thinking: ThinkingStart | None = None, assist: AssistConfig | None = None) -> int:
+                    thinking: ThinkingStart | None = None, assist: AssistConfig | None = None,
+                    decision_points: Sequence[str] | None = None) -> int:
         """Queue a request; returns its id. It joins the batch at the next `step` with a free row.
 
         `seed` defaults to `config.seed`. A policy's `Step.features` (its own `feature_spec`
@@ -82,7 +84,8 @@ class Engine:
         does not match this model is refused here, with both sides named. `thinking` says how this
         prompt starts thinking when its chat template was given other switches than the profile's
         (`LoadedModel.thinking_with`); by default the profile's. `assist`: Speculative Thinking for this request
-        (the engine needs an assistant model).
+        (the engine needs an assistant model). `decision_points`: the kinds of decision point found (`Step.point`);
+        by default the policy's, else the model profile's.
         """
         config = config or GenerationConfig()
         assist_state = self.plugin.state(assist)
@@ -109,9 +112,12 @@ class Engine:
             policy.reset()
         profile = self.lm.profile
         thinking = thinking or profile.thinking
-        detector = CueDetector(compile_cue_pattern(config.cue_words, config.cue_regex), think_end=profile.think_end,
-                               max_cue_chars=None if config.cue_regex else max(len(w.strip()) for w in config.cue_words),
-                               think_start=profile.think_start, start=thinking)
+        points = decision_points or getattr(policy, "decision_points", None) or profile.decision_points
+        detector = PointDetector(compile_cue_pattern(config.cue_words, config.cue_regex), kinds=points,
+                                 answer_phrase=compile_point_pattern("answer phrase", profile.answer_phrase),
+                                 step_separator=compile_point_pattern("step separator", profile.step_separator),
+                                 think_end=profile.think_end, think_start=profile.think_start, start=thinking,
+                                 max_cue_chars=None if config.cue_regex else max(len(w.strip()) for w in config.cue_words))
         params = SamplingParams(temperature=0.0 if config.greedy else config.temperature, top_p=config.top_p,
                                 top_k=config.top_k if config.top_k < vocab else 0)  # top-k over the whole vocabulary is off
         request = Request(
@@ -159,7 +165,7 @@ class Engine:
             answer=extract_boxed(request.text), wall_time_s=request.wall_time_s,
             reasoning_tokens=generated if request.reasoning_tokens is None else request.reasoning_tokens,
             error=describe_error(request.error) if request.error is not None else None,
-            assist=self.plugin.report(request, generated))
+            assist=self.plugin.report(request, generated), exit_point=request.exit_point, gave_up=request.gave_up)
 
     def error(self, request_id: int) -> BaseException | None:
         """The exception that failed a request (finish_reason "error"), else None."""

@@ -59,7 +59,7 @@ class Forks:
             kind = request.policy.trial_at(step)
             if kind is None:
                 continue
-            keep = trial_prefix(request, drop_current=step.cue is not None)
+            keep = trial_prefix(request, drop_current=step.point == "cue")
             max_tokens = request.config.answer_max_tokens if kind == "answer" else 0
             key = (kind, tuple(request.exit_cue_ids), max_tokens)
             groups.setdefault(key, []).append((step, (request.request_id, keep)))

@@ -62,9 +62,10 @@ class Postprocessor:
             if request.finish_reason is not None:  # failed in a batched read
                 continue
             try:
-                exited = step.phase == "think" and request.policy is not None and request.policy.observe(step) is Decision.EXIT
+                decision = request.policy.observe(step) if step.phase == "think" and request.policy is not None else None
+                exited = decision in (Decision.EXIT, Decision.GIVE_UP)
                 if exited:
-                    candidate = self.exit(request, step)
+                    candidate = self.exit(request, step, gave_up=decision is Decision.GIVE_UP)
                 forced = not exited and bool(request.forced)
                 if forced:  # a queued sentence (a recap), token by token, instead of what was sampled
                     candidate = request.forced.popleft()
@@ -80,7 +81,7 @@ class Postprocessor:
 
     @staticmethod
     def _own_features(request: Request, step: Step, features: torch.Tensor | None) -> None:
-        if features is not None and step.phase == "think" and (request.every_step or step.cue is not None):
+        if features is not None and step.phase == "think" and (request.every_step or step.point is not None):
             step.features = features if request.feature_columns is None else features[request.feature_columns]
 
     def read(self, request: Request, candidate: int) -> Step:
@@ -91,19 +92,20 @@ class Postprocessor:
         request.text += delta
         thinking = request.detector.thinking
         cue = request.detector.step(delta, lookahead) if thinking else None
+        point = request.detector.point if thinking else None
         if thinking and not request.detector.thinking:
             request.phase, request.reasoning_tokens = "answer", len(request.kept_ids)
         if cue is not None:
             request.cue_indices.append(index)
         step = Step(request_id=request.request_id, index=index, token_id=token, text=delta, phase="think" if thinking else "answer",
-                    cue=cue, confidence=request.feed_confidence)
+                    cue=cue, point=point, confidence=request.feed_confidence)
         if thinking and request.policy is not None:
-            step.fork = self.forks.callback(request, drop_current=cue is not None)
+            step.fork = self.forks.callback(request, drop_current=point == "cue")
         return step
 
     def attach_features(self, reads: list[Read]) -> None:
         """Hidden states of the steps that need them, read from the backend in one call."""
-        wanted = [(r, s) for r, s, _ in reads if s.phase == "think" and r.layers and (r.every_step or s.cue is not None)]
+        wanted = [(r, s) for r, s, _ in reads if s.phase == "think" and r.layers and (r.every_step or s.point is not None)]
         if not wanted:
             return
         states = self.backend.hidden_states([r.request_id for r, _ in wanted])  # [n, len(union) * hidden]
@@ -111,24 +113,24 @@ class Postprocessor:
             step.features = states[i] if request.feature_columns is None else states[i, request.feature_columns]
 
     def score(self, reads: list[Read]) -> None:
-        """Score the features of every cue step that has a scorer, one call per scorer."""
+        """Score the features of every decision point that has a scorer, one call per scorer."""
         groups: dict[int, list[Step]] = {}
         scorers = {}
         for request, step, _ in reads:
             scorer = request.policy.scorer if request.policy is not None else None
-            if step.cue is not None and step.features is not None and scorer is not None:
+            if step.point is not None and step.features is not None and scorer is not None:
                 groups.setdefault(id(scorer), []).append(step)
                 scorers[id(scorer)] = scorer
         for key, group in groups.items():
-            scores = scorers[key](torch.stack([s.features for s in group])).tolist()  # type: ignore[misc]
+            scores = scorers[key](torch.stack([s.features for s in group]), [s.point for s in group]).tolist()  # type: ignore[misc]
             for step, score in zip(group, scores, strict=True):
                 step.score = float(score)
 
-    def exit(self, request: Request, step: Step) -> int:
-        """Apply an exit decision at `step`; returns the first exit-cue token to feed."""
-        step.exit = True
-        request.exit_index = step.index
-        if step.cue is not None:  # spec §3: the prefix ends before the cue token
+    def exit(self, request: Request, step: Step, gave_up: bool = False) -> int:
+        """Apply an exit decision (or a give-up) at `step`; returns the first exit-cue token to feed."""
+        step.exit, step.gave_up = True, gave_up
+        request.exit_index, request.exit_point, request.gave_up = step.index, step.point, gave_up
+        if step.point == "cue":  # spec §3: the prefix ends before the cue token
             request.kept_ids.pop()
             self.backend.truncate(request.request_id, len(request.prompt_ids) + len(request.kept_ids))
             request.text = request.text[: len(request.text) - len(step.text)]

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from lynx_exit.cues import CueDetector, IncrementalDetokenizer
+from lynx_exit.cues import IncrementalDetokenizer
+from lynx_exit.decision_points import PointDetector
 from lynx_exit.engine.config import GenerationConfig
 from lynx_exit.engine.sampler import SamplingParams
 from lynx_exit.engine.types import ExitPolicy, FinishReason, Phase
@@ -56,7 +57,7 @@ class Request:
     layers: tuple[int, ...]  # hidden-state layers this request reads ((): none)
     every_step: bool  # features at every thinking step (asked with `feature_layers`), else at cues only
     detok: IncrementalDetokenizer
-    detector: CueDetector
+    detector: PointDetector
     exit_cue_ids: list[int]
     hold: bool  # keep the cache after finishing until `release` (forced-exit labelling)
     # -- where it is -------------------------------------------------------------------------------
@@ -78,6 +79,8 @@ class Request:
     answer_tokens: int = 0
     answer_depth: int = 1
     exit_index: int | None = None
+    exit_point: str | None = None  # the decision point kind the exit was at
+    gave_up: bool = False  # the exit was a give-up
     reasoning_tokens: int | None = None
     cue_indices: list[int] = field(default_factory=list)
     # -- how it ended ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ TrialKind = Literal["answer", "entropy"]
 class Decision(enum.Enum):
     CONTINUE = "continue"
     EXIT = "exit"
+    GIVE_UP = "give_up"  # an exit too (the answer is forced), on a trace judged to end wrong anyway
 
 
 @dataclass
@@ -58,9 +59,11 @@ class Step:
     text: str  # text this token adds (may be "" for a partial multi-byte character)
     phase: Phase  # "answer" = after a natural end of thinking; "end" = a closing step without a token
     cue: str | None = None  # cue word this token completes
-    features: torch.Tensor | None = None  # [feature_dim] float32 hidden state of this token: at cues for a policy, every step if asked
-    score: float | None = None  # the policy's batched score of `features` at a cue (e.g. LYNX's P(safe))
-    exit: bool = False  # the policy exited here (a cue token here is dropped from the output)
+    point: str | None = None  # the decision point kind this token completes, of the request's enabled kinds
+    features: torch.Tensor | None = None  # [feature_dim] float32 hidden state of this token: at decision points for a policy, every step if asked
+    score: float | None = None  # the policy's batched score of `features` at a decision point (e.g. LYNX's P(safe))
+    exit: bool = False  # the policy exited here (a cue point's token is dropped from the output)
+    gave_up: bool = False  # ... and the exit was a give-up
     finish_reason: FinishReason | None = None  # on the request's last step
     fork: Callable[[], ForcedAnswer] | None = field(default=None, repr=False)  # trial forced exit from this point
     trial: ForcedAnswer | None = None  # the trial the policy asked for here (`trial_at`), decoded with all rows' at once
@@ -73,8 +76,8 @@ class Step:
 class Scorer(Protocol):
     """Scores many feature rows in one call (a probe); shared by the policies that use it."""
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """[n, feature_dim] on the model's device -> [n] scores."""
+    def __call__(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
+        """[n, feature_dim] on the model's device, and each row's decision point kind -> [n] scores."""
         ...
 
 
@@ -83,10 +86,12 @@ class ExitPolicy(Protocol):
     """Decides, one thinking step at a time, whether to stop thinking and answer.
 
     Everything the engine and the evaluation harness read from a policy is declared here:
+    - `decision_points`: the kinds of decision point (`lynx_exit.decision_points`) the engine finds for it and
+      names in `Step.point`: "cue" (the paper's cue words), "answer", "paragraph".
     - `feature_spec`: the hidden-state layers it reads (None: no features). The engine hooks
       them, checks them against the model when the request is added, and gives the policy
-      exactly these layers in `Step.features` at every cue step (LYNX scores only cues).
-    - `scorer`: if set, the engine scores the features of all cue steps of one decode step in
+      exactly these layers in `Step.features` at every decision point (LYNX scores only those).
+    - `scorer`: if set, the engine scores the features of all decision points of one decode step in
       one batched call and puts each result in `Step.score` before `observe`.
     - `banned_token_ids`: tokens masked out while thinking (NoWait-style logit bias).
     - `trial_tokens`: tokens this sequence has spent on trial decodes so far.
@@ -95,10 +100,12 @@ class ExitPolicy(Protocol):
     - `trial_at(step)`: the trial decode wanted at this thinking step, if any; the engine decodes
       the trials of all rows of a step in one batched fork and puts each in `Step.trial` before
       `observe`. (`Step.fork` still runs a single trial on demand.)
-    `observe` sees every thinking-phase step of one sequence (cue or not); `reset` starts a new one.
+    `observe` sees every thinking-phase step of one sequence (a decision point or not); `reset` starts a new one.
+    It returns EXIT to answer now, GIVE_UP to answer now on a trace it judges lost (reported as a give-up).
     """
 
     name: str
+    decision_points: tuple[str, ...]
     feature_spec: FeatureSpec | None
     scorer: Scorer | None
     banned_token_ids: frozenset[int]
@@ -126,6 +133,8 @@ class RequestResult:
     reasoning_tokens: int  # generated tokens before the end of thinking (natural or forced)
     error: str | None = None  # with finish_reason "error": what failed
     assist: dict[str, Any] | None = None  # Speculative Thinking: tokens each model wrote and read, takeovers
+    exit_point: str | None = None  # the decision point kind of the exit ("cue", "answer", "paragraph")
+    gave_up: bool = False  # the exit was a give-up (the policy judged the trace lost)
 
     @property
     def num_generated_tokens(self) -> int:

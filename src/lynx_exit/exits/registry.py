@@ -6,10 +6,12 @@ parsing, the server's validation and every "unknown method" message read `METHOD
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lynx_exit.decision_points import DEFAULT_POINTS, points_key
 from lynx_exit.engine.types import Decision, ExitPolicy, Step, TrialKind
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ class BasePolicy:
     """Defaults for the `ExitPolicy` attributes a method does not use."""
 
     name: str = ""
+    decision_points: tuple[str, ...] = DEFAULT_POINTS
     feature_spec: Any = None
     scorer: Any = None
     banned_token_ids: frozenset[int] = frozenset()
@@ -40,7 +43,7 @@ def first_exit(policy: ExitPolicy, steps: Iterable[Step]) -> int | None:
     """Offline replay: index of the first step of a recorded trajectory where `policy` exits."""
     policy.reset()
     for step in steps:
-        if step.phase == "think" and policy.observe(step) is Decision.EXIT:
+        if step.phase == "think" and policy.observe(step) in (Decision.EXIT, Decision.GIVE_UP):
             return step.index
     return None
 
@@ -285,29 +288,47 @@ class MethodSetting:
     options: tuple[tuple[str, Any], ...] = ()
 
     @property
+    def curve(self) -> str:
+        """The method and the options that make another curve of it: decision points other than cues, a give-up."""
+        options = dict(self.options)
+        tags = []
+        if options.get("decision_points") not in (None, DEFAULT_POINTS):
+            tags.append(points_key(options["decision_points"]))
+        if options.get("give_up_delta") is not None:
+            tags.append(f"give-up {options['give_up_delta']:g}")
+        return self.method + (f"[{', '.join(tags)}]" if tags else "")
+
+    @property
     def label(self) -> str:
-        return self.method if self.knob is None else f"{self.method}@{self.knob:g}"
+        return self.curve if self.knob is None else f"{self.curve}@{self.knob:g}"
 
 
-def parse_methods(methods: Sequence[str], grids: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> list[MethodSetting]:
+def parse_methods(methods: Sequence[str], grids: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                  axes: dict[str, Sequence[Any]] | None = None) -> list[MethodSetting]:
     """Expand method names into settings, one per value of their knob's grid.
 
     `grids` maps a knob name to its comma-separated values (eval's --deltas, --budgets, ...);
-    `extra` holds options given once for every method that accepts them (e.g. lynx's mode).
+    `extra` holds options given once for every method that accepts them (e.g. lynx's mode); `axes` options swept
+    for every method that accepts them (eval's --decision-points, --give-up-deltas: parsed values, None = unset).
     """
     grids, extra = grids or {}, extra or {}
     out: list[MethodSetting] = []
     for name in methods:
         method = get_method(name)
         fixed = {k: v for k, v in extra.items() if k in method.option_names and k not in dict(method.fixed)}
-        if method.knob is None:
-            out.append(MethodSetting(name, None, tuple(sorted(fixed.items()))))
-            continue
-        knob = method.knob
-        values = [v for v in grids.get(knob.name, "").split(",") if v.strip()]
-        if not values:
-            raise ValueError(f"method {name} needs at least one setting ({knob.grid_flag})")
-        for value in values:
-            options = {**fixed, **knob.parse_value(value, knob.grid_flag)}
-            out.append(MethodSetting(name, float(options[knob.name]), tuple(sorted(options.items()))))
+        swept = [(k, list(values)) for k, values in (axes or {}).items() if k in method.option_names and values]
+        variants = [{k: v for k, v in zip([k for k, _ in swept], combo, strict=True) if v is not None}
+                    for combo in itertools.product(*[values for _, values in swept])]
+        for variant in variants:
+            base = {**fixed, **variant}
+            if method.knob is None:
+                out.append(MethodSetting(name, None, tuple(sorted(base.items()))))
+                continue
+            knob = method.knob
+            values = [v for v in grids.get(knob.name, "").split(",") if v.strip()]
+            if not values:
+                raise ValueError(f"method {name} needs at least one setting ({knob.grid_flag})")
+            for value in values:
+                options = {**base, **knob.parse_value(value, knob.grid_flag)}
+                out.append(MethodSetting(name, float(options[knob.name]), tuple(sorted(options.items()))))
     return out

@@ -14,6 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lynx_exit.decision_points import (
+    DEFAULT_ANSWER_PHRASE,
+    DEFAULT_POINTS,
+    DEFAULT_STEP_SEPARATOR,
+    compile_point_pattern,
+    parse_points,
+)
+
 logger = logging.getLogger(__name__)
 
 ThinkingStart = Literal["template", "model", "off"]
@@ -76,6 +84,11 @@ class Family:
     system_prompt: str | None = None  # added when the caller gives none
     # The chat-template switches a request may set (`chat_template_kwargs`), each with the values it takes
     switches: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    # Decision points (`lynx_exit.decision_points`): the kinds a request gets when it names none, how this family
+    # states an answer in its thinking, and what ends a reasoning step (regexes).
+    decision_points: tuple[str, ...] = DEFAULT_POINTS
+    answer_phrase: str = DEFAULT_ANSWER_PHRASE
+    step_separator: str = DEFAULT_STEP_SEPARATOR
 
 
 def _has_think(facts: ModelFacts) -> bool:
@@ -137,6 +150,11 @@ class ModelProfile:
     layers: tuple[int, ...] | None = None  # None: the depth rule in `default_layers`
     switches: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # what a request's chat_template_kwargs may set
     reason: str = ""  # why this profile: for `generate --explain`
+    # Decision points: the default kinds, the answer phrase and the step separator (the family's, or the model
+    # config's `lynx_decision_points`, `lynx_answer_phrase`, `lynx_step_separator`)
+    decision_points: tuple[str, ...] = DEFAULT_POINTS
+    answer_phrase: str = DEFAULT_ANSWER_PHRASE
+    step_separator: str = DEFAULT_STEP_SEPARATOR
 
     def __post_init__(self) -> None:
         if self.family not in FAMILY_NAMES:
@@ -278,7 +296,19 @@ def resolve_profile(model: Any, tokenizer: Any, overrides: ProfileOverrides | No
         layers=tuple(int(x) for x in layers) if layers else None,
         reason=f"{why}; {how}; {layer_why}",
         switches=_switches(family, overrides.template_kwargs or {}),
+        **_point_settings(family, model.config),
     )
+
+
+def _point_settings(family: Family, config: Any) -> dict[str, Any]:
+    """The decision-point settings of a model: its family's, each overridden by the model config's `lynx_…` key."""
+    points = getattr(config, "lynx_decision_points", None)
+    answer_phrase = str(getattr(config, "lynx_answer_phrase", None) or family.answer_phrase)
+    step_separator = str(getattr(config, "lynx_step_separator", None) or family.step_separator)
+    compile_point_pattern("answer phrase", answer_phrase)  # a bad one fails at load, naming itself
+    compile_point_pattern("step separator", step_separator)
+    return {"decision_points": parse_points(points) if points else family.decision_points, "answer_phrase": answer_phrase,
+            "step_separator": step_separator}
 
 
 def _switches(family: Family, given: dict[str, Any]) -> tuple[tuple[str, tuple[Any, ...]], ...]:

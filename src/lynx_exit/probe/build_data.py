@@ -1,6 +1,7 @@
 """Probe training data from forced exits (LYNX spec §3), built from the one decode loop.
 
-Rollouts are sampled in batches with hidden states hooked at every cue; each cue event is
+Rollouts are sampled in batches with hidden states hooked at every decision point of the enabled kinds (cue words
+by default; `lynx_exit.decision_points`); each event is
 labelled by a batched forced exit that reuses the rollouts' KV caches (kept with `hold`). Output is a
 self-describing, resumable folder (features as safetensors shards, events/rollouts JSONL).
 """
@@ -29,6 +30,7 @@ from lynx_exit.artifacts import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from lynx_exit.decision_points import DEFAULT_POINTS, parse_points
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.models import FeatureSpec, LoadedModel
 from lynx_exit.tasks import Problem
@@ -44,8 +46,10 @@ class BuildConfig:
     synthetic_event: bool = True  # one event at 70 % of a cue-less rollout, as the official builder
     batch_size: int = 16  # rollouts decoded together
     label_batch_size: int = 64  # forced exits decoded together
+    decision_points: tuple[str, ...] = DEFAULT_POINTS  # the kinds of decision point labelled
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "decision_points", parse_points(list(self.decision_points)))
         for name in ("rollouts_per_problem", "max_events_per_rollout", "batch_size", "label_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -222,39 +226,43 @@ def _build_all(
 def compute_chunk(
     lm: LoadedModel, chunk: Chunk, generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
 ) -> ChunkResult:
-    """Sample a chunk's rollouts, hook the cue events' features and label them by forced exits."""
+    """Sample a chunk's rollouts, hook the features of their decision points and label them by forced exits (a cue
+    point's exit drops the cue token, spec §3; an answer or paragraph point's keeps its token)."""
     exit_cue_ids = lm.exit_cue_ids(generation.exit_cue)
     rows = [(index, problem, r) for index, problem in chunk for r in range(config.rollouts_per_problem)]
     prompts = [lm.prompt_ids(problem.prompt) for _, problem, _ in rows]
     seeds = [rollout_seed(generation.seed, index, r, config.rollouts_per_problem) for index, _, r in rows]
-    loop = DecodeLoop(lm, prompts, generation, layers=spec.layers, seeds=seeds, hold=True)
-    cue_features: list[dict[int, tuple[str, torch.Tensor]]] = [{} for _ in rows]
-    think_features: list[list[torch.Tensor]] = [[] for _ in rows]  # only while a row has no cue yet
+    loop = DecodeLoop(lm, prompts, generation, layers=spec.layers, seeds=seeds, hold=True,
+                      decision_points=config.decision_points)
+    point_features: list[dict[int, tuple[str, str | None, torch.Tensor]]] = [{} for _ in rows]
+    think_features: list[list[torch.Tensor]] = [[] for _ in rows]  # only while a row has no point yet
+    synthetic = config.synthetic_event and "cue" in config.decision_points  # the official builder's, for cues
     for step in loop.steps():
         if step.phase != "think" or step.features is None:
             continue
-        if step.cue is not None:
-            cue_features[step.request_id][step.index] = (step.cue, step.features.clone())
+        if step.point is not None:
+            point_features[step.request_id][step.index] = (step.point, step.cue, step.features.clone())
             think_features[step.request_id] = []
-        elif config.synthetic_event and not cue_features[step.request_id]:
+        elif synthetic and not point_features[step.request_id]:
             think_features[step.request_id].append(step.features.clone())
     results = loop.results()
     pending: list[dict[str, Any]] = []
     vectors: list[torch.Tensor] = []
     for row in range(len(rows)):
-        for token_index in _select(sorted(cue_features[row]), config):
-            cue, vector = cue_features[row][token_index]
-            pending.append({"row": row, "token_index": token_index, "cue": cue, "synthetic": False})
+        for token_index in _select(sorted(point_features[row]), config):
+            point, cue, vector = point_features[row][token_index]
+            pending.append({"row": row, "token_index": token_index, "point": point, "cue": cue, "synthetic": False})
             vectors.append(vector)
-        if not cue_features[row] and config.synthetic_event and think_features[row]:
+        if not point_features[row] and synthetic and think_features[row]:
             token_index = int(0.7 * len(think_features[row]))
-            pending.append({"row": row, "token_index": token_index, "cue": None, "synthetic": True})
+            pending.append({"row": row, "token_index": token_index, "point": "cue", "cue": None, "synthetic": True})
             vectors.append(think_features[row][token_index])
     answers = []
     for start in range(0, len(pending), config.label_batch_size):
         part = pending[start : start + config.label_batch_size]
+        kept = [e["token_index"] + (e["point"] != "cue" and not e["synthetic"]) for e in part]
         answers += loop.engine.forced_answers(
-            [(e["row"], e["token_index"]) for e in part], exit_cue_ids, generation.answer_max_tokens
+            [(e["row"], keep) for e, keep in zip(part, kept, strict=True)], exit_cue_ids, generation.answer_max_tokens
         )
     event_records, rollout_records = [], []
     per_row_events: dict[int, int] = {}
@@ -267,6 +275,7 @@ def compute_chunk(
                 "rollout": rollout,
                 "token_index": event["token_index"],
                 "tokens_so_far": event["token_index"],
+                "point": event["point"],
                 "cue": event["cue"],
                 "synthetic": event["synthetic"],
                 "forced_answer": forced.answer,
@@ -286,6 +295,7 @@ def compute_chunk(
                 "generated_tokens": result.num_generated_tokens,
                 "finish_reason": result.finish_reason,
                 "num_cues": len(result.cue_indices),
+                "num_points": len(point_features[row]),
                 "num_events": per_row_events.get(row, 0),
             }
         )
@@ -324,6 +334,16 @@ class Dataset:
     @property
     def labels(self) -> torch.Tensor:
         return torch.tensor([e["label"] for e in self.events], dtype=torch.long)
+
+    @property
+    def points(self) -> list[str]:
+        """Each event's decision point kind (a dataset built before kinds existed holds cues only)."""
+        return [e.get("point", "cue") for e in self.events]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of decision point the dataset has events of."""
+        return parse_points(sorted(set(self.points))) if self.events else DEFAULT_POINTS
 
     @property
     def problem_ids(self) -> set[str]:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lynx_exit.artifacts import FolderLock, command_line
+from lynx_exit.decision_points import points_key
 from lynx_exit.probe import (
     ProbeBundle,
     ProbeTrainConfig,
@@ -24,7 +26,9 @@ from lynx_exit.probe.build_data import Dataset
 from lynx_exit.probe.conformal import (
     DEFAULT_DELTAS,
     calibrate_events,
+    calibrate_give_up,
     calibrate_trajectories,
+    give_up_loss,
     harm_labels,
     trajectory_loss,
 )
@@ -42,6 +46,7 @@ def dataset_summary(dataset: Dataset) -> dict[str, Any]:
         "rollouts": len(dataset.rollouts),
         "events": len(labels),
         "safe_events": sum(labels),
+        "events_by_point": {kind: dataset.points.count(kind) for kind in dataset.kinds},
         "generation": dataset.meta.get("generation"),
         "command": dataset.meta.get("command"),
     }
@@ -57,7 +62,7 @@ def train_probe_folder(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig
 
 def _train(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str) -> dict[str, Any]:
     started = time.perf_counter()
-    probe, metrics = train_probe(dataset.features, dataset.labels, config)
+    probe, metrics = train_probe(dataset.features, dataset.labels, config, dataset.points)
     meta: dict[str, Any] = {
         "format": "lynx-exit-probe-v1",
         "training_data": dataset_dir,
@@ -72,17 +77,46 @@ def _train(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_di
     return meta["metrics"]
 
 
-def rollout_scores(bundle: ProbeBundle, dataset: Dataset) -> list[tuple[list[float], list[int]]]:
-    """Per rollout, the probe's P(safe) and labels of its events in order."""
-    probs = bundle.probe.prob_safe(dataset.features).numpy() if len(dataset.events) else np.zeros(0)
+@dataclass
+class RolloutScores:
+    """One rollout's events of some decision point kinds, in order: P(safe), labels, token indices."""
+
+    probs: list[float]
+    labels: list[int]
+    tokens: list[int]
+    correct: bool  # its full chain ended right
+
+    @property
+    def pair(self) -> tuple[list[float], list[int]]:
+        return self.probs, self.labels
+
+
+def event_probs(bundle: ProbeBundle, dataset: Dataset) -> np.ndarray:
+    """The probe's P(safe) of every event (each scored as its own kind)."""
+    if not dataset.events:
+        return np.zeros(0)
+    return bundle.probe.prob_safe(dataset.features, dataset.points).numpy()
+
+
+def rollout_scores(bundle: ProbeBundle, dataset: Dataset, points: Sequence[str] | None = None,
+                   probs: np.ndarray | None = None) -> list[RolloutScores]:
+    """Per rollout, its events of kinds `points` (all kinds: None) in order, scored by the probe."""
+    probs = event_probs(bundle, dataset) if probs is None else probs
     grouped: dict[tuple[str, int], list[tuple[int, float, int]]] = defaultdict(list)
-    for event, prob in zip(dataset.events, probs, strict=True):
-        grouped[(event["problem_id"], event["rollout"])].append((event["token_index"], float(prob), int(event["label"])))
+    for event, kind, prob in zip(dataset.events, dataset.points, probs, strict=True):
+        if points is None or kind in points:
+            grouped[(event["problem_id"], event["rollout"])].append((event["token_index"], float(prob), int(event["label"])))
     out = []
     for rollout in dataset.rollouts:
         items = sorted(grouped.get((rollout["problem_id"], rollout["rollout"]), []))
-        out.append(([p for _, p, _ in items], [label for _, _, label in items]))
+        out.append(RolloutScores([p for _, p, _ in items], [label for _, _, label in items], [t for t, _, _ in items],
+                                 bool(rollout["correct"])))
     return out
+
+
+def point_sets(kinds: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every non-empty set of `kinds`: the stopping rules a request may enable, each calibrated on its own."""
+    return [combo for size in range(1, len(kinds) + 1) for combo in itertools.combinations(kinds, size)]
 
 
 def calibrate_probe_folder(
@@ -90,16 +124,18 @@ def calibrate_probe_folder(
     dataset: Dataset,
     deltas: Sequence[float] = DEFAULT_DELTAS,
     epsilon: float = 0.1,
+    give_up_after: int = 200,
 ) -> dict[str, Any]:
-    """Write `conformal.json` (per-event and trajectory thresholds) from a disjoint calibration set,
-    and the folder's `README.md` model card."""
+    """Write `conformal.json` (per-event thresholds per decision point kind; trajectory, harm and give-up
+    thresholds per set of kinds) from a disjoint calibration set, and the folder's `README.md` model card.
+    `give_up_after`: generated tokens before a give-up may happen."""
     with FolderLock(probe_dir, "lynx-exit train/calibrate"):
-        report = _calibrate(probe_dir, dataset, deltas, epsilon)
+        report = _calibrate(probe_dir, dataset, deltas, epsilon, give_up_after)
         write_model_card(probe_dir)
         return report
 
 
-def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsilon: float) -> dict[str, Any]:
+def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsilon: float, give_up_after: int) -> dict[str, Any]:
     bundle = load_probe(probe_dir, calibration=False)
     bundle.spec.check_compatible(dataset.spec, what=f"probe {str(probe_dir)!r}")
     overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
@@ -110,49 +146,71 @@ def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsil
         )
     if not dataset.events:
         raise ValueError("calibration dataset has no events")
-    probs = bundle.probe.prob_safe(dataset.features).numpy()
+    if give_up_after < 0:
+        raise ValueError(f"give_up_after must be >= 0 tokens, got {give_up_after}")
+    bundle.check_points(dataset.kinds)
+    probs = event_probs(bundle, dataset)
     labels = dataset.labels.numpy()
-    rollouts = rollout_scores(bundle, dataset)
-    event = [calibrate_events(probs, labels, d) for d in deltas]
-    trajectory = [calibrate_trajectories(rollouts, d, epsilon) for d in deltas]
-    relabelled = harm_labels(rollouts, [bool(r["correct"]) for r in dataset.rollouts])
-    harm = [calibrate_trajectories(relabelled, d, epsilon) for d in deltas]
+    kinds = np.array(dataset.points)
+    event = [calibrate_events(probs[kinds == kind], labels[kinds == kind], d, point=kind) for kind in dataset.kinds for d in deltas]
+    trajectory, harm, give_up = [], [], []
+    for points in point_sets(dataset.kinds):
+        key = points_key(points)
+        rollouts = rollout_scores(bundle, dataset, points, probs)
+        pairs = [r.pair for r in rollouts]
+        relabelled = harm_labels(pairs, [r.correct for r in rollouts])
+        triples = [(r.probs, r.tokens, r.correct) for r in rollouts]
+        for d in deltas:
+            trajectory.append(calibrate_trajectories(pairs, d, epsilon, points=key))
+            harm.append(calibrate_trajectories(relabelled, d, epsilon, points=key))
+            give_up.append(calibrate_give_up(triples, d, epsilon, min_tokens=give_up_after, points=key))
     report = {
         "calibration_data": str(dataset.meta.get("task")),
         "calibration_dataset": dataset_summary(dataset),
         "epsilon": epsilon,
         "command": command_line(),
         "n_events": int(len(labels)),
-        "n_rollouts": len(rollouts),
+        "n_rollouts": len(dataset.rollouts),
+        "decision_points": list(dataset.kinds),
+        "give_up_after": give_up_after,
         "event": [t.to_dict() for t in event],
         "trajectory": [t.to_dict() for t in trajectory],
         "harm": [t.to_dict() for t in harm],
+        "give_up": [t.to_dict() for t in give_up],
     }
     write_conformal(probe_dir, report)
     return report
 
 
 def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any]]:
-    """On held-out data: premature-exit rate per unsafe event and per rollout, at each calibrated δ."""
-    probs = bundle.probe.prob_safe(dataset.features).numpy()
+    """On held-out data, at each calibrated δ: the exit rate of unsafe events per kind (event mode), the rate of
+    rollouts whose first exit is premature (trajectory) or harmful (harm), and of right rollouts given up on;
+    each with its count, so a reader can put the sampling margin on it."""
+    probs = event_probs(bundle, dataset)
     labels = dataset.labels.numpy().astype(bool)
-    rollouts = rollout_scores(bundle, dataset)
-    rows = []
+    kinds = np.array(dataset.points)
+    rows: list[dict[str, Any]] = []
     for rule in bundle.event_thresholds:
-        exits = np.array([rule.should_exit(float(p)) for p in probs], dtype=bool)
-        rows.append(
-            {
-                "mode": "event",
-                "delta": rule.delta,
-                "unsafe_exit_rate": float(exits[~labels].mean()) if (~labels).any() else float("nan"),
-                "exit_rate": float(exits.mean()),
-            }
-        )
-    for traj in bundle.trajectory_thresholds:
-        losses = [trajectory_loss(p, lab, traj.threshold) for p, lab in rollouts]
-        rows.append({"mode": "trajectory", "delta": traj.delta, "premature_rollout_rate": float(np.mean(losses))})
-    relabelled = harm_labels(rollouts, [bool(r["correct"]) for r in dataset.rollouts])
-    for traj in bundle.harm_thresholds:
-        losses = [trajectory_loss(p, lab, traj.threshold) for p, lab in relabelled]
-        rows.append({"mode": "harm", "delta": traj.delta, "harmful_rollout_rate": float(np.mean(losses))})
+        mine = kinds == rule.point
+        exits = np.array([rule.should_exit(float(p)) for p in probs[mine]], dtype=bool)
+        unsafe = ~labels[mine]
+        rows.append({"mode": "event", "points": rule.point, "delta": rule.delta, "n": int(unsafe.sum()),
+                     "rate": float(exits[unsafe].mean()) if unsafe.any() else float("nan"),
+                     "exit_rate": float(exits.mean()) if mine.any() else float("nan")})
+    by_points: dict[str, list[RolloutScores]] = {}
+    keys = {t.points for t in [*bundle.trajectory_thresholds, *bundle.harm_thresholds]} | {t.points for t in bundle.give_up_thresholds}
+    for key in keys:
+        by_points[key] = rollout_scores(bundle, dataset, key.split("+"), probs)
+    for mode, rules in (("trajectory", bundle.trajectory_thresholds), ("harm", bundle.harm_thresholds)):
+        for traj in rules:
+            rollouts = by_points[traj.points]
+            pairs: Sequence[tuple[Sequence[float], Sequence[int]]] = [r.pair for r in rollouts]
+            if mode == "harm":
+                pairs = harm_labels(pairs, [r.correct for r in rollouts])
+            losses = [trajectory_loss(p, lab, traj.threshold) for p, lab in pairs]
+            rows.append({"mode": mode, "points": traj.points, "delta": traj.delta, "n": len(losses), "rate": float(np.mean(losses))})
+    for give in bundle.give_up_thresholds:
+        rollouts = by_points[give.points]
+        losses = [give_up_loss(r.probs, r.tokens, r.correct, give.threshold, give.min_tokens) for r in rollouts]
+        rows.append({"mode": "give_up", "points": give.points, "delta": give.delta, "n": len(losses), "rate": float(np.mean(losses))})
     return rows

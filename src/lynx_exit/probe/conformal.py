@@ -1,6 +1,8 @@
-"""Split conformal calibration of exit thresholds (LYNX spec §5): per-event and per-trajectory.
+"""Split conformal calibration of exit thresholds (LYNX spec §5): per-event and per-trajectory, and give-up.
 
-Pure functions over numpy arrays; no I/O.
+Per-event thresholds are computed per decision point kind (group-conditional conformal: the guarantee holds for
+each kind). Per-trajectory thresholds calibrate the combined stopping rule, the first crossing over all enabled
+kinds, with one loss per rollout. Pure functions over numpy arrays; no I/O.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class EventThreshold:
     q_neg: float
     n_pos: int
     n_neg: int
+    point: str = "cue"  # the decision point kind these events are of
 
     def __post_init__(self) -> None:
         _check_delta(self.delta)
@@ -80,11 +83,12 @@ class EventThreshold:
             q_neg=float(data["q_neg"]),
             n_pos=int(data["n_pos"]),
             n_neg=int(data["n_neg"]),
+            point=str(data.get("point", "cue")),
         )
 
 
-def calibrate_events(probs: np.ndarray, labels: np.ndarray, delta: float) -> EventThreshold:
-    """Per-event thresholds from calibration scores `probs` (P(safe)) and 0/1 `labels`."""
+def calibrate_events(probs: np.ndarray, labels: np.ndarray, delta: float, point: str = "cue") -> EventThreshold:
+    """Per-event thresholds from calibration scores `probs` (P(safe)) and 0/1 `labels` of events of kind `point`."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels).astype(bool)
     if probs.shape != labels.shape:
         raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ in shape")
@@ -95,6 +99,7 @@ def calibrate_events(probs: np.ndarray, labels: np.ndarray, delta: float) -> Eve
         q_neg=conformal_quantile(negatives, delta) if len(negatives) else math.inf,
         n_pos=int(len(positives)),
         n_neg=int(len(negatives)),
+        point=point,
     )
 
 
@@ -159,6 +164,7 @@ class TrajectoryThreshold:
     threshold: float  # +inf: never exit
     n_rollouts: int
     empirical_risk: float
+    points: str = "cue"  # the decision point kinds of the stopping rule (`points_key`)
 
     def __post_init__(self) -> None:
         _check_delta(self.delta)
@@ -184,6 +190,7 @@ class TrajectoryThreshold:
             threshold=float(data["threshold"]),
             n_rollouts=int(data["n_rollouts"]),
             empirical_risk=float(data["empirical_risk"]),
+            points=str(data.get("points", "cue")),
         )
 
 
@@ -192,6 +199,7 @@ def calibrate_trajectories(
     delta: float,
     epsilon: float = 0.1,
     grid: Sequence[float] | None = None,
+    points: str = "cue",
 ) -> TrajectoryThreshold:
     """Learn-then-Test with fixed-sequence testing from the strictest threshold down.
 
@@ -213,4 +221,81 @@ def calibrate_trajectories(
         if binomial_cdf(losses, n, delta) > epsilon:
             break
         chosen, chosen_risk = float(threshold), losses / n
-    return TrajectoryThreshold(delta=delta, epsilon=epsilon, threshold=chosen, n_rollouts=n, empirical_risk=chosen_risk)
+    return TrajectoryThreshold(delta=delta, epsilon=epsilon, threshold=chosen, n_rollouts=n, empirical_risk=chosen_risk,
+                               points=points)
+
+
+@dataclass(frozen=True)
+class GiveUpThreshold:
+    """Learn-then-Test lower threshold: give up at a decision point (from `min_tokens` generated tokens on) whose
+    P(safe) ≤ `threshold`, answering at once as a trace judged lost.
+
+    With probability ≥ 1 − ε over the calibration rollouts, a new exchangeable rollout whose full chain would have
+    ended right is given up on with probability ≤ δ. The loss counts every crossing of the lower threshold, whether or
+    not an exit would have come first: an exit rule only removes give-ups, so the bound holds with any exit rule, and
+    the exit rule's own guarantee holds whatever the give-up does (a give-up only stops traces; it never makes an
+    exit happen).
+    """
+
+    delta: float
+    epsilon: float
+    threshold: float  # 0: never give up
+    min_tokens: int
+    n_rollouts: int
+    empirical_risk: float
+    points: str = "cue"
+
+    def __post_init__(self) -> None:
+        _check_delta(self.delta)
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"give-up threshold must be in [0, 1], got {self.threshold}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+    @property
+    def never(self) -> bool:
+        return self.threshold <= 0
+
+    def should_give_up(self, prob_safe: float, tokens: int) -> bool:
+        return not self.never and tokens >= self.min_tokens and prob_safe <= self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "never": self.never}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GiveUpThreshold:
+        return cls(delta=float(data["delta"]), epsilon=float(data["epsilon"]), threshold=float(data["threshold"]),
+                   min_tokens=int(data["min_tokens"]), n_rollouts=int(data["n_rollouts"]),
+                   empirical_risk=float(data["empirical_risk"]), points=str(data.get("points", "cue")))
+
+
+def give_up_loss(probs: Sequence[float], tokens: Sequence[int], full_correct: bool, threshold: float, min_tokens: int) -> int:
+    """1 if a rollout whose full chain is right crosses the lower threshold at a point from `min_tokens` on."""
+    return int(full_correct and threshold > 0 and any(t >= min_tokens and p <= threshold for p, t in zip(probs, tokens, strict=True)))
+
+
+def calibrate_give_up(
+    rollouts: Sequence[tuple[Sequence[float], Sequence[int], bool]],
+    delta: float,
+    epsilon: float = 0.1,
+    min_tokens: int = 200,
+    grid: Sequence[float] | None = None,
+    points: str = "cue",
+) -> GiveUpThreshold:
+    """Fixed-sequence Learn-then-Test from the conservative end (the lowest threshold) up: each rollout is
+    (P(safe) at its points, their token indices, whether its full chain ended right)."""
+    _check_delta(delta)
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    n = len(rollouts)
+    if n == 0:
+        raise ValueError("give-up calibration needs at least one rollout")
+    thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:])
+    chosen, chosen_risk = 0.0, 0.0
+    for threshold in thresholds:
+        losses = sum(give_up_loss(p, t, ok, threshold, min_tokens) for p, t, ok in rollouts)
+        if binomial_cdf(losses, n, delta) > epsilon:
+            break
+        chosen, chosen_risk = float(threshold), losses / n
+    return GiveUpThreshold(delta=delta, epsilon=epsilon, threshold=chosen, min_tokens=min_tokens, n_rollouts=n,
+                           empirical_risk=chosen_risk, points=points)

@@ -1,6 +1,7 @@
 """The LYNX probe (spec §4): standardisation → MLP(256, 64, ReLU) → P(safe to exit), in torch.
 
-Saved as safetensors (weights + scaler) and JSON metadata; no pickle anywhere.
+A probe trained on several kinds of decision point sees the kind as an input (a one-hot after the hidden states)
+and refuses a kind it never saw. Saved as safetensors (weights + scaler) and JSON metadata; no pickle anywhere.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lynx_exit.artifacts import file_sha256, save_tensors_atomic, write_json_atomic
+from lynx_exit.decision_points import DEFAULT_POINTS, parse_points, points_key
 from lynx_exit.models import FeatureSpec
-from lynx_exit.probe.conformal import EventThreshold, TrajectoryThreshold
+from lynx_exit.probe.conformal import EventThreshold, GiveUpThreshold, TrajectoryThreshold
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +34,38 @@ class Probe(nn.Module):
     mean: torch.Tensor  # [feature_dim] standardisation, saved with the weights
     std: torch.Tensor
 
-    def __init__(self, feature_dim: int, hidden: tuple[int, int] = (256, 64)) -> None:
+    def __init__(self, feature_dim: int, hidden: tuple[int, int] = (256, 64), kinds: tuple[str, ...] = DEFAULT_POINTS) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(feature_dim))
-        self.register_buffer("std", torch.ones(feature_dim))
+        self.kinds = parse_points(list(kinds))  # the decision point kinds it was trained on
+        input_dim = feature_dim + (len(self.kinds) if len(self.kinds) > 1 else 0)
+        self.register_buffer("mean", torch.zeros(input_dim))
+        self.register_buffer("std", torch.ones(input_dim))
         self.net = nn.Sequential(
-            nn.Linear(feature_dim, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU(), nn.Linear(hidden[1], 1)
+            nn.Linear(input_dim, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU(), nn.Linear(hidden[1], 1)
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits [n] of P(safe) for features [n, feature_dim]."""
-        return self.net((features - self.mean) / self.std).squeeze(-1)
+    def inputs(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
+        """The probe's input rows: the hidden states, and each row's decision point kind (one-hot) when it knows
+        several. A kind it was not trained on is refused."""
+        features = features.float()
+        if points is not None:
+            unseen = sorted(set(points) - set(self.kinds))
+            if unseen:
+                raise ValueError(f"the probe was trained on {points_key(self.kinds)} decision points, not {unseen}")
+        if len(self.kinds) == 1:
+            return features
+        if points is None or len(points) != len(features):
+            raise ValueError(f"a probe of several decision point kinds ({points_key(self.kinds)}) needs each row's kind")
+        index = torch.tensor([self.kinds.index(p) for p in points], device=features.device)
+        return torch.cat([features, nn.functional.one_hot(index, len(self.kinds)).to(features.dtype)], dim=1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [n] of P(safe) for input rows [n, input_dim] (`inputs`)."""
+        return self.net((inputs - self.mean) / self.std).squeeze(-1)
 
     @torch.inference_mode()
-    def prob_safe(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self(features.float()))
+    def prob_safe(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(self.inputs(features, points)))
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -103,8 +122,10 @@ class ProbeTrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrainConfig) -> tuple[Probe, dict[str, Any]]:
-    """Fit the probe with Adam, class-balanced weights and early stopping on a stratified split."""
+def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrainConfig,
+                points: list[str] | None = None) -> tuple[Probe, dict[str, Any]]:
+    """Fit the probe with Adam, class-balanced weights and early stopping on a stratified split. `points`: each
+    event's decision point kind (None: all cues)."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match")
     y = labels.float()
@@ -120,8 +141,9 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrain
         logger.warning("all %d events have label %d: the probe cannot rank anything", len(y_np), y_np[0])
     train_idx, val_idx = stratified_split(y_np, config.val_fraction, config.seed)
     torch.manual_seed(config.seed)
-    x = features.float()
-    probe = Probe(x.shape[1])
+    kinds = parse_points(sorted(set(points))) if points else DEFAULT_POINTS
+    probe = Probe(features.shape[1], kinds=kinds)
+    x = probe.inputs(features, points if points else None)
     probe.mean.copy_(x[train_idx].mean(0))
     probe.std.copy_(x[train_idx].std(0).clamp_min(1e-6))
     n_pos = float(y[train_idx].sum())
@@ -156,7 +178,8 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrain
     if best_state is not None:
         probe.load_state_dict(best_state)
     probe.eval()
-    probs = probe.prob_safe(x).numpy()
+    with torch.no_grad():
+        probs = torch.sigmoid(probe(x)).numpy()
     metrics = {
         "n_train": int(len(train_idx)),
         "n_val": int(len(val_idx)),
@@ -182,25 +205,44 @@ class ProbeBundle:
     event_thresholds: list[EventThreshold] = field(default_factory=list)
     trajectory_thresholds: list[TrajectoryThreshold] = field(default_factory=list)
     harm_thresholds: list[TrajectoryThreshold] = field(default_factory=list)
+    give_up_thresholds: list[GiveUpThreshold] = field(default_factory=list)
 
-    def harm_threshold(self, delta: float) -> TrajectoryThreshold:
-        return _pick(self.harm_thresholds, delta, "harm")
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The decision point kinds the probe was trained on."""
+        return self.probe.kinds
 
-    def event_threshold(self, delta: float) -> EventThreshold:
-        return _pick(self.event_thresholds, delta, "event")
+    def check_points(self, points: tuple[str, ...]) -> None:
+        """Refuse decision point kinds the probe never saw, naming the ones it did."""
+        unseen = [kind for kind in points if kind not in self.kinds]
+        if unseen:
+            raise ValueError(f"the probe was trained on {points_key(self.kinds)} decision points only; it never saw "
+                             f"{', '.join(unseen)} points (build its data with --decision-points {points_key(points)})")
 
-    def trajectory_threshold(self, delta: float) -> TrajectoryThreshold:
-        return _pick(self.trajectory_thresholds, delta, "trajectory")
+    def harm_threshold(self, delta: float, points: tuple[str, ...] = DEFAULT_POINTS) -> TrajectoryThreshold:
+        return _pick(self.harm_thresholds, delta, "harm", points_key(points))
+
+    def event_threshold(self, delta: float, point: str = "cue") -> EventThreshold:
+        return _pick(self.event_thresholds, delta, "event", point, attribute="point")
+
+    def trajectory_threshold(self, delta: float, points: tuple[str, ...] = DEFAULT_POINTS) -> TrajectoryThreshold:
+        return _pick(self.trajectory_thresholds, delta, "trajectory", points_key(points))
+
+    def give_up_threshold(self, delta: float, points: tuple[str, ...] = DEFAULT_POINTS) -> GiveUpThreshold:
+        return _pick(self.give_up_thresholds, delta, "give-up", points_key(points))
 
 
-def _pick(thresholds: list[Any], delta: float, mode: str) -> Any:
-    for item in thresholds:
+def _pick(thresholds: list[Any], delta: float, mode: str, points: str, attribute: str = "points") -> Any:
+    of_points = [item for item in thresholds if getattr(item, attribute) == points]
+    for item in of_points:
         if math.isclose(item.delta, delta, rel_tol=0, abs_tol=1e-9):
             return item
-    available = [t.delta for t in thresholds]
-    raise ValueError(
-        f"probe has no {mode}-level calibration at delta={delta}; calibrated deltas: {available or 'none (run lynx-exit calibrate)'}"
-    )
+    if not of_points:
+        calibrated = sorted({getattr(item, attribute) for item in thresholds})
+        raise ValueError(f"probe has no {mode}-level calibration for {points} decision points; calibrated: "
+                         f"{calibrated or 'none (run lynx-exit calibrate)'}")
+    available = [t.delta for t in of_points]
+    raise ValueError(f"probe has no {mode}-level calibration at delta={delta} ({points} points); calibrated deltas: {available}")
 
 
 def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, Any]) -> None:
@@ -215,7 +257,7 @@ def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, An
         card.unlink()
     tensors = {name: value.detach().contiguous() for name, value in probe.state_dict().items()}
     save_tensors_atomic(folder / PROBE_WEIGHTS, tensors, metadata={"format": "lynx-exit-probe-v1"})
-    write_json_atomic(folder / PROBE_META, {"feature_spec": spec.to_dict(), **meta})
+    write_json_atomic(folder / PROBE_META, {"feature_spec": spec.to_dict(), "decision_points": list(probe.kinds), **meta})
 
 
 def write_conformal(folder: Path, report: dict[str, Any]) -> None:
@@ -223,7 +265,7 @@ def write_conformal(folder: Path, report: dict[str, Any]) -> None:
     write_json_atomic(folder / CONFORMAL_FILE, {"probe_weights_sha256": file_sha256(folder / PROBE_WEIGHTS), **report})
 
 
-def _read_conformal(path: Path, weights_sha256: str) -> tuple[list[EventThreshold], list[TrajectoryThreshold], list[TrajectoryThreshold]]:
+def _read_conformal(path: Path, weights_sha256: str) -> dict[str, list[Any]]:
     """The thresholds of `conformal.json`; a malformed file or one from other weights raises naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -239,7 +281,8 @@ def _read_conformal(path: Path, weights_sha256: str) -> tuple[list[EventThreshol
             f"{weights_sha256[:12]}): the probe was retrained or copied after calibration; run lynx-exit calibrate again"
         )
     sections: dict[str, list[Any]] = {}
-    for mode, parse in (("event", EventThreshold.from_dict), ("trajectory", TrajectoryThreshold.from_dict), ("harm", TrajectoryThreshold.from_dict)):
+    for mode, parse in (("event", EventThreshold.from_dict), ("trajectory", TrajectoryThreshold.from_dict),
+                        ("harm", TrajectoryThreshold.from_dict), ("give_up", GiveUpThreshold.from_dict)):
         rows = data.get(mode, [])
         if not isinstance(rows, list):
             raise ValueError(f"{path}: {mode!r} must be a list of thresholds, got {type(rows).__name__}")
@@ -253,7 +296,7 @@ def _read_conformal(path: Path, weights_sha256: str) -> tuple[list[EventThreshol
                 raise ValueError(f"{path}: {mode}[{index}] has no {exc.args[0]!r}") from None
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{path}: {mode}[{index}]: {exc}") from None
-    return sections["event"], sections["trajectory"], sections["harm"]
+    return sections
 
 
 def load_probe(folder: str | Path, expected: FeatureSpec | None = None, calibration: bool = True) -> ProbeBundle:
@@ -279,7 +322,10 @@ def load_probe(folder: str | Path, expected: FeatureSpec | None = None, calibrat
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{weights} is corrupted or not a safetensors file: {exc}") from exc
-    probe = Probe(spec.feature_dim)
+    try:
+        probe = Probe(spec.feature_dim, kinds=tuple(meta.get("decision_points", DEFAULT_POINTS)))
+    except ValueError as exc:
+        raise ValueError(f"{meta_file}: decision_points: {exc}") from None
     try:
         probe.load_state_dict(tensors)
     except RuntimeError as exc:
@@ -290,6 +336,7 @@ def load_probe(folder: str | Path, expected: FeatureSpec | None = None, calibrat
     bundle = ProbeBundle(probe=probe, spec=spec, meta=meta)
     conformal_file = folder / CONFORMAL_FILE
     if calibration and conformal_file.is_file():
-        thresholds = _read_conformal(conformal_file, file_sha256(weights))
-        bundle.event_thresholds, bundle.trajectory_thresholds, bundle.harm_thresholds = thresholds
+        sections = _read_conformal(conformal_file, file_sha256(weights))
+        bundle.event_thresholds, bundle.trajectory_thresholds = sections["event"], sections["trajectory"]
+        bundle.harm_thresholds, bundle.give_up_thresholds = sections["harm"], sections["give_up"]
     return bundle

@@ -135,12 +135,17 @@ def _calibration_rows(report: dict[str, Any]) -> list[str]:
             rule = "never exits (too few unsafe calibration events for this δ)"
         else:
             rule = f"P(safe) > {_number(high)}" if high >= low else f"P(safe) ≥ {_number(low)}"
-        rows.append(f"| event | {row['delta']} | {rule} | {row['n_pos']} safe / {row['n_neg']} unsafe events |")
-    for mode in ("trajectory", "harm"):
+        rows.append(f"| event | {row.get('point', 'cue')} | {row['delta']} | {rule} | "
+                    f"{row['n_pos']} safe / {row['n_neg']} unsafe events |")
+    for mode in ("trajectory", "harm", "give_up"):
         for row in report.get(mode, []):
-            rule = "never exits" if row.get("never_exit") else f"P(safe) ≥ {_number(row['threshold'])}"
+            if mode == "give_up":
+                rule = "never gives up" if row.get("never") else (f"give up at P(safe) ≤ {_number(row['threshold'])} from "
+                                                                  f"token {row['min_tokens']} on")
+            else:
+                rule = "never exits" if row.get("never_exit") else f"P(safe) ≥ {_number(row['threshold'])}"
             stat = f"risk {_number(row['empirical_risk'])} on {row['n_rollouts']} rollouts, ε = {row['epsilon']}"
-            rows.append(f"| {mode} | {row['delta']} | {rule} | {stat} |")
+            rows.append(f"| {mode.replace('_', '-')} | {row.get('points', 'cue')} | {row['delta']} | {rule} | {stat} |")
     return rows
 
 
@@ -149,8 +154,10 @@ def _data_lines(summary: dict[str, Any] | None, folder: Any, task: Any) -> list[
         return [f"- data: `{folder}` (task {task})"]
     lines = [f"- data: `{summary.get('folder') or folder}`, task `{summary.get('task') or task}`"]
     lines.append(
-        f"- {summary['problems']} problems, {summary['rollouts']} rollouts, {summary['events']} cue events "
+        f"- {summary['problems']} problems, {summary['rollouts']} rollouts, {summary['events']} events "
         f"({summary['safe_events']} safe)"
+        + (": " + ", ".join(f"{n} at {kind} points" for kind, n in summary["events_by_point"].items())
+           if summary.get("events_by_point") else " at cue words")
     )
     generation = summary.get("generation")
     if generation:
@@ -175,8 +182,8 @@ def model_card(folder: str | Path) -> str:
     out = front + [
         f"# LYNX early-exit probe for `{spec.model_id}`",
         "",
-        f"A lynx-exit ([LYNX]({PAPER_URL})) probe: at each cue word in `{spec.model_id}`'s reasoning it reads the",
-        "hidden states below and scores whether the answer would be right if thinking stopped there;",
+        f"A lynx-exit ([LYNX]({PAPER_URL})) probe: at each decision point in `{spec.model_id}`'s reasoning it reads",
+        "the hidden states below and scores whether the answer would be right if thinking stopped there;",
         "the conformal thresholds turn your δ into the exit rule. Use this folder, or this repository, as `--probe`:",
         "",
         "```bash",
@@ -185,11 +192,13 @@ def model_card(folder: str | Path) -> str:
         "",
         "It is refused with any other model, tokenizer, layers or thinking profile.",
         "",
+        f"Decision points it was trained on: {', '.join(bundle.kinds)} (`--decision-points`; any other kind is refused).",
+        "",
         "## Features",
         "",
         f"- base model: `{spec.model_id}`",
         f"- layers: {', '.join(str(layer) for layer in spec.layers)} (hidden size {spec.hidden_size}, "
-        f"{spec.feature_dim} features per cue)",
+        f"{spec.feature_dim} features per decision point)",
         f"- tokenizer sha256: `{spec.tokenizer_hash}`",
     ]
     if profile:
@@ -204,13 +213,16 @@ def model_card(folder: str | Path) -> str:
     out += _data_lines(report.get("calibration_dataset"), report.get("calibration_data"), report.get("calibration_data"))
     out += [
         "",
-        "| mode | δ | exit rule | calibration |",
-        "|---|---|---|---|",
+        "| mode | decision points | δ | rule | calibration |",
+        "|---|---|---|---|---|",
         *_calibration_rows(report),
         "",
-        "`event`: each cue with an unsafe answer exits with probability ≤ δ. `trajectory`: a rollout's first exit is",
-        "premature with probability ≤ δ (with confidence 1 − ε). `harm`: as trajectory, counting only exits that",
-        "turn a rollout the model would have got right into a wrong one.",
+        "`event`: each decision point of that kind with an unsafe answer exits with probability ≤ δ (calibrated per",
+        "kind). `trajectory`: a rollout's first exit over the enabled kinds is premature with probability ≤ δ (with",
+        "confidence 1 − ε). `harm`: as trajectory, counting only exits that turn a rollout the model would have got",
+        "right into a wrong one. `give-up` (`give_up_delta`): a rollout that would have ended right is given up on",
+        "with probability ≤ δ (with confidence 1 − ε); a give-up only stops traces, so every exit guarantee holds",
+        "whatever it does.",
         "",
         "## How it was made",
         "",

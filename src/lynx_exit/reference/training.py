@@ -125,6 +125,7 @@ def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress:
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM.from_pretrained(config.init_from) if config.init_from else LlamaForCausalLM(model_config)
+    model.config.lynx_step_separator = "\n"  # the traces write one reasoning step a line: a line ends a paragraph
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps)
     generator = torch.Generator().manual_seed(config.seed)

@@ -30,6 +30,8 @@ def exit_object(finish: Finish, method: str, settings: dict[str, Any]) -> dict[s
         "exited": result.exit_index is not None,
         "token_index": result.exit_index,
         "cue": finish.exit_cue,
+        "point": result.exit_point,  # the decision point kind of the exit (cue, answer, paragraph)
+        "gave_up": result.gave_up,  # the exit was a give-up: the trace was judged lost
         "score": finish.exit_score,
         "method": method,
         "settings": settings,

@@ -193,7 +193,7 @@ class EngineWorker:
                 ticket.first_token, urgent = now, True
             if step.exit:
                 ticket.exit_cue, ticket.exit_score = step.cue, step.score
-            if step.text and not (step.exit and step.cue is not None):  # an exit drops its cue token
+            if step.text and not (step.exit and step.point == "cue"):  # an exit drops its cue token
                 last = events[-1] if events else None
                 if isinstance(last, TokenEvent) and last.phase == step.phase:
                     last.text += step.text  # one event per phase run: fewer objects, fewer and larger chunks
