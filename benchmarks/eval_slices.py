@@ -61,8 +61,20 @@ def pool(folders: list[Path]) -> dict[str, Any]:
             "per_slice_tokens_saved_pct": [r["tokens_saved_pct"] for r in rows],
         }
         # Help/harm paired within each slice (the pooled summarize pairs them too: problem ids are disjoint).
+    mark_dominated(pooled["settings"])
     first = slices[0]
     return {"model": first["model"], "task": first["task"], "slices": slices, **pooled}
+
+
+def mark_dominated(rows: list[dict[str, Any]]) -> None:
+    """Each row's `dominated_by`: the settings at least as accurate and saving at least as many tokens, one strictly."""
+    for row in rows:
+        acc, saved = row["accuracy"], row["tokens_saved_pct"] or 0.0
+        row["dominated_by"] = [
+            other["setting"] for other in rows
+            if other is not row and other["accuracy"] >= acc and (other["tokens_saved_pct"] or 0.0) >= saved
+            and (other["accuracy"] > acc or (other["tokens_saved_pct"] or 0.0) > saved)
+        ]
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -71,12 +83,16 @@ def _label(row: dict[str, Any]) -> str:
     return row["setting"] if share is None else f"{row['setting']} (assistant wrote {100 * share:.0f} %)"
 
 
+def _give_ups(row: dict[str, Any]) -> str:
+    return f"{row['give_ups']} ({row['give_ups_right_in_full']})" if row.get("give_ups") else "—"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     n = len(summary["slices"])
     lines = [
         f"| method | accuracy, {n} slices pooled (95% CI) | accuracy per slice | tokens saved, mean ± sd | "
-        "mean tokens (+trial) | exit rate | help/harm | wall s/problem |",
-        "|---|---|---|---|---|---|---|---|",
+        "mean tokens (+trial) | exit rate | help/harm | give-ups (right in full) | Pareto front | wall s/problem |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["settings"]:
         low, high = row["accuracy_ci95"]
@@ -87,7 +103,8 @@ def markdown(summary: dict[str, Any]) -> str:
         wall = "—" if row["wall_time_per_problem_s"] is None else f"{row['wall_time_per_problem_s']:.3f}"
         lines.append(
             f"| {_label(row)} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | {per} | {saved_text} | "
-            f"{row['mean_generated_tokens']:.1f}{trial} | {100 * row['exit_rate']:.0f} % | {row['help']}/{row['harm']} | {wall} |"
+            f"{row['mean_generated_tokens']:.1f}{trial} | {100 * row['exit_rate']:.0f} % | {row['help']}/{row['harm']} | "
+            f"{_give_ups(row)} | {'✓' if not row.get('dominated_by') else ''} | {wall} |"
         )
     return "\n".join(lines) + "\n"
 

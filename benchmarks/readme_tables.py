@@ -25,6 +25,7 @@ def main() -> None:
                 out.append(f"{len(slices)} disjoint slices of the held-out split ({parts}), pooled; the per-slice "
                            "accuracy and the spread of tokens saved show how much one draw moves.\n")
             out.append(path.read_text().strip())
+            out += front_lines(json.loads((RESULTS / name / "summary.json").read_text()))
             large = RESULTS / f"{name}_large" / "summary.json"
             if large.exists():
                 row = json.loads(large.read_text())["settings"][0]
@@ -33,6 +34,7 @@ def main() -> None:
                            f"`benchmarks/results/{name}_large/summary.json`): {100 * row['accuracy']:.1f} % "
                            f"({100 * low:.1f}–{100 * high:.1f}), {row['mean_generated_tokens']:.1f} tokens.")
             out.append(f"\n![Pareto plot](benchmarks/results/{name}/pareto.png)")
+    out += risk_table()
     eng = load("engine_throughput.json")
     out.append("\n### Speed\n")
     out.append(f"`benchmarks/engine_throughput.py` ({eng['device']}; greedy, fixed length, left-padded prompts, median of "
@@ -71,6 +73,55 @@ def main() -> None:
     out += ray_table()
     out += gpu_table()
     print("\n".join(out))
+
+
+def front_lines(summary: dict) -> list[str]:
+    """Which LYNX settings are on the Pareto front (no row at least as accurate and as frugal, one strictly), and what
+    the give-up rows cost."""
+    rows = summary["settings"]
+    if not any("dominated_by" in row for row in rows):
+        return []
+    front = [row["setting"] for row in rows if row["method"].startswith("lynx") and not row["dominated_by"]]
+    lines = ["", "On the Pareto front of all rows (pooled accuracy against tokens saved): "
+             + (", ".join(f"`{name}`" for name in front) if front else "no LYNX setting") + "."]
+    for row in rows:
+        if row.get("give_ups"):
+            lines.append(
+                f"`{row['setting']}` gave up on {row['give_ups']} traces, {row['give_ups_right_in_full']} of which ended "
+                f"right in full (its cost), {row['give_ups_on_runaways']} of which ran to the budget in full (runaways): "
+                f"{row['give_up_tokens_saved_on_runaways']} tokens saved on those, {row['give_up_tokens_saved']} on all.")
+    return lines
+
+
+def risk_table() -> list[str]:
+    """The realized risk of the calibrated rules the evaluation uses, on the labelled test split."""
+    path = RESULTS / "risk_reference.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    kept = {("event", "cue"), ("event", "answer"), ("event", "paragraph"), ("give_up", "cue+answer")}
+    kept |= {(mode, points) for mode in ("trajectory", "harm") for points in ("cue", "cue+answer", "cue+answer+paragraph")}
+    cells: dict[tuple[str, str], dict[float, str]] = {}
+    deltas: list[float] = []
+    for row in data["rows"]:
+        key = (row["mode"], row["points"])
+        if key not in kept:
+            continue
+        deltas += [row["delta"]] if row["delta"] not in deltas else []
+        mark = "" if row["within"] else " **over**"
+        cells.setdefault(key, {})[row["delta"]] = (
+            "—" if row["n"] == 0 else f"{row['rate']:.3f} ≤ {row['delta'] + row['margin95']:.3f}{mark}")
+    out = ["\n### Realized risk on held-out problems (`lynx-exit risk`, from `benchmarks/results/risk_reference.json`)\n",
+           "Every decision point of the 900 test problems labelled by a forced exit (build-data on the test split). Each "
+           "cell: the realized rate ≤ δ plus its 95 % sampling margin (1.96·√(δ(1−δ)/n); n = the unsafe events of that "
+           "kind for `event`, the rollouts otherwise). `event`: P(exit | unsafe point of that kind); `trajectory`: "
+           "P(first exit premature); `harm`: P(first exit turns a right chain wrong); `give_up`: P(give up on a rollout "
+           "that ends right).\n",
+           "| mode | decision points | " + " | ".join(f"δ = {d:g}" for d in deltas) + " |",
+           "|---|---|" + "---|" * len(deltas)]
+    for (mode, points), by_delta in cells.items():
+        out.append(f"| {mode} | {points} | " + " | ".join(by_delta.get(d, "—") for d in deltas) + " |")
+    return out
 
 
 def speculative_table() -> list[str]:

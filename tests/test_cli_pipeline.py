@@ -13,12 +13,21 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     layers = ["--layers", "2,4"]
     for split, folder in (("train", "tr"), ("calib", "ca")):
         assert main(["build-data", "--task", "arith", "--split", split, "--num-problems", "24", "--out", str(tmp_path / folder),
-                     *COMMON, *layers]) == 0
+                     "--decision-points", "cue,answer", *COMMON, *layers]) == 0
     assert main(["train", "--data", str(tmp_path / "tr"), "--out", str(tmp_path / "probe"), "--epochs", "30"]) == 0
-    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["feature_spec"]["layers"] == [2, 4]
-    assert main(["calibrate", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "ca"), "--deltas", "0.3,0.5"]) == 0
+    probe_meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert probe_meta["feature_spec"]["layers"] == [2, 4] and probe_meta["decision_points"] == ["cue", "answer"]
+    assert main(["calibrate", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "ca"), "--deltas", "0.3,0.5",
+                 "--give-up-after", "50"]) == 0
     conformal = json.loads((tmp_path / "probe" / "conformal.json").read_text())
-    assert [row["delta"] for row in conformal["event"]] == [0.3, 0.5]
+    assert [(row["point"], row["delta"]) for row in conformal["event"]] == [
+        ("cue", 0.3), ("cue", 0.5), ("answer", 0.3), ("answer", 0.5)]
+    assert {row["points"] for row in conformal["trajectory"]} == {"cue", "answer", "cue+answer"}
+    assert {row["min_tokens"] for row in conformal["give_up"]} == {50}
+    assert main(["risk", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "ca"), "--out", str(tmp_path / "r.json")]) == 0
+    risk = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {row["mode"] for row in risk} == {"event", "trajectory", "harm", "give_up"} and all("margin95" in r for r in risk)
+    capsys.readouterr()
     # calibrating on the training data is refused
     assert main(["calibrate", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "tr")]) == 2
     assert "shares 24 problems" in capsys.readouterr().err
@@ -26,15 +35,28 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.5", "--json", question]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["finish_reason"] in ("eos", "exit", "length")
+    assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.5", "--mode", "trajectory",
+                 "--decision-points", "cue,answer", "--give-up-delta", "0.3", "--json", question]) == 0
+    capsys.readouterr()
+    for flags, message in ((["--decision-points", "cue,paragraph"], "never saw paragraph"),
+                           (["--give-up-delta", "0.2"], "give-up-level calibration at delta=0.2")):
+        assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.5", *flags, question]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "--exit", "token-budget", "--budget", "5", "--decision-points", "answer", question]) == 2
+    assert "read only by the LYNX methods" in capsys.readouterr().err
     assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.07", question]) == 2
     assert "no event-level calibration at delta=0.07" in capsys.readouterr().err
     out = tmp_path / "eval"
     assert main(["eval", "--task", "arith", "--num-problems", "4", "--probe", str(tmp_path / "probe"), "--out", str(out),
                  "--methods", "never,token-budget,lynx,lynx-harm,deer,dynasor,nowait", "--budgets", "100", "--deltas", "0.5",
-                 "--deer-thresholds", "0.9", "--dynasor", "48:2", *COMMON]) == 0
+                 "--deer-thresholds", "0.9", "--dynasor", "48:2", "--decision-points", "cue;cue,answer", "--give-up-deltas",
+                 "none,0.5", *COMMON]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    lynx = [f"{name}{tag}@0.5" for name in ("lynx", "lynx-harm") for tag in ("", "[give-up 0.5]", "[cue+answer]",
+                                                                             "[cue+answer, give-up 0.5]")]
     assert {row["setting"] for row in summary["settings"]} == {
-        "never", "token-budget@100", "lynx@0.5", "lynx-harm@0.5", "deer@0.9", "dynasor@48", "nowait"}
+        "never", "token-budget@100", "deer@0.9", "dynasor@48", "nowait", *lynx}
+    assert all("give_ups" in row and "exits_by_point" in row for row in summary["settings"])
     assert summary["probe_training_task"] == "arith" and (out / "pareto.png").exists()
     assert main(["generate", "--exit", "deer", question]) == 2
     assert "--exit deer needs --threshold" in capsys.readouterr().err

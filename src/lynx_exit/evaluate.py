@@ -261,10 +261,13 @@ def _give_ups(group: Sequence[dict[str, Any]], paired: Sequence[tuple[dict[str, 
     for record in group:
         if record["exit_index"] is not None:
             points[record.get("exit_point") or "cue"] += 1
+    runaways = [(r, b) for r, b in given if b.get("finish_reason") == "length"]  # the full chain ran to its budget
     return {
         "give_ups": sum(bool(r.get("gave_up")) for r in group),
         "give_ups_right_in_full": sum(bool(b["correct"]) for _, b in given),
         "give_up_tokens_saved": sum(b["generated_tokens"] - r["generated_tokens"] for r, b in given),
+        "give_ups_on_runaways": len(runaways),
+        "give_up_tokens_saved_on_runaways": sum(b["generated_tokens"] - r["generated_tokens"] for r, b in runaways),
         "exits_by_point": dict(points),
     }
 

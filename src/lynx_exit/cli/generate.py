@@ -85,8 +85,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not stream:
             continue
         if step.exit:
-            console.print(f" [exit at {step.cue or step.text!r}] ", style="bold red", end="", markup=False)
-            if step.cue:
+            what = "give up" if step.gave_up else "exit"
+            console.print(f" [{what} at {step.point or 'step'} {step.cue or step.text!r}] ", style="bold red", end="",
+                          markup=False)
+            if step.point == "cue":  # the exit dropped the cue token
                 continue
         style = "bold yellow" if step.cue else ("cyan" if step.phase in ("exit_cue", "forced_answer") else None)
         console.print(step.text, style=style, end="", markup=False)
@@ -99,6 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "finish_reason": result.finish_reason,
         "generated_tokens": result.num_generated_tokens,
         "exit_index": result.exit_index,
+        "exit_point": result.exit_point,
+        "gave_up": result.gave_up,
         "cue_indices": result.cue_indices,
         "wall_time_s": round(wall, 3),
         "text": result.text,

@@ -121,6 +121,8 @@ def build_dataset(
         meta_file = out_dir / "meta.json"
         if meta_file.exists():
             old = _read_meta(meta_file)
+            if isinstance(old.get("build"), dict):  # a folder from before decision point kinds labelled cues
+                old["build"].setdefault("decision_points", list(DEFAULT_POINTS))
             for key in ("feature_spec", "generation", "build", "problem_ids"):
                 if old.get(key) != json.loads(json.dumps(meta[key])):
                     raise ValueError(f"{out_dir} holds a dataset built with other {key}; use a new folder to change it")
