@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lynx_exit.artifacts import write_json_atomic
 from lynx_exit.cli.common import (
     add_assist_flags,
     add_model_flags,
@@ -23,6 +22,7 @@ from lynx_exit.cli.common import (
     parse_layers,
     ray_options,
 )
+from lynx_exit.cli.probe import cmd_calibrate, cmd_risk, cmd_train
 from lynx_exit.decision_points import parse_points
 from lynx_exit.exits.lynx import give_up_delta_value as _give_up_delta
 
@@ -90,23 +90,6 @@ def cmd_build_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from lynx_exit.models import FeatureSpec
-    from lynx_exit.probe import ProbeTrainConfig
-    from lynx_exit.probe.build_data import load_dataset
-    from lynx_exit.probe.calibration import train_probe_folder
-
-    dataset = load_dataset(args.data)
-    if args.expect_spec:
-        FeatureSpec.from_dict(json.loads(Path(args.expect_spec).read_text())).check_compatible(dataset.spec, "dataset")
-    config = ProbeTrainConfig(
-        max_epochs=args.epochs, patience=args.patience, learning_rate=args.lr, seed=args.seed, allow_one_class=args.allow_one_class
-    )
-    metrics = train_probe_folder(dataset, Path(args.out), config, args.data)
-    print(json.dumps(metrics, indent=2))
-    return 0
-
-
 def cmd_deepconf_warmup(args: argparse.Namespace) -> int:
     from lynx_exit.exits.deepconf import WARMUP_FILE, run_warmup
 
@@ -118,51 +101,6 @@ def cmd_deepconf_warmup(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size)
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out) / WARMUP_FILE}")
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from lynx_exit.probe.build_data import load_dataset
-    from lynx_exit.probe.calibration import calibrate_probe_folder
-
-    deltas = [float(x) for x in args.deltas.split(",")]
-    report = calibrate_probe_folder(Path(args.probe), load_dataset(args.data), deltas, epsilon=args.epsilon,
-                                    give_up_after=args.give_up_after)
-    for row in report["event"]:
-        note = "  (never exits: too few unsafe calibration events for this δ)" if row["never_exit"] else ""
-        print(f"event      {row['point']:<9} δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}")
-    for mode in ("trajectory", "harm", "give_up"):
-        for row in report[mode]:
-            note = "  (never)" if row.get("never_exit", row.get("never")) else ""
-            print(f"{mode:<10} {row['points']:<9} δ={row['delta']:<5} threshold={row['threshold']} "
-                  f"calib risk={row['empirical_risk']:.3f}{note}")
-    print(f"wrote {Path(args.probe) / 'conformal.json'} and the model card {Path(args.probe) / 'README.md'}")
-    return 0
-
-
-def cmd_risk(args: argparse.Namespace) -> int:
-    """The realized risk of every calibrated rule on held-out labelled data, with its 95 % sampling margin."""
-    from lynx_exit.probe import load_probe
-    from lynx_exit.probe.build_data import load_dataset
-    from lynx_exit.probe.calibration import empirical_rates
-
-    bundle = load_probe(args.probe)
-    dataset = load_dataset(args.data)
-    bundle.spec.check_compatible(dataset.spec, what=f"probe {args.probe!r}")
-    overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
-    if overlap:
-        raise ValueError(f"--data shares {len(overlap)} problems with the probe's training data (e.g. {sorted(overlap)[:3]}); "
-                         "measure the risk on held-out problems")
-    rows = [{**row, "margin95": 1.96 * (row["delta"] * (1 - row["delta"]) / row["n"]) ** 0.5 if row["n"] else None,
-             "within": bool(row["n"]) and row["rate"] <= row["delta"] + 1.96 * (row["delta"] * (1 - row["delta"]) / row["n"]) ** 0.5}
-            for row in empirical_rates(bundle, dataset)]
-    for row in rows:
-        margin = "—" if row["margin95"] is None else f"{row['margin95']:.3f}"
-        print(f"{row['mode']:<10} {row['points']:<24} δ={row['delta']:<5} realized {row['rate']:.3f} on {row['n']:<5} "
-              f"margin {margin}  {'ok' if row['within'] else 'OVER'}")
-    if args.out:
-        write_json_atomic(Path(args.out), {"probe": args.probe, "data": args.data, "rows": rows})
-        print(f"wrote {args.out}")
     return 0
 
 
@@ -207,7 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_one(args: argparse.Namespace, task: str, problems: list[Any], out: Path, settings: Any, probe_folder: str | None,
               lm: Any = None, runner: Any = None) -> None:
-    from lynx_exit.evaluate import markdown_table, run_eval, write_report
+    from lynx_exit.eval_report import markdown_table, write_report
+    from lynx_exit.evaluate import run_eval
 
     assistant, assist = assist_from_args(args, lm) if lm is not None else (None, None)
     summary = run_eval(lm, problems, settings, generation_config(args), out, rollouts=args.rollouts,

@@ -22,7 +22,6 @@ from lynx_exit.probe import (
     train_probe,
     write_conformal,
 )
-from lynx_exit.probe.build_data import Dataset
 from lynx_exit.probe.conformal import (
     DEFAULT_DELTAS,
     calibrate_events,
@@ -32,6 +31,7 @@ from lynx_exit.probe.conformal import (
     harm_labels,
     trajectory_loss,
 )
+from lynx_exit.probe.dataset import Dataset
 from lynx_exit.probe.sharing import write_model_card
 
 
