@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lynx_exit.cues import CueDetector
+from lynx_exit.tasks.grading import BOXED_MARKERS, boxed_spans
 
 POINT_KINDS: dict[str, str] = {
     "cue": "a cue word (wait, hmm, alternatively) or the cue regex completes: the paper's decision points",
@@ -27,7 +28,6 @@ DEFAULT_POINTS: tuple[str, ...] = ("cue",)
 # "the answer is 42" with the number complete: followed by something that cannot continue it.
 DEFAULT_ANSWER_PHRASE = r"\banswer is\s*:?\s*\$?\s*-?\d+(?:,\d{3})*(?:\.\d+)?(?=[^\d.,]|[.,][^\d])"
 DEFAULT_STEP_SEPARATOR = r"\n[ \t]*\n"  # a blank line
-_BOXED = ("\\boxed{", "\\fbox{")
 _OPEN_QUOTES, _CLOSE_QUOTES = "“", "”"
 
 
@@ -125,7 +125,7 @@ class PointDetector(CueDetector):
                 start, end = self._tail_start + match.start(), self._tail_start + match.end()
                 if new("answer", start, end) and not self._quoted(match.start()):
                     fired.add("answer")
-            for start, end in _boxed_spans(text):
+            for start, end in (span for marker in BOXED_MARKERS for span in boxed_spans(text, marker)):
                 if new("answer", self._tail_start + start, self._tail_start + end):
                     fired.add("answer")
         if "paragraph" in self.kinds:
@@ -149,19 +149,3 @@ class PointDetector(CueDetector):
             elif char in _CLOSE_QUOTES:
                 quoted = False
         return quoted
-
-
-def _boxed_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end after the closing brace) of every balanced `\\boxed{…}` / `\\fbox{…}` in `text`."""
-    ends = []
-    for marker in _BOXED:
-        start = text.find(marker)
-        while start >= 0:
-            depth, i = 1, start + len(marker)
-            while i < len(text) and depth:
-                depth += (text[i] == "{") - (text[i] == "}")
-                i += 1
-            if depth == 0:
-                ends.append((start, i))
-            start = text.find(marker, start + 1)
-    return ends

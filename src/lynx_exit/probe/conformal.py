@@ -8,7 +8,7 @@ kinds, with one loss per rollout. Pure functions over numpy arrays; no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -194,6 +194,26 @@ class TrajectoryThreshold:
         )
 
 
+def fixed_sequence(thresholds: Sequence[float], losses: Callable[[float], int], n: int, delta: float, epsilon: float,
+                   none: float, what: str) -> tuple[float, float]:
+    """Fixed-sequence Learn-then-Test over `thresholds`, most conservative first: test H_t: risk(t) > δ with the exact
+    binomial p-value P(Bin(n, δ) ≤ losses(t)), accept while p ≤ ε, stop at the first failure (this controls the
+    family-wise error at ε without assuming the risk is monotone in t). (The last accepted threshold, its empirical
+    risk); (`none`, 0) if the first is refused."""
+    _check_delta(delta)
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    if n == 0:
+        raise ValueError(f"{what} calibration needs at least one rollout")
+    chosen, chosen_risk = none, 0.0
+    for threshold in thresholds:
+        count = losses(threshold)
+        if binomial_cdf(count, n, delta) > epsilon:
+            break
+        chosen, chosen_risk = float(threshold), count / n
+    return chosen, chosen_risk
+
+
 def calibrate_trajectories(
     rollouts: Sequence[tuple[Sequence[float], Sequence[int]]],
     delta: float,
@@ -208,19 +228,11 @@ def calibrate_trajectories(
     failure (fixed-sequence testing controls the family-wise error at ε without assuming
     the risk is monotone in t). The chosen threshold is the last accepted one.
     """
-    _check_delta(delta)
-    if not 0 < epsilon < 1:
-        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     n = len(rollouts)
-    if n == 0:
-        raise ValueError("trajectory calibration needs at least one rollout")
     thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:], reverse=True)
-    chosen, chosen_risk = math.inf, 0.0
-    for threshold in thresholds:
-        losses = sum(trajectory_loss(probs, labels, threshold) for probs, labels in rollouts)
-        if binomial_cdf(losses, n, delta) > epsilon:
-            break
-        chosen, chosen_risk = float(threshold), losses / n
+    chosen, chosen_risk = fixed_sequence(
+        thresholds, lambda t: sum(trajectory_loss(probs, labels, t) for probs, labels in rollouts), n, delta, epsilon,
+        none=math.inf, what="trajectory")
     return TrajectoryThreshold(delta=delta, epsilon=epsilon, threshold=chosen, n_rollouts=n, empirical_risk=chosen_risk,
                                points=points)
 
@@ -284,18 +296,10 @@ def calibrate_give_up(
 ) -> GiveUpThreshold:
     """Fixed-sequence Learn-then-Test from the conservative end (the lowest threshold) up: each rollout is
     (P(safe) at its points, their token indices, whether its full chain ended right)."""
-    _check_delta(delta)
-    if not 0 < epsilon < 1:
-        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     n = len(rollouts)
-    if n == 0:
-        raise ValueError("give-up calibration needs at least one rollout")
     thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:])
-    chosen, chosen_risk = 0.0, 0.0
-    for threshold in thresholds:
-        losses = sum(give_up_loss(p, t, ok, threshold, min_tokens) for p, t, ok in rollouts)
-        if binomial_cdf(losses, n, delta) > epsilon:
-            break
-        chosen, chosen_risk = float(threshold), losses / n
+    chosen, chosen_risk = fixed_sequence(
+        thresholds, lambda g: sum(give_up_loss(p, t, ok, g, min_tokens) for p, t, ok in rollouts), n, delta, epsilon,
+        none=0.0, what="give-up")
     return GiveUpThreshold(delta=delta, epsilon=epsilon, threshold=chosen, min_tokens=min_tokens, n_rollouts=n,
                            empirical_risk=chosen_risk, points=points)

@@ -29,18 +29,31 @@ _CHOICE_LETTER = re.compile(r"^\(?([A-Za-z])\)?[.:)]?$")
 CHOICE_LABELS = "ABCDE"
 
 
+BOXED_MARKERS = ("\\boxed{", "\\fbox{")
+
+
+def boxed_spans(text: str, marker: str) -> list[tuple[int, int]]:
+    """(start, end after the closing brace) of every `marker` (e.g. `\\boxed{`) whose braces close in `text`."""
+    spans = []
+    start = text.find(marker)
+    while start >= 0:
+        depth, i = 1, start + len(marker)
+        while i < len(text) and depth:
+            depth += (text[i] == "{") - (text[i] == "}")
+            i += 1
+        if depth == 0:
+            spans.append((start, i))
+        start = text.find(marker, start + 1)
+    return spans
+
+
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if absent."""
-    for marker in ("\\boxed{", "\\fbox{"):
-        start = text.rfind(marker)
-        while start >= 0:
-            depth, i = 1, start + len(marker)
-            while i < len(text) and depth:
-                depth += (text[i] == "{") - (text[i] == "}")
-                i += 1
-            if depth == 0:
-                return text[start + len(marker) : i - 1].strip()
-            start = text.rfind(marker, 0, start)
+    for marker in BOXED_MARKERS:
+        spans = boxed_spans(text, marker)
+        if spans:
+            start, end = spans[-1]
+            return text[start + len(marker) : end - 1].strip()
     return None
 
 
