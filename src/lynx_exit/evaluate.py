@@ -260,7 +260,7 @@ def _give_ups(group: Sequence[dict[str, Any]], paired: Sequence[tuple[dict[str, 
     points: dict[str, int] = defaultdict(int)
     for record in group:
         if record["exit_index"] is not None:
-            points[record.get("exit_point") or "cue"] += 1
+            points[record.get("exit_point") or "other"] += 1  # "other": an exit at no decision point (a budget, a baseline)
     runaways = [(r, b) for r, b in given if b.get("finish_reason") == "length"]  # the full chain ran to its budget
     return {
         "give_ups": sum(bool(r.get("gave_up")) for r in group),
