@@ -20,7 +20,8 @@ from lynx_exit.tasks import Problem
 ray = pytest.importorskip("ray")  # an optional extra; the test extra installs it, so CI runs this module
 
 GEN = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=4, cue_regex="[ae]", answer_max_tokens=4)
-BUILD = BuildConfig(max_events_per_rollout=3, batch_size=4, label_batch_size=5, rollouts_per_problem=2)
+BUILD = BuildConfig(max_events_per_rollout=3, batch_size=4, label_batch_size=5, rollouts_per_problem=2,
+                    decision_points=("cue", "paragraph"))  # the kinds travel to the workers
 OPTIONS = RayOptions(address="local", workers=2, cpus_per_worker=1)
 PROBLEMS = [Problem("gsm8k", f"p{i}", f"What is {i} plus 3?", str(i + 3)) for i in range(7)]
 

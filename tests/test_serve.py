@@ -313,3 +313,44 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tmp_path):
     assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
+
+
+def _stream_chunks(base_url, body):
+    with httpx.stream("POST", base_url + "/v1/chat/completions", timeout=BOUND_S, json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("delta", [0.1, 0.2])
+def test_a_stream_can_carry_each_decision_point_and_is_unchanged_without_the_flag(base_url, lm, probe_dir, delta):
+    """With stream_options.lynx_decision_points each cue arrives with its score and threshold where it passes, and the
+    last chunk says what the exit saved; without the flag the same request streams the same text and no extra field."""
+    prompt = "A much longer prompt about twelve apples"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "seed": 21, "stream": True,
+            "min_tokens": 40, "exit": {"method": "lynx", "delta": delta}}
+    plain = _stream_chunks(base_url, body)
+    marked = _stream_chunks(base_url, {**body, "stream_options": {"lynx_decision_points": True}})
+    assert not any("lynx_points" in c["choices"][0] for c in plain if c["choices"])
+
+    def text(chunks, key):
+        return "".join(c["choices"][0].get("delta", {}).get(key) or "" for c in chunks if c["choices"])
+
+    for key in ("reasoning_content", "content"):
+        assert text(plain, key) == text(marked, key)
+    finals = [c["choices"][0] for c in marked if c["choices"] and c["choices"][0].get("finish_reason")]
+    plain_final = [c["choices"][0] for c in plain if c["choices"] and c["choices"][0].get("finish_reason")][0]
+    saved = finals[0]["exit"].pop("tokens_saved_vs_max_tokens")
+    assert finals[0] == plain_final and "tokens_saved_vs_max_tokens" not in plain_final["exit"]
+    points = [p for c in marked if c["choices"] for p in c["choices"][0].get("lynx_points", [])]
+    want = offline(lm, chat_ids(lm, prompt), 21, LynxPolicy(bundle=load_probe(probe_dir), delta=delta), max_new_tokens=40,
+                   min_new_tokens=40)
+    reasoning = text(marked, "reasoning_content")
+    assert points and all(p["point"] == "cue" and 0 < p["score"] < 1 for p in points)
+    assert all(0 < p["chars"] <= len(reasoning) for p in points)
+    if delta == 0.2:  # exits at the first cue (threshold 0): the one point, marked as the exit
+        assert [(p["index"], p["exit"], p["threshold"]) for p in points] == [(want.exit_index, True, 0.0)]
+        assert saved == 40 - len(want.token_ids) > 0
+    else:  # never exits (the threshold is P(safe) > 1): every cue passes
+        assert [p["index"] for p in points] == want.cue_indices and not any(p["exit"] for p in points)
+        assert all(p["threshold"] == 1.0 and p["give_up_below"] is None for p in points) and saved == 0

@@ -85,6 +85,18 @@ class LynxPolicy(BasePolicy):
     def reset(self) -> None:
         self.scores = []
 
+    def thresholds(self, point: str) -> tuple[float | None, float | None]:
+        """(the P(safe) an exit needs at a point of this kind, the give-up threshold); None where there is none."""
+        rule = self.rules.get(point)
+        if rule is None:
+            return None, None
+        if isinstance(rule, EventThreshold):
+            exit_at = None if rule.never_exit else max(1 - rule.q_pos, rule.q_neg)
+        else:
+            exit_at = None if rule.never_exit else rule.threshold
+        give_up = None if self.give_up is None or self.give_up.never else self.give_up.threshold
+        return exit_at, give_up
+
     def observe(self, step: Step) -> Decision:
         if step.point not in self.rules or step.features is None:
             return Decision.CONTINUE

@@ -163,12 +163,13 @@ async def _completions(server: Server, request: Request, chat: bool) -> Response
     # Parsing, templating and tokenizing take time in proportion to the body: off the event loop, so
     # /health and every stream keep flowing while a large prompt is read.
     body, plan = await asyncio.get_running_loop().run_in_executor(server.prompt_pool, parse_and_plan)
-    generation = server.start(plan, body.seed, split=chat)
+    points = bool(body.stream and body.stream_options and body.stream_options.lynx_decision_points)
+    generation = server.start(plan, body.seed, split=chat, points=points)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": now(), "model": server.options.model_name}
     prompt_tokens = sum(len(p) for p in plan.prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = stream(generation, plan, meta, chat, prompt_tokens, include_usage)
+        chunks = stream(generation, plan, meta, chat, prompt_tokens, include_usage, points)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     if not await _until_done_or_gone(generation, request):
         return Response(status_code=499)  # the client left; nobody reads this

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from lynx_exit.serve.protocol import APIError
 from lynx_exit.serve.text import ChoiceText
-from lynx_exit.serve.worker import EngineWorker, Event, Failure, Finish, Ticket, TokenEvent
+from lynx_exit.serve.worker import EngineWorker, Event, Failure, Finish, PointEvent, Ticket, TokenEvent
 
 
 @dataclass
@@ -23,6 +24,7 @@ class ChoiceUpdate:
     reasoning: str
     content: str
     finish: Finish | None  # set on the choice's last update
+    points: list[dict[str, Any]] = field(default_factory=list)  # decision points passed (when the client asked)
 
 
 class Generation:
@@ -69,11 +71,14 @@ class Generation:
             while not self._queue.empty():
                 arrived.append(self._queue.get_nowait())
             touched: dict[int, Finish | None] = {}
+            points: dict[int, list[dict[str, Any]]] = {}
             for choice, events in arrived:
                 touched.setdefault(choice, None)
                 for event in events:
                     if isinstance(event, TokenEvent):
                         self.texts[choice].push(event.text, event.phase)
+                    elif isinstance(event, PointEvent):  # where in the reasoning it is: the characters so far
+                        points.setdefault(choice, []).append({**asdict(event), "chars": len(self.texts[choice].reasoning)})
                     elif isinstance(event, Finish):
                         touched[choice] = self.finishes[choice] = event
                         pending.discard(choice)
@@ -86,8 +91,8 @@ class Generation:
             out = []
             for choice, finish in touched.items():
                 reasoning, content = self.texts[choice].take(final=finish is not None)
-                if reasoning or content or finish is not None:
-                    out.append(ChoiceUpdate(choice, reasoning, content, finish))
+                if reasoning or content or finish is not None or choice in points:
+                    out.append(ChoiceUpdate(choice, reasoning, content, finish, points.get(choice, [])))
             if out:
                 yield out
 

@@ -83,6 +83,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # lynx-exit's own: each decision point as it passes (its kind, position, score and threshold), in `lynx_points`
+    lynx_decision_points: bool = False
 
 
 class ContentPart(_Strict):

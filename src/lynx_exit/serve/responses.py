@@ -74,7 +74,9 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 async def stream(generation: Generation, plan: RequestPlan, meta: dict[str, Any], chat: bool, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, points: bool = False) -> AsyncIterator[str]:
+    """The SSE chunks of a streamed response; `points` (stream_options.lynx_decision_points) adds each decision
+    point to its chunk (`lynx_points`) and, at the end, the tokens the exit saved against max_tokens."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {**meta, "object": kind}
     try:
@@ -85,16 +87,21 @@ async def stream(generation: Generation, plan: RequestPlan, meta: dict[str, Any]
             out = []
             for update in updates:
                 text = generation.texts[update.choice]
-                if update.reasoning or update.content:
+                if update.reasoning or update.content or update.points:
                     if chat:
                         delta = {k: v for k, v in (("reasoning_content", update.reasoning), ("content", update.content)) if v}
                         choice: dict[str, Any] = {"index": update.choice, "delta": delta, "finish_reason": None}
                     else:
                         choice = {"index": update.choice, "text": update.content, "logprobs": None, "finish_reason": None}
+                    if update.points:
+                        choice["lynx_points"] = update.points
                     out.append(sse({**head, "choices": [choice]}))
                 if update.finish is not None:
                     last: dict[str, Any] = {"index": update.choice, "finish_reason": finish_reason(text, update.finish),
                                             "exit": exit_object(update.finish, plan.exit.method, plan.exit.settings)}
+                    if points:  # what the exit saved against the request's token budget
+                        written = len(update.finish.result.token_ids)
+                        last["exit"]["tokens_saved_vs_max_tokens"] = max(0, plan.config.max_new_tokens - written)
                     if chat:
                         last["delta"] = {}
                     else:

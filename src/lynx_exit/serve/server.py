@@ -79,8 +79,9 @@ class Server:
             raise APIError(503, f"the server is at capacity ({self.in_flight} rows running or queued, limit "
                                 f"{self.options.capacity}); retry later", kind="server_error", code="server_overloaded")
 
-    def start(self, plan: RequestPlan, seed: int | None, split: bool) -> Generation:
-        """Submit a planned request to the engine; `split` sends thinking to `reasoning_content`."""
+    def start(self, plan: RequestPlan, seed: int | None, split: bool, points: bool = False) -> Generation:
+        """Submit a planned request to the engine; `split` sends thinking to `reasoning_content`; `points` reports
+        each decision point as it passes."""
         self.admit(plan)
         base = secrets.randbelow(_SEED_RANGE) if seed is None else seed % _SEED_RANGE
         policies = self.planner.policies(plan.exit, plan.rows)
@@ -92,7 +93,7 @@ class Server:
         tickets, texts = [], []
         for i in range(plan.rows):
             tickets.append(Ticket(i, plan.prompts[i // plan.n], plan.config, policies[i], (base + i) % _SEED_RANGE,
-                                  thinking=plan.thinking, assist=assist))
+                                  thinking=plan.thinking, assist=assist, points=points))
             texts.append(ChoiceText.for_profile(self.lm.profile, plan.stop, split=split, thinking=plan.thinking))
         generation = Generation(self.worker, tickets, texts, lambda t, e, stopped: self._finished(plan, t, e, stopped))
         self.in_flight += plan.rows

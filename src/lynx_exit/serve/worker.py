@@ -45,7 +45,21 @@ class Failure:
     code: str = "engine_error"
 
 
-Event = TokenEvent | Finish | Failure
+@dataclass
+class PointEvent:
+    """A decision point the request passed (streamed when the client asked for them)."""
+
+    point: str  # its kind: cue, answer, paragraph
+    index: int  # the generated token's index
+    cue: str | None
+    score: float | None  # the policy's score (LYNX: P(safe)); None for a method without one
+    threshold: float | None  # the score an exit needs here (None: the method has none)
+    give_up_below: float | None  # LYNX's give-up threshold here, from its first token on (None: no give-up)
+    exit: bool
+    gave_up: bool
+
+
+Event = TokenEvent | PointEvent | Finish | Failure
 
 
 @dataclass(eq=False)
@@ -59,6 +73,7 @@ class Ticket:
     seed: int
     thinking: ThinkingStart | None = None  # how the prompt starts thinking, if not as the profile says
     assist: Any = None  # Speculative Thinking's AssistConfig, for an assisted exit method
+    points: bool = False  # report each decision point as a `PointEvent`
     # Called on the event loop with (choice, events); the request's `Generation` sets it.
     deliver: Callable[[int, list[Event]], None] = field(default=lambda _choice, _events: None)
     submitted: float = field(default_factory=time.perf_counter)
@@ -199,6 +214,8 @@ class EngineWorker:
                     last.text += step.text  # one event per phase run: fewer objects, fewer and larger chunks
                 else:
                     events.append(TokenEvent(step.text, step.phase))
+            if ticket.points and step.point is not None and step.phase == "think":
+                events.append(point_event(ticket.policy, step))
             if step.finish_reason == "error":  # this request alone failed; the engine went on with the others
                 del self._tickets[step.request_id]
                 self.engine.result(step.request_id, forget=True)
@@ -242,6 +259,13 @@ class EngineWorker:
                 failed += [(ticket, [failure]) for ticket in tickets]
         if failed:
             self._post(failed)
+
+
+def point_event(policy: ExitPolicy | None, step: Step) -> PointEvent:
+    """A decision point as the stream reports it, with the thresholds the policy held its score against."""
+    thresholds = getattr(policy, "thresholds", None)
+    exit_at, give_up = thresholds(step.point) if callable(thresholds) else (None, None)
+    return PointEvent(step.point or "", step.index, step.cue, step.score, exit_at, give_up, step.exit, step.gave_up)
 
 
 def _deliver_all(batch: list[tuple[Ticket, list[Event]]]) -> None:
