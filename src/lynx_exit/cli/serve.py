@@ -46,6 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         stream_interval_ms=args.stream_interval_ms,
         max_chunk_rate=args.max_chunk_rate,
+        ui=not args.no_ui,
     )
     if args.device == "cpu":
         # Leave a core to the HTTP side: with every core in torch's pool, the event loop (and clients on the
@@ -91,5 +92,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="stream chunks per second over all streams; under load each stream's chunks get larger")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads on CPU (default: all cores but one, which is left to the HTTP side)")
+    p.add_argument("--no-ui", action="store_true", help="no playground page at / (the API only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over one `Server`, and `run` for `lynx-exit serve`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics. Handlers only validate, enqueue and read their request's events; the engine runs
+GET /metrics, and the playground page at GET / (`--no-ui` turns it off; with an API key, open it as `/?key=KEY`). Handlers only validate, enqueue and read their request's events; the engine runs
 on the worker thread, so concurrent requests share its batch.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -66,6 +66,13 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         return await _api(server, request, "models", lambda: _models(server))
+
+    if server.options.ui:
+        page = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
+
+        @app.get("/", response_class=HTMLResponse)
+        async def playground(request: Request) -> Response:
+            return await _api(server, request, "playground", lambda: _page(page))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -130,9 +137,15 @@ def _check_key(server: Server, request: Request) -> None:
     if key is None:
         return
     given = request.headers.get("authorization", "")
+    if request.url.path == "/" and "key" in request.query_params:  # the page: a browser cannot send the header
+        given = f"Bearer {request.query_params['key']}"
     if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
         raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                        kind="authentication_error", code="invalid_api_key")
+
+
+async def _page(page: str) -> Response:
+    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
 
 async def _models(server: Server) -> Response:
@@ -141,8 +154,9 @@ async def _models(server: Server) -> Response:
         bundle, _ = shared_probe(server.methods)
         bundle_info = {
             "name": server.options.probe_label or Path(server.options.probe).name,
-            "calibrated_deltas": {mode: [t.delta for t in getattr(bundle, f"{mode}_thresholds")]
-                                  for mode in ("event", "trajectory", "harm")},
+            "calibrated_deltas": {mode: sorted({t.delta for t in getattr(bundle, f"{mode}_thresholds")})
+                                  for mode in ("event", "trajectory", "harm", "give_up")},
+            "decision_points": list(bundle.kinds),
         }
     card = {
         "id": server.options.model_name, "object": "model", "created": server.started, "owned_by": "lynx-exit",

@@ -52,6 +52,7 @@ class ServerOptions:
     deepconf: str | None = None  # deepconf's warm-up folder
     max_body_bytes: int = 4 * 2**20  # a larger request body is answered 413 before it is read
     probe_label: str | None = None  # how /v1/models names the probe (never a path on this machine)
+    ui: bool = True  # the playground page at `/`
     shutdown_timeout_s: float = 30.0
     stream_interval_ms: float = 20.0  # tokens are sent at most this often per request (first token and end at once)
     max_chunk_rate: float = 500.0  # chunks per second over all streams: the interval grows with the running requests
