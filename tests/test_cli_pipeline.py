@@ -49,11 +49,10 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "--task", "arith", "--num-problems", "4", "--probe", str(tmp_path / "probe"), "--out", str(out),
                  "--methods", "never,token-budget,lynx,lynx-harm,deer,dynasor,nowait", "--budgets", "100", "--deltas", "0.5",
-                 "--deer-thresholds", "0.9", "--dynasor", "48:2", "--decision-points", "cue;cue,answer", "--give-up-deltas",
-                 "none,0.5", *COMMON]) == 0
+                 "--deer-thresholds", "0.9", "--dynasor", "48:2", "--decision-points", "cue,answer", "--give-up-deltas",
+                 "0.5", *COMMON]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    lynx = [f"{name}{tag}@0.5" for name in ("lynx", "lynx-harm") for tag in ("", "[give-up 0.5]", "[cue+answer]",
-                                                                             "[cue+answer, give-up 0.5]")]
+    lynx = [f"{name}[cue+answer, give-up 0.5]@0.5" for name in ("lynx", "lynx-harm")]
     assert {row["setting"] for row in summary["settings"]} == {
         "never", "token-budget@100", "deer@0.9", "dynasor@48", "nowait", *lynx}
     assert all("give_ups" in row and "exits_by_point" in row for row in summary["settings"])

@@ -25,6 +25,7 @@ from lynx_exit.probe.conformal import (
     calibrate_trajectories,
     give_up_loss,
     trajectory_loss,
+    trajectory_losses,
 )
 
 ALL = ("cue", "answer", "paragraph")
@@ -153,7 +154,7 @@ def test_per_kind_calibration_keeps_the_guarantee_where_pooling_breaks_it():
     answer point exits far more often than δ; calibrated per kind, each kind's rate stays within δ."""
     rng = np.random.default_rng(0)
     delta, n, rates = 0.1, 600, {"pooled": [], "per kind": []}
-    for _ in range(200):
+    for _ in range(100):
         kinds = rng.choice(["cue", "answer"], size=2 * n, p=[0.8, 0.2])
         labels = rng.random(2 * n) < 0.5
         scores = np.where(labels, rng.beta(5, 2, 2 * n), np.where(kinds == "cue", rng.beta(1, 6, 2 * n), rng.beta(4, 2, 2 * n)))
@@ -192,14 +193,14 @@ def test_the_combined_stopping_rule_keeps_its_per_trace_risk_over_random_splits(
     delta, epsilon = 0.1, 0.1
     data = many_checks(rng, 1200)
     realized, exits = [], 0
-    for _ in range(150):
+    for _ in range(80):
         order = rng.permutation(len(data))
         calib, test = [data[i] for i in order[:600]], [data[i] for i in order[600:]]
         rule = calibrate_trajectories([(s, lab) for s, lab, *_ in calib], delta, epsilon, points="cue+answer")
         losses = [trajectory_loss(s, lab, rule.threshold) for s, lab, *_ in test]
         realized.append(np.mean(losses))
         exits += not rule.never_exit
-    assert exits > 100  # the rule does exit: the check is not vacuous
+    assert exits > 50  # the rule does exit: the check is not vacuous
     assert np.mean(realized) <= delta
     assert np.mean(np.array(realized) > delta + 0.02) <= epsilon
 
@@ -209,13 +210,13 @@ def test_give_up_calibration_bounds_giving_up_on_traces_that_end_right():
     delta = 0.1
     data = many_checks(rng, 1200)
     realized, given = [], 0
-    for _ in range(100):
+    for _ in range(60):
         order = rng.permutation(len(data))
         calib, test = [data[i] for i in order[:600]], [data[i] for i in order[600:]]
         rule = calibrate_give_up([(s, t, ok) for s, _, t, ok, _ in calib], delta, 0.1, min_tokens=250, points="cue+answer")
         realized.append(np.mean([give_up_loss(s, t, ok, rule.threshold, rule.min_tokens) for s, _, t, ok, _ in test]))
         given += not rule.never
-    assert given > 50 and np.mean(realized) <= delta
+    assert given > 30 and np.mean(realized) <= delta
     never = GiveUpThreshold(0.1, 0.1, 0.0, 0, 10, 0.0)
     assert never.never and not never.should_give_up(0.0, 1000)
     assert GiveUpThreshold.from_dict(never.to_dict()) == never
@@ -259,3 +260,12 @@ def test_eval_sweeps_decision_points_and_give_up_as_curves_of_their_own():
                       "lynx-harm[cue+answer]@0.1", "lynx-harm[cue+answer]@0.2", "lynx-harm[cue+answer, give-up 0.05]@0.1",
                       "lynx-harm[cue+answer, give-up 0.05]@0.2"]
     assert dict(settings[-1].options) == {"delta": 0.2, "decision_points": ("cue", "answer"), "give_up_delta": 0.05}
+
+
+def test_the_vectorized_trajectory_losses_equal_the_rule_applied_one_rollout_at_a_time():
+    rng = np.random.default_rng(3)
+    grid = [*np.linspace(0.0, 1.0, 201)[1:], 0.37]
+    for _ in range(200):
+        m = int(rng.integers(0, 12))
+        probs, labels = list(np.round(rng.random(m), 2)), [int(x) for x in rng.integers(0, 2, m)]  # rounded: ties
+        assert list(trajectory_losses([(probs, labels)], grid)) == [trajectory_loss(probs, labels, t) for t in grid]

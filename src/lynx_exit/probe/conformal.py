@@ -194,6 +194,23 @@ class TrajectoryThreshold:
         )
 
 
+def trajectory_losses(rollouts: Sequence[tuple[Sequence[float], Sequence[int]]], thresholds: Sequence[float]) -> np.ndarray:
+    """`trajectory_loss` summed over the rollouts, at each threshold at once. A rollout's first exit at t is its first
+    running maximum that reaches t, so only the points that raise the running maximum matter."""
+    grid = np.asarray(thresholds, dtype=np.float64)
+    totals = np.zeros(len(grid), dtype=np.int64)
+    for probs, labels in rollouts:
+        if not len(probs):
+            continue
+        values = np.asarray(probs, dtype=np.float64)
+        running = np.maximum.accumulate(values)
+        raises = np.flatnonzero(np.r_[True, running[1:] > running[:-1]])  # where the running maximum goes up
+        records, unsafe = values[raises], 1 - np.asarray(labels, dtype=np.int64)[raises]
+        first = np.searchsorted(records, grid, side="left")  # the first record ≥ t (records increase)
+        totals += np.where(first < len(records), unsafe[np.minimum(first, len(records) - 1)], 0)
+    return totals
+
+
 def fixed_sequence(thresholds: Sequence[float], losses: Callable[[float], int], n: int, delta: float, epsilon: float,
                    none: float, what: str) -> tuple[float, float]:
     """Fixed-sequence Learn-then-Test over `thresholds`, most conservative first: test H_t: risk(t) > δ with the exact
@@ -230,9 +247,8 @@ def calibrate_trajectories(
     """
     n = len(rollouts)
     thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:], reverse=True)
-    chosen, chosen_risk = fixed_sequence(
-        thresholds, lambda t: sum(trajectory_loss(probs, labels, t) for probs, labels in rollouts), n, delta, epsilon,
-        none=math.inf, what="trajectory")
+    totals = dict(zip(thresholds, trajectory_losses(rollouts, thresholds).tolist(), strict=True))
+    chosen, chosen_risk = fixed_sequence(thresholds, totals.__getitem__, n, delta, epsilon, none=math.inf, what="trajectory")
     return TrajectoryThreshold(delta=delta, epsilon=epsilon, threshold=chosen, n_rollouts=n, empirical_risk=chosen_risk,
                                points=points)
 
@@ -298,8 +314,10 @@ def calibrate_give_up(
     (P(safe) at its points, their token indices, whether its full chain ended right)."""
     n = len(rollouts)
     thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:])
+    # A right rollout is lost at threshold g iff its lowest score from `min_tokens` on is ≤ g (`give_up_loss`).
+    lowest = np.array([min((p for p, t in zip(probs, tokens, strict=True) if t >= min_tokens), default=math.inf)
+                       for probs, tokens, right in rollouts if right])
     chosen, chosen_risk = fixed_sequence(
-        thresholds, lambda g: sum(give_up_loss(p, t, ok, g, min_tokens) for p, t, ok in rollouts), n, delta, epsilon,
-        none=0.0, what="give-up")
+        thresholds, lambda g: int((lowest <= g).sum()) if g > 0 else 0, n, delta, epsilon, none=0.0, what="give-up")
     return GiveUpThreshold(delta=delta, epsilon=epsilon, threshold=chosen, min_tokens=min_tokens, n_rollouts=n,
                            empirical_risk=chosen_risk, points=points)
