@@ -227,7 +227,7 @@ def main() -> None:
                 except Exception as exc:  # recorded, never dropped
                     result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
                 if "ms_per_step" in result:
-                    result["roofline_share"] = round(floor_s / (result["ms_per_step"] / 1000), 3)
+                    result["roofline_share"] = float(f"{floor_s / (result['ms_per_step'] / 1000):.3g}")  # 3 significant digits: a tiny share is not 0
                 row[side] = result
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
