@@ -113,10 +113,12 @@ def risk_table() -> list[str]:
             "—" if row["n"] == 0 else f"{row['rate']:.3f} ≤ {row['delta'] + row['margin95']:.3f}{mark}")
     out = ["\n### Realized risk on held-out problems (`lynx-exit risk`, from `benchmarks/results/risk_reference.json`)\n",
            "Every decision point of the 900 test problems labelled by a forced exit (build-data on the test split). Each "
-           "cell: the realized rate ≤ δ plus its 95 % sampling margin (1.96·√(δ(1−δ)/n); n = the unsafe events of that "
-           "kind for `event`, the rollouts otherwise). `event`: P(exit | unsafe point of that kind); `trajectory`: "
+           "cell: the realized rate ≤ δ plus its 95 % sampling margin. For the rollout-level rules (`trajectory`: "
            "P(first exit premature); `harm`: P(first exit turns a right chain wrong); `give_up`: P(give up on a rollout "
-           "that ends right).\n",
+           "that ends right)), which hold with probability 1 − ε over the calibration set, the margin is the test "
+           "rollouts' binomial one, 1.96·√(δ(1−δ)/900). `event` (P(exit | unsafe point of that kind)) holds on average "
+           "over calibration sets, so its margin adds the calibration set's sampling (its unsafe events of that kind) and "
+           "carries the design effect of events clustered in rollouts (`lynx-exit risk` prints both parts).\n",
            "| mode | decision points | " + " | ".join(f"δ = {d:g}" for d in deltas) + " |",
            "|---|---|" + "---|" * len(deltas)]
     for (mode, points), by_delta in cells.items():

@@ -269,3 +269,19 @@ def test_the_vectorized_trajectory_losses_equal_the_rule_applied_one_rollout_at_
         m = int(rng.integers(0, 12))
         probs, labels = list(np.round(rng.random(m), 2)), [int(x) for x in rng.integers(0, 2, m)]  # rounded: ties
         assert list(trajectory_losses([(probs, labels)], grid)) == [trajectory_loss(probs, labels, t) for t in grid]
+
+
+def test_the_risk_margin_widens_for_events_clustered_in_rollouts():
+    from lynx_exit.cli.probe import sampling_margin
+    from lynx_exit.probe.calibration import clustered_se
+
+    spread = np.tile([True, False, False, False, False], 40)  # 200 events, 40 rollouts with one hit each
+    lumped = np.repeat([True, False, False, False, False], 40)  # the same 40 hits, all in 8 rollouts
+    rollouts = np.repeat(np.arange(40), 5)
+    assert clustered_se(spread, rollouts, 0.2) == pytest.approx(0.0)
+    assert clustered_se(lumped, rollouts, 0.2) > math.sqrt(0.2 * 0.8 / 200)  # a design effect above 1
+    row = {"mode": "event", "n": 200, "delta": 0.2, "rate": 0.2, "n_calibration": 200}
+    plain = sampling_margin({**row, "cluster_se": 0.0})
+    assert plain == pytest.approx(1.96 * math.sqrt(2 * 0.2 * 0.8 / 200))  # test and calibration sampling
+    assert sampling_margin({**row, "cluster_se": clustered_se(lumped, rollouts, 0.2)}) > plain
+    assert sampling_margin({**row, "mode": "harm"}) == pytest.approx(1.96 * math.sqrt(0.2 * 0.8 / 200))

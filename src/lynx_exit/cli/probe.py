@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from lynx_exit.artifacts import write_json_atomic
 
@@ -46,6 +48,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def sampling_margin(row: dict[str, Any]) -> float | None:
+    """The 95 % sampling margin of a realized rate against its δ. A rollout-level rule (trajectory, harm, give-up)
+    holds with probability 1 − ε over the calibration set, so only the test rollouts' binomial sampling enters. The
+    per-event rule holds on average over calibration sets, so the calibration set's own sampling enters too (its
+    unsafe events of that kind), and a rollout's events are not independent: both terms carry the design effect the
+    test set shows (the rollout-clustered variance over the binomial one, at least 1)."""
+    n, delta = row["n"], row["delta"]
+    if not n:
+        return None
+    binomial = delta * (1 - delta) / n
+    if row["mode"] != "event":
+        return 1.96 * math.sqrt(binomial)
+    clustered = (row.get("cluster_se") or 0.0) ** 2
+    design = max(1.0, clustered / (row["rate"] * (1 - row["rate"]) / n)) if 0 < row["rate"] < 1 else 1.0
+    calibration = delta * (1 - delta) / max(1, row.get("n_calibration") or n)
+    return 1.96 * math.sqrt(design * (binomial + calibration))
+
+
 def cmd_risk(args: argparse.Namespace) -> int:
     """The realized risk of every calibrated rule on held-out labelled data, with its 95 % sampling margin."""
     from lynx_exit.probe import load_probe
@@ -59,13 +79,14 @@ def cmd_risk(args: argparse.Namespace) -> int:
     if overlap:
         raise ValueError(f"--data shares {len(overlap)} problems with the probe's training data (e.g. {sorted(overlap)[:3]}); "
                          "measure the risk on held-out problems")
-    rows = [{**row, "margin95": 1.96 * (row["delta"] * (1 - row["delta"]) / row["n"]) ** 0.5 if row["n"] else None,
-             "within": bool(row["n"]) and row["rate"] <= row["delta"] + 1.96 * (row["delta"] * (1 - row["delta"]) / row["n"]) ** 0.5}
-            for row in empirical_rates(bundle, dataset)]
+    rows = []
+    for row in empirical_rates(bundle, dataset):
+        margin = sampling_margin(row)
+        rows.append({**row, "margin95": margin, "within": margin is not None and row["rate"] <= row["delta"] + margin})
     for row in rows:
-        margin = "—" if row["margin95"] is None else f"{row['margin95']:.3f}"
+        shown = "—" if row["margin95"] is None else f"{row['margin95']:.3f}"
         print(f"{row['mode']:<10} {row['points']:<24} δ={row['delta']:<5} realized {row['rate']:.3f} on {row['n']:<5} "
-              f"margin {margin}  {'ok' if row['within'] else 'OVER'}")
+              f"margin {shown}  {'ok' if row['within'] else 'OVER'}")
     if args.out:
         write_json_atomic(Path(args.out), {"probe": args.probe, "data": args.data, "rows": rows})
         print(f"wrote {args.out}")

@@ -182,6 +182,17 @@ def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsil
     return report
 
 
+def clustered_se(hits: np.ndarray, clusters: np.ndarray, rate: float) -> float | None:
+    """Standard error of a rate over events grouped in rollouts (a rollout's events are not independent): the ratio
+    estimator's, with rollouts as the units. None with fewer than two rollouts."""
+    names, index = np.unique(clusters, return_inverse=True)
+    if len(names) < 2:
+        return None
+    per_hits, per_events = np.bincount(index, weights=hits.astype(np.float64)), np.bincount(index).astype(np.float64)
+    residual = per_hits - rate * per_events
+    return float(np.sqrt((residual**2).sum() / (len(names) * (len(names) - 1))) / per_events.mean())
+
+
 def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any]]:
     """On held-out data, at each calibrated δ: the exit rate of unsafe events per kind (event mode), the rate of
     rollouts whose first exit is premature (trajectory) or harmful (harm), and of right rollouts given up on;
@@ -189,14 +200,16 @@ def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any
     probs = event_probs(bundle, dataset)
     labels = dataset.labels.numpy().astype(bool)
     kinds = np.array(dataset.points)
+    rollout_of = np.array([f"{e['problem_id']}/{e['rollout']}" for e in dataset.events])
     rows: list[dict[str, Any]] = []
     for rule in bundle.event_thresholds:
         mine = kinds == rule.point
         exits = np.array([rule.should_exit(float(p)) for p in probs[mine]], dtype=bool)
         unsafe = ~labels[mine]
-        rows.append({"mode": "event", "points": rule.point, "delta": rule.delta, "n": int(unsafe.sum()),
-                     "rate": float(exits[unsafe].mean()) if unsafe.any() else float("nan"),
-                     "exit_rate": float(exits.mean()) if mine.any() else float("nan")})
+        rate = float(exits[unsafe].mean()) if unsafe.any() else float("nan")
+        rows.append({"mode": "event", "points": rule.point, "delta": rule.delta, "n": int(unsafe.sum()), "rate": rate,
+                     "exit_rate": float(exits.mean()) if mine.any() else float("nan"), "n_calibration": rule.n_neg,
+                     "cluster_se": clustered_se(exits[unsafe], rollout_of[mine][unsafe], rate)})
     by_points: dict[str, list[RolloutScores]] = {}
     keys = {t.points for t in [*bundle.trajectory_thresholds, *bundle.harm_thresholds]} | {t.points for t in bundle.give_up_thresholds}
     for key in keys:
