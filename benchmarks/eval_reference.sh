@@ -48,6 +48,8 @@ for i in ${SLICES:-0 1 2}; do
   lynx-exit eval "${EVAL[@]}" --methods lynx,lynx-trajectory,lynx-harm --decision-points 'cue;cue,answer'
   # ... with paragraph ends, and with a give-up threshold
   lynx-exit eval "${EVAL[@]}" --methods lynx-harm --decision-points 'cue,answer,paragraph'
+  lynx-exit eval "${EVAL[@]}" --methods lynx-trajectory,lynx-harm --decision-points 'answer;answer,paragraph'
+  lynx-exit eval "${EVAL[@]}" --methods lynx-trajectory --decision-points 'cue,answer,paragraph'
   lynx-exit eval "${EVAL[@]}" --methods lynx,lynx-harm --decision-points 'cue,answer' --give-up-deltas 0.05
   lynx-exit eval "${EVAL[@]}" --methods speculative-thinking+lynx
   # the large model alone on the same problems and seeds (its own folder: its "never" is another model's)

@@ -87,9 +87,10 @@ def front_lines(summary: dict) -> list[str]:
     for row in rows:
         if row.get("give_ups"):
             lines.append(
-                f"`{row['setting']}` gave up on {row['give_ups']} traces, {row['give_ups_right_in_full']} of which ended "
-                f"right in full (its cost), {row['give_ups_on_runaways']} of which ran to the budget in full (runaways): "
-                f"{row['give_up_tokens_saved_on_runaways']} tokens saved on those, {row['give_up_tokens_saved']} on all.")
+                f"`{row['setting']}` gave up on {row['give_ups']} traces: {row['give_ups_right_in_full']} ended right in "
+                f"full, {row['give_ups_lost']} of them wrong after the give-up (its cost); {row['give_ups_on_runaways']} ran "
+                f"to the budget in full (runaways), {row['give_up_tokens_saved_on_runaways']} tokens saved on those, "
+                f"{row['give_up_tokens_saved']} on all.")
     return lines
 
 

@@ -265,6 +265,7 @@ def _give_ups(group: Sequence[dict[str, Any]], paired: Sequence[tuple[dict[str, 
     return {
         "give_ups": sum(bool(r.get("gave_up")) for r in group),
         "give_ups_right_in_full": sum(bool(b["correct"]) for _, b in given),
+        "give_ups_lost": sum(bool(b["correct"]) and not bool(r["correct"]) for r, b in given),  # right in full, wrong here
         "give_up_tokens_saved": sum(b["generated_tokens"] - r["generated_tokens"] for r, b in given),
         "give_ups_on_runaways": len(runaways),
         "give_up_tokens_saved_on_runaways": sum(b["generated_tokens"] - r["generated_tokens"] for r, b in runaways),
