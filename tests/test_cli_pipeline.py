@@ -12,7 +12,7 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     # Non-default layers (the reference model's default is 1,2,3,4): generate and eval must use the probe's own.
     layers = ["--layers", "2,4"]
     for split, folder in (("train", "tr"), ("calib", "ca")):
-        assert main(["build-data", "--task", "arith", "--split", split, "--num-problems", "24", "--out", str(tmp_path / folder),
+        assert main(["build-data", "--task", "arith", "--split", split, "--num-problems", "18", "--out", str(tmp_path / folder),
                      "--decision-points", "cue,answer", *COMMON, *layers]) == 0
     assert main(["train", "--data", str(tmp_path / "tr"), "--out", str(tmp_path / "probe"), "--epochs", "30"]) == 0
     probe_meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
@@ -30,7 +30,7 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
     capsys.readouterr()
     # calibrating on the training data is refused
     assert main(["calibrate", "--probe", str(tmp_path / "probe"), "--data", str(tmp_path / "tr")]) == 2
-    assert "shares 24 problems" in capsys.readouterr().err
+    assert "shares 18 problems" in capsys.readouterr().err
     question = "Ana has 3 coins. Then Ana doubles the pile. Then Ana buys 4 more. How many coins does Ana have now?"
     assert main(["generate", "--exit", "lynx", "--probe", str(tmp_path / "probe"), "--delta", "0.5", "--json", question]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
