@@ -329,8 +329,12 @@ def test_a_stream_can_carry_each_decision_point_and_is_unchanged_without_the_fla
     prompt = "A much longer prompt about twelve apples"
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "seed": 21, "stream": True,
             "min_tokens": 40, "exit": {"method": "lynx", "delta": delta}}
+    _wait_idle(base_url)
+    at_cues = _metric(base_url, "lynx_exit_exit_points_total", 'give_up="false",point="cue"')
     plain = _stream_chunks(base_url, body)
     marked = _stream_chunks(base_url, {**body, "stream_options": {"lynx_decision_points": True}})
+    _wait_idle(base_url)
+    assert _metric(base_url, "lynx_exit_exit_points_total", 'give_up="false",point="cue"') == at_cues + 2 * (delta == 0.2)
     assert not any("lynx_points" in c["choices"][0] for c in plain if c["choices"])
 
     def text(chunks, key):

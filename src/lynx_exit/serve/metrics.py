@@ -28,6 +28,8 @@ class ServerMetrics:
         )
         self.exits = Counter("lynx_exit_exits", "choices whose thinking an exit method stopped, by method", ["method"],
                              registry=r)
+        self.exit_points = Counter("lynx_exit_exit_points", "exits by decision point kind ('other': at no decision "
+                                   "point) and whether the exit was a give-up", ["point", "give_up"], registry=r)
         self.choices = Counter("lynx_exit_choices", "finished choices by finish reason", ["finish_reason"], registry=r)
         self.queue_depth = Gauge("lynx_exit_queue_depth", "requests waiting for a batch row (or for KV cache)", registry=r)
         self.preemptions = Counter("lynx_exit_preemptions", "running requests whose KV cache was freed for older ones "

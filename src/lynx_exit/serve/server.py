@@ -113,6 +113,7 @@ class Server:
         m.reasoning_tokens.inc(result.reasoning_tokens)
         if result.exit_index is not None:
             m.exits.labels(plan.exit.method).inc()
+            m.exit_points.labels(result.exit_point or "other", "true" if result.gave_up else "false").inc()
             m.saved_tokens.inc(max(0, ticket.config.max_new_tokens - result.reasoning_tokens))
         m.latency.observe(time.perf_counter() - ticket.submitted)
         if event.first_token_s is not None:
