@@ -70,9 +70,9 @@ def test_smollm2_gguf_generates_offline():
     from lynx_exit.engine import DecodeLoop, GenerationConfig
 
     ids = lm.prompt_ids("What is 7*8?")
-    result = DecodeLoop(lm, [ids], GenerationConfig(max_new_tokens=24, temperature=0), layers=lm.feature_spec().layers).run()[0]
+    result = DecodeLoop(lm, [ids], GenerationConfig(max_new_tokens=16, temperature=0), layers=lm.feature_spec().layers).run()[0]
     reference = lm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=24, do_sample=False)
+                                  max_new_tokens=16, do_sample=False)
     assert result.token_ids == reference[0, len(ids):].tolist()  # a real LM, not a reasoner: check the loop, not the math
     assert "7" in result.text
     assert lm.exit_cue_ids() == lm.encode("\nFinal Answer: \\boxed{")
