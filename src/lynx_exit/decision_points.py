@@ -79,6 +79,7 @@ class PointDetector(CueDetector):
         self.kinds = frozenset(parse_points(list(kinds)))
         self.answer_phrase = answer_phrase or compile_point_pattern("answer phrase", DEFAULT_ANSWER_PHRASE)
         self.step_separator = step_separator or compile_point_pattern("step separator", DEFAULT_STEP_SEPARATOR)
+        self._beyond_cues = bool(self.kinds - {"cue"})  # answer or paragraph points to look for
         self.point: str | None = None
         super().__init__(pattern, **kwargs)
 
@@ -99,7 +100,7 @@ class PointDetector(CueDetector):
             self._quoted_at_tail = self._quoted_after(self._quoted_at_tail, self._trimmed)
             self._found = {item for item in self._found if item[1] > self._tail_start}
         fired = {"cue"} if cue is not None else set()
-        if self.kinds - {"cue"}:
+        if self._beyond_cues:
             fired |= self._extra_points(start_of_delta, lookahead)
         self.point = next((kind for kind in PRIORITY if kind in fired and kind in self.kinds), None)
         return cue

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS
+from lynx_exit.decision_points import DEFAULT_ANSWER_PHRASE
 from lynx_exit.engine.types import Decision, ForcedAnswer, Step, TrialKind
 from lynx_exit.exits.registry import (
     MAX_TOKENS,
@@ -124,7 +125,7 @@ class AnswerConvergencePolicy(_AgreementPolicy):
 
 
 # "the answer is 42" with the number complete: followed by something that cannot continue it.
-_STATED_ANSWER = re.compile(r"\banswer is\s*:?\s*\$?\s*-?\d+(?:,\d{3})*(?:\.\d+)?(?=[^\d.,]|[.,][^\d])", re.IGNORECASE)
+_STATED_ANSWER = re.compile(DEFAULT_ANSWER_PHRASE, re.IGNORECASE)
 
 
 @dataclass

@@ -73,7 +73,6 @@ class LynxPolicy(BasePolicy):
             else:
                 pick = self.bundle.trajectory_threshold if self.mode == "trajectory" else self.bundle.harm_threshold
                 self.rules[kind] = pick(self.delta, points)  # one rule over all enabled kinds
-        self.rule = self.rules[points[0]]
         self.give_up: GiveUpThreshold | None = None
         if self.give_up_delta is not None:
             self.give_up = self.bundle.give_up_threshold(self.give_up_delta, points)
