@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lynx_exit.cues import CueDetector
+from lynx_exit.cues import DEFAULT_CUE_WORDS, CueDetector, compile_cue_pattern
 from lynx_exit.tasks.grading import BOXED_MARKERS, boxed_spans
 
 POINT_KINDS: dict[str, str] = {
@@ -29,6 +29,22 @@ DEFAULT_POINTS: tuple[str, ...] = ("cue",)
 DEFAULT_ANSWER_PHRASE = r"\banswer is\s*:?\s*\$?\s*-?\d+(?:,\d{3})*(?:\.\d+)?(?=[^\d.,]|[.,][^\d])"
 DEFAULT_STEP_SEPARATOR = r"\n[ \t]*\n"  # a blank line
 _OPEN_QUOTES, _CLOSE_QUOTES = "“", "”"
+
+# What an exit keeps of the thinking before it closes the block and writes the exit cue.
+EXIT_PREFIXES: dict[str, str] = {
+    "point": "the paper's: a cue point's prefix ends before the cue token, an answer or paragraph point's after its "
+             "token",
+    "lookahead": "the prefix ends after the token that confirmed the point (the one sampled after it): what an "
+                 "engine that cannot take back a sampled token does (the vLLM plug-in)",
+}
+DEFAULT_EXIT_PREFIX = "point"
+
+
+def exit_prefix_value(value: Any) -> str:
+    """A valid exit prefix, or ValueError naming the choices."""
+    if value not in EXIT_PREFIXES:
+        raise ValueError(f"unknown exit prefix {value!r}; choose from {', '.join(EXIT_PREFIXES)}")
+    return str(value)
 
 
 def parse_points(value: Any) -> tuple[str, ...]:
@@ -150,3 +166,14 @@ class PointDetector(CueDetector):
             elif char in _CLOSE_QUOTES:
                 quoted = False
         return quoted
+
+
+def detector_for(profile: Any, points: Sequence[str], thinking: str, cue_words: Sequence[str] = DEFAULT_CUE_WORDS,
+                 cue_regex: str | None = None) -> PointDetector:
+    """The detector of one request: a model profile's markers and point settings (`ModelProfile`), the enabled kinds,
+    how thinking starts ("template", "model", "off") and the cue words or regex."""
+    return PointDetector(compile_cue_pattern(cue_words, cue_regex), kinds=points,
+                         answer_phrase=compile_point_pattern("answer phrase", profile.answer_phrase),
+                         step_separator=compile_point_pattern("step separator", profile.step_separator),
+                         think_end=profile.think_end, think_start=profile.think_start, start=thinking,
+                         max_cue_chars=None if cue_regex else max(len(w.strip()) for w in cue_words))

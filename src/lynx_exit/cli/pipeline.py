@@ -23,7 +23,7 @@ from lynx_exit.cli.common import (
     ray_options,
 )
 from lynx_exit.cli.probe import cmd_calibrate, cmd_risk, cmd_train
-from lynx_exit.decision_points import parse_points
+from lynx_exit.decision_points import EXIT_PREFIXES, parse_points
 from lynx_exit.exits.lynx import give_up_delta_value as _give_up_delta
 
 
@@ -69,6 +69,7 @@ def cmd_build_data(args: argparse.Namespace) -> int:
         synthetic_event=not args.no_synthetic_event,
         batch_size=args.batch_size,
         label_batch_size=args.label_batch_size,
+        exit_prefix=args.exit_prefix,
         **({"decision_points": parse_points(args.decision_points)} if args.decision_points else {}),
     )
     problems = _problems(args)
@@ -237,6 +238,9 @@ def add_commands(sub: Any) -> None:
     build.add_argument("--decision-points", default=None,
                        help="decision point kinds to label, comma-separated: cue, answer, paragraph (default: the model "
                             "family's, cue)")
+    build.add_argument("--exit-prefix", default="point", choices=sorted(EXIT_PREFIXES),
+                       help="what a labelling exit keeps: point = the paper's (a cue is dropped); lookahead = the token "
+                            "after the point too, as the vLLM plug-in exits (label with it for a probe served there)")
     add_model_flags(build)
     add_ray_flags(build)
     add_sampling_flags(build)

@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lynx_exit.cues import IncrementalDetokenizer, compile_cue_pattern
-from lynx_exit.decision_points import PointDetector, compile_point_pattern
+from lynx_exit.cues import IncrementalDetokenizer
+from lynx_exit.decision_points import detector_for
 from lynx_exit.engine.assist import AssistConfig
 from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.config import SEED_RANGE, EngineConfig, GenerationConfig
@@ -113,11 +113,7 @@ class Engine:
         profile = self.lm.profile
         thinking = thinking or profile.thinking
         points = decision_points or getattr(policy, "decision_points", None) or profile.decision_points
-        detector = PointDetector(compile_cue_pattern(config.cue_words, config.cue_regex), kinds=points,
-                                 answer_phrase=compile_point_pattern("answer phrase", profile.answer_phrase),
-                                 step_separator=compile_point_pattern("step separator", profile.step_separator),
-                                 think_end=profile.think_end, think_start=profile.think_start, start=thinking,
-                                 max_cue_chars=None if config.cue_regex else max(len(w.strip()) for w in config.cue_words))
+        detector = detector_for(profile, points, thinking, config.cue_words, config.cue_regex)
         params = SamplingParams(temperature=0.0 if config.greedy else config.temperature, top_p=config.top_p,
                                 top_k=config.top_k if config.top_k < vocab else 0)  # top-k over the whole vocabulary is off
         request = Request(

@@ -64,8 +64,12 @@ class Postprocessor:
             try:
                 decision = request.policy.observe(step) if step.phase == "think" and request.policy is not None else None
                 exited = decision in (Decision.EXIT, Decision.GIVE_UP)
+                lookahead = exited and getattr(request.policy, "exit_prefix", None) == "lookahead"
+                if lookahead and candidate in self.eos_ids:
+                    exited = False  # the token that would stay ends the sequence: nothing left to exit from
                 if exited:
-                    candidate = self.exit(request, step, gave_up=decision is Decision.GIVE_UP)
+                    candidate = self.exit(request, step, gave_up=decision is Decision.GIVE_UP,
+                                          keep=candidate if lookahead else None)
                 forced = not exited and bool(request.forced)
                 if forced:  # a queued sentence (a recap), token by token, instead of what was sampled
                     candidate = request.forced.popleft()
@@ -126,18 +130,20 @@ class Postprocessor:
             for step, score in zip(group, scores, strict=True):
                 step.score = float(score)
 
-    def exit(self, request: Request, step: Step, gave_up: bool = False) -> int:
-        """Apply an exit decision (or a give-up) at `step`; returns the first exit-cue token to feed."""
+    def exit(self, request: Request, step: Step, gave_up: bool = False, keep: int | None = None) -> int:
+        """Apply an exit decision (or a give-up) at `step`; returns the first token to feed: of the exit cue, or `keep`
+        (the look-ahead exit prefix: the token sampled after the point stays, then the exit cue)."""
         step.exit, step.gave_up = True, gave_up
         request.exit_index, request.exit_point, request.gave_up = step.index, step.point, gave_up
-        if step.point == "cue":  # spec §3: the prefix ends before the cue token
+        if step.point == "cue" and keep is None:  # spec §3: the prefix ends before the cue token
             request.kept_ids.pop()
             self.backend.truncate(request.request_id, len(request.prompt_ids) + len(request.kept_ids))
             request.text = request.text[: len(request.text) - len(step.text)]
             request.cue_indices.pop()
-        request.phase, request.reasoning_tokens = "exit_cue", len(request.kept_ids)
+        request.phase = "exit_cue"
+        request.reasoning_tokens = len(request.kept_ids) + (keep is not None)
         self.plugin.on_exit(request)
-        request.forced = deque(request.exit_cue_ids)
+        request.forced = deque(([] if keep is None else [keep]) + request.exit_cue_ids)
         return request.forced.popleft()
 
     def forced(self, request: Request, greedy_id: int) -> list[Step]:

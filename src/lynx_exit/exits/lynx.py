@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lynx_exit.decision_points import DEFAULT_POINTS, parse_points
+from lynx_exit.decision_points import DEFAULT_POINTS, exit_prefix_value, parse_points
 from lynx_exit.engine.types import Decision, Scorer, Step
 from lynx_exit.exits.registry import (
     BasePolicy,
@@ -57,10 +57,12 @@ class LynxPolicy(BasePolicy):
     name: str = "lynx"
     decision_points: tuple[str, ...] = DEFAULT_POINTS
     give_up_delta: float | None = None  # None: never give up
+    exit_prefix: str | None = None  # what an exit keeps (`decision_points.EXIT_PREFIXES`); None: the probe's labels'
 
     def __post_init__(self) -> None:
         if self.bundle is None:
             raise ValueError("LynxPolicy needs a probe bundle")
+        self.exit_prefix = exit_prefix_value(self.exit_prefix or self.bundle.exit_prefix)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
         self.decision_points = parse_points(list(self.decision_points))
@@ -166,7 +168,7 @@ def _build(context: MethodContext, options: dict[str, Any]) -> LynxPolicy:
         except ValueError as exc:
             raise ExitSettingError("exit.give_up_delta", str(exc)) from None
     return LynxPolicy(bundle=bundle, delta=float(options["delta"]), mode=mode, scorer=scorer, decision_points=tuple(points),
-                      give_up_delta=None if give_up is None else float(give_up))
+                      give_up_delta=None if give_up is None else float(give_up), exit_prefix=options.get("exit_prefix"))
 
 
 LYNX_OPTIONS = (
@@ -174,6 +176,8 @@ LYNX_OPTIONS = (
     Option("decision_points", parse_points, "decision point kinds, comma-separated: cue (default), answer, paragraph"),
     Option("give_up_delta", give_up_delta_value, "give up on a trace judged lost; risk of giving up on one that would have "
                                             "ended right ≤ this δ (default: never give up)"),
+    Option("exit_prefix", exit_prefix_value, "what an exit keeps: point (the paper's: a cue is dropped) or lookahead "
+                                             "(the token after the point too, as in vLLM); default: the probe's labels'"),
 )
 
 

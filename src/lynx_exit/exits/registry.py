@@ -28,6 +28,7 @@ class BasePolicy:
     banned_token_ids: frozenset[int] = frozenset()
     trial_tokens: int = 0
     confidence_top_k: int = 0
+    exit_prefix: str | None = None  # what an exit keeps; None: the paper's (`decision_points.EXIT_PREFIXES`)
 
     def reset(self) -> None:
         self.trial_tokens = 0

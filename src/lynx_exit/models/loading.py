@@ -7,7 +7,7 @@ import hashlib
 import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,3 +310,35 @@ def load_model(
     profile = resolve_profile(model, tokenizer, overrides)
     logger.info("loaded %s (%d layers): %s", name, model.config.num_hidden_layers, profile.reason)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, profile=profile)
+
+
+@dataclass(frozen=True)
+class _Weightless:
+    """What `LoadedModel` reads of a model besides its weights: the config and the generation config."""
+
+    config: Any
+    generation_config: Any
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def parameters(self) -> Iterator[torch.Tensor]:  # `LoadedModel.device`: what this process computes on, the CPU
+        yield torch.empty(0)
+
+
+def load_model_facts(name: str, overrides: ProfileOverrides | None = None) -> LoadedModel:
+    """A model folder or hub id without its weights: tokenizer, config and profile, for a process whose weights live
+    in another engine (the vLLM plug-in). Encoding, prompts, exit cues and feature specs work; forward passes do not."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise FileNotFoundError(f"could not load model {name!r}: {exc}") from exc
+    try:
+        generation = GenerationConfig.from_pretrained(name)
+    except OSError:  # optional: the tokenizer's EOS alone then
+        generation = GenerationConfig()
+    facts = _Weightless(config, generation)
+    return LoadedModel(model=facts, tokenizer=tokenizer, model_id=name, profile=resolve_profile(facts, tokenizer, overrides))

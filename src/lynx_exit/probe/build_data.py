@@ -29,7 +29,7 @@ from lynx_exit.artifacts import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from lynx_exit.decision_points import DEFAULT_POINTS, parse_points
+from lynx_exit.decision_points import DEFAULT_EXIT_PREFIX, DEFAULT_POINTS, exit_prefix_value, parse_points
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.models import FeatureSpec, LoadedModel
 from lynx_exit.probe.dataset import (
@@ -57,9 +57,11 @@ class BuildConfig:
     batch_size: int = 16  # rollouts decoded together
     label_batch_size: int = 64  # forced exits decoded together
     decision_points: tuple[str, ...] = DEFAULT_POINTS  # the kinds of decision point labelled
+    exit_prefix: str = DEFAULT_EXIT_PREFIX  # what a labelling exit keeps (`decision_points.EXIT_PREFIXES`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decision_points", parse_points(list(self.decision_points)))
+        exit_prefix_value(self.exit_prefix)
         for name in ("rollouts_per_problem", "max_events_per_rollout", "batch_size", "label_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -118,6 +120,7 @@ def build_dataset(
             old = read_meta(meta_file)
             if isinstance(old.get("build"), dict):  # a folder from before decision point kinds labelled cues
                 old["build"].setdefault("decision_points", list(DEFAULT_POINTS))
+                old["build"].setdefault("exit_prefix", DEFAULT_EXIT_PREFIX)
             for key in ("feature_spec", "generation", "build", "problem_ids"):
                 if old.get(key) != json.loads(json.dumps(meta[key])):
                     raise ValueError(f"{out_dir} holds a dataset built with other {key}; use a new folder to change it")
@@ -220,6 +223,22 @@ def _build_all(
     bar.close()
 
 
+def _kept(event: dict[str, Any], exit_prefix: str) -> int:
+    """Generated tokens a labelling exit keeps: a cue point's prefix ends before the cue, other points' after their
+    token (spec §3); with the look-ahead prefix, after the token sampled next."""
+    if exit_prefix == "lookahead":
+        return int(event["token_index"]) + 2
+    return int(event["token_index"]) + (event["point"] != "cue" and not event["synthetic"])
+
+
+def _with_lookahead(pending: list[dict[str, Any]], vectors: list[torch.Tensor], results: list[Any],
+                    eos_ids: set[int]) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """Events whose next token exists and is not an end of sequence (no look-ahead exit happens at the others)."""
+    kept = [(event, vector) for event, vector in zip(pending, vectors, strict=True)
+            if event["token_index"] + 1 < len(ids := results[event["row"]].token_ids) and ids[event["token_index"] + 1] not in eos_ids]
+    return [event for event, _ in kept], [vector for _, vector in kept]
+
+
 def compute_chunk(
     lm: LoadedModel, chunk: Chunk, generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
 ) -> ChunkResult:
@@ -254,10 +273,12 @@ def compute_chunk(
             token_index = int(0.7 * len(think_features[row]))
             pending.append({"row": row, "token_index": token_index, "point": "cue", "cue": None, "synthetic": True})
             vectors.append(think_features[row][token_index])
+    if config.exit_prefix == "lookahead":  # an exit keeps the token after the point: none where that one ends the trace
+        pending, vectors = _with_lookahead(pending, vectors, results, loop.engine.eos_ids)
     answers = []
     for start in range(0, len(pending), config.label_batch_size):
         part = pending[start : start + config.label_batch_size]
-        kept = [e["token_index"] + (e["point"] != "cue" and not e["synthetic"]) for e in part]
+        kept = [_kept(e, config.exit_prefix) for e in part]
         answers += loop.engine.forced_answers(
             [(e["row"], keep) for e, keep in zip(part, kept, strict=True)], exit_cue_ids, generation.answer_max_tokens
         )

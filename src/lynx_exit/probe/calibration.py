@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from lynx_exit.artifacts import FolderLock, command_line
-from lynx_exit.decision_points import points_key
+from lynx_exit.decision_points import DEFAULT_EXIT_PREFIX, points_key
 from lynx_exit.probe import (
     ProbeBundle,
     ProbeTrainConfig,
@@ -67,6 +67,7 @@ def _train(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_di
         "format": "lynx-exit-probe-v1",
         "training_data": dataset_dir,
         "training_task": dataset.meta.get("task"),
+        "exit_prefix": dataset.meta.get("build", {}).get("exit_prefix", DEFAULT_EXIT_PREFIX),
         "training_problem_ids": sorted(dataset.problem_ids),
         "training_dataset": dataset_summary(dataset),
         "command": command_line(),

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lynx_exit.artifacts import file_sha256, save_tensors_atomic, write_json_atomic
-from lynx_exit.decision_points import DEFAULT_POINTS, parse_points, points_key
+from lynx_exit.decision_points import DEFAULT_EXIT_PREFIX, DEFAULT_POINTS, parse_points, points_key
 from lynx_exit.models import FeatureSpec
 from lynx_exit.probe.conformal import EventThreshold, GiveUpThreshold, TrajectoryThreshold
 
@@ -211,6 +211,11 @@ class ProbeBundle:
     def kinds(self) -> tuple[str, ...]:
         """The decision point kinds the probe was trained on."""
         return self.probe.kinds
+
+    @property
+    def exit_prefix(self) -> str:
+        """The exit prefix its labels were made with (`lynx_exit.decision_points.EXIT_PREFIXES`)."""
+        return str(self.meta.get("exit_prefix", DEFAULT_EXIT_PREFIX))
 
     def check_points(self, points: tuple[str, ...]) -> None:
         """Refuse decision point kinds the probe never saw, naming the ones it did."""

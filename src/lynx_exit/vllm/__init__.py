@@ -1,0 +1,64 @@
+"""LYNX inside vLLM: the plug-in (`pip install 'lynx-exit[vllm]'`).
+
+vLLM loads `register` in each of its processes (the `vllm.general_plugins` entry point): it registers the
+`Lynx<Architecture>` model classes, which score the probe inside the forward. A run selects them and the logits
+processor; `engine_args` gives both for the offline `vllm.LLM`:
+
+    from vllm import LLM, SamplingParams
+    from lynx_exit.vllm import engine_args
+    llm = LLM(**engine_args("MODEL", probe="PROBE_DIR"))
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2048, extra_args={"lynx_delta": 0.1}))
+
+and for `vllm serve` (settings in the body's `vllm_xargs`), `serve_command` prints the command line. Only the V1
+model runner is supported in this release; speculative decoding and pipeline parallelism are refused at load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from lynx_exit.vllm.settings import PROBE_ENV
+
+PROCESSOR = "lynx_exit.vllm.processor:LynxLogitsProcessor"
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: register the model classes (lazily, by name; safe to call again)."""
+    from vllm import ModelRegistry
+
+    for base in SUPPORTED:
+        ModelRegistry.register_model("Lynx" + base, f"lynx_exit.vllm.model:Lynx{base}")
+
+
+def lynx_architecture(model: str) -> str:
+    """The plug-in's class for a model folder's (or a cached hub model's) architecture; ValueError if unsupported."""
+    from transformers import AutoConfig
+
+    architectures = list(getattr(AutoConfig.from_pretrained(model), "architectures", None) or [])
+    for name in architectures:
+        if name in SUPPORTED:
+            return "Lynx" + name
+    raise ValueError(f"model {model!r} has architectures {architectures}; the lynx-exit vLLM plug-in supports "
+                     f"{', '.join(SUPPORTED)} in this release")
+
+
+def engine_args(model: str, probe: str, **kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` that serve `model` with LYNX (and `kwargs`); sets `$LYNX_VLLM_PROBE` for the
+    engine's processes. Refuses the V2 model runner (see the module's docstring)."""
+    os.environ[PROBE_ENV] = str(Path(probe).resolve()) if Path(probe).exists() else probe
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    overrides = {**kwargs.pop("hf_overrides", {}), "architectures": [lynx_architecture(model)]}
+    processors = [*kwargs.pop("logits_processors", []), PROCESSOR]
+    return {"model": model, "hf_overrides": overrides, "logits_processors": processors, **kwargs}
+
+
+def serve_command(model: str, probe: str) -> str:
+    """The `vllm serve` command line that serves `model` with LYNX."""
+    overrides = json.dumps({"architectures": [lynx_architecture(model)]})
+    return (f"{PROBE_ENV}={shlex.quote(probe)} VLLM_USE_V2_MODEL_RUNNER=0 vllm serve {shlex.quote(model)} "
+            f"--hf-overrides {shlex.quote(overrides)} --logits-processors {PROCESSOR}")

@@ -1,0 +1,102 @@
+"""The logits processor of the vLLM plug-in (V1 model runner): one `ExitTracker` per LYNX request of the persistent
+batch, fed each step with the request's committed tokens and the scores the model published; it forces the exit cue,
+the greedy answer and the end of sequence by masking every other token."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from lynx_exit.exits.registry import ExitSettingError, MethodContext
+from lynx_exit.models.loading import load_model_facts
+from lynx_exit.vllm.scores import BOARD
+from lynx_exit.vllm.settings import probe_location, request_exit
+from lynx_exit.vllm.tracker import GREEDY, ExitTracker, TrackerFactory
+
+logger = logging.getLogger(__name__)
+_MAX_PARKED = 1024
+_VALIDATION: dict[str, MethodContext] = {}  # the frontend's context per probe (validation reads only the probe)
+
+
+def _refuse(key: str, message: str) -> None:
+    raise ExitSettingError(key, message)
+
+
+class LynxLogitsProcessor(LogitsProcessor):
+    """Select with `--logits-processors lynx_exit.vllm.processor:LynxLogitsProcessor` (or `logits_processors=[...]`)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """At admission, in the frontend: a bad `lynx_*` key fails its request alone (HTTP 400)."""
+        location = probe_location()
+        context = _VALIDATION.setdefault(location, MethodContext(probe=location))
+        settings = request_exit(sampling_params.extra_args, context)
+        if settings is None:
+            return
+        if sampling_params.ignore_eos:
+            _refuse("ignore_eos", "a LYNX request ends its forced answer with end of sequence: drop ignore_eos")
+        if sampling_params.structured_outputs is not None:
+            _refuse("structured_outputs", "LYNX forces its exit cue, which a grammar may forbid: drop structured outputs")
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        model_config = vllm_config.model_config
+        self.factory = TrackerFactory(load_model_facts(model_config.tokenizer or model_config.model), probe_location())
+        self.trackers: dict[int, ExitTracker] = {}
+        self.outputs: dict[int, list[int]] = {}  # the batch row's live list of committed tokens
+        # Trackers of requests that left the batch, by their output list: a preempted request comes back with the same
+        # list and resumes its state (a finished one is forgotten once the list is no longer alive).
+        self.parked: dict[int, tuple[ExitTracker, list[int]]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it forces tokens
+
+    def _new(self, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int]) -> tuple[ExitTracker, list[int]] | None:
+        parked = self.parked.pop(id(output_ids), None)
+        if parked is not None and parked[1] is output_ids:
+            return parked
+        settings = request_exit(params.extra_args, self.factory.context)
+        if settings is None:
+            return None
+        return self.factory.tracker(settings, len(prompt_ids or ())), output_ids
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        entries = {row: (self.trackers[row], self.outputs[row]) for row in self.trackers}
+        if batch_update is not None:
+            for row in batch_update.removed:
+                if row in entries:
+                    self.parked[id(entries[row][1])] = entries[row]
+            while len(self.parked) > _MAX_PARKED:
+                self.parked.pop(next(iter(self.parked)))
+        if process_dict_updates(entries, batch_update, self._new):
+            self.trackers = {row: entry[0] for row, entry in entries.items()}
+            self.outputs = {row: entry[1] for row, entry in entries.items()}
+        BOARD.wanted = bool(self.trackers)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.trackers:
+            return logits
+        step = BOARD.take()
+        rows, tokens = [], []
+        greedy_rows = []
+        for row, tracker in self.trackers.items():
+            if step is None or row >= len(step.positions):
+                continue
+            token = tracker.step(self.outputs[row], step.positions[row], step.scores[row])
+            if token == GREEDY:
+                greedy_rows.append(row)
+            elif token is not None:
+                rows.append(row)
+                tokens.append(token)
+        if greedy_rows:
+            rows += greedy_rows
+            tokens += logits[greedy_rows].argmax(dim=-1).tolist()
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = float("-inf")
+            logits[index, torch.tensor(tokens, device=logits.device)] = 0.0
+        return logits

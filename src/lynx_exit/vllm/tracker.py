@@ -1,0 +1,128 @@
+"""LYNX for one request of an engine that cannot take back a sampled token (vLLM): the host-side state machine the
+logits processor runs per row. Nothing here imports vLLM.
+
+Each decode step the processor hands the tracker the request's committed tokens, the position its row fed and the
+probe's scores of that token (one per decision point kind, from the model's forward). The tracker reads every token
+once the token after it is committed (that one confirms a cue word's end, as lynx-exit's engine does with its
+look-ahead), with the same detector and the same `LynxPolicy`. On an exit at token j the tokens up to j + 1 stay
+(`exit_prefix="lookahead"`), then the exit cue is forced token by token, then the most likely token until the answer's
+`\\boxed{...}` closes (or `answer_max_tokens`), then end of sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lynx_exit.cues import IncrementalDetokenizer
+from lynx_exit.decision_points import detector_for
+from lynx_exit.engine.request import brace_depth
+from lynx_exit.engine.types import Decision, Step
+from lynx_exit.exits.registry import MethodContext, make_policy
+from lynx_exit.models import LoadedModel
+from lynx_exit.vllm.settings import RequestExit
+
+GREEDY = -1  # what `ExitTracker.step` returns to force the most likely token (the forced answer)
+_NO_FEATURES = torch.empty(0)  # the policy reads the score the model computed; it needs to know there were features
+
+
+@dataclass
+class ExitTracker:
+    """One request's exit state; `step` returns the token to force at this step, GREEDY, or None (sample freely)."""
+
+    policy: object
+    detok: IncrementalDetokenizer
+    detector: object
+    prompt_len: int
+    exit_cue_ids: list[int]
+    eos_ids: set[int]
+    eos_id: int
+    answer_max_tokens: int
+    kinds: tuple[str, ...]  # the order of the scores the model publishes
+    phase: str = "think"  # think -> (answer: the model closed thinking itself) | exit -> done
+    read: int = 0  # generated tokens pushed through the detector (or the detokenizer, after an exit)
+    exit_index: int | None = None
+    exit_point: str | None = None
+    gave_up: bool = False
+    scores: dict[int, Sequence[float]] = field(default_factory=dict)  # generated index -> the probe's scores
+    forced_from: int | None = None  # generated index where the exit cue starts
+    answer_depth: int = 1  # the exit cue opened \boxed{
+    answer_tokens: int = 0
+
+    def step(self, outputs: Sequence[int], position: int, scores: Sequence[float] | None) -> int | None:
+        """`outputs`: the committed generated tokens; `position`: the position of the token this row fed (only the
+        request's newest token, the frontier, is acted on: a prompt chunk's sampled token is discarded)."""
+        m = len(outputs)
+        if self.phase in ("answer", "done") or position != self.prompt_len + m - 1:
+            return None
+        if self.phase == "think":
+            if m >= 1 and scores is not None:
+                self.scores[m - 1] = scores
+            while self.phase == "think" and self.read < m - 1:
+                self._read(outputs[self.read], outputs[self.read + 1])
+            for index in [i for i in self.scores if i < self.read]:
+                del self.scores[index]
+        return self._force(outputs) if self.phase == "exit" else None
+
+    def _read(self, token: int, lookahead_id: int) -> None:
+        """Read generated token `read` with the token after it, as lynx-exit's engine reads a fed token."""
+        index = self.read
+        self.read += 1
+        delta = self.detok.push(token)
+        lookahead = "" if lookahead_id in self.eos_ids else self.detok.peek(lookahead_id)
+        detector = self.detector
+        thinking = detector.thinking  # type: ignore[attr-defined]
+        cue = detector.step(delta, lookahead) if thinking else None  # type: ignore[attr-defined]
+        point = detector.point if thinking else None  # type: ignore[attr-defined]
+        step = Step(request_id=0, index=index, token_id=token, text=delta, phase="think" if thinking else "answer",
+                    cue=cue, point=point)
+        score = self.scores.pop(index, None)
+        if point is not None and score is not None and point in self.kinds:
+            step.features, step.score = _NO_FEATURES, float(score[self.kinds.index(point)])
+        decision = self.policy.observe(step) if thinking else None  # type: ignore[attr-defined]
+        if decision in (Decision.EXIT, Decision.GIVE_UP):
+            self.phase, self.exit_index, self.exit_point = "exit", index, point
+            self.gave_up = decision is Decision.GIVE_UP
+            self.forced_from = index + 2  # the look-ahead token stays
+        elif thinking and not detector.thinking:  # type: ignore[attr-defined]
+            self.phase = "answer"  # the model closed its thinking: nothing left to do
+
+    def _force(self, outputs: Sequence[int]) -> int:
+        assert self.forced_from is not None
+        start = self.forced_from + len(self.exit_cue_ids)  # generated index of the answer's first token
+        for index in range(self.read, len(outputs)):
+            delta = self.detok.push(outputs[index])
+            if index >= start:
+                self.answer_tokens += 1
+                self.answer_depth = brace_depth(delta, self.answer_depth)
+        self.read = len(outputs)
+        k = len(outputs) - self.forced_from
+        if k < len(self.exit_cue_ids):
+            return self.exit_cue_ids[k]
+        if self.answer_depth == 0 or self.answer_tokens >= self.answer_max_tokens:
+            self.phase = "done"
+            return self.eos_id
+        return GREEDY
+
+
+class TrackerFactory:
+    """Per process: the served model's facts and the probe, checked against each other once; `tracker` builds the
+    exit state of one request."""
+
+    def __init__(self, lm: LoadedModel, probe: str) -> None:
+        self.lm, self.context = lm, MethodContext(lm=lm, probe=probe)
+        self.eos_ids = lm.eos_token_ids
+        eos = lm.tokenizer.eos_token_id
+        self.eos_id = int(eos) if isinstance(eos, int) else min(self.eos_ids)
+        self.exit_cue_ids = lm.exit_cue_ids("boxed")
+
+    def tracker(self, settings: RequestExit, prompt_len: int) -> ExitTracker:
+        policy = make_policy(settings.method, self.context, **dict(settings.options))
+        points = policy.decision_points
+        detector = detector_for(self.lm.profile, points, self.lm.profile.thinking)
+        kinds = policy.bundle.kinds  # type: ignore[attr-defined]
+        return ExitTracker(policy=policy, detok=IncrementalDetokenizer(self.lm.tokenizer), detector=detector,
+                           prompt_len=prompt_len, exit_cue_ids=self.exit_cue_ids, eos_ids=self.eos_ids, eos_id=self.eos_id,
+                           answer_max_tokens=settings.answer_max_tokens, kinds=kinds)
