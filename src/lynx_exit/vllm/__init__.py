@@ -21,9 +21,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from lynx_exit.vllm.settings import PROBE_ENV
+from lynx_exit.vllm.settings import MODEL_ENV, PROBE_ENV
+from lynx_exit.vllm.tracker import ExitReport, exit_marker, read_exit
 
 PROCESSOR = "lynx_exit.vllm.processor:LynxLogitsProcessor"
+_FACTS: dict[str, tuple[int | None, list[int]]] = {}
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -51,14 +53,31 @@ def engine_args(model: str, probe: str, **kwargs: Any) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` that serve `model` with LYNX (and `kwargs`); sets `$LYNX_VLLM_PROBE` for the
     engine's processes. Refuses the V2 model runner (see the module's docstring)."""
     os.environ[PROBE_ENV] = str(Path(probe).resolve()) if Path(probe).exists() else probe
+    os.environ[MODEL_ENV] = str(Path(model).resolve()) if Path(model).exists() else model
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     overrides = {**kwargs.pop("hf_overrides", {}), "architectures": [lynx_architecture(model)]}
     processors = [*kwargs.pop("logits_processors", []), PROCESSOR]
     return {"model": model, "hf_overrides": overrides, "logits_processors": processors, **kwargs}
 
 
+def exit_report(output: Any, model: str | None = None) -> ExitReport:
+    """Whether and where a request exited, from a `vllm.CompletionOutput` (`RequestOutput.outputs[i]`): an exit ends
+    on the model's exit marker, which vLLM reports as `stop_reason`. `model`: the served model (default: the one
+    `engine_args` was given)."""
+    from lynx_exit.models.loading import load_model_facts
+
+    name = model or os.environ.get(MODEL_ENV)
+    if not name:
+        raise ValueError("exit_report needs the served model: pass model= (or call engine_args first)")
+    if name not in _FACTS:
+        facts = load_model_facts(name)
+        _FACTS[name] = (exit_marker(facts), facts.exit_cue_ids("boxed"))
+    marker, exit_cue_ids = _FACTS[name]
+    return read_exit(output.token_ids, output.stop_reason, marker, exit_cue_ids)
+
+
 def serve_command(model: str, probe: str) -> str:
     """The `vllm serve` command line that serves `model` with LYNX."""
     overrides = json.dumps({"architectures": [lynx_architecture(model)]})
-    return (f"{PROBE_ENV}={shlex.quote(probe)} VLLM_USE_V2_MODEL_RUNNER=0 vllm serve {shlex.quote(model)} "
+    return (f"{PROBE_ENV}={shlex.quote(probe)} {MODEL_ENV}={shlex.quote(model)} VLLM_USE_V2_MODEL_RUNNER=0 vllm serve {shlex.quote(model)} "
             f"--hf-overrides {shlex.quote(overrides)} --logits-processors {PROCESSOR}")

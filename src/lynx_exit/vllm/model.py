@@ -18,7 +18,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from lynx_exit.models.loading import load_model_facts
-from lynx_exit.probe import load_probe
+from lynx_exit.probe import Probe, load_probe
 from lynx_exit.probe.sharing import locate_probe
 from lynx_exit.vllm.scores import BOARD
 from lynx_exit.vllm.settings import probe_location
@@ -42,6 +42,8 @@ def _query_ends() -> torch.Tensor | None:
 
 class LynxScoring:
     """Mixed into a vLLM causal LM: loads the probe, asks the decoder for the probe's layers and scores them."""
+
+    _lynx_probe: Probe
 
     def _lynx_setup(self, vllm_config: Any) -> None:
         if getattr(vllm_config, "use_v2_model_runner", False):

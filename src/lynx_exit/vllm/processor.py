@@ -5,6 +5,7 @@ the greedy answer and the end of sequence by masking every other token."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -15,16 +16,25 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from lynx_exit.exits.registry import ExitSettingError, MethodContext
 from lynx_exit.models.loading import load_model_facts
 from lynx_exit.vllm.scores import BOARD
-from lynx_exit.vllm.settings import probe_location, request_exit
-from lynx_exit.vllm.tracker import GREEDY, ExitTracker, TrackerFactory
+from lynx_exit.vllm.settings import MODEL_ENV, probe_location, request_exit
+from lynx_exit.vllm.tracker import GREEDY, ExitTracker, TrackerFactory, exit_marker
 
 logger = logging.getLogger(__name__)
 _MAX_PARKED = 1024
+_MARKER: dict[str, int | None] = {}
 _VALIDATION: dict[str, MethodContext] = {}  # the frontend's context per probe (validation reads only the probe)
 
 
 def _refuse(key: str, message: str) -> None:
     raise ExitSettingError(key, message)
+
+
+def _marker() -> int | None:
+    """The exit marker of the served model (`exit_marker`), read once per process from the engine's model."""
+    if "marker" not in _MARKER:
+        model = os.environ.get(MODEL_ENV)
+        _MARKER["marker"] = exit_marker(load_model_facts(model)) if model else None
+    return _MARKER["marker"]
 
 
 class LynxLogitsProcessor(LogitsProcessor):
@@ -34,7 +44,9 @@ class LynxLogitsProcessor(LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """At admission, in the frontend: a bad `lynx_*` key fails its request alone (HTTP 400)."""
         location = probe_location()
-        context = _VALIDATION.setdefault(location, MethodContext(probe=location))
+        context = _VALIDATION.get(location)
+        if context is None:
+            context = _VALIDATION[location] = MethodContext(probe=location)
         settings = request_exit(sampling_params.extra_args, context)
         if settings is None:
             return
@@ -42,6 +54,10 @@ class LynxLogitsProcessor(LogitsProcessor):
             _refuse("ignore_eos", "a LYNX request ends its forced answer with end of sequence: drop ignore_eos")
         if sampling_params.structured_outputs is not None:
             _refuse("structured_outputs", "LYNX forces its exit cue, which a grammar may forbid: drop structured outputs")
+        marker = _marker()
+        if marker is not None and marker not in (sampling_params.stop_token_ids or []):
+            # An exit ends on the marker; as a stop token vLLM reports it as the finish's stop_reason.
+            sampling_params.stop_token_ids = [*(sampling_params.stop_token_ids or []), marker]
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         model_config = vllm_config.model_config
@@ -62,7 +78,7 @@ class LynxLogitsProcessor(LogitsProcessor):
         settings = request_exit(params.extra_args, self.factory.context)
         if settings is None:
             return None
-        return self.factory.tracker(settings, len(prompt_ids or ())), output_ids
+        return self.factory.tracker(settings, len(prompt_ids or ()), params.stop_token_ids or ()), output_ids
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         entries = {row: (self.trackers[row], self.outputs[row]) for row in self.trackers}

@@ -11,6 +11,7 @@ from typing import Any
 from lynx_exit.exits.registry import METHODS, ExitSettingError, MethodContext, resolve_exit_options
 
 PROBE_ENV = "LYNX_VLLM_PROBE"  # the probe folder (or Hub repo id): every process of the engine reads it
+MODEL_ENV = "LYNX_VLLM_MODEL"  # the served model, for the frontend (it lists the exit marker as a stop token)
 PREFIX = "lynx_"
 DEFAULT_METHOD = "lynx"
 # Knobs of the exit object that are not exit-method settings: how the forced answer ends.
@@ -61,5 +62,6 @@ def request_exit(extra_args: dict[str, Any] | None, context: MethodContext) -> R
         name, options, _ = resolve_exit_options(given, DEFAULT_METHOD, {}, context)
     except ExitSettingError as exc:
         key = PREFIX + exc.param.removeprefix("exit.")
-        raise ExitSettingError(key, str(exc).replace(exc.param, key), exc.code) from None
+        message = str(exc).replace(exc.param, key)
+        raise ExitSettingError(key, message if key in message else f"{key}: {message}", exc.code) from None
     return RequestExit(name, tuple(sorted(options.items())), int(answer_max))

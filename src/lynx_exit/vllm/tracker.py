@@ -6,7 +6,8 @@ probe's scores of that token (one per decision point kind, from the model's forw
 once the token after it is committed (that one confirms a cue word's end, as lynx-exit's engine does with its
 look-ahead), with the same detector and the same `LynxPolicy`. On an exit at token j the tokens up to j + 1 stay
 (`exit_prefix="lookahead"`), then the exit cue is forced token by token, then the most likely token until the answer's
-`\\boxed{...}` closes (or `answer_max_tokens`), then end of sequence.
+`\\boxed{...}` closes (or `answer_max_tokens`), then the exit marker (`exit_marker`), which
+ends the request.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ExitTracker:
     prompt_len: int
     exit_cue_ids: list[int]
     eos_ids: set[int]
-    eos_id: int
+    end_id: int  # what ends an exit's answer: the exit marker (`exit_marker`), or end of sequence
     answer_max_tokens: int
     kinds: tuple[str, ...]  # the order of the scores the model publishes
     phase: str = "think"  # think -> (answer: the model closed thinking itself) | exit -> done
@@ -103,8 +104,26 @@ class ExitTracker:
             return self.exit_cue_ids[k]
         if self.answer_depth == 0 or self.answer_tokens >= self.answer_max_tokens:
             self.phase = "done"
-            return self.eos_id
+            return self.end_id
         return GREEDY
+
+
+def exit_marker(lm: LoadedModel) -> int | None:
+    """The token an exit's forced answer ends with, listed in the request's stop tokens so that vLLM reports it as the
+    finish's `stop_reason`: that is how a caller tells an exit from a natural end. A special token the model has no
+    use for (the pad token when it is not an end of sequence, else the first special token the chat template never
+    writes); None when there is none (the exit then ends with end of sequence and is not reported)."""
+    tokenizer, profile = lm.tokenizer, lm.profile
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    taken = set(lm.eos_token_ids) | {tokenizer.bos_token_id} | set(lm.exit_cue_ids("boxed"))
+    markers = {marker for marker in (profile.think_start, profile.think_end) if marker}
+    candidates = sorted((index, token.content) for index, token in tokenizer.added_tokens_decoder.items() if token.special)
+    pad = tokenizer.pad_token_id
+    candidates.sort(key=lambda item: item[0] != pad)  # the pad token first
+    for index, content in candidates:
+        if index not in taken and content not in markers and content not in template:
+            return int(index)
+    return None
 
 
 class TrackerFactory:
@@ -116,13 +135,37 @@ class TrackerFactory:
         self.eos_ids = lm.eos_token_ids
         eos = lm.tokenizer.eos_token_id
         self.eos_id = int(eos) if isinstance(eos, int) else min(self.eos_ids)
+        self.marker = exit_marker(lm)
         self.exit_cue_ids = lm.exit_cue_ids("boxed")
 
-    def tracker(self, settings: RequestExit, prompt_len: int) -> ExitTracker:
+    def tracker(self, settings: RequestExit, prompt_len: int, stop_ids: Sequence[int] = ()) -> ExitTracker:
+        """`stop_ids`: the request's stop tokens; an exit ends on the marker only where it is one of them."""
         policy = make_policy(settings.method, self.context, **dict(settings.options))
         points = policy.decision_points
         detector = detector_for(self.lm.profile, points, self.lm.profile.thinking)
         kinds = policy.bundle.kinds  # type: ignore[attr-defined]
         return ExitTracker(policy=policy, detok=IncrementalDetokenizer(self.lm.tokenizer), detector=detector,
-                           prompt_len=prompt_len, exit_cue_ids=self.exit_cue_ids, eos_ids=self.eos_ids, eos_id=self.eos_id,
+                           prompt_len=prompt_len, exit_cue_ids=self.exit_cue_ids, eos_ids=self.eos_ids,
+                           end_id=self.marker if self.marker is not None and self.marker in stop_ids else self.eos_id,
                            answer_max_tokens=settings.answer_max_tokens, kinds=kinds)
+
+
+@dataclass(frozen=True)
+class ExitReport:
+    """Whether and where a vLLM request exited, read from its output: `exit_index` is the generated token the
+    decision was taken at (the look-ahead token after it stays, then the exit cue)."""
+
+    exited: bool
+    exit_index: int | None = None
+    answer_token_ids: tuple[int, ...] = ()
+
+
+def read_exit(token_ids: Sequence[int], stop_reason: object, marker: int | None, exit_cue_ids: Sequence[int]) -> ExitReport:
+    """The exit of one finished output (`CompletionOutput.token_ids` and `.stop_reason`)."""
+    if marker is None or stop_reason != marker:
+        return ExitReport(False)
+    ids, cue = list(token_ids), list(exit_cue_ids)
+    for start in range(len(ids) - len(cue), -1, -1):
+        if ids[start : start + len(cue)] == cue:
+            return ExitReport(True, start - 2, tuple(ids[start + len(cue) : -1]))
+    raise ValueError("the output ends on the exit marker but holds no exit cue: not an output of the lynx-exit plug-in")
