@@ -165,7 +165,9 @@ def read_exit(token_ids: Sequence[int], stop_reason: object, marker: int | None,
     if marker is None or stop_reason != marker:
         return ExitReport(False)
     ids, cue = list(token_ids), list(exit_cue_ids)
-    for start in range(len(ids) - len(cue), -1, -1):
+    # The first exit cue is the exit's: it closes the thinking, so none comes before it (a forced answer that rambles
+    # may write another one after it).
+    for start in range(len(ids) - len(cue) + 1):
         if ids[start : start + len(cue)] == cue:
             return ExitReport(True, start - 2, tuple(ids[start + len(cue) : -1]))
     raise ValueError("the output ends on the exit marker but holds no exit cue: not an output of the lynx-exit plug-in")
