@@ -71,8 +71,32 @@ def main() -> None:
     out += serve_table()
     out += faults_table()
     out += ray_table()
+    out += vllm_table()
     out += gpu_table()
     print("\n".join(out))
+
+
+def vllm_table() -> list[str]:
+    path = RESULTS / "vs_vllm.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    work, engine = data["workload"], data["vllm"]
+    out = ["\n### Inside vLLM (`benchmarks/vs_vllm.py`, from `benchmarks/results/vs_vllm.json`)\n",
+           f"vLLM {engine['version']} on the {engine['device']} ({engine['model_runner']}; "
+           f"{'eager' if engine['enforce_eager'] else 'torch.compile'}), the `{work['model']}` model, greedy, "
+           f"{work['new_tokens_per_row']} new tokens per row, {work['statistic']} ({work['reps']} reps). The plug-in "
+           "scores every row at every step with a probe calibrated never to exit. Target: plug-in ≥ 0.95× plain vLLM.\n",
+           "| batch | vLLM tokens/s | vLLM + plug-in | ÷ vLLM | lynx-exit engine | ÷ vLLM | engine + LYNX | ÷ vLLM |",
+           "|---|---|---|---|---|---|---|---|"]
+    rows = {(r["side"], r["batch"]): r for r in data["rows"]}
+    for batch in sorted({r["batch"] for r in data["rows"]}):
+        cells = [f"{rows[('vllm', batch)]['tokens_per_s']}"]
+        for side in ("vllm+lynx-plugin", "lynx-exit", "lynx-exit+lynx"):
+            row = rows[(side, batch)]
+            cells += [f"{row['tokens_per_s']}", f"**{row['vs_vllm']}×**"]
+        out.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return out
 
 
 def front_lines(summary: dict) -> list[str]:

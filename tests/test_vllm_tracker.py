@@ -19,7 +19,9 @@ from lynx_exit.models import load_model
 from lynx_exit.models.loading import REFERENCE_MODELS, load_model_facts
 from lynx_exit.probe import load_probe
 from lynx_exit.probe.build_data import BuildConfig, _kept, _with_lookahead
+from lynx_exit.probe.model import AllKindsScorer
 from lynx_exit.reference import as_task_problems, make_problems
+from lynx_exit.vllm.scores import StepFeatures, score_handles
 from lynx_exit.vllm.settings import request_exit
 from lynx_exit.vllm.tracker import GREEDY, TrackerFactory, exit_marker, read_exit
 
@@ -38,22 +40,25 @@ def factory() -> TrackerFactory:
 
 
 def drive(lm: Any, factory: TrackerFactory, prompt: list[int], extra: dict[str, Any]) -> tuple[list[int], Any]:
-    """A greedy HF decode loop that runs the tracker as the plug-in's processor does: the fed token's scores from this
-    step's forward, a forced token replacing the sampled one."""
+    """A greedy HF decode loop that steps the tracker as the plug-in's processor does: the fed token's features from
+    this step's forward, a point scored when it is read, a forced token replacing the sampled one."""
     settings = request_exit(extra, factory.context)
     assert settings is not None and factory.marker is not None
     tracker = factory.tracker(settings, len(prompt), stop_ids=[factory.marker])
-    layers, kinds = factory.context.shared[f"probe:{PROBE}"][0].spec.layers, tracker.kinds
-    probe = factory.context.shared[f"probe:{PROBE}"][0].probe
+    bundle = factory.context.shared[f"probe:{PROBE}"][0]
+    scorer = AllKindsScorer(bundle.probe)
     outputs: list[int] = []
     past, feed, keyword = None, torch.tensor([prompt]), cache_kwarg(lm.model)
     with torch.inference_mode():
         while len(outputs) < MAX_NEW + 80:
             out = lm.model(input_ids=feed, use_cache=True, output_hidden_states=True, **{keyword: past})
             past = out.past_key_values
-            features = torch.cat([out.hidden_states[layer][0, -1] for layer in layers])[None].float()
-            scores = [float(probe.prob_safe(features, [kind])[0]) for kind in kinds]
-            forced = tracker.step(outputs, len(prompt) + len(outputs) - 1, scores)
+            position = len(prompt) + len(outputs) - 1
+            features = torch.cat([out.hidden_states[layer][0, -1] for layer in bundle.spec.layers])[None].float()
+            handle = tracker.advance(outputs, position, (StepFeatures.of_rows(features, [position]), 0))
+            while handle is not None:
+                handle = tracker.resume(outputs, score_handles([handle], scorer)[0])
+            forced = tracker.force(outputs)
             token = int(out.logits[0, -1].argmax()) if forced in (None, GREEDY) else forced
             outputs.append(token)
             if token in lm.eos_token_ids or token == factory.marker or (tracker.phase == "think" and len(outputs) >= MAX_NEW):
@@ -92,10 +97,11 @@ def test_tracker_acts_only_on_the_frontier_token(factory: TrackerFactory) -> Non
     settings = request_exit({"lynx_delta": 0.2}, factory.context)
     assert settings is not None
     tracker = factory.tracker(settings, prompt_len=10)
-    assert tracker.step([], 5, None) is None and tracker.step([7, 8], 10, [0.9]) is None
-    assert tracker.read == 0 and tracker.scores == {}
-    tracker.step([7, 8], 11, [0.1])
-    assert tracker.read == 1 and 1 in tracker.scores
+    handle = (StepFeatures.of_rows(torch.zeros(1, 4), [0]), 0)
+    assert tracker.advance([], 5, handle) is None and tracker.advance([7, 8], 10, handle) is None
+    assert tracker.read == 0 and tracker.handles == {} and tracker.force([7, 8]) is None
+    tracker.advance([7, 8], 11, handle)
+    assert tracker.read == 1 and 1 in tracker.handles
 
 
 def test_settings_use_the_exit_objects_names_and_checks(factory: TrackerFactory) -> None:
@@ -173,3 +179,12 @@ def test_build_data_labels_the_lookahead_prefix() -> None:
     kept, vectors = _with_lookahead(events, [torch.zeros(1)] * 3, [Result([5, 6, 7, 8, 2]), Result([5, 6, 7])], {2})
     assert [e["token_index"] for e in kept] == [1] and len(vectors) == 1
     assert _kept(events[0], "lookahead") == 3 and _kept(events[0], "point") == 1 and _kept(events[1], "point") == 4
+
+
+def test_all_kinds_scorer_equals_the_probe_per_kind() -> None:
+    probe = load_probe(Path(PROBE)).probe.float()
+    features = torch.randn(9, probe.mean.shape[0] - len(probe.kinds), generator=torch.Generator().manual_seed(3))
+    fused = AllKindsScorer(probe)(features)
+    assert fused.shape == (9, len(probe.kinds))
+    for k, kind in enumerate(probe.kinds):
+        assert torch.allclose(fused[:, k], probe.prob_safe(features, [kind] * 9), atol=1e-6)

@@ -70,6 +70,23 @@ class IncrementalDetokenizer:
             self._read_offset = len(self.token_ids)
         return delta
 
+    def push_many(self, token_ids: list[int]) -> str:
+        """Commit several tokens at once and return the text they add: one decode for all (what their pushes one by
+        one would add in all; the tokens' share of it may differ, which nobody reads)."""
+        if not token_ids:
+            return ""
+        self.token_ids.extend(token_ids)
+        self._peeked = None
+        offsets = (self._prefix_offset, self._read_offset)
+        if self._prefix_text is None or self._prefix_text[0] != offsets:
+            self._prefix_text = (offsets, self._decode(self.token_ids[self._prefix_offset : self._read_offset]))
+        prefix_text = self._prefix_text[1]
+        full_text = self._decode(self.token_ids[self._prefix_offset :])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)  # as a push that adds text
+        return full_text[len(prefix_text) :]
+
     def peek(self, token_id: int) -> str:
         """The delta `push(token_id)` would return, without committing it (cached for that push)."""
         key = (token_id, len(self.token_ids))
@@ -106,10 +123,13 @@ class CueDetector:
         max_cue_chars: int | None = None,
         think_start: str | None = None,
         start: str = "template",
+        cue_words: Sequence[str] | None = None,
     ) -> None:
-        """`max_cue_chars` (the longest cue word) lets each step scan only the last few characters."""
+        """`max_cue_chars` (the longest cue word) lets each step scan only the last few characters; `cue_words` (the
+        words `pattern` was compiled from, if it was) lets a caller skip `step` for text that completes none."""
         if start == "model" and not think_start:
             raise ValueError("start='model' needs the think_start marker the model writes")
+        self.cue_words = tuple(w.strip() for w in cue_words) if cue_words is not None else None
         self.pattern = pattern
         self.think_end = think_end
         self.think_start = think_start
@@ -156,10 +176,27 @@ class CueDetector:
                 found = match.group(0).strip().lower() or match.group(0)
         if self.think_end and marker_at >= 0 and self.think_end in self._tail[-(len(delta) + len(self.think_end)) :]:
             self.thinking = False
+        self._trim()
+        return found
+
+    def completing_chars(self) -> frozenset[str] | None:
+        """Characters one of which any text that completes a cue word or a thinking marker holds (the last character
+        of each, in either case); None when that cannot be told (a cue regex)."""
+        if self.cue_words is None:
+            return None
+        chars = {c for word in self.cue_words for c in (word[-1].lower(), word[-1].upper())}
+        return frozenset(chars | {marker[-1] for marker in (self.think_start, self.think_end) if marker})
+
+    def append(self, text: str) -> None:
+        """Commit text that holds none of `completing_chars` (so completes no cue and no marker): the state `step` would
+        leave, without scanning. The text of a cue word it ends the next `step` still confirms with its look-ahead."""
+        self._tail += text
+        self._trim()
+
+    def _trim(self) -> None:
         if len(self._tail) > 2 * _TAIL_CHARS:  # trim in amortised chunks, not every step
             overflow = len(self._tail) - _TAIL_CHARS
             self._trimmed = self._tail[:overflow]
             self._tail = self._tail[overflow:]
             self._tail_start += overflow
             self._reported_ends = {end for end in self._reported_ends if end > self._tail_start}
-        return found

@@ -105,6 +105,15 @@ class PointDetector(CueDetector):
         self._found: set[tuple[str, int]] = set()  # (kind, absolute end) already reported
         self._quoted_at_tail = False  # inside an open quotation at the tail's first character
 
+    def completing_chars(self) -> frozenset[str] | None:
+        """As the cue detector's, for cue points alone (answers and paragraphs end on too many characters)."""
+        return None if self._beyond_cues else super().completing_chars()
+
+    def append(self, text: str) -> None:
+        if self._beyond_cues:
+            raise RuntimeError("append skips the scan, which answer and paragraph points need")
+        super().append(text)
+
     def step(self, delta: str, lookahead: str = "") -> str | None:
         thinking, tail_start = self.thinking, self._tail_start
         start_of_delta = tail_start + len(self._tail)
@@ -176,4 +185,5 @@ def detector_for(profile: Any, points: Sequence[str], thinking: str, cue_words: 
                          answer_phrase=compile_point_pattern("answer phrase", profile.answer_phrase),
                          step_separator=compile_point_pattern("step separator", profile.step_separator),
                          think_end=profile.think_end, think_start=profile.think_start, start=thinking,
-                         max_cue_chars=None if cue_regex else max(len(w.strip()) for w in cue_words))
+                         max_cue_chars=None if cue_regex else max(len(w.strip()) for w in cue_words),
+                         cue_words=None if cue_regex else cue_words)

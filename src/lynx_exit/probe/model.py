@@ -68,6 +68,34 @@ class Probe(nn.Module):
         return torch.sigmoid(self(self.inputs(features, points)))
 
 
+class AllKindsScorer:
+    """P(safe) of feature rows as each decision point kind the probe knows, in one pass ([n, feature_dim] -> [n, kinds],
+    equal to `Probe.prob_safe` per kind): the standardisation is folded into the first layer, whose share of the
+    features is computed once, and each kind's one-hot input becomes a bias of that layer. For an engine that scores
+    a token before it knows which kind of point the token is (the vLLM plug-in)."""
+
+    def __init__(self, probe: Probe) -> None:
+        first, self.second, self.third = probe.net[0], probe.net[2], probe.net[4]
+        kinds = len(probe.kinds)
+        with torch.no_grad():
+            weight = first.weight / probe.std  # [hidden, inputs]
+            bias = first.bias - weight @ probe.mean
+            features = weight.shape[1] - (kinds if kinds > 1 else 0)
+            self.weight = weight[:, :features].T.contiguous()  # [feature_dim, hidden]
+            self.kind_bias = (bias + weight[:, features:].T if kinds > 1 else bias[None]).contiguous()  # [kinds, hidden]
+
+    def to(self, device: torch.device) -> AllKindsScorer:
+        self.weight, self.kind_bias = self.weight.to(device), self.kind_bias.to(device)
+        self.second.to(device)
+        self.third.to(device)
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu((features.float() @ self.weight)[None] + self.kind_bias[:, None])  # [kinds, n, hidden]
+        return torch.sigmoid(self.third(torch.relu(self.second(hidden)))).squeeze(-1).T
+
+
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve via the rank statistic (ties get average ranks); nan if one class."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)

@@ -1,6 +1,7 @@
-"""The served model with the probe inside its forward: Llama, Qwen2 and Qwen3 classes that take the residual stream
-at the probe's layers through vLLM's auxiliary hidden-state path (the one EAGLE-3 uses) and score the probe on each
-request's newest token, for `lynx_exit.vllm.processor.LynxLogitsProcessor` to read.
+"""The served model with the probe's features taken in its forward: Llama, Qwen2 and Qwen3 classes that take the
+residual stream at the probe's layers through vLLM's auxiliary hidden-state path (the one EAGLE-3 uses) and publish
+each request's newest token's features, which `lynx_exit.vllm.processor.LynxLogitsProcessor` scores with the probe
+once the token turns out to be a decision point.
 
 Layer i < L is the residual stream after block i (vLLM's auxiliary state i, `hidden + residual`), layer L the final
 norm's output: the layers of `output_hidden_states` that lynx-exit's probes are trained on.
@@ -18,7 +19,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from lynx_exit.models.loading import load_model_facts
-from lynx_exit.probe import Probe, load_probe
+from lynx_exit.probe import load_probe
+from lynx_exit.probe.model import AllKindsScorer
 from lynx_exit.probe.sharing import locate_probe
 from lynx_exit.vllm.scores import BOARD
 from lynx_exit.vllm.settings import probe_location
@@ -26,8 +28,9 @@ from lynx_exit.vllm.settings import probe_location
 logger = logging.getLogger(__name__)
 
 
-def _query_ends() -> torch.Tensor | None:
-    """The index of each request's last query token in this forward's flattened batch (None in a dummy run)."""
+def _query_starts() -> torch.Tensor | None:
+    """Where each request's query tokens start in this forward's flattened batch, and where the last ends ([requests
+    + 1]; None in a dummy run)."""
     if not is_forward_context_available():
         return None
     metadata: Any = get_forward_context().attn_metadata
@@ -36,14 +39,14 @@ def _query_ends() -> torch.Tensor | None:
     for each in (metadata or {}).values():
         starts = getattr(each, "query_start_loc", None)
         if starts is not None:
-            return starts[1:] - 1
+            return starts
     return None
 
 
 class LynxScoring:
-    """Mixed into a vLLM causal LM: loads the probe, asks the decoder for the probe's layers and scores them."""
+    """Mixed into a vLLM causal LM: loads the probe, asks the decoder for the probe's layers and publishes them."""
 
-    _lynx_probe: Probe
+    _lynx_scorer: AllKindsScorer
 
     def _lynx_setup(self, vllm_config: Any) -> None:
         if getattr(vllm_config, "use_v2_model_runner", False):
@@ -66,38 +69,37 @@ class LynxScoring:
         self._lynx_aux = aux
         self.model._set_aux_hidden_state_layers(aux)  # type: ignore[attr-defined]
         # Not a submodule: the checkpoint loader would look for its weights in the model's files.
-        object.__setattr__(self, "_lynx_probe", bundle.probe.float().eval())
+        object.__setattr__(self, "_lynx_scorer", AllKindsScorer(bundle.probe.float().eval()))
+        BOARD.scorer = self._lynx_scorer
         self._lynx_kinds = bundle.kinds
         self._lynx_probe_device: torch.device | None = None
+        if bundle.exit_prefix != "lookahead":
+            logger.warning("lynx-exit: probe %s was labelled with the %r exit prefix; the plug-in exits with the look-ahead "
+                           "one (label with build-data --exit-prefix lookahead for its guarantee to hold as calibrated)",
+                           location, bundle.exit_prefix)
         logger.info("lynx-exit: probe %s on layers %s (%s points)", location, list(self._lynx_layers),
                     ", ".join(self._lynx_kinds))
 
-    def _lynx_score(self, hidden: torch.Tensor, aux: list[torch.Tensor], positions: torch.Tensor) -> None:
-        rows = _query_ends()
-        if rows is None or hidden.shape[0] == 0:
+    def _lynx_publish(self, hidden: torch.Tensor, aux: list[torch.Tensor], positions: torch.Tensor) -> None:
+        starts = _query_starts()
+        if starts is None or hidden.shape[0] == 0:
             return
-        rows = rows.clamp(max=hidden.shape[0] - 1)
-        parts = [hidden[rows] if layer == self._lynx_num_layers else aux[self._lynx_aux.index(layer)][rows]
-                 for layer in self._lynx_layers]
-        features = torch.cat(parts, dim=-1).float()
-        if self._lynx_probe_device != features.device:
-            self._lynx_probe.to(features.device)
-            self._lynx_probe_device = features.device
-        kinds = self._lynx_kinds
-        if len(kinds) == 1:
-            scores = self._lynx_probe.prob_safe(features)[:, None]
+        if self._lynx_probe_device != hidden.device:
+            self._lynx_scorer.to(hidden.device)
+            self._lynx_probe_device = hidden.device
+        parts = [hidden if layer == self._lynx_num_layers else aux[self._lynx_aux.index(layer)] for layer in self._lynx_layers]
+        if hidden.shape[0] == starts.shape[0] - 1:  # a decode step: every request fed one token, in order
+            BOARD.publish(parts, None, positions)
         else:
-            n = features.shape[0]
-            points = [kind for kind in kinds for _ in range(n)]
-            scores = self._lynx_probe.prob_safe(features.repeat(len(kinds), 1), points).view(len(kinds), n).T
-        BOARD.publish(scores, positions[rows])
+            rows = starts[1:] - 1  # each request's last query token
+            BOARD.publish(parts, rows, positions[rows])
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
         output = self.model(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # type: ignore[attr-defined]
         hidden, aux = output if isinstance(output, tuple) else (output, [])
         if BOARD.wanted:
-            self._lynx_score(hidden, aux, positions)
+            self._lynx_publish(hidden, aux, positions)
         return hidden
 
 

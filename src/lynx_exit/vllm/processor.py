@@ -15,7 +15,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from lynx_exit.exits.registry import ExitSettingError, MethodContext
 from lynx_exit.models.loading import load_model_facts
-from lynx_exit.vllm.scores import BOARD
+from lynx_exit.vllm.scores import BOARD, Handle, score_handles
 from lynx_exit.vllm.settings import MODEL_ENV, probe_location, request_exit
 from lynx_exit.vllm.tracker import GREEDY, ExitTracker, TrackerFactory, exit_marker
 
@@ -81,11 +81,12 @@ class LynxLogitsProcessor(LogitsProcessor):
         return self.factory.tracker(settings, len(prompt_ids or ()), params.stop_token_ids or ()), output_ids
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:  # the batch did not change (most steps)
+            return
         entries = {row: (self.trackers[row], self.outputs[row]) for row in self.trackers}
-        if batch_update is not None:
-            for row in batch_update.removed:
-                if row in entries:
-                    self.parked[id(entries[row][1])] = entries[row]
+        for row in batch_update.removed:
+            if row in entries:
+                self.parked[id(entries[row][1])] = entries[row]
             while len(self.parked) > _MAX_PARKED:
                 self.parked.pop(next(iter(self.parked)))
         if process_dict_updates(entries, batch_update, self._new):
@@ -97,12 +98,26 @@ class LynxLogitsProcessor(LogitsProcessor):
         if not self.trackers:
             return logits
         step = BOARD.take()
-        rows, tokens = [], []
-        greedy_rows = []
+        waiting: list[tuple[ExitTracker, list[int], Handle]] = []
+        positions = step.positions if step is not None else []
+        outputs_of = self.outputs
         for row, tracker in self.trackers.items():
-            if step is None or row >= len(step.positions):
+            if row >= len(positions):
+                tracker.at_frontier = False
                 continue
-            token = tracker.step(self.outputs[row], step.positions[row], step.scores[row])
+            handle = tracker.advance(outputs_of[row], positions[row], (step, row))  # type: ignore[arg-type]
+            if handle is not None:
+                waiting.append((tracker, outputs_of[row], handle))
+        while waiting:  # the decision points of all rows, scored in one call per step they were fed at
+            assert BOARD.scorer is not None
+            scores = score_handles([handle for _, _, handle in waiting], BOARD.scorer)
+            after = [(tracker, outputs, tracker.resume(outputs, s)) for (tracker, outputs, _), s in zip(waiting, scores, strict=True)]
+            waiting = [(tracker, outputs, handle) for tracker, outputs, handle in after if handle is not None]
+        rows, tokens, greedy_rows = [], [], []
+        for row, tracker in self.trackers.items():
+            if tracker.phase != "exit":
+                continue
+            token = tracker.force(outputs_of[row])
             if token == GREEDY:
                 greedy_rows.append(row)
             elif token is not None:

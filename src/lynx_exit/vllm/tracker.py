@@ -1,10 +1,11 @@
 """LYNX for one request of an engine that cannot take back a sampled token (vLLM): the host-side state machine the
 logits processor runs per row. Nothing here imports vLLM.
 
-Each decode step the processor hands the tracker the request's committed tokens, the position its row fed and the
-probe's scores of that token (one per decision point kind, from the model's forward). The tracker reads every token
-once the token after it is committed (that one confirms a cue word's end, as lynx-exit's engine does with its
-look-ahead), with the same detector and the same `LynxPolicy`. On an exit at token j the tokens up to j + 1 stay
+Each decode step the processor hands the tracker the request's committed tokens, the position its row fed and a
+handle on that token's hidden states (from the model's forward). The tracker reads every token once the token after
+it is committed (that one confirms a cue word's end, as lynx-exit's engine does with its
+look-ahead), with the same detector and the same `LynxPolicy`; a token that is a decision point is scored then, with
+the other rows' points in one call. On an exit at token j the tokens up to j + 1 stay
 (`exit_prefix="lookahead"`), then the exit cue is forced token by token, then the most likely token until the answer's
 `\\boxed{...}` closes (or `answer_max_tokens`), then the exit marker (`exit_marker`), which
 ends the request.
@@ -23,15 +24,17 @@ from lynx_exit.engine.request import brace_depth
 from lynx_exit.engine.types import Decision, Step
 from lynx_exit.exits.registry import MethodContext, make_policy
 from lynx_exit.models import LoadedModel
+from lynx_exit.vllm.scores import Handle
 from lynx_exit.vllm.settings import RequestExit
 
-GREEDY = -1  # what `ExitTracker.step` returns to force the most likely token (the forced answer)
+GREEDY = -1  # what `ExitTracker.force` returns to force the most likely token (the forced answer)
 _NO_FEATURES = torch.empty(0)  # the policy reads the score the model computed; it needs to know there were features
 
 
 @dataclass
 class ExitTracker:
-    """One request's exit state; `step` returns the token to force at this step, GREEDY, or None (sample freely)."""
+    """One request's exit state, stepped in three passes so that the decision points of all rows are scored in one
+    call: `advance`, `resume` (for a point that waited for its score), `force`."""
 
     policy: object
     detok: IncrementalDetokenizer
@@ -47,48 +50,107 @@ class ExitTracker:
     exit_index: int | None = None
     exit_point: str | None = None
     gave_up: bool = False
-    scores: dict[int, Sequence[float]] = field(default_factory=dict)  # generated index -> the probe's scores
+    # Token ids whose text holds none of the detector's completing characters (`CueDetector.completing_chars`): read
+    # in bulk, unscanned, with the next token that may complete something. None: every token is scanned.
+    skippable: Sequence[bool] | None = None
+    pending: list[int] = field(default_factory=list)  # skipped tokens, not yet decoded
+    hot: bool = False  # the last scanned token left a cue word unconfirmed: scan the next one whatever it is
+    handles: dict[int, Handle] = field(default_factory=dict)  # generated index -> the features of the token fed there
+    waiting: Step | None = None  # a decision point read, waiting for its score
+    closes: bool = False  # ... whose token also closed the thinking
+    at_frontier: bool = False  # this step's row fed the request's newest token
     forced_from: int | None = None  # generated index where the exit cue starts
-    answer_depth: int = 1  # the exit cue opened \boxed{
+    answer_depth: int = 1  # the exit cue opened the box
     answer_tokens: int = 0
 
-    def step(self, outputs: Sequence[int], position: int, scores: Sequence[float] | None) -> int | None:
-        """`outputs`: the committed generated tokens; `position`: the position of the token this row fed (only the
-        request's newest token, the frontier, is acted on: a prompt chunk's sampled token is discarded)."""
+    def advance(self, outputs: Sequence[int], position: int, handle: Handle | None) -> Handle | None:
+        """Pass 1 of a step. `outputs`: the committed generated tokens; `position`: the position of the token this row
+        fed (only the request's newest token, the frontier, is acted on: a prompt chunk's sampled token is discarded);
+        `handle`: that token's features. Reads what can be read; returns the features of a decision point that waits
+        for its score (give the score to `resume`), else None."""
         m = len(outputs)
-        if self.phase in ("answer", "done") or position != self.prompt_len + m - 1:
+        self.at_frontier = position == self.prompt_len + m - 1
+        if not self.at_frontier or self.phase != "think":
             return None
-        if self.phase == "think":
-            if m >= 1 and scores is not None:
-                self.scores[m - 1] = scores
-            while self.phase == "think" and self.read < m - 1:
-                self._read(outputs[self.read], outputs[self.read + 1])
-            for index in [i for i in self.scores if i < self.read]:
-                del self.scores[index]
-        return self._force(outputs) if self.phase == "exit" else None
+        handles = self.handles
+        if m >= 1 and handle is not None:
+            handles[m - 1] = handle
+        read, skippable = self.read, self.skippable
+        if read >= m - 2:
+            handles.pop(m - 3, None)  # read already (what a missed step leaves goes in `_read_on`'s sweep)
+        if read == m - 2 and skippable is not None and not self.hot:  # the usual step: one token to read
+            token = outputs[read]
+            if token < len(skippable) and skippable[token]:
+                self.pending.append(token)  # completes no cue and no marker: read with the next one that may
+                self.read = read + 1
+                return None
+        return self._read_on(outputs)
 
-    def _read(self, token: int, lookahead_id: int) -> None:
-        """Read generated token `read` with the token after it, as lynx-exit's engine reads a fed token."""
+    def resume(self, outputs: Sequence[int], scores: Sequence[float]) -> Handle | None:
+        """Pass 2: decide the waiting point with its scores (one per kind), then read on as `advance` does."""
+        step, self.waiting = self.waiting, None
+        assert step is not None and step.point is not None
+        step.features, step.score = _NO_FEATURES, float(scores[self.kinds.index(step.point)])
+        self._decide(step)
+        return self._read_on(outputs)
+
+    def force(self, outputs: Sequence[int]) -> int | None:
+        """Pass 3: the token to force at this step, GREEDY, or None (sample freely)."""
+        return self._force(outputs) if self.at_frontier and self.phase == "exit" else None
+
+    def _read_on(self, outputs: Sequence[int]) -> Handle | None:
+        skippable = self.skippable
+        while self.phase == "think" and self.read < len(outputs) - 1:
+            token = outputs[self.read]
+            if skippable is not None and not self.hot and token < len(skippable) and skippable[token]:
+                self.pending.append(token)  # completes no cue and no marker: read with the next one that may
+                self.read += 1
+                continue
+            if self.pending:
+                self.detector.append(self.detok.push_many(self.pending))  # type: ignore[attr-defined]
+                self.pending = []
+            step = self._detect(token, outputs[self.read + 1])
+            if step is None:
+                continue
+            handle = self.handles.get(step.index)
+            if handle is not None:
+                self.waiting = step
+                return handle
+            self._decide(step)  # no features (the request came back after a preemption): the policy continues
+        if len(self.handles) > 2:
+            for index in [i for i in self.handles if i < self.read]:
+                del self.handles[index]
+        return None
+
+    def _detect(self, token: int, lookahead_id: int) -> Step | None:
+        """Read generated token `read` with the token after it, as lynx-exit's engine reads a fed token; the step if
+        it is a decision point."""
         index = self.read
         self.read += 1
         delta = self.detok.push(token)
         lookahead = "" if lookahead_id in self.eos_ids else self.detok.peek(lookahead_id)
         detector = self.detector
-        thinking = detector.thinking  # type: ignore[attr-defined]
-        cue = detector.step(delta, lookahead) if thinking else None  # type: ignore[attr-defined]
-        point = detector.point if thinking else None  # type: ignore[attr-defined]
-        step = Step(request_id=0, index=index, token_id=token, text=delta, phase="think" if thinking else "answer",
-                    cue=cue, point=point)
-        score = self.scores.pop(index, None)
-        if point is not None and score is not None and point in self.kinds:
-            step.features, step.score = _NO_FEATURES, float(score[self.kinds.index(point)])
-        decision = self.policy.observe(step) if thinking else None  # type: ignore[attr-defined]
+        if not detector.thinking:  # type: ignore[attr-defined]
+            self.phase = "answer"
+            return None
+        cue = detector.step(delta, lookahead)  # type: ignore[attr-defined]
+        self.hot = not delta or not lookahead  # a cue word's end may still be confirmed by the next token's text
+        point = detector.point  # type: ignore[attr-defined]
+        self.closes = not detector.thinking  # type: ignore[attr-defined]
+        if point is None:  # the policy only acts at decision points
+            if self.closes:
+                self.phase = "answer"  # the model closed its thinking: nothing left to do
+            return None
+        return Step(request_id=0, index=index, token_id=token, text=delta, phase="think", cue=cue, point=point)
+
+    def _decide(self, step: Step) -> None:
+        decision = self.policy.observe(step)  # type: ignore[attr-defined]
         if decision in (Decision.EXIT, Decision.GIVE_UP):
-            self.phase, self.exit_index, self.exit_point = "exit", index, point
+            self.phase, self.exit_index, self.exit_point = "exit", step.index, step.point
             self.gave_up = decision is Decision.GIVE_UP
-            self.forced_from = index + 2  # the look-ahead token stays
-        elif thinking and not detector.thinking:  # type: ignore[attr-defined]
-            self.phase = "answer"  # the model closed its thinking: nothing left to do
+            self.forced_from = step.index + 2  # the look-ahead token stays
+        elif self.closes:
+            self.phase = "answer"
 
     def _force(self, outputs: Sequence[int]) -> int:
         assert self.forced_from is not None
@@ -136,7 +198,21 @@ class TrackerFactory:
         eos = lm.tokenizer.eos_token_id
         self.eos_id = int(eos) if isinstance(eos, int) else min(self.eos_ids)
         self.marker = exit_marker(lm)
+        self._skip_tables: dict[frozenset[str], list[bool]] = {}
         self.exit_cue_ids = lm.exit_cue_ids("boxed")
+
+    def _skippable(self, chars: frozenset[str] | None) -> list[bool] | None:
+        if chars is None:
+            return None
+        if chars not in self._skip_tables:
+            tokenizer = self.lm.tokenizer
+            ids = [[i] for i in range(len(tokenizer))]
+            backend = getattr(tokenizer, "_tokenizer", None)
+            pieces = (backend.decode_batch(ids, skip_special_tokens=False) if backend is not None
+                      else [tokenizer.decode(i, skip_special_tokens=False) for i in ids])
+            # A piece that is empty or not whole characters (a byte of a longer one) is always scanned.
+            self._skip_tables[chars] = [bool(p) and "\ufffd" not in p and chars.isdisjoint(p) for p in pieces]
+        return self._skip_tables[chars]
 
     def tracker(self, settings: RequestExit, prompt_len: int, stop_ids: Sequence[int] = ()) -> ExitTracker:
         """`stop_ids`: the request's stop tokens; an exit ends on the marker only where it is one of them."""
@@ -145,6 +221,7 @@ class TrackerFactory:
         detector = detector_for(self.lm.profile, points, self.lm.profile.thinking)
         kinds = policy.bundle.kinds  # type: ignore[attr-defined]
         return ExitTracker(policy=policy, detok=IncrementalDetokenizer(self.lm.tokenizer), detector=detector,
+                           skippable=self._skippable(detector.completing_chars()),
                            prompt_len=prompt_len, exit_cue_ids=self.exit_cue_ids, eos_ids=self.eos_ids,
                            end_id=self.marker if self.marker is not None and self.marker in stop_ids else self.eos_id,
                            answer_max_tokens=settings.answer_max_tokens, kinds=kinds)
