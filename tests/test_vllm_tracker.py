@@ -188,3 +188,22 @@ def test_all_kinds_scorer_equals_the_probe_per_kind() -> None:
     assert fused.shape == (9, len(probe.kinds))
     for k, kind in enumerate(probe.kinds):
         assert torch.allclose(fused[:, k], probe.prob_safe(features, [kind] * 9), atol=1e-6)
+
+
+def test_bulk_reads_equal_token_by_token_reads(factory: TrackerFactory) -> None:
+    """What the pre-filter relies on: a bulk push adds the text the pushes one by one add (multi-byte characters
+    included), and appended text leaves the detector finding the same cues."""
+    from lynx_exit.cues import IncrementalDetokenizer
+
+    tokenizer = factory.lm.tokenizer
+    ids = tokenizer.encode("Tom has 3 apples – “wait”, ça coûte 5 €. Hmm, wait: 7 + 8 = 15.\n", add_special_tokens=False)
+    one, bulk = IncrementalDetokenizer(tokenizer), IncrementalDetokenizer(tokenizer)
+    text_one = "".join(one.push(i) for i in ids)
+    text_bulk = bulk.push_many(ids[:9]) + bulk.push_many(ids[9:20]) + "".join(bulk.push(i) for i in ids[20:])
+    assert text_one == text_bulk == tokenizer.decode(ids)
+    settings = request_exit({"lynx_delta": 0.2}, factory.context)
+    assert settings is not None
+    tracker = factory.tracker(settings, prompt_len=0)
+    chars = tracker.detector.completing_chars()  # type: ignore[attr-defined]
+    assert chars is not None and {"t", "T", "m", "y", ">"} <= chars
+    assert tracker.skippable is not None and not all(tracker.skippable) and any(tracker.skippable)
