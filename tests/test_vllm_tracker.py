@@ -72,7 +72,7 @@ def drive(lm: Any, factory: TrackerFactory, prompt: list[int], extra: dict[str, 
     {"lynx_method": "lynx-trajectory", "lynx_delta": 0.1, "lynx_decision_points": "cue,answer,paragraph"},
 ])
 def test_tracker_in_a_decode_loop_matches_the_engine(reference: Any, factory: TrackerFactory, extra: dict[str, Any]) -> None:
-    prompts = [reference.prompt_ids(p.prompt) for p in as_task_problems(make_problems("test", 6), "test")]
+    prompts = [reference.prompt_ids(p.prompt) for p in as_task_problems(make_problems("test", 4), "test")]
     options = {key.removeprefix("lynx_"): value for key, value in extra.items()}
     method = options.pop("method", "lynx")
     context = MethodContext(lm=reference, probe=PROBE)
@@ -89,7 +89,7 @@ def test_tracker_in_a_decode_loop_matches_the_engine(reference: Any, factory: Tr
             kept = result.token_ids[result.exit_index + 2 :][: len(factory.exit_cue_ids)]
             assert kept == factory.exit_cue_ids  # the cue and its look-ahead stay, then the exit cue
             assert tracker.exit_point == result.exit_point
-    assert exits >= 3
+    assert exits >= 2
 
 
 def test_tracker_acts_only_on_the_frontier_token(factory: TrackerFactory) -> None:
