@@ -22,8 +22,9 @@ from lynx_exit.exits import (
 )
 from lynx_exit.models import FeatureSpec
 from lynx_exit.probe import Probe, ProbeTrainConfig, load_probe, save_probe, write_conformal
-from lynx_exit.probe.build_data import BuildConfig, build_dataset, load_dataset, rollout_seed
+from lynx_exit.probe.build_data import BuildConfig, build_dataset, load_dataset
 from lynx_exit.probe.calibration import calibrate_probe_folder, train_probe_folder
+from lynx_exit.seeding import rollout_seed
 from lynx_exit.tasks import Problem
 
 CONFIG = GenerationConfig(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=40, cue_regex="e", answer_max_tokens=4)

@@ -1,4 +1,4 @@
-"""`lynx-exit serve` against hostile clients: one bad request fails only itself (issue 21's D1-D11).
+"""`lynx-exit serve` against hostile clients: one bad request fails only itself.
 
 Every wait is bounded; servers bind 127.0.0.1 on a free port.
 """
@@ -126,8 +126,8 @@ def metric(base, name, **labels):
     return float(match.group(1)) if match else 0.0
 
 
-# -- D1 and D5: sampling values that once broke the shared step ------------------------------------
-def test_d1_d5_hostile_sampling_values_run_alone_and_victims_keep_their_tokens(url, lm):
+# -- sampling values that once broke the shared step ------------------------------------
+def test_hostile_sampling_values_run_alone_and_victims_keep_their_tokens(url, lm):
     with victims_running(url) as results:
         for top_k in (2**63, 10**30):
             r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "seed": 3, "top_k": top_k})
@@ -139,7 +139,7 @@ def test_d1_d5_hostile_sampling_values_run_alone_and_victims_keep_their_tokens(u
     assert_victims_untouched(lm, results)
 
 
-def test_d1_a_request_that_fails_in_the_engine_fails_alone(url, lm):
+def test_a_request_that_fails_in_the_engine_fails_alone(url, lm):
     """The containment behind validation: a prompt whose prefill fails (here by a test backend, as out-of-memory
     would) is answered 500 engine_error while the requests sharing its steps finish as if it had never come."""
     with victims_running(url) as results:
@@ -152,7 +152,7 @@ def test_d1_a_request_that_fails_in_the_engine_fails_alone(url, lm):
     assert httpx.get(url + "/health", timeout=BOUND_S).json()["status"] == "ok"
 
 
-# -- D2: every exit option parsed, typed and bounded -----------------------------------------------
+# -- every exit option parsed, typed and bounded -----------------------------------------------
 @pytest.mark.parametrize(("exit_body", "param"), [
     ({"method": "dynasor", "interval": 32, "window": [3]}, "exit.window"),
     ({"method": "dynasor", "interval": 32, "window": 1e20}, "exit.window"),
@@ -162,22 +162,22 @@ def test_d1_a_request_that_fails_in_the_engine_fails_alone(url, lm):
     ({"method": "answer-convergence", "agree": 10**30}, "exit.agree"),
     ({"method": "lynx", "delta": 0.2, "mode": {"x": 1}}, "exit.mode"),
 ])
-def test_d2_bad_exit_options_are_a_400_naming_the_option(url, exit_body, param):
+def test_bad_exit_options_are_a_400_naming_the_option(url, exit_body, param):
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "exit": exit_body})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
-def test_d2_the_parsed_option_is_what_the_response_reports(url):
+def test_the_parsed_option_is_what_the_response_reports(url):
     for window in (3, "3"):
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "exit": {"method": "dynasor", "interval": 32, "window": window}}
         r = post(url, "/v1/completions", body)
         assert r.status_code == 200 and r.json()["choices"][0]["exit"]["settings"] == {"interval": 32, "window": 3}
 
 
-# -- D3: the work one request can cause before validation is bounded --------------------------------
-def test_d3_a_body_over_the_limit_is_413_before_it_is_read(url):
+# -- the work one request can cause before validation is bounded --------------------------------
+def test_a_body_over_the_limit_is_413_before_it_is_read(url):
     big = {"model": MODEL, "prompt": "x" * (200 * 1024)}
     r = post(url, "/v1/completions", big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -192,7 +192,7 @@ def test_d3_a_body_over_the_limit_is_413_before_it_is_read(url):
     assert r.status_code == 413
 
 
-def test_d3_text_that_cannot_fit_is_refused_before_the_template_reads_it(url, lm, server, monkeypatch):
+def test_text_that_cannot_fit_is_refused_before_the_template_reads_it(url, lm, server, monkeypatch):
     calls = []
     monkeypatch.setattr(lm, "chat_text", lambda *a, **k: calls.append(a) or "x")
     text = "word " * (512 * server.max_chars_per_position // 5 + 1)
@@ -203,7 +203,7 @@ def test_d3_text_that_cannot_fit_is_refused_before_the_template_reads_it(url, lm
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
-def test_d3_templating_runs_off_the_event_loop(url, lm, monkeypatch):
+def test_templating_runs_off_the_event_loop(url, lm, monkeypatch):
     release, entered = threading.Event(), threading.Event()
     original = lm.chat_text
 
@@ -223,16 +223,16 @@ def test_d3_templating_runs_off_the_event_loop(url, lm, monkeypatch):
         assert pending.result(BOUND_S).status_code == 200
 
 
-# -- D4: strict types ----------------------------------------------------------------------------
+# -- strict types ----------------------------------------------------------------------------
 @pytest.mark.parametrize(("field", "value"), [
     ("max_tokens", "8"), ("max_tokens", True), ("temperature", "0.5"), ("seed", "1"), ("stream", "yes"), ("n", 1.0),
 ])
-def test_d4_no_type_coercion(url, field, value):
+def test_no_type_coercion(url, field, value):
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hi", field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
-# -- D6: gauges after an engine rebuild ----------------------------------------------------------
+# -- gauges after an engine rebuild ----------------------------------------------------------
 class _DecodeFailsOnce(StoreBackend):
     failed = False
 
@@ -243,7 +243,7 @@ class _DecodeFailsOnce(StoreBackend):
         return super().decode(request_ids, token_ids)
 
 
-def test_d6_gauges_describe_the_fresh_engine_after_a_rebuild(lm, probe_dir):
+def test_gauges_describe_the_fresh_engine_after_a_rebuild(lm, probe_dir):
     server = Server(lm, options(probe_dir), engine_factory=lambda: Engine(lm, max_batch_size=8, backend=_DecodeFailsOnce(lm)))
     with serving(server) as base, ThreadPoolExecutor(2) as pool:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 50, "min_tokens": 50}
@@ -253,8 +253,8 @@ def test_d6_gauges_describe_the_fresh_engine_after_a_rebuild(lm, probe_dir):
         assert post(base, "/v1/completions", {**body, "max_tokens": 3, "min_tokens": 0}).status_code == 200
 
 
-# -- D7: a client that leaves during its upload ----------------------------------------------------
-def test_d7_a_disconnect_during_the_upload_is_quiet(url, caplog):
+# -- a client that leaves during its upload ----------------------------------------------------
+def test_a_disconnect_during_the_upload_is_quiet(url, caplog):
     loggers = [logging.getLogger(name) for name in ("uvicorn.error", "lynx_exit")]
     for logger in loggers:
         logger.addHandler(caplog.handler)
@@ -275,8 +275,8 @@ def test_d7_a_disconnect_during_the_upload_is_quiet(url, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 
-# -- D8: an unhandled error in a route ----------------------------------------------------------------
-def test_d8_an_unhandled_error_is_an_openai_500_counted_in_the_metrics(url, server, monkeypatch, caplog):
+# -- an unhandled error in a route ----------------------------------------------------------------
+def test_an_unhandled_error_is_an_openai_500_counted_in_the_metrics(url, server, monkeypatch, caplog):
     def broken(_request):
         raise RuntimeError("bug in planning")
 
@@ -291,7 +291,7 @@ def test_d8_an_unhandled_error_is_an_openai_500_counted_in_the_metrics(url, serv
     assert "bug in planning" in caplog.text and not [rec for rec in caplog.records if rec.exc_info]
 
 
-# -- D9: the param names the field the client sent -----------------------------------------------------
+# -- the param names the field the client sent -----------------------------------------------------
 @pytest.mark.parametrize(("path", "body", "param", "start"), [
     ("/v1/completions", {"model": MODEL, "prompt": ["Hi"] * 41}, "prompt", "the request needs 41 rows (41 prompts"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages.0.content",
@@ -299,14 +299,14 @@ def test_d8_an_unhandled_error_is_an_openai_500_counted_in_the_metrics(url, serv
     ("/v1/completions", {"model": MODEL, "prompt": "Hi", "stop": 5}, "stop", "stop: Input should be a valid string"),
     ("/v1/completions", [1], None, "the body: Input should be an object"),
 ])
-def test_d9_errors_name_the_field_as_sent(url, path, body, param, start):
+def test_errors_name_the_field_as_sent(url, path, body, param, start):
     r = post(url, path, body)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"].startswith(start), r.text
 
 
-# -- D10: nothing open without the key; no paths -------------------------------------------------------
-def test_d10_documentation_is_off_with_a_key_and_no_path_is_shown(lm, probe_dir):
+# -- nothing open without the key; no paths -------------------------------------------------------
+def test_documentation_is_off_with_a_key_and_no_path_is_shown(lm, probe_dir):
     server = Server(lm, options(probe_dir, api_key="sekret"))
     with serving(server) as base:
         for route in ("/docs", "/redoc", "/openapi.json"):
@@ -318,12 +318,12 @@ def test_d10_documentation_is_off_with_a_key_and_no_path_is_shown(lm, probe_dir)
     assert str(probe_dir.parent) not in models.text and "path" not in models.json()["data"][0]["exit"]["probe"]
 
 
-def test_d10_documentation_stays_without_a_key(url):
+def test_documentation_stays_without_a_key(url):
     assert httpx.get(url + "/openapi.json", timeout=BOUND_S).status_code == 200
 
 
-# -- D11: the shutdown timeout ends streams with an error event and [DONE] ------------------------------
-def test_d11_expired_streams_end_with_an_error_event_and_done(lm, probe_dir):
+# -- the shutdown timeout ends streams with an error event and [DONE] ------------------------------
+def test_expired_streams_end_with_an_error_event_and_done(lm, probe_dir):
     server = Server(lm, options(probe_dir))
     with serving(server) as base:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 200, "min_tokens": 200, "stream": True}
@@ -339,7 +339,7 @@ def test_d11_expired_streams_end_with_an_error_event_and_done(lm, probe_dir):
     assert error["code"] == "shutting_down" and "shut down before" in error["message"]
 
 
-def test_d11_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error(tmp_path):
+def test_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error(tmp_path):
     lm = make_tiny_lm(seed=5, dtype=torch.float32, context=4096)
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")

@@ -9,7 +9,6 @@ import pytest
 from test_pipeline import chain  # noqa: F401  (the module fixture: train and cal datasets, a calibrated probe)
 
 from lynx_exit.artifacts import file_sha256
-from lynx_exit.exits.lynx import shared_probe
 from lynx_exit.exits.registry import MethodContext
 from lynx_exit.probe import ProbeTrainConfig, load_probe
 from lynx_exit.probe.build_data import load_dataset
@@ -78,7 +77,7 @@ def test_a_hub_repo_id_is_read_from_the_hub_cache_offline(chain, tiny_lm, offlin
     snapshot = lay_out_hub_cache(offline_cache, "acme/tiny-lynx-probe", files)
     assert locate_probe("acme/tiny-lynx-probe") == snapshot
     assert locate_probe(f"acme/tiny-lynx-probe@{COMMIT}") == snapshot
-    bundle, _ = shared_probe(MethodContext(lm=tiny_lm, probe="acme/tiny-lynx-probe"))
+    bundle, _ = MethodContext(lm=tiny_lm, probe="acme/tiny-lynx-probe").loaded_probe()
     local = load_probe(root / "probe")
     assert bundle.event_thresholds == local.event_thresholds and bundle.spec == local.spec
 

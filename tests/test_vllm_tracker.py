@@ -45,7 +45,7 @@ def drive(lm: Any, factory: TrackerFactory, prompt: list[int], extra: dict[str, 
     settings = request_exit(extra, factory.context)
     assert settings is not None and factory.marker is not None
     tracker = factory.tracker(settings, len(prompt), stop_ids=[factory.marker])
-    bundle = factory.context.shared[f"probe:{PROBE}"][0]
+    bundle = factory.context.loaded_probe()[0]
     scorer = AllKindsScorer(bundle.probe)
     outputs: list[int] = []
     past, feed, keyword = None, torch.tensor([prompt]), cache_kwarg(lm.model)

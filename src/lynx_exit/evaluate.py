@@ -13,10 +13,9 @@ from typing import Any
 from lynx_exit.artifacts import FolderLock, append_jsonl, read_appended_jsonl
 from lynx_exit.engine import DecodeLoop, GenerationConfig
 from lynx_exit.exits import MethodContext, MethodSetting, make_policy
-from lynx_exit.exits.lynx import shared_probe
 from lynx_exit.exits.registry import get_method
 from lynx_exit.models import LoadedModel
-from lynx_exit.probe.build_data import rollout_seed
+from lynx_exit.seeding import rollout_seed
 from lynx_exit.tasks import Problem
 
 RECORD_KEYS = ("method", "setting", "knob", "problem_id", "rollout", "correct", "generated_tokens", "trial_tokens",
@@ -73,7 +72,7 @@ ShardRunner = Callable[[list[tuple[MethodSetting, list[Job]]], GenerationConfig,
 def check_settings(context: MethodContext, settings: Sequence[MethodSetting]) -> None:
     """Load the probe and build every setting once: a bad setting or artifact fails before any rollout."""
     if context.probe is not None:
-        shared_probe(context)
+        context.loaded_probe()
     for setting in settings:
         make_policy(setting.method, context, **dict(setting.options))
 

@@ -105,7 +105,7 @@ def run_warmup(
     from tqdm import tqdm
 
     from lynx_exit.engine import DecodeLoop
-    from lynx_exit.probe.build_data import rollout_seed
+    from lynx_exit.seeding import rollout_seed
 
     if not problems:
         raise ValueError("the deepconf warm-up needs at least one problem")

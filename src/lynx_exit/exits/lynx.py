@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from lynx_exit.decision_points import DEFAULT_POINTS, exit_prefix_value, parse_points
 from lynx_exit.engine.types import Decision, Scorer, Step
 from lynx_exit.exits.registry import (
@@ -26,21 +24,10 @@ from lynx_exit.exits.registry import (
     register,
 )
 from lynx_exit.models import FeatureSpec
-from lynx_exit.probe import Probe, ProbeBundle, load_probe
+from lynx_exit.probe import ProbeBundle, ProbeScorer
 from lynx_exit.probe.conformal import EventThreshold, GiveUpThreshold, TrajectoryThreshold
-from lynx_exit.probe.sharing import locate_probe
 
 MODES = ("event", "trajectory", "harm")
-
-
-@dataclass(eq=False)
-class ProbeScorer:
-    """P(safe) of many feature rows in one call; one per loaded probe, shared by its policies."""
-
-    probe: Probe
-
-    def __call__(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
-        return self.probe.prob_safe(features, points)
 
 
 @dataclass
@@ -115,21 +102,6 @@ class LynxPolicy(BasePolicy):
         return Decision.CONTINUE
 
 
-def shared_probe(context: MethodContext) -> tuple[ProbeBundle, ProbeScorer]:
-    """The context's probe, loaded once, checked against the model and moved to its device."""
-    if context.probe is None:
-        raise ValueError("the LYNX methods need a probe (--probe DIR or a Hub repo id OWNER/NAME)")
-    key = f"probe:{context.probe}"
-    if key not in context.shared:
-        bundle = load_probe(locate_probe(context.probe))
-        if context.lm is not None:
-            # Any task's probe is accepted if it lives in this model's feature space at *its own* layers.
-            bundle.spec.check_compatible(context.lm.feature_spec(bundle.spec.layers), what=f"probe {context.probe!r}")
-            bundle.probe.to(context.lm.device)
-        context.shared[key] = (bundle, ProbeScorer(bundle.probe))
-    return context.shared[key]
-
-
 def _delta(text: str) -> dict[str, Any]:
     value = float(text)
     if not (math.isfinite(value) and 0 < value < 1):
@@ -150,7 +122,7 @@ def give_up_delta_value(value: Any) -> float:
 
 
 def _build(context: MethodContext, options: dict[str, Any]) -> LynxPolicy:
-    bundle, scorer = shared_probe(context)
+    bundle, scorer = context.loaded_probe()
     mode = options.get("mode", "event")
     if mode not in MODES:
         raise ValueError(f"lynx mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -130,6 +130,23 @@ class MethodContext:
             raise ValueError(f"exit method {method!r} needs the model to build itself")
         return self.lm
 
+    def loaded_probe(self) -> tuple[Any, Any]:
+        """The context's probe as (`ProbeBundle`, `ProbeScorer`): loaded once, checked against the model (any task's
+        probe is accepted if it lives in this model's feature space at its own layers) and moved to its device."""
+        from lynx_exit.probe import ProbeScorer, load_probe
+        from lynx_exit.probe.sharing import locate_probe
+
+        if self.probe is None:
+            raise ValueError("the LYNX methods need a probe (--probe DIR or a Hub repo id OWNER/NAME)")
+        key = f"probe:{self.probe}"
+        if key not in self.shared:
+            bundle = load_probe(locate_probe(self.probe))
+            if self.lm is not None:
+                bundle.spec.check_compatible(self.lm.feature_spec(bundle.spec.layers), what=f"probe {self.probe!r}")
+                bundle.probe.to(self.lm.device)
+            self.shared[key] = (bundle, ProbeScorer(bundle.probe))
+        return self.shared[key]  # type: ignore[no-any-return]
+
 
 class ExitSettingError(ValueError):
     """A bad exit setting; `param` names the field (`exit.method`, `exit.delta`, ...) and `code` the kind."""

@@ -41,9 +41,10 @@ from lynx_exit.probe.dataset import (
     read_meta,
     summarize_dataset,
 )
+from lynx_exit.seeding import rollout_seed
 from lynx_exit.tasks import Problem
 
-__all__ = ["BuildConfig", "ChunkResult", "Dataset", "build_dataset", "compute_chunk", "load_dataset", "rollout_seed"]
+__all__ = ["BuildConfig", "ChunkResult", "Dataset", "build_dataset", "compute_chunk", "load_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,6 @@ class BuildConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.skip_first_events < 0:
             raise ValueError(f"skip_first_events must be >= 0, got {self.skip_first_events}")
-
-
-def rollout_seed(base_seed: int, problem_index: int, rollout: int, rollouts_per_problem: int) -> int:
-    """Seed of one rollout, independent of how rollouts are batched."""
-    return base_seed * 1_000_003 + problem_index * rollouts_per_problem + rollout
 
 
 def _select(indices: list[int], config: BuildConfig) -> list[int]:

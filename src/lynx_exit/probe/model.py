@@ -68,6 +68,16 @@ class Probe(nn.Module):
         return torch.sigmoid(self(self.inputs(features, points)))
 
 
+@dataclass(eq=False)
+class ProbeScorer:
+    """P(safe) of many feature rows in one call (the engine's `Scorer`); one per loaded probe, shared by its policies."""
+
+    probe: Probe
+
+    def __call__(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
+        return self.probe.prob_safe(features, points)
+
+
 class AllKindsScorer:
     """P(safe) of feature rows as each decision point kind the probe knows, in one pass ([n, feature_dim] -> [n, kinds],
     equal to `Probe.prob_safe` per kind): the standardisation is folded into the first layer, whose share of the
@@ -76,6 +86,7 @@ class AllKindsScorer:
 
     def __init__(self, probe: Probe) -> None:
         first, self.second, self.third = probe.net[0], probe.net[2], probe.net[4]
+        assert isinstance(first, nn.Linear)
         kinds = len(probe.kinds)
         with torch.no_grad():
             weight = first.weight / probe.std  # [hidden, inputs]

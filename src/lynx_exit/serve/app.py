@@ -26,7 +26,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lynx_exit.exits import method_names
-from lynx_exit.exits.lynx import shared_probe
 from lynx_exit.serve.generation import Generation
 from lynx_exit.serve.planning import RequestPlan
 from lynx_exit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
@@ -151,7 +150,7 @@ async def _page(page: str) -> Response:
 async def _models(server: Server) -> Response:
     bundle_info: dict[str, Any] = {}
     if server.options.probe is not None:
-        bundle, _ = shared_probe(server.methods)
+        bundle, _ = server.methods.loaded_probe()
         bundle_info = {
             "name": server.options.probe_label or Path(server.options.probe).name,
             "calibrated_deltas": {mode: sorted({t.delta for t in getattr(bundle, f"{mode}_thresholds")})
