@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lynx_exit.artifacts import read_appended_jsonl, write_atomic, write_json_atomic
-from lynx_exit.eval_report import pareto_plot
-from lynx_exit.evaluate import RECORD_KEYS, TIMING_KEYS, summarize
+from lynx_exit.evaluate import RECORD_KEYS, TIMING_KEYS, pareto_plot, summarize
 
 
 def _slice(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:

@@ -3,8 +3,7 @@ import json
 import pytest
 
 from lynx_exit.engine import DecodeLoop, ForcedAnswer, GenerationConfig, Step
-from lynx_exit.eval_report import write_report
-from lynx_exit.evaluate import run_eval, summarize, wilson_interval
+from lynx_exit.evaluate import run_eval, summarize, wilson_interval, write_report
 from lynx_exit.exits import (
     Decision,
     DeerPolicy,
@@ -128,7 +127,7 @@ def test_eval_is_paired_resumable_and_reports(tiny_lm, tmp_path):
 
 
 def test_pareto_plot_draws_settings_at_0_and_100_percent(tmp_path):
-    from lynx_exit.eval_report import pareto_plot
+    from lynx_exit.evaluate import pareto_plot
 
     records = [_record(s, f"p{i}", s != "deer@0.9", 10) for s in ("never", "lynx@0.1", "deer@0.9") for i in range(6)]  # 6/6: the interval end rounds below 100 %
     pareto_plot(summarize(records, ["never", "lynx@0.1", "deer@0.9"]), tmp_path / "p.png", lynx_mode="harm")

@@ -146,8 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_one(args: argparse.Namespace, task: str, problems: list[Any], out: Path, settings: Any, probe_folder: str | None,
               lm: Any = None, runner: Any = None) -> None:
-    from lynx_exit.eval_report import markdown_table, write_report
-    from lynx_exit.evaluate import run_eval
+    from lynx_exit.evaluate import markdown_table, run_eval, write_report
 
     assistant, assist = assist_from_args(args, lm) if lm is not None else (None, None)
     summary = run_eval(lm, problems, settings, generation_config(args), out, rollouts=args.rollouts,

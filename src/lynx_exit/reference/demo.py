@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lynx_exit.engine import GenerationConfig
-from lynx_exit.eval_report import markdown_table, write_report
-from lynx_exit.evaluate import run_eval
+from lynx_exit.evaluate import markdown_table, run_eval, write_report
 from lynx_exit.exits import parse_methods
 from lynx_exit.models import load_model
 from lynx_exit.probe import ProbeTrainConfig, load_probe
