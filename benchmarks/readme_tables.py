@@ -12,7 +12,55 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {  # file -> (start marker, end marker, what goes between)
+    "docs/results.md": ("<!-- tables:start -->", "<!-- tables:end -->", lambda: results_tables()),
+    "README.md": ("<!-- headline:start -->", "<!-- headline:end -->", lambda: headline_table()),
+}
+HEADLINE = ("never", "token-budget@200", "deer@0.99", "nowait", "first-answer", "lynx@0.1", "lynx-trajectory@0.05",
+            "lynx-harm@0.02", "lynx-harm[cue+answer, give-up 0.05]@0.02")
+
+
 def main() -> None:
+    """Write every generated table into its file (between its markers); `--check`: exit 1 where a file is stale."""
+    import sys
+
+    check = "--check" in sys.argv[1:]
+    stale = []
+    for name, (start, end, make) in TARGETS.items():
+        path = ROOT / name
+        text = path.read_text(encoding="utf-8")
+        head, rest = text.split(start + "\n", 1)
+        _, tail = rest.split(end, 1)
+        new = f"{head}{start}\n{make().strip()}\n{end}{tail}"
+        if new != text:
+            stale.append(name)
+            if not check:
+                path.write_text(new, encoding="utf-8")
+    if check and stale:
+        print(f"stale: {', '.join(stale)}; run python benchmarks/readme_tables.py")
+        raise SystemExit(1)
+
+
+def headline_table() -> str:
+    """The README's one table: a few settings of the three-slice reference evaluation."""
+    summary = json.loads((RESULTS / "eval_reference" / "summary.json").read_text())
+    rows = {row["setting"]: row for row in summary["settings"]}
+    out = [f"{summary['n_records'] // len(summary['settings'])} rollouts per setting (three slices of the held-out "
+           "split, paired seeds) on the shipped reference model; every setting and the plot: "
+           "[docs/results.md](docs/results.md).\n",
+           "| setting | accuracy (95 % CI) | tokens saved | on the Pareto front |", "|---|---|---|---|"]
+    for name in HEADLINE:
+        row = rows[name]
+        low, high = row["accuracy_ci95"]
+        beaten = row.get("dominated_by") or []
+        front = "**yes**" if not beaten else f"no (beaten by {len(beaten)}, e.g. `{beaten[0]}`)"
+        out.append(f"| `{name}` | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | "
+                   f"{row['tokens_saved_pct']:.1f} % | {front} |")
+    return "\n".join(out)
+
+
+def results_tables() -> str:
     out = []
     out += behaviour_table()
     for name, title in (("demo", "`lynx-exit demo`"), ("eval_reference", "`benchmarks/eval_reference.sh`")):
@@ -73,7 +121,7 @@ def main() -> None:
     out += ray_table()
     out += vllm_table()
     out += gpu_table()
-    print("\n".join(out))
+    return "\n".join(out).replace("](benchmarks/", "](../benchmarks/")
 
 
 def vllm_table() -> list[str]:

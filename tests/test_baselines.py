@@ -235,7 +235,7 @@ def test_readme_methods_table_lists_every_registered_method_with_its_flags():
 
     from lynx_exit.exits import METHODS
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[1] / "docs" / "how-it-works.md").read_text(encoding="utf-8")
     table = readme.split("<!-- methods:start -->", 1)[1].split("<!-- methods:end -->", 1)[0]
     for name, method in METHODS.items():
         row = next((line for line in table.splitlines() if f"`{name}`" in line), None)

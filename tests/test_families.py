@@ -209,7 +209,7 @@ def test_readme_family_table_is_the_output_of_lynx_exit_profiles(capsys):
 
     assert main(["profiles"]) == 0
     printed = capsys.readouterr().out
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[1] / "docs" / "families.md").read_text(encoding="utf-8")
     table = readme.split("<!-- profiles:start -->\n", 1)[1].split("<!-- profiles:end -->", 1)[0]
     assert table and printed.startswith(table)
     assert all(f"| {name} |" in table for name in FAMILY_FAMILIES)

@@ -20,7 +20,7 @@ import pytest
 from lynx_exit.cli import build_parser, main
 from lynx_exit.tasks import MATH_SUBJECTS, TASKS, TaskDataError, load_task, task_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "tasks.md"
 CHOICES = {"label": ["A", "B", "C", "D", "E"], "text": ["bank", "park", "shop", "home", "school"]}
 
 # A few rows per Hub task, in the dataset's own column names, and the (question start, gold) each must give.
