@@ -283,7 +283,7 @@ def behaviour_table() -> list[str]:
            "`benchmarks/results/reference_model.json`)\n",
            f"{data['models'][0]['problems']} held-out problems, T={data['temperature']}, top-p {data['top_p']}, "
            f"{data['max_new_tokens']} new tokens. The last column gives the band the literature puts a 1.5B distilled "
-           "reasoner in (TRACE_STATISTICS notes; FTM = arXiv 2510.08308, DEER = arXiv 2504.15895).\n"]
+           "reasoner in (FTM = arXiv 2510.08308, DEER = arXiv 2504.15895).\n"]
     rows = [("accuracy (full chain of thought)", "accuracy", "{:.1%}"),
             ("first stated answer, fraction of thinking tokens", "first_answer_position", "{:.2f}"),
             ("finished traces whose final answer differs from the first", "final_differs_from_first", "{:.1%}"),

@@ -5,7 +5,7 @@ accuracy, thinking length by difficulty, where the first stated answer ("So the 
 in the thinking tokens, how often the final answer differs from the first (and in which direction),
 runaways (no end of thinking within the budget; with or without a candidate before the loop), cue
 words before and after the first stated answer, and the accuracy of exiting at the first stated
-answer (the answer it states). Targets from the literature (TRACE_STATISTICS notes) are written beside.
+answer (the answer it states). Targets from the literature (the papers named in the table) are written beside.
 Writes benchmarks/results/reference_model.json.
 
 Usage: python benchmarks/reference_model.py [--models reference,reference-large] [--problems 300]

@@ -1,4 +1,4 @@
-"""Cue detection while streaming: which generated token completes a cue word (LYNX spec §1)."""
+"""Cue detection while streaming: which generated token completes a cue word (how-it-works §1)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ class IncrementalDetokenizer:
 
 
 class CueDetector:
-    """Streaming cue detector for one sequence (LYNX spec §1, whole-word and incremental).
+    """Streaming cue detector for one sequence (how-it-works §1, whole-word and incremental).
 
     `step(delta, lookahead)` commits the text of the token just fed to the model and
     returns the cue word that token completes, if any. `lookahead` is the text of the

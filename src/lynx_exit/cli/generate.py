@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         problem = problems[0]
         prompt_text = problem.prompt
     elif args.prompt:
-        # The reasoning instruction every task uses (spec §3); it also asks for the \boxed{} answer an exit needs.
+        # The reasoning instruction every task uses (how-it-works §3); it also asks for the \boxed{} answer an exit needs.
         prompt_text = args.prompt if args.no_suffix else args.prompt + REASONING_SUFFIX
     else:
         raise ValueError("give a prompt or --task NAME [--index I]")

@@ -7,7 +7,7 @@ and the server all drive this engine (`DecodeLoop` is the batch-job wrapper).
 
 The parts, as in nano-vllm: `scheduler` (waiting and running requests, admission, preemption, the prefill
 budget), `runner` (backend passes and the sampler, with one way to contain a fault), `postprocess` (what a sampled
-token does to its request; exits per LYNX spec §6), `forks` (forced answers and trial decodes), and a plug-in with
+token does to its request; exits per how-it-works §6), `forks` (forced answers and trial decodes), and a plug-in with
 named hooks (`plugin`; Speculative Thinking in `speculative`).
 """
 
@@ -187,7 +187,7 @@ class Engine:
 
     def forced_answers(self, items: Sequence[tuple[int, int]], exit_cue_ids: Sequence[int], max_answer_tokens: int
                        ) -> list[ForcedAnswer]:
-        """Batched forced exits (spec §3): item i continues request `items[i][0]` from its first
+        """Batched forced exits (how-it-works §3): item i continues request `items[i][0]` from its first
         `items[i][1]` generated tokens with the exit cue and a greedy answer; requests are untouched."""
         prefix = [(request_id, len(self.scheduler.get(request_id).prompt_ids) + kept) for request_id, kept in items]
         return self.forks.fork(prefix, list(exit_cue_ids), max_answer_tokens)

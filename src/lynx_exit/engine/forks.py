@@ -1,4 +1,4 @@
-"""Forks of running requests: forced answers (spec §3: the prefix, the exit cue, a greedy answer) and the trial
+"""Forks of running requests: forced answers (how-it-works §3: the prefix, the exit cue, a greedy answer) and the trial
 decodes exit methods ask for, from the request's own cache, leaving the request untouched."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lynx_exit.tasks.grading import extract_boxed
 
 
 def trial_prefix(request: Request, drop_current: bool) -> int:
-    """Tokens a trial from this step keeps: prompt and generated ones, less a cue token (spec §3)."""
+    """Tokens a trial from this step keeps: prompt and generated ones, less a cue token (how-it-works §3)."""
     return len(request.prompt_ids) + len(request.kept_ids) - (1 if drop_current else 0)
 
 

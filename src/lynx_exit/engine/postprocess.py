@@ -4,7 +4,7 @@
 decision, an exit) and queues each request's next input or finishes it. It works on any rows, one included: a
 plug-in that commits tokens later (a Speculative Thinking look-ahead) calls it row by row with the features it kept.
 
-Exits follow LYNX spec §6: at an exit the cue token is dropped from the request (forgotten by the cache), the exit
+Exits follow how-it-works §6: at an exit the cue token is dropped from the request (forgotten by the cache), the exit
 cue is fed through the same cache, and the answer is decoded greedily until its `\\boxed{...}` closes.
 """
 
@@ -135,7 +135,7 @@ class Postprocessor:
         (the look-ahead exit prefix: the token sampled after the point stays, then the exit cue)."""
         step.exit, step.gave_up = True, gave_up
         request.exit_index, request.exit_point, request.gave_up = step.index, step.point, gave_up
-        if step.point == "cue" and keep is None:  # spec §3: the prefix ends before the cue token
+        if step.point == "cue" and keep is None:  # how-it-works §3: the prefix ends before the cue token
             request.kept_ids.pop()
             self.backend.truncate(request.request_id, len(request.prompt_ids) + len(request.kept_ids))
             request.text = request.text[: len(request.text) - len(step.text)]

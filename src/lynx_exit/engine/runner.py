@@ -96,7 +96,7 @@ class Runner:
 
     # -- sampling ------------------------------------------------------------------------------------
     def ban_tokens(self, logits: torch.Tensor, batch: list[Request], pending: Callable[[Request], int]) -> None:
-        """min_new_tokens and policies' banned tokens (NoWait-style logit bias, spec §9), one call. `pending`: tokens
+        """min_new_tokens and policies' banned tokens (NoWait-style logit bias, how-it-works §9), one call. `pending`: tokens
         a row has written that are not kept yet (a look-ahead)."""
         rows: list[int] = []
         token_ids: list[int] = []

@@ -41,7 +41,7 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-# What each LYNX method guarantees at its δ (spec §5); the plot names it in the legend.
+# What each LYNX method guarantees at its δ (how-it-works §5); the plot names it in the legend.
 GUARANTEES = {
     "event": "P(exit | unsafe point) ≤ δ per kind",
     "trajectory": "P(premature exit) ≤ δ",

@@ -1,4 +1,4 @@
-"""Baseline exit methods (spec §9), siblings of LYNX behind the ExitPolicy protocol.
+"""Baseline exit methods (how-it-works §9), siblings of LYNX behind the ExitPolicy protocol.
 
 Methods that need a trial decode say so in `trial_at`; the engine decodes the trials of all rows
 of a step in one batched fork (from the same KV cache, leaving the main generation untouched) and

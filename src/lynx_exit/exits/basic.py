@@ -1,4 +1,4 @@
-"""Full chain of thought and the token budget (spec §9)."""
+"""Full chain of thought and the token budget (how-it-works §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The LYNX exit policy (spec §6): a probe scores the hidden state at each decision point; a conformal rule decides.
+"""The LYNX exit policy (how-it-works §6): a probe scores the hidden state at each decision point; a conformal rule decides.
 
 Decision points are cue words by default (the paper's); a request may enable stated answers and paragraph ends too
 (`decision_points`), each scored by the probe as its own kind. The event mode applies the threshold calibrated for

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 ThinkingStart = Literal["template", "model", "off"]
 
-# The answer phrase after the thinking block is closed (LYNX spec §3). Right after a thinking
+# The answer phrase after the thinking block is closed (how-it-works §3). Right after a thinking
 # marker it keeps its leading space, exactly as the paper's cue; after a channel header or a
 # newline it starts the line.
 EXIT_CUE_PHRASES: dict[str, str] = {
@@ -34,7 +34,7 @@ EXIT_CUE_PHRASES: dict[str, str] = {
     "answer_tag": "<answer> The final answer is \\boxed{",
 }
 
-# The official code's layer choices (spec §2), keyed by facts of the architecture:
+# The official code's layer choices (how-it-works §2), keyed by facts of the architecture:
 # (model_type, num_hidden_layers, hidden_size) → output_hidden_states indices.
 KNOWN_LAYERS: dict[tuple[str, int, int], tuple[int, ...]] = {
     ("qwen2", 64, 5120): (16, 32, 48, 64),  # QwQ-32B, R1-Distill-Qwen-32B

@@ -42,7 +42,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Identifies the feature space a dataset or probe lives in (LYNX spec §2)."""
+    """Identifies the feature space a dataset or probe lives in (how-it-works §2)."""
 
     model_id: str
     layers: tuple[int, ...]

@@ -85,7 +85,7 @@ def tap_forward(module: nn.Module, sink: Callable[[Any], None]) -> Callable[[], 
 class HiddenStateCapture:
     """Taps on the decoder's forward passes that keep the hidden states at the chosen layers.
 
-    Index convention of `output_hidden_states` (spec §2): 0 = embeddings, i = output of
+    Index convention of `output_hidden_states` (how-it-works §2): 0 = embeddings, i = output of
     block i, num_layers = after the final norm. Reads the forward pass the loop runs anyway.
     """
 

@@ -1,4 +1,4 @@
-"""Probe training and conformal calibration of a probe folder (LYNX spec §4-§5), from build-data folders."""
+"""Probe training and conformal calibration of a probe folder (how-it-works §4-§5), from build-data folders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Split conformal calibration of exit thresholds (LYNX spec §5): per-event and per-trajectory, and give-up.
+"""Split conformal calibration of exit thresholds (how-it-works §5): per-event and per-trajectory, and give-up.
 
 Per-event thresholds are computed per decision point kind (group-conditional conformal: the guarantee holds for
 each kind). Per-trajectory thresholds calibrate the combined stopping rule, the first crossing over all enabled

@@ -1,4 +1,4 @@
-"""The LYNX probe (spec §4): standardisation → MLP(256, 64, ReLU) → P(safe to exit), in torch.
+"""The LYNX probe (how-it-works §4): standardisation → MLP(256, 64, ReLU) → P(safe to exit), in torch.
 
 A probe trained on several kinds of decision point sees the kind as an input (a one-hot after the hidden states)
 and refuses a kind it never saw. Saved as safetensors (weights + scaler) and JSON metadata; no pickle anywhere.

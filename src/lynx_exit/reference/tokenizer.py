@@ -1,6 +1,6 @@
 """A byte-level BPE tokenizer with thinking markers, for the reference model and test models.
 
-Byte-level pieces mean any text encodes (spec: the reference model must accept any prompt).
+Byte-level pieces mean any text encodes (the reference model must accept any prompt).
 """
 
 from __future__ import annotations

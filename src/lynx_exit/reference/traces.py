@@ -51,7 +51,7 @@ def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0
 
 
 # -- the calibrated generator ------------------------------------------------------------------------------
-# Sources (full tables in the project's TRACE_STATISTICS notes):
+# Sources (the papers each rate is read from):
 # FTM = "First Try Matters", arXiv 2510.08308; DEER = arXiv 2504.15895; 2412.21187 = "Do NOT think that much
 # for 2+3=?"; 2501.18585 = "Thoughts are all over the place"; 2603.15500 = wait-token counts by model size.
 

@@ -1,4 +1,4 @@
-"""Answer extraction and grading (LYNX spec §8): balanced braces, symbolic equivalence, no last-number hacks.
+"""Answer extraction and grading (how-it-works §8): balanced braces, symbolic equivalence, no last-number hacks.
 
 Rules (README "Grading"): plain numbers are compared exactly when both are integers and with a
 relative tolerance of 1e-6 otherwise; a comma inside a number is a thousands separator only in

@@ -31,7 +31,7 @@ class Problem:
 
     @property
     def prompt(self) -> str:
-        """The user turn sent to the model (spec §3 prompt)."""
+        """The user turn sent to the model (how-it-works §3 prompt)."""
         return self.question + REASONING_SUFFIX
 
     def grade(self, response: str) -> bool:
