@@ -19,9 +19,12 @@ from _common import write_result
 from lynx_exit.engine import DecodeLoop, EngineConfig, GenerationConfig
 from lynx_exit.models import load_model
 
-PROMPTS = ["Ana has 3 coins. Then Ana doubles the pile. How many coins does Ana have now?",
-           "Tom has 12 apples and gives away 5. Then he buys 9 more. How many apples does he have?",
-           "What is 7*8?", "List three prime numbers."]
+PROMPTS = [
+    "Ana has 3 coins. Then Ana doubles the pile. How many coins does Ana have now?",
+    "Tom has 12 apples and gives away 5. Then he buys 9 more. How many apples does he have?",
+    "What is 7*8?",
+    "List three prime numbers.",
+]
 TOKENS = {"reference": 96, "smollm2": 24}
 
 
@@ -66,15 +69,26 @@ def main() -> None:
                         compiled_ids = ids
                 same = same and eager_ids == compiled_ids
             speedup = statistics.median(c / e for c, e in zip(rates["compiled"], rates["eager"], strict=True))
-            row = {"model": name, "batch": batch, "new_tokens_per_row": tokens,
-                   "eager_tokens_per_s": round(statistics.median(rates["eager"]), 2),
-                   "compiled_tokens_per_s": round(statistics.median(rates["compiled"]), 2),
-                   "compiled_vs_eager": round(speedup, 3), "identical_tokens": same,
-                   "compile_warmup_s": round(warmup, 1)}
+            row = {
+                "model": name,
+                "batch": batch,
+                "new_tokens_per_row": tokens,
+                "eager_tokens_per_s": round(statistics.median(rates["eager"]), 2),
+                "compiled_tokens_per_s": round(statistics.median(rates["compiled"]), 2),
+                "compiled_vs_eager": round(speedup, 3),
+                "identical_tokens": same,
+                "compile_warmup_s": round(warmup, 1),
+            }
             print(row, flush=True)
             rows.append(row)
-    write_result("compile_speed", {"what": "engine decode, greedy fixed length: --compile vs eager", "rows": rows,
-                                   "repeats": args.repeats})
+    write_result(
+        "compile_speed",
+        {
+            "what": "engine decode, greedy fixed length: --compile vs eager",
+            "rows": rows,
+            "repeats": args.repeats,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -62,13 +62,18 @@ def filled_legacy(lm: LoadedModel, batch: int, context: int) -> LegacyBackend:
     backend = LegacyBackend(lm)
     cache = DynamicCache()
     for layer in range(layers):
-        cache.update(0.1 * torch.randn(batch, kv_heads, context, head_dim, dtype=dtype),
-                     0.1 * torch.randn(batch, kv_heads, context, head_dim, dtype=dtype), layer)
+        cache.update(
+            0.1 * torch.randn(batch, kv_heads, context, head_dim, dtype=dtype),
+            0.1 * torch.randn(batch, kv_heads, context, head_dim, dtype=dtype),
+            layer,
+        )
     backend._insert(list(range(batch)), cache, torch.ones(batch, context, dtype=torch.long), [0] * batch)
     return backend
 
 
-def filled_store(lm: LoadedModel, batch: int, context: int, steps: int, compile: bool = False) -> StoreBackend:
+def filled_store(
+    lm: LoadedModel, batch: int, context: int, steps: int, compile: bool = False
+) -> StoreBackend:
     backend = StoreBackend(lm, max_context=context + steps + 8, compile=compile)
     backend.prefill(list(range(batch)), [[3]] * batch)  # allocates every layer at the model's shapes
     backend.store.reserve(batch, context + steps + 4)
@@ -97,7 +102,9 @@ RESULT = Path(__file__).parent / "results" / "context_scaling.json"
 NAMES = ("legacy", "store", "store_compiled")
 
 
-def floors(rows: list[dict[str, Any]], bandwidth: dict[str, float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def floors(
+    rows: list[dict[str, Any]], bandwidth: dict[str, float]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each row's floor at its model's copy rate, the ratios to it, and the summary per model and batch."""
     for row in rows:
         floor_ms = 1000 * row["bytes_read"] / bandwidth[row["model"]]
@@ -123,7 +130,9 @@ def main() -> None:
     parser.add_argument("--contexts", default="128,512,1024,2048,4096")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--refloor", action="store_true", help="recompute the floors of the existing result file")
+    parser.add_argument(
+        "--refloor", action="store_true", help="recompute the floors of the existing result file"
+    )
     args = parser.parse_args()
     if args.refloor:
         data = json.loads(RESULT.read_text())
@@ -144,15 +153,27 @@ def main() -> None:
         token_bytes = layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
         for batch in map(int, args.batches.split(",")):
             for context in map(int, args.contexts.split(",")):
-                row: dict[str, Any] = {"model": model_name, "batch": batch, "context": context,
-                                       "bytes_read": weight_bytes + batch * context * token_bytes}
+                row: dict[str, Any] = {
+                    "model": model_name,
+                    "batch": batch,
+                    "context": context,
+                    "bytes_read": weight_bytes + batch * context * token_bytes,
+                }
                 for name in NAMES:  # one at a time: all three at 32 x 4,096 would not fit beside each other
                     with torch.inference_mode():
                         if name == "legacy":
                             backend: Any = filled_legacy(lm, batch, context)
                         else:  # the compiled side: 3 steps warm up (a new shape compiles, the first call checks guards)
-                            backend = filled_store(lm, batch, context, args.steps, compile=name == "store_compiled")
-                        step = time_steps(backend, batch, args.steps, lm.vocab_size, warmup=3 if name == "store_compiled" else 2)
+                            backend = filled_store(
+                                lm, batch, context, args.steps, compile=name == "store_compiled"
+                            )
+                        step = time_steps(
+                            backend,
+                            batch,
+                            args.steps,
+                            lm.vocab_size,
+                            warmup=3 if name == "store_compiled" else 2,
+                        )
                     del backend
                     gc.collect()
                     row[f"{name}_step_ms"] = round(1000 * step, 3)
@@ -162,15 +183,20 @@ def main() -> None:
                 rows.append(row)
     bandwidths.append(copy_bandwidth())
     rows, summary = floors(rows, dict(zip(args.models.split(","), bandwidths, strict=False)))
-    write_result("context_scaling", {
-        "what": "decode step vs the memory-bandwidth floor: KV store (eager and --compile) vs first backend, "
-                "random-filled KV of each context",
-        "copy_bandwidth_gb_s": {m: round(b / 1e9, 2) for m, b in zip(args.models.split(","), bandwidths, strict=False)},
-        "copy_bandwidth_measured_gb_s": [round(b / 1e9, 2) for b in bandwidths],
-        "steps": args.steps,
-        "rows": rows,
-        "summary": summary,
-    })
+    write_result(
+        "context_scaling",
+        {
+            "what": "decode step vs the memory-bandwidth floor: KV store (eager and --compile) vs first backend, "
+            "random-filled KV of each context",
+            "copy_bandwidth_gb_s": {
+                m: round(b / 1e9, 2) for m, b in zip(args.models.split(","), bandwidths, strict=False)
+            },
+            "copy_bandwidth_measured_gb_s": [round(b / 1e9, 2) for b in bandwidths],
+            "steps": args.steps,
+            "rows": rows,
+            "summary": summary,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -44,14 +44,27 @@ def random_r1_distill(device: str) -> LoadedModel:
     from lynx_exit.models import ModelProfile
 
     config = Qwen2Config(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=151646, eos_token_id=151643,
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=151646,
+        eos_token_id=151643,
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
     tokenizer = _byte_tokenizer()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id="r1-distill-1.5b-random", profile=ModelProfile(layers=(9, 16, 28)))
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id="r1-distill-1.5b-random",
+        profile=ModelProfile(layers=(9, 16, 28)),
+    )
 
 
 def _byte_tokenizer() -> Any:
@@ -77,13 +90,19 @@ def run_generate(lm: LoadedModel, prompts: list[list[int]], tokens: int) -> int:
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     out = lm.model.generate(
-        ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+        ids.to(lm.device),
+        attention_mask=mask.to(lm.device),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
         pad_token_id=lm.pad_token_id,
     )
     return int(out[:, width:].numel())
 
 
-def run_engine(lm: LoadedModel, prompts: list[list[int]], config: GenerationConfig, context: MethodContext | None) -> tuple[int, int]:
+def run_engine(
+    lm: LoadedModel, prompts: list[list[int]], config: GenerationConfig, context: MethodContext | None
+) -> tuple[int, int]:
     policies = None
     if context is not None:  # the probe is loaded once per context, as a server would hold it
         policies = [make_policy("lynx", context, delta=0.05) for _ in prompts]
@@ -92,7 +111,9 @@ def run_engine(lm: LoadedModel, prompts: list[list[int]], config: GenerationConf
     return sum(r.num_generated_tokens for r in loop.results()), cues
 
 
-def bench(lm: LoadedModel, batch: int, tokens: int, repeats: int, probe: Path, cue_options: dict[str, Any]) -> dict[str, Any]:
+def bench(
+    lm: LoadedModel, batch: int, tokens: int, repeats: int, probe: Path, cue_options: dict[str, Any]
+) -> dict[str, Any]:
     prompts = _prompts(lm, batch)
     config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0, **cue_options)
     context = MethodContext(lm=lm, probe=str(probe))
@@ -150,8 +171,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="reference,smollm2")
     parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--tokens", default="reference=128,smollm2=32", help="new tokens per row, per model (MODEL=N,...)")
-    parser.add_argument("--repeats", default="reference=15,smollm2=5", help="timed runs per side, per model (MODEL=N,...)")
+    parser.add_argument(
+        "--tokens", default="reference=128,smollm2=32", help="new tokens per row, per model (MODEL=N,...)"
+    )
+    parser.add_argument(
+        "--repeats", default="reference=15,smollm2=5", help="timed runs per side, per model (MODEL=N,...)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="engine_throughput")
     args = parser.parse_args()
@@ -159,21 +184,30 @@ def main() -> None:
     repeats = {k: int(v) for k, v in (item.split("=") for item in args.repeats.split(","))}
     results = []
     for name in args.models.split(","):
-        lm = random_r1_distill(args.device) if name == "r1-distill-1.5b-random" else load_model(name, device=args.device)
+        lm = (
+            random_r1_distill(args.device)
+            if name == "r1-distill-1.5b-random"
+            else load_model(name, device=args.device)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             probe = never_exit_probe(lm, Path(tmp) / "probe")
             for batch in (int(b) for b in args.batches.split(",")):
                 row = bench(lm, batch, tokens.get(name, 32), repeats.get(name, 5), probe, CUES.get(name, {}))
-                row.update(model=name, layers_scored=list(lm.feature_spec().layers), cue_options=CUES.get(name, {}))
+                row.update(
+                    model=name, layers_scored=list(lm.feature_spec().layers), cue_options=CUES.get(name, {})
+                )
                 row["memory_bandwidth_share"] = bandwidth_share(lm, row)
                 results.append(row)
                 print(row, flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    write_result(args.out, {
-        "device": device,
-        "targets": "engine_vs_generate_ratio >= 1.0 at every batch; lynx_vs_no_policy_ratio >= 0.97",
-        "results": results,
-    })
+    write_result(
+        args.out,
+        {
+            "device": device,
+            "targets": "engine_vs_generate_ratio >= 1.0 at every batch; lynx_vs_no_policy_ratio >= 0.97",
+            "results": results,
+        },
+    )
 
 
 if __name__ == "__main__":

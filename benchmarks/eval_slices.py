@@ -28,8 +28,12 @@ def _slice(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dic
 
 
 def _mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def pool(folders: list[Path]) -> dict[str, Any]:
@@ -48,15 +52,25 @@ def pool(folders: list[Path]) -> dict[str, Any]:
         own = summarize(slice_records, [s["setting"] for s in meta["settings"]])
         per_slice.append({row["setting"]: row for row in own["settings"]})
         order += [s["setting"] for s in meta["settings"] if s["setting"] not in order]
-        slices.append({"folder": str(folder), "offset": meta.get("offset"), "seed": meta.get("seed"),
-                       "problems": len(ids), "model": meta.get("model"), "task": meta.get("task")})
+        slices.append(
+            {
+                "folder": str(folder),
+                "offset": meta.get("offset"),
+                "seed": meta.get("seed"),
+                "problems": len(ids),
+                "model": meta.get("model"),
+                "task": meta.get("task"),
+            }
+        )
     timing_per_rollout = {k: v[0] / v[1] for k, v in seconds.items() if v[1]}
     pooled = summarize(records, order, timing_per_rollout)
     for row in pooled["settings"]:
         rows = [s[row["setting"]] for s in per_slice if row["setting"] in s]
         row["slices"] = {
             "accuracy": _mean_sd([r["accuracy"] for r in rows]),
-            "tokens_saved_pct": _mean_sd([r["tokens_saved_pct"] for r in rows]) if all(r["tokens_saved_pct"] is not None for r in rows) else None,
+            "tokens_saved_pct": _mean_sd([r["tokens_saved_pct"] for r in rows])
+            if all(r["tokens_saved_pct"] is not None for r in rows)
+            else None,
             "per_slice_accuracy": [r["accuracy"] for r in rows],
             "per_slice_tokens_saved_pct": [r["tokens_saved_pct"] for r in rows],
         }
@@ -71,8 +85,11 @@ def mark_dominated(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         acc, saved = row["accuracy"], row["tokens_saved_pct"] or 0.0
         row["dominated_by"] = [
-            other["setting"] for other in rows
-            if other is not row and other["accuracy"] >= acc and (other["tokens_saved_pct"] or 0.0) >= saved
+            other["setting"]
+            for other in rows
+            if other is not row
+            and other["accuracy"] >= acc
+            and (other["tokens_saved_pct"] or 0.0) >= saved
             and (other["accuracy"] > acc or (other["tokens_saved_pct"] or 0.0) > saved)
         ]
 
@@ -119,7 +136,11 @@ def main() -> None:
     write_json_atomic(args.out / "summary.json", summary)
     write_atomic(args.out / "summary.md", markdown(summary))
     slices = ", ".join(f"offset {s['offset']} seed {s['seed']}" for s in summary["slices"])
-    pareto_plot(summary, args.out / "pareto.png", f"{summary['model']} on {summary['task']}: {len(summary['slices'])} slices ({slices})")
+    pareto_plot(
+        summary,
+        args.out / "pareto.png",
+        f"{summary['model']} on {summary['task']}: {len(summary['slices'])} slices ({slices})",
+    )
     print(markdown(summary))
 
 

@@ -37,8 +37,16 @@ def main() -> None:
         for batch in [int(b) for b in args.batches.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                summary = run_eval(lm, problems, [setting], generation, Path(tmp), batch_size=batch, progress=False,
-                                   probe=args.probe)
+                summary = run_eval(
+                    lm,
+                    problems,
+                    [setting],
+                    generation,
+                    Path(tmp),
+                    batch_size=batch,
+                    progress=False,
+                    probe=args.probe,
+                )
                 elapsed = time.perf_counter() - start
             row = summary["settings"][0]
             rows.append(

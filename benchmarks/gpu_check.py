@@ -42,11 +42,21 @@ GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_engine.py")  # the files that
 def tiny_qwen(device: str) -> LoadedModel:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=16384, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
-    return LoadedModel(model=model, tokenizer=_byte_tokenizer(), model_id="tiny-qwen2", profile=ModelProfile(layers=(1, 2)))
+    return LoadedModel(
+        model=model, tokenizer=_byte_tokenizer(), model_id="tiny-qwen2", profile=ModelProfile(layers=(1, 2))
+    )
 
 
 def decodable(lm: LoadedModel) -> LoadedModel:
@@ -54,7 +64,7 @@ def decodable(lm: LoadedModel) -> LoadedModel:
     cues to score (the bytes read and the work per step are the same)."""
     head = lm.model.get_output_embeddings().weight
     with torch.no_grad():
-        head[len(lm.tokenizer):].zero_()
+        head[len(lm.tokenizer) :].zero_()
     return lm
 
 
@@ -87,15 +97,30 @@ def run_tests(timeout_s: float) -> dict[str, Any]:
         return {"command": " ".join(command[1:]), "status": f"timed out after {timeout_s:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     print(done.stdout[-4000:], done.stderr[-2000:], sep="\n", flush=True)
-    return {"command": " ".join(command[1:]), "returncode": done.returncode, "summary": lines[-1] if lines else "",
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "command": " ".join(command[1:]),
+        "returncode": done.returncode,
+        "summary": lines[-1] if lines else "",
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
-def engine_side(lm: LoadedModel, backend: StoreBackend, batch: int, prompt: int, new: int, deadline: float,
-                policy_context: MethodContext | None) -> dict[str, Any]:
+def engine_side(
+    lm: LoadedModel,
+    backend: StoreBackend,
+    batch: int,
+    prompt: int,
+    new: int,
+    deadline: float,
+    policy_context: MethodContext | None,
+) -> dict[str, Any]:
     """One engine run of `batch` random prompts of `prompt` tokens, greedy, `new` tokens each."""
-    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, temperature=0.0,
-                              cue_regex="." if policy_context is not None else None)
+    config = GenerationConfig(
+        max_new_tokens=new,
+        min_new_tokens=new,
+        temperature=0.0,
+        cue_regex="." if policy_context is not None else None,
+    )
     engine = Engine(lm, max_batch_size=batch, backend=backend, prefill_tokens_per_step=8192)
     generator = torch.Generator().manual_seed(batch * 7919 + prompt)
     layers = lm.feature_spec().layers
@@ -103,7 +128,11 @@ def engine_side(lm: LoadedModel, backend: StoreBackend, batch: int, prompt: int,
     for _ in range(batch):
         ids = torch.randint(3, 300, (prompt,), generator=generator).tolist()
         policy = make_policy("lynx", policy_context, delta=0.05) if policy_context is not None else None
-        request_ids.append(engine.add_request(ids, config, policy=policy, feature_layers=layers if policy is not None else None))
+        request_ids.append(
+            engine.add_request(
+                ids, config, policy=policy, feature_layers=layers if policy is not None else None
+            )
+        )
     decode_times: list[float] = []
     started: set[int] = set()
     cues = tokens = 0
@@ -151,8 +180,15 @@ def generate_side(lm: LoadedModel, batch: int, prompt: int, new: int) -> dict[st
     def run(tokens: int) -> float:
         sync(lm.device)
         start = time.perf_counter()
-        lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                          do_sample=False, cache_implementation="static", pad_token_id=0)
+        lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
         sync(lm.device)
         return time.perf_counter() - start
 
@@ -161,29 +197,45 @@ def generate_side(lm: LoadedModel, batch: int, prompt: int, new: int) -> dict[st
     run(long)
     warm = time.perf_counter() - start
     step = (run(long) - run(short)) / (long - short)
-    return {"tokens_per_s": round(batch / step, 1), "ms_per_step": round(1000 * step, 3), "warmup_s": round(warm, 1)}
+    return {
+        "tokens_per_s": round(batch / step, 1),
+        "ms_per_step": round(1000 * step, 3),
+        "warmup_s": round(warm, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a tiny Qwen2 instead of the 1.5B architecture (a smoke test)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny Qwen2 instead of the 1.5B architecture (a smoke test)"
+    )
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--shapes", default="128+256,8192+64", help="PROMPT+NEW per row group")
     parser.add_argument("--sides", default="eager,compiled,compiled_lynx,generate_static")
     parser.add_argument("--budget-s", type=float, default=330.0, help="the whole check, tests included")
     parser.add_argument("--side-s", type=float, default=75.0, help="the most one side of a row may run")
     parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--out", default=None, help="result name (default: gpu_check, or print only with --tiny)")
+    parser.add_argument(
+        "--out", default=None, help="result name (default: gpu_check, or print only with --tiny)"
+    )
     parser.add_argument("--json", default=None, help="also write the result to this path")
     args = parser.parse_args()
     began = time.perf_counter()
     deadline_all = began + args.budget_s
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_check: --device cuda but CUDA is not available here (use --device cpu --tiny for the smoke test)")
-    tests = {"status": "skipped (--skip-tests)"} if args.skip_tests else run_tests(min(150.0, args.budget_s / 2))
-    make = (lambda: decodable(tiny_qwen(args.device))) if args.tiny else (lambda: decodable(random_r1_distill(args.device)))
+        sys.exit(
+            "gpu_check: --device cuda but CUDA is not available here (use --device cpu --tiny for the smoke test)"
+        )
+    tests = (
+        {"status": "skipped (--skip-tests)"} if args.skip_tests else run_tests(min(150.0, args.budget_s / 2))
+    )
+    make = (
+        (lambda: decodable(tiny_qwen(args.device)))
+        if args.tiny
+        else (lambda: decodable(random_r1_distill(args.device)))
+    )
     lm = make()
     config = lm.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -203,15 +255,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         context = MethodContext(lm=lm, probe=str(never_exit_probe(lm, Path(tmp) / "probe")))
         # Batch by batch, each shape in turn: when the budget runs out, what is left is the largest batches
-        plan = [(batch, prompt, new) for batch in (int(b) for b in args.batches.split(",")) for prompt, new in shapes]
+        plan = [
+            (batch, prompt, new)
+            for batch in (int(b) for b in args.batches.split(","))
+            for prompt, new in shapes
+        ]
         for batch, prompt, new in plan:
             row: dict[str, Any] = {"batch": batch, "prompt": prompt, "new_tokens": new}
             live = batch * (prompt + new / 2) * kv_per_token  # KV bytes read per step, mid-run
-            floor_s = (read_per_step + batch * embedding.shape[1] * embedding.element_size() + live) / bandwidth
+            floor_s = (
+                read_per_step + batch * embedding.shape[1] * embedding.element_size() + live
+            ) / bandwidth
             row["roofline_ms_per_step"] = round(1000 * floor_s, 3)
             for side in sides:
                 left = deadline_all - time.perf_counter()
-                if left <= 0 or (side == "generate_static" and left < args.side_s):  # `generate` cannot be cut short
+                if left <= 0 or (
+                    side == "generate_static" and left < args.side_s
+                ):  # `generate` cannot be cut short
                     row[side] = {"skipped": "the check's time budget"}
                     continue
                 deadline = min(deadline_all, time.perf_counter() + args.side_s)
@@ -222,12 +282,21 @@ def main() -> None:
                             result = generate_side(generate_lm, batch, prompt, new)
                         else:
                             backend = backends["eager" if side == "eager" else "compiled"]
-                            result = engine_side(lm, backend, batch, prompt, new, deadline,
-                                                 context if side == "compiled_lynx" else None)
+                            result = engine_side(
+                                lm,
+                                backend,
+                                batch,
+                                prompt,
+                                new,
+                                deadline,
+                                context if side == "compiled_lynx" else None,
+                            )
                 except Exception as exc:  # recorded, never dropped
                     result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
                 if "ms_per_step" in result:
-                    result["roofline_share"] = float(f"{floor_s / (result['ms_per_step'] / 1000):.3g}")  # 3 significant digits: a tiny share is not 0
+                    result["roofline_share"] = float(
+                        f"{floor_s / (result['ms_per_step'] / 1000):.3g}"
+                    )  # 3 significant digits: a tiny share is not 0
                 row[side] = result
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -33,7 +33,11 @@ def main() -> None:
         problems = load_task("gsm8k", limit=args.problems)
     prompts = [lm.prompt_ids(p.prompt) for p in problems]
     config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=0.6, seed=0, answer_max_tokens=args.answer_tokens, cue_regex=args.cue_regex
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.6,
+        seed=0,
+        answer_max_tokens=args.answer_tokens,
+        cue_regex=args.cue_regex,
     )
     loop = DecodeLoop(lm, prompts, config, hold=True)  # keep the caches for the forced exits
     results = loop.run()
@@ -50,10 +54,13 @@ def main() -> None:
     for row, index in events:
         prefix = prompts[row] + results[row].token_ids[:index] + cue_ids
         out = lm.model.generate(
-            torch.tensor([prefix]), attention_mask=torch.ones(1, len(prefix), dtype=torch.long),
-            max_new_tokens=args.answer_tokens, do_sample=False, pad_token_id=eos,
+            torch.tensor([prefix]),
+            attention_mask=torch.ones(1, len(prefix), dtype=torch.long),
+            max_new_tokens=args.answer_tokens,
+            do_sample=False,
+            pad_token_id=eos,
         )
-        single.append(out[0, len(prefix):].tolist())
+        single.append(out[0, len(prefix) :].tolist())
     single_s = time.perf_counter() - start
     agree = sum(b.token_ids == s[: len(b.token_ids)] for b, s in zip(batched, single, strict=True))
     name = "labelling_speed" if args.model == "reference" else f"labelling_speed_{args.model}"

@@ -43,15 +43,26 @@ class LegacyBackend:
         self.layers: tuple[int, ...] = ()
 
     # -- model calls ---------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
         kwargs = {self._cache_kwarg: cache}
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
         return out.logits[:, -1, :]  # [batch, vocab]
 
     @torch.inference_mode()
     def prefill(self, request_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         if len(request_ids) != len(prompts) or not prompts:
-            raise ValueError(f"prefill needs one prompt per request, got {len(request_ids)} ids and {len(prompts)} prompts")
+            raise ValueError(
+                f"prefill needs one prompt per request, got {len(request_ids)} ids and {len(prompts)} prompts"
+            )
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -140,7 +151,9 @@ class LegacyBackend:
         used = set(self.rows.values())
         return [row for row in range(self.mask.shape[0]) if row not in used]
 
-    def _insert(self, request_ids: list[int], fresh: DynamicCache, fresh_mask: torch.Tensor, offsets: list[int]) -> None:
+    def _insert(
+        self, request_ids: list[int], fresh: DynamicCache, fresh_mask: torch.Tensor, offsets: list[int]
+    ) -> None:
         """Write a freshly prefilled batch into free rows (appending rows as needed), right-aligned."""
         if not self.rows and self.mask.shape[0] == 0:  # empty engine: adopt the fresh cache as is
             self.cache, self.mask = fresh, fresh_mask
@@ -189,7 +202,11 @@ class LegacyBackend:
         for layer in self._layers(self.cache):
             for name in ("keys", "values"):
                 tensor = getattr(layer, name)
-                setattr(layer, name, torch.cat([tensor.new_zeros(*tensor.shape[:2], extra, tensor.shape[3]), tensor], dim=2))
+                setattr(
+                    layer,
+                    name,
+                    torch.cat([tensor.new_zeros(*tensor.shape[:2], extra, tensor.shape[3]), tensor], dim=2),
+                )
         self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
         self._starts = {row: start + extra for row, start in self._starts.items()}
 
@@ -230,7 +247,10 @@ class LegacyBackend:
         rows = [self.rows[request_id] for request_id, _ in items]
         keeps = [keep for _, keep in items]
         # Columns past the last kept token of any item are masked for all: do not copy them.
-        num_columns = max(self._starts[row] + keep + self._dropped.get(row, 0) for row, keep in zip(rows, keeps, strict=True))
+        num_columns = max(
+            self._starts[row] + keep + self._dropped.get(row, 0)
+            for row, keep in zip(rows, keeps, strict=True)
+        )
         num_columns = min(num_columns, self.mask.shape[1])
         index = torch.tensor(rows, device=self.device)
         fork = DynamicCache()
@@ -248,7 +268,9 @@ class LegacyBackend:
         state = {"mask": mask}
 
         def step(next_ids: torch.Tensor, _host: list[int], t: int) -> torch.Tensor:
-            state["mask"] = torch.cat([state["mask"], torch.ones(n, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            state["mask"] = torch.cat(
+                [state["mask"], torch.ones(n, 1, dtype=mask.dtype, device=self.device)], dim=1
+            )
             return self._forward(next_ids[:, None], state["mask"], (kept + num_forced + t)[:, None], fork)
 
         return greedy_continuations(logits, max_new_tokens, stop_ids, done, step)

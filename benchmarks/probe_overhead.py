@@ -50,9 +50,13 @@ def main() -> None:
     args = parser.parse_args()
     lm = load_model(args.model)
     problems = (
-        as_task_problems(make_problems("test", args.problems), "test") if args.task == "arith" else load_task("gsm8k", limit=args.problems)
+        as_task_problems(make_problems("test", args.problems), "test")
+        if args.task == "arith"
+        else load_task("gsm8k", limit=args.problems)
     )
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.6, seed=0, cue_regex=args.cue_regex)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=0.6, seed=0, cue_regex=args.cue_regex
+    )
     probe_time, cue_time = [0.0], [0.0]
     original_step = cues_module.CueDetector.step
 

@@ -45,32 +45,80 @@ def main() -> None:
         import torch
 
         lm = source.load()  # warmed up first, as the Ray workers are by wait_ready and their first shard
-        run_eval(lm, problems[: args.batch_size], settings, generation, Path(tmp) / "warm", batch_size=args.batch_size, progress=False)
+        run_eval(
+            lm,
+            problems[: args.batch_size],
+            settings,
+            generation,
+            Path(tmp) / "warm",
+            batch_size=args.batch_size,
+            progress=False,
+        )
         started = time.perf_counter()
-        run_eval(lm, problems, settings, generation, Path(tmp) / "single", batch_size=args.batch_size, progress=False)
+        run_eval(
+            lm,
+            problems,
+            settings,
+            generation,
+            Path(tmp) / "single",
+            batch_size=args.batch_size,
+            progress=False,
+        )
         single_s = time.perf_counter() - started
-        rows.append({"run": "one process", "threads": torch.get_num_threads(), "seconds": round(single_s, 2),
-                     "problems_per_s": round(rollouts / single_s, 2)})
+        rows.append(
+            {
+                "run": "one process",
+                "threads": torch.get_num_threads(),
+                "seconds": round(single_s, 2),
+                "problems_per_s": round(rollouts / single_s, 2),
+            }
+        )
         for workers in [int(w) for w in args.workers.split(",")]:
             cpus = max(1, (os.cpu_count() or 1) // workers)
-            options = RayOptions(address=args.address, workers=workers, cpus_per_worker=cpus, gpus_per_worker=args.gpus_per_worker)
+            options = RayOptions(
+                address=args.address,
+                workers=workers,
+                cpus_per_worker=cpus,
+                gpus_per_worker=args.gpus_per_worker,
+            )
             began = time.perf_counter()
             with RayPool(source, options) as pool:
                 pool.wait_ready()
                 ready = time.perf_counter()
-                run_eval(None, problems, settings, generation, Path(tmp) / f"ray{workers}", batch_size=args.batch_size,
-                         progress=False, runner=pool.eval_runner)
+                run_eval(
+                    None,
+                    problems,
+                    settings,
+                    generation,
+                    Path(tmp) / f"ray{workers}",
+                    batch_size=args.batch_size,
+                    progress=False,
+                    runner=pool.eval_runner,
+                )
                 work_s = time.perf_counter() - ready
-            rows.append({"run": f"ray, {workers} worker(s)", "threads": cpus, "startup_s": round(ready - began, 2),
-                         "seconds": round(work_s, 2), "problems_per_s": round(rollouts / work_s, 2)})
+            rows.append(
+                {
+                    "run": f"ray, {workers} worker(s)",
+                    "threads": cpus,
+                    "startup_s": round(ready - began, 2),
+                    "seconds": round(work_s, 2),
+                    "problems_per_s": round(rollouts / work_s, 2),
+                }
+            )
     one = next(r for r in rows if r["run"] == "ray, 1 worker(s)")
     for row in rows:
         row["speedup_vs_1_worker"] = round(row["problems_per_s"] / one["problems_per_s"], 2)
-    write_result("ray_scaling", {
-        "model": args.model, "rollouts": rollouts, "settings": [s.label for s in settings], "batch_size": args.batch_size,
-        "note": "problems/s counts rollouts of every setting; worker start-up is excluded from 'seconds'",
-        "results": rows,
-    })
+    write_result(
+        "ray_scaling",
+        {
+            "model": args.model,
+            "rollouts": rollouts,
+            "settings": [s.label for s in settings],
+            "batch_size": args.batch_size,
+            "note": "problems/s counts rollouts of every setting; worker start-up is excluded from 'seconds'",
+            "results": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

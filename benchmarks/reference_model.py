@@ -28,8 +28,13 @@ from lynx_exit.reference import make_problems
 ANSWER = re.compile(r"So the answer is (-?\d+)\.")
 REDERIVATION = re.compile(r"work it out again from the start: [^\n]*?= (-?\d+)\.")
 TARGETS = {
-    "small": {"accuracy": [0.60, 0.85], "first_answer_position": [0.45, 0.80], "final_differs_from_first": [0.03, 0.12],
-              "runaway": [0.08, 0.25], "cues_before_first_answer": [0.20, 1.0]},
+    "small": {
+        "accuracy": [0.60, 0.85],
+        "first_answer_position": [0.45, 0.80],
+        "final_differs_from_first": [0.03, 0.12],
+        "runaway": [0.08, 0.25],
+        "cues_before_first_answer": [0.20, 1.0],
+    },
     "large": "accuracy >= small + 10 points; runaway <= half the small model's",
 }
 
@@ -38,8 +43,12 @@ def behaviour(model: str, problems: int, seed: int) -> dict[str, Any]:
     lm = load_model(model)
     tasks = make_problems("test", problems)
     config = GenerationConfig(max_new_tokens=500, temperature=0.6, top_p=0.95, seed=seed)
-    prompts = [lm.prompt_ids(p.question() + "\nPlease reason step by step, and put your final answer within \\boxed{}.")
-               for p in tasks]
+    prompts = [
+        lm.prompt_ids(
+            p.question() + "\nPlease reason step by step, and put your final answer within \\boxed{}."
+        )
+        for p in tasks
+    ]
     results = DecodeLoop(lm, prompts, config, max_batch_size=32).run()
     tokenizer = lm.tokenizer
     lengths: dict[int, list[int]] = defaultdict(list)
@@ -70,13 +79,17 @@ def behaviour(model: str, problems: int, seed: int) -> dict[str, Any]:
         correct = problem_correct(final, gold)
         right += correct
         first_right += first is not None and first == gold
-        ended = result.finish_reason == "eos" and "</think>" in tokenizer.decode(result.token_ids, skip_special_tokens=False)
+        ended = result.finish_reason == "eos" and "</think>" in tokenizer.decode(
+            result.token_ids, skip_special_tokens=False
+        )
         if not ended:
             runaway += 1
             runaway_with_candidate += first is not None
             continue
         finished += 1
-        if first is not None and first != gold:  # why a wrong first answer stays: is it re-derived, and to what?
+        if (
+            first is not None and first != gold
+        ):  # why a wrong first answer stays: is it re-derived, and to what?
             wrong_first += 1
             redo = REDERIVATION.search(text, stated.end()) if stated else None
             if redo:
@@ -85,14 +98,18 @@ def behaviour(model: str, problems: int, seed: int) -> dict[str, Any]:
                 rederived_to_gold += int(redo.group(1)) == gold
         if first is not None and final is not None and final.strip() != str(first):
             changed += 1
-            directions["wrong->right" if correct else "right->wrong" if first == gold else "wrong->other wrong"] += 1
+            directions[
+                "wrong->right" if correct else "right->wrong" if first == gold else "wrong->other wrong"
+            ] += 1
     n = len(tasks)
     return {
         "model": model,
         "problems": n,
         "accuracy": round(right / n, 3),
         "mean_thinking_tokens": round(statistics.mean(r.reasoning_tokens for r in results), 1),
-        "thinking_tokens_by_steps": {str(k): round(statistics.mean(v), 1) for k, v in sorted(lengths.items())},
+        "thinking_tokens_by_steps": {
+            str(k): round(statistics.mean(v), 1) for k, v in sorted(lengths.items())
+        },
         "first_answer_position": round(statistics.mean(positions), 3) if positions else None,
         "finished": finished,
         "final_differs_from_first": round(changed / finished, 3) if finished else None,
@@ -114,22 +131,41 @@ def problem_correct(answer: str | None, gold: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="reference,reference-large", help="comma-separated: aliases or folders")
+    parser.add_argument(
+        "--models", default="reference,reference-large", help="comma-separated: aliases or folders"
+    )
     parser.add_argument("--problems", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rows = [behaviour(model.strip(), args.problems, args.seed) for model in args.models.split(",") if model.strip()]
-    write_result("reference_model", {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 500, "models": rows,
-                                     "targets": TARGETS, "targets_met": targets_met(rows)})
+    rows = [
+        behaviour(model.strip(), args.problems, args.seed)
+        for model in args.models.split(",")
+        if model.strip()
+    ]
+    write_result(
+        "reference_model",
+        {
+            "temperature": 0.6,
+            "top_p": 0.95,
+            "max_new_tokens": 500,
+            "models": rows,
+            "targets": TARGETS,
+            "targets_met": targets_met(rows),
+        },
+    )
 
 
 def targets_met(rows: list[dict[str, Any]]) -> dict[str, bool]:
     """The issue's bars: the first model against the small band, the second (if any) against the first."""
     small = rows[0]
-    met = {key: small[key] is not None and low <= small[key] <= high for key, (low, high) in TARGETS["small"].items()}
+    met = {
+        key: small[key] is not None and low <= small[key] <= high
+        for key, (low, high) in TARGETS["small"].items()
+    }
     directions = small["final_differs_by_direction"]
     met["wrong->right the largest change, right->wrong present"] = bool(directions) and (
-        max(directions, key=directions.get) == "wrong->right" and directions.get("right->wrong", 0) > 0)
+        max(directions, key=directions.get) == "wrong->right" and directions.get("right->wrong", 0) > 0
+    )
     if len(rows) > 1:
         large = rows[1]
         met["large accuracy >= small + 10 points"] = large["accuracy"] >= small["accuracy"] + 0.10 - 1e-9

@@ -42,8 +42,15 @@ BIG_BODIES = 12
 
 
 def victim_body(prompt: str, seed: int) -> dict[str, Any]:
-    return {"model": "reference", "messages": [{"role": "user", "content": prompt}], "seed": seed, "stream": True,
-            "max_tokens": VICTIM_TOKENS, "stream_options": {"include_usage": True}, "exit": {"method": "never"}}
+    return {
+        "model": "reference",
+        "messages": [{"role": "user", "content": prompt}],
+        "seed": seed,
+        "stream": True,
+        "max_tokens": VICTIM_TOKENS,
+        "stream_options": {"include_usage": True},
+        "exit": {"method": "never"},
+    }
 
 
 async def stream_victim(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -81,24 +88,56 @@ def random_json(rng: random.Random, depth: int = 0) -> Any:
     if kind == 3:
         return rng.choice([0.5, 2.9, 1e-38, 1e-300, 1e20, 1e308, -0.0, math.nan, math.inf])
     if kind in (4, 5):
-        return "".join(rng.choice("ab9:. \u2603\ud7ff\"\\{") for _ in range(rng.randrange(0, 12)))
+        return "".join(rng.choice('ab9:. \u2603\ud7ff"\\{') for _ in range(rng.randrange(0, 12)))
     if kind in (6, 7):
         return [random_json(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
-    return {rng.choice(["a", "method", "window", "x", ""]): random_json(rng, depth + 1) for _ in range(rng.randrange(0, 4))}
+    return {
+        rng.choice(["a", "method", "window", "x", ""]): random_json(rng, depth + 1)
+        for _ in range(rng.randrange(0, 4))
+    }
 
 
-FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "min_tokens", "seed", "n", "stream", "stop", "exit", "logprobs",
-          "stream_options", "messages", "model", "chat_template_kwargs", "user", "unknown"]
+FIELDS = [
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_tokens",
+    "seed",
+    "n",
+    "stream",
+    "stop",
+    "exit",
+    "logprobs",
+    "stream_options",
+    "messages",
+    "model",
+    "chat_template_kwargs",
+    "user",
+    "unknown",
+]
 
 
 def hostile_request(rng: random.Random, prompt: str) -> tuple[str, bytes, str]:
     """(family, body bytes, path) of one hostile request."""
-    base: dict[str, Any] = {"model": "reference", "messages": [{"role": "user", "content": prompt}],
-                            "max_tokens": rng.randrange(1, 9)}
+    base: dict[str, Any] = {
+        "model": "reference",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": rng.randrange(1, 9),
+    }
     family = rng.choice(["D1", "D2", "D4", "D5", "N1", "N6", "N7", "fuzz", "fuzz", "fuzz", "root"])
-    if family == "N1":  # template switches: special tokens, the template's own parameters, unknown ones; many messages
-        base["chat_template_kwargs"] = rng.choice([{"eos_token": "x" * 2000}, {"bos_token": "y" * 100_000},
-                                                   {"add_generation_prompt": False}, {"enable_thinking": "yes"}, {"foo": 1}])
+    if (
+        family == "N1"
+    ):  # template switches: special tokens, the template's own parameters, unknown ones; many messages
+        base["chat_template_kwargs"] = rng.choice(
+            [
+                {"eos_token": "x" * 2000},
+                {"bos_token": "y" * 100_000},
+                {"add_generation_prompt": False},
+                {"enable_thinking": "yes"},
+                {"foo": 1},
+            ]
+        )
         if rng.random() < 0.05:
             base["messages"] = [{"role": "assistant", "content": ""}] * 5000 + base["messages"]
     elif family == "N6":  # unknown fields with names that look like type tags
@@ -108,15 +147,29 @@ def hostile_request(rng: random.Random, prompt: str) -> tuple[str, bytes, str]:
     elif family == "D1":
         base["top_k"] = rng.choice([2**63, 10**30, 2**64 + 5])
     elif family == "D2":
-        base["exit"] = rng.choice([
-            {"method": "dynasor", "interval": 32, "window": [3]}, {"method": "dynasor", "interval": 32, "window": 1e20},
-            {"method": "dynasor", "interval": "32:99999999999999999999"}, {"method": "eat", "variance": 0.1, "every": [1]},
-            {"method": "answer-convergence", "agree": 10**30}, {"method": "dynasor", "interval": 32, "window": 2.9},
-            {"method": "lynx", "delta": 0.05, "mode": ["harm"]}, {"method": "token-budget", "budget": 10**40},
-        ])
+        base["exit"] = rng.choice(
+            [
+                {"method": "dynasor", "interval": 32, "window": [3]},
+                {"method": "dynasor", "interval": 32, "window": 1e20},
+                {"method": "dynasor", "interval": "32:99999999999999999999"},
+                {"method": "eat", "variance": 0.1, "every": [1]},
+                {"method": "answer-convergence", "agree": 10**30},
+                {"method": "dynasor", "interval": 32, "window": 2.9},
+                {"method": "lynx", "delta": 0.05, "mode": ["harm"]},
+                {"method": "token-budget", "budget": 10**40},
+            ]
+        )
     elif family == "D4":
-        field, value = rng.choice([("max_tokens", "8"), ("max_tokens", True), ("temperature", "0.5"), ("seed", "1"),
-                                   ("stream", "yes"), ("n", 1.0)])
+        field, value = rng.choice(
+            [
+                ("max_tokens", "8"),
+                ("max_tokens", True),
+                ("temperature", "0.5"),
+                ("seed", "1"),
+                ("stream", "yes"),
+                ("n", 1.0),
+            ]
+        )
         base[field] = value
     elif family == "D5":
         base["temperature"] = rng.choice([1e-38, 1e-30, 5e-6, 1e-45])
@@ -124,33 +177,54 @@ def hostile_request(rng: random.Random, prompt: str) -> tuple[str, bytes, str]:
         for field in rng.sample(FIELDS, rng.randrange(1, 4)):
             base[field] = random_json(rng)
     else:
-        raw = rng.choice([json.dumps(random_json(rng)).encode(), b"{", b"", b"\xff\xfe", b"[" * 5000, b'{"model": ' + b"9" * 5000 + b"}"])
+        raw = rng.choice(
+            [
+                json.dumps(random_json(rng)).encode(),
+                b"{",
+                b"",
+                b"\xff\xfe",
+                b"[" * 5000,
+                b'{"model": ' + b"9" * 5000 + b"}",
+            ]
+        )
         return family, raw, rng.choice(["/v1/chat/completions", "/v1/completions"])
     if base.get("stream") is True:
         base["stream"] = False  # the hostile side reads whole answers; victims are the streams
     return family, json.dumps(base).encode(), "/v1/chat/completions"
 
 
-async def send_hostile(client: httpx.AsyncClient, url: str, rng: random.Random, prompts: list[str], count: int,
-                       concurrency: int = 16) -> list[dict[str, Any]]:
+async def send_hostile(
+    client: httpx.AsyncClient,
+    url: str,
+    rng: random.Random,
+    prompts: list[str],
+    count: int,
+    concurrency: int = 16,
+) -> list[dict[str, Any]]:
     requests = [hostile_request(rng, rng.choice(prompts)) for _ in range(count)]
     gate = asyncio.Semaphore(concurrency)
 
     async def one(family: str, raw: bytes, path: str) -> dict[str, Any]:
         async with gate:
             try:
-                r = await client.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=TIMEOUT_S)
+                r = await client.post(
+                    url + path, content=raw, headers={"content-type": "application/json"}, timeout=TIMEOUT_S
+                )
             except httpx.HTTPError as exc:
                 return {"family": family, "status": None, "error": f"{type(exc).__name__}"}
             return {"family": family, "status": r.status_code}
 
-    huge = json.dumps({"model": "reference", "prompt": ["a"] * 800_000}).encode()  # N3: 3.9 MB, under the body limit
+    huge = json.dumps(
+        {"model": "reference", "prompt": ["a"] * 800_000}
+    ).encode()  # N3: 3.9 MB, under the body limit
     requests += [("N3", huge, "/v1/completions")] * max(1, count // 200)
     return await asyncio.gather(*(one(*request) for request in requests))
 
 
 def large_body(size: int) -> bytes:
-    return json.dumps({"model": "reference", "messages": [{"role": "user", "content": "x " * (size // 2)}]}).encode()
+    return json.dumps(
+        {"model": "reference", "messages": [{"role": "user", "content": "x " * (size // 2)}]}
+    ).encode()
 
 
 async def big_bodies(client: httpx.AsyncClient, url: str) -> tuple[list[int | None], list[float]]:
@@ -164,6 +238,7 @@ async def big_bodies(client: httpx.AsyncClient, url: str) -> tuple[list[int | No
     async def chunked():
         for start in range(0, len(big), 2**16):
             yield big[start : start + 2**16]
+
     latencies: list[float] = []
     done = asyncio.Event()
 
@@ -182,8 +257,12 @@ async def big_bodies(client: httpx.AsyncClient, url: str) -> tuple[list[int | No
         content: Any = (big, chunked(), under)[i % 3]
         async with gate:
             try:
-                r = await client.post(url + "/v1/chat/completions", content=content,
-                                      headers={"content-type": "application/json"}, timeout=TIMEOUT_S)
+                r = await client.post(
+                    url + "/v1/chat/completions",
+                    content=content,
+                    headers={"content-type": "application/json"},
+                    timeout=TIMEOUT_S,
+                )
                 return r.status_code
             except httpx.HTTPError:
                 return None  # the server may close the connection once it has answered 413
@@ -195,7 +274,9 @@ async def big_bodies(client: httpx.AsyncClient, url: str) -> tuple[list[int | No
     return list(statuses), latencies
 
 
-async def repeat(url: str, prompts: list[str], quiet: list[dict[str, Any]], hostile: int, seed: int) -> dict[str, Any]:
+async def repeat(
+    url: str, prompts: list[str], quiet: list[dict[str, Any]], hostile: int, seed: int
+) -> dict[str, Any]:
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -204,8 +285,9 @@ async def repeat(url: str, prompts: list[str], quiet: list[dict[str, Any]], host
 
         async def victims_loop() -> None:
             for _ in range(1000):
-                round_ = await asyncio.gather(*(stream_victim(client, url, victim_body(prompts[i], 1000 + i))
-                                                for i in range(VICTIMS)))
+                round_ = await asyncio.gather(
+                    *(stream_victim(client, url, victim_body(prompts[i], 1000 + i)) for i in range(VICTIMS))
+                )
                 rounds.append(list(round_))
                 if stop.is_set():
                     return
@@ -219,8 +301,11 @@ async def repeat(url: str, prompts: list[str], quiet: list[dict[str, Any]], host
         stop.set()
         await victims
     outcomes = [v for round_ in rounds for v in round_]
-    identical = [v["ok"] and v["text"] == q["text"] and v["tokens"] == q["tokens"]
-                 for round_ in rounds for v, q in zip(round_, quiet, strict=True)]
+    identical = [
+        v["ok"] and v["text"] == q["text"] and v["tokens"] == q["tokens"]
+        for round_ in rounds
+        for v, q in zip(round_, quiet, strict=True)
+    ]
     statuses: dict[str, int] = {}
     for r in results:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
@@ -257,12 +342,18 @@ def rss_mb(pid: int) -> float:
 
 async def quiet_run(url: str, prompts: list[str]) -> list[dict[str, Any]]:
     async with httpx.AsyncClient() as client:
-        return list(await asyncio.gather(*(stream_victim(client, url, victim_body(prompts[i], 1000 + i)) for i in range(VICTIMS))))
+        return list(
+            await asyncio.gather(
+                *(stream_victim(client, url, victim_body(prompts[i], 1000 + i)) for i in range(VICTIMS))
+            )
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hostile", type=int, default=1000, help="hostile requests per repeat (besides the 10 MB bodies)")
+    parser.add_argument(
+        "--hostile", type=int, default=1000, help="hostile requests per repeat (besides the 10 MB bodies)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     prompts = [p.prompt for p in as_task_problems(make_problems("test", 64), "test")]
@@ -274,7 +365,9 @@ def main() -> None:
         if not all(v["ok"] for v in quiet):
             raise RuntimeError(f"the quiet run failed: {quiet}")
         rss_before = rss_mb(proc.pid)
-        repeats = [asyncio.run(repeat(url, prompts, quiet, args.hostile, seed)) for seed in range(args.repeats)]
+        repeats = [
+            asyncio.run(repeat(url, prompts, quiet, args.hostile, seed)) for seed in range(args.repeats)
+        ]
         health_after = httpx.get(url + "/health", timeout=10).json()
         rss_after = rss_mb(proc.pid)
     finally:
@@ -294,20 +387,35 @@ def main() -> None:
     }
     targets = {
         "victims_failed == 0": summary["victims_failed"] == 0,
-        "victims identical to the quiet run": summary["victims_identical_to_quiet"] == summary["victim_streams"],
+        "victims identical to the quiet run": summary["victims_identical_to_quiet"]
+        == summary["victim_streams"],
         "5xx == 0": summary["responses_5xx"] == 0,
         "/health p99 < 0.5 s during large bodies": summary["health_p99_s_worst"] < 0.5,
         "RSS within 50 MB of before": abs(summary["rss_growth_mb"]) <= 50,
         ">= 1000 hostile requests per repeat": all(r["hostile_requests"] >= 1000 for r in repeats),
     }
-    write_result("serve_faults", {
-        "setup": {"model": "reference", "probe": "benchmarks/results/probe_reference", "max_batch_size": 16, "max_queue": 64,
-                  "server_torch_threads": 1, "victims": VICTIMS, "victim_max_tokens": VICTIM_TOKENS,
-                  "hostile_per_repeat": args.hostile, "big_bodies_per_repeat": BIG_BODIES,
-                  "big_body_bytes": [BIG_BODY_BYTES, "chunked " + str(BIG_BODY_BYTES), int(3.9 * 2**20)], "repeats": args.repeats},
-        "summary": summary, "targets": targets, "repeats": repeats,
-        "health_p50_s_median": statistics.median(r["health_p50_s"] or 0 for r in repeats),
-    })
+    write_result(
+        "serve_faults",
+        {
+            "setup": {
+                "model": "reference",
+                "probe": "benchmarks/results/probe_reference",
+                "max_batch_size": 16,
+                "max_queue": 64,
+                "server_torch_threads": 1,
+                "victims": VICTIMS,
+                "victim_max_tokens": VICTIM_TOKENS,
+                "hostile_per_repeat": args.hostile,
+                "big_bodies_per_repeat": BIG_BODIES,
+                "big_body_bytes": [BIG_BODY_BYTES, "chunked " + str(BIG_BODY_BYTES), int(3.9 * 2**20)],
+                "repeats": args.repeats,
+            },
+            "summary": summary,
+            "targets": targets,
+            "repeats": repeats,
+            "health_p50_s_median": statistics.median(r["health_p50_s"] or 0 for r in repeats),
+        },
+    )
 
 
 if __name__ == "__main__":

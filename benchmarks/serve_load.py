@@ -54,10 +54,30 @@ def free_port() -> int:
 
 
 def start_server(port: int, max_batch: int, max_queue: int, threads: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "lynx_exit.cli", "serve", "--model", "reference", "--probe", str(PROBE),
-               "--torch-threads", str(threads),
-               "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue", str(max_queue),
-               "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", str(TEMPERATURE), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "lynx_exit.cli",
+        "serve",
+        "--model",
+        "reference",
+        "--probe",
+        str(PROBE),
+        "--torch-threads",
+        str(threads),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch),
+        "--max-queue",
+        str(max_queue),
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--temperature",
+        str(TEMPERATURE),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -80,16 +100,25 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 4)
 
 
-async def one_request(client: openai.AsyncOpenAI, prompt: str, seed: int, exit_settings: dict[str, Any],
-                      disconnect_after: int | None = None) -> dict[str, Any]:
+async def one_request(
+    client: openai.AsyncOpenAI,
+    prompt: str,
+    seed: int,
+    exit_settings: dict[str, Any],
+    disconnect_after: int | None = None,
+) -> dict[str, Any]:
     """One streamed chat request; outcome is completed, rejected (clean 503), disconnected, or lost."""
     started = time.perf_counter()
     first = None
     content, finish, usage, chunks = "", None, None, 0
     try:
         stream = await client.chat.completions.create(
-            model="reference", messages=[{"role": "user", "content": prompt}], seed=seed, stream=True,
-            stream_options={"include_usage": True}, extra_body={"exit": exit_settings},
+            model="reference",
+            messages=[{"role": "user", "content": prompt}],
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"exit": exit_settings},
         )
         async for chunk in stream:
             if chunk.choices:
@@ -112,13 +141,25 @@ async def one_request(client: openai.AsyncOpenAI, prompt: str, seed: int, exit_s
         return {"outcome": "lost", "error": f"{type(exc).__name__}: {exc}"}
     if finish is None or usage is None:
         return {"outcome": "lost", "error": "the stream ended without a finish reason or usage"}
-    return {"outcome": "completed", "latency_s": time.perf_counter() - started, "ttft_s": first,
-            "completion_tokens": usage.completion_tokens, "content": content}
+    return {
+        "outcome": "completed",
+        "latency_s": time.perf_counter() - started,
+        "ttft_s": first,
+        "completion_tokens": usage.completion_tokens,
+        "content": content,
+    }
 
 
-async def load_pass(url: str, prompts: list[str], concurrency: int, exit_settings: dict[str, Any],
-                    disconnect_every: int | None = None) -> tuple[list[dict[str, Any]], float]:
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+async def load_pass(
+    url: str,
+    prompts: list[str],
+    concurrency: int,
+    exit_settings: dict[str, Any],
+    disconnect_every: int | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    client = openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    )
     gate = asyncio.Semaphore(concurrency)
 
     async def bounded(i: int, prompt: str) -> dict[str, Any]:
@@ -146,9 +187,12 @@ def summarise(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "lost": sum(r["outcome"] == "lost" for r in results),
         "disconnected": sum(r["outcome"] == "disconnected" for r in results),
         "wall_s": round(wall, 2),
-        "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
+        "latency_p50_s": percentile(latency, 50),
+        "latency_p95_s": percentile(latency, 95),
         "latency_p99_s": percentile(latency, 99),
-        "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95), "ttft_p99_s": percentile(ttft, 99),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p95_s": percentile(ttft, 95),
+        "ttft_p99_s": percentile(ttft, 99),
         "completion_tokens": tokens,
         "completion_tokens_per_s": round(tokens / wall, 1),
         "client_cpu_share_of_one_core": round(results[0]["client_cpu_share"], 3) if results else None,
@@ -165,14 +209,22 @@ def offline(lm: Any, prompts: list[str], batch: int, exit_settings: dict[str, An
     started = time.perf_counter()
     ids = []
     for i, prompt in enumerate(prompts):
-        policy = None if exit_settings["method"] == "never" else make_policy(exit_settings["method"], context, **options)
+        policy = (
+            None
+            if exit_settings["method"] == "never"
+            else make_policy(exit_settings["method"], context, **options)
+        )
         ids.append(engine.add_request(lm.prompt_ids(prompt), config, policy, seed=i))
     for _ in engine.stream():
         pass
     wall = time.perf_counter() - started
     tokens = [len(engine.result(i).token_ids) for i in ids]
-    return {"wall_s": round(wall, 2), "completion_tokens": sum(tokens),
-            "completion_tokens_per_s": round(sum(tokens) / wall, 1), "tokens_per_request": tokens}
+    return {
+        "wall_s": round(wall, 2),
+        "completion_tokens": sum(tokens),
+        "completion_tokens_per_s": round(sum(tokens) / wall, 1),
+        "tokens_per_request": tokens,
+    }
 
 
 def health(url: str) -> dict[str, Any]:
@@ -190,8 +242,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--offline-batches", default="8,32")
     parser.add_argument("--max-queue", type=int, default=32)
-    parser.add_argument("--server-threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                        help="the server's torch threads (serve's default: all cores but one)")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) - 1),
+        help="the server's torch threads (serve's default: all cores but one)",
+    )
     args = parser.parse_args()
     problems = as_task_problems(make_problems("test", args.requests), "test")
     prompts = [p.prompt for p in problems]
@@ -206,18 +262,29 @@ def main() -> None:
             for level in levels:
                 results, wall = asyncio.run(load_pass(url, prompts, level, settings))
                 row = {"method": label, "concurrency": level, **summarise(results, wall)}
-                correct = [problems[i].grade(r["content"]) for i, r in enumerate(results) if r["outcome"] == "completed"]
+                correct = [
+                    problems[i].grade(r["content"])
+                    for i, r in enumerate(results)
+                    if r["outcome"] == "completed"
+                ]
                 row["accuracy"] = round(sum(correct) / max(1, len(correct)), 3)
                 row["tokens_per_request"] = [r.get("completion_tokens") for r in results]
                 served.append(row)
                 print({k: v for k, v in row.items() if k != "tokens_per_request"}, flush=True)
         # Fault pass: a fifth of the clients disconnect mid-stream; then a burst far past the queue limit.
-        fault_results, fault_wall = asyncio.run(load_pass(url, prompts, max_batch, METHODS["lynx-harm@0.05"], 5))
+        fault_results, fault_wall = asyncio.run(
+            load_pass(url, prompts, max_batch, METHODS["lynx-harm@0.05"], 5)
+        )
         burst = min(len(prompts), 3 * (max_batch + args.max_queue))
         burst_results, burst_wall = asyncio.run(load_pass(url, prompts[:burst], burst, METHODS["never"]))
         after = health(url)
-        fault = {"disconnect_pass": summarise(fault_results, fault_wall), "burst_pass": summarise(burst_results, burst_wall),
-                 "burst_size": burst, "capacity": max_batch + args.max_queue, "health_after": after}
+        fault = {
+            "disconnect_pass": summarise(fault_results, fault_wall),
+            "burst_pass": summarise(burst_results, burst_wall),
+            "burst_size": burst,
+            "capacity": max_batch + args.max_queue,
+            "health_after": after,
+        }
         print(fault, flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -232,34 +299,70 @@ def main() -> None:
         torch.set_num_threads(threads)
         for label, settings in METHODS.items():
             for batch in [int(b) for b in args.offline_batches.split(",")]:
-                row = {"method": label, "batch": batch, "torch_threads": threads, **offline(lm, prompts, batch, settings)}
+                row = {
+                    "method": label,
+                    "batch": batch,
+                    "torch_threads": threads,
+                    **offline(lm, prompts, batch, settings),
+                }
                 offline_rows.append(row)
                 print({k: v for k, v in row.items() if k != "tokens_per_request"}, flush=True)
     torch.set_num_threads(all_threads)
     for row in served:
         row["torch_threads"] = args.server_threads
-        for threads, key in ((all_threads, "served_vs_offline"), (args.server_threads, "served_vs_offline_same_threads")):
-            same = [o for o in offline_rows if o["method"] == row["method"] and o["batch"] == row["concurrency"]
-                    and o["torch_threads"] == threads]
+        for threads, key in (
+            (all_threads, "served_vs_offline"),
+            (args.server_threads, "served_vs_offline_same_threads"),
+        ):
+            same = [
+                o
+                for o in offline_rows
+                if o["method"] == row["method"]
+                and o["batch"] == row["concurrency"]
+                and o["torch_threads"] == threads
+            ]
             if same:
                 row[key] = round(row["completion_tokens_per_s"] / same[0]["completion_tokens_per_s"], 3)
-        twins = [o for o in offline_rows if o["method"] == row["method"] and o["torch_threads"] == args.server_threads]
-        row["same_tokens_as_offline"] = all(o["tokens_per_request"] == row["tokens_per_request"] for o in twins)
+        twins = [
+            o
+            for o in offline_rows
+            if o["method"] == row["method"] and o["torch_threads"] == args.server_threads
+        ]
+        row["same_tokens_as_offline"] = all(
+            o["tokens_per_request"] == row["tokens_per_request"] for o in twins
+        )
     for row in served + offline_rows:
         row.pop("tokens_per_request")
     at_max = [r for r in served if r["concurrency"] == max_batch and "served_vs_offline" in r]
-    write_result("serve_load", {
-        "model": "reference", "probe": str(PROBE.relative_to(ROOT.parent)), "requests": args.requests,
-        "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "cpus": os.cpu_count(),
-        "targets": "lost = 0 everywhere; served tokens/s at concurrency 32 >= 0.8x offline at batch 32",
-        "served": served, "offline": offline_rows, "fault": fault,
-        "lost_total": sum(r["lost"] for r in served) + fault["disconnect_pass"]["lost"] + fault["burst_pass"]["lost"],
-        "offline_torch_threads": all_threads, "server_torch_threads": args.server_threads,
-        "min_served_vs_offline_at_max_concurrency": min((r["served_vs_offline"] for r in at_max), default=None),
-        "min_served_vs_offline_same_threads_at_max_concurrency": min(
-            (r["served_vs_offline_same_threads"] for r in at_max), default=None),
-        "mean_served_vs_offline": round(statistics.mean(r["served_vs_offline"] for r in served if "served_vs_offline" in r), 3),
-    })
+    write_result(
+        "serve_load",
+        {
+            "model": "reference",
+            "probe": str(PROBE.relative_to(ROOT.parent)),
+            "requests": args.requests,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "temperature": TEMPERATURE,
+            "cpus": os.cpu_count(),
+            "targets": "lost = 0 everywhere; served tokens/s at concurrency 32 >= 0.8x offline at batch 32",
+            "served": served,
+            "offline": offline_rows,
+            "fault": fault,
+            "lost_total": sum(r["lost"] for r in served)
+            + fault["disconnect_pass"]["lost"]
+            + fault["burst_pass"]["lost"],
+            "offline_torch_threads": all_threads,
+            "server_torch_threads": args.server_threads,
+            "min_served_vs_offline_at_max_concurrency": min(
+                (r["served_vs_offline"] for r in at_max), default=None
+            ),
+            "min_served_vs_offline_same_threads_at_max_concurrency": min(
+                (r["served_vs_offline_same_threads"] for r in at_max), default=None
+            ),
+            "mean_served_vs_offline": round(
+                statistics.mean(r["served_vs_offline"] for r in served if "served_vs_offline" in r), 3
+            ),
+        },
+    )
 
 
 if __name__ == "__main__":

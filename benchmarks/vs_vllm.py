@@ -48,8 +48,12 @@ def main() -> None:
     probe = never_exit_probe(lm, Path(tempfile.mkdtemp()) / "probe")
     prompts = [lm.prompt_ids(p.prompt) for p in as_task_problems(make_problems("test", max(batches)), "test")]
     n = args.new_tokens
-    common: dict[str, Any] = {"dtype": "float32" if args.device == "cpu" else "bfloat16", "max_model_len": 1024,
-                              "seed": 0, "enforce_eager": args.enforce_eager}
+    common: dict[str, Any] = {
+        "dtype": "float32" if args.device == "cpu" else "bfloat16",
+        "max_model_len": 1024,
+        "seed": 0,
+        "enforce_eager": args.enforce_eager,
+    }
     started = time.perf_counter()
     plain = LLM(model=model_path, **common)
     plugged = LLM(**engine_args(model_path, probe=str(probe), **common))
@@ -65,7 +69,9 @@ def main() -> None:
     def run_engine(batch: int, lynx: bool) -> int:
         policies = [make_policy("lynx", context, delta=0.05) for _ in range(batch)] if lynx else None
         config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.0)
-        return sum(r.num_generated_tokens for r in DecodeLoop(lm, prompts[:batch], config, policies=policies).run())
+        return sum(
+            r.num_generated_tokens for r in DecodeLoop(lm, prompts[:batch], config, policies=policies).run()
+        )
 
     sides = {
         "vllm": lambda b: run_vllm(plain, b, False),
@@ -91,18 +97,38 @@ def main() -> None:
         base = statistics.median(samples[("vllm", batch)])
         for name in sides:
             values = samples[(name, batch)]
-            rows.append({"side": name, "batch": batch, "tokens_per_s": round(statistics.median(values), 1),
-                         "min": round(min(values), 1), "max": round(max(values), 1),
-                         "vs_vllm": round(statistics.median(values) / base, 3)})
-    write_result("vs_vllm", {
-        "workload": {"model": args.model, "prompts": "reference test split", "new_tokens_per_row": n, "greedy": True,
-                     "reps": args.reps, "statistic": "median tokens/s over reps, interleaved side by side",
-                     "pause_between_sides_s": PAUSE_S},
-        "vllm": {"version": vllm.__version__, "device": args.device, "enforce_eager": args.enforce_eager,
-                 "model_runner": "V1 (the plug-in's; plain vLLM on a CPU without triton-cpu runs V1 too)",
-                 "engines_loaded_s": load_s},
-        "rows": rows,
-    })
+            rows.append(
+                {
+                    "side": name,
+                    "batch": batch,
+                    "tokens_per_s": round(statistics.median(values), 1),
+                    "min": round(min(values), 1),
+                    "max": round(max(values), 1),
+                    "vs_vllm": round(statistics.median(values) / base, 3),
+                }
+            )
+    write_result(
+        "vs_vllm",
+        {
+            "workload": {
+                "model": args.model,
+                "prompts": "reference test split",
+                "new_tokens_per_row": n,
+                "greedy": True,
+                "reps": args.reps,
+                "statistic": "median tokens/s over reps, interleaved side by side",
+                "pause_between_sides_s": PAUSE_S,
+            },
+            "vllm": {
+                "version": vllm.__version__,
+                "device": args.device,
+                "enforce_eager": args.enforce_eager,
+                "model_runner": "V1 (the plug-in's; plain vLLM on a CPU without triton-cpu runs V1 too)",
+                "engines_loaded_s": load_s,
+            },
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

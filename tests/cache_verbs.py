@@ -8,11 +8,20 @@ from collections.abc import Callable
 
 import torch
 
-Fresh = Callable[[list[int]], torch.Tensor]  # a token list -> the model's next-token logits from a fresh forward
+Fresh = Callable[
+    [list[int]], torch.Tensor
+]  # a token list -> the model's next-token logits from a fresh forward
 
 
-def exercise_cache_verbs(backend, vocab: int, fresh: Fresh, tolerance: float, rounds: int = 40, seed: int = 11,
-                         longest_prompt: int = 14) -> None:
+def exercise_cache_verbs(
+    backend,
+    vocab: int,
+    fresh: Fresh,
+    tolerance: float,
+    rounds: int = 40,
+    seed: int = 11,
+    longest_prompt: int = 14,
+) -> None:
     """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
     after each, every live request's next-token logits equal `fresh` over its token list, and each fork's greedy
     tokens are the argmax of `fresh` over its prefix."""
@@ -22,7 +31,9 @@ def exercise_cache_verbs(backend, vocab: int, fresh: Fresh, tolerance: float, ro
 
     def check(request_ids, logits):
         for request_id, row in zip(request_ids, logits, strict=True):
-            torch.testing.assert_close(row, fresh(held[request_id]).to(row.dtype), rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(
+                row, fresh(held[request_id]).to(row.dtype), rtol=tolerance, atol=tolerance
+            )
 
     for _round in range(rounds):
         verb = rng.choice(["prefill", "decode", "decode", "extend", "truncate", "release", "fork"])
@@ -62,7 +73,7 @@ def exercise_cache_verbs(backend, vocab: int, fresh: Fresh, tolerance: float, ro
             request_id = rng.choice(sorted(held))
             keep = rng.randint(1, len(held[request_id]))
             forced = [rng.randrange(3, vocab) for _ in range(3)]
-            (tokens, _, _), = backend.fork([(request_id, keep)], forced, 4, set(), lambda _i, _t: False)
+            ((tokens, _, _),) = backend.fork([(request_id, keep)], forced, 4, set(), lambda _i, _t: False)
             prefix = held[request_id][:keep] + forced
             for token in tokens:  # greedy continuation of the prefix, by the model alone
                 assert token == int(fresh(prefix).argmax())

@@ -27,7 +27,9 @@ CORPUS = [
 ] * 4
 
 
-def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 3, context: int = 512) -> LoadedModel:
+def make_tiny_lm(
+    seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 3, context: int = 512
+) -> LoadedModel:
     tokenizer = train_tokenizer(CORPUS, vocab_size=311)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -44,7 +46,9 @@ def make_tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-test", profile=resolve_profile(model, tokenizer))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id="tiny-test", profile=resolve_profile(model, tokenizer)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +94,25 @@ def cli_server(model_dir, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lynx_exit.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--log-level", "warning", *flags],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lynx_exit.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *flags,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + BOUND_S

@@ -98,7 +98,9 @@ def test_harm_labels_forgive_rollouts_that_are_wrong_anyway():
 def test_binomial_cdf():
     assert binomial_cdf(0, 3, 0.5) == pytest.approx(0.125)
     assert binomial_cdf(3, 3, 0.5) == pytest.approx(1.0)
-    assert binomial_cdf(-1, 3, 0.5) == 0.0 and binomial_cdf(2, 3, 0.0) == 1.0 and binomial_cdf(2, 3, 1.0) == 0.0
+    assert (
+        binomial_cdf(-1, 3, 0.5) == 0.0 and binomial_cdf(2, 3, 0.0) == 1.0 and binomial_cdf(2, 3, 1.0) == 0.0
+    )
 
 
 def _exact_cdf_tenths(k, n, tenths):
@@ -110,7 +112,10 @@ def _exact_cdf_tenths(k, n, tenths):
     return total / 10**n
 
 
-@pytest.mark.parametrize("k,n,tenths", [(300, 3000, 1), (130, 1400, 1), (950, 10_000, 1), (1000, 10_000, 1), (2900, 10_000, 3), (5, 10_000, 1)])
+@pytest.mark.parametrize(
+    "k,n,tenths",
+    [(300, 3000, 1), (130, 1400, 1), (950, 10_000, 1), (1000, 10_000, 1), (2900, 10_000, 3), (5, 10_000, 1)],
+)
 def test_binomial_cdf_at_paper_scale_matches_exact_arithmetic(k, n, tenths):
     """Reproduction: the float sum raised OverflowError from about 1,200 calibration rollouts."""
     exact = _exact_cdf_tenths(k, n, tenths)

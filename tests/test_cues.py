@@ -7,7 +7,9 @@ def run(pieces, think_end="</think>", **kw):
     words = kw.get("words", ("hmm", "wait", "alternatively"))
     max_chars = None if "regex" in kw else max(len(w) for w in words)
     full = _run(CueDetector(compile_cue_pattern(**kw), think_end=think_end), pieces)
-    windowed = _run(CueDetector(compile_cue_pattern(**kw), think_end=think_end, max_cue_chars=max_chars), pieces)
+    windowed = _run(
+        CueDetector(compile_cue_pattern(**kw), think_end=think_end, max_cue_chars=max_chars), pieces
+    )
     assert windowed == full
     return full
 
@@ -31,7 +33,11 @@ def test_waiting_and_await_are_not_cues():
 
 
 def test_case_insensitive_and_all_default_words():
-    assert run(["Hmm", ".", " WAIT", "!", " Alternatively", ",", " x"]) == [(0, "hmm"), (2, "wait"), (4, "alternatively")]
+    assert run(["Hmm", ".", " WAIT", "!", " Alternatively", ",", " x"]) == [
+        (0, "hmm"),
+        (2, "wait"),
+        (4, "alternatively"),
+    ]
 
 
 def test_boundary_inside_same_token():

@@ -33,7 +33,9 @@ ALL = ("cue", "answer", "paragraph")
 
 def detect(text: str, chunk: int, kinds=ALL, **kwargs) -> list[tuple[str, str]]:
     """Stream `text` in pieces of `chunk` characters; (kind, text so far) at each decision point."""
-    detector = PointDetector(compile_cue_pattern(), kinds=kinds, think_end="</think>", max_cue_chars=13, **kwargs)
+    detector = PointDetector(
+        compile_cue_pattern(), kinds=kinds, think_end="</think>", max_cue_chars=13, **kwargs
+    )
     pieces = [text[i : i + chunk] for i in range(0, len(text), chunk)]
     found = []
     for i, piece in enumerate(pieces):
@@ -60,23 +62,35 @@ def test_an_answer_phrase_is_a_point_once_its_number_is_complete_and_not_inside_
     assert [kind for kind, _ in found] == ["answer"]
     assert "425" in found[0][1] and found[0][1].count("answer is") == 2  # the quoted one was passed over
     # curly quotes too, and a quotation that closed leaves the next phrase an answer
-    assert detect("“the answer is 5” and the answer is 6. ", chunk, kinds=("answer",))[0][1].endswith(("6.", "6. "))
+    assert detect("“the answer is 5” and the answer is 6. ", chunk, kinds=("answer",))[0][1].endswith(
+        ("6.", "6. ")
+    )
 
 
 def test_paragraphs_cues_and_the_priority_when_one_token_completes_several():
     text = "Step one.\n\nWait, the answer is 7.\n\nDone.</think> the answer is 9. Wait, \n\n"
     found = detect(text, 1)
-    assert [kind for kind, _ in found] == ["paragraph", "cue", "answer", "paragraph"]  # nothing after </think>
+    assert [kind for kind, _ in found] == [
+        "paragraph",
+        "cue",
+        "answer",
+        "paragraph",
+    ]  # nothing after </think>
     # one token holding a cue word's boundary and a stated answer's confirmation is an answer point
     assert detect("the answer is 7. Wait, ", 100)[0][0] == "answer"
     # a family's own step separator: the reference model writes a step per line
-    lines = detect("a\nb\nc", 1, kinds=("paragraph",), step_separator=compile_point_pattern("step separator", r"\n"))
+    lines = detect(
+        "a\nb\nc", 1, kinds=("paragraph",), step_separator=compile_point_pattern("step separator", r"\n")
+    )
     assert [upto for _, upto in lines] == ["a\n", "a\nb\n"]
 
 
 def test_point_kinds_parse_and_name_the_bad_one():
     assert parse_points("answer, cue") == ("cue", "answer") == parse_points(["answer", "cue"])
-    assert points_key(("paragraph", "cue")) == "cue+paragraph" and parse_points("cue+paragraph") == ("cue", "paragraph")
+    assert points_key(("paragraph", "cue")) == "cue+paragraph" and parse_points("cue+paragraph") == (
+        "cue",
+        "paragraph",
+    )
     for bad, needle in (("cue,hunch", "'hunch'"), ("", "at least one"), (3, "list")):
         with pytest.raises(ValueError, match=needle):
             parse_points(bad)
@@ -98,10 +112,19 @@ def test_every_family_finds_its_points_inside_thinking_only(monkeypatch, name):
     if lm.profile.think_end is None:  # no markers: everything is thinking
         written = thinking
     else:
-        written = ("Wait. the answer is 1. " if lm.profile.thinking == "model" else "") + opens + thinking + closes + after
+        written = (
+            ("Wait. the answer is 1. " if lm.profile.thinking == "model" else "")
+            + opens
+            + thinking
+            + closes
+            + after
+        )
     steps, result = run_scripted(monkeypatch, lm, written, policy=Recorder())
     points = [(s.point, s.index) for s in steps if s.point is not None]
-    assert [kind for kind, _ in points] == ["cue", "paragraph", "cue", "answer", "answer", "paragraph"], (name, points)
+    assert [kind for kind, _ in points] == ["cue", "paragraph", "cue", "answer", "answer", "paragraph"], (
+        name,
+        points,
+    )
     text_at = {index: lm.tokenizer.decode(result.token_ids[: index + 1]) for _, index in points}
     answer_texts = [text_at[index] for kind, index in points if kind == "answer"]
     assert "answer is 7" in answer_texts[0] and answer_texts[1].rstrip().endswith("\\boxed{7}")
@@ -117,11 +140,15 @@ def tiny_probe(kinds=("cue",), dim: int = 6) -> Probe:
     return probe
 
 
-def bundle_of(probe: Probe, lm=None, give_up: GiveUpThreshold | None = None, trajectory: float = math.inf) -> ProbeBundle:
+def bundle_of(
+    probe: Probe, lm=None, give_up: GiveUpThreshold | None = None, trajectory: float = math.inf
+) -> ProbeBundle:
     kinds = probe.kinds
     spec = lm.feature_spec() if lm is not None else None
     return ProbeBundle(
-        probe=probe, spec=spec, meta={},  # type: ignore[arg-type]
+        probe=probe,
+        spec=spec,
+        meta={},  # type: ignore[arg-type]
         event_thresholds=[EventThreshold(0.1, 0.2, 0.5, 50, 50, point=kind) for kind in kinds],
         trajectory_thresholds=[TrajectoryThreshold(0.1, 0.1, trajectory, 100, 0.0, points=points_key(kinds))],
         harm_thresholds=[],
@@ -157,11 +184,19 @@ def test_per_kind_calibration_keeps_the_guarantee_where_pooling_breaks_it():
     for _ in range(100):
         kinds = rng.choice(["cue", "answer"], size=2 * n, p=[0.8, 0.2])
         labels = rng.random(2 * n) < 0.5
-        scores = np.where(labels, rng.beta(5, 2, 2 * n), np.where(kinds == "cue", rng.beta(1, 6, 2 * n), rng.beta(4, 2, 2 * n)))
+        scores = np.where(
+            labels,
+            rng.beta(5, 2, 2 * n),
+            np.where(kinds == "cue", rng.beta(1, 6, 2 * n), rng.beta(4, 2, 2 * n)),
+        )
         calib, test = slice(0, n), slice(n, 2 * n)
         pooled = calibrate_events(scores[calib], labels[calib], delta)
-        own = {k: calibrate_events(scores[calib][kinds[calib] == k], labels[calib][kinds[calib] == k], delta, point=k)
-               for k in ("cue", "answer")}
+        own = {
+            k: calibrate_events(
+                scores[calib][kinds[calib] == k], labels[calib][kinds[calib] == k], delta, point=k
+            )
+            for k in ("cue", "answer")
+        }
         unsafe_answers = np.flatnonzero((kinds[test] == "answer") & ~labels[test])
         for name, rule in (("pooled", pooled), ("per kind", own["answer"])):
             exits = [rule.should_exit(float(scores[test][i])) for i in unsafe_answers]
@@ -170,7 +205,9 @@ def test_per_kind_calibration_keeps_the_guarantee_where_pooling_breaks_it():
     assert np.mean(rates["pooled"]) > 2 * delta
 
 
-def many_checks(rng: np.random.Generator, traces: int) -> list[tuple[list[float], list[int], list[int], bool, list[str]]]:
+def many_checks(
+    rng: np.random.Generator, traces: int
+) -> list[tuple[list[float], list[int], list[int], bool, list[str]]]:
     """Traces with 10-30 points of two kinds; most turn safe in their first half, the rest never do, and answer
     points carry more signal than cues. Each: (scores, labels, token indices, full chain right, kinds)."""
     out = []
@@ -180,7 +217,10 @@ def many_checks(rng: np.random.Generator, traces: int) -> list[tuple[list[float]
         turn = int(rng.integers(0, m // 2)) if rng.random() < 0.7 else m  # 30 % never turn safe: lost traces
         labels = [int(i >= turn) for i in range(m)]
         noise = [0.1 if k == "answer" else 0.2 for k in kinds]
-        scores = [float(np.clip(0.5 + (lab - 0.5) * 0.8 + rng.normal(0, s), 0, 1)) for lab, s in zip(labels, noise, strict=True)]
+        scores = [
+            float(np.clip(0.5 + (lab - 0.5) * 0.8 + rng.normal(0, s), 0, 1))
+            for lab, s in zip(labels, noise, strict=True)
+        ]
         tokens = sorted(int(t) for t in rng.integers(0, 400, size=m))
         out.append((scores, labels, tokens, bool(labels[-1]), kinds))
     return out
@@ -213,8 +253,12 @@ def test_give_up_calibration_bounds_giving_up_on_traces_that_end_right():
     for _ in range(60):
         order = rng.permutation(len(data))
         calib, test = [data[i] for i in order[:600]], [data[i] for i in order[600:]]
-        rule = calibrate_give_up([(s, t, ok) for s, _, t, ok, _ in calib], delta, 0.1, min_tokens=250, points="cue+answer")
-        realized.append(np.mean([give_up_loss(s, t, ok, rule.threshold, rule.min_tokens) for s, _, t, ok, _ in test]))
+        rule = calibrate_give_up(
+            [(s, t, ok) for s, _, t, ok, _ in calib], delta, 0.1, min_tokens=250, points="cue+answer"
+        )
+        realized.append(
+            np.mean([give_up_loss(s, t, ok, rule.threshold, rule.min_tokens) for s, _, t, ok, _ in test])
+        )
         given += not rule.never
     assert given > 30 and np.mean(realized) <= delta
     never = GiveUpThreshold(0.1, 0.1, 0.0, 0, 10, 0.0)
@@ -236,7 +280,9 @@ def test_a_give_up_forces_the_answer_and_says_so(monkeypatch):
     torch.nn.init.zeros_(probe.net[4].bias)  # P(safe) = 0.5 everywhere
     give_up = GiveUpThreshold(0.1, 0.1, 0.6, min_tokens, 100, 0.0, points="paragraph")
     bundle = bundle_of(probe, lm, give_up=give_up)
-    policy = LynxPolicy(bundle=bundle, delta=0.1, mode="trajectory", decision_points=("paragraph",), give_up_delta=0.1)
+    policy = LynxPolicy(
+        bundle=bundle, delta=0.1, mode="trajectory", decision_points=("paragraph",), give_up_delta=0.1
+    )
     steps, result = run_scripted(monkeypatch, lm, written, policy=policy)
     assert result.finish_reason == "exit" and result.gave_up and result.exit_point == "paragraph"
     assert result.exit_index == points[2]
@@ -248,18 +294,46 @@ def test_a_give_up_forces_the_answer_and_says_so(monkeypatch):
     policy = LynxPolicy(bundle=bundle, delta=0.1, mode="trajectory", decision_points=("paragraph",))
     _, result = run_scripted(monkeypatch, lm, written, policy=policy)
     assert result.exit_index is None and not result.gave_up
-    assert policy.observe(Step(0, 0, 0, "", "think", point="paragraph", features=torch.zeros(lm.feature_spec().feature_dim),
-                               score=0.99)) is Decision.CONTINUE  # below the exit threshold (inf): continue
+    assert (
+        policy.observe(
+            Step(
+                0,
+                0,
+                0,
+                "",
+                "think",
+                point="paragraph",
+                features=torch.zeros(lm.feature_spec().feature_dim),
+                score=0.99,
+            )
+        )
+        is Decision.CONTINUE
+    )  # below the exit threshold (inf): continue
 
 
 def test_eval_sweeps_decision_points_and_give_up_as_curves_of_their_own():
-    settings = parse_methods(["never", "lynx-harm"], {"delta": "0.1,0.2"}, axes={
-        "decision_points": [("cue",), ("cue", "answer")], "give_up_delta": [None, 0.05]})
+    settings = parse_methods(
+        ["never", "lynx-harm"],
+        {"delta": "0.1,0.2"},
+        axes={"decision_points": [("cue",), ("cue", "answer")], "give_up_delta": [None, 0.05]},
+    )
     labels = [s.label for s in settings]
-    assert labels == ["never", "lynx-harm@0.1", "lynx-harm@0.2", "lynx-harm[give-up 0.05]@0.1", "lynx-harm[give-up 0.05]@0.2",
-                      "lynx-harm[cue+answer]@0.1", "lynx-harm[cue+answer]@0.2", "lynx-harm[cue+answer, give-up 0.05]@0.1",
-                      "lynx-harm[cue+answer, give-up 0.05]@0.2"]
-    assert dict(settings[-1].options) == {"delta": 0.2, "decision_points": ("cue", "answer"), "give_up_delta": 0.05}
+    assert labels == [
+        "never",
+        "lynx-harm@0.1",
+        "lynx-harm@0.2",
+        "lynx-harm[give-up 0.05]@0.1",
+        "lynx-harm[give-up 0.05]@0.2",
+        "lynx-harm[cue+answer]@0.1",
+        "lynx-harm[cue+answer]@0.2",
+        "lynx-harm[cue+answer, give-up 0.05]@0.1",
+        "lynx-harm[cue+answer, give-up 0.05]@0.2",
+    ]
+    assert dict(settings[-1].options) == {
+        "delta": 0.2,
+        "decision_points": ("cue", "answer"),
+        "give_up_delta": 0.05,
+    }
 
 
 def test_the_vectorized_trajectory_losses_equal_the_rule_applied_one_rollout_at_a_time():
@@ -267,8 +341,13 @@ def test_the_vectorized_trajectory_losses_equal_the_rule_applied_one_rollout_at_
     grid = [*np.linspace(0.0, 1.0, 201)[1:], 0.37]
     for _ in range(200):
         m = int(rng.integers(0, 12))
-        probs, labels = list(np.round(rng.random(m), 2)), [int(x) for x in rng.integers(0, 2, m)]  # rounded: ties
-        assert list(trajectory_losses([(probs, labels)], grid)) == [trajectory_loss(probs, labels, t) for t in grid]
+        probs, labels = (
+            list(np.round(rng.random(m), 2)),
+            [int(x) for x in rng.integers(0, 2, m)],
+        )  # rounded: ties
+        assert list(trajectory_losses([(probs, labels)], grid)) == [
+            trajectory_loss(probs, labels, t) for t in grid
+        ]
 
 
 def test_the_risk_margin_widens_for_events_clustered_in_rollouts():

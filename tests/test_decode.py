@@ -102,7 +102,9 @@ def test_exit_drops_cue_and_answer_equals_rerun_of_prefix_ids(tiny_lm):
     assert result.token_ids[: cue_index + len(cue_ids)] == never.token_ids[:cue_index] + cue_ids
     answer_ids = result.token_ids[cue_index + len(cue_ids) :]
     rerun = tiny_lm.model.generate(
-        torch.tensor([prompt + never.token_ids[:cue_index] + cue_ids]), max_new_tokens=len(answer_ids), do_sample=False
+        torch.tensor([prompt + never.token_ids[:cue_index] + cue_ids]),
+        max_new_tokens=len(answer_ids),
+        do_sample=False,
     )
     assert answer_ids == rerun[0, -len(answer_ids) :].tolist()
 
@@ -118,7 +120,9 @@ def test_batched_forced_answers_from_cache_equal_rerun(tiny_lm):
     answers = loop.engine.forced_answers(cut_points, cue_ids, 6)
     for (row, kept), forced in zip(cut_points, answers, strict=True):
         prefix = batch[row] + results[row].token_ids[:kept] + cue_ids
-        rerun = tiny_lm.model.generate(torch.tensor([prefix]), max_new_tokens=len(forced.token_ids), do_sample=False)
+        rerun = tiny_lm.model.generate(
+            torch.tensor([prefix]), max_new_tokens=len(forced.token_ids), do_sample=False
+        )
         assert forced.token_ids == rerun[0, len(prefix) :].tolist()
         assert 0 < forced.mean_prob <= 1
 
@@ -138,7 +142,9 @@ def test_online_decisions_equal_offline_replay(tiny_lm):
 
 def test_token_budget_and_registry(tiny_lm):
     config = GenerationConfig(temperature=0.7, seed=0, max_new_tokens=40, answer_max_tokens=5)
-    result = DecodeLoop(tiny_lm, prompts(tiny_lm)[:1], config, policies=[make_policy("token-budget", budget=10)]).run()[0]
+    result = DecodeLoop(
+        tiny_lm, prompts(tiny_lm)[:1], config, policies=[make_policy("token-budget", budget=10)]
+    ).run()[0]
     assert result.exit_index == 9
     assert result.token_ids[10 : 10 + len(tiny_lm.exit_cue_ids())] == tiny_lm.exit_cue_ids()
     never = DecodeLoop(tiny_lm, prompts(tiny_lm)[:1], config, policies=[NeverExit()]).run()[0]
@@ -150,7 +156,8 @@ def test_token_budget_and_registry(tiny_lm):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("exit_cue", "  ")]
+    "field,value",
+    [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("exit_cue", "  ")],
 )
 def test_bad_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -167,7 +174,13 @@ def test_bad_loop_inputs(tiny_lm):
 
 
 def test_continuous_batching_equals_rows_alone(tiny_lm):
-    texts = ["Hi", "What is 3+4?", "A much longer prompt about twelve apples and five pears, think hard.", "x", "Tom?"]
+    texts = [
+        "Hi",
+        "What is 3+4?",
+        "A much longer prompt about twelve apples and five pears, think hard.",
+        "x",
+        "Tom?",
+    ]
     batch = [tiny_lm.prompt_ids(t) for t in texts]
     config = GenerationConfig(max_new_tokens=20, temperature=0.9, seed=4, cue_regex="e", answer_max_tokens=4)
     lengths = [6, 20, 9, 14, 20]  # different budgets so rows finish at different steps and slots get refilled

@@ -12,7 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CITATION = re.compile(r"how-it-works(?:\.md)?\)? §(\d+)")
-OUTSIDE = re.compile(r"\bspec §|LYNX_SPEC|TRACE_STATISTICS|DECISION_POINTS\.md|VLLM_PLUGIN\.md|turn2-findings")
+OUTSIDE = re.compile(
+    r"\bspec §|LYNX_SPEC|TRACE_STATISTICS|DECISION_POINTS\.md|VLLM_PLUGIN\.md|turn2-findings"
+)
 
 
 def broken_links(path: Path) -> list[str]:
@@ -47,7 +49,9 @@ def test_every_relative_link_resolves() -> None:
 def test_the_link_check_catches_a_broken_link(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     (tmp_path / "there.md").write_text("x")
-    page.write_text("[ok](there.md) [anchor](there.md#a) [web](https://example.com) [gone](missing.md) ![img](nope.png)")
+    page.write_text(
+        "[ok](there.md) [anchor](there.md#a) [web](https://example.com) [gone](missing.md) ![img](nope.png)"
+    )
     assert [link.split(": ")[1] for link in broken_links(page)] == ["missing.md", "nope.png"]
 
 
@@ -70,6 +74,10 @@ def test_every_cited_section_exists_and_nothing_cites_outside_the_repo() -> None
 
 def test_generated_tables_are_up_to_date() -> None:
     """docs/results.md and the README's headline table are `benchmarks/readme_tables.py`'s output."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "--check"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

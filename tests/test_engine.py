@@ -27,9 +27,16 @@ from lynx_exit.probe.calibration import calibrate_probe_folder, train_probe_fold
 from lynx_exit.seeding import rollout_seed
 from lynx_exit.tasks import Problem
 
-CONFIG = GenerationConfig(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=40, cue_regex="e", answer_max_tokens=4)
+CONFIG = GenerationConfig(
+    max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=40, cue_regex="e", answer_max_tokens=4
+)
 FREQUENT_CUES = GenerationConfig(max_new_tokens=24, min_new_tokens=24, temperature=0.9, cue_regex="[aeo]")
-TEXTS = ["What is 3+4?", "Hi", "A much longer prompt about twelve apples and five pears, so think hard about it.", "Tom?"]
+TEXTS = [
+    "What is 3+4?",
+    "Hi",
+    "A much longer prompt about twelve apples and five pears, so think hard about it.",
+    "Tom?",
+]
 
 
 def alone(lm, prompt, seed, policy=None, config=CONFIG):
@@ -40,7 +47,10 @@ def test_request_added_while_others_run_equals_request_alone(tiny_lm):
     prompts = [tiny_lm.prompt_ids(t) for t in TEXTS]
     engine = Engine(tiny_lm, max_batch_size=4)
     plan = [(prompts[0], 1, None), (prompts[1], 2, 10), (prompts[2], 3, None), (prompts[3], 4, 7)]
-    ids = [engine.add_request(plan[0][0], CONFIG, seed=1), engine.add_request(plan[1][0], CONFIG, TokenBudget(10), seed=2)]
+    ids = [
+        engine.add_request(plan[0][0], CONFIG, seed=1),
+        engine.add_request(plan[1][0], CONFIG, TokenBudget(10), seed=2),
+    ]
     for _ in range(5):
         engine.step()
     ids.append(engine.add_request(plan[2][0], CONFIG, seed=3))  # longer than anything in the cache: widens it
@@ -72,7 +82,10 @@ def test_abort_frees_the_row_and_leaves_the_others_unchanged(tiny_lm):
     assert engine.num_running == 1 and engine.result(ids[0]).finish_reason == "abort"
     steps = engine.step()
     assert [s.finish_reason for s in steps if s.request_id == ids[0]] == ["abort"]
-    assert engine.num_running == 2 and sorted(engine.backend.rows.values()) == [0, 1]  # the third took the freed slot
+    assert engine.num_running == 2 and sorted(engine.backend.rows.values()) == [
+        0,
+        1,
+    ]  # the third took the freed slot
     list(engine.stream())
     assert len(engine.result(ids[0]).token_ids) == 3  # three tokens were read before the abort
     for i in (1, 2):
@@ -104,7 +117,10 @@ def test_each_policy_gets_exactly_its_own_layers(tiny_lm):
     prompt = tiny_lm.prompt_ids(TEXTS[0])
     layer_sets = [(2,), (0, 3), (1,), (1, 2, 3), (3,)]
     lengths = [6, 20, 9, 20, 14]  # requests end at different steps, so others join while cue rows are read
-    configs = [GenerationConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.9, cue_regex=r"[\s\S]") for n in lengths]
+    configs = [
+        GenerationConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.9, cue_regex=r"[\s\S]")
+        for n in lengths
+    ]
     policies = [Recorder(tiny_lm.feature_spec(layers)) for layers in layer_sets]
     engine = Engine(tiny_lm, max_batch_size=2)
     for i, (policy, config) in enumerate(zip(policies, configs, strict=True)):
@@ -163,19 +179,43 @@ def test_eval_scores_a_probe_on_non_default_layers_at_its_own_layers(tiny_lm, tm
     assert layers != tiny_lm.feature_spec().layers
     spec = tiny_lm.feature_spec(layers)
     problems = [Problem("toy", f"p{i}", f"Problem {i}: add {i} and 3.", "0") for i in range(3)]
-    config = GenerationConfig(max_new_tokens=30, min_new_tokens=30, temperature=1.0, seed=2, cue_regex="e", answer_max_tokens=3)
+    config = GenerationConfig(
+        max_new_tokens=30, min_new_tokens=30, temperature=1.0, seed=2, cue_regex="e", answer_max_tokens=3
+    )
     _write_probe(tmp_path / "probe", spec, q_neg=0.0)
     bundle = load_probe(tmp_path / "probe")
     recorded = [
-        list(DecodeLoop(tiny_lm, [tiny_lm.prompt_ids(p.prompt)], config, layers=layers, seeds=[rollout_seed(2, i, 0, 1)]).steps())
+        list(
+            DecodeLoop(
+                tiny_lm,
+                [tiny_lm.prompt_ids(p.prompt)],
+                config,
+                layers=layers,
+                seeds=[rollout_seed(2, i, 0, 1)],
+            ).steps()
+        )
         for i, p in enumerate(problems)
     ]
-    scores = [float(bundle.probe.prob_safe(s.features[None])[0]) for steps in recorded for s in steps if s.cue]
-    _write_probe(tmp_path / "probe", spec, q_neg=sorted(scores)[len(scores) // 2])  # exits at about half the cues
+    scores = [
+        float(bundle.probe.prob_safe(s.features[None])[0]) for steps in recorded for s in steps if s.cue
+    ]
+    _write_probe(
+        tmp_path / "probe", spec, q_neg=sorted(scores)[len(scores) // 2]
+    )  # exits at about half the cues
     bundle = load_probe(tmp_path / "probe")
-    run_eval(tiny_lm, problems, parse_methods(["lynx"], {"delta": "0.2"}), config, tmp_path / "eval", progress=False,
-             probe=str(tmp_path / "probe"))
-    records = {r["problem_id"]: r for r in map(json.loads, (tmp_path / "eval" / "records.jsonl").read_text().splitlines())}
+    run_eval(
+        tiny_lm,
+        problems,
+        parse_methods(["lynx"], {"delta": "0.2"}),
+        config,
+        tmp_path / "eval",
+        progress=False,
+        probe=str(tmp_path / "probe"),
+    )
+    records = {
+        r["problem_id"]: r
+        for r in map(json.loads, (tmp_path / "eval" / "records.jsonl").read_text().splitlines())
+    }
     offline = [first_exit(LynxPolicy(bundle=bundle, delta=0.2), steps) for steps in recorded]
     assert [records[p.problem_id]["exit_index"] for p in problems] == offline
     assert any(x is not None for x in offline)
@@ -186,27 +226,52 @@ def test_sampler_rows_do_not_depend_on_the_batch():
 
     torch.manual_seed(0)
     logits = torch.randn(5, 50) * 3
-    params = [SamplingParams(0.7, 0.9, 0), SamplingParams(0.0), SamplingParams(1.0, 1.0, 5), SamplingParams(1.3, 0.5, 10),
-              SamplingParams(0.9)]
+    params = [
+        SamplingParams(0.7, 0.9, 0),
+        SamplingParams(0.0),
+        SamplingParams(1.0, 1.0, 5),
+        SamplingParams(1.3, 0.5, 10),
+        SamplingParams(0.9),
+    ]
 
     def generators(seeds):
-        return [torch.Generator().manual_seed(s) if p.temperature else None for s, p in zip(seeds, params, strict=True)]
+        return [
+            torch.Generator().manual_seed(s) if p.temperature else None
+            for s, p in zip(seeds, params, strict=True)
+        ]
 
     batch = [sample(logits, params, generators(range(5))).tolist() for _ in range(1)][0]
     rows = [sample(logits[i : i + 1], [params[i]], [generators(range(5))[i]]).item() for i in range(5)]
     assert batch == rows and batch[1] == int(logits[1].argmax())
-    draws = torch.stack([sample(logits[2:3].repeat(400, 1), [params[2]] * 400, [torch.Generator().manual_seed(s) for s in range(400)])])
+    draws = torch.stack(
+        [
+            sample(
+                logits[2:3].repeat(400, 1),
+                [params[2]] * 400,
+                [torch.Generator().manual_seed(s) for s in range(400)],
+            )
+        ]
+    )
     assert set(draws.flatten().tolist()) <= set(torch.topk(logits[2], 5).indices.tolist())
-    freq = torch.bincount(
-        sample(torch.tensor([[0.0, 1.0, 2.0]]).repeat(3000, 1), [SamplingParams(1.0, 1.0, 0)] * 3000,
-               [torch.Generator().manual_seed(s) for s in range(3000)]), minlength=3
-    ).float() / 3000
+    freq = (
+        torch.bincount(
+            sample(
+                torch.tensor([[0.0, 1.0, 2.0]]).repeat(3000, 1),
+                [SamplingParams(1.0, 1.0, 0)] * 3000,
+                [torch.Generator().manual_seed(s) for s in range(3000)],
+            ),
+            minlength=3,
+        ).float()
+        / 3000
+    )
     torch.testing.assert_close(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1), atol=0.03, rtol=0)
 
 
 def _lynx_end_to_end(lm, tmp_path):
     spec = lm.feature_spec()
-    config = GenerationConfig(max_new_tokens=40, min_new_tokens=40, temperature=1.0, seed=11, cue_regex="[ae]", answer_max_tokens=4)
+    config = GenerationConfig(
+        max_new_tokens=40, min_new_tokens=40, temperature=1.0, seed=11, cue_regex="[ae]", answer_max_tokens=4
+    )
     build = BuildConfig(max_events_per_rollout=6, batch_size=4, label_batch_size=7, rollouts_per_problem=2)
 
     class Parity(Problem):
@@ -218,13 +283,23 @@ def _lynx_end_to_end(lm, tmp_path):
 
     build_dataset(lm, problems("t"), tmp_path / "train", config, build, spec, progress=False)
     build_dataset(lm, problems("c"), tmp_path / "cal", config, build, spec, progress=False)
-    train_probe_folder(load_dataset(tmp_path / "train"), tmp_path / "probe", ProbeTrainConfig(max_epochs=5), "train")
+    train_probe_folder(
+        load_dataset(tmp_path / "train"), tmp_path / "probe", ProbeTrainConfig(max_epochs=5), "train"
+    )
     calibrate_probe_folder(tmp_path / "probe", load_dataset(tmp_path / "cal"), deltas=[0.5])
     context = MethodContext(lm=lm, probe=str(tmp_path / "probe"))
     policy = make_policy("lynx-event", context, delta=0.5)
     assert next(policy.bundle.probe.parameters()).device == lm.device  # the probe runs where the features are
-    summary = run_eval(lm, problems("e"), parse_methods(["never", "lynx-event"], {"delta": "0.5"}), config, tmp_path / "eval",
-                       batch_size=4, progress=False, probe=str(tmp_path / "probe"))
+    summary = run_eval(
+        lm,
+        problems("e"),
+        parse_methods(["never", "lynx-event"], {"delta": "0.5"}),
+        config,
+        tmp_path / "eval",
+        batch_size=4,
+        progress=False,
+        probe=str(tmp_path / "probe"),
+    )
     assert [row["n"] for row in summary["settings"]] == [6, 6]
     return summary
 

@@ -13,7 +13,9 @@ from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, StoreBackend
 from lynx_exit.engine.sampler import SamplingParams
 from lynx_exit.exits import BasePolicy, Decision, MethodContext, get_method, make_policy, parse_methods
 
-CONFIG = GenerationConfig(max_new_tokens=20, min_new_tokens=20, temperature=0.9, top_p=0.9, cue_regex="e", answer_max_tokens=4)
+CONFIG = GenerationConfig(
+    max_new_tokens=20, min_new_tokens=20, temperature=0.9, top_p=0.9, cue_regex="e", answer_max_tokens=4
+)
 TEXTS = ["What is 3+4?", "Hi", "A longer prompt about twelve apples and five pears.", "Tom?"]
 
 
@@ -38,20 +40,25 @@ def test_a_top_k_above_the_vocabulary_means_off_and_never_reaches_torch(tiny_lm,
 @pytest.mark.parametrize("temperature", [1e-38, 1e-30, 9e-6])
 def test_a_temperature_below_the_epsilon_is_greedy(tiny_lm, temperature):
     prompt = tiny_lm.prompt_ids("What is 3+4?")
-    got = DecodeLoop(tiny_lm, [prompt], dataclasses.replace(CONFIG, temperature=temperature), seeds=[1]).run()[0]
+    got = DecodeLoop(
+        tiny_lm, [prompt], dataclasses.replace(CONFIG, temperature=temperature), seeds=[1]
+    ).run()[0]
     want = DecodeLoop(tiny_lm, [prompt], dataclasses.replace(CONFIG, temperature=0.0), seeds=[2]).run()[0]
     assert got.token_ids == want.token_ids
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("max_new_tokens", 2**40, "max_new_tokens must be in [1, 2147483647]"),
-    ("max_new_tokens", True, "max_new_tokens must be a whole number"),
-    ("min_new_tokens", "3", "min_new_tokens must be a whole number"),
-    ("top_k", -1, "top_k must be in [0, "),
-    ("seed", 2**64, "seed must be in ["),
-    ("temperature", "0.5", "temperature must be a finite number"),
-    ("answer_max_tokens", 0, "answer_max_tokens must be in [1, "),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_new_tokens", 2**40, "max_new_tokens must be in [1, 2147483647]"),
+        ("max_new_tokens", True, "max_new_tokens must be a whole number"),
+        ("min_new_tokens", "3", "min_new_tokens must be a whole number"),
+        ("top_k", -1, "top_k must be in [0, "),
+        ("seed", 2**64, "seed must be in ["),
+        ("temperature", "0.5", "temperature must be a finite number"),
+        ("answer_max_tokens", 0, "answer_max_tokens must be in [1, "),
+    ],
+)
 def test_generation_config_bounds_and_types_every_field(field, value, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         GenerationConfig(**{field: value})
@@ -66,25 +73,31 @@ def test_prompt_ids_outside_the_vocabulary_and_seeds_out_of_range_are_refused_wh
     assert not engine.has_unfinished()
 
 
-@pytest.mark.parametrize(("method", "options", "message"), [
-    ("dynasor", {"interval": 32, "window": [3]}, "dynasor window must be a whole number, got [3]"),
-    ("dynasor", {"interval": 32, "window": 1e20}, "dynasor window must be a whole number, got 1e+20"),
-    ("dynasor", {"interval": 32, "window": 2.9}, "dynasor window must be a whole number, got 2.9"),
-    ("dynasor", {"interval": 32, "window": 10**30}, "dynasor window must be in [2, 4096]"),
-    ("eat", {"variance": 0.1, "every": [1]}, "eat every must be a whole number, got [1]"),
-    ("lynx", {"delta": 0.1, "mode": ["event"]}, "lynx mode must be one of event, trajectory, harm"),
-])
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("dynasor", {"interval": 32, "window": [3]}, "dynasor window must be a whole number, got [3]"),
+        ("dynasor", {"interval": 32, "window": 1e20}, "dynasor window must be a whole number, got 1e+20"),
+        ("dynasor", {"interval": 32, "window": 2.9}, "dynasor window must be a whole number, got 2.9"),
+        ("dynasor", {"interval": 32, "window": 10**30}, "dynasor window must be in [2, 4096]"),
+        ("eat", {"variance": 0.1, "every": [1]}, "eat every must be a whole number, got [1]"),
+        ("lynx", {"delta": 0.1, "mode": ["event"]}, "lynx mode must be one of event, trajectory, harm"),
+    ],
+)
 def test_exit_options_are_parsed_and_bounded_in_the_registry(method, options, message):
     with pytest.raises(ValueError) as info:
         make_policy(method, MethodContext(probe="unused"), **options)
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("grid", "message"), [
-    ({"interval": "32:99999999999999999999"}, "must be in [2, 4096]"),
-    ({"agree": str(10**30)}, "must be in [2, 4096]"),
-    ({"interval": "32.5"}, "must be a whole number"),
-])
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"interval": "32:99999999999999999999"}, "must be in [2, 4096]"),
+        ({"agree": str(10**30)}, "must be in [2, 4096]"),
+        ({"interval": "32.5"}, "must be a whole number"),
+    ],
+)
 def test_knob_values_are_bounded_too(grid, message):
     method = {"interval": "dynasor", "agree": "answer-convergence"}[next(iter(grid))]
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -130,9 +143,15 @@ class _RaisingPolicy(BasePolicy):
 def test_a_policy_that_raises_fails_only_its_own_request(tiny_lm):
     prompts = [tiny_lm.prompt_ids(t) for t in TEXTS]
     engine = Engine(tiny_lm, max_batch_size=4)
-    ids = [engine.add_request(p, CONFIG, policy=_RaisingPolicy(4) if i == 1 else None, seed=i) for i, p in enumerate(prompts)]
+    ids = [
+        engine.add_request(p, CONFIG, policy=_RaisingPolicy(4) if i == 1 else None, seed=i)
+        for i, p in enumerate(prompts)
+    ]
     steps, finished = run_all(engine)
-    assert finished[ids[1]].finish_reason == "error" and finished[ids[1]].error == "ZeroDivisionError: policy bug"
+    assert (
+        finished[ids[1]].finish_reason == "error"
+        and finished[ids[1]].error == "ZeroDivisionError: policy bug"
+    )
     assert max(s.index for s in steps if s.request_id == ids[1]) == 4  # nothing of it after the fault
     for i in (0, 2, 3):
         assert engine.result(ids[i]).token_ids == alone(tiny_lm, prompts[i], i).token_ids
@@ -187,7 +206,11 @@ def test_a_row_that_does_not_filter_samples_the_same_beside_one_that_does():
     plain, filtering = SamplingParams(1.0, 1.0, 0), SamplingParams(0.8, 0.9, 20)
     differ = 0
     for seed in range(200):
-        together = sample(logits, [plain, filtering], [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)])
+        together = sample(
+            logits,
+            [plain, filtering],
+            [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)],
+        )
         first = sample(logits[:1], [plain], [torch.Generator().manual_seed(seed)]).item()
         second = sample(logits[1:], [filtering], [torch.Generator().manual_seed(seed + 1)]).item()
         assert together.tolist() == [first, second], seed

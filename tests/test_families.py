@@ -30,57 +30,92 @@ def _loop(open_: str, close: str, body: str) -> str:
 # name: (special tokens, bos, eos, chat template, expected family, expected start, thinking open/close as the model writes them)
 FAMILY_SHAPES = {
     "deepseek-r1": (
-        ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
-        "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+        [
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "<think>",
+            "</think>",
+        ],
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
         "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}<｜User｜>{{ m.content }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}",
-        "think", "template", "", "</think>",
+        "think",
+        "template",
+        "",
+        "</think>",
     ),
     "qwen3": (
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
-        None, "<|im_end|>",
+        None,
+        "<|im_end|>",
         _loop("<|im_start|>", "<|im_end|>\n", "{{ m.role }}\n{{ m.content }}")
         + "{% if add_generation_prompt %}<|im_start|>assistant\n"
         "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
-        "qwen3", "model", "<think>\n", "</think>",
+        "qwen3",
+        "model",
+        "<think>\n",
+        "</think>",
     ),
     "phi4-reasoning": (
         ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<think>", "</think>"],
-        None, "<|im_end|>",
+        None,
+        "<|im_end|>",
         "<|im_start|>system<|im_sep|>You are Phi. Reason inside <think> </think>, then answer.<|im_end|>"
         + _loop("<|im_start|>", "<|im_end|>", "{{ m.role }}<|im_sep|>{{ m.content }}")
         + "{% if add_generation_prompt %}<|im_start|>assistant<|im_sep|>{% endif %}",
-        "phi4-reasoning", "model", "<think>", "</think>",
+        "phi4-reasoning",
+        "model",
+        "<think>",
+        "</think>",
     ),
     "nemotron": (
         ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-        "<|begin_of_text|>", "<|eot_id|>",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
         "{{ bos_token }}{% if messages[0].role != 'system' %}<|start_header_id|>system<|end_header_id|>\n\n"
         "detailed thinking off<|eot_id|>{% endif %}"
         + _loop("<|start_header_id|>", "<|eot_id|>", "{{ m.role }}<|end_header_id|>\n\n{{ m.content }}")
         + "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-        "nemotron", "model", "<think>\n", "</think>",
+        "nemotron",
+        "model",
+        "<think>\n",
+        "</think>",
     ),
     "magistral": (
         ["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]"],
-        "<s>", "</s>",
+        "<s>",
+        "</s>",
         "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ m.content }}[/SYSTEM_PROMPT]"
         "{% elif m.role == 'user' %}[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}",
-        "magistral", "model", "[THINK]", "[/THINK]",
+        "magistral",
+        "model",
+        "[THINK]",
+        "[/THINK]",
     ),
     "gpt-oss": (
         ["<|startoftext|>", "<|return|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>"],
-        None, "<|return|>",
+        None,
+        "<|return|>",
         _loop("<|start|>", "<|end|>", "{{ m.role }}<|message|>{{ m.content }}")
         + "{% if add_generation_prompt %}<|start|>assistant{% endif %}",
-        "gpt-oss", "model", "<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>",
+        "gpt-oss",
+        "model",
+        "<|channel|>analysis<|message|>",
+        "<|end|><|start|>assistant<|channel|>final<|message|>",
     ),
     "smollm2": (
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        None, "<|im_end|>",
+        None,
+        "<|im_end|>",
         _loop("<|im_start|>", "<|im_end|>\n", "{{ m.role }}\n{{ m.content }}")
         + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-        "generic", "template", "", "\n",
+        "generic",
+        "template",
+        "",
+        "\n",
     ),
 }
 
@@ -90,17 +125,34 @@ def family_lm(name: str, overrides: ProfileOverrides | None = None) -> LoadedMod
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(CORPUS, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos)
     tokenizer.chat_template = template
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=20, intermediate_size=28, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=20,
+        intermediate_size=28,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=f"tiny-{name}", profile=resolve_profile(model, tokenizer, overrides))
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=f"tiny-{name}",
+        profile=resolve_profile(model, tokenizer, overrides),
+    )
 
 
 def run_scripted(monkeypatch, lm, written: str, answer: str = "7}", policy=None, config=None):
@@ -121,7 +173,9 @@ def run_scripted(monkeypatch, lm, written: str, answer: str = "7}", policy=None,
         return torch.tensor([token] * logits.shape[0])
 
     monkeypatch.setattr(engine_module, "sample", scripted_sample)
-    config = config or GenerationConfig(max_new_tokens=len(think_ids) + 4, temperature=0.0, answer_max_tokens=6)
+    config = config or GenerationConfig(
+        max_new_tokens=len(think_ids) + 4, temperature=0.0, answer_max_tokens=6
+    )
     prompt = lm.prompt_ids("Wait, what is 3 + 4? Hmm.")  # cue words in the prompt are never events
     request_id = engine.add_request(prompt, config, policy=policy)
     steps = [s for s in engine.stream() if s.phase != "end"]
@@ -224,7 +278,11 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8}),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8},
+    ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"bos_token_id": 0, "eos_token_id": 0}),
 }
 
@@ -236,13 +294,26 @@ def test_hidden_state_taps_match_output_hidden_states_for_every_family_architect
     from lynx_exit.models import HiddenStateCapture
 
     config_name, model_name, extra = ARCHITECTURES[kind]
-    sizes = {"vocab_size": 53, "hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 3,
-             "num_key_value_heads": 3, "max_position_embeddings": 64, "n_embd": 24, "n_layer": 3, "n_head": 3, "n_positions": 64}
+    sizes = {
+        "vocab_size": 53,
+        "hidden_size": 24,
+        "intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 64,
+        "n_embd": 24,
+        "n_layer": 3,
+        "n_head": 3,
+        "n_positions": 64,
+    }
     config = getattr(transformers, config_name)(**sizes, **extra)
     torch.manual_seed(1)
     model = getattr(transformers, model_name)(config).eval()
     ids = torch.randint(0, 53, (2, 7))
-    layers = (1, 2, 3) if kind == "gpt2" else (0, 1, 2, 3)  # GPT-2's layer 0 adds position embeddings: refused
+    layers = (
+        (1, 2, 3) if kind == "gpt2" else (0, 1, 2, 3)
+    )  # GPT-2's layer 0 adds position embeddings: refused
     with torch.no_grad(), HiddenStateCapture(model, layers) as capture:
         hidden = model(ids, output_hidden_states=True).hidden_states
         got = capture.features()
@@ -266,7 +337,9 @@ def served(lm, steps):
 
 @pytest.mark.parametrize("name", [name for name, shape in FAMILY_SHAPES.items() if shape[4] != "generic"])
 def test_the_server_splits_thinking_and_answer_without_the_family_markers(monkeypatch, name):
-    *_, opens, closes = FAMILY_SHAPES[name]  # markerless models: test_serve_text (all text is thinking until an exit)
+    *_, opens, closes = FAMILY_SHAPES[
+        name
+    ]  # markerless models: test_serve_text (all text is thinking until an exit)
     lm = family_lm(name)
     thinking = "Hmm, 3 + 4 = 7."
     # gpt-oss's `closes` opens the final channel too: the model writes the header itself
@@ -293,16 +366,30 @@ def test_a_request_switches_qwen3_thinking_off_with_chat_template_kwargs():
     messages = [{"role": "user", "content": "What is 3 + 4?"}]
     with serving(Server(lm, options)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=BOUND_S, max_retries=0)
-        ask = lambda **extra: client.chat.completions.create(model="tiny-qwen3", messages=messages, seed=1, extra_body=extra)  # noqa: E731
+
+        def ask(**extra):
+            return client.chat.completions.create(
+                model="tiny-qwen3", messages=messages, seed=1, extra_body=extra
+            )
+
         thinking, direct = ask(), ask(chat_template_kwargs={"enable_thinking": False})
         with pytest.raises(openai.BadRequestError) as error:
             ask(chat_template_kwargs={"tokenize": True})
     off = lm.chat_ids(messages, {"enable_thinking": False})
-    assert lm.tokenizer.decode(off).endswith("<think>\n\n</think>\n\n") and lm.thinking_with({"enable_thinking": False}) == "off"
-    assert direct.usage.prompt_tokens == len(off) and thinking.usage.prompt_tokens == len(lm.chat_ids(messages))
+    assert (
+        lm.tokenizer.decode(off).endswith("<think>\n\n</think>\n\n")
+        and lm.thinking_with({"enable_thinking": False}) == "off"
+    )
+    assert direct.usage.prompt_tokens == len(off) and thinking.usage.prompt_tokens == len(
+        lm.chat_ids(messages)
+    )
     # A tiny random model never writes `<think>`: with thinking on, all it writes is thinking; switched off, none is.
-    assert (thinking.choices[0].message.model_extra or {}).get("reasoning_content") and not thinking.choices[0].message.content
-    assert direct.choices[0].message.content and not (direct.choices[0].message.model_extra or {}).get("reasoning_content")
+    assert (thinking.choices[0].message.model_extra or {}).get("reasoning_content") and not thinking.choices[
+        0
+    ].message.content
+    assert direct.choices[0].message.content and not (direct.choices[0].message.model_extra or {}).get(
+        "reasoning_content"
+    )
     assert direct.usage.completion_tokens_details.reasoning_tokens == 0
     assert error.value.body["param"] == "chat_template_kwargs.tokenize"
 
@@ -310,5 +397,7 @@ def test_a_request_switches_qwen3_thinking_off_with_chat_template_kwargs():
 def test_the_server_adds_the_family_system_prompt_only_when_the_messages_bring_none():
     lm = family_lm("nemotron")
     assert "detailed thinking on" in lm.tokenizer.decode(lm.chat_ids([{"role": "user", "content": "hi"}]))
-    own = lm.tokenizer.decode(lm.chat_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]))
+    own = lm.tokenizer.decode(
+        lm.chat_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    )
     assert "be brief" in own and "detailed thinking" not in own

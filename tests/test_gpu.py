@@ -32,8 +32,14 @@ pytestmark = pytest.mark.gpu
 
 DEVICE = os.environ.get("LYNX_TEST_DEVICE", "cuda")
 TOLERANCE = 2e-4  # float32 logits of one forward against another (the kernels differ by batch shape)
-TEXTS = ["Hi", "What is 3+4?", "Tom has 12 apples, eats 5. How many left? Think step by step and check.",
-         "Wait", "Let x = 12 - 5 = 7, then 7 * 2 = 14. Alternatively count them: " * 3, "café naïve 你好 ok?"]
+TEXTS = [
+    "Hi",
+    "What is 3+4?",
+    "Tom has 12 apples, eats 5. How many left? Think step by step and check.",
+    "Wait",
+    "Let x = 12 - 5 = 7, then 7 * 2 = 14. Alternatively count them: " * 3,
+    "café naïve 你好 ok?",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,15 +48,28 @@ def _needs_cuda():
         pytest.skip("no CUDA device")
 
 
-def tiny_qwen(seed: int = 0, hidden: int = 48, layers: int = 3, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def tiny_qwen(
+    seed: int = 0, hidden: int = 48, layers: int = 3, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     tokenizer = train_tokenizer(CORPUS, vocab_size=311)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden + 6,
-                         num_hidden_layers=layers, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 6,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(device=DEVICE, dtype=dtype).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-qwen2-gpu", profile=resolve_profile(model, tokenizer))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id="tiny-qwen2-gpu", profile=resolve_profile(model, tokenizer)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +79,11 @@ def lm() -> LoadedModel:
 
 def _fresh(lm: LoadedModel, token_ids: list[int], no_eos: bool = False) -> torch.Tensor:
     with torch.inference_mode():
-        logits = lm.model(input_ids=torch.tensor([token_ids], device=lm.device), use_cache=False).logits[0, -1].float()
+        logits = (
+            lm.model(input_ids=torch.tensor([token_ids], device=lm.device), use_cache=False)
+            .logits[0, -1]
+            .float()
+        )
         if no_eos:  # min_new_tokens bans end of sequence
             logits[sorted(lm.eos_token_ids)] = float("-inf")
         return logits
@@ -82,15 +105,22 @@ def test_eager_compiled_and_generate_give_the_same_tokens_on_mixed_lengths(lm):
     assert compiled == eager
     for prompt, tokens in zip(prompts, eager, strict=True):
         with torch.inference_mode():
-            out = lm.model.generate(torch.tensor([prompt], device=lm.device), max_new_tokens=len(tokens),
-                                    min_new_tokens=len(tokens), do_sample=False, pad_token_id=lm.pad_token_id)
-        assert out[0, len(prompt):].tolist() == tokens
+            out = lm.model.generate(
+                torch.tensor([prompt], device=lm.device),
+                max_new_tokens=len(tokens),
+                min_new_tokens=len(tokens),
+                do_sample=False,
+                pad_token_id=lm.pad_token_id,
+            )
+        assert out[0, len(prompt) :].tolist() == tokens
         for i, token in enumerate(tokens):  # and each one is the argmax of a fresh forward
             assert int(_fresh(lm, prompt + tokens[:i], no_eos=True).argmax()) == token
 
 
 def test_requests_that_join_and_leave_get_their_tokens_alone(lm):
-    configs = [GenerationConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.0) for n in (5, 17, 9, 13, 3, 11)]
+    configs = [
+        GenerationConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.0) for n in (5, 17, 9, 13, 3, 11)
+    ]
     engine = Engine(lm, max_batch_size=3)
     ids = []
     for i, (text, config) in enumerate(zip(TEXTS, configs, strict=True)):
@@ -106,19 +136,31 @@ def test_requests_that_join_and_leave_get_their_tokens_alone(lm):
 
 
 def test_random_cache_verbs_equal_a_fresh_forward(lm):
-    exercise_cache_verbs(StoreBackend(lm), lm.model.config.vocab_size, lambda tokens: _fresh(lm, tokens), TOLERANCE,
-                         seed=5, longest_prompt=40)
+    exercise_cache_verbs(
+        StoreBackend(lm),
+        lm.model.config.vocab_size,
+        lambda tokens: _fresh(lm, tokens),
+        TOLERANCE,
+        seed=5,
+        longest_prompt=40,
+    )
 
 
 def test_a_lynx_exit_matches_its_offline_replay(lm, tmp_path):
-    config = GenerationConfig(max_new_tokens=30, min_new_tokens=30, temperature=1.0, seed=2, cue_regex="e",
-                              answer_max_tokens=4)
+    config = GenerationConfig(
+        max_new_tokens=30, min_new_tokens=30, temperature=1.0, seed=2, cue_regex="e", answer_max_tokens=4
+    )
     spec = lm.feature_spec()
     prompts = [lm.prompt_ids(t) for t in TEXTS[:3]]
-    recorded = [list(DecodeLoop(lm, [p], config, layers=spec.layers, seeds=[7 + i]).steps()) for i, p in enumerate(prompts)]
+    recorded = [
+        list(DecodeLoop(lm, [p], config, layers=spec.layers, seeds=[7 + i]).steps())
+        for i, p in enumerate(prompts)
+    ]
     torch.manual_seed(0)
     probe = Probe(spec.feature_dim)
-    scores = sorted(float(probe.prob_safe(s.features[None].cpu())[0]) for steps in recorded for s in steps if s.cue)
+    scores = sorted(
+        float(probe.prob_safe(s.features[None].cpu())[0]) for steps in recorded for s in steps if s.cue
+    )
     assert scores
     save_probe(tmp_path, probe, spec, {"training_task": "toy"})
     event = {"delta": 0.2, "q_pos": 1.0, "q_neg": scores[len(scores) // 2], "n_pos": 10, "n_neg": 10}
@@ -126,7 +168,10 @@ def test_a_lynx_exit_matches_its_offline_replay(lm, tmp_path):
     bundle = load_probe(tmp_path)
     bundle.probe.to(lm.device)
     engine = Engine(lm, max_batch_size=3)
-    ids = [engine.add_request(p, config, policy=LynxPolicy(bundle=bundle, delta=0.2), seed=7 + i) for i, p in enumerate(prompts)]
+    ids = [
+        engine.add_request(p, config, policy=LynxPolicy(bundle=bundle, delta=0.2), seed=7 + i)
+        for i, p in enumerate(prompts)
+    ]
     list(engine.stream())
     results = [engine.result(i) for i in ids]
     offline = [first_exit(LynxPolicy(bundle=bundle, delta=0.2), steps) for steps in recorded]
@@ -151,7 +196,9 @@ def test_speculative_thinking_on_a_tiny_pair():
     decode = thinker.tokenizer.decode
     at = next(i for i, t in enumerate(tokens) if decode([t], skip_special_tokens=True).strip())
     trigger = decode([tokens[at]], skip_special_tokens=True).strip()
-    words = tuple(dict.fromkeys(re.findall(r"\w+", decode(tokens[at + 1 : at + 5], skip_special_tokens=True))))
+    words = tuple(
+        dict.fromkeys(re.findall(r"\w+", decode(tokens[at + 1 : at + 5], skip_special_tokens=True)))
+    )
     assert words, "the thinker's look-ahead holds no word to use as a keyword"
     assist = AssistConfig(lookahead=4, takeover=5, verify_extension=0, trigger=trigger, verify_words=words)
     engine = Engine(thinker, max_batch_size=2, assistant=assistant)
@@ -162,12 +209,20 @@ def test_speculative_thinking_on_a_tiny_pair():
         result = engine.result(request_id)
         assert result.assist is not None
         tokens = thinker.prompt_ids(text) + result.token_ids
-        held = engine.backend.length(request_id)  # the thinker's cache holds what was written, by either model
+        held = engine.backend.length(
+            request_id
+        )  # the thinker's cache holds what was written, by either model
         assert len(tokens) - 1 <= held <= len(tokens)
         slot = engine.backend.rows[request_id]
         with torch.inference_mode():
-            fresh = thinker.model(input_ids=torch.tensor([tokens[:held]], device=thinker.device), use_cache=True)
+            fresh = thinker.model(
+                input_ids=torch.tensor([tokens[:held]], device=thinker.device), use_cache=True
+            )
         cache = getattr(fresh, "cache", None) or fresh.past_key_values
         for layer in range(thinker.model.config.num_hidden_layers):
-            torch.testing.assert_close(engine.backend.store.keys[layer][slot, :, :held], cache.layers[layer].keys[0],
-                                       rtol=TOLERANCE, atol=TOLERANCE)
+            torch.testing.assert_close(
+                engine.backend.store.keys[layer][slot, :, :held],
+                cache.layers[layer].keys[0],
+                rtol=TOLERANCE,
+                atol=TOLERANCE,
+            )

@@ -18,7 +18,12 @@ def test_gsm8k_gold():
 
 @pytest.mark.parametrize(
     "answer,gold",
-    [(r"\frac{1}{4}", r"\frac{3}{4}"), (r"3\sqrt{5}", r"2\sqrt{5}"), ("(2,7)", "(3,7)"), ("x^2+4", "x^2+5x+4")],
+    [
+        (r"\frac{1}{4}", r"\frac{3}{4}"),
+        (r"3\sqrt{5}", r"2\sqrt{5}"),
+        ("(2,7)", "(3,7)"),
+        ("x^2+4", "x^2+5x+4"),
+    ],
 )
 def test_official_checker_false_positives_are_wrong(answer, gold):
     assert not answers_match(answer, gold)
@@ -26,7 +31,13 @@ def test_official_checker_false_positives_are_wrong(answer, gold):
 
 @pytest.mark.parametrize(
     "answer,gold",
-    [(r"\frac{3}{4}", "0.75"), (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\pi/2)"), ("72.0", "72"), ("1,000", "1000"), (r"\$18", "18")],
+    [
+        (r"\frac{3}{4}", "0.75"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\pi/2)"),
+        ("72.0", "72"),
+        ("1,000", "1000"),
+        (r"\$18", "18"),
+    ],
 )
 def test_equivalent_answers_are_right(answer, gold):
     assert answers_match(answer, gold)
@@ -75,7 +86,9 @@ def test_gold_e_is_the_constant_not_a_letter():
     assert grade("math", r"\boxed{e}", "e")
 
 
-@pytest.mark.parametrize("boxed", ["B", "(B)", "B.", "B)", "b", r"\text{B}", r"\mathrm{B}", r"\textbf{(B)}", r"\text{(B)}", "$B$"])
+@pytest.mark.parametrize(
+    "boxed", ["B", "(B)", "B.", "B)", "b", r"\text{B}", r"\mathrm{B}", r"\textbf{(B)}", r"\text{(B)}", "$B$"]
+)
 def test_csqa_accepts_the_usual_forms_of_the_right_letter(boxed):
     assert grade("csqa", rf"answer: \boxed{{{boxed}}}", "B")
     assert not grade("csqa", rf"answer: \boxed{{{boxed}}}", "C")

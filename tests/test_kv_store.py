@@ -18,31 +18,65 @@ from lynx_exit.models import LoadedModel
 from lynx_exit.models.families import resolve_profile
 from lynx_exit.reference.tokenizer import train_tokenizer
 
-TEXTS = ["What is 3+4?", "Hi", "A much longer prompt about twelve apples and five pears, so think hard about it.", "Tom?",
-         "Wait, alternatively: 12 - 5 = 7."]
+TEXTS = [
+    "What is 3+4?",
+    "Hi",
+    "A much longer prompt about twelve apples and five pears, so think hard about it.",
+    "Tom?",
+    "Wait, alternatively: 12 - 5 = 7.",
+]
 
 
 def _tiny(cls, config_cls, seed: int, **sizes) -> LoadedModel:
     tokenizer = train_tokenizer(CORPUS, vocab_size=311)
-    config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **sizes)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **sizes,
+    )
     torch.manual_seed(seed)
     model = cls(config).to(torch.float64).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-store", profile=resolve_profile(model, tokenizer))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id="tiny-store", profile=resolve_profile(model, tokenizer)
+    )
 
 
 @pytest.fixture(scope="module")
 def gqa_lm() -> LoadedModel:
     """Grouped-query attention (4 query heads on 2 KV heads), odd sizes."""
-    return _tiny(LlamaForCausalLM, LlamaConfig, 7, hidden_size=40, intermediate_size=50, num_hidden_layers=3,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return _tiny(
+        LlamaForCausalLM,
+        LlamaConfig,
+        7,
+        hidden_size=40,
+        intermediate_size=50,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
 
 
 def make_tiny_sliding_lm() -> LoadedModel:
     """Qwen2 with a 6-token sliding window on its upper layers."""
-    return _tiny(Qwen2ForCausalLM, Qwen2Config, 3, hidden_size=24, intermediate_size=44, num_hidden_layers=3,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True,
-                 sliding_window=6, max_window_layers=1, layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    return _tiny(
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        3,
+        hidden_size=24,
+        intermediate_size=44,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +88,33 @@ def _scenario(lm: LoadedModel, backend) -> tuple[list, list]:
     """Continuous batching with sampling, exits at cues (the cue token dropped), a probe stand-in on hidden
     states, fork trials (deer) and requests joining late: every result and every streamed step."""
     engine = Engine(lm, max_batch_size=3, backend=backend(lm))
-    frequent = GenerationConfig(max_new_tokens=28, min_new_tokens=20, temperature=0.9, top_p=0.9, cue_regex="[ae]",
-                                answer_max_tokens=6)
+    frequent = GenerationConfig(
+        max_new_tokens=28,
+        min_new_tokens=20,
+        temperature=0.9,
+        top_p=0.9,
+        cue_regex="[ae]",
+        answer_max_tokens=6,
+    )
     layers = lm.feature_spec().layers
-    plans = [(TEXTS[0], None), (TEXTS[1], ExitAtCue(k=2)), (TEXTS[2], FeatureThreshold(0.0, feature_spec=lm.feature_spec())),
-             (TEXTS[3], make_policy("deer", threshold=0.05)), (TEXTS[4], ExitAtCue(k=1))]
+    plans = [
+        (TEXTS[0], None),
+        (TEXTS[1], ExitAtCue(k=2)),
+        (TEXTS[2], FeatureThreshold(0.0, feature_spec=lm.feature_spec())),
+        (TEXTS[3], make_policy("deer", threshold=0.05)),
+        (TEXTS[4], ExitAtCue(k=1)),
+    ]
     ids, steps = [], []
     for i, (text, policy) in enumerate(plans):
-        ids.append(engine.add_request(lm.prompt_ids(text), frequent, policy=policy, seed=i + 1,
-                                      feature_layers=layers if policy is not None else None))
+        ids.append(
+            engine.add_request(
+                lm.prompt_ids(text),
+                frequent,
+                policy=policy,
+                seed=i + 1,
+                feature_layers=layers if policy is not None else None,
+            )
+        )
         for _ in range(i * 3):
             steps += [(s.request_id, s.token_id, s.phase, s.exit) for s in engine.step()]
     steps += [(s.request_id, s.token_id, s.phase, s.exit) for s in engine.stream()]
@@ -85,14 +137,21 @@ def _fresh_logits(lm: LoadedModel, token_ids: list[int]) -> torch.Tensor:
         return lm.model(input_ids=torch.tensor([token_ids]), use_cache=False).logits[0, -1]
 
 
-@pytest.mark.parametrize("which", ["gqa", "sliding", "gqa-matmul-decode", "mha-matmul-decode", "sliding-compiled-padded"])
+@pytest.mark.parametrize(
+    "which", ["gqa", "sliding", "gqa-matmul-decode", "mha-matmul-decode", "sliding-compiled-padded"]
+)
 def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sliding_lm, which, monkeypatch):
     """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
     after each, every live request's next-token logits equal the model's own forward over its token list.
     The matmul variants run the CPU decode path; the others SDPA, as on a GPU. The compiled variant runs the
     decodes of every live request as the compiled step padded to buckets, as on a GPU (sliding window, GQA)."""
-    lm = {"gqa": gqa_lm, "sliding": sliding_lm, "gqa-matmul-decode": gqa_lm, "mha-matmul-decode": tiny_lm,
-          "sliding-compiled-padded": make_tiny_sliding_lm()}[which]
+    lm = {
+        "gqa": gqa_lm,
+        "sliding": sliding_lm,
+        "gqa-matmul-decode": gqa_lm,
+        "mha-matmul-decode": tiny_lm,
+        "sliding-compiled-padded": make_tiny_sliding_lm(),
+    }[which]
     if not which.endswith("matmul-decode"):  # SDPA for the decode too (what a GPU runs)
         monkeypatch.setattr("lynx_exit.engine.attention.CPU_MATMUL_DECODE_FROM", 10**9)
     compiled = which.endswith("compiled-padded")
@@ -101,7 +160,9 @@ def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sli
         backend.graph.pad = True
     # Compiled, the rotary angles (float32 in every model) take Inductor's vectorised cos/sin: 1 ulp of float32 apart
     tolerance = 1e-5 if compiled else 1e-9
-    exercise_cache_verbs(backend, lm.model.config.vocab_size, lambda tokens: _fresh_logits(lm, tokens), tolerance)
+    exercise_cache_verbs(
+        backend, lm.model.config.vocab_size, lambda tokens: _fresh_logits(lm, tokens), tolerance
+    )
     if compiled:
         assert backend.graph.steps >= 3
 
@@ -155,7 +216,9 @@ def test_chunked_prefill_reads_a_long_prompt_while_the_others_decode(tiny_lm):
         per_step = []
         while engine.has_unfinished():
             per_step.append({s.request_id for s in engine.step()})
-        return [engine.result(i).token_ids for i in (first, second, third)], [first in ids for ids in per_step]
+        return [engine.result(i).token_ids for i in (first, second, third)], [
+            first in ids for ids in per_step
+        ]
 
     chunked, first_ran = run(5)
     whole, _ = run(4096)
@@ -174,28 +237,40 @@ def test_compiled_decode_steps_match_eager():
     with late joiners and requests ending; at exact shapes (a CPU's default) and padded to the buckets of CUDA
     graphs (an odd batch padded to 4 rows, widths to 64 and 128 columns)."""
     eager_lm, compiled_lm = make_tiny_lm(seed=5), make_tiny_lm(seed=5)
-    config = GenerationConfig(max_new_tokens=70, min_new_tokens=40, temperature=0.8, cue_regex="[ae]",
-                              answer_max_tokens=4)
+    config = GenerationConfig(
+        max_new_tokens=70, min_new_tokens=40, temperature=0.8, cue_regex="[ae]", answer_max_tokens=4
+    )
 
     def run(lm, compile, pad=False):
         engine = Engine(lm, max_batch_size=3, compile=compile)
         if compile:
             engine.backend.graph.pad = pad
         policies = [None, FeatureThreshold(0.0, feature_spec=lm.feature_spec()), ExitAtCue(k=3), None]
-        ids = [engine.add_request(lm.prompt_ids(text), config, policy=policy, seed=i)
-               for i, (text, policy) in enumerate(zip(TEXTS, policies, strict=False))]
+        ids = [
+            engine.add_request(lm.prompt_ids(text), config, policy=policy, seed=i)
+            for i, (text, policy) in enumerate(zip(TEXTS, policies, strict=False))
+        ]
         list(engine.stream())
         results = [engine.result(i) for i in ids]
-        return [(r.token_ids, r.finish_reason, r.exit_index, r.cue_indices) for r in results], engine.backend.graph
+        return [
+            (r.token_ids, r.finish_reason, r.exit_index, r.cue_indices) for r in results
+        ], engine.backend.graph
 
     eager, _ = run(eager_lm, False)
     assert any(exit_index is not None for _, _, exit_index, _ in eager)
     exact, graph = run(compiled_lm, True)
     assert exact == eager
-    assert graph.steps > 50 and {size for size, _ in graph.shapes} >= {1, 2, 3}  # joining/leaving steps run eagerly
+    assert graph.steps > 50 and {size for size, _ in graph.shapes} >= {
+        1,
+        2,
+        3,
+    }  # joining/leaving steps run eagerly
     padded, graph = run(compiled_lm, True, pad=True)
     assert padded == eager
-    assert {size for size, _ in graph.shapes} == {1, 2, 4} and {width for _, width in graph.shapes} >= {64, 128}
+    assert {size for size, _ in graph.shapes} == {1, 2, 4} and {width for _, width in graph.shapes} >= {
+        64,
+        128,
+    }
 
 
 def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
@@ -205,18 +280,25 @@ def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
     naming both numbers."""
     lm = make_tiny_lm(seed=2)
     per_token = 3 * 2 * 3 * 12 * 8  # layers x (keys, values) x kv heads x head dim x float64 bytes
-    config = GenerationConfig(max_new_tokens=60, min_new_tokens=40, temperature=0.8, cue_regex="e", answer_max_tokens=5)
+    config = GenerationConfig(
+        max_new_tokens=60, min_new_tokens=40, temperature=0.8, cue_regex="e", answer_max_tokens=5
+    )
     prompts = [lm.prompt_ids(TEXTS[i % len(TEXTS)]) for i in range(8)]
     cue = len(lm.exit_cue_ids())
     largest = max(len(p) for p in prompts) + config.max_new_tokens + cue + config.answer_max_tokens
     engine = Engine(lm, max_batch_size=8, kv_cache_gb=int(2.5 * largest) * per_token / 2**30)
     assert engine.backend.token_budget() == int(2.5 * largest)
-    ids = [engine.add_request(p, config, seed=i, policy=ExitAtCue(k=2) if i % 2 else None) for i, p in enumerate(prompts)]
+    ids = [
+        engine.add_request(p, config, seed=i, policy=ExitAtCue(k=2) if i % 2 else None)
+        for i, p in enumerate(prompts)
+    ]
     running = []
     while engine.has_unfinished():
         engine.step()
         running.append(engine.num_running)
-    assert 3 <= max(running) < 8 and engine.scheduler.preemptions > 0  # memory, not the batch size, held them back
+    assert (
+        3 <= max(running) < 8 and engine.scheduler.preemptions > 0
+    )  # memory, not the batch size, held them back
     for i, (request_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
         assert engine.error(request_id) is None
         alone = Engine(lm, max_batch_size=1)
@@ -224,9 +306,16 @@ def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
         list(alone.stream())
         assert engine.result(request_id).token_ids == alone.result(alone_id).token_ids
     assert engine.backend.store.allocated_bytes() <= int(2.5 * largest) * per_token
-    with pytest.raises(ValueError, match=rf"need {largest + 300} tokens of KV cache; the cache budget holds {int(2.5 * largest)}"):
-        engine.add_request(prompts[2], GenerationConfig(max_new_tokens=config.max_new_tokens + 300, answer_max_tokens=5,
-                                                        temperature=0.8))
+    with pytest.raises(
+        ValueError,
+        match=rf"need {largest + 300} tokens of KV cache; the cache budget holds {int(2.5 * largest)}",
+    ):
+        engine.add_request(
+            prompts[2],
+            GenerationConfig(
+                max_new_tokens=config.max_new_tokens + 300, answer_max_tokens=5, temperature=0.8
+            ),
+        )
 
 
 def test_decode_buckets_cover_every_row_and_bound_the_waste():

@@ -24,7 +24,9 @@ def test_local_folder_round_trip_and_spec(tiny_lm, tmp_path):
     assert spec.tokenizer_hash == tiny_lm.feature_spec().tokenizer_hash
     assert FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     ids = lm.prompt_ids("hi")
-    torch.testing.assert_close(lm.model(torch.tensor([ids])).logits, tiny_lm.model(torch.tensor([ids])).logits)
+    torch.testing.assert_close(
+        lm.model(torch.tensor([ids])).logits, tiny_lm.model(torch.tensor([ids])).logits
+    )
 
 
 def test_load_errors_name_the_input(tmp_path):
@@ -47,12 +49,42 @@ def test_capture_rejects_bad_layer(tiny_lm):
 def test_cli_generate_json_on_local_model(tiny_lm, tmp_path, capsys):
     tiny_lm.model.save_pretrained(tmp_path / "m")
     tiny_lm.tokenizer.save_pretrained(tmp_path / "m")
-    code = main(["generate", "--model", str(tmp_path / "m"), "--json", "--max-new-tokens", "12", "--exit", "token-budget",
-                 "--budget", "5", "--answer-max-tokens", "3", "What is 2+2?"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "m"),
+            "--json",
+            "--max-new-tokens",
+            "12",
+            "--exit",
+            "token-budget",
+            "--budget",
+            "5",
+            "--answer-max-tokens",
+            "3",
+            "What is 2+2?",
+        ]
+    )
     assert code == 0
     record = json.loads(capsys.readouterr().out)
     assert record["exit_index"] == 4 and record["finish_reason"] == "exit"
-    assert main(["generate", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--index", "1", "--max-new-tokens", "5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "m"),
+                "--task",
+                "gsm8k",
+                "--index",
+                "1",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "gold '3'" in out
 
@@ -70,10 +102,18 @@ def test_smollm2_gguf_generates_offline():
     from lynx_exit.engine import DecodeLoop, GenerationConfig
 
     ids = lm.prompt_ids("What is 7*8?")
-    result = DecodeLoop(lm, [ids], GenerationConfig(max_new_tokens=16, temperature=0), layers=lm.feature_spec().layers).run()[0]
-    reference = lm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=16, do_sample=False)
-    assert result.token_ids == reference[0, len(ids):].tolist()  # a real LM, not a reasoner: check the loop, not the math
+    result = DecodeLoop(
+        lm, [ids], GenerationConfig(max_new_tokens=16, temperature=0), layers=lm.feature_spec().layers
+    ).run()[0]
+    reference = lm.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=16,
+        do_sample=False,
+    )
+    assert (
+        result.token_ids == reference[0, len(ids) :].tolist()
+    )  # a real LM, not a reasoner: check the loop, not the math
     assert "7" in result.text
     assert lm.exit_cue_ids() == lm.encode("\nFinal Answer: \\boxed{")
 
@@ -113,7 +153,9 @@ def test_arith_task_refuses_a_data_file_and_train_reference_writes_under_the_wor
     assert args.out == "runs/reference"
 
 
-@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")])
+@pytest.mark.parametrize(
+    "flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")]
+)
 def test_non_finite_sampling_flags_are_refused_naming_the_field(capsys, flag, value):
     """Reproduction: `--temperature nan` ended in a traceback; `inf` sampled uniformly."""
     assert main(["generate", flag, value, "--max-new-tokens", "4", "What is 2+2?"]) == 2

@@ -23,21 +23,29 @@ class ParityProblem(Problem):
         return hashlib.sha256(response.encode()).digest()[0] % 2 == 0
 
 
-GEN = GenerationConfig(max_new_tokens=40, min_new_tokens=40, temperature=1.0, seed=11, cue_regex=r"[ae]", answer_max_tokens=4)
+GEN = GenerationConfig(
+    max_new_tokens=40, min_new_tokens=40, temperature=1.0, seed=11, cue_regex=r"[ae]", answer_max_tokens=4
+)
 BUILD = BuildConfig(max_events_per_rollout=6, batch_size=4, label_batch_size=5, rollouts_per_problem=2)
 
 
 def problems(prefix, n):
-    return [ParityProblem("toy", f"{prefix}-{i}", f"Problem {prefix} {i}: add {i} and 3.", "0") for i in range(n)]
+    return [
+        ParityProblem("toy", f"{prefix}-{i}", f"Problem {prefix} {i}: add {i} and 3.", "0") for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
 def chain(tiny_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     spec = tiny_lm.feature_spec()
-    train_summary = build_dataset(tiny_lm, problems("train", 10), root / "train", GEN, BUILD, spec, progress=False)
+    train_summary = build_dataset(
+        tiny_lm, problems("train", 10), root / "train", GEN, BUILD, spec, progress=False
+    )
     build_dataset(tiny_lm, problems("cal", 10), root / "cal", GEN, BUILD, spec, progress=False)
-    metrics = train_probe_folder(load_dataset(root / "train"), root / "probe", ProbeTrainConfig(max_epochs=20), "train")
+    metrics = train_probe_folder(
+        load_dataset(root / "train"), root / "probe", ProbeTrainConfig(max_epochs=20), "train"
+    )
     calibrate_probe_folder(root / "probe", load_dataset(root / "cal"), deltas=[0.3, 0.5])
     return root, train_summary, metrics
 
@@ -89,7 +97,9 @@ def test_lost_events_are_detected_and_rebuilt_on_resume(chain, tiny_lm, tmp_path
     spec, first = tiny_lm.feature_spec(), problems("train", 10)
     build_dataset(tiny_lm, first, tmp_path / "d", GEN, BUILD, spec, progress=False)
     (tmp_path / "d" / "events.jsonl").write_text("")
-    with pytest.raises(ValueError, match=r"incomplete: rollout 'train-0'/0 records \d+ events but events.jsonl has 0"):
+    with pytest.raises(
+        ValueError, match=r"incomplete: rollout 'train-0'/0 records \d+ events but events.jsonl has 0"
+    ):
         load_dataset(tmp_path / "d")
     with caplog.at_level("WARNING"):
         resumed = build_dataset(tiny_lm, first, tmp_path / "d", GEN, BUILD, spec, progress=False)
@@ -101,7 +111,9 @@ def test_lost_events_are_detected_and_rebuilt_on_resume(chain, tiny_lm, tmp_path
     shards = sorted((tmp_path / "d" / "features").glob("shard-*.safetensors"))
     shards[0].unlink()
     build_dataset(tiny_lm, first, tmp_path / "d", GEN, BUILD, spec, progress=False)
-    assert torch.equal(load_dataset(tmp_path / "d").features.sort(dim=0).values, full.features.sort(dim=0).values)
+    assert torch.equal(
+        load_dataset(tmp_path / "d").features.sort(dim=0).values, full.features.sort(dim=0).values
+    )
     assert not list((tmp_path / "d").rglob("*.tmp"))
 
 
@@ -125,7 +137,9 @@ def test_a_second_build_on_the_same_folder_is_refused(tiny_lm, tmp_path):
 
     busy = pytest.raises(FolderBusyError, match="in use by another lynx-exit build-data run")
     with FolderLock(tmp_path / "d", "lynx-exit build-data"), busy:
-        build_dataset(tiny_lm, problems("x", 1), tmp_path / "d", GEN, BUILD, tiny_lm.feature_spec(), progress=False)
+        build_dataset(
+            tiny_lm, problems("x", 1), tmp_path / "d", GEN, BUILD, tiny_lm.feature_spec(), progress=False
+        )
 
 
 def test_calibration_refuses_overlap(chain):
@@ -145,7 +159,9 @@ def test_online_lynx_equals_offline_replay(chain, tiny_lm):
         recorded = list(DecodeLoop(tiny_lm, [prompt], GEN, layers=bundle.spec.layers).steps())
         for mode in ("event", "trajectory", "harm"):
             offline = first_exit(LynxPolicy(bundle, 0.5, mode=mode), recorded)
-            online = DecodeLoop(tiny_lm, [prompt], GEN, policies=[LynxPolicy(bundle, 0.5, mode=mode)]).run()[0]
+            online = DecodeLoop(tiny_lm, [prompt], GEN, policies=[LynxPolicy(bundle, 0.5, mode=mode)]).run()[
+                0
+            ]
             assert online.exit_index == offline
             exits += offline is not None
     assert exits > 0

@@ -32,8 +32,16 @@ def write_probe(folder: Path, lm) -> Path:
 
 def options(probe: Path, **changes) -> ServerOptions:
     defaults = GenerationConfig(max_new_tokens=60, temperature=0.6, cue_regex="e")
-    return ServerOptions(**{"model_name": "tiny", "defaults": defaults, "exit_defaults": (("delta", "0.2"),),
-                            "max_batch_size": 4, "probe": str(probe), **changes})
+    return ServerOptions(
+        **{
+            "model_name": "tiny",
+            "defaults": defaults,
+            "exit_defaults": (("delta", "0.2"),),
+            "max_batch_size": 4,
+            "probe": str(probe),
+            **changes,
+        }
+    )
 
 
 def test_the_page_is_served_switched_off_and_behind_the_key(tmp_path):
@@ -42,16 +50,24 @@ def test_the_page_is_served_switched_off_and_behind_the_key(tmp_path):
     with serving(Server(lm, options(probe))) as url:
         page = httpx.get(url + "/", timeout=BOUND_S)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert 'id="chart"' in page.text and "lynx_decision_points" in page.text and "http" not in page.text.split("<script>")[0]
+        assert (
+            'id="chart"' in page.text
+            and "lynx_decision_points" in page.text
+            and "http" not in page.text.split("<script>")[0]
+        )
         card = httpx.get(url + "/v1/models", timeout=BOUND_S).json()["data"][0]
-        assert card["exit"]["probe"]["decision_points"] == ["cue"] and card["exit"]["probe"]["calibrated_deltas"]["event"] == [0.1, 0.2]
+        assert card["exit"]["probe"]["decision_points"] == ["cue"] and card["exit"]["probe"][
+            "calibrated_deltas"
+        ]["event"] == [0.1, 0.2]
     with serving(Server(lm, options(probe, ui=False))) as url:
         assert httpx.get(url + "/", timeout=BOUND_S).status_code == 404
     with serving(Server(lm, options(probe, api_key="sesame"))) as url:
         assert httpx.get(url + "/", timeout=BOUND_S).status_code == 401
         assert httpx.get(url + "/?key=wrong", timeout=BOUND_S).status_code == 401
         assert httpx.get(url + "/?key=sesame", timeout=BOUND_S).status_code == 200
-        assert httpx.get(url + "/v1/models?key=sesame", timeout=BOUND_S).status_code == 401  # only the page takes it
+        assert (
+            httpx.get(url + "/v1/models?key=sesame", timeout=BOUND_S).status_code == 401
+        )  # only the page takes it
 
 
 def _browser():
@@ -79,8 +95,12 @@ def test_the_page_streams_a_lynx_exit_in_a_real_browser(tmp_path):
 
     lm = load_model("reference")
     probe = write_probe(tmp_path / "probe", lm)
-    server = Server(lm, options(probe, model_name="reference",
-                                defaults=GenerationConfig(max_new_tokens=300, temperature=0.6)))
+    server = Server(
+        lm,
+        options(
+            probe, model_name="reference", defaults=GenerationConfig(max_new_tokens=300, temperature=0.6)
+        ),
+    )
     with serving(server) as url:
         driver = _browser()
         try:
@@ -92,9 +112,15 @@ def test_the_page_streams_a_lynx_exit_in_a_real_browser(tmp_path):
             driver.find_element(By.ID, "compare").click()
             started = time.monotonic()
             driver.find_element(By.ID, "run").click()
-            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1"
-                       or "error" in (d.find_element(By.ID, "status").get_attribute("class") or ""))
-            assert driver.find_element(By.ID, "status").text == "done", driver.find_element(By.ID, "status").text
+            wait.until(
+                lambda d: (
+                    d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1"
+                    or "error" in (d.find_element(By.ID, "status").get_attribute("class") or "")
+                )
+            )
+            assert driver.find_element(By.ID, "status").text == "done", driver.find_element(
+                By.ID, "status"
+            ).text
             assert time.monotonic() - started < BOUND_S
             thinking = driver.find_element(By.ID, "thinking").text
             assert "Step 1" in thinking or "starts with" in thinking

@@ -64,7 +64,9 @@ def test_probe_needs_both_classes():
     x, _ = _data(20)
     with pytest.raises(ValueError, match="both safe and unsafe"):
         train_probe(x, torch.ones(20, dtype=torch.long), ProbeTrainConfig())
-    probe, metrics = train_probe(x, torch.zeros(20, dtype=torch.long), ProbeTrainConfig(max_epochs=30, allow_one_class=True))
+    probe, metrics = train_probe(
+        x, torch.zeros(20, dtype=torch.long), ProbeTrainConfig(max_epochs=30, allow_one_class=True)
+    )
     assert metrics["val_auroc"] is None and float(probe.prob_safe(x).max()) < 0.5
 
 
@@ -127,8 +129,14 @@ def test_malformed_conformal_files_name_the_file_and_the_fault(tmp_path, content
         ({"event": [{**EVENT, "q_neg": 1.5}]}, r"event\[0\]: q_neg must be in \[0, 1\] or inf, got 1.5"),
         ({"event": [{**EVENT, "q_pos": "nan"}]}, r"event\[0\]: q_pos must be in \[0, 1\]"),
         ({"event": [{**EVENT, "delta": 0}]}, r"event\[0\]: delta must be in \(0, 1\)"),
-        ({"trajectory": [{"delta": 0.1, "epsilon": 0.1, "threshold": -0.2, "n_rollouts": 3, "empirical_risk": 0}]},
-         r"trajectory\[0\]: threshold must be in \[0, 1\]"),
+        (
+            {
+                "trajectory": [
+                    {"delta": 0.1, "epsilon": 0.1, "threshold": -0.2, "n_rollouts": 3, "empirical_risk": 0}
+                ]
+            },
+            r"trajectory\[0\]: threshold must be in \[0, 1\]",
+        ),
         ({"harm": {"delta": 0.1}}, "'harm' must be a list"),
         ({"event": ["x"]}, r"event\[0\] must be an object"),
     ],
@@ -145,7 +153,9 @@ def test_thresholds_outside_their_range_are_refused(tmp_path, report, message):
 def test_malformed_probe_metadata_names_the_file(tmp_path):
     folder = _saved_probe(tmp_path / "p")
     (folder / "probe.json").write_text("[]")
-    with pytest.raises(ValueError, match=r"probe.json is not a valid probe metadata file: expected a JSON object"):
+    with pytest.raises(
+        ValueError, match=r"probe.json is not a valid probe metadata file: expected a JSON object"
+    ):
         load_probe(folder)
     (folder / "probe.json").write_text("{}")
     with pytest.raises(ValueError, match=r"probe.json is not a valid probe metadata file: no 'feature_spec'"):

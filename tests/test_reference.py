@@ -12,7 +12,11 @@ from lynx_exit.tasks.grading import extract_boxed
 def test_problems_are_correct_and_splits_disjoint():
     splits = {name: make_problems(name, 300) for name in ("train", "calib", "test")}
     keys = {name: {p.key() for p in problems} for name, problems in splits.items()}
-    assert not keys["train"] & keys["calib"] and not keys["train"] & keys["test"] and not keys["calib"] & keys["test"]
+    assert (
+        not keys["train"] & keys["calib"]
+        and not keys["train"] & keys["test"]
+        and not keys["calib"] & keys["test"]
+    )
     for problem in splits["test"]:
         value = problem.start
         for op, b in problem.ops:
@@ -76,5 +80,7 @@ def test_shipped_reference_model_encodes_any_text_and_reasons():
     from lynx_exit.engine import DecodeLoop, GenerationConfig
 
     problem = make_problems("test", 1)[0]
-    result = DecodeLoop(lm, [lm.prompt_ids(problem.question())], GenerationConfig(max_new_tokens=600, temperature=0)).run()[0]
+    result = DecodeLoop(
+        lm, [lm.prompt_ids(problem.question())], GenerationConfig(max_new_tokens=600, temperature=0)
+    ).run()[0]
     assert result.finish_reason == "eos" and "</think> Final Answer: \\boxed{" in result.text

@@ -55,7 +55,9 @@ def test_runaway_share_matches_the_preset(sample, problems):
     expected = sum(preset.trained_runaway(len(p.ops)) for p in problems) / N
     assert within(sum(t.runaway for t in traces), N, expected)
     runaways = [t for t in traces if t.runaway]
-    assert within(sum(t.first_answer is not None for t in runaways), len(runaways), preset.runaway_after_candidate)
+    assert within(
+        sum(t.first_answer is not None for t in runaways), len(runaways), preset.runaway_after_candidate
+    )
     by_steps = Counter(len(p.ops) for p, t in zip(problems, traces, strict=True) if t.runaway)
     assert by_steps[6] > by_steps[2] * 3  # loops concentrate on the hardest problems
 
@@ -82,14 +84,22 @@ def test_the_small_preset_meets_the_literature_targets(problems):
     changed = [(t, p) for t, p in finished if t.final_answer != t.first_answer]
     share = len(changed) / len(finished)
     assert 0.03 <= share <= 0.12  # final != first in 3-12 % of finished traces (FTM, MATH-500)
-    direction = Counter("w->r" if t.final_answer == p.answer else "r->w" if t.first_answer == p.answer else "w->w"
-                        for t, p in changed)
+    direction = Counter(
+        "w->r" if t.final_answer == p.answer else "r->w" if t.first_answer == p.answer else "w->w"
+        for t, p in changed
+    )
     assert direction.most_common(1)[0][0] == "w->r" and direction["r->w"] > 0
-    sampled_runaway = sum(SMALL.runaway_by_steps[len(p.ops)] for p in problems) / N  # the rate to sample at T=0.6
+    sampled_runaway = (
+        sum(SMALL.runaway_by_steps[len(p.ops)] for p in problems) / N
+    )  # the rate to sample at T=0.6
     assert 0.08 <= sampled_runaway <= 0.25 and sum(t.runaway for t in traces) / N > sampled_runaway
     cues_before = sum(t.cue_count_before_first for t in traces)
     assert cues_before / (cues_before + sum(t.cue_count_after_first for t in traces)) >= 0.2
-    positions = [t.text.index("So the answer is") / len(t.text.split("</think>")[0]) for t in traces if t.first_answer is not None]
+    positions = [
+        t.text.index("So the answer is") / len(t.text.split("</think>")[0])
+        for t in traces
+        if t.first_answer is not None
+    ]
     assert 0.45 <= sum(positions) / len(positions) <= 0.8
     # wrong traces doubt more (2501.18585): more cues per trace while the held answer is wrong
     wrong = [t.cue_count_before_first for t, p in finished if t.first_answer != p.answer]
@@ -106,6 +116,7 @@ def test_the_large_preset_errs_and_loops_less():
         return sum(t.final_answer == p.answer for t, p in zip(traces, problems, strict=True)) / len(problems)
 
     assert accuracy(large) >= accuracy(small) + 0.10
+
     def sampled_runaway(preset):  # the rate a model trained on the preset's traces is to loop at, at T=0.6
         return sum(preset.runaway_by_steps[len(p.ops)] for p in problems)
 
@@ -115,7 +126,9 @@ def test_the_large_preset_errs_and_loops_less():
 
 STEP = re.compile(r"^Step (\d+): .*, so (-?\d+) ([-+*]) (\d+) = (-?\d+)\.$")
 CAUGHT = re.compile(r"^Wait, (-?\d+) ([-+*]) (\d+) is not (-?\d+)\. It is (-?\d+)\.$")
-CHECK = re.compile(r"^(?:Wait|Hmm), let me check step (\d+): (-?\d+) ([-+*]) (\d+) = (-?\d+)\. Yes, that is right\.$")
+CHECK = re.compile(
+    r"^(?:Wait|Hmm), let me check step (\d+): (-?\d+) ([-+*]) (\d+) = (-?\d+)\. Yes, that is right\.$"
+)
 REDERIVE = re.compile(r"^Hmm, let me work it out again from the start: (.*?)\.( Same answer, (-?\d+)\.)?$")
 REDO = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
 
@@ -148,5 +161,8 @@ def test_the_answer_changes_exactly_when_a_rederivation_ends_elsewhere(sample):
                     assert int(m[3]) == held == written[len(redo)], line
                 else:
                     changed += 1
-                    assert ANSWER.fullmatch(following) and int(ANSWER.fullmatch(following)[1]) == written[len(redo)] != held
+                    assert (
+                        ANSWER.fullmatch(following)
+                        and int(ANSWER.fullmatch(following)[1]) == written[len(redo)] != held
+                    )
     assert checked > 1000 and rederived > 1000 and changed > 20

@@ -20,8 +20,13 @@ from lynx_exit.tasks import Problem
 ray = pytest.importorskip("ray")  # an optional extra; the test extra installs it, so CI runs this module
 
 GEN = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=4, cue_regex="[ae]", answer_max_tokens=4)
-BUILD = BuildConfig(max_events_per_rollout=3, batch_size=4, label_batch_size=5, rollouts_per_problem=2,
-                    decision_points=("cue", "paragraph"))  # the kinds travel to the workers
+BUILD = BuildConfig(
+    max_events_per_rollout=3,
+    batch_size=4,
+    label_batch_size=5,
+    rollouts_per_problem=2,
+    decision_points=("cue", "paragraph"),
+)  # the kinds travel to the workers
 OPTIONS = RayOptions(address="local", workers=2, cpus_per_worker=1)
 PROBLEMS = [Problem("gsm8k", f"p{i}", f"What is {i} plus 3?", str(i + 3)) for i in range(7)]
 
@@ -37,7 +42,9 @@ def source(tiny_lm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray():
     # Logical CPUs: the module pool, a second pool and the CLI's workers (1 torch thread each) coexist.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
@@ -62,25 +69,55 @@ def test_build_data_on_ray_equals_one_process(source, pool, tmp_path):
     lm = source.load()
     build_dataset(lm, PROBLEMS, tmp_path / "local", GEN, BUILD, lm.feature_spec(), progress=False)
     assert pool.feature_spec() == lm.feature_spec()
-    build_dataset(None, PROBLEMS, tmp_path / "ray", GEN, BUILD, pool.feature_spec(), progress=False, runner=pool.build_runner)
+    build_dataset(
+        None,
+        PROBLEMS,
+        tmp_path / "ray",
+        GEN,
+        BUILD,
+        pool.feature_spec(),
+        progress=False,
+        runner=pool.build_runner,
+    )
     same_dataset(tmp_path / "ray", tmp_path / "local")
 
 
 def sorted_records(folder):
-    return sorted(({k: v for k, v in r.items() if k != "latency_s"} for r in lines(folder / "records.jsonl")),
-                  key=lambda r: (r["setting"], r["problem_id"], r["rollout"]))
+    return sorted(
+        ({k: v for k, v in r.items() if k != "latency_s"} for r in lines(folder / "records.jsonl")),
+        key=lambda r: (r["setting"], r["problem_id"], r["rollout"]),
+    )
 
 
 def test_eval_on_ray_equals_one_process(source, pool, tmp_path):
-    settings = parse_methods(["never", "token-budget", "deer", "first-answer"], {"budget": "6", "threshold": "0.5"})
-    local = run_eval(source.load(), PROBLEMS, settings, GEN, tmp_path / "local", rollouts=2, batch_size=3, progress=False)
+    settings = parse_methods(
+        ["never", "token-budget", "deer", "first-answer"], {"budget": "6", "threshold": "0.5"}
+    )
+    local = run_eval(
+        source.load(), PROBLEMS, settings, GEN, tmp_path / "local", rollouts=2, batch_size=3, progress=False
+    )
     pool.check_settings(settings)
-    on_ray = run_eval(None, PROBLEMS, settings, GEN, tmp_path / "ray", rollouts=2, batch_size=3, progress=False,
-                      runner=pool.eval_runner)
+    on_ray = run_eval(
+        None,
+        PROBLEMS,
+        settings,
+        GEN,
+        tmp_path / "ray",
+        rollouts=2,
+        batch_size=3,
+        progress=False,
+        runner=pool.eval_runner,
+    )
     assert sorted_records(tmp_path / "ray") == sorted_records(tmp_path / "local")
     assert len(sorted_records(tmp_path / "ray")) == 4 * 7 * 2
-    strip = [{k: v for k, v in row.items() if not k.startswith(("mean_latency", "wall_time"))} for row in on_ray["settings"]]
-    assert strip == [{k: v for k, v in row.items() if not k.startswith(("mean_latency", "wall_time"))} for row in local["settings"]]
+    strip = [
+        {k: v for k, v in row.items() if not k.startswith(("mean_latency", "wall_time"))}
+        for row in on_ray["settings"]
+    ]
+    assert strip == [
+        {k: v for k, v in row.items() if not k.startswith(("mean_latency", "wall_time"))}
+        for row in local["settings"]
+    ]
 
 
 def test_a_bad_setting_is_reported_from_the_worker_as_itself(pool):
@@ -88,14 +125,24 @@ def test_a_bad_setting_is_reported_from_the_worker_as_itself(pool):
         pool.check_settings(parse_methods(["deepconf"], {"keep": "50"}))
 
 
-def test_a_worker_that_dies_mid_run_loses_nothing_and_writes_nothing_twice(source, local_ray, tmp_path, monkeypatch):
+def test_a_worker_that_dies_mid_run_loses_nothing_and_writes_nothing_twice(
+    source, local_ray, tmp_path, monkeypatch
+):
     lm = source.load()
     build_dataset(lm, PROBLEMS, tmp_path / "local", GEN, BUILD, lm.feature_spec(), progress=False)
     monkeypatch.setenv(EXIT_AFTER_ENV, "1")  # the first worker to finish a chunk exits before its next one
     monkeypatch.setenv(EXIT_MARKER_ENV, str(tmp_path / "died"))
     with RayPool(source, OPTIONS) as pool:
-        build_dataset(None, PROBLEMS, tmp_path / "ray", GEN, BUILD, pool.feature_spec(), progress=False,
-                      runner=pool.build_runner)
+        build_dataset(
+            None,
+            PROBLEMS,
+            tmp_path / "ray",
+            GEN,
+            BUILD,
+            pool.feature_spec(),
+            progress=False,
+            runner=pool.build_runner,
+        )
     assert (tmp_path / "died").exists()  # a worker did die, and was restarted
     same_dataset(tmp_path / "ray", tmp_path / "local")
     keys = [(r["problem_id"], r["rollout"]) for r in lines(tmp_path / "ray" / "rollouts.jsonl")]
@@ -103,12 +150,35 @@ def test_a_worker_that_dies_mid_run_loses_nothing_and_writes_nothing_twice(sourc
 
 
 def test_cli_eval_with_ray_and_without_it_installed(source, local_ray, tmp_path, monkeypatch, capsys):
-    flags = ["eval", "--model", source.name, "--dtype", "float64", "--task", "gsm8k", "--data", str(tmp_path / "p.jsonl"),
-             "--methods", "never,token-budget", "--budgets", "5", "--max-new-tokens", "12", "--seed", "1"]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": f"#### {i + 1}"}) + "\n"
-                                              for i in range(4)))
+    flags = [
+        "eval",
+        "--model",
+        source.name,
+        "--dtype",
+        "float64",
+        "--task",
+        "gsm8k",
+        "--data",
+        str(tmp_path / "p.jsonl"),
+        "--methods",
+        "never,token-budget",
+        "--budgets",
+        "5",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "1",
+    ]
+    (tmp_path / "p.jsonl").write_text(
+        "".join(
+            json.dumps({"question": f"What is {i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(4)
+        )
+    )
     assert main([*flags, "--out", str(tmp_path / "local")]) == 0
-    assert main([*flags, "--out", str(tmp_path / "ray"), "--ray", "--workers", "2", "--cpus-per-worker", "1"]) == 0
+    assert (
+        main([*flags, "--out", str(tmp_path / "ray"), "--ray", "--workers", "2", "--cpus-per-worker", "1"])
+        == 0
+    )
     assert sorted_records(tmp_path / "ray") == sorted_records(tmp_path / "local")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     capsys.readouterr()
@@ -127,8 +197,19 @@ def test_an_interrupted_ray_eval_resumes_to_the_single_process_output(source, po
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_eval(None, PROBLEMS, settings, GEN, tmp_path / "ray", batch_size=3, progress=False, runner=pool.eval_runner,
-                 on_record=stop_after_four)
+        run_eval(
+            None,
+            PROBLEMS,
+            settings,
+            GEN,
+            tmp_path / "ray",
+            batch_size=3,
+            progress=False,
+            runner=pool.eval_runner,
+            on_record=stop_after_four,
+        )
     assert len(lines(tmp_path / "ray" / "records.jsonl")) == 4
-    run_eval(None, PROBLEMS, settings, GEN, tmp_path / "ray", batch_size=3, progress=False, runner=pool.eval_runner)
+    run_eval(
+        None, PROBLEMS, settings, GEN, tmp_path / "ray", batch_size=3, progress=False, runner=pool.eval_runner
+    )
     assert sorted_records(tmp_path / "ray") == sorted_records(tmp_path / "local")

@@ -46,8 +46,16 @@ def probe_dir(lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(lm, probe_dir):
-    options = ServerOptions(model_name=MODEL, defaults=DEFAULTS, exit_defaults=(("delta", "0.2"), ("mode", "event")),
-                            max_batch_size=4, max_queue=8, max_n=4, max_tokens_limit=200, probe=str(probe_dir))
+    options = ServerOptions(
+        model_name=MODEL,
+        defaults=DEFAULTS,
+        exit_defaults=(("delta", "0.2"), ("mode", "event")),
+        max_batch_size=4,
+        max_queue=8,
+        max_n=4,
+        max_tokens_limit=200,
+        probe=str(probe_dir),
+    )
     with serving(Server(lm, options)) as url:
         yield url
 
@@ -72,7 +80,10 @@ def extra(choice, name):
 
 def test_chat_puts_thinking_in_reasoning_content_and_the_forced_answer_in_content(client, lm):
     response = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is 3+4?"}], max_tokens=30, seed=5,
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 3+4?"}],
+        max_tokens=30,
+        seed=5,
         extra_body={"min_tokens": 30, "exit": {"method": "token-budget", "budget": 6}},
     )
     want = offline(lm, chat_ids(lm, "What is 3+4?"), 5, TokenBudget(6), max_new_tokens=30, min_new_tokens=30)
@@ -80,9 +91,17 @@ def test_chat_puts_thinking_in_reasoning_content_and_the_forced_answer_in_conten
     reasoning = extra(choice.message, "reasoning_content")
     assert choice.message.content.startswith("Final Answer: \\boxed{")
     assert want.text == reasoning + "</think> " + choice.message.content
-    assert extra(choice, "exit") == {"exited": True, "token_index": 5, "cue": None, "point": None, "gave_up": False,
-                                     "score": None, "method": "token-budget",
-                                     "settings": {"budget": 6}, "reasoning_tokens": 6}
+    assert extra(choice, "exit") == {
+        "exited": True,
+        "token_index": 5,
+        "cue": None,
+        "point": None,
+        "gave_up": False,
+        "score": None,
+        "method": "token-budget",
+        "settings": {"budget": 6},
+        "reasoning_tokens": 6,
+    }
     assert choice.finish_reason == "stop"
     assert response.usage.completion_tokens == len(want.token_ids)
     assert response.usage.prompt_tokens == len(chat_ids(lm, "What is 3+4?"))
@@ -91,11 +110,20 @@ def test_chat_puts_thinking_in_reasoning_content_and_the_forced_answer_in_conten
 
 
 def test_streamed_chat_equals_the_full_response(client):
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=25, seed=9,
-                  extra_body={"min_tokens": 25, "exit": {"method": "token-budget", "budget": 8}})
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=25,
+        seed=9,
+        extra_body={"min_tokens": 25, "exit": {"method": "token-budget", "budget": 8}},
+    )
     full = client.chat.completions.create(**kwargs)
-    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
-    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert reasoning == extra(full.choices[0].message, "reasoning_content")
     assert content == full.choices[0].message.content
@@ -111,8 +139,12 @@ def test_completion_returns_the_raw_text_streamed_or_not(client, base_url, lm):
     assert response.choices[0].text == want.text
     assert response.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
     assert response.usage.completion_tokens == len(want.token_ids)
-    with httpx.stream("POST", base_url + "/v1/completions", timeout=BOUND_S,
-                      json={"model": MODEL, "prompt": "Tom has 3 apples", "max_tokens": 20, "seed": 3, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        base_url + "/v1/completions",
+        timeout=BOUND_S,
+        json={"model": MODEL, "prompt": "Tom has 3 apples", "max_tokens": 20, "seed": 3, "stream": True},
+    ) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
@@ -125,11 +157,21 @@ def test_per_request_delta_moves_the_exit(client, lm, probe_dir):
     exits = {}
     for delta in (0.2, 0.1):
         response = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=40, seed=21,
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=40,
+            seed=21,
             extra_body={"min_tokens": 40, "exit": {"method": "lynx", "delta": delta}},
         )
         exits[delta] = extra(response.choices[0], "exit")
-        want = offline(lm, chat_ids(lm, prompt), 21, LynxPolicy(bundle=bundle, delta=delta), max_new_tokens=40, min_new_tokens=40)
+        want = offline(
+            lm,
+            chat_ids(lm, prompt),
+            21,
+            LynxPolicy(bundle=bundle, delta=delta),
+            max_new_tokens=40,
+            min_new_tokens=40,
+        )
         assert exits[delta]["token_index"] == want.exit_index
         assert exits[delta]["settings"] == {"delta": delta, "mode": "event"}
     assert exits[0.2]["exited"] and exits[0.2]["cue"] == "e" and 0 < exits[0.2]["score"] < 1
@@ -151,7 +193,14 @@ def test_stop_string_ends_the_choice_before_it(client, lm, stream):
     full = offline(lm, ids, 8, max_new_tokens=40, min_new_tokens=40).text
     stop = full[10:12]
     assert stop and len(full) > 12
-    kwargs = dict(model=MODEL, prompt="Tom has", max_tokens=40, seed=8, stop=[stop, "\u2603never"], extra_body={"min_tokens": 40})
+    kwargs = dict(
+        model=MODEL,
+        prompt="Tom has",
+        max_tokens=40,
+        seed=8,
+        stop=[stop, "\u2603never"],
+        extra_body={"min_tokens": 40},
+    )
     if stream:
         chunks = list(client.completions.create(**kwargs, stream=True))
         text = "".join(c.choices[0].text for c in chunks)
@@ -171,12 +220,34 @@ BAD_REQUESTS = [
     ("chat", {"model": "gpt-9"}, 404, "model", "gpt-9"),
     ("chat", {"exit": {"method": "lynx", "delta": 1.5}}, 400, "exit.delta", "1.5"),
     ("chat", {"exit": {"method": "lynx", "delta": 0.3}}, 400, "exit.delta", "[0.2, 0.1]"),
-    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "decision_points": "cue,answer"}}, 400, "exit.decision_points",
-     "never saw answer"),
-    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "decision_points": ["cue", "hunch"]}}, 400, "exit.decision_points",
-     "'hunch'"),
-    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "give_up_delta": 2}}, 400, "exit.give_up_delta", "(0, 1)"),
-    ("chat", {"exit": {"method": "lynx", "delta": 0.2, "give_up_delta": 0.05}}, 400, "exit.give_up_delta", "give-up"),
+    (
+        "chat",
+        {"exit": {"method": "lynx", "delta": 0.2, "decision_points": "cue,answer"}},
+        400,
+        "exit.decision_points",
+        "never saw answer",
+    ),
+    (
+        "chat",
+        {"exit": {"method": "lynx", "delta": 0.2, "decision_points": ["cue", "hunch"]}},
+        400,
+        "exit.decision_points",
+        "'hunch'",
+    ),
+    (
+        "chat",
+        {"exit": {"method": "lynx", "delta": 0.2, "give_up_delta": 2}},
+        400,
+        "exit.give_up_delta",
+        "(0, 1)",
+    ),
+    (
+        "chat",
+        {"exit": {"method": "lynx", "delta": 0.2, "give_up_delta": 0.05}},
+        400,
+        "exit.give_up_delta",
+        "give-up",
+    ),
     ("chat", {"exit": {"method": "lynx", "mode": "sometimes"}}, 400, "exit.mode", "sometimes"),
     ("chat", {"exit": {"method": "telepathy"}}, 400, "exit.method", "telepathy"),
     ("chat", {"exit": {"method": "token-budget", "delta": 0.1, "budget": 3}}, 400, "exit.delta", "delta"),
@@ -188,18 +259,30 @@ BAD_REQUESTS = [
     ("chat", {"frequency_penalty": 0.5}, 400, "frequency_penalty", "0.5"),
     ("chat", {"stop": [""]}, 400, "stop", "''"),
     ("completions", {"prompt": [10**6]}, 400, "prompt", "1000000"),
-    ("chat", {"messages": [{"role": "user", "content": "a\ud800"}]}, 400, None, "hex escape"),  # refused by the JSON parser
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "a\ud800"}]},
+        400,
+        None,
+        "hex escape",
+    ),  # refused by the JSON parser
     ("completions", {"prompt": "b\udfff"}, 400, None, "surrogate"),
 ]
 
 
 @pytest.mark.parametrize(("endpoint", "changes", "status", "param", "needle"), BAD_REQUESTS)
-def test_bad_requests_get_an_openai_error_naming_field_and_value(base_url, endpoint, changes, status, param, needle):
+def test_bad_requests_get_an_openai_error_naming_field_and_value(
+    base_url, endpoint, changes, status, param, needle
+):
     body = {"model": MODEL, "max_tokens": 5}
     body.update({"messages": [{"role": "user", "content": "Hi"}]} if endpoint == "chat" else {"prompt": "Hi"})
     body.update(changes)
-    r = httpx.post(f"{base_url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", timeout=BOUND_S,
-                   content=json.dumps(body).encode(), headers={"content-type": "application/json"})  # ASCII escapes: lone surrogates travel
+    r = httpx.post(
+        f"{base_url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
+        timeout=BOUND_S,
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )  # ASCII escapes: lone surrogates travel
     error = r.json()["error"]
     assert r.status_code == status, error
     assert error["param"] == param and needle in error["message"], error
@@ -207,11 +290,17 @@ def test_bad_requests_get_an_openai_error_naming_field_and_value(base_url, endpo
 
 
 def test_invalid_json_and_a_prompt_longer_than_the_context(base_url, client, lm):
-    r = httpx.post(base_url + "/v1/chat/completions", content=b'{"model": "tiny-test", "messages": [', timeout=BOUND_S,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        base_url + "/v1/chat/completions",
+        content=b'{"model": "tiny-test", "messages": [',
+        timeout=BOUND_S,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": _long_prompt(lm)}], max_tokens=5)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": _long_prompt(lm)}], max_tokens=5
+        )
     assert caught.value.code == "context_length_exceeded" and "512" in caught.value.message
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
@@ -249,7 +338,9 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_row(base_url, client)
     assert health["status"] == "ok"
     assert _metric(base_url, "lynx_exit_choices_total", 'finish_reason="abort"') == aborted + 1
     assert _metric(base_url, "lynx_exit_generated_tokens_total") - generated < 190
-    response = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)  # the freed row serves the next one
+    response = client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=4
+    )  # the freed row serves the next one
     assert response.choices[0].finish_reason in ("length", "stop")
 
 
@@ -263,7 +354,9 @@ class SlowBackend(StoreBackend):
 
 @pytest.fixture(scope="module")
 def small_server(lm):
-    options = ServerOptions(model_name=MODEL, defaults=DEFAULTS, max_batch_size=1, max_queue=1, api_key="sekret")
+    options = ServerOptions(
+        model_name=MODEL, defaults=DEFAULTS, max_batch_size=1, max_queue=1, api_key="sekret"
+    )
     server = Server(lm, options, engine_factory=lambda: Engine(lm, max_batch_size=1, backend=SlowBackend(lm)))
     with serving(server) as url:
         yield url
@@ -277,7 +370,9 @@ def test_api_key_is_required(small_server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     allowed = openai.OpenAI(base_url=small_server + "/v1", api_key="sekret", max_retries=0, timeout=BOUND_S)
     assert [m.id for m in allowed.models.list().data] == [MODEL]
-    assert httpx.get(small_server + "/health", timeout=BOUND_S).json()["status"] == "ok"  # health needs no key
+    assert (
+        httpx.get(small_server + "/health", timeout=BOUND_S).json()["status"] == "ok"
+    )  # health needs no key
 
 
 def test_a_full_queue_answers_503_at_once(small_server):
@@ -285,11 +380,16 @@ def test_a_full_queue_answers_503_at_once(small_server):
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 150, "min_tokens": 150, "stream": True}
     with contextlib.ExitStack() as stack:
         for _ in range(2):  # one running, one waiting: the server is full
-            r = stack.enter_context(httpx.stream("POST", small_server + "/v1/completions", json=body, headers=headers,
-                                                 timeout=BOUND_S))
+            r = stack.enter_context(
+                httpx.stream(
+                    "POST", small_server + "/v1/completions", json=body, headers=headers, timeout=BOUND_S
+                )
+            )
             assert r.status_code == 200
         started = time.monotonic()
-        full = httpx.post(small_server + "/v1/completions", json={**body, "stream": False}, headers=headers, timeout=BOUND_S)
+        full = httpx.post(
+            small_server + "/v1/completions", json={**body, "stream": False}, headers=headers, timeout=BOUND_S
+        )
         assert full.status_code == 503 and full.json()["error"]["code"] == "server_overloaded"
         assert time.monotonic() - started < BOUND_S
     _wait_idle(small_server)
@@ -300,14 +400,23 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tmp_path):
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
     with cli_server(tmp_path / "model", "--temperature", "1.0") as (proc, url):
-        body = {"model": str(tmp_path / "model"), "prompt": "Hi", "max_tokens": 400, "min_tokens": 400, "stream": True}
+        body = {
+            "model": str(tmp_path / "model"),
+            "prompt": "Hi",
+            "max_tokens": 400,
+            "min_tokens": 400,
+            "stream": True,
+        }
         lines = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=BOUND_S) as r:
             for line in r.iter_lines():
                 if line and not lines:
                     proc.send_signal(signal.SIGTERM)  # in flight: it must still finish
                 lines.append(line)
-        assert proc.wait(BOUND_S) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a graceful stop
+        assert proc.wait(BOUND_S) in (
+            0,
+            -signal.SIGTERM,
+        )  # uvicorn re-raises the signal after a graceful stop
     events = [line for line in lines if line]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
@@ -323,18 +432,29 @@ def _stream_chunks(base_url, body):
 
 
 @pytest.mark.parametrize("delta", [0.1, 0.2])
-def test_a_stream_can_carry_each_decision_point_and_is_unchanged_without_the_flag(base_url, lm, probe_dir, delta):
+def test_a_stream_can_carry_each_decision_point_and_is_unchanged_without_the_flag(
+    base_url, lm, probe_dir, delta
+):
     """With stream_options.lynx_decision_points each cue arrives with its score and threshold where it passes, and the
     last chunk says what the exit saved; without the flag the same request streams the same text and no extra field."""
     prompt = "A much longer prompt about twelve apples"
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "seed": 21, "stream": True,
-            "min_tokens": 40, "exit": {"method": "lynx", "delta": delta}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 40,
+        "seed": 21,
+        "stream": True,
+        "min_tokens": 40,
+        "exit": {"method": "lynx", "delta": delta},
+    }
     _wait_idle(base_url)
     at_cues = _metric(base_url, "lynx_exit_exit_points_total", 'give_up="false",point="cue"')
     plain = _stream_chunks(base_url, body)
     marked = _stream_chunks(base_url, {**body, "stream_options": {"lynx_decision_points": True}})
     _wait_idle(base_url)
-    assert _metric(base_url, "lynx_exit_exit_points_total", 'give_up="false",point="cue"') == at_cues + 2 * (delta == 0.2)
+    assert _metric(base_url, "lynx_exit_exit_points_total", 'give_up="false",point="cue"') == at_cues + 2 * (
+        delta == 0.2
+    )
     assert not any("lynx_points" in c["choices"][0] for c in plain if c["choices"])
 
     def text(chunks, key):
@@ -347,8 +467,14 @@ def test_a_stream_can_carry_each_decision_point_and_is_unchanged_without_the_fla
     saved = finals[0]["exit"].pop("tokens_saved_vs_max_tokens")
     assert finals[0] == plain_final and "tokens_saved_vs_max_tokens" not in plain_final["exit"]
     points = [p for c in marked if c["choices"] for p in c["choices"][0].get("lynx_points", [])]
-    want = offline(lm, chat_ids(lm, prompt), 21, LynxPolicy(bundle=load_probe(probe_dir), delta=delta), max_new_tokens=40,
-                   min_new_tokens=40)
+    want = offline(
+        lm,
+        chat_ids(lm, prompt),
+        21,
+        LynxPolicy(bundle=load_probe(probe_dir), delta=delta),
+        max_new_tokens=40,
+        min_new_tokens=40,
+    )
     reasoning = text(marked, "reasoning_content")
     assert points and all(p["point"] == "cue" and 0 < p["score"] < 1 for p in points)
     assert all(0 < p["chars"] <= len(reasoning) for p in points)

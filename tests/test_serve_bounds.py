@@ -83,7 +83,9 @@ def watched(base: str, pid: int) -> Iterator[dict[str, float]]:
 def timed_post(base: str, path: str, body: dict | bytes) -> tuple[httpx.Response, float]:
     start = time.perf_counter()
     if isinstance(body, bytes):  # encoded beforehand: the client's own JSON encoding is not what is measured
-        response = httpx.post(base + path, content=body, headers={"content-type": "application/json"}, timeout=BOUND_S)
+        response = httpx.post(
+            base + path, content=body, headers={"content-type": "application/json"}, timeout=BOUND_S
+        )
     else:
         response = post(base, path, body)
     return response, time.perf_counter() - start
@@ -94,22 +96,34 @@ def test_n1_a_huge_template_render_is_refused_at_once(cli):
     """5,000 empty assistant messages with a 2,000-character eos_token rendered a 10 MB prompt in 14-23 s."""
     pid, url, model = cli
     messages = [{"role": "assistant", "content": ""}] * 5000 + [{"role": "user", "content": "hi"}]
-    body = json.dumps({"model": model, "messages": messages, "chat_template_kwargs": {"eos_token": "x" * 2000}}).encode()
+    body = json.dumps(
+        {"model": model, "messages": messages, "chat_template_kwargs": {"eos_token": "x" * 2000}}
+    ).encode()
     with watched(url, pid) as seen:
         r, took = timed_post(url, "/v1/chat/completions", body)
     assert r.status_code == 400 and took < 1.0, (r.status_code, took)
     assert seen["polls"] >= 3 and seen["slowest_s"] < 0.2 and seen["grew_mb"] < 100, seen
 
 
-@pytest.mark.parametrize(("kwargs", "param", "says"), [
-    ({"eos_token": "x" * 2000}, "chat_template_kwargs.eos_token", "special tokens"),
-    ({"bos_token": "y" * 100_000}, "chat_template_kwargs.bos_token", "special tokens"),
-    ({"enable_thinking": False}, "chat_template_kwargs.enable_thinking", "takes no switches"),
-    ({"add_generation_prompt": False}, "chat_template_kwargs.add_generation_prompt", "the server sets it"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "param", "says"),
+    [
+        ({"eos_token": "x" * 2000}, "chat_template_kwargs.eos_token", "special tokens"),
+        ({"bos_token": "y" * 100_000}, "chat_template_kwargs.bos_token", "special tokens"),
+        ({"enable_thinking": False}, "chat_template_kwargs.enable_thinking", "takes no switches"),
+        (
+            {"add_generation_prompt": False},
+            "chat_template_kwargs.add_generation_prompt",
+            "the server sets it",
+        ),
+    ],
+)
 def test_n1_template_kwargs_take_only_the_families_switches(url, kwargs, param, says):
-    r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                           "chat_template_kwargs": kwargs})
+    r = post(
+        url,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": kwargs},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert says in r.json()["error"]["message"]
 
@@ -117,14 +131,28 @@ def test_n1_template_kwargs_take_only_the_families_switches(url, kwargs, param, 
 def test_n1_a_declared_switch_takes_its_values_only():
     from lynx_exit.models.families import Family, _switches
 
-    qwen3 = Family("q", "q", "q", lambda f: True, "<think>", "</think>", "</think>",
-                   switches=(("enable_thinking", (True, False)),))
+    qwen3 = Family(
+        "q",
+        "q",
+        "q",
+        lambda f: True,
+        "<think>",
+        "</think>",
+        "</think>",
+        switches=(("enable_thinking", (True, False)),),
+    )
     assert _switches(qwen3, {}) == (("enable_thinking", (True, False)),)
-    assert _switches(qwen3, {"reasoning_effort": "high"}) == (("enable_thinking", (True, False)),
-                                                              ("reasoning_effort", ("high",)))
+    assert _switches(qwen3, {"reasoning_effort": "high"}) == (
+        ("enable_thinking", (True, False)),
+        ("reasoning_effort", ("high",)),
+    )
     from lynx_exit.serve.planning import _allowed
 
-    assert _allowed(False, (True, False)) and not _allowed(0, (True, False)) and not _allowed("low", (True, False))
+    assert (
+        _allowed(False, (True, False))
+        and not _allowed(0, (True, False))
+        and not _allowed("low", (True, False))
+    )
 
 
 def test_n1_messages_past_the_context_are_refused_before_the_template(url, lm):
@@ -140,14 +168,19 @@ def test_n3_a_huge_prompt_list_is_refused_before_any_prompt_is_tokenized(cli):
     body = json.dumps({"model": model, "prompt": ["a"] * 838_460}).encode()  # 4 MB
     with watched(url, pid) as seen:
         r, took = timed_post(url, "/v1/completions", body)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and took < 1.0, (r.text[:300], took)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and took < 1.0, (
+        r.text[:300],
+        took,
+    )
     assert seen["polls"] >= 3 and seen["slowest_s"] < 0.2 and seen["grew_mb"] < 100, seen
 
 
 def test_n3_more_prompts_than_rows_are_refused_before_tokenizing(url, lm, monkeypatch):
     calls = []
     original = lm.tokenizer.__call__
-    monkeypatch.setattr(type(lm.tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(*a, **k))
+    monkeypatch.setattr(
+        type(lm.tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(*a, **k)
+    )
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": ["a"] * 200})  # capacity: 16 + 64 rows
     assert r.status_code == 400 and "rows" in r.json()["error"]["message"] and not calls
 
@@ -156,8 +189,11 @@ def test_n3_more_prompts_than_rows_are_refused_before_tokenizing(url, lm, monkey
 def test_n2_a_client_gone_before_its_answer_is_no_server_error(url):
     errors_before = metric(url, "lynx_exit_requests_total", endpoint="completions", status="500")
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 400, "min_tokens": 400},
-                   timeout=0.3)
+        httpx.post(
+            url + "/v1/completions",
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 400, "min_tokens": 400},
+            timeout=0.3,
+        )
     deadline = time.monotonic() + BOUND_S
     while metric(url, "lynx_exit_requests_total", endpoint="completions", status="499") < 1:
         assert time.monotonic() < deadline, "the abandoned request was never counted"
@@ -171,8 +207,17 @@ def test_n5_a_matched_stop_string_is_counted_as_stop(url):
     before = {reason: metric(url, "lynx_exit_choices_total", finish_reason=reason) for reason in reasons}
     stopped = 0  # OpenAI's "stop": a stop string, or the end of sequence
     for seed in range(6):
-        r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Tom has", "max_tokens": 40, "seed": seed,
-                                          "stop": ["e", "a", "o", " "]})
+        r = post(
+            url,
+            "/v1/completions",
+            {
+                "model": MODEL,
+                "prompt": "Tom has",
+                "max_tokens": 40,
+                "seed": seed,
+                "stop": ["e", "a", "o", " "],
+            },
+        )
         assert r.status_code == 200
         stopped += r.json()["choices"][0]["finish_reason"] == "stop"
     deadline = time.monotonic() + BOUND_S
@@ -187,13 +232,16 @@ def test_n5_a_matched_stop_string_is_counted_as_stop(url):
 
 
 # -- N6: errors name the field at fault ---------------------------------------------------------------
-@pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "hi", "Foo": 1}, "Foo"),
-    ({"prompt": "hi", "str": 1}, "str"),
-    ({"prompt": "hi", "a[0]": 1}, "a[0]"),
-    ({"prompt": "hi", "exit": {"method": "speculative-thinking+lynx"}}, "exit.method"),
-    ({"messages": [{"role": "user", "content": "hi", "foo": 1}]}, "messages.0.foo"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "hi", "Foo": 1}, "Foo"),
+        ({"prompt": "hi", "str": 1}, "str"),
+        ({"prompt": "hi", "a[0]": 1}, "a[0]"),
+        ({"prompt": "hi", "exit": {"method": "speculative-thinking+lynx"}}, "exit.method"),
+        ({"messages": [{"role": "user", "content": "hi", "foo": 1}]}, "messages.0.foo"),
+    ],
+)
 def test_n6_errors_name_the_field(url, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     r = post(url, path, {"model": MODEL, **body})
@@ -203,8 +251,15 @@ def test_n6_errors_name_the_field(url, body, param):
 # -- N7: the developer role ---------------------------------------------------------------------------
 def test_n7_a_developer_message_is_a_system_message(url):
     def prompt_tokens(role: str) -> int:
-        r = post(url, "/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "messages": [
-            {"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}]})
+        r = post(
+            url,
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "max_tokens": 1,
+                "messages": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}],
+            },
+        )
         assert r.status_code == 200, r.text
         return r.json()["usage"]["prompt_tokens"]
 
@@ -224,14 +279,20 @@ def test_n4_requests_that_fit_the_kv_budget_wait_and_all_succeed(lm):
     engine = EngineConfig(kv_cache_gb=int(2.5 * largest) * per_token / 2**30)
     server = Server(lm, ServerOptions(model_name=MODEL, defaults=DEFAULTS, engine=engine))
     with serving(server) as base, ThreadPoolExecutor(8) as pool:
-        bodies = [{"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "seed": seed} for seed in range(8)]
+        bodies = [
+            {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "seed": seed} for seed in range(8)
+        ]
         responses = list(pool.map(lambda body: post(base, "/v1/completions", body), bodies))
         too_big = post(base, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 3 * largest})
         preemptions = metric(base, "lynx_exit_preemptions_total")
-    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
+    assert [r.status_code for r in responses] == [200] * 8, [
+        r.text for r in responses if r.status_code != 200
+    ]
     for seed, response in enumerate(responses):
         config = dataclasses.replace(DEFAULTS, max_new_tokens=max_tokens)
-        assert response.json()["choices"][0]["text"] == DecodeLoop(lm, [ids], config, seeds=[seed]).run()[0].text
+        assert (
+            response.json()["choices"][0]["text"] == DecodeLoop(lm, [ids], config, seeds=[seed]).run()[0].text
+        )
     assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "kv_cache_exceeded"
     assert preemptions > 0  # the youngest gave way while the others grew, and was recomputed
     assert f"holds {int(2.5 * largest)}" in too_big.json()["error"]["message"]

@@ -52,14 +52,27 @@ def probe_dir(lm, tmp_path_factory):
 
 
 def options(probe_dir, **changes):
-    base = dict(model_name=MODEL, defaults=DEFAULTS, exit_defaults=(("delta", "0.2"), ("mode", "event")), max_batch_size=8,
-                max_queue=32, max_n=4, max_tokens_limit=200, probe=str(probe_dir), max_body_bytes=64 * 1024)
+    base = dict(
+        model_name=MODEL,
+        defaults=DEFAULTS,
+        exit_defaults=(("delta", "0.2"), ("mode", "event")),
+        max_batch_size=8,
+        max_queue=32,
+        max_n=4,
+        max_tokens_limit=200,
+        probe=str(probe_dir),
+        max_body_bytes=64 * 1024,
+    )
     return ServerOptions(**{**base, **changes})
 
 
 @pytest.fixture(scope="module")
 def server(lm, probe_dir):
-    return Server(lm, options(probe_dir), engine_factory=lambda: Engine(lm, max_batch_size=8, backend=PoisonedPrefill(lm)))
+    return Server(
+        lm,
+        options(probe_dir),
+        engine_factory=lambda: Engine(lm, max_batch_size=8, backend=PoisonedPrefill(lm)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +109,21 @@ def victims_running(base):
     """Stream the victims while the body runs; yields a list that holds their results once the block ends."""
     started = [threading.Event() for _ in VICTIMS]
     pool = ThreadPoolExecutor(len(VICTIMS))
-    futures = [pool.submit(stream_text, base, {"model": MODEL, "prompt": p, "max_tokens": VICTIM_TOKENS,
-                                               "min_tokens": VICTIM_TOKENS, "seed": s}, started[i])
-               for i, (p, s) in enumerate(VICTIMS)]
+    futures = [
+        pool.submit(
+            stream_text,
+            base,
+            {
+                "model": MODEL,
+                "prompt": p,
+                "max_tokens": VICTIM_TOKENS,
+                "min_tokens": VICTIM_TOKENS,
+                "seed": s,
+            },
+            started[i],
+        )
+        for i, (p, s) in enumerate(VICTIMS)
+    ]
     for event in started:
         assert event.wait(BOUND_S), "a victim never started"
     results: list = []
@@ -112,7 +137,9 @@ def victims_running(base):
 def assert_victims_untouched(lm, results):
     for (prompt, seed), (status, text, last) in zip(VICTIMS, results, strict=True):
         assert status == 200 and last["choices"][0]["finish_reason"] == "length", last
-        assert text == offline_text(lm, prompt, seed, max_new_tokens=VICTIM_TOKENS, min_new_tokens=VICTIM_TOKENS)
+        assert text == offline_text(
+            lm, prompt, seed, max_new_tokens=VICTIM_TOKENS, min_new_tokens=VICTIM_TOKENS
+        )
 
 
 def post(base, path, body, **kwargs):
@@ -130,10 +157,16 @@ def metric(base, name, **labels):
 def test_hostile_sampling_values_run_alone_and_victims_keep_their_tokens(url, lm):
     with victims_running(url) as results:
         for top_k in (2**63, 10**30):
-            r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "seed": 3, "top_k": top_k})
+            r = post(
+                url,
+                "/v1/completions",
+                {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "seed": 3, "top_k": top_k},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == offline_text(lm, "Hi", 3, max_new_tokens=8, top_k=0)
-        r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "temperature": 1e-30})
+        r = post(
+            url, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "temperature": 1e-30}
+        )
         assert r.status_code == 200
         assert r.json()["choices"][0]["text"] == offline_text(lm, "Hi", 0, max_new_tokens=8, temperature=0.0)
     assert_victims_untouched(lm, results)
@@ -147,21 +180,26 @@ def test_a_request_that_fails_in_the_engine_fails_alone(url, lm):
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
         assert "out of memory" in r.json()["error"]["message"]
         status, _, last = stream_text(url, {"model": MODEL, "prompt": POISON, "max_tokens": 8})
-        assert status == 200 and last["error"]["code"] == "engine_error"  # in a stream: an error event, then [DONE]
+        assert (
+            status == 200 and last["error"]["code"] == "engine_error"
+        )  # in a stream: an error event, then [DONE]
     assert_victims_untouched(lm, results)
     assert httpx.get(url + "/health", timeout=BOUND_S).json()["status"] == "ok"
 
 
 # -- every exit option parsed, typed and bounded -----------------------------------------------
-@pytest.mark.parametrize(("exit_body", "param"), [
-    ({"method": "dynasor", "interval": 32, "window": [3]}, "exit.window"),
-    ({"method": "dynasor", "interval": 32, "window": 1e20}, "exit.window"),
-    ({"method": "dynasor", "interval": 32, "window": 2.9}, "exit.window"),
-    ({"method": "dynasor", "interval": "32:99999999999999999999"}, "exit.interval"),
-    ({"method": "eat", "variance": 0.1, "every": [1]}, "exit.every"),
-    ({"method": "answer-convergence", "agree": 10**30}, "exit.agree"),
-    ({"method": "lynx", "delta": 0.2, "mode": {"x": 1}}, "exit.mode"),
-])
+@pytest.mark.parametrize(
+    ("exit_body", "param"),
+    [
+        ({"method": "dynasor", "interval": 32, "window": [3]}, "exit.window"),
+        ({"method": "dynasor", "interval": 32, "window": 1e20}, "exit.window"),
+        ({"method": "dynasor", "interval": 32, "window": 2.9}, "exit.window"),
+        ({"method": "dynasor", "interval": "32:99999999999999999999"}, "exit.interval"),
+        ({"method": "eat", "variance": 0.1, "every": [1]}, "exit.every"),
+        ({"method": "answer-convergence", "agree": 10**30}, "exit.agree"),
+        ({"method": "lynx", "delta": 0.2, "mode": {"x": 1}}, "exit.mode"),
+    ],
+)
 def test_bad_exit_options_are_a_400_naming_the_option(url, exit_body, param):
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "exit": exit_body})
     assert r.status_code == 400, r.text
@@ -171,9 +209,17 @@ def test_bad_exit_options_are_a_400_naming_the_option(url, exit_body, param):
 
 def test_the_parsed_option_is_what_the_response_reports(url):
     for window in (3, "3"):
-        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "exit": {"method": "dynasor", "interval": 32, "window": window}}
+        body = {
+            "model": MODEL,
+            "prompt": "Hi",
+            "max_tokens": 4,
+            "exit": {"method": "dynasor", "interval": 32, "window": window},
+        }
         r = post(url, "/v1/completions", body)
-        assert r.status_code == 200 and r.json()["choices"][0]["exit"]["settings"] == {"interval": 32, "window": 3}
+        assert r.status_code == 200 and r.json()["choices"][0]["exit"]["settings"] == {
+            "interval": 32,
+            "window": 3,
+        }
 
 
 # -- the work one request can cause before validation is bounded --------------------------------
@@ -188,7 +234,12 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(url):
             yield b"y" * 1024
         yield b'"}'
 
-    r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=BOUND_S)
+    r = httpx.post(
+        url + "/v1/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=BOUND_S,
+    )
     assert r.status_code == 413
 
 
@@ -214,8 +265,12 @@ def test_templating_runs_off_the_event_loop(url, lm, monkeypatch):
 
     monkeypatch.setattr(lm, "chat_text", slow_chat_text)
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(post, url, "/v1/chat/completions",
-                              {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        pending = pool.submit(
+            post,
+            url,
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+        )
         assert entered.wait(BOUND_S)
         health = httpx.get(url + "/health", timeout=BOUND_S)  # answered while the template is still busy
         assert health.status_code == 200 and not release.is_set()
@@ -224,9 +279,17 @@ def test_templating_runs_off_the_event_loop(url, lm, monkeypatch):
 
 
 # -- strict types ----------------------------------------------------------------------------
-@pytest.mark.parametrize(("field", "value"), [
-    ("max_tokens", "8"), ("max_tokens", True), ("temperature", "0.5"), ("seed", "1"), ("stream", "yes"), ("n", 1.0),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", "8"),
+        ("max_tokens", True),
+        ("temperature", "0.5"),
+        ("seed", "1"),
+        ("stream", "yes"),
+        ("n", 1.0),
+    ],
+)
 def test_no_type_coercion(url, field, value):
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hi", field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
@@ -244,10 +307,16 @@ class _DecodeFailsOnce(StoreBackend):
 
 
 def test_gauges_describe_the_fresh_engine_after_a_rebuild(lm, probe_dir):
-    server = Server(lm, options(probe_dir), engine_factory=lambda: Engine(lm, max_batch_size=8, backend=_DecodeFailsOnce(lm)))
+    server = Server(
+        lm,
+        options(probe_dir),
+        engine_factory=lambda: Engine(lm, max_batch_size=8, backend=_DecodeFailsOnce(lm)),
+    )
     with serving(server) as base, ThreadPoolExecutor(2) as pool:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 50, "min_tokens": 50}
-        answers = [f.result(BOUND_S) for f in [pool.submit(post, base, "/v1/completions", body) for _ in range(2)]]
+        answers = [
+            f.result(BOUND_S) for f in [pool.submit(post, base, "/v1/completions", body) for _ in range(2)]
+        ]
         assert {a.status_code for a in answers} <= {200, 500} and 500 in {a.status_code for a in answers}
         assert metric(base, "lynx_exit_running") == 0 and metric(base, "lynx_exit_batch_occupancy") == 0
         assert post(base, "/v1/completions", {**body, "max_tokens": 3, "min_tokens": 0}).status_code == 200
@@ -263,8 +332,10 @@ def test_a_disconnect_during_the_upload_is_quiet(url, caplog):
         host, port = url.removeprefix("http://").split(":")
         for _ in range(3):
             with socket.create_connection((host, int(port)), timeout=BOUND_S) as sock:
-                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 5000\r\n\r\n" + b'{"model": "tiny-test", "prompt": "' + b"z" * 100)
+                sock.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 5000\r\n\r\n" + b'{"model": "tiny-test", "prompt": "' + b"z" * 100
+                )
         deadline = time.monotonic() + BOUND_S
         while metric(url, "lynx_exit_requests_total", endpoint="completions", status="499") < before + 3:
             assert time.monotonic() < deadline, "the disconnects were never answered"
@@ -283,22 +354,47 @@ def test_an_unhandled_error_is_an_openai_500_counted_in_the_metrics(url, server,
     monkeypatch.setattr(server, "plan", broken)
     before = metric(url, "lynx_exit_requests_total", endpoint="chat", status="500")
     with caplog.at_level(logging.ERROR, logger="lynx_exit"):
-        r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+        r = post(
+            url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+        )
     assert r.status_code == 500
-    assert r.json() == {"error": {"message": "internal error (RuntimeError); the request was not completed",
-                                  "type": "server_error", "param": None, "code": "internal_error"}}
+    assert r.json() == {
+        "error": {
+            "message": "internal error (RuntimeError); the request was not completed",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
     assert metric(url, "lynx_exit_requests_total", endpoint="chat", status="500") == before + 1
     assert "bug in planning" in caplog.text and not [rec for rec in caplog.records if rec.exc_info]
 
 
 # -- the param names the field the client sent -----------------------------------------------------
-@pytest.mark.parametrize(("path", "body", "param", "start"), [
-    ("/v1/completions", {"model": MODEL, "prompt": ["Hi"] * 41}, "prompt", "the request needs 41 rows (41 prompts"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages.0.content",
-     "messages.0.content: Input should be a valid string or Input should be a valid array"),
-    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "stop": 5}, "stop", "stop: Input should be a valid string"),
-    ("/v1/completions", [1], None, "the body: Input should be an object"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param", "start"),
+    [
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": ["Hi"] * 41},
+            "prompt",
+            "the request needs 41 rows (41 prompts",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+            "messages.0.content",
+            "messages.0.content: Input should be a valid string or Input should be a valid array",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "Hi", "stop": 5},
+            "stop",
+            "stop: Input should be a valid string",
+        ),
+        ("/v1/completions", [1], None, "the body: Input should be an object"),
+    ],
+)
 def test_errors_name_the_field_as_sent(url, path, body, param, start):
     r = post(url, path, body)
     assert r.status_code == 400
@@ -315,7 +411,9 @@ def test_documentation_is_off_with_a_key_and_no_path_is_shown(lm, probe_dir):
         models = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer sekret"}, timeout=BOUND_S)
     assert models.status_code == 200
     assert models.json()["data"][0]["exit"]["probe"]["name"] == probe_dir.name
-    assert str(probe_dir.parent) not in models.text and "path" not in models.json()["data"][0]["exit"]["probe"]
+    assert (
+        str(probe_dir.parent) not in models.text and "path" not in models.json()["data"][0]["exit"]["probe"]
+    )
 
 
 def test_documentation_stays_without_a_key(url):
@@ -343,8 +441,16 @@ def test_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error(tmp_pat
     lm = make_tiny_lm(seed=5, dtype=torch.float32, context=4096)
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
-    with cli_server(tmp_path / "model", "--temperature", "1.0", "--shutdown-timeout", "0.5", "--torch-threads", "1") as (proc, url):
-        body = {"model": str(tmp_path / "model"), "prompt": "Hi", "max_tokens": 4000, "min_tokens": 4000, "stream": True}
+    with cli_server(
+        tmp_path / "model", "--temperature", "1.0", "--shutdown-timeout", "0.5", "--torch-threads", "1"
+    ) as (proc, url):
+        body = {
+            "model": str(tmp_path / "model"),
+            "prompt": "Hi",
+            "max_tokens": 4000,
+            "min_tokens": 4000,
+            "stream": True,
+        }
         lines = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=BOUND_S) as r:
             for line in r.iter_lines():

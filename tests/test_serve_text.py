@@ -18,14 +18,26 @@ def feed(text: ChoiceText, pieces, final_each=False):
 
 def test_marker_split_across_tokens_is_dropped_and_the_answer_starts_clean():
     text = ChoiceText("</think>")
-    pieces = [("Let me", "think"), (" add. </", "think"), ("thi", "think"), ("nk>", "think"), ("\n\nThe answer", "answer"), (" is 7.", "answer")]
+    pieces = [
+        ("Let me", "think"),
+        (" add. </", "think"),
+        ("thi", "think"),
+        ("nk>", "think"),
+        ("\n\nThe answer", "answer"),
+        (" is 7.", "answer"),
+    ]
     assert feed(text, pieces) == ("Let me add. ", "The answer is 7.")
     assert (text.reasoning, text.content) == ("Let me add. ", "The answer is 7.")
 
 
 def test_exit_cue_goes_to_content_without_the_marker_and_a_split_character_stays_in_thinking():
     text = ChoiceText("</think>")
-    pieces = [("3 + 4 = 7", "think"), ("\ufffd</think>", "exit_cue"), (" Final Answer: \\boxed{", "exit_cue"), ("7}", "forced_answer")]
+    pieces = [
+        ("3 + 4 = 7", "think"),
+        ("\ufffd</think>", "exit_cue"),
+        (" Final Answer: \\boxed{", "exit_cue"),
+        ("7}", "forced_answer"),
+    ]
     assert feed(text, pieces) == ("3 + 4 = 7\ufffd", "Final Answer: \\boxed{7}")
 
 
@@ -50,22 +62,39 @@ def test_stop_string_across_pieces_cuts_before_it_and_stops(split):
 
 def test_stop_string_in_the_answer_and_raw_completion_keeps_everything():
     text = ChoiceText("</think>", stop=("\n\n",))
-    assert feed(text, [("think", "think"), ("</think>", "think"), ("A: 7\n\nmore", "answer")]) == ("think", "A: 7")
+    assert feed(text, [("think", "think"), ("</think>", "think"), ("A: 7\n\nmore", "answer")]) == (
+        "think",
+        "A: 7",
+    )
     raw = ChoiceText("</think>", split=False)
-    assert feed(raw, [("think", "think"), ("</think>", "think"), (" A: 7", "answer")]) == ("", "think</think> A: 7")
+    assert feed(raw, [("think", "think"), ("</think>", "think"), (" A: 7", "answer")]) == (
+        "",
+        "think</think> A: 7",
+    )
 
 
 def test_markerless_model_keeps_all_text_as_thinking_until_an_exit():
     text = ChoiceText(None)
-    assert feed(text, [("no markers here", "think"), ("\nFinal Answer: \\boxed{", "exit_cue"), ("3}", "forced_answer")]) == (
-        "no markers here", "Final Answer: \\boxed{3}")
+    assert feed(
+        text,
+        [("no markers here", "think"), ("\nFinal Answer: \\boxed{", "exit_cue"), ("3}", "forced_answer")],
+    ) == ("no markers here", "Final Answer: \\boxed{3}")
 
 
 def test_an_opening_marker_the_model_writes_is_never_streamed_even_split_across_tokens():
-    text = ChoiceText("<|end|>", think_start="<|channel|>analysis<|message|>",
-                      answer_header="<|start|>assistant<|channel|>final<|message|>")
-    pieces = [("<|channel|>ana", "think"), ("lysis<|mess", "think"), ("age|>Let me add.", "think"), ("<|end|><|start|>assistant", "think"),
-              ("<|channel|>final<|message|>", "answer"), ("7", "answer")]
+    text = ChoiceText(
+        "<|end|>",
+        think_start="<|channel|>analysis<|message|>",
+        answer_header="<|start|>assistant<|channel|>final<|message|>",
+    )
+    pieces = [
+        ("<|channel|>ana", "think"),
+        ("lysis<|mess", "think"),
+        ("age|>Let me add.", "think"),
+        ("<|end|><|start|>assistant", "think"),
+        ("<|channel|>final<|message|>", "answer"),
+        ("7", "answer"),
+    ]
     sent = []
     for piece, phase in pieces:
         text.push(piece, phase)
@@ -76,6 +105,10 @@ def test_an_opening_marker_the_model_writes_is_never_streamed_even_split_across_
 
 
 def test_a_model_that_never_opens_thinking_keeps_its_text_and_only_the_first_opening_marker_goes():
-    assert feed(ChoiceText("</think>", think_start="<think>"), [("no marker", "think"), ("</think>A", "think")]) == ("no marker", "A")
-    assert feed(ChoiceText("</think>", think_start="<think>"), [("<think>a <think> b", "think"), ("</think>A", "think")]) == (
-        "a <think> b", "A")
+    assert feed(
+        ChoiceText("</think>", think_start="<think>"), [("no marker", "think"), ("</think>A", "think")]
+    ) == ("no marker", "A")
+    assert feed(
+        ChoiceText("</think>", think_start="<think>"),
+        [("<think>a <think> b", "think"), ("</think>A", "think")],
+    ) == ("a <think> b", "A")

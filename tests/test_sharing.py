@@ -49,14 +49,24 @@ def test_calibrate_writes_a_model_card_from_the_folder(chain):  # noqa: F811
     assert card.startswith("---\nlibrary_name: lynx-exit\n") and "\n---\n" in card
     assert f"`{bundle.spec.model_id}`" in card and bundle.spec.tokenizer_hash in card
     assert "layers: " + ", ".join(str(layer) for layer in bundle.spec.layers) in card
-    rows = [line for line in card.splitlines() if line.startswith(("| event |", "| trajectory |", "| harm |", "| give-up |"))]
-    assert [row.split(" | ")[:3] for row in rows] == [[f"| {mode}", "cue", str(d)] for mode in ("event", "trajectory", "harm", "give-up")
-                                                      for d in (0.3, 0.5)]
+    rows = [
+        line
+        for line in card.splitlines()
+        if line.startswith(("| event |", "| trajectory |", "| harm |", "| give-up |"))
+    ]
+    assert [row.split(" | ")[:3] for row in rows] == [
+        [f"| {mode}", "cue", str(d)]
+        for mode in ("event", "trajectory", "harm", "give-up")
+        for d in (0.3, 0.5)
+    ]
     assert "Decision points it was trained on: cue" in card
     assert file_sha256(root / "probe" / "probe.safetensors") in card
     report = json.loads((root / "probe" / "conformal.json").read_text())
     events = report["calibration_dataset"]["events"]
-    assert f"{events} events ({report['calibration_dataset']['safe_events']} safe): {events} at cue points" in card
+    assert (
+        f"{events} events ({report['calibration_dataset']['safe_events']} safe): {events} at cue points"
+        in card
+    )
     assert report["calibration_dataset"]["folder"] == str(root / "cal")
     assert "- train: `" in card and "- calibrate: `" in card
     assert f"{bundle.meta['training_dataset']['problems']} problems" in card
@@ -65,8 +75,13 @@ def test_calibrate_writes_a_model_card_from_the_folder(chain):  # noqa: F811
 def test_retraining_removes_the_card_of_the_old_calibration(chain, tmp_path):  # noqa: F811
     root, _, _ = chain
     shutil.copytree(root / "probe", tmp_path / "probe")
-    train_probe_folder(load_dataset(root / "train"), tmp_path / "probe", ProbeTrainConfig(max_epochs=2), "train")
-    assert not (tmp_path / "probe" / "README.md").exists() and not (tmp_path / "probe" / "conformal.json").exists()
+    train_probe_folder(
+        load_dataset(root / "train"), tmp_path / "probe", ProbeTrainConfig(max_epochs=2), "train"
+    )
+    assert (
+        not (tmp_path / "probe" / "README.md").exists()
+        and not (tmp_path / "probe" / "conformal.json").exists()
+    )
     calibrate_probe_folder(tmp_path / "probe", load_dataset(root / "cal"), deltas=[0.4])
     assert "| event | cue | 0.4 |" in (tmp_path / "probe" / "README.md").read_text()
 
@@ -93,7 +108,9 @@ def test_a_cached_repo_that_is_not_a_probe_is_refused(tmp_path, offline_cache):
     readme = tmp_path / "README.md"
     readme.write_text("# some model\n")
     lay_out_hub_cache(offline_cache, "acme/a-model", [readme])
-    with pytest.raises(FileNotFoundError, match="'acme/a-model' has no probe.safetensors .* not a lynx-exit probe"):
+    with pytest.raises(
+        FileNotFoundError, match="'acme/a-model' has no probe.safetensors .* not a lynx-exit probe"
+    ):
         locate_probe("acme/a-model")
 
 
@@ -108,7 +125,11 @@ def test_a_missing_folder_that_is_no_repo_id_is_a_missing_folder(tmp_path, offli
 def test_the_cli_reports_an_uncached_probe_repo_without_a_traceback(offline_cache, capsys):
     from lynx_exit.cli import main
 
-    code = main(["generate", "--model", "reference", "--probe", "acme/not-cached", "--max-new-tokens", "4", "2+2?"])
+    code = main(
+        ["generate", "--model", "reference", "--probe", "acme/not-cached", "--max-new-tokens", "4", "2+2?"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert err.startswith("lynx-exit generate: error: no folder 'acme/not-cached' here") and "hf download" in err
+    assert (
+        err.startswith("lynx-exit generate: error: no folder 'acme/not-cached' here") and "hf download" in err
+    )

@@ -85,8 +85,14 @@ def ids(lm: LoadedModel, text: str) -> list[int]:
     return lm.tokenizer.encode(text, add_special_tokens=False)
 
 
-def expected(thinker: list[int], assistant: list[int], breaks: set[int], keyword_at: set[int], config: AssistConfig,
-             verify_at: set[int] = frozenset()) -> list[int]:
+def expected(
+    thinker: list[int],
+    assistant: list[int],
+    breaks: set[int],
+    keyword_at: set[int],
+    config: AssistConfig,
+    verify_at: set[int] = frozenset(),
+) -> list[int]:
     """The official schedule, by hand: position-indexed scripts; after a break at position k (the token at k-1
     ends a paragraph) the look-ahead k..k+L-1 is the thinker's; with a keyword in it, the assistant writes
     k..k+T-1 (+E when its text has a verify word), else the look-ahead is kept."""
@@ -112,7 +118,9 @@ def run_scripted(lm, thinker_text: str, assistant_text: str, config: AssistConfi
     thinker_ids, assistant_ids = ids(lm, thinker_text), ids(lm, assistant_text)
     vocab = lm.model.config.vocab_size
     prompt = lm.prompt_ids("What is 3+4?")
-    thinker, assistant = (Scripted(script, vocab, eos, len(prompt)) for script in (thinker_ids, assistant_ids))
+    thinker, assistant = (
+        Scripted(script, vocab, eos, len(prompt)) for script in (thinker_ids, assistant_ids)
+    )
     engine = Engine(lm, max_batch_size=2, backend=thinker, assistant=lm, assistant_backend=assistant)
     config_gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0)
     request_id = engine.add_request(prompt, config_gen, assist=config)
@@ -143,13 +151,21 @@ def test_a_keyword_in_the_lookahead_hands_the_next_tokens_to_the_assistant(lm):
 def test_the_schedule_matches_the_hand_computed_one(lm):
     """Several paragraphs: with and without keywords, a verify extension, kept look-aheads."""
     config = AssistConfig(lookahead=3, takeover=4, verify_extension=3, trigger="\n\n")
-    paragraphs = ["Tom has 3 apples.", "Hmm, he buys 4 more.", "Wait, 3 + 4 = 7.", "So 7 apples in all.",
-                  "Alternatively count them: 7.", "Final Answer: 7"]
+    paragraphs = [
+        "Tom has 3 apples.",
+        "Hmm, he buys 4 more.",
+        "Wait, 3 + 4 = 7.",
+        "So 7 apples in all.",
+        "Alternatively count them: 7.",
+        "Final Answer: 7",
+    ]
     thinker_text = "\n\n".join(paragraphs)
     t_ids = ids(lm, thinker_text)
     assistant_words = ["check", "it", "now", "so", "we", "count", "apples", "and", "pears", "twelve", "five"]
     a_ids = [ids(lm, " " + assistant_words[i % len(assistant_words)])[0] for i in range(len(t_ids) + 40)]
-    result, *_ = run_scripted(lm, thinker_text, lm.tokenizer.decode(a_ids), config, max_new_tokens=len(t_ids) + 30)
+    result, *_ = run_scripted(
+        lm, thinker_text, lm.tokenizer.decode(a_ids), config, max_new_tokens=len(t_ids) + 30
+    )
     a_ids = ids(lm, lm.tokenizer.decode(a_ids))  # what the scripted assistant writes, as token ids
     # Breaks, keywords and verify words found the way the engine finds them, on the hand side.
     decode = lm.tokenizer.decode
@@ -157,7 +173,7 @@ def test_the_schedule_matches_the_hand_computed_one(lm):
     out, k = [], 0
     while k < len(t_ids):  # walk the schedule, recording where each decision falls
         out_text = decode(out)
-        if out and "\n\n" in out_text[-(len(decode(out[-1:])) + 1):] and k not in breaks:
+        if out and "\n\n" in out_text[-(len(decode(out[-1:])) + 1) :] and k not in breaks:
             breaks.add(k)
             look = decode(t_ids[k : k + config.lookahead])
             if config.keywords.search(look):
@@ -190,9 +206,13 @@ def test_a_dropped_lookahead_is_rewritten_by_the_thinker_in_the_official_mode(lm
 
 
 def test_too_many_negative_takeovers_write_the_recap_sentence(lm):
-    config = AssistConfig(lookahead=2, takeover=2, verify_extension=0, recap_after=1, recap_tokens=3, trigger=".")
+    config = AssistConfig(
+        lookahead=2, takeover=2, verify_extension=0, recap_after=1, recap_tokens=3, trigger="."
+    )
     thinker_text = "A. Wait b. Wait c. Wait d. Wait e. Wait f"
-    assistant_text = "wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait"
+    assistant_text = (
+        "wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait wait"
+    )
     result, *_ = run_scripted(lm, thinker_text, assistant_text, config)
     assert result.assist["recaps"] >= 1
     assert config.recap_text in result.text
@@ -200,10 +220,22 @@ def test_too_many_negative_takeovers_write_the_recap_sentence(lm):
 
 def test_mismatched_tokenizers_are_refused(lm):
     other_tokenizer = train_tokenizer(CORPUS[:2] * 3, vocab_size=280)
-    config = LlamaConfig(vocab_size=len(other_tokenizer), hidden_size=36, intermediate_size=52, num_hidden_layers=2,
-                         num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=len(other_tokenizer),
+        hidden_size=36,
+        intermediate_size=52,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(config).eval()
-    other = LoadedModel(model=model, tokenizer=other_tokenizer, model_id="other", profile=resolve_profile(model, other_tokenizer))
+    other = LoadedModel(
+        model=model,
+        tokenizer=other_tokenizer,
+        model_id="other",
+        profile=resolve_profile(model, other_tokenizer),
+    )
     with pytest.raises(ValueError, match="does not share the tokenizer"):
         Engine(lm, assistant=other)
     with pytest.raises(ValueError, match="built without one"):
@@ -244,7 +276,9 @@ def test_both_caches_equal_a_fresh_prefill_of_the_final_tokens(pair):
         slot = backend.rows[request_id]
         for layer in range(model.model.config.num_hidden_layers):
             torch.testing.assert_close(backend.store.keys[layer][slot, :, :held], fresh.layers[layer].keys[0])
-            torch.testing.assert_close(backend.store.values[layer][slot, :, :held], fresh.layers[layer].values[0])
+            torch.testing.assert_close(
+                backend.store.values[layer][slot, :, :held], fresh.layers[layer].values[0]
+            )
 
 
 def test_batching_invariance_with_some_rows_assisted_and_some_not(pair):
@@ -260,8 +294,10 @@ def test_batching_invariance_with_some_rows_assisted_and_some_not(pair):
         return engine.result(request_id)
 
     engine = Engine(thinker, max_batch_size=3, assistant=assistant)
-    request_ids = [engine.add_request(thinker.prompt_ids(text), config, seed=i, assist=assist)
-                   for i, (text, assist) in enumerate(plans)]
+    request_ids = [
+        engine.add_request(thinker.prompt_ids(text), config, seed=i, assist=assist)
+        for i, (text, assist) in enumerate(plans)
+    ]
     list(engine.stream())
     for i, (request_id, (text, assist)) in enumerate(zip(request_ids, plans, strict=True)):
         together, single = engine.result(request_id), alone(text, assist, i)
@@ -277,9 +313,31 @@ def test_generate_with_an_assistant_model_reports_what_each_model_wrote(capsys):
     from lynx_exit.cli import main
 
     question = make_problems("test", 1)[0].question()
-    assert main(["generate", question, "--model", "reference", "--assistant-model", "reference-large",
-                 "--assist-trigger", "\\n", "--assist-lookahead", "6", "--assist-negative-words", "wait,hmm",
-                 "--assist-to-break", "--temperature", "0.6", "--seed", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                question,
+                "--model",
+                "reference",
+                "--assistant-model",
+                "reference-large",
+                "--assist-trigger",
+                "\\n",
+                "--assist-lookahead",
+                "6",
+                "--assist-negative-words",
+                "wait,hmm",
+                "--assist-to-break",
+                "--temperature",
+                "0.6",
+                "--seed",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["assistant_model"] == "reference-large"
     assist = record["assist"]
@@ -306,18 +364,31 @@ def test_eval_runs_speculative_thinking_beside_the_small_model_alone(pair, tmp_p
     from lynx_exit.tasks import Problem
 
     thinker, assistant = pair
-    problems = [Problem(task="arith", problem_id=str(i), question=p.question(), gold=str(p.answer))
-                for i, p in enumerate(make_problems("test", 4))]
+    problems = [
+        Problem(task="arith", problem_id=str(i), question=p.question(), gold=str(p.answer))
+        for i, p in enumerate(make_problems("test", 4))
+    ]
     settings = parse_methods(["never", "speculative-thinking"])
     generation = GenerationConfig(max_new_tokens=200, temperature=0.6)
     with pytest.raises(ValueError, match="needs an assistant model"):
         run_eval(thinker, problems, settings, generation, tmp_path / "no-assistant", progress=False)
-    summary = run_eval(thinker, problems, settings, generation, tmp_path / "eval", progress=False,
-                       assistant=assistant, assist=FREQUENT)
+    summary = run_eval(
+        thinker,
+        problems,
+        settings,
+        generation,
+        tmp_path / "eval",
+        progress=False,
+        assistant=assistant,
+        assist=FREQUENT,
+    )
     rows = {row["setting"]: row for row in summary["settings"]}
     assert rows["never"]["n"] == rows["speculative-thinking"]["n"] == 4
     assert "assistant_share" not in rows["never"]
-    assert 0 < rows["speculative-thinking"]["assistant_share"] < 1 and rows["speculative-thinking"]["mean_takeovers"] > 0
+    assert (
+        0 < rows["speculative-thinking"]["assistant_share"] < 1
+        and rows["speculative-thinking"]["mean_takeovers"] > 0
+    )
 
 
 def test_serve_runs_speculative_thinking_per_request(pair):
@@ -327,12 +398,23 @@ def test_serve_runs_speculative_thinking_per_request(pair):
     from lynx_exit.serve import Server, ServerOptions
 
     thinker, assistant = pair
-    options = ServerOptions(model_name="reference", defaults=GenerationConfig(max_new_tokens=120, temperature=0.6),
-                            max_batch_size=4)
-    body = {"model": "reference", "prompt": PROBLEMS[1], "max_tokens": 120, "seed": 4,
-            "exit": {"method": "speculative-thinking"}}
+    options = ServerOptions(
+        model_name="reference",
+        defaults=GenerationConfig(max_new_tokens=120, temperature=0.6),
+        max_batch_size=4,
+    )
+    body = {
+        "model": "reference",
+        "prompt": PROBLEMS[1],
+        "max_tokens": 120,
+        "seed": 4,
+        "exit": {"method": "speculative-thinking"},
+    }
     with serving(Server(thinker, options, assistant=assistant, assist=FREQUENT)) as url:
-        answers = [httpx.post(url + "/v1/completions", json=b, timeout=BOUND_S) for b in (body, {**body, "exit": {"method": "never"}})]
+        answers = [
+            httpx.post(url + "/v1/completions", json=b, timeout=BOUND_S)
+            for b in (body, {**body, "exit": {"method": "never"}})
+        ]
     assert [a.status_code for a in answers] == [200, 200], answers[0].text
     assert answers[0].json()["choices"][0]["text"]
     with serving(Server(thinker, options)) as url:  # no assistant on this server

@@ -57,7 +57,10 @@ def test_csqa_answer_key_must_be_a_choice_label(tmp_path, answer_key):
 
 def test_math500_keeps_its_unique_id(tmp_path):
     data = tmp_path / "math500.jsonl"
-    records = [{"problem": "p", "answer": "3", "unique_id": "test/algebra/1.json"}, {"problem": "q", "answer": "4"}]
+    records = [
+        {"problem": "p", "answer": "3", "unique_id": "test/algebra/1.json"},
+        {"problem": "q", "answer": "4"},
+    ]
     data.write_text("".join(json.dumps(record) + "\n" for record in records))
     assert [problem.problem_id for problem in load_task("math", data)] == ["test/algebra/1.json", "math-1"]
 

@@ -29,8 +29,17 @@ MAX_NEW = 320
 # One batch, four kinds of request: the plug-in's keys (`extra_args`) and the engine's method and options.
 SETTINGS: list[dict[str, Any] | None] = [
     {"lynx_delta": 0.2, "lynx_decision_points": "cue"},
-    {"lynx_method": "lynx-harm", "lynx_delta": 0.02, "lynx_decision_points": "cue,answer", "lynx_give_up_delta": 0.05},
-    {"lynx_method": "lynx-trajectory", "lynx_delta": 0.1, "lynx_decision_points": ["cue", "answer", "paragraph"]},
+    {
+        "lynx_method": "lynx-harm",
+        "lynx_delta": 0.02,
+        "lynx_decision_points": "cue,answer",
+        "lynx_give_up_delta": 0.05,
+    },
+    {
+        "lynx_method": "lynx-trajectory",
+        "lynx_delta": 0.1,
+        "lynx_decision_points": ["cue", "answer", "paragraph"],
+    },
     None,
 ]
 N_PROMPTS = 64
@@ -55,8 +64,12 @@ def runs() -> dict[str, Any]:
     prompts = [lm.prompt_ids(p.prompt) for p in as_task_problems(make_problems("test", N_PROMPTS), "test")]
     settings = [SETTINGS[i % len(SETTINGS)] for i in range(N_PROMPTS)]
     context = MethodContext(lm=lm, probe=PROBE)
-    engine = DecodeLoop(lm, prompts, GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.0),
-                        policies=[engine_policy(context, s) for s in settings]).run()
+    engine = DecodeLoop(
+        lm,
+        prompts,
+        GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.0),
+        policies=[engine_policy(context, s) for s in settings],
+    ).run()
 
     def params(extra: dict[str, Any] | None) -> Any:  # room for the exit cue, the answer and the marker
         return SamplingParams(temperature=0.0, max_tokens=MAX_NEW + 80, extra_args=extra)
@@ -66,19 +79,32 @@ def runs() -> dict[str, Any]:
     lynx_llm = LLM(**engine_args(MODEL, probe=PROBE, **common))
     plugin = lynx_llm.generate(inputs, [params(s) for s in settings], use_tqdm=False)
     bad = {}
-    for key, value in (("lynx_delta", 0.123), ("lynx_mode", "sometimes"), ("lynx_decision_points", "cue,comma")):
+    for key, value in (
+        ("lynx_delta", 0.123),
+        ("lynx_mode", "sometimes"),
+        ("lynx_decision_points", "cue,comma"),
+    ):
         with pytest.raises(Exception) as caught:  # noqa: B017  (vLLM's validation error, not a ValueError)
             lynx_llm.generate(inputs[:1], params({"lynx_delta": 0.05, key: value}), use_tqdm=False)
         bad[key] = str(caught.value)
     reports = [exit_report(out.outputs[0]) for out in plugin]
     del lynx_llm
     plain = LLM(model=MODEL, **common).generate(inputs, params(None), use_tqdm=False)
-    return {"engine": engine, "plugin": plugin, "plain": plain, "settings": settings, "reports": reports, "bad": bad}
+    return {
+        "engine": engine,
+        "plugin": plugin,
+        "plain": plain,
+        "settings": settings,
+        "reports": reports,
+        "bad": bad,
+    }
 
 
 def test_plugin_writes_the_engines_tokens_and_exits_where_it_does(runs: dict[str, Any]) -> None:
     mismatches, exits, cue_exits = [], 0, 0
-    for i, (ours, theirs, report) in enumerate(zip(runs["engine"], runs["plugin"], runs["reports"], strict=True)):
+    for i, (ours, theirs, report) in enumerate(
+        zip(runs["engine"], runs["plugin"], runs["reports"], strict=True)
+    ):
         tokens = list(theirs.outputs[0].token_ids)
         if report.exited:
             tokens = tokens[:-1]  # the exit marker that ended it
@@ -89,7 +115,10 @@ def test_plugin_writes_the_engines_tokens_and_exits_where_it_does(runs: dict[str
         exits += ours.exit_index is not None
         cue_exits += ours.exit_point == "cue"
     assert not mismatches, f"(prompt, engine exit, plug-in exit) where they differ: {mismatches}"
-    assert exits >= N_PROMPTS // 2 and cue_exits >= 8, (exits, cue_exits)  # the parity is about exits, at cues too
+    assert exits >= N_PROMPTS // 2 and cue_exits >= 8, (
+        exits,
+        cue_exits,
+    )  # the parity is about exits, at cues too
 
 
 def test_requests_without_settings_are_plain_vllm(runs: dict[str, Any]) -> None:
@@ -120,11 +149,18 @@ def test_vllm_serve_takes_settings_in_vllm_xargs_and_reports_exits(tmp_path: Pat
     from lynx_exit.vllm.tracker import exit_marker
 
     port = free_port()
-    command = (f"PATH={Path(sys.executable).parent}:$PATH {serve_command(MODEL, PROBE)} --port {port} --host 127.0.0.1 "
-               "--dtype float32 --enforce-eager --max-model-len 1024")
+    command = (
+        f"PATH={Path(sys.executable).parent}:$PATH {serve_command(MODEL, PROBE)} --port {port} --host 127.0.0.1 "
+        "--dtype float32 --enforce-eager --max-model-len 1024"
+    )
     log = (tmp_path / "vllm.log").open("w")
-    proc = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", command],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -132,7 +168,9 @@ def test_vllm_serve_takes_settings_in_vllm_xargs_and_reports_exits(tmp_path: Pat
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "vllm.log").read_text()[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "vllm.log").read_text()[
+                -3000:
+            ]
             time.sleep(0.5)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         marker = exit_marker(load_model_facts(MODEL))
@@ -140,8 +178,13 @@ def test_vllm_serve_takes_settings_in_vllm_xargs_and_reports_exits(tmp_path: Pat
         messages = [{"role": "user", "content": question}]
 
         def ask(xargs: dict[str, Any] | None) -> Any:
-            return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=400,  # type: ignore[arg-type]
-                                                  extra_body={"vllm_xargs": xargs} if xargs else None).choices[0]
+            return client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                temperature=0,
+                max_tokens=400,  # type: ignore[arg-type]
+                extra_body={"vllm_xargs": xargs} if xargs else None,
+            ).choices[0]
 
         exited = ask({"lynx_method": "lynx-harm", "lynx_delta": 0.1, "lynx_decision_points": "cue"})
         plain = ask(None)

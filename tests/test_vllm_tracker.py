@@ -39,7 +39,9 @@ def factory() -> TrackerFactory:
     return TrackerFactory(load_model_facts(str(REFERENCE_MODELS["reference"])), PROBE)
 
 
-def drive(lm: Any, factory: TrackerFactory, prompt: list[int], extra: dict[str, Any]) -> tuple[list[int], Any]:
+def drive(
+    lm: Any, factory: TrackerFactory, prompt: list[int], extra: dict[str, Any]
+) -> tuple[list[int], Any]:
     """A greedy HF decode loop that steps the tracker as the plug-in's processor does: the fed token's features from
     this step's forward, a point scored when it is read, a forced token replacing the sampled one."""
     settings = request_exit(extra, factory.context)
@@ -54,30 +56,45 @@ def drive(lm: Any, factory: TrackerFactory, prompt: list[int], extra: dict[str, 
             out = lm.model(input_ids=feed, use_cache=True, output_hidden_states=True, **{keyword: past})
             past = out.past_key_values
             position = len(prompt) + len(outputs) - 1
-            features = torch.cat([out.hidden_states[layer][0, -1] for layer in bundle.spec.layers])[None].float()
+            features = torch.cat([out.hidden_states[layer][0, -1] for layer in bundle.spec.layers])[
+                None
+            ].float()
             handle = tracker.advance(outputs, position, (StepFeatures.of_rows(features, [position]), 0))
             while handle is not None:
                 handle = tracker.resume(outputs, score_handles([handle], scorer)[0])
             forced = tracker.force(outputs)
             token = int(out.logits[0, -1].argmax()) if forced in (None, GREEDY) else forced
             outputs.append(token)
-            if token in lm.eos_token_ids or token == factory.marker or (tracker.phase == "think" and len(outputs) >= MAX_NEW):
+            if (
+                token in lm.eos_token_ids
+                or token == factory.marker
+                or (tracker.phase == "think" and len(outputs) >= MAX_NEW)
+            ):
                 break
             feed = torch.tensor([[token]])
     return outputs, tracker
 
 
-@pytest.mark.parametrize("extra", [
-    {"lynx_delta": 0.2, "lynx_decision_points": "cue"},
-    {"lynx_method": "lynx-trajectory", "lynx_delta": 0.1, "lynx_decision_points": "cue,answer,paragraph"},
-])
-def test_tracker_in_a_decode_loop_matches_the_engine(reference: Any, factory: TrackerFactory, extra: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"lynx_delta": 0.2, "lynx_decision_points": "cue"},
+        {"lynx_method": "lynx-trajectory", "lynx_delta": 0.1, "lynx_decision_points": "cue,answer,paragraph"},
+    ],
+)
+def test_tracker_in_a_decode_loop_matches_the_engine(
+    reference: Any, factory: TrackerFactory, extra: dict[str, Any]
+) -> None:
     prompts = [reference.prompt_ids(p.prompt) for p in as_task_problems(make_problems("test", 4), "test")]
     options = {key.removeprefix("lynx_"): value for key, value in extra.items()}
     method = options.pop("method", "lynx")
     context = MethodContext(lm=reference, probe=PROBE)
-    results = DecodeLoop(reference, prompts, GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.0),
-                         policies=[make_policy(method, context, exit_prefix="lookahead", **options) for _ in prompts]).run()
+    results = DecodeLoop(
+        reference,
+        prompts,
+        GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.0),
+        policies=[make_policy(method, context, exit_prefix="lookahead", **options) for _ in prompts],
+    ).run()
     exits = 0
     for prompt, result in zip(prompts, results, strict=True):
         outputs, tracker = drive(reference, factory, prompt, extra)
@@ -107,12 +124,19 @@ def test_tracker_acts_only_on_the_frontier_token(factory: TrackerFactory) -> Non
 def test_settings_use_the_exit_objects_names_and_checks(factory: TrackerFactory) -> None:
     context = factory.context
     assert request_exit({"temperature_hint": 1}, context) is None  # no lynx_ key: the request runs untouched
-    settings = request_exit({"lynx_method": "lynx-harm", "lynx_delta": "0.05", "lynx_answer_max_tokens": 12}, context)
+    settings = request_exit(
+        {"lynx_method": "lynx-harm", "lynx_delta": "0.05", "lynx_answer_max_tokens": 12}, context
+    )
     assert settings is not None and settings.method == "lynx-harm" and settings.answer_max_tokens == 12
     assert dict(settings.options)["exit_prefix"] == "lookahead"
-    cases = {"lynx_delta": (0.123, "calibrated"), "lynx_mode": ("sometimes", "sometimes"),
-             "lynx_decision_points": ("cue,comma", "comma"), "lynx_method": ("nowait", "lynx-harm"),
-             "lynx_exit_prefix": ("point", "look-ahead"), "lynx_answer_max_tokens": (0, "[1, 4096]")}
+    cases = {
+        "lynx_delta": (0.123, "calibrated"),
+        "lynx_mode": ("sometimes", "sometimes"),
+        "lynx_decision_points": ("cue,comma", "comma"),
+        "lynx_method": ("nowait", "lynx-harm"),
+        "lynx_exit_prefix": ("point", "look-ahead"),
+        "lynx_answer_max_tokens": (0, "[1, 4096]"),
+    }
     for key, (value, words) in cases.items():
         with pytest.raises(ExitSettingError) as caught:
             request_exit({"lynx_delta": 0.05, key: value}, context)
@@ -138,10 +162,15 @@ def test_engine_lookahead_prefix_keeps_the_point_and_the_next_token(reference: A
     prompts = [reference.prompt_ids(p.prompt) for p in as_task_problems(make_problems("test", 4), "test")]
     context = MethodContext(lm=reference, probe=PROBE)
     config = GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.0)
-    point = DecodeLoop(reference, prompts, config,
-                       policies=[make_policy("lynx", context, delta=0.2) for _ in prompts]).run()
-    ahead = DecodeLoop(reference, prompts, config,
-                       policies=[make_policy("lynx", context, delta=0.2, exit_prefix="lookahead") for _ in prompts]).run()
+    point = DecodeLoop(
+        reference, prompts, config, policies=[make_policy("lynx", context, delta=0.2) for _ in prompts]
+    ).run()
+    ahead = DecodeLoop(
+        reference,
+        prompts,
+        config,
+        policies=[make_policy("lynx", context, delta=0.2, exit_prefix="lookahead") for _ in prompts],
+    ).run()
     cue = reference.exit_cue_ids("boxed")
     compared = 0
     for a, b in zip(point, ahead, strict=True):
@@ -149,7 +178,9 @@ def test_engine_lookahead_prefix_keeps_the_point_and_the_next_token(reference: A
             continue
         compared += 1
         assert b.exit_index == a.exit_index
-        assert a.token_ids[a.exit_index : a.exit_index + len(cue)] == cue  # the paper's: the cue token is dropped
+        assert (
+            a.token_ids[a.exit_index : a.exit_index + len(cue)] == cue
+        )  # the paper's: the cue token is dropped
         assert b.token_ids[: b.exit_index] == a.token_ids[: a.exit_index]
         assert b.token_ids[b.exit_index + 2 : b.exit_index + 2 + len(cue)] == cue
         assert b.reasoning_tokens == a.reasoning_tokens + 2
@@ -173,17 +204,27 @@ def test_build_data_labels_the_lookahead_prefix() -> None:
         def __init__(self, ids: list[int]) -> None:
             self.token_ids = ids
 
-    events = [{"row": 0, "token_index": 1, "point": "cue", "synthetic": False},
-              {"row": 0, "token_index": 3, "point": "paragraph", "synthetic": False},  # the next token is EOS
-              {"row": 1, "token_index": 2, "point": "cue", "synthetic": False}]  # nothing after it
-    kept, vectors = _with_lookahead(events, [torch.zeros(1)] * 3, [Result([5, 6, 7, 8, 2]), Result([5, 6, 7])], {2})
+    events = [
+        {"row": 0, "token_index": 1, "point": "cue", "synthetic": False},
+        {"row": 0, "token_index": 3, "point": "paragraph", "synthetic": False},  # the next token is EOS
+        {"row": 1, "token_index": 2, "point": "cue", "synthetic": False},
+    ]  # nothing after it
+    kept, vectors = _with_lookahead(
+        events, [torch.zeros(1)] * 3, [Result([5, 6, 7, 8, 2]), Result([5, 6, 7])], {2}
+    )
     assert [e["token_index"] for e in kept] == [1] and len(vectors) == 1
-    assert _kept(events[0], "lookahead") == 3 and _kept(events[0], "point") == 1 and _kept(events[1], "point") == 4
+    assert (
+        _kept(events[0], "lookahead") == 3
+        and _kept(events[0], "point") == 1
+        and _kept(events[1], "point") == 4
+    )
 
 
 def test_all_kinds_scorer_equals_the_probe_per_kind() -> None:
     probe = load_probe(Path(PROBE)).probe.float()
-    features = torch.randn(9, probe.mean.shape[0] - len(probe.kinds), generator=torch.Generator().manual_seed(3))
+    features = torch.randn(
+        9, probe.mean.shape[0] - len(probe.kinds), generator=torch.Generator().manual_seed(3)
+    )
     fused = AllKindsScorer(probe)(features)
     assert fused.shape == (9, len(probe.kinds))
     for k, kind in enumerate(probe.kinds):
@@ -196,7 +237,9 @@ def test_bulk_reads_equal_token_by_token_reads(factory: TrackerFactory) -> None:
     from lynx_exit.cues import IncrementalDetokenizer
 
     tokenizer = factory.lm.tokenizer
-    ids = tokenizer.encode("Tom has 3 apples – “wait”, ça coûte 5 €. Hmm, wait: 7 + 8 = 15.\n", add_special_tokens=False)
+    ids = tokenizer.encode(
+        "Tom has 3 apples – “wait”, ça coûte 5 €. Hmm, wait: 7 + 8 = 15.\n", add_special_tokens=False
+    )
     one, bulk = IncrementalDetokenizer(tokenizer), IncrementalDetokenizer(tokenizer)
     text_one = "".join(one.push(i) for i in ids)
     text_bulk = bulk.push_many(ids[:9]) + bulk.push_many(ids[9:20]) + "".join(bulk.push(i) for i in ids[20:])

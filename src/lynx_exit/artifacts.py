@@ -43,7 +43,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield line_number, _parse_line(path, line_number, line)
 
 
-def read_appended_jsonl(path: Path, required: Sequence[str] = (), repair: bool = True) -> list[dict[str, Any]]:
+def read_appended_jsonl(
+    path: Path, required: Sequence[str] = (), repair: bool = True
+) -> list[dict[str, Any]]:
     """Records of a JSONL file a resumable job appends to ([] if it does not exist).
 
     A torn final line (no newline and not valid JSON: a crash or a full disk mid-write) is dropped
@@ -88,7 +90,9 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """`safetensors` save through a temporary file and a rename, as `write_atomic`."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(temporary), metadata=metadata)

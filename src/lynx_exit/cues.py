@@ -17,7 +17,9 @@ class Detokenizer(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
-def compile_cue_pattern(words: Sequence[str] = DEFAULT_CUE_WORDS, regex: str | None = None) -> re.Pattern[str]:
+def compile_cue_pattern(
+    words: Sequence[str] = DEFAULT_CUE_WORDS, regex: str | None = None
+) -> re.Pattern[str]:
     """Whole-word, case-insensitive pattern for `words`, or the user's `regex` as given.
 
     A word match needs a following non-word character, so `wait` is only confirmed once
@@ -50,8 +52,14 @@ class IncrementalDetokenizer:
         # The Rust tokenizer behind a fast transformers tokenizer decodes identically when no
         # space clean-up is configured, at a fraction of the wrapper's per-call cost (hot path).
         backend = getattr(tokenizer, "_tokenizer", None)
-        if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-            self._decode: Callable[[list[int]], str] = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if (
+            backend is not None
+            and hasattr(backend, "decode")
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        ):
+            self._decode: Callable[[list[int]], str] = lambda ids: backend.decode(
+                ids, skip_special_tokens=skip_special_tokens
+            )
         else:
             self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         self.token_ids: list[int] = []
@@ -79,12 +87,18 @@ class IncrementalDetokenizer:
         self._peeked = None
         offsets = (self._prefix_offset, self._read_offset)
         if self._prefix_text is None or self._prefix_text[0] != offsets:
-            self._prefix_text = (offsets, self._decode(self.token_ids[self._prefix_offset : self._read_offset]))
+            self._prefix_text = (
+                offsets,
+                self._decode(self.token_ids[self._prefix_offset : self._read_offset]),
+            )
         prefix_text = self._prefix_text[1]
         full_text = self._decode(self.token_ids[self._prefix_offset :])
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
             return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)  # as a push that adds text
+        self._prefix_offset, self._read_offset = (
+            self._read_offset,
+            len(self.token_ids),
+        )  # as a push that adds text
         return full_text[len(prefix_text) :]
 
     def peek(self, token_id: int) -> str:
@@ -98,7 +112,11 @@ class IncrementalDetokenizer:
             self._prefix_text = (offsets, self._decode(ids[: self._read_offset - self._prefix_offset]))
         prefix_text = self._prefix_text[1]
         full_text = self._decode(ids)
-        delta = "" if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text) else full_text[len(prefix_text) :]
+        delta = (
+            ""
+            if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text)
+            else full_text[len(prefix_text) :]
+        )
         self._peeked = (key, delta)
         return delta
 
@@ -155,7 +173,9 @@ class CueDetector:
             assert self.think_start is not None
             recent = self._tail[-(len(delta) + len(self.think_start)) :]
             if self.think_start in recent:
-                self._cues_from = committed_end - len(recent) + recent.index(self.think_start) + len(self.think_start)
+                self._cues_from = (
+                    committed_end - len(recent) + recent.index(self.think_start) + len(self.think_start)
+                )
         window = 0  # a word match ending in this delta starts at most max_cue_chars (+1 boundary) back
         if self.max_cue_chars is not None:
             window = max(0, len(self._tail) - len(delta) - self.max_cue_chars - 1)
@@ -171,10 +191,18 @@ class CueDetector:
             abs_end = scan_start + match.end()
             if self._cues_from is None or scan_start + match.start() < self._cues_from:
                 continue  # before the thinking block opened
-            if match.end() > match.start() and abs_end <= committed_end and abs_end not in self._reported_ends:
+            if (
+                match.end() > match.start()
+                and abs_end <= committed_end
+                and abs_end not in self._reported_ends
+            ):
                 self._reported_ends.add(abs_end)
                 found = match.group(0).strip().lower() or match.group(0)
-        if self.think_end and marker_at >= 0 and self.think_end in self._tail[-(len(delta) + len(self.think_end)) :]:
+        if (
+            self.think_end
+            and marker_at >= 0
+            and self.think_end in self._tail[-(len(delta) + len(self.think_end)) :]
+        ):
             self.thinking = False
         self._trim()
         return found

@@ -33,9 +33,9 @@ _OPEN_QUOTES, _CLOSE_QUOTES = "“", "”"
 # What an exit keeps of the thinking before it closes the block and writes the exit cue.
 EXIT_PREFIXES: dict[str, str] = {
     "point": "the paper's: a cue point's prefix ends before the cue token, an answer or paragraph point's after its "
-             "token",
+    "token",
     "lookahead": "the prefix ends after the token that confirmed the point (the one sampled after it): what an "
-                 "engine that cannot take back a sampled token does (the vLLM plug-in)",
+    "engine that cannot take back a sampled token does (the vLLM plug-in)",
 }
 DEFAULT_EXIT_PREFIX = "point"
 
@@ -89,12 +89,19 @@ class PointDetector(CueDetector):
     an answer once `.` or a space shows it is not `425`).
     """
 
-    def __init__(self, pattern: re.Pattern[str], kinds: Sequence[str] = DEFAULT_POINTS,
-                 answer_phrase: re.Pattern[str] | None = None, step_separator: re.Pattern[str] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pattern: re.Pattern[str],
+        kinds: Sequence[str] = DEFAULT_POINTS,
+        answer_phrase: re.Pattern[str] | None = None,
+        step_separator: re.Pattern[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.kinds = frozenset(parse_points(list(kinds)))
         self.answer_phrase = answer_phrase or compile_point_pattern("answer phrase", DEFAULT_ANSWER_PHRASE)
-        self.step_separator = step_separator or compile_point_pattern("step separator", DEFAULT_STEP_SEPARATOR)
+        self.step_separator = step_separator or compile_point_pattern(
+            "step separator", DEFAULT_STEP_SEPARATOR
+        )
         self._beyond_cues = bool(self.kinds - {"cue"})  # answer or paragraph points to look for
         self.point: str | None = None
         super().__init__(pattern, **kwargs)
@@ -177,13 +184,23 @@ class PointDetector(CueDetector):
         return quoted
 
 
-def detector_for(profile: Any, points: Sequence[str], thinking: str, cue_words: Sequence[str] = DEFAULT_CUE_WORDS,
-                 cue_regex: str | None = None) -> PointDetector:
+def detector_for(
+    profile: Any,
+    points: Sequence[str],
+    thinking: str,
+    cue_words: Sequence[str] = DEFAULT_CUE_WORDS,
+    cue_regex: str | None = None,
+) -> PointDetector:
     """The detector of one request: a model profile's markers and point settings (`ModelProfile`), the enabled kinds,
     how thinking starts ("template", "model", "off") and the cue words or regex."""
-    return PointDetector(compile_cue_pattern(cue_words, cue_regex), kinds=points,
-                         answer_phrase=compile_point_pattern("answer phrase", profile.answer_phrase),
-                         step_separator=compile_point_pattern("step separator", profile.step_separator),
-                         think_end=profile.think_end, think_start=profile.think_start, start=thinking,
-                         max_cue_chars=None if cue_regex else max(len(w.strip()) for w in cue_words),
-                         cue_words=None if cue_regex else cue_words)
+    return PointDetector(
+        compile_cue_pattern(cue_words, cue_regex),
+        kinds=points,
+        answer_phrase=compile_point_pattern("answer phrase", profile.answer_phrase),
+        step_separator=compile_point_pattern("step separator", profile.step_separator),
+        think_end=profile.think_end,
+        think_start=profile.think_start,
+        start=thinking,
+        max_cue_chars=None if cue_regex else max(len(w.strip()) for w in cue_words),
+        cue_words=None if cue_regex else cue_words,
+    )

@@ -15,7 +15,9 @@ from lynx_exit.cli import generate, pipeline, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lynx-exit", description="Confidence-controlled early exit for reasoning LLMs (LYNX).")
+    parser = argparse.ArgumentParser(
+        prog="lynx-exit", description="Confidence-controlled early exit for reasoning LLMs (LYNX)."
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_commands(sub)
@@ -27,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, FolderBusyError) as exc:

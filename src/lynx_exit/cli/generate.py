@@ -28,7 +28,9 @@ def _policy_from_args(args: argparse.Namespace, lm: Any, probe_folder: str | Non
     args.exit = args.exit or ("lynx" if args.probe else "never")
     method = get_method(args.exit)
     if args.probe is not None and not method.needs_probe:
-        raise ValueError(f"--probe {args.probe!r} is read only by the LYNX methods, and --exit {args.exit} does not use it")
+        raise ValueError(
+            f"--probe {args.probe!r} is read only by the LYNX methods, and --exit {args.exit} does not use it"
+        )
     options: dict[str, Any] = {}
     if method.knob is not None:
         value = getattr(args, method.knob.flag.lstrip("-").replace("-", "_"))
@@ -44,7 +46,9 @@ def _policy_from_args(args: argparse.Namespace, lm: Any, probe_folder: str | Non
         if value is None:
             continue
         if option not in method.option_names:
-            raise ValueError(f"{flag} is read only by the LYNX methods, and --exit {args.exit} does not use it")
+            raise ValueError(
+                f"{flag} is read only by the LYNX methods, and --exit {args.exit} does not use it"
+            )
         options[option] = value
     return make_policy(args.exit, MethodContext(lm=lm, probe=probe_folder, deepconf=args.deepconf), **options)
 
@@ -72,12 +76,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lm = load_model_from_args(args)
     if args.explain:
         print(f"profile {lm.profile.family!r} for {args.model!r}: {lm.profile.reason}", file=sys.stderr)
-        print(f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers {list(lm.feature_spec().layers)}", file=sys.stderr)
+        print(
+            f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers {list(lm.feature_spec().layers)}",
+            file=sys.stderr,
+        )
     policy = _policy_from_args(args, lm, probe_folder)
-    layers = parse_layers(args) if policy.feature_spec is not None else None  # a probe's own layers; --layers must agree
+    layers = (
+        parse_layers(args) if policy.feature_spec is not None else None
+    )  # a probe's own layers; --layers must agree
     assistant, assist = assist_from_args(args, lm)
-    loop = DecodeLoop(lm, [lm.prompt_ids(prompt_text)], config, policies=[policy], layers=layers,
-                      engine=engine_config(args), assist=assist, assistant=assistant)
+    loop = DecodeLoop(
+        lm,
+        [lm.prompt_ids(prompt_text)],
+        config,
+        policies=[policy],
+        layers=layers,
+        engine=engine_config(args),
+        assist=assist,
+        assistant=assistant,
+    )
     console = Console(highlight=False, soft_wrap=True)
     stream = not args.json
     started = time.perf_counter()
@@ -86,11 +103,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             continue
         if step.exit:
             what = "give up" if step.gave_up else "exit"
-            console.print(f" [{what} at {step.point or 'step'} {step.cue or step.text!r}] ", style="bold red", end="",
-                          markup=False)
+            console.print(
+                f" [{what} at {step.point or 'step'} {step.cue or step.text!r}] ",
+                style="bold red",
+                end="",
+                markup=False,
+            )
             if step.point == "cue":  # the exit dropped the cue token
                 continue
-        style = "bold yellow" if step.cue else ("cyan" if step.phase in ("exit_cue", "forced_answer") else None)
+        style = (
+            "bold yellow" if step.cue else ("cyan" if step.phase in ("exit_cue", "forced_answer") else None)
+        )
         console.print(step.text, style=style, end="", markup=False)
     wall = time.perf_counter() - started
     result = loop.results()[0]
@@ -111,7 +134,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if result.assist is not None:
         record.update(assistant_model=args.assistant_model, assist=result.assist)
     if problem is not None:
-        record.update(task=problem.task, problem_id=problem.problem_id, gold=problem.gold, correct=problem.grade(result.text))
+        record.update(
+            task=problem.task,
+            problem_id=problem.problem_id,
+            gold=problem.gold,
+            correct=problem.grade(result.text),
+        )
     if args.json:
         print(json.dumps(record, ensure_ascii=False))
     else:
@@ -120,8 +148,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if result.exit_index is not None:
             summary += f", exited at token {result.exit_index}"
         if result.assist is not None:
-            summary += (f", assistant wrote {result.assist['assistant_tokens']} ({100 * result.assist['assistant_share']:.0f} %) "
-                        f"in {result.assist['takeovers']} takeovers")
+            summary += (
+                f", assistant wrote {result.assist['assistant_tokens']} ({100 * result.assist['assistant_share']:.0f} %) "
+                f"in {result.assist['takeovers']} takeovers"
+            )
         if problem is not None:
             summary += f", answer {result.answer!r} vs gold {problem.gold!r}: {'right' if record['correct'] else 'wrong'}"
         print(summary + "]")
@@ -148,19 +178,40 @@ def add_commands(sub: Any) -> None:
     gen.add_argument("--index", type=int, default=0, help="problem index within --task")
     from lynx_exit.exits import knobs, method_names
 
-    gen.add_argument("--exit", default=None, choices=method_names(), help="exit method (default: lynx with --probe, else never)")
+    gen.add_argument(
+        "--exit",
+        default=None,
+        choices=method_names(),
+        help="exit method (default: lynx with --probe, else never)",
+    )
     for knob in knobs():
         gen.add_argument(knob.flag, default=knob.default, help=knob.help)
-    gen.add_argument("--probe", default=None, help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]")
-    gen.add_argument("--deepconf", default=None, help="warm-up folder for --exit deepconf (from lynx-exit deepconf-warmup)")
+    gen.add_argument(
+        "--probe",
+        default=None,
+        help="probe for the LYNX methods: a folder, or a Hub repo id OWNER/NAME[@REVISION]",
+    )
+    gen.add_argument(
+        "--deepconf", default=None, help="warm-up folder for --exit deepconf (from lynx-exit deepconf-warmup)"
+    )
     gen.add_argument("--confidence", type=float, default=None, help="1 - δ (overrides --delta)")
-    gen.add_argument("--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode")
-    gen.add_argument("--decision-points", default=None,
-                     help="where LYNX may decide, comma-separated: cue, answer, paragraph (default: the model family's, cue)")
-    gen.add_argument("--give-up-delta", default=None,
-                     help="give up on a trace the probe judges lost (risk of giving up on one that would end right ≤ this)")
+    gen.add_argument(
+        "--mode", default="event", choices=["event", "trajectory", "harm"], help="conformal calibration mode"
+    )
+    gen.add_argument(
+        "--decision-points",
+        default=None,
+        help="where LYNX may decide, comma-separated: cue, answer, paragraph (default: the model family's, cue)",
+    )
+    gen.add_argument(
+        "--give-up-delta",
+        default=None,
+        help="give up on a trace the probe judges lost (risk of giving up on one that would end right ≤ this)",
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
-    gen.add_argument("--no-suffix", action="store_true", help="send the prompt as is, without the step-by-step instruction")
+    gen.add_argument(
+        "--no-suffix", action="store_true", help="send the prompt as is, without the step-by-step instruction"
+    )
     gen.add_argument("--explain", action="store_true", help="say which model profile was chosen and why")
     add_model_flags(gen)
     add_engine_flags(gen)
@@ -168,6 +219,8 @@ def add_commands(sub: Any) -> None:
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
-    profiles = sub.add_parser("profiles", help="the table of reasoning model families and how each is recognised")
+    profiles = sub.add_parser(
+        "profiles", help="the table of reasoning model families and how each is recognised"
+    )
     profiles.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     profiles.set_defaults(func=cmd_profiles)

@@ -20,9 +20,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.data)
     if args.expect_spec:
-        FeatureSpec.from_dict(json.loads(Path(args.expect_spec).read_text())).check_compatible(dataset.spec, "dataset")
+        FeatureSpec.from_dict(json.loads(Path(args.expect_spec).read_text())).check_compatible(
+            dataset.spec, "dataset"
+        )
     config = ProbeTrainConfig(
-        max_epochs=args.epochs, patience=args.patience, learning_rate=args.lr, seed=args.seed, allow_one_class=args.allow_one_class
+        max_epochs=args.epochs,
+        patience=args.patience,
+        learning_rate=args.lr,
+        seed=args.seed,
+        allow_one_class=args.allow_one_class,
     )
     metrics = train_probe_folder(dataset, Path(args.out), config, args.data)
     print(json.dumps(metrics, indent=2))
@@ -34,16 +40,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from lynx_exit.probe.dataset import load_dataset
 
     deltas = [float(x) for x in args.deltas.split(",")]
-    report = calibrate_probe_folder(Path(args.probe), load_dataset(args.data), deltas, epsilon=args.epsilon,
-                                    give_up_after=args.give_up_after)
+    report = calibrate_probe_folder(
+        Path(args.probe),
+        load_dataset(args.data),
+        deltas,
+        epsilon=args.epsilon,
+        give_up_after=args.give_up_after,
+    )
     for row in report["event"]:
         note = "  (never exits: too few unsafe calibration events for this δ)" if row["never_exit"] else ""
-        print(f"event      {row['point']:<9} δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}")
+        print(
+            f"event      {row['point']:<9} δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}"
+        )
     for mode in ("trajectory", "harm", "give_up"):
         for row in report[mode]:
             note = "  (never)" if row.get("never_exit", row.get("never")) else ""
-            print(f"{mode:<10} {row['points']:<9} δ={row['delta']:<5} threshold={row['threshold']} "
-                  f"calib risk={row['empirical_risk']:.3f}{note}")
+            print(
+                f"{mode:<10} {row['points']:<9} δ={row['delta']:<5} threshold={row['threshold']} "
+                f"calib risk={row['empirical_risk']:.3f}{note}"
+            )
     print(f"wrote {Path(args.probe) / 'conformal.json'} and the model card {Path(args.probe) / 'README.md'}")
     return 0
 
@@ -77,16 +92,22 @@ def cmd_risk(args: argparse.Namespace) -> int:
     bundle.spec.check_compatible(dataset.spec, what=f"probe {args.probe!r}")
     overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
     if overlap:
-        raise ValueError(f"--data shares {len(overlap)} problems with the probe's training data (e.g. {sorted(overlap)[:3]}); "
-                         "measure the risk on held-out problems")
+        raise ValueError(
+            f"--data shares {len(overlap)} problems with the probe's training data (e.g. {sorted(overlap)[:3]}); "
+            "measure the risk on held-out problems"
+        )
     rows = []
     for row in empirical_rates(bundle, dataset):
         margin = sampling_margin(row)
-        rows.append({**row, "margin95": margin, "within": margin is not None and row["rate"] <= row["delta"] + margin})
+        rows.append(
+            {**row, "margin95": margin, "within": margin is not None and row["rate"] <= row["delta"] + margin}
+        )
     for row in rows:
         shown = "—" if row["margin95"] is None else f"{row['margin95']:.3f}"
-        print(f"{row['mode']:<10} {row['points']:<24} δ={row['delta']:<5} realized {row['rate']:.3f} on {row['n']:<5} "
-              f"margin {shown}  {'ok' if row['within'] else 'OVER'}")
+        print(
+            f"{row['mode']:<10} {row['points']:<24} δ={row['delta']:<5} realized {row['rate']:.3f} on {row['n']:<5} "
+            f"margin {shown}  {'ok' if row['within'] else 'OVER'}"
+        )
     if args.out:
         write_json_atomic(Path(args.out), {"probe": args.probe, "data": args.data, "rows": rows})
         print(f"wrote {args.out}")

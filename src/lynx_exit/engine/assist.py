@@ -44,7 +44,7 @@ def contains_any(text: str, words: tuple[str, ...]) -> bool:
 
 def ends_paragraph(text: str, last: str, trigger: str) -> bool:
     """Whether the piece `last` that ends `text` completes `trigger` (it may start in the piece before)."""
-    return trigger in text[-(len(last) + len(trigger) - 1):]
+    return trigger in text[-(len(last) + len(trigger) - 1) :]
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,9 @@ class AssistConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"assist {name} must be a whole number >= 0, got {value!r}")
         if self.recap_after_max < self.recap_after or self.recap_tokens_max < self.recap_tokens:
-            raise ValueError("assist recap_after_max / recap_tokens_max must be at least their starting values")
+            raise ValueError(
+                "assist recap_after_max / recap_tokens_max must be at least their starting values"
+            )
         for name in ("verify_words", "negative_words", "positive_words"):
             words = getattr(self, name)
             if not words or not all(isinstance(w, str) and w.strip() for w in words):
@@ -123,7 +125,9 @@ class AssistState:
     takeover_ids: list[int] = field(default_factory=list)  # what the assistant wrote in this takeover
     synced: int = 0  # tokens of the request (prompt first) the assistant's cache holds
     lookahead: list[Buffered] | None = None  # a look-ahead being written
-    resume: Literal["thinker", "assistant"] | None = None  # who samples next from what it holds (nothing is fed)
+    resume: Literal["thinker", "assistant"] | None = (
+        None  # who samples next from what it holds (nothing is fed)
+    )
     negatives: int = 0
     recap_after: int = 0
     recap_tokens: int = 0

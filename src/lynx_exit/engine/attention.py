@@ -25,7 +25,6 @@ from lynx_exit.engine.kv_store import _ACTIVE, ATTENTION, PLAN_KWARG, Plan
 CPU_MATMUL_DECODE_FROM = 1
 
 
-
 # Whose branches the attention takes: the query's device ("auto"), or the device named here. A CPU test that
 # sets "cuda" runs the kernels and layouts a GPU would (grouped SDPA with a mask, its strided output), so CI
 # executes the path that only a GPU takes otherwise. A plain global, not a context variable: a compiled step
@@ -60,23 +59,30 @@ def _window_mask(plan: Plan, window: int) -> torch.Tensor:
     return plan.windows[window]
 
 
-def _matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                      scale: float) -> torch.Tensor:
+def _matmul_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), value)
 
 
-def _baddbmm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
+def _baddbmm_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """`_matmul_attention` for a compiled CPU step: Inductor lowers a one-row `bmm` on a CPU to its own loops
     (slower than BLAS at a thousand columns and more), a `baddbmm` to BLAS."""
     batch, heads, rows, head_dim = query.shape
     width = key.shape[2]
     nothing = query.new_zeros((1, 1, 1))  # beta=0: only its shape matters
-    scores = torch.baddbmm(nothing, query.reshape(batch * heads, rows, head_dim),
-                           key.reshape(batch * heads, width, head_dim).transpose(1, 2), beta=0, alpha=scale)
+    scores = torch.baddbmm(
+        nothing,
+        query.reshape(batch * heads, rows, head_dim),
+        key.reshape(batch * heads, width, head_dim).transpose(1, 2),
+        beta=0,
+        alpha=scale,
+    )
     scores = scores.view(batch, heads, rows, width)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -99,12 +105,23 @@ def store_attention(
     """SDPA over the store's views with the plan's mask; outside a store pass, transformers' own SDPA."""
     plan = kwargs.pop(PLAN_KWARG, None) or _ACTIVE.get()  # the keyword reaches compiled layers as an input
     if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
-            raise NotImplementedError(f"the KV store's attention has no {name} (this model needs it): "
-                                      "no backend of lynx-exit runs this model")
+            raise NotImplementedError(
+                f"the KV store's attention has no {name} (this model needs it): "
+                "no backend of lynx-exit runs this model"
+            )
     mask = plan.mask if sliding_window is None else _window_mask(plan, int(sliding_window))
     batch, heads, q_len, head_dim = query.shape
     # From the module where it says (a plain int: under torch.compile the shapes are symbolic)
@@ -123,7 +140,9 @@ def store_attention(
             out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
         # `reshape`, not `view`: CUDA's SDPA returns this grouped query with a mask in a strided layout
         return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -124,7 +124,9 @@ def greedy_continuations(
         probs = torch.softmax(logits.float(), dim=-1)
         next_ids = probs.argmax(-1)  # [n]
         chosen = probs.gather(-1, next_ids[:, None])[:, 0]
-        host: list[torch.Tensor] = [next_ids.double(), chosen.double()] + ([entropy.double()] if t == 0 else [])
+        host: list[torch.Tensor] = [next_ids.double(), chosen.double()] + (
+            [entropy.double()] if t == 0 else []
+        )
         ids_host, probs_host, *first = torch.stack(host).tolist()  # one sync
         entropies = first[0] if t == 0 else entropies
         still = []
@@ -143,7 +145,9 @@ def greedy_continuations(
     return list(zip(outputs, probs_out, entropies, strict=True))
 
 
-def check_fork(items: Sequence[tuple[int, int]], forced_ids: Sequence[int], held: Callable[[int], int]) -> None:
+def check_fork(
+    items: Sequence[tuple[int, int]], forced_ids: Sequence[int], held: Callable[[int], int]
+) -> None:
     """What every backend's `fork` refuses: no forced token, or a prefix longer than the request holds."""
     if not forced_ids:
         raise ValueError("fork needs at least one forced token")

@@ -70,7 +70,9 @@ class DecodeLoop:
         with the engine's exception as the cause."""
         for step in self.engine.stream():
             if step.finish_reason == "error":
-                raise RuntimeError(f"prompt {step.request_id} failed: {step.error}") from self.engine.error(step.request_id)
+                raise RuntimeError(f"prompt {step.request_id} failed: {step.error}") from self.engine.error(
+                    step.request_id
+                )
             yield step
 
     def run(self) -> list[RequestResult]:

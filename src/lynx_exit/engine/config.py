@@ -75,8 +75,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _whole("max_batch_size", self.max_batch_size, 1, MAX_TOKENS)
         _whole("prefill_tokens_per_step", self.prefill_tokens_per_step, 1, MAX_TOKENS)
-        if self.kv_cache_gb is not None and (isinstance(self.kv_cache_gb, bool) or not isinstance(self.kv_cache_gb, int | float)
-                                             or not math.isfinite(self.kv_cache_gb) or self.kv_cache_gb <= 0):
+        if self.kv_cache_gb is not None and (
+            isinstance(self.kv_cache_gb, bool)
+            or not isinstance(self.kv_cache_gb, int | float)
+            or not math.isfinite(self.kv_cache_gb)
+            or self.kv_cache_gb <= 0
+        ):
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")

@@ -75,7 +75,9 @@ def _compiled_step(model: Any, mode: str | None) -> tuple[Any, set[tuple[Any, ..
 class DecodeGraph:
     """Compiled decode steps of one model over one store (shapes padded to buckets when `pad`)."""
 
-    def __init__(self, model: Any, store: KVStore, device: torch.device, pad_id: int, pad: bool | None = None) -> None:
+    def __init__(
+        self, model: Any, store: KVStore, device: torch.device, pad_id: int, pad: bool | None = None
+    ) -> None:
         self.model, self.store, self.device, self.pad_id = model, store, device, pad_id
         self._cache_kwarg = cache_kwarg(model)
         self.mode = "reduce-overhead" if device.type == "cuda" else None
@@ -107,8 +109,14 @@ class DecodeGraph:
         plan = Plan(0, rows, rows, positions[:, 0], rows, torch.zeros_like(rows), width, mask, positions, {})
         # transformers before 5.2x hands the cache layers no keywords: they read the plan from the store
         self.store.plan = plan
-        out = self.model(input_ids=ids, attention_mask=self._no_mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kwarg: self.store, PLAN_KWARG: plan})
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self._no_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: self.store, PLAN_KWARG: plan},
+        )
         self.store.plan = None
         features = self.capture.features() if self.capture is not None else None
         return out.logits[:, -1, :], features
@@ -128,7 +136,9 @@ class DecodeGraph:
         """Batch rows a step of n requests runs (the slots the store must hold)."""
         return bucket(n) if self.pad else n
 
-    def run(self, token_ids: Sequence[int], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(
+        self, token_ids: Sequence[int], lengths: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Slot i (i < n) reads token_ids[i] at position lengths[i]: (logits [n, vocab], features [n, F] or None).
 
         The store must already hold `rows(n)` slots and room for every row's new token."""
@@ -152,7 +162,9 @@ class DecodeGraph:
             self._seen.add(key)
         self.steps += 1
         self.shapes.add((size, width))
-        logits = logits[:n].clone() if self.mode == "reduce-overhead" else logits[:n]  # a replay reuses its outputs
+        logits = (
+            logits[:n].clone() if self.mode == "reduce-overhead" else logits[:n]
+        )  # a replay reuses its outputs
         if features is None:
             return logits, None
         kept = self._features.get(size)

@@ -41,17 +41,36 @@ from lynx_exit.tasks.grading import extract_boxed
 class Engine:
     """Continuous-batching decode engine over one `Backend`. Not thread-safe: one thread drives it."""
 
-    def __init__(self, lm: LoadedModel, max_batch_size: int = 16, backend: Backend | None = None,
-                 kv_cache_gb: float | None = None, prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS,
-                 compile: bool = False, assistant: LoadedModel | None = None,
-                 assistant_backend: Backend | None = None, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig(max_batch_size=max_batch_size, kv_cache_gb=kv_cache_gb,
-                                             prefill_tokens_per_step=prefill_tokens_per_step, compile=compile)
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_batch_size: int = 16,
+        backend: Backend | None = None,
+        kv_cache_gb: float | None = None,
+        prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS,
+        compile: bool = False,
+        assistant: LoadedModel | None = None,
+        assistant_backend: Backend | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.config = config or EngineConfig(
+            max_batch_size=max_batch_size,
+            kv_cache_gb=kv_cache_gb,
+            prefill_tokens_per_step=prefill_tokens_per_step,
+            compile=compile,
+        )
         self.lm = lm
         self.eos_ids = lm.eos_token_ids
-        self.backend: Backend = backend or StoreBackend(lm, kv_cache_gb=self.config.kv_cache_gb, compile=self.config.compile)
-        self.scheduler = Scheduler(self.backend, int(lm.model.config.hidden_size), lm.device, self.config.max_batch_size,
-                                   self.config.prefill_tokens_per_step)
+        self.backend: Backend = backend or StoreBackend(
+            lm, kv_cache_gb=self.config.kv_cache_gb, compile=self.config.compile
+        )
+        self.scheduler = Scheduler(
+            self.backend,
+            int(lm.model.config.hidden_size),
+            lm.device,
+            self.config.max_batch_size,
+            self.config.prefill_tokens_per_step,
+        )
         self.runner = Runner(self.backend, self.scheduler, lm.vocab_size, lm.device, self.eos_ids)
         self.forks = Forks(self.backend, lm.tokenizer, self.eos_ids)
         self.post = Postprocessor(self.backend, self.scheduler, self.forks, self.eos_ids, lm.context_length)
@@ -59,9 +78,12 @@ class Engine:
         self.plugin = EnginePlugin()
         if assistant is not None:
             check_same_tokenizer(lm, assistant)
-            self.assistant_backend = assistant_backend or StoreBackend(assistant, kv_cache_gb=self.config.kv_cache_gb,
-                                                                       compile=self.config.compile)
-            self.plugin = SpeculativeThinking(lm, self.backend, self.assistant_backend, self.runner, self.post)
+            self.assistant_backend = assistant_backend or StoreBackend(
+                assistant, kv_cache_gb=self.config.kv_cache_gb, compile=self.config.compile
+            )
+            self.plugin = SpeculativeThinking(
+                lm, self.backend, self.assistant_backend, self.runner, self.post
+            )
         self.post.plugin = self.plugin
         self.scheduler.on_free.append(self.plugin.free)
         self.scheduler.on_compact.append(self.plugin.compact)
@@ -73,10 +95,18 @@ class Engine:
         return self.config.max_batch_size
 
     # -- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, policy: ExitPolicy | None = None,
-                    seed: int | None = None, feature_layers: Sequence[int] | None = None, hold: bool = False,
-                    thinking: ThinkingStart | None = None, assist: AssistConfig | None = None,
-                    decision_points: Sequence[str] | None = None) -> int:
+    def add_request(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig | None = None,
+        policy: ExitPolicy | None = None,
+        seed: int | None = None,
+        feature_layers: Sequence[int] | None = None,
+        hold: bool = False,
+        thinking: ThinkingStart | None = None,
+        assist: AssistConfig | None = None,
+        decision_points: Sequence[str] | None = None,
+    ) -> int:
         """Queue a request; returns its id. It joins the batch at the next `step` with a free row.
 
         `seed` defaults to `config.seed`. A policy's `Step.features` (its own `feature_spec`
@@ -101,8 +131,10 @@ class Engine:
             raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}), got {seed}")
         context = self.lm.context_length
         if context is not None and len(prompt) >= context:
-            raise ValueError(f"the prompt is {len(prompt)} tokens but model {self.lm.model_id!r} has a context of "
-                             f"{context} positions: shorten the prompt")
+            raise ValueError(
+                f"the prompt is {len(prompt)} tokens but model {self.lm.model_id!r} has a context of "
+                f"{context} positions: shorten the prompt"
+            )
         layers = request_layers(self.lm, policy, feature_layers)
         generator = None
         if not config.greedy:
@@ -114,14 +146,28 @@ class Engine:
         thinking = thinking or profile.thinking
         points = decision_points or getattr(policy, "decision_points", None) or profile.decision_points
         detector = detector_for(profile, points, thinking, config.cue_words, config.cue_regex)
-        params = SamplingParams(temperature=0.0 if config.greedy else config.temperature, top_p=config.top_p,
-                                top_k=config.top_k if config.top_k < vocab else 0)  # top-k over the whole vocabulary is off
+        params = SamplingParams(
+            temperature=0.0 if config.greedy else config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k if config.top_k < vocab else 0,
+        )  # top-k over the whole vocabulary is off
         request = Request(
-            request_id=self._next_id, prompt_ids=prompt, config=config, params=params, generator=generator, policy=policy,
-            layers=layers, every_step=bool(feature_layers), detok=IncrementalDetokenizer(self.lm.tokenizer),
-            detector=detector, exit_cue_ids=self.exit_cue_ids(config.exit_cue), hold=hold,
-            phase="think" if thinking != "off" else "answer", reasoning_tokens=0 if thinking == "off" else None,
-            assist=assist_state)
+            request_id=self._next_id,
+            prompt_ids=prompt,
+            config=config,
+            params=params,
+            generator=generator,
+            policy=policy,
+            layers=layers,
+            every_step=bool(feature_layers),
+            detok=IncrementalDetokenizer(self.lm.tokenizer),
+            detector=detector,
+            exit_cue_ids=self.exit_cue_ids(config.exit_cue),
+            hold=hold,
+            phase="think" if thinking != "off" else "answer",
+            reasoning_tokens=0 if thinking == "off" else None,
+            assist=assist_state,
+        )
         self.scheduler.check_fits_alone(request)
         self.scheduler.add(request)
         self._next_id += 1
@@ -156,12 +202,21 @@ class Engine:
             del self.scheduler.requests[request_id]
         generated = len(request.kept_ids)
         return RequestResult(
-            request_id=request_id, prompt_ids=request.prompt_ids, token_ids=request.kept_ids, text=request.text,
-            finish_reason=request.finish_reason, exit_index=request.exit_index, cue_indices=request.cue_indices,
-            answer=extract_boxed(request.text), wall_time_s=request.wall_time_s,
+            request_id=request_id,
+            prompt_ids=request.prompt_ids,
+            token_ids=request.kept_ids,
+            text=request.text,
+            finish_reason=request.finish_reason,
+            exit_index=request.exit_index,
+            cue_indices=request.cue_indices,
+            answer=extract_boxed(request.text),
+            wall_time_s=request.wall_time_s,
             reasoning_tokens=generated if request.reasoning_tokens is None else request.reasoning_tokens,
             error=describe_error(request.error) if request.error is not None else None,
-            assist=self.plugin.report(request, generated), exit_point=request.exit_point, gave_up=request.gave_up)
+            assist=self.plugin.report(request, generated),
+            exit_point=request.exit_point,
+            gave_up=request.gave_up,
+        )
 
     def error(self, request_id: int) -> BaseException | None:
         """The exception that failed a request (finish_reason "error"), else None."""
@@ -185,11 +240,14 @@ class Engine:
         while self.has_unfinished():
             yield from self.step()
 
-    def forced_answers(self, items: Sequence[tuple[int, int]], exit_cue_ids: Sequence[int], max_answer_tokens: int
-                       ) -> list[ForcedAnswer]:
+    def forced_answers(
+        self, items: Sequence[tuple[int, int]], exit_cue_ids: Sequence[int], max_answer_tokens: int
+    ) -> list[ForcedAnswer]:
         """Batched forced exits (how-it-works §3): item i continues request `items[i][0]` from its first
         `items[i][1]` generated tokens with the exit cue and a greedy answer; requests are untouched."""
-        prefix = [(request_id, len(self.scheduler.get(request_id).prompt_ids) + kept) for request_id, kept in items]
+        prefix = [
+            (request_id, len(self.scheduler.get(request_id).prompt_ids) + kept) for request_id, kept in items
+        ]
         return self.forks.fork(prefix, list(exit_cue_ids), max_answer_tokens)
 
     # -- one step: schedule -> run -> sample -> postprocess ----------------------------------------------
@@ -205,8 +263,12 @@ class Engine:
             rows = batch.rows
             self.runner.ban_tokens(logits, rows, self.plugin.pending)
             sampled, alive, logits = self.runner.sample(logits, rows)
-            token_ids = self.runner.read_samples(sampled, logits, alive) if alive else []  # the step's one host sync
-            steps += self._postprocess(batch, dict(zip([r.request_id for r in alive], token_ids, strict=True)))
+            token_ids = (
+                self.runner.read_samples(sampled, logits, alive) if alive else []
+            )  # the step's one host sync
+            steps += self._postprocess(
+                batch, dict(zip([r.request_id for r in alive], token_ids, strict=True))
+            )
         self.scheduler.after_step()
         return steps + self.scheduler.take_outbox()
 
@@ -228,8 +290,14 @@ class Engine:
         self.plugin.extra_pass(batch, self.scheduler.running_requests())
         for group, logits in self.runner.read_prompts():
             for request in (r for r in group if r.restoring and r.read == len(r.to_read)):
-                request.restoring = False  # a preempted request read back what it held: it decodes its feed next
-            done = [i for i, r in enumerate(group) if not r.restoring and r.feed < 0 and r.read == len(r.prompt_ids)]
+                request.restoring = (
+                    False  # a preempted request read back what it held: it decodes its feed next
+                )
+            done = [
+                i
+                for i, r in enumerate(group)
+                if not r.restoring and r.feed < 0 and r.read == len(r.prompt_ids)
+            ]
             if done:  # a prompt read to its end samples its first token now
                 batch.parts.append(logits if len(done) == len(group) else logits[done])
                 batch.admitted += [group[i] for i in done]

@@ -23,7 +23,9 @@ class Forks:
     def __init__(self, backend: Backend, tokenizer, eos_ids: set[int]) -> None:  # type: ignore[no-untyped-def]
         self.backend, self.tokenizer, self.eos_ids = backend, tokenizer, eos_ids
 
-    def fork(self, items: Sequence[tuple[int, int]], exit_cue_ids: list[int], max_answer_tokens: int) -> list[ForcedAnswer]:
+    def fork(
+        self, items: Sequence[tuple[int, int]], exit_cue_ids: list[int], max_answer_tokens: int
+    ) -> list[ForcedAnswer]:
         """Item i continues request `items[i][0]` from its first `items[i][1]` tokens (prompt included)."""
         tokenizer = self.tokenizer
 
@@ -45,9 +47,13 @@ class Forks:
         """`Step.fork`: a forced answer from this step, on demand. A partial, not a closure: it is made for every
         thinking step of every row (hot path)."""
         keep = trial_prefix(request, drop_current)
-        return functools.partial(self._fork_one, request.request_id, keep, request.exit_cue_ids, request.config.answer_max_tokens)
+        return functools.partial(
+            self._fork_one, request.request_id, keep, request.exit_cue_ids, request.config.answer_max_tokens
+        )
 
-    def _fork_one(self, request_id: int, keep: int, exit_cue_ids: list[int], max_answer_tokens: int) -> ForcedAnswer:
+    def _fork_one(
+        self, request_id: int, keep: int, exit_cue_ids: list[int], max_answer_tokens: int
+    ) -> ForcedAnswer:
         return self.fork([(request_id, keep)], exit_cue_ids, max_answer_tokens)[0]
 
     def run_trials(self, reads: list[tuple[Request, Step, int]]) -> None:

@@ -33,6 +33,7 @@ ATTENTION = "lynx_store"
 MIN_CAPACITY = 64
 _SERIALS = itertools.count()
 
+
 def cache_kwarg(model: Any) -> str:
     """The keyword a model's forward takes its cache by: transformers renamed `past_key_values` to `cache`
     in 5.2x (5.17-5.19, the versions vLLM pins, know only the old name)."""
@@ -59,7 +60,9 @@ class Plan:
     windows: dict[int, torch.Tensor]  # sliding-window masks, made on first use
 
 
-PLAN_KWARG = "lynx_plan"  # the plan rides the model's keyword arguments down to each attention call and cache update
+PLAN_KWARG = (
+    "lynx_plan"  # the plan rides the model's keyword arguments down to each attention call and cache update
+)
 _ACTIVE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("lynx_store_plan", default=None)
 
 
@@ -76,8 +79,12 @@ class _StoreLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         return None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        forwarded = kwargs.get("kwargs") or kwargs.get("cache_kwargs") or {}  # the layer's keywords (5.x names)
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        forwarded = (
+            kwargs.get("kwargs") or kwargs.get("cache_kwargs") or {}
+        )  # the layer's keywords (5.x names)
         plan = forwarded.get(PLAN_KWARG) if isinstance(forwarded, dict) else None
         return self.store.write(self.index, key_states, value_states, plan)
 
@@ -97,8 +104,14 @@ class KVStore(Cache):
     The store only knows slots and lengths; which request holds which slot is the backend's business.
     """
 
-    def __init__(self, num_layers: int, device: torch.device, max_tokens: int, budget_bytes: int | None = None,
-                 bytes_per_token: int = 0) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        device: torch.device,
+        max_tokens: int,
+        budget_bytes: int | None = None,
+        bytes_per_token: int = 0,
+    ) -> None:
         super().__init__(layers=[_StoreLayer(self, i) for i in range(num_layers)])
         self.device = device
         self.max_tokens = max_tokens  # the context limit of one request
@@ -109,7 +122,9 @@ class KVStore(Cache):
         self.lengths: list[int] = []  # per slot, host side
         self.capacity = 0
         self.plan: Plan | None = None
-        self.static_addresses = False  # a CUDA graph writes the tensors in place: their addresses must not move
+        self.static_addresses = (
+            False  # a CUDA graph writes the tensors in place: their addresses must not move
+        )
         self.serial = next(_SERIALS)  # which store, and which of its allocations (compiled steps key on both)
         self.generation = 0
 
@@ -127,7 +142,9 @@ class KVStore(Cache):
     def reserve(self, slots: int, tokens: int) -> None:
         """Make room for `slots` slots of `tokens` tokens each (grows by doubling; keeps what is written)."""
         if tokens > self.max_tokens:
-            raise KVStoreFull(f"a request needs {tokens} tokens of KV cache, more than the context limit {self.max_tokens}")
+            raise KVStoreFull(
+                f"a request needs {tokens} tokens of KV cache, more than the context limit {self.max_tokens}"
+            )
         capacity = self.capacity
         if tokens > capacity:
             capacity = min(max(MIN_CAPACITY, 2 ** math.ceil(math.log2(tokens))), self.max_tokens)
@@ -144,7 +161,8 @@ class KVStore(Cache):
                 raise KVStoreFull(
                     f"the KV cache budget of {self.budget_bytes / 2**30:.3g} GiB holds "
                     f"{self.budget_bytes // max(1, self.bytes_per_token)} tokens; {slots} requests of {capacity} tokens "
-                    "do not fit (raise --kv-cache-gb or lower the batch size)")
+                    "do not fit (raise --kv-cache-gb or lower the batch size)"
+                )
         self._reallocate(slots, capacity)
 
     def _reallocate(self, slots: int, capacity: int) -> None:
@@ -162,11 +180,14 @@ class KVStore(Cache):
         self.capacity = capacity
 
     def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store if t is not None)
+        return sum(
+            t.numel() * t.element_size() for store in (self.keys, self.values) for t in store if t is not None
+        )
 
     # -- one pass -------------------------------------------------------------------------------------
-    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor,
-              plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, plan: Plan | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's new keys and values (`[n, kv_heads, q, head_dim]`) in place; return what to attend."""
         plan = plan or self.plan
         if plan is None:
@@ -178,7 +199,11 @@ class KVStore(Cache):
                 tensor = states.new_zeros(self.slots, states.shape[1], self.capacity, states.shape[3])
                 tensor = store[layer] = self._allocated(tensor)
             if states.shape[2] == 1:  # decode: one token per row
-                new = states[:, :, 0] if plan.src_rows.shape[0] == states.shape[0] else states[plan.src_rows, :, 0]
+                new = (
+                    states[:, :, 0]
+                    if plan.src_rows.shape[0] == states.shape[0]
+                    else states[plan.src_rows, :, 0]
+                )
             else:
                 new = states.transpose(1, 2)[plan.src_rows, plan.src_cols]
             tensor[plan.write_rows, :, plan.write_cols] = new.to(tensor.dtype)
@@ -211,7 +236,9 @@ def _first(rows: Sequence[int]) -> int | None:
     return rows[0] if list(rows) == list(range(rows[0], rows[0] + len(rows))) else None
 
 
-def make_plan(rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], device: torch.device) -> Plan:
+def make_plan(
+    rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], device: torch.device
+) -> Plan:
     """The plan of one pass: batch row i is slot rows[i], holding starts[i] tokens, and reads counts[i] new ones,
     right-aligned in the pass (so the last query position is every row's last token)."""
 
@@ -224,11 +251,29 @@ def make_plan(rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
         width = max(1, max(ends))
         written = [i for i, c in enumerate(counts) if c]
         clamped = torch.tensor([[max(e - 1, 0)] for e in ends], dtype=torch.long)  # the query's own position
-        host = move(torch.tensor([[rows[i] for i in written], [starts[i] for i in written], written], dtype=torch.long))
+        host = move(
+            torch.tensor(
+                [[rows[i] for i in written], [starts[i] for i in written], written], dtype=torch.long
+            )
+        )
         # Every row attending its whole width (equal lengths) needs no mask at all: SDPA's fastest path.
-        mask = None if min(ends) == width else move((torch.arange(width)[None, None, :] <= clamped[:, :, None])[:, None])
-        return Plan(_first(rows), move(slots), host[0], host[1], host[2], torch.zeros_like(host[2]), width, mask,
-                    move(clamped), {})
+        mask = (
+            None
+            if min(ends) == width
+            else move((torch.arange(width)[None, None, :] <= clamped[:, :, None])[:, None])
+        )
+        return Plan(
+            _first(rows),
+            move(slots),
+            host[0],
+            host[1],
+            host[2],
+            torch.zeros_like(host[2]),
+            width,
+            mask,
+            move(clamped),
+            {},
+        )
     q = max(counts)
     start = torch.tensor(list(starts), dtype=torch.long)
     count = torch.tensor(list(counts), dtype=torch.long)
@@ -239,5 +284,15 @@ def make_plan(rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
     width = max(1, int((start + count).max()))
     clamped = positions.clamp(min=0)
     mask = torch.arange(width)[None, None, :] <= clamped[:, :, None]  # [n, q, width]
-    return Plan(_first(rows), move(slots), move(slots[src_rows]), move(positions[valid]), move(src_rows), move(src_cols),
-                width, move(mask[:, None]), move(clamped), {})
+    return Plan(
+        _first(rows),
+        move(slots),
+        move(slots[src_rows]),
+        move(positions[valid]),
+        move(src_rows),
+        move(src_cols),
+        width,
+        move(mask[:, None]),
+        move(clamped),
+        {},
+    )

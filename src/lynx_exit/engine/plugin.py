@@ -15,8 +15,10 @@ class EnginePlugin:
     def state(self, options: Any) -> Any:
         """A new request's plug-in state from its options (None: the request does not use the plug-in)."""
         if options is not None:
-            raise ValueError("this request asks for an assistant model, but the engine was built without one "
-                             "(--assistant-model)")
+            raise ValueError(
+                "this request asks for an assistant model, but the engine was built without one "
+                "(--assistant-model)"
+            )
         return None
 
     def before_step(self, running: list[Request]) -> None:

@@ -27,14 +27,25 @@ Read = tuple[Request, Step, int]  # a request, the step of the token it read, th
 
 
 class Postprocessor:
-    def __init__(self, backend: Backend, scheduler: Scheduler, forks: Forks, eos_ids: set[int],
-                 context_length: int | None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        scheduler: Scheduler,
+        forks: Forks,
+        eos_ids: set[int],
+        context_length: int | None,
+    ) -> None:
         self.backend, self.scheduler, self.forks = backend, scheduler, forks
         self.eos_ids, self.context_length = eos_ids, context_length
         self.plugin = EnginePlugin()
 
-    def advance(self, rows: list[Request], candidates: Sequence[int],
-                features: Sequence[torch.Tensor | None] | None = None, hooks: bool = True) -> list[Step]:
+    def advance(
+        self,
+        rows: list[Request],
+        candidates: Sequence[int],
+        features: Sequence[torch.Tensor | None] | None = None,
+        hooks: bool = True,
+    ) -> list[Step]:
         """Read the tokens `rows` fed and queue what each samples next. `features`: the hidden states of each row's
         fed token when they were read earlier (else read from the backend); `hooks`: tell the plug-in."""
         fail = self.scheduler.fail
@@ -54,28 +65,45 @@ class Postprocessor:
                     steps += self.forced(request, candidate)
             except Exception as exc:
                 fail(request, exc)
-        stages = (self.score, self.forks.run_trials) if features is not None else (
-            self.attach_features, self.score, self.forks.run_trials)
+        stages = (
+            (self.score, self.forks.run_trials)
+            if features is not None
+            else (self.attach_features, self.score, self.forks.run_trials)
+        )
         for stage in stages:  # these only attach results to their steps: a rerun after a fault is harmless
-            contain([read for read in reads if read[0].finish_reason is None], stage, lambda read, exc: fail(read[0], exc))
+            contain(
+                [read for read in reads if read[0].finish_reason is None],
+                stage,
+                lambda read, exc: fail(read[0], exc),
+            )
         for request, step, candidate in reads:
             if request.finish_reason is not None:  # failed in a batched read
                 continue
             try:
-                decision = request.policy.observe(step) if step.phase == "think" and request.policy is not None else None
+                decision = (
+                    request.policy.observe(step)
+                    if step.phase == "think" and request.policy is not None
+                    else None
+                )
                 exited = decision in (Decision.EXIT, Decision.GIVE_UP)
                 lookahead = exited and getattr(request.policy, "exit_prefix", None) == "lookahead"
                 if lookahead and candidate in self.eos_ids:
                     exited = False  # the token that would stay ends the sequence: nothing left to exit from
                 if exited:
-                    candidate = self.exit(request, step, gave_up=decision is Decision.GIVE_UP,
-                                          keep=candidate if lookahead else None)
+                    candidate = self.exit(
+                        request,
+                        step,
+                        gave_up=decision is Decision.GIVE_UP,
+                        keep=candidate if lookahead else None,
+                    )
                 forced = not exited and bool(request.forced)
                 if forced:  # a queued sentence (a recap), token by token, instead of what was sampled
                     candidate = request.forced.popleft()
                 after = self.next(request, candidate)
                 if hooks and not exited and not forced and request.finish_reason is None:
-                    self.plugin.after_commit(request, step, candidate)  # only where the model sampled what comes next
+                    self.plugin.after_commit(
+                        request, step, candidate
+                    )  # only where the model sampled what comes next
             except Exception as exc:
                 fail(request, exc)
                 continue
@@ -92,7 +120,9 @@ class Postprocessor:
         token, index = request.feed, request.index
         request.kept_ids.append(token)
         delta = request.detok.push(token)
-        lookahead = "" if candidate in self.eos_ids else request.detok.peek(candidate)  # reused by the next push
+        lookahead = (
+            "" if candidate in self.eos_ids else request.detok.peek(candidate)
+        )  # reused by the next push
         request.text += delta
         thinking = request.detector.thinking
         cue = request.detector.step(delta, lookahead) if thinking else None
@@ -101,20 +131,34 @@ class Postprocessor:
             request.phase, request.reasoning_tokens = "answer", len(request.kept_ids)
         if cue is not None:
             request.cue_indices.append(index)
-        step = Step(request_id=request.request_id, index=index, token_id=token, text=delta, phase="think" if thinking else "answer",
-                    cue=cue, point=point, confidence=request.feed_confidence)
+        step = Step(
+            request_id=request.request_id,
+            index=index,
+            token_id=token,
+            text=delta,
+            phase="think" if thinking else "answer",
+            cue=cue,
+            point=point,
+            confidence=request.feed_confidence,
+        )
         if thinking and request.policy is not None:
             step.fork = self.forks.callback(request, drop_current=point == "cue")
         return step
 
     def attach_features(self, reads: list[Read]) -> None:
         """Hidden states of the steps that need them, read from the backend in one call."""
-        wanted = [(r, s) for r, s, _ in reads if s.phase == "think" and r.layers and (r.every_step or s.point is not None)]
+        wanted = [
+            (r, s)
+            for r, s, _ in reads
+            if s.phase == "think" and r.layers and (r.every_step or s.point is not None)
+        ]
         if not wanted:
             return
         states = self.backend.hidden_states([r.request_id for r, _ in wanted])  # [n, len(union) * hidden]
         for i, (request, step) in enumerate(wanted):
-            step.features = states[i] if request.feature_columns is None else states[i, request.feature_columns]
+            step.features = (
+                states[i] if request.feature_columns is None else states[i, request.feature_columns]
+            )
 
     def score(self, reads: list[Read]) -> None:
         """Score the features of every decision point that has a scorer, one call per scorer."""
@@ -152,7 +196,13 @@ class Postprocessor:
         request.kept_ids.append(token)
         delta = request.detok.push(token)
         request.text += delta
-        step = Step(request_id=request.request_id, index=request.index, token_id=token, text=delta, phase=request.phase)
+        step = Step(
+            request_id=request.request_id,
+            index=request.index,
+            token_id=token,
+            text=delta,
+            phase=request.phase,
+        )
         if request.phase == "exit_cue":
             if request.forced:
                 return [step, *self.next(request, request.forced.popleft())]
@@ -174,7 +224,8 @@ class Postprocessor:
             return self.scheduler.finish(request, candidate, "eos")
         context = self.context_length
         if (request.sampling and len(request.kept_ids) >= request.config.max_new_tokens) or (
-                context is not None and len(request.prompt_ids) + len(request.kept_ids) >= context):
+            context is not None and len(request.prompt_ids) + len(request.kept_ids) >= context
+        ):
             return self.scheduler.finish(request, -1, "length")  # the budget, or the model's last position
         request.feed = candidate
         request.feed_confidence, request.candidate_confidence = request.candidate_confidence, None

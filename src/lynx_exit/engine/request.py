@@ -30,7 +30,9 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def request_layers(lm: LoadedModel, policy: ExitPolicy | None, feature_layers: Sequence[int] | None) -> tuple[int, ...]:
+def request_layers(
+    lm: LoadedModel, policy: ExitPolicy | None, feature_layers: Sequence[int] | None
+) -> tuple[int, ...]:
     """The hidden-state layers a request reads: its policy's (checked against the model's feature space, both sides
     named when they differ) or the ones asked for."""
     wanted = tuple(feature_layers) if feature_layers else ()
@@ -40,7 +42,9 @@ def request_layers(lm: LoadedModel, policy: ExitPolicy | None, feature_layers: S
         return wanted
     spec = policy.feature_spec
     if wanted and wanted != spec.layers:
-        raise ValueError(f"exit method {policy.name!r} reads layers {list(spec.layers)} but layers {list(wanted)} were asked for")
+        raise ValueError(
+            f"exit method {policy.name!r} reads layers {list(spec.layers)} but layers {list(wanted)} were asked for"
+        )
     spec.check_compatible(lm.feature_spec(spec.layers), what=f"exit method {policy.name!r}'s probe")
     return spec.layers
 
@@ -104,7 +108,12 @@ class Request:
     @property
     def need(self) -> int:
         """The most tokens of KV cache this request can hold: its prompt, its budget and an exit's cue and answer."""
-        return len(self.prompt_ids) + self.config.max_new_tokens + len(self.exit_cue_ids) + self.config.answer_max_tokens
+        return (
+            len(self.prompt_ids)
+            + self.config.max_new_tokens
+            + len(self.exit_cue_ids)
+            + self.config.answer_max_tokens
+        )
 
     @property
     def sampling(self) -> bool:

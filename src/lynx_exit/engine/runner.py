@@ -24,8 +24,9 @@ Result = TypeVar("Result")
 ReadFn = Callable[[list[int], list[list[int]]], torch.Tensor]
 
 
-def contain(items: Sequence[Item], run: Callable[[list[Item]], Result], fail: Callable[[Item, Exception], None]
-            ) -> list[tuple[list[Item], Result]]:
+def contain(
+    items: Sequence[Item], run: Callable[[list[Item]], Result], fail: Callable[[Item, Exception], None]
+) -> list[tuple[list[Item], Result]]:
     """`run` over all items; if it raises, over each half (and so on), `fail`ing each item that raises alone.
     Returns the groups that ran and their results, in order. `run` must keep nothing of a call that raised."""
     if not items:
@@ -44,8 +45,9 @@ def contain(items: Sequence[Item], run: Callable[[list[Item]], Result], fail: Ca
 class Runner:
     """Backend passes and sampling for the engine's rows."""
 
-    def __init__(self, backend: Backend, scheduler: Scheduler, vocab_size: int, device: torch.device,
-                 eos_ids: set[int]) -> None:
+    def __init__(
+        self, backend: Backend, scheduler: Scheduler, vocab_size: int, device: torch.device, eos_ids: set[int]
+    ) -> None:
         self.backend, self.scheduler = backend, scheduler
         self.vocab_size, self.device, self.eos_ids = vocab_size, device, eos_ids
 
@@ -74,7 +76,9 @@ class Runner:
         first, more = self.scheduler.prompt_chunks()
         return self.read_chunks(first, self.backend.prefill) + self.read_chunks(more, self.backend.extend)
 
-    def read_chunks(self, items: list[Chunk], read: ReadFn, prompt: bool = True) -> list[tuple[list[Request], torch.Tensor]]:
+    def read_chunks(
+        self, items: list[Chunk], read: ReadFn, prompt: bool = True
+    ) -> list[tuple[list[Request], torch.Tensor]]:
         """Read one chunk per request (of its prompt, or for another model); a request that fails alone fails."""
 
         def run(group: list[Chunk]) -> torch.Tensor:
@@ -95,7 +99,9 @@ class Runner:
         return out
 
     # -- sampling ------------------------------------------------------------------------------------
-    def ban_tokens(self, logits: torch.Tensor, batch: list[Request], pending: Callable[[Request], int]) -> None:
+    def ban_tokens(
+        self, logits: torch.Tensor, batch: list[Request], pending: Callable[[Request], int]
+    ) -> None:
         """min_new_tokens and policies' banned tokens (NoWait-style logit bias, how-it-works §9), one call. `pending`: tokens
         a row has written that are not kept yet (a look-ahead)."""
         rows: list[int] = []
@@ -103,8 +109,14 @@ class Runner:
         for row, request in enumerate(batch):
             if not request.sampling:
                 continue
-            policy_bans = request.policy.banned_token_ids if request.phase == "think" and request.policy is not None else ()
-            no_eos = len(request.kept_ids) + pending(request) + (request.feed >= 0) < request.config.min_new_tokens
+            policy_bans = (
+                request.policy.banned_token_ids
+                if request.phase == "think" and request.policy is not None
+                else ()
+            )
+            no_eos = (
+                len(request.kept_ids) + pending(request) + (request.feed >= 0) < request.config.min_new_tokens
+            )
             if not policy_bans and not no_eos:
                 continue
             banned = set(policy_bans) | (self.eos_ids if no_eos else set())
@@ -112,15 +124,24 @@ class Runner:
             token_ids += sorted(banned)
         mask_tokens(logits, rows, token_ids)
 
-    def sample(self, logits: torch.Tensor, batch: list[Request]) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
+    def sample(
+        self, logits: torch.Tensor, batch: list[Request]
+    ) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
         """Sampled ids [n] for the rows of `batch` still alive, those rows and their logits; a failing row fails alone
         (the filters run before any row draws from its generator, so a rerun of the others is exact)."""
 
         def params(rows: list[Request]) -> tuple[list[SamplingParams], list[torch.Generator | None]]:
-            return ([r.params if r.sampling else GREEDY for r in rows], [r.generator if r.sampling else None for r in rows])
+            return (
+                [r.params if r.sampling else GREEDY for r in rows],
+                [r.generator if r.sampling else None for r in rows],
+            )
 
         def run(rows: list[int]) -> torch.Tensor:
-            part = logits if len(rows) == len(batch) else logits.index_select(0, torch.tensor(rows, device=logits.device))
+            part = (
+                logits
+                if len(rows) == len(batch)
+                else logits.index_select(0, torch.tensor(rows, device=logits.device))
+            )
             return sample(part, *params([batch[i] for i in rows]))
 
         groups = contain(range(len(batch)), run, lambda i, exc: self.scheduler.fail(batch[i], exc))
@@ -130,13 +151,20 @@ class Runner:
         if not rows:
             return logits.new_zeros(0, dtype=torch.long), [], logits[:0]
         picks = torch.cat([picked for _, picked in groups])
-        return picks, [batch[i] for i in rows], logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return (
+            picks,
+            [batch[i] for i in rows],
+            logits.index_select(0, torch.tensor(rows, device=logits.device)),
+        )
 
     def read_samples(self, sampled: torch.Tensor, logits: torch.Tensor, batch: list[Request]) -> list[int]:
         """The sampled ids on the host; with them, in the same sync, DeepConf token confidences for the
         thinking rows whose policy asks (the negative mean log-probability of their top-k tokens)."""
-        wanted = [(i, r.policy.confidence_top_k) for i, r in enumerate(batch)
-                  if r.phase == "think" and r.policy is not None and r.policy.confidence_top_k > 0]
+        wanted = [
+            (i, r.policy.confidence_top_k)
+            for i, r in enumerate(batch)
+            if r.phase == "think" and r.policy is not None and r.policy.confidence_top_k > 0
+        ]
         if not wanted:
             return [int(t) for t in sampled.tolist()]
         k = max(top_k for _, top_k in wanted)

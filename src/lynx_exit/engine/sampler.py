@@ -32,7 +32,9 @@ def mask_tokens(logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[i
     """Set `logits[rows[i], token_ids[i]]` to -inf in place (banned tokens of all rows in one call)."""
     if rows:
         index = torch.tensor([list(rows), list(token_ids)], device=logits.device)
-        logits.index_put_((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype))
+        logits.index_put_(
+            (index[0], index[1]), torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+        )
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor | float:
@@ -70,7 +72,9 @@ def sample(
     top-p) are filtered apart from rows that do not, and every row races its noise in token order.
     """
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
-        raise ValueError(f"{logits.shape[0]} rows of logits but {len(params)} params and {len(generators)} generators")
+        raise ValueError(
+            f"{logits.shape[0]} rows of logits but {len(params)} params and {len(generators)} generators"
+        )
     token_ids = torch.argmax(logits, dim=-1)  # [batch]; greedy rows keep these
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
@@ -86,7 +90,9 @@ def sample(
         probs = torch.softmax(scores, dim=-1)
         if filtering:
             index = torch.tensor(filtering, device=scores.device)
-            probs = probs.index_copy(0, index, _filtered_probs(scores.index_select(0, index), [row_params[n] for n in filtering]))
+            probs = probs.index_copy(
+                0, index, _filtered_probs(scores.index_select(0, index), [row_params[n] for n in filtering])
+            )
     noise = torch.empty_like(probs)
     for n, i in enumerate(sampled):  # one draw per row from its own generator: batch-independent
         noise[n].exponential_(generator=generators[i])

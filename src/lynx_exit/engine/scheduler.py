@@ -26,8 +26,14 @@ Chunk = tuple[Request, list[int]]
 class Scheduler:
     """Waiting and running requests over one backend (and the plug-ins' backends, told through `on_free`)."""
 
-    def __init__(self, backend: Backend, hidden_size: int, device: torch.device, max_batch_size: int,
-                 prefill_tokens_per_step: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        hidden_size: int,
+        device: torch.device,
+        max_batch_size: int,
+        prefill_tokens_per_step: int,
+    ) -> None:
         self.backend = backend
         self.hidden_size = hidden_size
         self.device = device
@@ -67,7 +73,11 @@ class Scheduler:
         """Give waiting requests free rows, first come first served, while the KV cache has room (`has_room`); a
         request that fits the budget alone waits until memory frees."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size and self.has_room(self.requests[self.waiting[0]]):
+        while (
+            self.waiting
+            and len(self.running) < self.max_batch_size
+            and self.has_room(self.requests[self.waiting[0]])
+        ):
             request = self.requests[self.waiting.popleft()]
             self.running.append(request.request_id)
             request.in_cache = True
@@ -80,9 +90,11 @@ class Scheduler:
         """A request that cannot fit the whole KV cache budget alone is refused at once (one that fits waits its turn)."""
         budget = token_budget(self.backend)
         if budget is not None and request.need > budget:
-            raise ValueError(f"the prompt ({len(request.prompt_ids)} tokens) and max_new_tokens "
-                             f"({request.config.max_new_tokens}, with room for an exit's cue and answer) need {request.need} "
-                             f"tokens of KV cache; the cache budget holds {budget} (raise --kv-cache-gb or lower max_tokens)")
+            raise ValueError(
+                f"the prompt ({len(request.prompt_ids)} tokens) and max_new_tokens "
+                f"({request.config.max_new_tokens}, with room for an exit's cue and answer) need {request.need} "
+                f"tokens of KV cache; the cache budget holds {budget} (raise --kv-cache-gb or lower max_tokens)"
+            )
 
     def has_room(self, request: Request) -> bool:
         """A new request: room as the cache holds now (growth later preempts the youngest, as vLLM does). A preempted
@@ -127,14 +139,22 @@ class Scheduler:
                 continue
             take = min(left, budget)
             budget -= take
-            (first if request.read == 0 else more).append((request, tokens[request.read : request.read + take]))
+            (first if request.read == 0 else more).append(
+                (request, tokens[request.read : request.read + take])
+            )
         return first, more
 
     # -- ending --------------------------------------------------------------------------------------
     @staticmethod
     def end_step(request: Request, token_id: int, reason: FinishReason) -> Step:
-        return Step(request_id=request.request_id, index=request.index, token_id=token_id, text="", phase="end",
-                    finish_reason=reason)
+        return Step(
+            request_id=request.request_id,
+            index=request.index,
+            token_id=token_id,
+            text="",
+            phase="end",
+            finish_reason=reason,
+        )
 
     def close(self, request: Request, reason: FinishReason) -> None:
         request.finish_reason = reason
@@ -201,4 +221,6 @@ class Scheduler:
                 request.feature_columns = None
             else:
                 starts = [union.index(layer) * hidden for layer in request.layers]
-                request.feature_columns = torch.cat([torch.arange(s, s + hidden) for s in starts]).to(self.device)
+                request.feature_columns = torch.cat([torch.arange(s, s + hidden) for s in starts]).to(
+                    self.device
+                )

@@ -27,8 +27,10 @@ from lynx_exit.models import LoadedModel, tokenizer_fingerprint
 def check_same_tokenizer(thinker: LoadedModel, assistant: LoadedModel) -> None:
     """Speculative Thinking hands token ids from one model to the other: their tokenizers must be the same."""
     if tokenizer_fingerprint(thinker.tokenizer) != tokenizer_fingerprint(assistant.tokenizer):
-        raise ValueError(f"the assistant model {assistant.model_id!r} does not share the tokenizer of {thinker.model_id!r} "
-                         "(their token ids differ): choose a larger model of the same family")
+        raise ValueError(
+            f"the assistant model {assistant.model_id!r} does not share the tokenizer of {thinker.model_id!r} "
+            "(their token ids differ): choose a larger model of the same family"
+        )
 
 
 def fit_vocab(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -40,8 +42,14 @@ def fit_vocab(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class SpeculativeThinking(EnginePlugin):
-    def __init__(self, lm: LoadedModel, backend: Backend, assistant_backend: Backend, runner: Runner,
-                 post: Postprocessor) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        backend: Backend,
+        assistant_backend: Backend,
+        runner: Runner,
+        post: Postprocessor,
+    ) -> None:
         self.lm, self.backend, self.assistant_backend = lm, backend, assistant_backend
         self.runner, self.post = runner, post
         self.eos_ids = lm.eos_token_ids
@@ -56,7 +64,11 @@ class SpeculativeThinking(EnginePlugin):
         """A thinker that takes its turn back without a token to read (its look-ahead was dropped, official
         schedule) re-reads its last token to sample the next one."""
         for request in running:
-            if request.assist is not None and request.assist.resume == "thinker" and request.finish_reason is None:
+            if (
+                request.assist is not None
+                and request.assist.resume == "thinker"
+                and request.finish_reason is None
+            ):
                 tokens = len(request.prompt_ids) + len(request.kept_ids)
                 self.backend.truncate(request.request_id, tokens - 1)
                 request.feed = (request.prompt_ids + request.kept_ids)[-1]
@@ -64,8 +76,15 @@ class SpeculativeThinking(EnginePlugin):
     def extra_pass(self, batch: Batch, running: list[Request]) -> None:
         """The assistant reads, in one pass, what each request it writes for holds and it has not seen; its
         logits replace the thinker's for those rows (or add a row for a request that has no token fed)."""
-        rows = [r for r in running if r.assist is not None and r.assist.driver == "assistant" and r.finish_reason is None
-                and not r.forced and (r.feed >= 0 or r.assist.resume == "assistant")]
+        rows = [
+            r
+            for r in running
+            if r.assist is not None
+            and r.assist.driver == "assistant"
+            and r.finish_reason is None
+            and not r.forced
+            and (r.feed >= 0 or r.assist.resume == "assistant")
+        ]
         if not rows:
             return
         logits_by_id = self._assistant_read(rows)
@@ -87,13 +106,17 @@ class SpeculativeThinking(EnginePlugin):
     def _assistant_read(self, rows: list[Request]) -> dict[int, torch.Tensor]:
         """One assistant pass (a first read is a prefill, later ones extend); a row that fails fails alone."""
         out: dict[int, torch.Tensor] = {}
-        groups = {first: [r for r in rows if (r.assist.synced == 0) == first] for first in (True, False)}  # before reading
+        groups = {
+            first: [r for r in rows if (r.assist.synced == 0) == first] for first in (True, False)
+        }  # before reading
         for first, group in groups.items():
             read = self.assistant_backend.prefill if first else self.assistant_backend.extend
             items = []
             for request in group:
                 tokens = request.prompt_ids + request.kept_ids + ([request.feed] if request.feed >= 0 else [])
-                if request.assist.synced >= len(tokens):  # it holds everything already: re-read the last token
+                if request.assist.synced >= len(
+                    tokens
+                ):  # it holds everything already: re-read the last token
                     request.assist.synced = len(tokens) - 1
                     self.assistant_backend.truncate(request.request_id, request.assist.synced)
                 items.append((request, tokens[request.assist.synced :]))
@@ -121,7 +144,12 @@ class SpeculativeThinking(EnginePlugin):
     def after_sample(self, request: Request, candidate: int) -> None:
         """Count what the assistant wrote; end its takeover (or extend it once for a verify word)."""
         assist = request.assist
-        if assist is None or assist.driver != "assistant" or request.forced or request.finish_reason is not None:
+        if (
+            assist is None
+            or assist.driver != "assistant"
+            or request.forced
+            or request.finish_reason is not None
+        ):
             return
         assist.assistant_tokens += 1
         assist.wrote(request.index)
@@ -129,12 +157,17 @@ class SpeculativeThinking(EnginePlugin):
         assist.left -= 1
         config = assist.config
         written = len(assist.takeover_ids)
-        if (written < config.takeover if config.to_break else assist.left > 0):
+        if written < config.takeover if config.to_break else assist.left > 0:
             return
         decode = self.lm.tokenizer.decode
         text = decode(assist.takeover_ids, skip_special_tokens=True)
-        if config.to_break:  # on to the end of the paragraph: `takeover` tokens at least, the extension at most
-            if not ends_paragraph(text, decode([candidate]), config.trigger) and written < config.takeover + config.verify_extension:
+        if (
+            config.to_break
+        ):  # on to the end of the paragraph: `takeover` tokens at least, the extension at most
+            if (
+                not ends_paragraph(text, decode([candidate]), config.trigger)
+                and written < config.takeover + config.verify_extension
+            ):
                 return
         elif not assist.extended and config.verify_extension and contains_any(text, config.verify_words):
             assist.left, assist.extended = config.verify_extension, True
@@ -154,17 +187,30 @@ class SpeculativeThinking(EnginePlugin):
         (after too many negative takeovers) queue the recap sentence and hand over."""
         assist = request.assist
         config = assist.config
-        if (assist.driver != "thinker" or assist.lookahead is not None or step.phase != "think" or request.feed < 0
-                or request.phase != "think" or not ends_paragraph(request.text, step.text, config.trigger)):
+        if (
+            assist.driver != "thinker"
+            or assist.lookahead is not None
+            or step.phase != "think"
+            or request.feed < 0
+            or request.phase != "think"
+            or not ends_paragraph(request.text, step.text, config.trigger)
+        ):
             return
         if assist.negatives >= assist.recap_after:  # too much reflection: a recap, written by the assistant
             recap = self.lm.tokenizer.encode(config.recap_text, add_special_tokens=False)
             request.feed = recap[0]
             request.forced.clear()
             request.forced.extend(recap[1:])
-            assist.driver, assist.left, assist.takeover_ids, assist.extended = "assistant", assist.recap_tokens, [], True
+            assist.driver, assist.left, assist.takeover_ids, assist.extended = (
+                "assistant",
+                assist.recap_tokens,
+                [],
+                True,
+            )
             assist.negatives = 0
-            assist.recap_tokens = min(assist.recap_tokens + config.recap_tokens_growth, config.recap_tokens_max)
+            assist.recap_tokens = min(
+                assist.recap_tokens + config.recap_tokens_growth, config.recap_tokens_max
+            )
             assist.recap_after = min(assist.recap_after + config.recap_after_growth, config.recap_after_max)
             assist.recaps += 1
             assist.takeovers += 1
@@ -178,8 +224,11 @@ class SpeculativeThinking(EnginePlugin):
         features = self.backend.hidden_states([request.request_id])[0] if request.layers else None
         assist.lookahead.append(Buffered(request.feed, request.index, request.feed_confidence, features))
         written = len(request.kept_ids) + len(assist.lookahead)
-        full = (len(assist.lookahead) >= assist.config.lookahead or candidate in self.eos_ids
-                or written >= request.config.max_new_tokens)
+        full = (
+            len(assist.lookahead) >= assist.config.lookahead
+            or candidate in self.eos_ids
+            or written >= request.config.max_new_tokens
+        )
         if not full:
             request.index += 1
             request.feed = candidate
@@ -194,7 +243,12 @@ class SpeculativeThinking(EnginePlugin):
             request.feed, request.index = -1, len(request.kept_ids) - 1
             request.feed_confidence = request.candidate_confidence = None
             if keyword:
-                assist.driver, assist.left, assist.takeover_ids, assist.extended = "assistant", assist.config.takeover, [], False
+                assist.driver, assist.left, assist.takeover_ids, assist.extended = (
+                    "assistant",
+                    assist.config.takeover,
+                    [],
+                    False,
+                )
                 assist.resume = "assistant"
                 assist.takeovers += 1
             else:

@@ -52,15 +52,22 @@ def use_store_attention(model: Any) -> None:
     except (AttributeError, ValueError):
         model.config._attn_implementation = ATTENTION
     if model.config._attn_implementation != ATTENTION:
-        raise ValueError(f"{type(model).__name__} does not take a registered attention function; "
-                         "the KV store needs one (transformers' AttentionInterface)")
+        raise ValueError(
+            f"{type(model).__name__} does not take a registered attention function; "
+            "the KV store needs one (transformers' AttentionInterface)"
+        )
 
 
 class StoreBackend:
     """A transformers causal LM over a `KVStore`: one slot per request, tokens written at their positions."""
 
-    def __init__(self, lm: LoadedModel, kv_cache_gb: float | None = None, max_context: int | None = None,
-                 compile: bool = False) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        kv_cache_gb: float | None = None,
+        max_context: int | None = None,
+        compile: bool = False,
+    ) -> None:
         if kv_cache_gb is not None and not kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
         self.lm = lm
@@ -71,8 +78,9 @@ class StoreBackend:
         self._cache_kwarg = cache_kwarg(self.model)
         limit = _context_limit(self.model.config) if max_context is None else max_context
         budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
-        self.store = KVStore(int(self.model.config.num_hidden_layers), self.device, limit, budget,
-                             _bytes_per_token(self.model))
+        self.store = KVStore(
+            int(self.model.config.num_hidden_layers), self.device, limit, budget, _bytes_per_token(self.model)
+        )
         # `compile`: each decode step runs as one compiled graph (see `decode_graph`)
         self.graph = DecodeGraph(self.model, self.store, self.device, self.pad_id) if compile else None
         self.rows: dict[int, int] = {}  # request id -> slot
@@ -97,9 +105,14 @@ class StoreBackend:
                 input_ids[i, q - len(chunk) :] = torch.as_tensor(list(chunk), dtype=torch.long)
         with self.store.planned(plan):
             # A 4-D mask is taken as built (transformers builds none of its own); the store's attention reads the plan's.
-            out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=self._no_mask,
-                             position_ids=plan.positions, use_cache=True, logits_to_keep=1,
-                             **{self._cache_kwarg: self.store, PLAN_KWARG: plan})
+            out = self.model(
+                input_ids=input_ids.to(self.device, non_blocking=True),
+                attention_mask=self._no_mask,
+                position_ids=plan.positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: self.store, PLAN_KWARG: plan},
+            )
         for slot, start, count in zip(slots, starts, counts, strict=True):
             lengths[slot] = start + count
         return out.logits[:, -1, :]
@@ -112,7 +125,9 @@ class StoreBackend:
     @torch.inference_mode()
     def prefill(self, request_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         if len(request_ids) != len(prompts) or not prompts:
-            raise ValueError(f"prefill needs one prompt per request, got {len(request_ids)} ids and {len(prompts)} prompts")
+            raise ValueError(
+                f"prefill needs one prompt per request, got {len(request_ids)} ids and {len(prompts)} prompts"
+            )
         if any(len(p) == 0 for p in prompts):
             raise ValueError("prefill needs a non-empty prompt for every request")
         slots = self._take_slots(len(prompts))
@@ -262,12 +277,23 @@ class StoreBackend:
             for slot in scratch:
                 self.store.lengths[slot] = 0
 
-    def _greedy(self, slots: list[int], forced_ids: list[int], max_new_tokens: int, stop_ids: set[int],
-                done: Callable[[int, list[int]], bool]) -> list[tuple[list[int], list[float], float]]:
+    def _greedy(
+        self,
+        slots: list[int],
+        forced_ids: list[int],
+        max_new_tokens: int,
+        stop_ids: set[int],
+        done: Callable[[int, list[int]], bool],
+    ) -> list[tuple[list[int], list[float], float]]:
         logits = self._run(slots, [forced_ids] * len(slots))
         # finished rows read on (nobody looks at them): the batch keeps its shape
-        return greedy_continuations(logits, max_new_tokens, stop_ids, done,
-                                    lambda _ids, host, _t: self._run(slots, [[i] for i in host]))
+        return greedy_continuations(
+            logits,
+            max_new_tokens,
+            stop_ids,
+            done,
+            lambda _ids, host, _t: self._run(slots, [[i] for i in host]),
+        )
 
 
 __all__ = ["KVStoreFull", "StoreBackend", "use_store_attention"]

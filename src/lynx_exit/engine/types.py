@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from lynx_exit.models import FeatureSpec
 
 Phase = Literal["think", "answer", "exit_cue", "forced_answer", "end"]
-FinishReason = Literal["eos", "length", "exit", "abort", "error"]  # "error": this request alone failed (`error` says why)
+FinishReason = Literal[
+    "eos", "length", "exit", "abort", "error"
+]  # "error": this request alone failed (`error` says why)
 # A trial decode from the current point: "answer" = the exit cue and a greedy answer (DEER, Dynasor);
 # "entropy" = the exit cue alone, to read the entropy of the answer's first token (EAT).
 TrialKind = Literal["answer", "entropy"]
@@ -60,13 +62,21 @@ class Step:
     phase: Phase  # "answer" = after a natural end of thinking; "end" = a closing step without a token
     cue: str | None = None  # cue word this token completes
     point: str | None = None  # the decision point kind this token completes, of the request's enabled kinds
-    features: torch.Tensor | None = None  # [feature_dim] float32 hidden state of this token: at decision points for a policy, every step if asked
-    score: float | None = None  # the policy's batched score of `features` at a decision point (e.g. LYNX's P(safe))
+    features: torch.Tensor | None = (
+        None  # [feature_dim] float32 hidden state of this token: at decision points for a policy, every step if asked
+    )
+    score: float | None = (
+        None  # the policy's batched score of `features` at a decision point (e.g. LYNX's P(safe))
+    )
     exit: bool = False  # the policy exited here (a cue point's token is dropped from the output)
     gave_up: bool = False  # ... and the exit was a give-up
     finish_reason: FinishReason | None = None  # on the request's last step
-    fork: Callable[[], ForcedAnswer] | None = field(default=None, repr=False)  # trial forced exit from this point
-    trial: ForcedAnswer | None = None  # the trial the policy asked for here (`trial_at`), decoded with all rows' at once
+    fork: Callable[[], ForcedAnswer] | None = field(
+        default=None, repr=False
+    )  # trial forced exit from this point
+    trial: ForcedAnswer | None = (
+        None  # the trial the policy asked for here (`trial_at`), decoded with all rows' at once
+    )
     confidence: float | None = None  # DeepConf token confidence, if the policy asks (`confidence_top_k`)
     error: str | None = None  # with finish_reason "error": what failed
     assist: dict[str, Any] | None = None  # Speculative Thinking: tokens each model wrote and read, takeovers

@@ -11,8 +11,18 @@ from typing import Any
 
 from lynx_exit.artifacts import read_appended_jsonl
 
-RECORD_KEYS = ("method", "setting", "knob", "problem_id", "rollout", "correct", "generated_tokens", "trial_tokens",
-               "exit_index", "latency_s")
+RECORD_KEYS = (
+    "method",
+    "setting",
+    "knob",
+    "problem_id",
+    "rollout",
+    "correct",
+    "generated_tokens",
+    "trial_tokens",
+    "exit_index",
+    "latency_s",
+)
 TIMING_KEYS = ("setting", "rollouts", "seconds")
 
 
@@ -40,7 +50,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def summarize(
-    records: Sequence[dict[str, Any]], order: Sequence[str] | None = None, seconds_per_rollout: dict[str, float] | None = None
+    records: Sequence[dict[str, Any]],
+    order: Sequence[str] | None = None,
+    seconds_per_rollout: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Aggregate records per setting; savings and help/harm are paired against `never`."""
     by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -57,7 +69,11 @@ def summarize(
         correct = sum(bool(r["correct"]) for r in group)
         tokens = sum(r["generated_tokens"] for r in group) / n
         trial = sum(r["trial_tokens"] for r in group) / n
-        paired = [(r, baseline[(r["problem_id"], r["rollout"])]) for r in group if (r["problem_id"], r["rollout"]) in baseline]
+        paired = [
+            (r, baseline[(r["problem_id"], r["rollout"])])
+            for r in group
+            if (r["problem_id"], r["rollout"]) in baseline
+        ]
         low, high = wilson_interval(correct, n)
         rows.append(
             {
@@ -81,26 +97,38 @@ def summarize(
         )
         if any("assistant_tokens" in r for r in group):  # Speculative Thinking: what the assistant wrote
             written = sum(r["generated_tokens"] for r in group)
-            rows[-1]["assistant_share"] = sum(r.get("assistant_tokens", 0) for r in group) / written if written else 0.0
+            rows[-1]["assistant_share"] = (
+                sum(r.get("assistant_tokens", 0) for r in group) / written if written else 0.0
+            )
             rows[-1]["mean_takeovers"] = sum(r.get("takeovers", 0) for r in group) / n
     return {"settings": rows, "n_records": len(records)}
 
 
-def _give_ups(group: Sequence[dict[str, Any]], paired: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+def _give_ups(
+    group: Sequence[dict[str, Any]], paired: Sequence[tuple[dict[str, Any], dict[str, Any]]]
+) -> dict[str, Any]:
     """Give-up exits of a setting: how many, how many of those traces ended right in full (`never`: the cost), the
     tokens they saved against the full traces, and the exits by decision point kind."""
     given = [(r, b) for r, b in paired if r.get("gave_up")]
     points: dict[str, int] = defaultdict(int)
     for record in group:
         if record["exit_index"] is not None:
-            points[record.get("exit_point") or "other"] += 1  # "other": an exit at no decision point (a budget, a baseline)
-    runaways = [(r, b) for r, b in given if b.get("finish_reason") == "length"]  # the full chain ran to its budget
+            points[record.get("exit_point") or "other"] += (
+                1  # "other": an exit at no decision point (a budget, a baseline)
+            )
+    runaways = [
+        (r, b) for r, b in given if b.get("finish_reason") == "length"
+    ]  # the full chain ran to its budget
     return {
         "give_ups": sum(bool(r.get("gave_up")) for r in group),
         "give_ups_right_in_full": sum(bool(b["correct"]) for _, b in given),
-        "give_ups_lost": sum(bool(b["correct"]) and not bool(r["correct"]) for r, b in given),  # right in full, wrong here
+        "give_ups_lost": sum(
+            bool(b["correct"]) and not bool(r["correct"]) for r, b in given
+        ),  # right in full, wrong here
         "give_up_tokens_saved": sum(b["generated_tokens"] - r["generated_tokens"] for r, b in given),
         "give_ups_on_runaways": len(runaways),
-        "give_up_tokens_saved_on_runaways": sum(b["generated_tokens"] - r["generated_tokens"] for r, b in runaways),
+        "give_up_tokens_saved_on_runaways": sum(
+            b["generated_tokens"] - r["generated_tokens"] for r, b in runaways
+        ),
         "exits_by_point": dict(points),
     }

@@ -50,7 +50,9 @@ GUARANTEES = {
 LYNX_MODES = {"lynx-event": "event", "lynx-trajectory": "trajectory", "lynx-harm": "harm"}
 
 
-def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs tokens", lynx_mode: str = "event") -> None:
+def pareto_plot(
+    summary: dict[str, Any], path: Path, title: str = "Accuracy vs tokens", lynx_mode: str = "event"
+) -> None:
     """Accuracy (with its 95 % interval as error bars) against mean tokens, one curve per method;
     the LYNX curves are drawn solid with the guarantee of their mode in the legend, baselines dashed."""
     import matplotlib
@@ -64,7 +66,9 @@ def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs t
         low, high = row["accuracy_ci95"]
         curve = row["setting"].rsplit("@", 1)[0] if row["knob"] is not None else row["setting"]
         methods[curve] = row["method"]
-        curves[curve].append((row["mean_total_tokens"], 100 * row["accuracy"], 100 * low, 100 * high, row["setting"]))
+        curves[curve].append(
+            (row["mean_total_tokens"], 100 * row["accuracy"], 100 * low, 100 * high, row["setting"])
+        )
     fig, ax = plt.subplots(figsize=(8, 5))
     colormap = plt.get_cmap("tab20")  # more methods than the default cycle's ten colours
     colors = [colormap(i) for i in range(20)]
@@ -73,16 +77,29 @@ def pareto_plot(summary: dict[str, Any], path: Path, title: str = "Accuracy vs t
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         # (clamped: at 0 % or 100 % the interval's end equals the point up to rounding)
-        errors = [[max(0.0, y - p[2]) for y, p in zip(ys, points, strict=True)],
-                  [max(0.0, p[3] - y) for y, p in zip(ys, points, strict=True)]]
+        errors = [
+            [max(0.0, y - p[2]) for y, p in zip(ys, points, strict=True)],
+            [max(0.0, p[3] - y) for y, p in zip(ys, points, strict=True)],
+        ]
         mode = lynx_mode if method == "lynx" else LYNX_MODES.get(method)
         label = f"{curve} ({GUARANTEES[mode]})" if mode else curve
-        ax.errorbar(xs, ys, yerr=errors, capsize=2, markersize=4, label=label, color=colors[index % len(colors)],
-                    linestyle="-" if mode else "--",
-                    linewidth=2.2 if mode else 1.0, marker="D" if mode else "o")
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errors,
+            capsize=2,
+            markersize=4,
+            label=label,
+            color=colors[index % len(colors)],
+            linestyle="-" if mode else "--",
+            linewidth=2.2 if mode else 1.0,
+            marker="D" if mode else "o",
+        )
         for x, y, _, _, label_text in points:
             if "@" in label_text:
-                ax.annotate(label_text.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(
+                    label_text.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
     ax.set_xlabel("mean tokens per problem (incl. trial decodes)")
     ax.set_ylabel("accuracy (%), 95 % interval")
     ax.set_title(title)

@@ -50,18 +50,33 @@ def run_eval(
         raise ValueError("run_eval needs the model, or a runner that has it")
     context = MethodContext(lm=lm, probe=probe, deepconf=deepconf, assistant=assistant, assist=assist)
     if runner is not None and any(get_method(s.method).assisted for s in settings):
-        raise ValueError("speculative-thinking methods run in this process only (not on Ray workers yet): drop --ray")
+        raise ValueError(
+            "speculative-thinking methods run in this process only (not on Ray workers yet): drop --ray"
+        )
     if lm is not None:  # validate every setting and artifact up front (a runner's workers check their own)
         check_settings(context, settings)
     with FolderLock(out_dir, "lynx-exit eval"):
-        return _run_locked(lm, problems, settings, generation, out_dir, rollouts, batch_size, progress, on_record, context,
-                           runner)
+        return _run_locked(
+            lm,
+            problems,
+            settings,
+            generation,
+            out_dir,
+            rollouts,
+            batch_size,
+            progress,
+            on_record,
+            context,
+            runner,
+        )
 
 
 Job = tuple[int, Problem, int]  # (index among all problems, problem, rollout): the index and rollout seed it
 # Runs (setting, jobs) shards elsewhere and yields each shard's records and compute seconds, in any order.
-ShardRunner = Callable[[list[tuple[MethodSetting, list[Job]]], GenerationConfig, int, int],
-                       Iterator[tuple[MethodSetting, list[dict[str, Any]], float]]]
+ShardRunner = Callable[
+    [list[tuple[MethodSetting, list[Job]]], GenerationConfig, int, int],
+    Iterator[tuple[MethodSetting, list[dict[str, Any]], float]],
+]
 
 
 def check_settings(context: MethodContext, settings: Sequence[MethodSetting]) -> None:
@@ -88,9 +103,19 @@ def _run_locked(
     from tqdm import tqdm
 
     records_file = out_dir / "records.jsonl"
-    done = {(r["setting"], r["problem_id"], r["rollout"]) for r in read_appended_jsonl(records_file, RECORD_KEYS)}
+    done = {
+        (r["setting"], r["problem_id"], r["rollout"]) for r in read_appended_jsonl(records_file, RECORD_KEYS)
+    }
     todo = [
-        (setting, [(i, p, r) for i, p in enumerate(problems) for r in range(rollouts) if (setting.label, p.problem_id, r) not in done])
+        (
+            setting,
+            [
+                (i, p, r)
+                for i, p in enumerate(problems)
+                for r in range(rollouts)
+                if (setting.label, p.problem_id, r) not in done
+            ],
+        )
         for setting in settings
     ]
     todo = [(setting, jobs) for setting, jobs in todo if jobs]
@@ -119,12 +144,18 @@ def _run_locked(
             count = write(eval_jobs(lm, context, setting, jobs, generation, rollouts, batch_size))
             timed(setting, count, time.perf_counter() - began)
     else:  # the seconds are the worker's compute time for the shard
-        shards = [(setting, jobs[start : start + batch_size]) for setting, jobs in todo for start in range(0, len(jobs), batch_size)]
+        shards = [
+            (setting, jobs[start : start + batch_size])
+            for setting, jobs in todo
+            for start in range(0, len(jobs), batch_size)
+        ]
         for setting, records, seconds in runner(shards, generation, rollouts, batch_size):
             timed(setting, write(records), seconds)
     bar.close()
     records = load_records(records_file)
-    labels = [s.label for s in settings]  # this run's settings first, then those earlier runs left in the folder
+    labels = [
+        s.label for s in settings
+    ]  # this run's settings first, then those earlier runs left in the folder
     labels += [label for label in dict.fromkeys(r["setting"] for r in records) if label not in labels]
     return summarize(records, labels, load_timing(timing_file))
 
@@ -149,8 +180,16 @@ def eval_jobs(
     prompts = [prompt_cache.setdefault(p.problem_id, lm.prompt_ids(p.prompt)) for _, p, _ in jobs]
     seeds = [rollout_seed(generation.seed, i, r, rollouts) for i, _, r in jobs]
     # Continuous batching: finished rows are refilled, so early exits become throughput.
-    loop = DecodeLoop(lm, prompts, generation, policies=policies, seeds=seeds, max_batch_size=batch_size,
-                      assist=assist, assistant=assistant)
+    loop = DecodeLoop(
+        lm,
+        prompts,
+        generation,
+        policies=policies,
+        seeds=seeds,
+        max_batch_size=batch_size,
+        assist=assist,
+        assistant=assistant,
+    )
     for step in loop.steps():
         if step.finish_reason is None:
             continue
@@ -172,6 +211,12 @@ def eval_jobs(
             "gave_up": result.gave_up,
             "finish_reason": result.finish_reason,
             "latency_s": result.wall_time_s,
-            **({"assistant_tokens": result.assist["assistant_tokens"], "takeovers": result.assist["takeovers"]}
-               if result.assist is not None else {}),
+            **(
+                {
+                    "assistant_tokens": result.assist["assistant_tokens"],
+                    "takeovers": result.assist["takeovers"],
+                }
+                if result.assist is not None
+                else {}
+            ),
         }

@@ -38,7 +38,9 @@ def _trial(step: Step) -> ForcedAnswer:
     if step.trial is not None:
         return step.trial
     if step.fork is None:
-        raise RuntimeError("this exit method needs trial decodes, but the step carries neither a trial nor a fork")
+        raise RuntimeError(
+            "this exit method needs trial decodes, but the step carries neither a trial nor a fork"
+        )
     return step.fork()
 
 
@@ -62,7 +64,11 @@ class DeerPolicy(BasePolicy):
             return Decision.CONTINUE
         trial = _trial(step)
         self.trial_tokens += trial.cost
-        return Decision.EXIT if trial.answer is not None and trial.mean_prob >= self.threshold else Decision.CONTINUE
+        return (
+            Decision.EXIT
+            if trial.answer is not None and trial.mean_prob >= self.threshold
+            else Decision.CONTINUE
+        )
 
 
 @dataclass
@@ -89,7 +95,11 @@ class _AgreementPolicy(BasePolicy):
         trial = _trial(step)
         self.trial_tokens += trial.cost
         self._answers.append(trial.answer)
-        agreed = len(self._answers) == self.window and len(set(self._answers)) == 1 and self._answers[0] is not None
+        agreed = (
+            len(self._answers) == self.window
+            and len(set(self._answers)) == 1
+            and self._answers[0] is not None
+        )
         return Decision.EXIT if agreed else Decision.CONTINUE
 
 
@@ -102,7 +112,9 @@ class DynasorPolicy(_AgreementPolicy):
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.window < 2:
-            raise ValueError(f"dynasor needs interval >= 1 and window >= 2, got {self.interval}, {self.window}")
+            raise ValueError(
+                f"dynasor needs interval >= 1 and window >= 2, got {self.interval}, {self.window}"
+            )
         self.reset()
 
     def _due(self, step: Step) -> bool:
@@ -174,7 +186,9 @@ class EatPolicy(BasePolicy):
         if not (math.isfinite(self.variance) and self.variance > 0):
             raise ValueError(f"eat variance threshold must be > 0, got {self.variance}")
         if not 0 < self.alpha <= 1 or self.every < 0 or self.min_trials < 2:
-            raise ValueError(f"eat needs 0 < alpha <= 1, every >= 0, min_trials >= 2; got {self.alpha}, {self.every}, {self.min_trials}")
+            raise ValueError(
+                f"eat needs 0 < alpha <= 1, every >= 0, min_trials >= 2; got {self.alpha}, {self.every}, {self.min_trials}"
+            )
 
     def reset(self) -> None:
         self.trial_tokens, self._trials, self._mean, self._var = 0, 0, 0.0, 0.0
@@ -199,7 +213,11 @@ class EatPolicy(BasePolicy):
         diff = entropy - self._mean
         self._mean += self.alpha * diff
         self._var = (1 - self.alpha) * (self._var + self.alpha * diff * diff)
-        return Decision.EXIT if self._trials >= self.min_trials and self._var < self.variance else Decision.CONTINUE
+        return (
+            Decision.EXIT
+            if self._trials >= self.min_trials and self._var < self.variance
+            else Decision.CONTINUE
+        )
 
 
 @dataclass
@@ -270,7 +288,14 @@ register(
         "deer",
         "trial answer at each cue; exit when its mean token probability >= λ",
         _deer,
-        knob=Knob("threshold", "--threshold", "--deer-thresholds", _threshold, "DEER confidence λ", default_grid="0.8,0.9,0.95"),
+        knob=Knob(
+            "threshold",
+            "--threshold",
+            "--deer-thresholds",
+            _threshold,
+            "DEER confidence λ",
+            default_grid="0.8,0.9,0.95",
+        ),
     )
 )
 register(
@@ -278,8 +303,14 @@ register(
         "dynasor",
         "trial answer every K tokens; exit when the last M agree",
         _dynasor,
-        knob=Knob("interval", "--interval", "--dynasor", _interval, "Dynasor probe interval K (K:M sets the window M)",
-                  default_grid="32:3,64:2"),
+        knob=Knob(
+            "interval",
+            "--interval",
+            "--dynasor",
+            _interval,
+            "Dynasor probe interval K (K:M sets the window M)",
+            default_grid="32:3,64:2",
+        ),
         options=(window_option("window", "trial answers that must agree (M)", low=2),),
     )
 )
@@ -289,20 +320,42 @@ register(
         "answer-convergence",
         "trial answer at each cue; exit when the last K agree",
         lambda _c, o: AnswerConvergencePolicy(window=int(o["agree"])),
-        knob=Knob("agree", "--agree", "--agree-counts", _agree, "answer-convergence: trial answers at cues that must agree",
-                  default_grid="2,3,4"),
+        knob=Knob(
+            "agree",
+            "--agree",
+            "--agree-counts",
+            _agree,
+            "answer-convergence: trial answers at cues that must agree",
+            default_grid="2,3,4",
+        ),
     )
 )
-register(ExitMethod("first-answer", "exit once the thinking states a complete answer; no trial decode",
-                    lambda _c, _o: FirstAnswerPolicy()))
+register(
+    ExitMethod(
+        "first-answer",
+        "exit once the thinking states a complete answer; no trial decode",
+        lambda _c, _o: FirstAnswerPolicy(),
+    )
+)
 register(
     ExitMethod(
         "eat",
         "entropy of the answer after the exit cue at each cue; exit when its moving variance < V",
         _eat,
-        knob=Knob("variance", "--eat-variance", "--eat-variances", _variance,
-                  "EAT: exit when the moving variance of the entropy after the exit cue falls below V", default_grid="0.001,0.01,0.05"),
-        options=(Option("every", lambda value: whole_number(value, 0, MAX_TOKENS),
-                         "a trial every N thinking tokens instead of at cues (0: at cues)"),),
+        knob=Knob(
+            "variance",
+            "--eat-variance",
+            "--eat-variances",
+            _variance,
+            "EAT: exit when the moving variance of the entropy after the exit cue falls below V",
+            default_grid="0.001,0.01,0.05",
+        ),
+        options=(
+            Option(
+                "every",
+                lambda value: whole_number(value, 0, MAX_TOKENS),
+                "a trial every N thinking tokens instead of at cues (0: at cues)",
+            ),
+        ),
     )
 )

@@ -36,14 +36,27 @@ def _budget(_context: MethodContext, options: dict[str, Any]) -> TokenBudget:
 
 
 register(ExitMethod("never", "full chain of thought", lambda _c, _o: NeverExit()))
-register(ExitMethod("speculative-thinking", "full chain of thought; a larger model of the same family writes the "
-                    "reflective steps (arXiv 2504.12329)", lambda _c, _o: NeverExit(), assisted=True))
+register(
+    ExitMethod(
+        "speculative-thinking",
+        "full chain of thought; a larger model of the same family writes the "
+        "reflective steps (arXiv 2504.12329)",
+        lambda _c, _o: NeverExit(),
+        assisted=True,
+    )
+)
 register(
     ExitMethod(
         "token-budget",
         "exit after N thinking tokens",
         _budget,
-        knob=Knob("budget", "--budget", "--budgets", lambda t: {"budget": positive_int(t)}, "thinking-token budget N",
-                  default_grid="128,256,512"),
+        knob=Knob(
+            "budget",
+            "--budget",
+            "--budgets",
+            lambda t: {"budget": positive_int(t)},
+            "thinking-token budget N",
+            default_grid="128,256,512",
+        ),
     )
 )

@@ -47,7 +47,9 @@ class DeepConfPolicy(BasePolicy):
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.confidence_top_k < 1:
-            raise ValueError(f"deepconf needs window >= 1 and top_k >= 1, got {self.window}, {self.confidence_top_k}")
+            raise ValueError(
+                f"deepconf needs window >= 1 and top_k >= 1, got {self.window}, {self.confidence_top_k}"
+            )
         self.reset()
 
     def reset(self) -> None:
@@ -59,7 +61,9 @@ class DeepConfPolicy(BasePolicy):
             return Decision.CONTINUE
         self._recent.append(step.confidence)
         full = len(self._recent) == self.window
-        return Decision.EXIT if full and sum(self._recent) / self.window < self.threshold else Decision.CONTINUE
+        return (
+            Decision.EXIT if full and sum(self._recent) / self.window < self.threshold else Decision.CONTINUE
+        )
 
 
 def lowest_group_confidence(confidences: Sequence[float], window: int) -> float | None:
@@ -87,7 +91,9 @@ class Warmup:
         window = window or self.window
         lows = [low for trace in self.traces if (low := lowest_group_confidence(trace, window)) is not None]
         if not lows:
-            raise ValueError(f"every warm-up trace is shorter than the window of {window} tokens: use a smaller --window")
+            raise ValueError(
+                f"every warm-up trace is shorter than the window of {window} tokens: use a smaller --window"
+            )
         return float(np.percentile(lows, 100 - keep))
 
 
@@ -114,13 +120,19 @@ def run_warmup(
     with FolderLock(out_dir, "lynx-exit deepconf-warmup"):
         prompts = [lm.prompt_ids(p.prompt) for p in problems]
         seeds = [rollout_seed(generation.seed, i, 0, 1) for i in range(len(problems))]
-        loop = DecodeLoop(lm, prompts, generation, policies=list(recorders), seeds=seeds, max_batch_size=batch_size)
+        loop = DecodeLoop(
+            lm, prompts, generation, policies=list(recorders), seeds=seeds, max_batch_size=batch_size
+        )
         with tqdm(total=len(problems), desc="deepconf warm-up", unit="trace", disable=not progress) as bar:
             for step in loop.steps():
                 bar.update(step.finish_reason is not None)
         results = loop.results()
         traces: list[dict[str, Any]] = [
-            {"problem_id": p.problem_id, "correct": p.grade(r.text), "confidences": [round(c, 5) for c in rec.confidences]}
+            {
+                "problem_id": p.problem_id,
+                "correct": p.grade(r.text),
+                "confidences": [round(c, 5) for c in rec.confidences],
+            }
             for p, r, rec in zip(problems, results, recorders, strict=True)
         ]
         report = {
@@ -130,8 +142,12 @@ def run_warmup(
             "top_k": top_k,
             "window": window,
             "task": problems[0].task,
-            "generation": {"temperature": generation.temperature, "top_p": generation.top_p,
-                           "max_new_tokens": generation.max_new_tokens, "seed": generation.seed},
+            "generation": {
+                "temperature": generation.temperature,
+                "top_p": generation.top_p,
+                "max_new_tokens": generation.max_new_tokens,
+                "seed": generation.seed,
+            },
             "command": command_line(),
             "traces": traces,
         }
@@ -141,7 +157,9 @@ def run_warmup(
         "traces": len(traces),
         "accuracy": sum(bool(t["correct"]) for t in traces) / len(traces),
         "mean_tokens": sum(len(rec.confidences) for rec in recorders) / len(recorders),
-        "lowest_group_confidence_percentiles": {str(q): float(np.percentile(lows, q)) for q in (10, 50, 90)} if lows else {},
+        "lowest_group_confidence_percentiles": {str(q): float(np.percentile(lows, q)) for q in (10, 50, 90)}
+        if lows
+        else {},
     }
 
 
@@ -163,8 +181,10 @@ def load_warmup(folder: str | Path) -> Warmup:
     """Read a warm-up folder; a missing or malformed one raises naming the file and the fault."""
     path = Path(folder) / WARMUP_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not a deepconf warm-up folder (no {WARMUP_FILE}; "
-                                "make one with lynx-exit deepconf-warmup)")
+        raise FileNotFoundError(
+            f"{str(folder)!r} is not a deepconf warm-up folder (no {WARMUP_FILE}; "
+            "make one with lynx-exit deepconf-warmup)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -173,7 +193,13 @@ def load_warmup(folder: str | Path) -> Warmup:
         raise ValueError(f"{path}: not a {WARMUP_FORMAT} file")
     try:
         traces = tuple(tuple(float(c) for c in t["confidences"]) for t in data["traces"])
-        warmup = Warmup(str(data["model_id"]), str(data["tokenizer_hash"]), int(data["top_k"]), int(data["window"]), traces)
+        warmup = Warmup(
+            str(data["model_id"]),
+            str(data["tokenizer_hash"]),
+            int(data["top_k"]),
+            int(data["window"]),
+            traces,
+        )
     except KeyError as exc:
         raise ValueError(f"{path}: no {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
@@ -192,19 +218,26 @@ def _keep(text: str) -> dict[str, Any]:
 
 def _build(context: MethodContext, options: dict[str, Any]) -> DeepConfPolicy:
     if context.deepconf is None:
-        raise ValueError("exit method 'deepconf' needs a warm-up (--deepconf DIR, made by lynx-exit deepconf-warmup)")
+        raise ValueError(
+            "exit method 'deepconf' needs a warm-up (--deepconf DIR, made by lynx-exit deepconf-warmup)"
+        )
     key = f"deepconf:{context.deepconf}"
     if key not in context.shared:
         warmup = load_warmup(context.deepconf)
         if context.lm is not None and context.lm.tokenizer_digest != warmup.tokenizer_hash:
-            raise ValueError(f"deepconf warm-up {context.deepconf!r} was made with model {warmup.model_id!r} "
-                             f"(tokenizer {warmup.tokenizer_hash[:12]}), not {context.lm.model_id!r} "
-                             f"(tokenizer {context.lm.tokenizer_digest[:12]})")
+            raise ValueError(
+                f"deepconf warm-up {context.deepconf!r} was made with model {warmup.model_id!r} "
+                f"(tokenizer {warmup.tokenizer_hash[:12]}), not {context.lm.model_id!r} "
+                f"(tokenizer {context.lm.tokenizer_digest[:12]})"
+            )
         context.shared[key] = warmup
     warmup = context.shared[key]
     window = int(options.get("window", warmup.window))
-    return DeepConfPolicy(threshold=warmup.threshold(float(options["keep"]), window), window=window,
-                          confidence_top_k=warmup.top_k)
+    return DeepConfPolicy(
+        threshold=warmup.threshold(float(options["keep"]), window),
+        window=window,
+        confidence_top_k=warmup.top_k,
+    )
 
 
 register(
@@ -212,8 +245,14 @@ register(
         "deepconf",
         "exit when the mean token confidence of the last W tokens falls below the warm-up's (100-η)th percentile",
         _build,
-        knob=Knob("keep", "--deepconf-keep", "--deepconf-keeps", _keep,
-                  "DeepConf η: per cent of warm-up traces that would never exit", default_grid="10,50,90"),
+        knob=Knob(
+            "keep",
+            "--deepconf-keep",
+            "--deepconf-keeps",
+            _keep,
+            "DeepConf η: per cent of warm-up traces that would never exit",
+            default_grid="10,50,90",
+        ),
         options=(window_option("window", "tokens in the group confidence (default: the warm-up's)"),),
         needs_deepconf=True,
     )

@@ -44,7 +44,9 @@ class LynxPolicy(BasePolicy):
     name: str = "lynx"
     decision_points: tuple[str, ...] = DEFAULT_POINTS
     give_up_delta: float | None = None  # None: never give up
-    exit_prefix: str | None = None  # what an exit keeps (`decision_points.EXIT_PREFIXES`); None: the probe's labels'
+    exit_prefix: str | None = (
+        None  # what an exit keeps (`decision_points.EXIT_PREFIXES`); None: the probe's labels'
+    )
 
     def __post_init__(self) -> None:
         if self.bundle is None:
@@ -60,7 +62,11 @@ class LynxPolicy(BasePolicy):
             if self.mode == "event":
                 self.rules[kind] = self.bundle.event_threshold(self.delta, kind)
             else:
-                pick = self.bundle.trajectory_threshold if self.mode == "trajectory" else self.bundle.harm_threshold
+                pick = (
+                    self.bundle.trajectory_threshold
+                    if self.mode == "trajectory"
+                    else self.bundle.harm_threshold
+                )
                 self.rules[kind] = pick(self.delta, points)  # one rule over all enabled kinds
         self.give_up: GiveUpThreshold | None = None
         if self.give_up_delta is not None:
@@ -139,26 +145,78 @@ def _build(context: MethodContext, options: dict[str, Any]) -> LynxPolicy:
             bundle.give_up_threshold(float(give_up), tuple(points))
         except ValueError as exc:
             raise ExitSettingError("exit.give_up_delta", str(exc)) from None
-    return LynxPolicy(bundle=bundle, delta=float(options["delta"]), mode=mode, scorer=scorer, decision_points=tuple(points),
-                      give_up_delta=None if give_up is None else float(give_up), exit_prefix=options.get("exit_prefix"))
+    return LynxPolicy(
+        bundle=bundle,
+        delta=float(options["delta"]),
+        mode=mode,
+        scorer=scorer,
+        decision_points=tuple(points),
+        give_up_delta=None if give_up is None else float(give_up),
+        exit_prefix=options.get("exit_prefix"),
+    )
 
 
 LYNX_OPTIONS = (
     choice_option("mode", MODES, "conformal mode"),
-    Option("decision_points", parse_points, "decision point kinds, comma-separated: cue (default), answer, paragraph"),
-    Option("give_up_delta", give_up_delta_value, "give up on a trace judged lost; risk of giving up on one that would have "
-                                            "ended right ≤ this δ (default: never give up)"),
-    Option("exit_prefix", exit_prefix_value, "what an exit keeps: point (the paper's: a cue is dropped) or lookahead "
-                                             "(the token after the point too, as in vLLM); default: the probe's labels'"),
+    Option(
+        "decision_points",
+        parse_points,
+        "decision point kinds, comma-separated: cue (default), answer, paragraph",
+    ),
+    Option(
+        "give_up_delta",
+        give_up_delta_value,
+        "give up on a trace judged lost; risk of giving up on one that would have "
+        "ended right ≤ this δ (default: never give up)",
+    ),
+    Option(
+        "exit_prefix",
+        exit_prefix_value,
+        "what an exit keeps: point (the paper's: a cue is dropped) or lookahead "
+        "(the token after the point too, as in vLLM); default: the probe's labels'",
+    ),
 )
 
 
-DELTA = Knob("delta", "--delta", "--deltas", _delta, "LYNX risk level δ (confidence 1 - δ)", default="0.05",
-             default_grid="0.05,0.1,0.2,0.3")
-register(ExitMethod("lynx", "probe at each decision point + conformal threshold (mode by --mode)", _build, knob=DELTA,
-                    options=LYNX_OPTIONS, needs_probe=True))
+DELTA = Knob(
+    "delta",
+    "--delta",
+    "--deltas",
+    _delta,
+    "LYNX risk level δ (confidence 1 - δ)",
+    default="0.05",
+    default_grid="0.05,0.1,0.2,0.3",
+)
+register(
+    ExitMethod(
+        "lynx",
+        "probe at each decision point + conformal threshold (mode by --mode)",
+        _build,
+        knob=DELTA,
+        options=LYNX_OPTIONS,
+        needs_probe=True,
+    )
+)
 for _mode in MODES:
-    register(ExitMethod(f"lynx-{_mode}", f"lynx with mode {_mode}", _build, knob=DELTA, fixed=(("mode", _mode),),
-                        options=LYNX_OPTIONS[1:], needs_probe=True))
-register(ExitMethod("speculative-thinking+lynx", "the assistant writes the reflective steps; lynx decides the exit "
-                    "on the thinker's states", _build, knob=DELTA, options=LYNX_OPTIONS, needs_probe=True, assisted=True))
+    register(
+        ExitMethod(
+            f"lynx-{_mode}",
+            f"lynx with mode {_mode}",
+            _build,
+            knob=DELTA,
+            fixed=(("mode", _mode),),
+            options=LYNX_OPTIONS[1:],
+            needs_probe=True,
+        )
+    )
+register(
+    ExitMethod(
+        "speculative-thinking+lynx",
+        "the assistant writes the reflective steps; lynx decides the exit on the thinker's states",
+        _build,
+        knob=DELTA,
+        options=LYNX_OPTIONS,
+        needs_probe=True,
+        assisted=True,
+    )
+)

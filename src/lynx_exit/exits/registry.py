@@ -97,7 +97,9 @@ class Option:
     """A setting a method takes besides its knob, parsed and bounded like the knob is."""
 
     name: str
-    parse: Callable[[Any], Any]  # the value as given (JSON or flag text) -> the value the policy gets; ValueError if bad
+    parse: Callable[
+        [Any], Any
+    ]  # the value as given (JSON or flag text) -> the value the policy gets; ValueError if bad
     help: str
 
 
@@ -142,7 +144,9 @@ class MethodContext:
         if key not in self.shared:
             bundle = load_probe(locate_probe(self.probe))
             if self.lm is not None:
-                bundle.spec.check_compatible(self.lm.feature_spec(bundle.spec.layers), what=f"probe {self.probe!r}")
+                bundle.spec.check_compatible(
+                    self.lm.feature_spec(bundle.spec.layers), what=f"probe {self.probe!r}"
+                )
                 bundle.probe.to(self.lm.device)
             self.shared[key] = (bundle, ProbeScorer(bundle.probe))
         return self.shared[key]  # type: ignore[no-any-return]
@@ -181,8 +185,11 @@ class ExitMethod:
         accepted = ({self.knob.name} if self.knob else set()) | set(self.option_names)
         unknown = sorted(set(given) - accepted)
         if unknown:
-            raise ExitSettingError(f"exit.{unknown[0]}", f"exit method {self.name!r} takes {sorted(accepted) or 'no settings'} "
-                                                         f"besides 'method', got {unknown}")
+            raise ExitSettingError(
+                f"exit.{unknown[0]}",
+                f"exit method {self.name!r} takes {sorted(accepted) or 'no settings'} "
+                f"besides 'method', got {unknown}",
+            )
         options: dict[str, Any] = {}
         if self.knob is not None:
             knob, param = self.knob, f"exit.{self.knob.name}"
@@ -265,16 +272,23 @@ def check_resources(method: ExitMethod, context: MethodContext) -> None:
     """What the method needs besides its settings: an assistant model, a probe, a warm-up."""
     name = method.name
     if method.assisted and context.assistant is None:
-        raise ExitSettingError("exit.method", f"exit method {name!r} needs an assistant model (--assistant-model)")
+        raise ExitSettingError(
+            "exit.method", f"exit method {name!r} needs an assistant model (--assistant-model)"
+        )
     if method.needs_probe and context.probe is None:
-        raise ExitSettingError("exit.method", f"exit method {name!r} needs a probe (--probe DIR or OWNER/NAME)")
+        raise ExitSettingError(
+            "exit.method", f"exit method {name!r} needs a probe (--probe DIR or OWNER/NAME)"
+        )
     if method.needs_deepconf and context.deepconf is None:
-        raise ExitSettingError("exit.method", f"exit method {name!r} needs a warm-up (--deepconf DIR, made by lynx-exit "
-                                              "deepconf-warmup)")
+        raise ExitSettingError(
+            "exit.method",
+            f"exit method {name!r} needs a warm-up (--deepconf DIR, made by lynx-exit deepconf-warmup)",
+        )
 
 
-def resolve_exit_options(given: dict[str, Any] | None, default_method: str, defaults: dict[str, Any],
-                         context: MethodContext) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def resolve_exit_options(
+    given: dict[str, Any] | None, default_method: str, defaults: dict[str, Any], context: MethodContext
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """An `exit` object ({"method": ..., knob and options}) over default settings: (method, options for
     `make_policy`, the settings to report). Checked once, here, by building the policy; `ExitSettingError` names
     the field at fault."""
@@ -293,7 +307,9 @@ def resolve_exit_options(given: dict[str, Any] | None, default_method: str, defa
     except ExitSettingError:
         raise
     except ValueError as exc:  # e.g. δ not calibrated in the probe: the message lists the calibrated ones
-        raise ExitSettingError(f"exit.{method.knob.name}" if method.knob else "exit.method", str(exc)) from None
+        raise ExitSettingError(
+            f"exit.{method.knob.name}" if method.knob else "exit.method", str(exc)
+        ) from None
     return name, options, {**options, **dict(method.fixed)}
 
 
@@ -321,8 +337,12 @@ class MethodSetting:
         return self.curve if self.knob is None else f"{self.curve}@{self.knob:g}"
 
 
-def parse_methods(methods: Sequence[str], grids: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
-                  axes: dict[str, Sequence[Any]] | None = None) -> list[MethodSetting]:
+def parse_methods(
+    methods: Sequence[str],
+    grids: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    axes: dict[str, Sequence[Any]] | None = None,
+) -> list[MethodSetting]:
     """Expand method names into settings, one per value of their knob's grid.
 
     `grids` maps a knob name to its comma-separated values (eval's --deltas, --budgets, ...);
@@ -334,9 +354,13 @@ def parse_methods(methods: Sequence[str], grids: dict[str, str] | None = None, e
     for name in methods:
         method = get_method(name)
         fixed = {k: v for k, v in extra.items() if k in method.option_names and k not in dict(method.fixed)}
-        swept = [(k, list(values)) for k, values in (axes or {}).items() if k in method.option_names and values]
-        variants = [{k: v for k, v in zip([k for k, _ in swept], combo, strict=True) if v is not None}
-                    for combo in itertools.product(*[values for _, values in swept])]
+        swept = [
+            (k, list(values)) for k, values in (axes or {}).items() if k in method.option_names and values
+        ]
+        variants = [
+            {k: v for k, v in zip([k for k, _ in swept], combo, strict=True) if v is not None}
+            for combo in itertools.product(*[values for _, values in swept])
+        ]
         for variant in variants:
             base = {**fixed, **variant}
             if method.knob is None:

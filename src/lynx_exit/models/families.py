@@ -99,38 +99,71 @@ HARMONY_FINAL = "<|start|>assistant<|channel|>final<|message|>"
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        "gpt-oss", "gpt-oss (harmony format)", "tokens `<|channel|>` and `<|message|>`, or model type gpt_oss",
+        "gpt-oss",
+        "gpt-oss (harmony format)",
+        "tokens `<|channel|>` and `<|message|>`, or model type gpt_oss",
         lambda f: {"<|channel|>", "<|message|>"} <= f.added_tokens or f.model_type == "gpt_oss",
-        think_start="<|channel|>analysis<|message|>", think_end="<|end|>", exit_close="<|end|>" + HARMONY_FINAL,
+        think_start="<|channel|>analysis<|message|>",
+        think_end="<|end|>",
+        exit_close="<|end|>" + HARMONY_FINAL,
         switches=(("reasoning_effort", ("low", "medium", "high")),),
     ),
     Family(
-        "magistral", "Magistral", "`[/THINK]` in tokens or template", lambda f: f.has("[/THINK]"),
-        think_start="[THINK]", think_end="[/THINK]", exit_close="[/THINK]",
+        "magistral",
+        "Magistral",
+        "`[/THINK]` in tokens or template",
+        lambda f: f.has("[/THINK]"),
+        think_start="[THINK]",
+        think_end="[/THINK]",
+        exit_close="[/THINK]",
     ),
     Family(
-        "nemotron", "Llama-3.1-Nemotron (Nano, Super, Ultra)", "template mentions 'detailed thinking', or model type nemotron-nas (else pass `--family nemotron`)",
+        "nemotron",
+        "Llama-3.1-Nemotron (Nano, Super, Ultra)",
+        "template mentions 'detailed thinking', or model type nemotron-nas (else pass `--family nemotron`)",
         lambda f: "detailed thinking" in f.template or f.model_type == "nemotron-nas",
-        think_start="<think>", think_end="</think>", exit_close="</think>", system_prompt="detailed thinking on",
+        think_start="<think>",
+        think_end="</think>",
+        exit_close="</think>",
+        system_prompt="detailed thinking on",
     ),
     Family(
-        "phi4-reasoning", "Phi-4-reasoning (-plus, -mini)", "`<think>` with Phi-4's `<|im_sep|>` token",
+        "phi4-reasoning",
+        "Phi-4-reasoning (-plus, -mini)",
+        "`<think>` with Phi-4's `<|im_sep|>` token",
         lambda f: "<|im_sep|>" in f.added_tokens and _has_think(f),
-        think_start="<think>", think_end="</think>", exit_close="</think>",
+        think_start="<think>",
+        think_end="</think>",
+        exit_close="</think>",
     ),
     Family(
-        "qwen3", "Qwen3 (hybrid thinking)", "`<think>` and an `enable_thinking` switch in the template",
+        "qwen3",
+        "Qwen3 (hybrid thinking)",
+        "`<think>` and an `enable_thinking` switch in the template",
         lambda f: "enable_thinking" in f.template and _has_think(f),
-        think_start="<think>", think_end="</think>", exit_close="</think>", template_kwargs=(("enable_thinking", True),),
+        think_start="<think>",
+        think_end="</think>",
+        exit_close="</think>",
+        template_kwargs=(("enable_thinking", True),),
         switches=(("enable_thinking", (True, False)),),
     ),
     Family(
-        "think", "DeepSeek-R1 and its Qwen/Llama distills, QwQ, other `<think>` models", "`<think>` or `</think>` in tokens or template",
-        _has_think, think_start="<think>", think_end="</think>", exit_close="</think>",
+        "think",
+        "DeepSeek-R1 and its Qwen/Llama distills, QwQ, other `<think>` models",
+        "`<think>` or `</think>` in tokens or template",
+        _has_think,
+        think_start="<think>",
+        think_end="</think>",
+        exit_close="</think>",
     ),
     Family(
-        "generic", "models without thinking markers (e.g. SmolLM2): all generated text is thinking", "fallback",
-        lambda f: True, think_start=None, think_end=None, exit_close="\n",
+        "generic",
+        "models without thinking markers (e.g. SmolLM2): all generated text is thinking",
+        "fallback",
+        lambda f: True,
+        think_start=None,
+        think_end=None,
+        exit_close="\n",
     ),
 )
 FAMILY_NAMES = tuple(family.name for family in FAMILIES)
@@ -232,21 +265,31 @@ def _marker(value: str | None, default: str | None) -> str | None:
     return None if value.lower() == "none" else value
 
 
-def generation_prompt(tokenizer: Any, template_kwargs: dict[str, Any], system_prompt: str | None) -> str | None:
+def generation_prompt(
+    tokenizer: Any, template_kwargs: dict[str, Any], system_prompt: str | None
+) -> str | None:
     """What the chat template appends to open the assistant's turn (None: no template, or it fails)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": "1+1?"}]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": "1+1?"}
+    ]
     try:
-        opened = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
-        closed = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False, **template_kwargs)
+        opened = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **template_kwargs
+        )
+        closed = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=False, tokenize=False, **template_kwargs
+        )
     except Exception as exc:  # a template may raise anything (jinja errors, its own raise_exception)
         logger.warning("could not render the chat template to read how thinking starts: %s", exc)
         return None
     return str(opened)[len(closed) :] if str(opened).startswith(str(closed)) else str(opened)[-200:]
 
 
-def thinking_start(think_start: str | None, think_end: str | None, suffix: str | None) -> tuple[ThinkingStart, str]:
+def thinking_start(
+    think_start: str | None, think_end: str | None, suffix: str | None
+) -> tuple[ThinkingStart, str]:
     """How thinking starts, read from the generation prompt `suffix`, and why."""
     if think_start is None:
         return "template", "no thinking-start marker: all generated text is thinking"
@@ -272,7 +315,9 @@ def resolve_profile(model: Any, tokenizer: Any, overrides: ProfileOverrides | No
         why = f"family {family.name!r}: {family.recognised_by}"
     think_start = _marker(overrides.think_start, family.think_start)
     think_end = _marker(overrides.think_end, family.think_end)
-    exit_close = overrides.exit_close or (family.exit_close if think_end == family.think_end else (think_end or "\n"))
+    exit_close = overrides.exit_close or (
+        family.exit_close if think_end == family.think_end else (think_end or "\n")
+    )
     template_kwargs = {**dict(family.template_kwargs), **(overrides.template_kwargs or {})}
     system_prompt = overrides.system_prompt if overrides.system_prompt is not None else family.system_prompt
     suffix = generation_prompt(tokenizer, template_kwargs, system_prompt)
@@ -307,8 +352,11 @@ def _point_settings(family: Family, config: Any) -> dict[str, Any]:
     step_separator = str(getattr(config, "lynx_step_separator", None) or family.step_separator)
     compile_point_pattern("answer phrase", answer_phrase)  # a bad one fails at load, naming itself
     compile_point_pattern("step separator", step_separator)
-    return {"decision_points": parse_points(points) if points else family.decision_points, "answer_phrase": answer_phrase,
-            "step_separator": step_separator}
+    return {
+        "decision_points": parse_points(points) if points else family.decision_points,
+        "answer_phrase": answer_phrase,
+        "step_separator": step_separator,
+    }
 
 
 def _switches(family: Family, given: dict[str, Any]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
@@ -326,19 +374,25 @@ def profiles_table(markdown: bool = False) -> list[dict[str, str]] | str:
     rows = []
     for family in FAMILIES:
         profile = ModelProfile(
-            family=family.name, think_start=family.think_start, think_end=family.think_end, exit_close=family.exit_close
+            family=family.name,
+            think_start=family.think_start,
+            think_end=family.think_end,
+            exit_close=family.exit_close,
         )
         rows.append(
             {
                 "family": family.name,
                 "models": family.models,
                 "recognised by": family.recognised_by,
-                "thinking": "—" if family.think_start is None else f"`{family.think_start}` … `{family.think_end}`",
+                "thinking": "—"
+                if family.think_start is None
+                else f"`{family.think_start}` … `{family.think_end}`",
                 "exit cue (boxed)": json.dumps(profile.exit_cue_text("boxed"), ensure_ascii=False),
                 "template switches": ", ".join(
                     [f"`{k}={json.dumps(v)}`" for k, v in family.template_kwargs]
                     + ([f"system prompt {family.system_prompt!r}"] if family.system_prompt else [])
-                ) or "—",
+                )
+                or "—",
             }
         )
     if not markdown:
@@ -356,6 +410,9 @@ def _cell(text: str) -> str:
 
 LAYER_RULE = (
     "--layers, else the model config's lynx_layers, else the official code's choice for known architectures ("
-    + "; ".join(f"{kind} with {n} layers of width {width}: {list(layers)}" for (kind, n, width), layers in KNOWN_LAYERS.items())
+    + "; ".join(
+        f"{kind} with {n} layers of width {width}: {list(layers)}"
+        for (kind, n, width), layers in KNOWN_LAYERS.items()
+    )
     + "), else ¼, ½, ¾ depth and the last (8/16/24/32 for 32-layer models, as the official code)"
 )

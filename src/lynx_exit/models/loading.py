@@ -24,12 +24,23 @@ from lynx_exit.models.families import (
     thinking_start,
 )
 
-__all__ = ["EXIT_CUE_PHRASES", "FeatureSpec", "LoadedModel", "ModelProfile", "ModelSource", "ProfileOverrides", "load_model"]
+__all__ = [
+    "EXIT_CUE_PHRASES",
+    "FeatureSpec",
+    "LoadedModel",
+    "ModelProfile",
+    "ModelSource",
+    "ProfileOverrides",
+    "load_model",
+]
 
 logger = logging.getLogger(__name__)
 
 # The shipped reference reasoners (one tokenizer): alias -> folder.
-REFERENCE_MODELS = {name: Path(__file__).parent.parent / "reference" / "weights" / name for name in ("reference", "reference-large")}
+REFERENCE_MODELS = {
+    name: Path(__file__).parent.parent / "reference" / "weights" / name
+    for name in ("reference", "reference-large")
+}
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -48,7 +59,9 @@ class FeatureSpec:
     layers: tuple[int, ...]
     tokenizer_hash: str
     hidden_size: int
-    profile: str | None = None  # canonical JSON of `ModelProfile.identity()`; None in artifacts made before profiles
+    profile: str | None = (
+        None  # canonical JSON of `ModelProfile.identity()`; None in artifacts made before profiles
+    )
 
     @property
     def feature_dim(self) -> int:
@@ -141,7 +154,9 @@ class LoadedModel:
         chosen = tuple(layers) if layers else (self.profile.layers or default_layers(self.num_layers))
         for layer in chosen:
             if not 0 <= layer <= self.num_layers:
-                raise ValueError(f"layer {layer} out of range 0..{self.num_layers} for model {self.model_id!r}")
+                raise ValueError(
+                    f"layer {layer} out of range 0..{self.num_layers} for model {self.model_id!r}"
+                )
         return FeatureSpec(
             model_id=self.model_id,
             layers=tuple(chosen),
@@ -165,7 +180,10 @@ class LoadedModel:
     @property
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+        for source in (
+            self.tokenizer.eos_token_id,
+            getattr(self.model.generation_config, "eos_token_id", None),
+        ):
             if isinstance(source, int):
                 ids.add(source)
             elif isinstance(source, list | tuple):
@@ -189,11 +207,15 @@ class LoadedModel:
             raise ValueError("prompt must not be empty")
         check_text(user_text)
         if getattr(self.tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user_text}
+            ]
             return self.chat_ids(messages)
         return list(self.tokenizer(user_text)["input_ids"])
 
-    def chat_ids(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    def chat_ids(
+        self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None
+    ) -> list[int]:
         """Token ids of a chat, ending where the assistant starts writing (`chat_text`, encoded)."""
         return self.encode(self.chat_text(messages, template_kwargs))
 
@@ -206,7 +228,9 @@ class LoadedModel:
         if self.profile.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.profile.system_prompt}, *messages]
         kwargs = {**dict(self.profile.template_kwargs), **(template_kwargs or {})}
-        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs))
+        return str(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        )
 
     def thinking_with(self, template_kwargs: dict[str, Any] | None) -> ThinkingStart:
         """How thinking starts when the chat template gets `template_kwargs` on top of the profile's switches."""
@@ -228,10 +252,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
-        parts: Any = {key: spec.get(key) for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "decoder")}
+        parts: Any = {
+            key: spec.get(key) for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "decoder")
+        }
     else:  # a slow tokenizer: its vocabulary in id order
         parts = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])}
-    parts["special"] = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token")}
+    parts["special"] = {
+        name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token")
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -322,7 +350,9 @@ class _Weightless:
     def get_output_embeddings(self) -> None:
         return None
 
-    def parameters(self) -> Iterator[torch.Tensor]:  # `LoadedModel.device`: what this process computes on, the CPU
+    def parameters(
+        self,
+    ) -> Iterator[torch.Tensor]:  # `LoadedModel.device`: what this process computes on, the CPU
         yield torch.empty(0)
 
 
@@ -341,4 +371,6 @@ def load_model_facts(name: str, overrides: ProfileOverrides | None = None) -> Lo
     except OSError:  # optional: the tokenizer's EOS alone then
         generation = GenerationConfig()
     facts = _Weightless(config, generation)
-    return LoadedModel(model=facts, tokenizer=tokenizer, model_id=name, profile=resolve_profile(facts, tokenizer, overrides))
+    return LoadedModel(
+        model=facts, tokenizer=tokenizer, model_id=name, profile=resolve_profile(facts, tokenizer, overrides)
+    )

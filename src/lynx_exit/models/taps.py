@@ -98,8 +98,10 @@ class HiddenStateCapture:
         for layer in self.layers:
             if layer == 0:
                 if _has_position_embeddings(model):
-                    raise ValueError("layer 0 of a model with absolute position embeddings (GPT-2 style) is not "
-                                     "the token embedding alone: choose layers >= 1")
+                    raise ValueError(
+                        "layer 0 of a model with absolute position embeddings (GPT-2 style) is not "
+                        "the token embedding alone: choose layers >= 1"
+                    )
                 module = embed
             elif layer == num_layers:
                 module = norm
@@ -120,7 +122,9 @@ class HiddenStateCapture:
         """The last forward pass's states by layer (references, no copy): later passes do not change it."""
         return dict(self._latest)
 
-    def features(self, rows: torch.Tensor | None = None, snapshot: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def features(
+        self, rows: torch.Tensor | None = None, snapshot: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """[batch, len(layers) * hidden] float32 of the last forward pass or of `snapshot` (only `rows`, if given)."""
         latest = self._latest if snapshot is None else snapshot
         states = [latest[layer][:, -1, :] for layer in self.layers]

@@ -119,7 +119,9 @@ def build_dataset(
                 old["build"].setdefault("exit_prefix", DEFAULT_EXIT_PREFIX)
             for key in ("feature_spec", "generation", "build", "problem_ids"):
                 if old.get(key) != json.loads(json.dumps(meta[key])):
-                    raise ValueError(f"{out_dir} holds a dataset built with other {key}; use a new folder to change it")
+                    raise ValueError(
+                        f"{out_dir} holds a dataset built with other {key}; use a new folder to change it"
+                    )
         meta["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
         meta["command"] = command_line()
         write_json_atomic(meta_file, meta)
@@ -148,13 +150,16 @@ def _resume(out_dir: Path, config: BuildConfig) -> set[str]:
     complete = {
         problem_id
         for problem_id, records in by_problem.items()
-        if sorted(r["rollout"] for r in records) == list(range(config.rollouts_per_problem)) and problem_id not in lost
+        if sorted(r["rollout"] for r in records) == list(range(config.rollouts_per_problem))
+        and problem_id not in lost
     }
     incomplete = sorted(set(by_problem) - complete)
     if incomplete:
         logger.warning(
             "%s: %d problem(s) have incomplete records (missing events or feature shards, e.g. %s); rebuilding them",
-            out_dir, len(incomplete), incomplete[:3],
+            out_dir,
+            len(incomplete),
+            incomplete[:3],
         )
     kept_rollouts = [r for r in rollouts if r["problem_id"] in complete]
     # Events of a problem whose rollouts were never recorded belong to an interrupted chunk.
@@ -212,7 +217,13 @@ def _build_all(
     else:
         assert lm is not None  # checked by build_dataset
         results = (compute_chunk(lm, chunk, generation, config, spec) for chunk in chunks)
-    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="build-data", unit="problem", disable=not progress)
+    bar = tqdm(
+        total=len(problems),
+        initial=len(problems) - len(todo),
+        desc="build-data",
+        unit="problem",
+        disable=not progress,
+    )
     for chunk, result in zip(chunks, results, strict=True):
         write_chunk(out_dir, result)
         bar.update(len(chunk))
@@ -227,11 +238,16 @@ def _kept(event: dict[str, Any], exit_prefix: str) -> int:
     return int(event["token_index"]) + (event["point"] != "cue" and not event["synthetic"])
 
 
-def _with_lookahead(pending: list[dict[str, Any]], vectors: list[torch.Tensor], results: list[Any],
-                    eos_ids: set[int]) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+def _with_lookahead(
+    pending: list[dict[str, Any]], vectors: list[torch.Tensor], results: list[Any], eos_ids: set[int]
+) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     """Events whose next token exists and is not an end of sequence (no look-ahead exit happens at the others)."""
-    kept = [(event, vector) for event, vector in zip(pending, vectors, strict=True)
-            if event["token_index"] + 1 < len(ids := results[event["row"]].token_ids) and ids[event["token_index"] + 1] not in eos_ids]
+    kept = [
+        (event, vector)
+        for event, vector in zip(pending, vectors, strict=True)
+        if event["token_index"] + 1 < len(ids := results[event["row"]].token_ids)
+        and ids[event["token_index"] + 1] not in eos_ids
+    ]
     return [event for event, _ in kept], [vector for _, vector in kept]
 
 
@@ -244,8 +260,15 @@ def compute_chunk(
     rows = [(index, problem, r) for index, problem in chunk for r in range(config.rollouts_per_problem)]
     prompts = [lm.prompt_ids(problem.prompt) for _, problem, _ in rows]
     seeds = [rollout_seed(generation.seed, index, r, config.rollouts_per_problem) for index, _, r in rows]
-    loop = DecodeLoop(lm, prompts, generation, layers=spec.layers, seeds=seeds, hold=True,
-                      decision_points=config.decision_points)
+    loop = DecodeLoop(
+        lm,
+        prompts,
+        generation,
+        layers=spec.layers,
+        seeds=seeds,
+        hold=True,
+        decision_points=config.decision_points,
+    )
     point_features: list[dict[int, tuple[str, str | None, torch.Tensor]]] = [{} for _ in rows]
     think_features: list[list[torch.Tensor]] = [[] for _ in rows]  # only while a row has no point yet
     synthetic = config.synthetic_event and "cue" in config.decision_points  # the official builder's, for cues
@@ -263,20 +286,28 @@ def compute_chunk(
     for row in range(len(rows)):
         for token_index in _select(sorted(point_features[row]), config):
             point, cue, vector = point_features[row][token_index]
-            pending.append({"row": row, "token_index": token_index, "point": point, "cue": cue, "synthetic": False})
+            pending.append(
+                {"row": row, "token_index": token_index, "point": point, "cue": cue, "synthetic": False}
+            )
             vectors.append(vector)
         if not point_features[row] and synthetic and think_features[row]:
             token_index = int(0.7 * len(think_features[row]))
-            pending.append({"row": row, "token_index": token_index, "point": "cue", "cue": None, "synthetic": True})
+            pending.append(
+                {"row": row, "token_index": token_index, "point": "cue", "cue": None, "synthetic": True}
+            )
             vectors.append(think_features[row][token_index])
-    if config.exit_prefix == "lookahead":  # an exit keeps the token after the point: none where that one ends the trace
+    if (
+        config.exit_prefix == "lookahead"
+    ):  # an exit keeps the token after the point: none where that one ends the trace
         pending, vectors = _with_lookahead(pending, vectors, results, loop.engine.eos_ids)
     answers = []
     for start in range(0, len(pending), config.label_batch_size):
         part = pending[start : start + config.label_batch_size]
         kept = [_kept(e, config.exit_prefix) for e in part]
         answers += loop.engine.forced_answers(
-            [(e["row"], keep) for e, keep in zip(part, kept, strict=True)], exit_cue_ids, generation.answer_max_tokens
+            [(e["row"], keep) for e, keep in zip(part, kept, strict=True)],
+            exit_cue_ids,
+            generation.answer_max_tokens,
         )
     event_records, rollout_records = [], []
     per_row_events: dict[int, int] = {}
@@ -323,7 +354,9 @@ def write_chunk(out_dir: Path, result: ChunkResult) -> None:
     if result.events:
         save_tensors_atomic(out_dir / "features" / shard, {"features": result.features})
     # Rollouts last: a problem counts as done only once its events and shard are on disk.
-    append_jsonl(out_dir / "events.jsonl", [{**e, "shard": shard, "shard_row": i} for i, e in enumerate(result.events)])
+    append_jsonl(
+        out_dir / "events.jsonl", [{**e, "shard": shard, "shard_row": i} for i, e in enumerate(result.events)]
+    )
     append_jsonl(out_dir / "rollouts.jsonl", result.rollouts)
 
 

@@ -52,7 +52,9 @@ def dataset_summary(dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def train_probe_folder(dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str) -> dict[str, Any]:
+def train_probe_folder(
+    dataset: Dataset, out_dir: Path, config: ProbeTrainConfig, dataset_dir: str
+) -> dict[str, Any]:
     """Train a probe on `dataset` and write it to `out_dir` (locked meanwhile)."""
     if len(dataset.events) == 0:
         raise ValueError(f"dataset {dataset_dir!r} has no events to train on")
@@ -99,19 +101,31 @@ def event_probs(bundle: ProbeBundle, dataset: Dataset) -> np.ndarray:
     return bundle.probe.prob_safe(dataset.features, dataset.points).numpy()
 
 
-def rollout_scores(bundle: ProbeBundle, dataset: Dataset, points: Sequence[str] | None = None,
-                   probs: np.ndarray | None = None) -> list[RolloutScores]:
+def rollout_scores(
+    bundle: ProbeBundle,
+    dataset: Dataset,
+    points: Sequence[str] | None = None,
+    probs: np.ndarray | None = None,
+) -> list[RolloutScores]:
     """Per rollout, its events of kinds `points` (all kinds: None) in order, scored by the probe."""
     probs = event_probs(bundle, dataset) if probs is None else probs
     grouped: dict[tuple[str, int], list[tuple[int, float, int]]] = defaultdict(list)
     for event, kind, prob in zip(dataset.events, dataset.points, probs, strict=True):
         if points is None or kind in points:
-            grouped[(event["problem_id"], event["rollout"])].append((event["token_index"], float(prob), int(event["label"])))
+            grouped[(event["problem_id"], event["rollout"])].append(
+                (event["token_index"], float(prob), int(event["label"]))
+            )
     out = []
     for rollout in dataset.rollouts:
         items = sorted(grouped.get((rollout["problem_id"], rollout["rollout"]), []))
-        out.append(RolloutScores([p for _, p, _ in items], [label for _, _, label in items], [t for t, _, _ in items],
-                                 bool(rollout["correct"])))
+        out.append(
+            RolloutScores(
+                [p for _, p, _ in items],
+                [label for _, _, label in items],
+                [t for t, _, _ in items],
+                bool(rollout["correct"]),
+            )
+        )
     return out
 
 
@@ -136,7 +150,9 @@ def calibrate_probe_folder(
         return report
 
 
-def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsilon: float, give_up_after: int) -> dict[str, Any]:
+def _calibrate(
+    probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsilon: float, give_up_after: int
+) -> dict[str, Any]:
     bundle = load_probe(probe_dir, calibration=False)
     bundle.spec.check_compatible(dataset.spec, what=f"probe {str(probe_dir)!r}")
     overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
@@ -153,7 +169,11 @@ def _calibrate(probe_dir: Path, dataset: Dataset, deltas: Sequence[float], epsil
     probs = event_probs(bundle, dataset)
     labels = dataset.labels.numpy()
     kinds = np.array(dataset.points)
-    event = [calibrate_events(probs[kinds == kind], labels[kinds == kind], d, point=kind) for kind in dataset.kinds for d in deltas]
+    event = [
+        calibrate_events(probs[kinds == kind], labels[kinds == kind], d, point=kind)
+        for kind in dataset.kinds
+        for d in deltas
+    ]
     trajectory, harm, give_up = [], [], []
     for points in point_sets(dataset.kinds):
         key = points_key(points)
@@ -189,7 +209,10 @@ def clustered_se(hits: np.ndarray, clusters: np.ndarray, rate: float) -> float |
     names, index = np.unique(clusters, return_inverse=True)
     if len(names) < 2:
         return None
-    per_hits, per_events = np.bincount(index, weights=hits.astype(np.float64)), np.bincount(index).astype(np.float64)
+    per_hits, per_events = (
+        np.bincount(index, weights=hits.astype(np.float64)),
+        np.bincount(index).astype(np.float64),
+    )
     residual = per_hits - rate * per_events
     return float(np.sqrt((residual**2).sum() / (len(names) * (len(names) - 1))) / per_events.mean())
 
@@ -208,11 +231,22 @@ def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any
         exits = np.array([rule.should_exit(float(p)) for p in probs[mine]], dtype=bool)
         unsafe = ~labels[mine]
         rate = float(exits[unsafe].mean()) if unsafe.any() else float("nan")
-        rows.append({"mode": "event", "points": rule.point, "delta": rule.delta, "n": int(unsafe.sum()), "rate": rate,
-                     "exit_rate": float(exits.mean()) if mine.any() else float("nan"), "n_calibration": rule.n_neg,
-                     "cluster_se": clustered_se(exits[unsafe], rollout_of[mine][unsafe], rate)})
+        rows.append(
+            {
+                "mode": "event",
+                "points": rule.point,
+                "delta": rule.delta,
+                "n": int(unsafe.sum()),
+                "rate": rate,
+                "exit_rate": float(exits.mean()) if mine.any() else float("nan"),
+                "n_calibration": rule.n_neg,
+                "cluster_se": clustered_se(exits[unsafe], rollout_of[mine][unsafe], rate),
+            }
+        )
     by_points: dict[str, list[RolloutScores]] = {}
-    keys = {t.points for t in [*bundle.trajectory_thresholds, *bundle.harm_thresholds]} | {t.points for t in bundle.give_up_thresholds}
+    keys = {t.points for t in [*bundle.trajectory_thresholds, *bundle.harm_thresholds]} | {
+        t.points for t in bundle.give_up_thresholds
+    }
     for key in keys:
         by_points[key] = rollout_scores(bundle, dataset, key.split("+"), probs)
     for mode, rules in (("trajectory", bundle.trajectory_thresholds), ("harm", bundle.harm_thresholds)):
@@ -222,9 +256,27 @@ def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any
             if mode == "harm":
                 pairs = harm_labels(pairs, [r.correct for r in rollouts])
             losses = [trajectory_loss(p, lab, traj.threshold) for p, lab in pairs]
-            rows.append({"mode": mode, "points": traj.points, "delta": traj.delta, "n": len(losses), "rate": float(np.mean(losses))})
+            rows.append(
+                {
+                    "mode": mode,
+                    "points": traj.points,
+                    "delta": traj.delta,
+                    "n": len(losses),
+                    "rate": float(np.mean(losses)),
+                }
+            )
     for give in bundle.give_up_thresholds:
         rollouts = by_points[give.points]
-        losses = [give_up_loss(r.probs, r.tokens, r.correct, give.threshold, give.min_tokens) for r in rollouts]
-        rows.append({"mode": "give_up", "points": give.points, "delta": give.delta, "n": len(losses), "rate": float(np.mean(losses))})
+        losses = [
+            give_up_loss(r.probs, r.tokens, r.correct, give.threshold, give.min_tokens) for r in rollouts
+        ]
+        rows.append(
+            {
+                "mode": "give_up",
+                "points": give.points,
+                "delta": give.delta,
+                "n": len(losses),
+                "rate": float(np.mean(losses)),
+            }
+        )
     return rows

@@ -87,7 +87,9 @@ class EventThreshold:
         )
 
 
-def calibrate_events(probs: np.ndarray, labels: np.ndarray, delta: float, point: str = "cue") -> EventThreshold:
+def calibrate_events(
+    probs: np.ndarray, labels: np.ndarray, delta: float, point: str = "cue"
+) -> EventThreshold:
     """Per-event thresholds from calibration scores `probs` (P(safe)) and 0/1 `labels` of events of kind `point`."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels).astype(bool)
     if probs.shape != labels.shape:
@@ -146,7 +148,10 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
         return 0.0
     log_p, log_q = math.log(p), math.log1p(-p)
     log_n_factorial = math.lgamma(n + 1)
-    logs = [log_n_factorial - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q for i in range(k + 1)]
+    logs = [
+        log_n_factorial - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k + 1)
+    ]
     top = max(logs)
     return min(1.0, math.exp(top) * math.fsum(math.exp(x - top) for x in logs))
 
@@ -194,7 +199,9 @@ class TrajectoryThreshold:
         )
 
 
-def trajectory_losses(rollouts: Sequence[tuple[Sequence[float], Sequence[int]]], thresholds: Sequence[float]) -> np.ndarray:
+def trajectory_losses(
+    rollouts: Sequence[tuple[Sequence[float], Sequence[int]]], thresholds: Sequence[float]
+) -> np.ndarray:
     """`trajectory_loss` summed over the rollouts, at each threshold at once. A rollout's first exit at t is its first
     running maximum that reaches t, so only the points that raise the running maximum matter."""
     grid = np.asarray(thresholds, dtype=np.float64)
@@ -211,8 +218,15 @@ def trajectory_losses(rollouts: Sequence[tuple[Sequence[float], Sequence[int]]],
     return totals
 
 
-def fixed_sequence(thresholds: Sequence[float], losses: Callable[[float], int], n: int, delta: float, epsilon: float,
-                   none: float, what: str) -> tuple[float, float]:
+def fixed_sequence(
+    thresholds: Sequence[float],
+    losses: Callable[[float], int],
+    n: int,
+    delta: float,
+    epsilon: float,
+    none: float,
+    what: str,
+) -> tuple[float, float]:
     """Fixed-sequence Learn-then-Test over `thresholds`, most conservative first: test H_t: risk(t) > δ with the exact
     binomial p-value P(Bin(n, δ) ≤ losses(t)), accept while p ≤ ε, stop at the first failure (this controls the
     family-wise error at ε without assuming the risk is monotone in t). (The last accepted threshold, its empirical
@@ -248,9 +262,17 @@ def calibrate_trajectories(
     n = len(rollouts)
     thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:], reverse=True)
     totals = dict(zip(thresholds, trajectory_losses(rollouts, thresholds).tolist(), strict=True))
-    chosen, chosen_risk = fixed_sequence(thresholds, totals.__getitem__, n, delta, epsilon, none=math.inf, what="trajectory")
-    return TrajectoryThreshold(delta=delta, epsilon=epsilon, threshold=chosen, n_rollouts=n, empirical_risk=chosen_risk,
-                               points=points)
+    chosen, chosen_risk = fixed_sequence(
+        thresholds, totals.__getitem__, n, delta, epsilon, none=math.inf, what="trajectory"
+    )
+    return TrajectoryThreshold(
+        delta=delta,
+        epsilon=epsilon,
+        threshold=chosen,
+        n_rollouts=n,
+        empirical_risk=chosen_risk,
+        points=points,
+    )
 
 
 @dataclass(frozen=True)
@@ -292,14 +314,26 @@ class GiveUpThreshold:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GiveUpThreshold:
-        return cls(delta=float(data["delta"]), epsilon=float(data["epsilon"]), threshold=float(data["threshold"]),
-                   min_tokens=int(data["min_tokens"]), n_rollouts=int(data["n_rollouts"]),
-                   empirical_risk=float(data["empirical_risk"]), points=str(data.get("points", "cue")))
+        return cls(
+            delta=float(data["delta"]),
+            epsilon=float(data["epsilon"]),
+            threshold=float(data["threshold"]),
+            min_tokens=int(data["min_tokens"]),
+            n_rollouts=int(data["n_rollouts"]),
+            empirical_risk=float(data["empirical_risk"]),
+            points=str(data.get("points", "cue")),
+        )
 
 
-def give_up_loss(probs: Sequence[float], tokens: Sequence[int], full_correct: bool, threshold: float, min_tokens: int) -> int:
+def give_up_loss(
+    probs: Sequence[float], tokens: Sequence[int], full_correct: bool, threshold: float, min_tokens: int
+) -> int:
     """1 if a rollout whose full chain is right crosses the lower threshold at a point from `min_tokens` on."""
-    return int(full_correct and threshold > 0 and any(t >= min_tokens and p <= threshold for p, t in zip(probs, tokens, strict=True)))
+    return int(
+        full_correct
+        and threshold > 0
+        and any(t >= min_tokens and p <= threshold for p, t in zip(probs, tokens, strict=True))
+    )
 
 
 def calibrate_give_up(
@@ -315,9 +349,28 @@ def calibrate_give_up(
     n = len(rollouts)
     thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:])
     # A right rollout is lost at threshold g iff its lowest score from `min_tokens` on is ≤ g (`give_up_loss`).
-    lowest = np.array([min((p for p, t in zip(probs, tokens, strict=True) if t >= min_tokens), default=math.inf)
-                       for probs, tokens, right in rollouts if right])
+    lowest = np.array(
+        [
+            min((p for p, t in zip(probs, tokens, strict=True) if t >= min_tokens), default=math.inf)
+            for probs, tokens, right in rollouts
+            if right
+        ]
+    )
     chosen, chosen_risk = fixed_sequence(
-        thresholds, lambda g: int((lowest <= g).sum()) if g > 0 else 0, n, delta, epsilon, none=0.0, what="give-up")
-    return GiveUpThreshold(delta=delta, epsilon=epsilon, threshold=chosen, min_tokens=min_tokens, n_rollouts=n,
-                           empirical_risk=chosen_risk, points=points)
+        thresholds,
+        lambda g: int((lowest <= g).sum()) if g > 0 else 0,
+        n,
+        delta,
+        epsilon,
+        none=0.0,
+        what="give-up",
+    )
+    return GiveUpThreshold(
+        delta=delta,
+        epsilon=epsilon,
+        threshold=chosen,
+        min_tokens=min_tokens,
+        n_rollouts=n,
+        empirical_risk=chosen_risk,
+        points=points,
+    )

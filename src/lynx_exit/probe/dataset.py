@@ -91,7 +91,9 @@ def load_dataset(folder: str | Path) -> Dataset:
         rows.append(shards[name][row])
     features = torch.stack(rows) if rows else torch.zeros(0, spec.feature_dim)
     if features.shape[1] != spec.feature_dim:
-        raise ValueError(f"dataset {str(folder)!r}: features have dim {features.shape[1]}, spec says {spec.feature_dim}")
+        raise ValueError(
+            f"dataset {str(folder)!r}: features have dim {features.shape[1]}, spec says {spec.feature_dim}"
+        )
     return Dataset(spec=spec, meta=meta, features=features, events=events, rollouts=rollouts, folder=folder)
 
 
@@ -101,7 +103,11 @@ def missing_events(
     """(problem id, rollout), events recorded, events present: each rollout whose events are not all there."""
     event_counts = Counter((e["problem_id"], e["rollout"]) for e in events)
     keyed = (((r["problem_id"], r["rollout"]), r["num_events"]) for r in rollouts)
-    return [(key, expected, event_counts.get(key, 0)) for key, expected in keyed if event_counts.get(key, 0) != expected]
+    return [
+        (key, expected, event_counts.get(key, 0))
+        for key, expected in keyed
+        if event_counts.get(key, 0) != expected
+    ]
 
 
 def _check_complete(folder: Path, events: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> None:

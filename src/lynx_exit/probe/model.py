@@ -34,14 +34,20 @@ class Probe(nn.Module):
     mean: torch.Tensor  # [feature_dim] standardisation, saved with the weights
     std: torch.Tensor
 
-    def __init__(self, feature_dim: int, hidden: tuple[int, int] = (256, 64), kinds: tuple[str, ...] = DEFAULT_POINTS) -> None:
+    def __init__(
+        self, feature_dim: int, hidden: tuple[int, int] = (256, 64), kinds: tuple[str, ...] = DEFAULT_POINTS
+    ) -> None:
         super().__init__()
         self.kinds = parse_points(list(kinds))  # the decision point kinds it was trained on
         input_dim = feature_dim + (len(self.kinds) if len(self.kinds) > 1 else 0)
         self.register_buffer("mean", torch.zeros(input_dim))
         self.register_buffer("std", torch.ones(input_dim))
         self.net = nn.Sequential(
-            nn.Linear(input_dim, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU(), nn.Linear(hidden[1], 1)
+            nn.Linear(input_dim, hidden[0]),
+            nn.ReLU(),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.ReLU(),
+            nn.Linear(hidden[1], 1),
         )
 
     def inputs(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
@@ -51,11 +57,15 @@ class Probe(nn.Module):
         if points is not None:
             unseen = sorted(set(points) - set(self.kinds))
             if unseen:
-                raise ValueError(f"the probe was trained on {points_key(self.kinds)} decision points, not {unseen}")
+                raise ValueError(
+                    f"the probe was trained on {points_key(self.kinds)} decision points, not {unseen}"
+                )
         if len(self.kinds) == 1:
             return features
         if points is None or len(points) != len(features):
-            raise ValueError(f"a probe of several decision point kinds ({points_key(self.kinds)}) needs each row's kind")
+            raise ValueError(
+                f"a probe of several decision point kinds ({points_key(self.kinds)}) needs each row's kind"
+            )
         index = torch.tensor([self.kinds.index(p) for p in points], device=features.device)
         return torch.cat([features, nn.functional.one_hot(index, len(self.kinds)).to(features.dtype)], dim=1)
 
@@ -93,7 +103,9 @@ class AllKindsScorer:
             bias = first.bias - weight @ probe.mean
             features = weight.shape[1] - (kinds if kinds > 1 else 0)
             self.weight = weight[:, :features].T.contiguous()  # [feature_dim, hidden]
-            self.kind_bias = (bias + weight[:, features:].T if kinds > 1 else bias[None]).contiguous()  # [kinds, hidden]
+            self.kind_bias = (
+                bias + weight[:, features:].T if kinds > 1 else bias[None]
+            ).contiguous()  # [kinds, hidden]
 
     def to(self, device: torch.device) -> AllKindsScorer:
         self.weight, self.kind_bias = self.weight.to(device), self.kind_bias.to(device)
@@ -103,7 +115,9 @@ class AllKindsScorer:
 
     @torch.inference_mode()
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = torch.relu((features.float() @ self.weight)[None] + self.kind_bias[:, None])  # [kinds, n, hidden]
+        hidden = torch.relu(
+            (features.float() @ self.weight)[None] + self.kind_bias[:, None]
+        )  # [kinds, n, hidden]
         return torch.sigmoid(self.third(torch.relu(self.second(hidden)))).squeeze(-1).T
 
 
@@ -161,8 +175,9 @@ class ProbeTrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrainConfig,
-                points: list[str] | None = None) -> tuple[Probe, dict[str, Any]]:
+def train_probe(
+    features: torch.Tensor, labels: torch.Tensor, config: ProbeTrainConfig, points: list[str] | None = None
+) -> tuple[Probe, dict[str, Any]]:
     """Fit the probe with Adam, class-balanced weights and early stopping on a stratified split. `points`: each
     event's decision point kind (None: all cues)."""
     if features.ndim != 2 or len(features) != len(labels):
@@ -189,7 +204,9 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrain
     n = len(train_idx)
     pos_weight, neg_weight = n / (2 * max(n_pos, 1)), n / (2 * max(n - n_pos, 1))
     weights = torch.where(y == 1, pos_weight, neg_weight)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        probe.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     generator = torch.Generator().manual_seed(config.seed)
     best_loss, best_state, stale, epochs = math.inf, None, 0, 0
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
@@ -205,7 +222,9 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeTrain
             optimizer.step()
         probe.eval()
         with torch.no_grad():
-            val_loss = float((loss_fn(probe(x[val_t]), y[val_t]) * weights[val_t]).mean()) if len(val_t) else 0.0
+            val_loss = (
+                float((loss_fn(probe(x[val_t]), y[val_t]) * weights[val_t]).mean()) if len(val_t) else 0.0
+            )
         epochs = epoch + 1
         if val_loss < best_loss - 1e-6:
             best_loss, stale = val_loss, 0
@@ -260,8 +279,10 @@ class ProbeBundle:
         """Refuse decision point kinds the probe never saw, naming the ones it did."""
         unseen = [kind for kind in points if kind not in self.kinds]
         if unseen:
-            raise ValueError(f"the probe was trained on {points_key(self.kinds)} decision points only; it never saw "
-                             f"{', '.join(unseen)} points (build its data with --decision-points {points_key(points)})")
+            raise ValueError(
+                f"the probe was trained on {points_key(self.kinds)} decision points only; it never saw "
+                f"{', '.join(unseen)} points (build its data with --decision-points {points_key(points)})"
+            )
 
     def harm_threshold(self, delta: float, points: tuple[str, ...] = DEFAULT_POINTS) -> TrajectoryThreshold:
         return _pick(self.harm_thresholds, delta, "harm", points_key(points))
@@ -269,7 +290,9 @@ class ProbeBundle:
     def event_threshold(self, delta: float, point: str = "cue") -> EventThreshold:
         return _pick(self.event_thresholds, delta, "event", point, attribute="point")
 
-    def trajectory_threshold(self, delta: float, points: tuple[str, ...] = DEFAULT_POINTS) -> TrajectoryThreshold:
+    def trajectory_threshold(
+        self, delta: float, points: tuple[str, ...] = DEFAULT_POINTS
+    ) -> TrajectoryThreshold:
         return _pick(self.trajectory_thresholds, delta, "trajectory", points_key(points))
 
     def give_up_threshold(self, delta: float, points: tuple[str, ...] = DEFAULT_POINTS) -> GiveUpThreshold:
@@ -283,10 +306,14 @@ def _pick(thresholds: list[Any], delta: float, mode: str, points: str, attribute
             return item
     if not of_points:
         calibrated = sorted({getattr(item, attribute) for item in thresholds})
-        raise ValueError(f"probe has no {mode}-level calibration for {points} decision points; calibrated: "
-                         f"{calibrated or 'none (run lynx-exit calibrate)'}")
+        raise ValueError(
+            f"probe has no {mode}-level calibration for {points} decision points; calibrated: "
+            f"{calibrated or 'none (run lynx-exit calibrate)'}"
+        )
     available = [t.delta for t in of_points]
-    raise ValueError(f"probe has no {mode}-level calibration at delta={delta} ({points} points); calibrated deltas: {available}")
+    raise ValueError(
+        f"probe has no {mode}-level calibration at delta={delta} ({points} points); calibrated deltas: {available}"
+    )
 
 
 def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, Any]) -> None:
@@ -294,19 +321,25 @@ def save_probe(folder: Path, probe: Probe, spec: FeatureSpec, meta: dict[str, An
     folder.mkdir(parents=True, exist_ok=True)
     stale = folder / CONFORMAL_FILE
     if stale.exists():
-        logger.warning("%s belonged to the probe being replaced: removed (run lynx-exit calibrate again)", stale)
+        logger.warning(
+            "%s belonged to the probe being replaced: removed (run lynx-exit calibrate again)", stale
+        )
         stale.unlink()
     card = folder / "README.md"  # the model card calibrate wrote describes the old calibration
     if card.is_file() and card.read_text(encoding="utf-8").startswith("---\nlibrary_name: lynx-exit\n"):
         card.unlink()
     tensors = {name: value.detach().contiguous() for name, value in probe.state_dict().items()}
     save_tensors_atomic(folder / PROBE_WEIGHTS, tensors, metadata={"format": "lynx-exit-probe-v1"})
-    write_json_atomic(folder / PROBE_META, {"feature_spec": spec.to_dict(), "decision_points": list(probe.kinds), **meta})
+    write_json_atomic(
+        folder / PROBE_META, {"feature_spec": spec.to_dict(), "decision_points": list(probe.kinds), **meta}
+    )
 
 
 def write_conformal(folder: Path, report: dict[str, Any]) -> None:
     """Write `conformal.json` bound to the probe weights it was computed for (their sha256)."""
-    write_json_atomic(folder / CONFORMAL_FILE, {"probe_weights_sha256": file_sha256(folder / PROBE_WEIGHTS), **report})
+    write_json_atomic(
+        folder / CONFORMAL_FILE, {"probe_weights_sha256": file_sha256(folder / PROBE_WEIGHTS), **report}
+    )
 
 
 def _read_conformal(path: Path, weights_sha256: str) -> dict[str, list[Any]]:
@@ -325,8 +358,12 @@ def _read_conformal(path: Path, weights_sha256: str) -> dict[str, list[Any]]:
             f"{weights_sha256[:12]}): the probe was retrained or copied after calibration; run lynx-exit calibrate again"
         )
     sections: dict[str, list[Any]] = {}
-    for mode, parse in (("event", EventThreshold.from_dict), ("trajectory", TrajectoryThreshold.from_dict),
-                        ("harm", TrajectoryThreshold.from_dict), ("give_up", GiveUpThreshold.from_dict)):
+    for mode, parse in (
+        ("event", EventThreshold.from_dict),
+        ("trajectory", TrajectoryThreshold.from_dict),
+        ("harm", TrajectoryThreshold.from_dict),
+        ("give_up", GiveUpThreshold.from_dict),
+    ):
         rows = data.get(mode, [])
         if not isinstance(rows, list):
             raise ValueError(f"{path}: {mode!r} must be a list of thresholds, got {type(rows).__name__}")
@@ -343,7 +380,9 @@ def _read_conformal(path: Path, weights_sha256: str) -> dict[str, list[Any]]:
     return sections
 
 
-def load_probe(folder: str | Path, expected: FeatureSpec | None = None, calibration: bool = True) -> ProbeBundle:
+def load_probe(
+    folder: str | Path, expected: FeatureSpec | None = None, calibration: bool = True
+) -> ProbeBundle:
     """Load a probe folder; with `expected`, refuse a probe from another feature space.
 
     With `calibration`, also read `conformal.json` if present (refused if it belongs to other weights).

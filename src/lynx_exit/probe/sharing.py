@@ -45,10 +45,14 @@ def locate_probe(ref: str | Path, cache_dir: str | Path | None = None) -> Path:
         return path
     text = str(ref)
     if path.exists():
-        raise FileNotFoundError(f"--probe {text!r} is a file; give the probe folder (the one holding {PROBE_WEIGHTS})")
+        raise FileNotFoundError(
+            f"--probe {text!r} is a file; give the probe folder (the one holding {PROBE_WEIGHTS})"
+        )
     repo_id, _, revision = text.partition("@")
     if not _is_repo_id(repo_id):
-        raise FileNotFoundError(f"probe folder {text!r} does not exist (nor is it a Hub repo id OWNER/NAME[@REVISION])")
+        raise FileNotFoundError(
+            f"probe folder {text!r} does not exist (nor is it a Hub repo id OWNER/NAME[@REVISION])"
+        )
     folder = Path(_download(repo_id, revision or None, cache_dir))
     if not (folder / PROBE_WEIGHTS).is_file() or not (folder / PROBE_META).is_file():
         raise FileNotFoundError(
@@ -84,7 +88,9 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None) 
             )
         )
     except GatedRepoError:
-        raise FileNotFoundError(f"{where}: {repo_id!r} is gated; accept its terms on the Hub, then `hf auth login`") from None
+        raise FileNotFoundError(
+            f"{where}: {repo_id!r} is gated; accept its terms on the Hub, then `hf auth login`"
+        ) from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(
             f"{where}, and the Hub has no repository {repo_id!r} you can read "
@@ -112,8 +118,10 @@ def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path |
     """The cached snapshot folder that holds the probe's weights and metadata at `revision`, else None."""
     import huggingface_hub
 
-    found = [huggingface_hub.try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
-             for name in (PROBE_WEIGHTS, PROBE_META)]
+    found = [
+        huggingface_hub.try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+        for name in (PROBE_WEIGHTS, PROBE_META)
+    ]
     if not all(isinstance(path, str) for path in found):
         return None
     return str(Path(str(found[0])).parent)
@@ -135,17 +143,28 @@ def _calibration_rows(report: dict[str, Any]) -> list[str]:
             rule = "never exits (too few unsafe calibration events for this δ)"
         else:
             rule = f"P(safe) > {_number(high)}" if high >= low else f"P(safe) ≥ {_number(low)}"
-        rows.append(f"| event | {row.get('point', 'cue')} | {row['delta']} | {rule} | "
-                    f"{row['n_pos']} safe / {row['n_neg']} unsafe events |")
+        rows.append(
+            f"| event | {row.get('point', 'cue')} | {row['delta']} | {rule} | "
+            f"{row['n_pos']} safe / {row['n_neg']} unsafe events |"
+        )
     for mode in ("trajectory", "harm", "give_up"):
         for row in report.get(mode, []):
             if mode == "give_up":
-                rule = "never gives up" if row.get("never") else (f"give up at P(safe) ≤ {_number(row['threshold'])} from "
-                                                                  f"token {row['min_tokens']} on")
+                rule = (
+                    "never gives up"
+                    if row.get("never")
+                    else (
+                        f"give up at P(safe) ≤ {_number(row['threshold'])} from token {row['min_tokens']} on"
+                    )
+                )
             else:
                 rule = "never exits" if row.get("never_exit") else f"P(safe) ≥ {_number(row['threshold'])}"
-            stat = f"risk {_number(row['empirical_risk'])} on {row['n_rollouts']} rollouts, ε = {row['epsilon']}"
-            rows.append(f"| {mode.replace('_', '-')} | {row.get('points', 'cue')} | {row['delta']} | {rule} | {stat} |")
+            stat = (
+                f"risk {_number(row['empirical_risk'])} on {row['n_rollouts']} rollouts, ε = {row['epsilon']}"
+            )
+            rows.append(
+                f"| {mode.replace('_', '-')} | {row.get('points', 'cue')} | {row['delta']} | {rule} | {stat} |"
+            )
     return rows
 
 
@@ -156,8 +175,11 @@ def _data_lines(summary: dict[str, Any] | None, folder: Any, task: Any) -> list[
     lines.append(
         f"- {summary['problems']} problems, {summary['rollouts']} rollouts, {summary['events']} events "
         f"({summary['safe_events']} safe)"
-        + (": " + ", ".join(f"{n} at {kind} points" for kind, n in summary["events_by_point"].items())
-           if summary.get("events_by_point") else " at cue words")
+        + (
+            ": " + ", ".join(f"{n} at {kind} points" for kind, n in summary["events_by_point"].items())
+            if summary.get("events_by_point")
+            else " at cue words"
+        )
     )
     generation = summary.get("generation")
     if generation:
@@ -187,7 +209,7 @@ def model_card(folder: str | Path) -> str:
         "the conformal thresholds turn your δ into the exit rule. Use this folder, or this repository, as `--probe`:",
         "",
         "```bash",
-        f"lynx-exit generate --model {spec.model_id} --probe PROBE --delta {delta} --mode event \"your question\"",
+        f'lynx-exit generate --model {spec.model_id} --probe PROBE --delta {delta} --mode event "your question"',
         "```",
         "",
         "It is refused with any other model, tokenizer, layers or thinking profile.",
@@ -202,15 +224,22 @@ def model_card(folder: str | Path) -> str:
         f"- tokenizer sha256: `{spec.tokenizer_hash}`",
     ]
     if profile:
-        out.append("- profile: " + ", ".join(f"{key} `{json.dumps(value)}`" for key, value in sorted(profile.items())))
+        out.append(
+            "- profile: "
+            + ", ".join(f"{key} `{json.dumps(value)}`" for key, value in sorted(profile.items()))
+        )
     metrics = meta.get("metrics", {})
     out += ["", "## Training", ""]
     out += _data_lines(meta.get("training_dataset"), meta.get("training_data"), meta.get("training_task"))
-    quality = ", ".join(f"{key} {_number(metrics[key])}" for key in ("val_auroc", "val_brier", "epochs") if key in metrics)
+    quality = ", ".join(
+        f"{key} {_number(metrics[key])}" for key in ("val_auroc", "val_brier", "epochs") if key in metrics
+    )
     if quality:
         out.append(f"- held-out events: {quality}")
     out += ["", "## Calibration", ""]
-    out += _data_lines(report.get("calibration_dataset"), report.get("calibration_data"), report.get("calibration_data"))
+    out += _data_lines(
+        report.get("calibration_dataset"), report.get("calibration_data"), report.get("calibration_data")
+    )
     out += [
         "",
         "| mode | decision points | δ | rule | calibration |",

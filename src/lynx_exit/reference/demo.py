@@ -45,17 +45,28 @@ def run_demo(config: DemoConfig, out_dir: Path, progress: bool = True) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = load_model(config.model)
     spec = lm.feature_spec()
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=0.6, top_p=0.95, seed=config.seed)
+    generation = GenerationConfig(
+        max_new_tokens=config.max_new_tokens, temperature=0.6, top_p=0.95, seed=config.seed
+    )
     build = BuildConfig(batch_size=config.batch_size)
     splits = {
-        "train": as_task_problems(make_problems("train", config.train_problems, seed=config.seed + 17), "train"),
+        "train": as_task_problems(
+            make_problems("train", config.train_problems, seed=config.seed + 17), "train"
+        ),
         "calib": as_task_problems(make_problems("calib", config.calib_problems), "calib"),
         "test": as_task_problems(make_problems("test", config.test_problems), "test"),
     }
     summaries = {}
     for split in ("train", "calib"):
-        summaries[split] = build_dataset(lm, splits[split], out_dir / f"data-{split}", generation, build, spec, progress=progress)
-    metrics = train_probe_folder(load_dataset(out_dir / "data-train"), out_dir / "probe", ProbeTrainConfig(seed=config.seed), "data-train")
+        summaries[split] = build_dataset(
+            lm, splits[split], out_dir / f"data-{split}", generation, build, spec, progress=progress
+        )
+    metrics = train_probe_folder(
+        load_dataset(out_dir / "data-train"),
+        out_dir / "probe",
+        ProbeTrainConfig(seed=config.seed),
+        "data-train",
+    )
     calibrate_probe_folder(out_dir / "probe", load_dataset(out_dir / "data-calib"), deltas=config.deltas)
     grids = {"budget": ",".join(map(str, config.budgets)), "delta": ",".join(map(str, config.deltas))}
     settings = parse_methods(["never", "token-budget", "lynx", "lynx-harm"], grids, extra={"mode": "event"})
@@ -63,7 +74,13 @@ def run_demo(config: DemoConfig, out_dir: Path, progress: bool = True) -> dict[s
         max_new_tokens=config.max_new_tokens, temperature=0.6, top_p=0.95, seed=config.seed + 1
     )
     summary = run_eval(
-        lm, splits["test"], settings, eval_generation, out_dir / "eval", batch_size=config.batch_size, progress=progress,
+        lm,
+        splits["test"],
+        settings,
+        eval_generation,
+        out_dir / "eval",
+        batch_size=config.batch_size,
+        progress=progress,
         probe=str(out_dir / "probe"),
     )
     rates = empirical_rates(load_probe(out_dir / "probe"), load_dataset(out_dir / "data-calib"))

@@ -71,7 +71,9 @@ def sample_problem(rng: random.Random) -> WordProblem:
     value = rng.randint(2, 15)
     start, ops = value, []
     for _ in range(steps):
-        choices = (["+"] if value <= 48 else []) + (["-"] if value >= 2 else []) + (["*"] if value <= 20 else [])
+        choices = (
+            (["+"] if value <= 48 else []) + (["-"] if value >= 2 else []) + (["*"] if value <= 20 else [])
+        )
         op = rng.choice(choices)
         if op == "+":
             b = rng.randint(1, min(12, 60 - value))
@@ -100,4 +102,6 @@ def make_problems(split: str, count: int, seed: int | None = None) -> list[WordP
 
 
 def as_task_problems(problems: list[WordProblem], split: str) -> list[Problem]:
-    return [Problem("arith", f"arith-{split}-{i}", p.question(), str(p.answer)) for i, p in enumerate(problems)]
+    return [
+        Problem("arith", f"arith-{split}-{i}", p.question(), str(p.answer)) for i, p in enumerate(problems)
+    ]

@@ -24,7 +24,9 @@ CHAT_TEMPLATE = (
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `corpus`; the chat template opens a `<think>` block."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} for a byte-level BPE, got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} for a byte-level BPE, got {vocab_size}"
+        )
     backend = Tokenizer(models.BPE())
     # Single digits make arithmetic learnable for a small model and keep numbers unambiguous.
     backend.pre_tokenizer = pre_tokenizers.Sequence(

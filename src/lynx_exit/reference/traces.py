@@ -19,8 +19,15 @@ def _wrong_value(rng: random.Random, right: int) -> int:
     return wrong if wrong >= 0 and wrong != right else right + 1
 
 
-def _step_lines(problem: WordProblem, rng: random.Random, i: int, values: list[int], cue_rate: float, slip_rate: float,
-                may_slip: bool = True) -> list[str]:
+def _step_lines(
+    problem: WordProblem,
+    rng: random.Random,
+    i: int,
+    values: list[int],
+    cue_rate: float,
+    slip_rate: float,
+    may_slip: bool = True,
+) -> list[str]:
     """Step i of the chain: maybe a cue before it, the step, a slip caught at once, the running value."""
     op, b = problem.ops[i]
     before, after = values[i], values[i + 1]
@@ -76,11 +83,15 @@ class TracePreset:
     # MATH-500-like traces for a 1.5B distill, ~7 % for the 7B, most on the hardest problems (DEER Table 5 means,
     # derived). The traces are written with `trained_runaway`, the rate that samples at this one (see there).
     runaway_by_steps: dict[int, float]
-    runaway_after_candidate: float = 0.5  # share of loops that start after a candidate answer (assumption in the notes)
+    runaway_after_candidate: float = (
+        0.5  # share of loops that start after a candidate answer (assumption in the notes)
+    )
     # Re-checks after the first answer: 2.5-7 candidates per rollout (FTM Table 4), 3-4.5 rounds (2412.21187).
     rechecks: tuple[int, ...] = (0, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6)
     slip_caught_rate: float = 0.12  # per step: a slip fixed at once ("Wait, ... is not X. It is Y.")
-    step_cue_rate: float = 0.35  # "Hmm, next step." between steps: cues come before the answer too (FTM Fig. 1)
+    step_cue_rate: float = (
+        0.35  # "Hmm, next step." between steps: cues come before the answer too (FTM Fig. 1)
+    )
     # A gap between the answer being computed and being stated (2412.21187: the first correct answer ends at
     # 43-56 % of the tokens; FTM: the first candidate at 0.5-0.75 of the trace).
     hesitation_rate: float = 0.5
@@ -95,7 +106,9 @@ class TracePreset:
     def __post_init__(self) -> None:
         for change in (self.fix_given_wrong + self.other_given_wrong, self.spoil_given_right):
             if change > self.rederive_rate:
-                raise ValueError(f"{self.name}: a change rate {change} exceeds rederive_rate {self.rederive_rate}")
+                raise ValueError(
+                    f"{self.name}: a change rate {change} exceeds rederive_rate {self.rederive_rate}"
+                )
 
     def trained_runaway(self, steps: int) -> float:
         """The share of loops to write so that a model sampled at `sampling_temperature` loops at the literature's
@@ -109,7 +122,9 @@ class TracePreset:
 SMALL = TracePreset(
     name="reference",
     first_wrong_by_steps={2: 0.05, 3: 0.09, 4: 0.14, 5: 0.19, 6: 0.25},
-    fix_given_wrong=0.35, other_given_wrong=0.11, spoil_given_right=0.014,
+    fix_given_wrong=0.35,
+    other_given_wrong=0.11,
+    spoil_given_right=0.014,
     runaway_by_steps={2: 0.03, 3: 0.07, 4: 0.13, 5: 0.22, 6: 0.32},
 )
 LARGE = TracePreset(
@@ -117,7 +132,9 @@ LARGE = TracePreset(
     # A 7B-like model: fewer first-try errors, fewer and mostly corrective changes (FTM: Qwen3-8B and R1-0528
     # change the answer in 1.6-2.4 % of reflections against 12.4 % for R1-Distill-Qwen-7B), half the loops.
     first_wrong_by_steps={2: 0.02, 3: 0.04, 4: 0.06, 5: 0.08, 6: 0.11},
-    fix_given_wrong=0.45, other_given_wrong=0.05, spoil_given_right=0.007,
+    fix_given_wrong=0.45,
+    other_given_wrong=0.05,
+    spoil_given_right=0.007,
     runaway_by_steps={2: 0.01, 3: 0.03, 4: 0.06, 5: 0.10, 6: 0.16},
     rechecks=(0, 1, 1, 1, 2, 2, 2, 3, 3, 4),
 )
@@ -168,26 +185,52 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
         values[slip_step + 1 :] = _recompute(problem, slip_step, values[slip_step + 1])
     loop_step = rng.randrange(steps) if runaway and not loop_after_candidate else -1
     for i, (op, b) in enumerate(problem.ops):
-        lines += _step_lines(problem, rng, i, values, preset.step_cue_rate, preset.slip_caught_rate, may_slip=i != slip_step)
+        lines += _step_lines(
+            problem, rng, i, values, preset.step_cue_rate, preset.slip_caught_rate, may_slip=i != slip_step
+        )
         if i == loop_step:  # a loop before any answer: the same step redone forever
             before, after = values[i], values[i + 1]
-            return _loop(lines, [f"Wait, let me redo step {i + 1}: {before} {op} {b} = {after}."], preset, None)
+            return _loop(
+                lines, [f"Wait, let me redo step {i + 1}: {before} {op} {b} = {after}."], preset, None
+            )
     held = values[-1]
     doubtful = held != problem.answer
     if rng.random() < preset.hesitation_rate:
-        lines.append(rng.choice(["Hmm, did I use every step?", "Hmm, let me make sure I read the question right.",
-                                 f"Wait, the question asks how many {problem.obj} {problem.name} has now."]))
+        lines.append(
+            rng.choice(
+                [
+                    "Hmm, did I use every step?",
+                    "Hmm, let me make sure I read the question right.",
+                    f"Wait, the question asks how many {problem.obj} {problem.name} has now.",
+                ]
+            )
+        )
     if doubtful and rng.random() < preset.extra_doubt_if_wrong:
-        lines.append(rng.choice(["Hmm, I am not sure about this.", "Hmm, that number feels off.",
-                                 "Alternatively, I could have slipped somewhere."]))
+        lines.append(
+            rng.choice(
+                [
+                    "Hmm, I am not sure about this.",
+                    "Hmm, that number feels off.",
+                    "Alternatively, I could have slipped somewhere.",
+                ]
+            )
+        )
     before_first = _count_cues(lines)
     lines.append(ANSWER_SENTENCE.format(held))
     first = held
     if loop_after_candidate:  # a loop that re-checks a step it does not catch (never the slipped one)
         k = rng.choice([j for j in range(steps) if j != slip_step])
         op, b = problem.ops[k]
-        return _loop(lines, [f"Wait, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}.",
-                             f"Hmm, let me check the answer {held} again."], preset, first, before_first)
+        return _loop(
+            lines,
+            [
+                f"Wait, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}.",
+                f"Hmm, let me check the answer {held} again.",
+            ],
+            preset,
+            first,
+            before_first,
+        )
     # Whether one re-check re-derives the chain from the start, and what that re-derivation finds (FTM: over
     # 90 % of reflections confirm): in a wrong chain it fixes the slip, slips elsewhere or repeats the slip; in a
     # right chain it repeats it or slips (reflection hurting).
@@ -196,7 +239,13 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
     if rederive:
         draw = rng.random() * preset.rederive_rate
         if doubtful:
-            change = "fix" if draw < preset.fix_given_wrong else "other" if draw < preset.fix_given_wrong + preset.other_given_wrong else "same"
+            change = (
+                "fix"
+                if draw < preset.fix_given_wrong
+                else "other"
+                if draw < preset.fix_given_wrong + preset.other_given_wrong
+                else "same"
+            )
         elif draw < preset.spoil_given_right:
             change = "spoil"
     rechecks = rng.choice(preset.rechecks) + (1 if doubtful else 0)
@@ -225,7 +274,9 @@ def _count_cues(lines: list[str]) -> int:
     return sum(len(_CUE.findall(line)) for line in lines)
 
 
-def _loop(lines: list[str], segment: list[str], preset: TracePreset, first: int | None, before_first: int = 0) -> Trace:
+def _loop(
+    lines: list[str], segment: list[str], preset: TracePreset, first: int | None, before_first: int = 0
+) -> Trace:
     """Repeat `segment` until the trace is `runaway_chars` long: no end of thinking, no answer."""
     body = "\n".join(lines)
     while len(body) < preset.runaway_chars:
@@ -236,7 +287,9 @@ def _loop(lines: list[str], segment: list[str], preset: TracePreset, first: int 
     return Trace(body, first, None, True, [], before_first, cues - before_first)
 
 
-def _confirmation(problem: WordProblem, rng: random.Random, values: list[int], held: int, avoid: int = -1) -> str:
+def _confirmation(
+    problem: WordProblem, rng: random.Random, values: list[int], held: int, avoid: int = -1
+) -> str:
     """A re-check that confirms: a step recomputed (never step `avoid`, whose written value is wrong and would
     be caught) or the whole chain restated."""
     kind = rng.randrange(3)
@@ -248,8 +301,9 @@ def _confirmation(problem: WordProblem, rng: random.Random, values: list[int], h
     return f"{cue}, let me check step {k + 1}: {values[k]} {op} {b} = {values[k + 1]}. Yes, that is right."
 
 
-def _rederivation(problem: WordProblem, rng: random.Random, values: list[int], slip_step: int,
-                  change: str) -> tuple[list[int], str, int]:
+def _rederivation(
+    problem: WordProblem, rng: random.Random, values: list[int], slip_step: int, change: str
+) -> tuple[list[int], str, int]:
     """A re-check that works the whole chain out again: the running values it leaves, its sentence, and the step
     it leaves written wrong (-1: none).
 

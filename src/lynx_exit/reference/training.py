@@ -24,6 +24,7 @@ from lynx_exit.tasks import REASONING_SUFFIX
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ReferenceTrainConfig:
     steps: int = 1600
@@ -45,11 +46,21 @@ class ReferenceTrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in ("v1", *PRESETS):
             raise ValueError(f"preset must be one of v1, {', '.join(PRESETS)}, got {self.preset!r}")
-        for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_train_problems"):
+        for name in (
+            "steps",
+            "batch_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "num_train_problems",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.init_from and self.tokenizer_from:
-            raise ValueError("init_from keeps that checkpoint's tokenizer; tokenizer_from is for training from scratch")
+            raise ValueError(
+                "init_from keeps that checkpoint's tokenizer; tokenizer_from is for training from scratch"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -83,7 +94,9 @@ def shared_tokenizer(vocab_size: int) -> Any:
     return train_tokenizer((q + "\n" + t for q, t, _ in corpus), vocab_size=vocab_size)
 
 
-def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def train_reference_model(
+    config: ReferenceTrainConfig, out_dir: Path, progress: bool = True
+) -> dict[str, Any]:
     """Train the reference model (from scratch, or on from `init_from`) and `save_pretrained` it to `out_dir`."""
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -105,9 +118,13 @@ def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress:
         tokenizer = shared_tokenizer(config.vocab_size)
     examples = []
     for question, trace, ends in corpus:
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         prompt = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
-        target = tokenizer(trace, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if ends else [])
+        target = tokenizer(trace, add_special_tokens=False)["input_ids"] + (
+            [tokenizer.eos_token_id] if ends else []
+        )
         examples.append((prompt, target[: 1024 - len(prompt)]))  # a loop is cut at the context
     mean_trace = sum(len(t) for _, t in examples) / len(examples)
     logger.info("corpus: %d examples, mean trace %.1f tokens", len(examples), mean_trace)
@@ -124,10 +141,18 @@ def train_reference_model(config: ReferenceTrainConfig, out_dir: Path, progress:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM.from_pretrained(config.init_from) if config.init_from else LlamaForCausalLM(model_config)
-    model.config.lynx_step_separator = "\n"  # the traces write one reasoning step a line: a line ends a paragraph
+    model = (
+        LlamaForCausalLM.from_pretrained(config.init_from)
+        if config.init_from
+        else LlamaForCausalLM(model_config)
+    )
+    model.config.lynx_step_separator = (
+        "\n"  # the traces write one reasoning step a line: a line ends a paragraph
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=config.steps
+    )
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     started = time.perf_counter()

@@ -34,10 +34,14 @@ def require_ray() -> ModuleType:
 
 @dataclass(frozen=True)
 class RayOptions:
-    address: str | None = None  # None: the running cluster if any, else a local instance; "local"; "auto"; an address
+    address: str | None = (
+        None  # None: the running cluster if any, else a local instance; "local"; "auto"; an address
+    )
     workers: int = 2
     gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
-    cpus_per_worker: int | None = None  # None: this machine's cores / workers (at least 1); also the torch threads
+    cpus_per_worker: int | None = (
+        None  # None: this machine's cores / workers (at least 1); also the torch threads
+    )
     max_retries: int = 3  # restarts of a dead worker, and retries of the shard it was running
 
     def __post_init__(self) -> None:
@@ -76,14 +80,21 @@ class _Worker:
     def check_settings(self, settings: list[MethodSetting]) -> None:
         check_settings(self.context, settings)
 
-    def build_chunk(self, chunk: Chunk, generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec) -> ChunkResult:
+    def build_chunk(
+        self, chunk: Chunk, generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
+    ) -> ChunkResult:
         self._test_exit_hook()
         result = compute_chunk(self.lm, chunk, generation, config, spec)
         self.shards_done += 1
         return result
 
     def eval_shard(
-        self, setting: MethodSetting, jobs: list[Job], generation: GenerationConfig, rollouts: int, batch_size: int
+        self,
+        setting: MethodSetting,
+        jobs: list[Job],
+        generation: GenerationConfig,
+        rollouts: int,
+        batch_size: int,
     ) -> tuple[MethodSetting, list[dict[str, Any]], float]:
         self._test_exit_hook()
         began = time.perf_counter()
@@ -99,7 +110,9 @@ class RayPool:
     Ray is started here (and shut down on exit) unless it is already running in this process.
     """
 
-    def __init__(self, source: ModelSource, options: RayOptions, probe: str | None = None, deepconf: str | None = None) -> None:
+    def __init__(
+        self, source: ModelSource, options: RayOptions, probe: str | None = None, deepconf: str | None = None
+    ) -> None:
         self.source, self.options, self.probe, self.deepconf = source, options, probe, deepconf
         self.ray = require_ray()
         self._started = False
@@ -108,8 +121,12 @@ class RayPool:
     def __enter__(self) -> RayPool:
         ray = self.ray
         if not ray.is_initialized():
-            ray.init(address=self.options.address, include_dashboard=False, configure_logging=False,
-                     log_to_driver=False)
+            ray.init(
+                address=self.options.address,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,
+            )
             self._started = True
         try:
             self._actors = self._start_workers()
@@ -129,14 +146,19 @@ class RayPool:
             source = ModelSource(source.name, source.dtype, "cuda", source.overrides)
         env = {k: os.environ[k] for k in (EXIT_AFTER_ENV, EXIT_MARKER_ENV) if k in os.environ}
         worker = ray.remote(_Worker).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=options.max_retries, max_task_retries=options.max_retries,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_restarts=options.max_retries,
+            max_task_retries=options.max_retries,
             runtime_env={"env_vars": env} if env else None,
         )
         actors = [worker.remote(source, cpus, self.probe, self.deepconf) for _ in range(options.workers)]
         logger.info("%d Ray workers, %d CPUs and %g GPUs each", options.workers, cpus, gpus)
         return actors
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         for actor in self._actors:
             self.ray.kill(actor)
         self._actors = []
@@ -180,12 +202,21 @@ class RayPool:
         self, chunks: list[Chunk], generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
     ) -> Iterator[ChunkResult]:
         """Each chunk's result, in the chunks' order (the driver writes them as a single process would)."""
-        yield from self._pool().map(lambda actor, chunk: actor.build_chunk.remote(chunk, generation, config, spec), chunks)
+        yield from self._pool().map(
+            lambda actor, chunk: actor.build_chunk.remote(chunk, generation, config, spec), chunks
+        )
 
     def eval_runner(
-        self, shards: list[tuple[MethodSetting, list[Job]]], generation: GenerationConfig, rollouts: int, batch_size: int
+        self,
+        shards: list[tuple[MethodSetting, list[Job]]],
+        generation: GenerationConfig,
+        rollouts: int,
+        batch_size: int,
     ) -> Iterator[tuple[MethodSetting, list[dict[str, Any]], float]]:
         """Each shard's records and compute seconds, as the shards finish."""
         yield from self._pool().map_unordered(
-            lambda actor, shard: actor.eval_shard.remote(shard[0], shard[1], generation, rollouts, batch_size), shards
+            lambda actor, shard: actor.eval_shard.remote(
+                shard[0], shard[1], generation, rollouts, batch_size
+            ),
+            shards,
         )

@@ -46,12 +46,16 @@ def create_app(server: Server) -> FastAPI:
         server.prompt_pool.shutdown(wait=False, cancel_futures=True)
 
     # With an API key, nothing is open without it: the documentation routes are off.
-    docs: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None} if server.options.api_key else {}
+    docs: dict[str, Any] = (
+        {"docs_url": None, "redoc_url": None, "openapi_url": None} if server.options.api_key else {}
+    )
     app = FastAPI(title="lynx-exit", lifespan=lifespan, **docs)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        error = APIError(
+            exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+        )
         return JSONResponse(error.body(), status_code=exc.status_code)
 
     @app.post("/v1/chat/completions")
@@ -75,9 +79,17 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status = "ok" if server.worker.alive and server.accepting else ("shutting_down" if server.worker.alive else "down")
-        body = {"status": status, "running": server.worker.engine.num_running,
-                "waiting": server.worker.engine.num_waiting, "in_flight": server.in_flight}
+        status = (
+            "ok"
+            if server.worker.alive and server.accepting
+            else ("shutting_down" if server.worker.alive else "down")
+        )
+        body = {
+            "status": status,
+            "running": server.worker.engine.num_running,
+            "waiting": server.worker.engine.num_waiting,
+            "in_flight": server.in_flight,
+        }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
@@ -92,7 +104,9 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) 
         loop.call_soon_threadsafe(fn, arg)
 
 
-async def _api(server: Server, request: Request, endpoint: str, handler: Callable[[], Awaitable[Response]]) -> Response:
+async def _api(
+    server: Server, request: Request, endpoint: str, handler: Callable[[], Awaitable[Response]]
+) -> Response:
     """Auth, OpenAI-style errors and the request counter around one API route."""
     try:
         _check_key(server, request)
@@ -103,10 +117,19 @@ async def _api(server: Server, request: Request, endpoint: str, handler: Callabl
         logger.debug("client disconnected during its upload to %s", request.url.path)
         response = Response(status_code=499)
     except Exception as exc:  # a fault of ours: an OpenAI-shaped 500, one log line, counted like any answer
-        logger.error("unhandled %s in %s: %s", type(exc).__name__, request.url.path, exc,
-                     exc_info=logger.isEnabledFor(logging.DEBUG))
-        error = APIError(500, f"internal error ({type(exc).__name__}); the request was not completed",
-                         kind="server_error", code="internal_error")
+        logger.error(
+            "unhandled %s in %s: %s",
+            type(exc).__name__,
+            request.url.path,
+            exc,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+        error = APIError(
+            500,
+            f"internal error ({type(exc).__name__}); the request was not completed",
+            kind="server_error",
+            code="internal_error",
+        )
         response = JSONResponse(error.body(), status_code=500)
     server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     return response
@@ -127,8 +150,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"the request body is {size} bytes or more; this server accepts at most {limit} bytes "
-                         "(lynx-exit serve --max-body-mb)", code="request_too_large")
+    return APIError(
+        413,
+        f"the request body is {size} bytes or more; this server accepts at most {limit} bytes "
+        "(lynx-exit serve --max-body-mb)",
+        code="request_too_large",
+    )
 
 
 def _check_key(server: Server, request: Request) -> None:
@@ -136,11 +163,17 @@ def _check_key(server: Server, request: Request) -> None:
     if key is None:
         return
     given = request.headers.get("authorization", "")
-    if request.url.path == "/" and "key" in request.query_params:  # the page: a browser cannot send the header
+    if (
+        request.url.path == "/" and "key" in request.query_params
+    ):  # the page: a browser cannot send the header
         given = f"Bearer {request.query_params['key']}"
     if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                       kind="authentication_error", code="invalid_api_key")
+        raise APIError(
+            401,
+            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+            kind="authentication_error",
+            code="invalid_api_key",
+        )
 
 
 async def _page(page: str) -> Response:
@@ -153,15 +186,24 @@ async def _models(server: Server) -> Response:
         bundle, _ = server.methods.loaded_probe()
         bundle_info = {
             "name": server.options.probe_label or Path(server.options.probe).name,
-            "calibrated_deltas": {mode: sorted({t.delta for t in getattr(bundle, f"{mode}_thresholds")})
-                                  for mode in ("event", "trajectory", "harm", "give_up")},
+            "calibrated_deltas": {
+                mode: sorted({t.delta for t in getattr(bundle, f"{mode}_thresholds")})
+                for mode in ("event", "trajectory", "harm", "give_up")
+            },
             "decision_points": list(bundle.kinds),
         }
     card = {
-        "id": server.options.model_name, "object": "model", "created": server.started, "owned_by": "lynx-exit",
+        "id": server.options.model_name,
+        "object": "model",
+        "created": server.started,
+        "owned_by": "lynx-exit",
         "max_model_len": server.context_length,
-        "exit": {"default_method": server.options.exit_method, "defaults": dict(server.options.exit_defaults),
-                 "methods": method_names(), "probe": bundle_info or None},
+        "exit": {
+            "default_method": server.options.exit_method,
+            "defaults": dict(server.options.exit_defaults),
+            "methods": method_names(),
+            "probe": bundle_info or None,
+        },
     }
     return JSONResponse({"object": "list", "data": [card]})
 
@@ -178,12 +220,18 @@ async def _completions(server: Server, request: Request, chat: bool) -> Response
     body, plan = await asyncio.get_running_loop().run_in_executor(server.prompt_pool, parse_and_plan)
     points = bool(body.stream and body.stream_options and body.stream_options.lynx_decision_points)
     generation = server.start(plan, body.seed, split=chat, points=points)
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": now(), "model": server.options.model_name}
+    meta = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "created": now(),
+        "model": server.options.model_name,
+    }
     prompt_tokens = sum(len(p) for p in plan.prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = stream(generation, plan, meta, chat, prompt_tokens, include_usage, points)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     if not await _until_done_or_gone(generation, request):
         return Response(status_code=499)  # the client left; nobody reads this
     return JSONResponse(full_response(generation, plan, meta, chat, prompt_tokens))
@@ -225,12 +273,18 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: st
             if self.expiry is None:
                 # At the timeout, what still runs is failed by the worker (503 shutting_down): each stream ends
                 # with an error event and [DONE] instead of being cut; uvicorn's own limit comes after that.
-                self.expiry = threading.Timer(timeout, server.worker.expire,
-                                              args=("the server shut down before this request finished",))
+                self.expiry = threading.Timer(
+                    timeout, server.worker.expire, args=("the server shut down before this request finished",)
+                )
                 self.expiry.daemon = True
                 self.expiry.start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=math.ceil(timeout) + 2)
+    config = uvicorn.Config(
+        create_app(server),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=math.ceil(timeout) + 2,
+    )
     _Uvicorn(config).run()

@@ -24,7 +24,9 @@ class ChoiceUpdate:
     reasoning: str
     content: str
     finish: Finish | None  # set on the choice's last update
-    points: list[dict[str, Any]] = field(default_factory=list)  # decision points passed (when the client asked)
+    points: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # decision points passed (when the client asked)
 
 
 class Generation:
@@ -78,7 +80,9 @@ class Generation:
                     if isinstance(event, TokenEvent):
                         self.texts[choice].push(event.text, event.phase)
                     elif isinstance(event, PointEvent):  # where in the reasoning it is: the characters so far
-                        points.setdefault(choice, []).append({**asdict(event), "chars": len(self.texts[choice].reasoning)})
+                        points.setdefault(choice, []).append(
+                            {**asdict(event), "chars": len(self.texts[choice].reasoning)}
+                        )
                     elif isinstance(event, Finish):
                         touched[choice] = self.finishes[choice] = event
                         pending.discard(choice)

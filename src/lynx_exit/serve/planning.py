@@ -27,11 +27,25 @@ from lynx_exit.serve.protocol import (
 )
 
 # apply_chat_template's own parameters: a request's chat_template_kwargs may not set them.
-_TEMPLATE_RESERVED = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs",
-})
+_TEMPLATE_RESERVED = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 @dataclass
@@ -64,8 +78,13 @@ def _allowed(value: Any, values: tuple[Any, ...]) -> bool:
 class Planner:
     """Checks and plans requests for one model and one set of server options."""
 
-    def __init__(self, lm: LoadedModel, options: ServerOptions, methods: MethodContext,
-                 token_budget: Callable[[], int | None] = lambda: None) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        options: ServerOptions,
+        methods: MethodContext,
+        token_budget: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.lm, self.options, self.methods = lm, options, methods
         self.token_budget = token_budget  # tokens of KV cache the engine may hold (None: no budget)
         # What an exit may add to a request's tokens: the cue and the forced answer
@@ -80,8 +99,9 @@ class Planner:
     def resolve_exit(self, body: dict[str, Any] | None) -> ExitChoice:
         """A request's `exit` object over the server's defaults, checked by the registry and by building a policy."""
         try:
-            name, options, settings = resolve_exit_options(body, self.options.exit_method, dict(self.options.exit_defaults),
-                                                           self.methods)
+            name, options, settings = resolve_exit_options(
+                body, self.options.exit_method, dict(self.options.exit_defaults), self.methods
+            )
         except ExitSettingError as exc:
             raise bad_request(exc.param, str(exc), code=exc.code) from None
         return ExitChoice(name, options, settings)
@@ -96,8 +116,12 @@ class Planner:
         """Refuse text that cannot fit the context whatever its tokens, before anything tokenizes it."""
         ctx = self.context_length
         if ctx is not None and characters > ctx * self.max_chars_per_position:
-            raise bad_request(param, f"the {param} has {characters} characters, more than the model's context of {ctx} "
-                                     f"tokens can hold", code="context_length_exceeded")
+            raise bad_request(
+                param,
+                f"the {param} has {characters} characters, more than the model's context of {ctx} "
+                f"tokens can hold",
+                code="context_length_exceeded",
+            )
 
     def template_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
         """The request's chat-template switches: only those the model's family declares, with their values."""
@@ -108,26 +132,41 @@ class Planner:
             if key in _TEMPLATE_RESERVED:
                 raise bad_request(param, f"chat_template_kwargs may not set {key!r}: the server sets it")
             if key.endswith("_token") or key.endswith("_tokens"):
-                raise bad_request(param, f"chat_template_kwargs may not set {key!r}: special tokens are the tokenizer's")
+                raise bad_request(
+                    param, f"chat_template_kwargs may not set {key!r}: special tokens are the tokenizer's"
+                )
             if key not in switches:
                 takes = ", ".join(sorted(switches)) or "no switches"
-                raise bad_request(param, f"model {self.options.model_name!r}'s chat template takes {takes}; got {key!r}")
+                raise bad_request(
+                    param, f"model {self.options.model_name!r}'s chat template takes {takes}; got {key!r}"
+                )
             if not _allowed(value, switches[key]):
-                raise bad_request(param, f"chat_template_kwargs.{key} must be one of {list(switches[key])}, got {value!r}")
+                raise bad_request(
+                    param, f"chat_template_kwargs.{key} must be one of {list(switches[key])}, got {value!r}"
+                )
         return kwargs
 
     def chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], ThinkingStart]:
         """The prompt's token ids (the profile's template switches and system prompt, then the request's), and
         how it starts thinking."""
         if not getattr(self.lm.tokenizer, "chat_template", None):
-            raise bad_request("messages", f"model {self.options.model_name!r} has no chat template; "
-                                          "send a raw prompt to /v1/completions")
+            raise bad_request(
+                "messages",
+                f"model {self.options.model_name!r} has no chat template; "
+                "send a raw prompt to /v1/completions",
+            )
         ctx = self.context_length
         if ctx is not None and len(request.messages) > ctx:  # every message renders to one token at least
-            raise bad_request("messages", f"{len(request.messages)} messages cannot fit the model's context of {ctx} "
-                                          "tokens", code="context_length_exceeded")
+            raise bad_request(
+                "messages",
+                f"{len(request.messages)} messages cannot fit the model's context of {ctx} tokens",
+                code="context_length_exceeded",
+            )
         # "developer" is OpenAI's newer name for the system role: templates know only "system"
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
         self.check_length(sum(len(m["content"]) for m in messages), "messages")
         kwargs = self.template_kwargs(request)
         try:
@@ -142,11 +181,16 @@ class Planner:
         given: Any = request.prompt
         if not given:
             raise bad_request("prompt", "prompt must not be empty")
-        prompt: list[Any] = [given] if isinstance(given, str) or all(isinstance(p, int) for p in given) else list(given)
+        prompt: list[Any] = (
+            [given] if isinstance(given, str) or all(isinstance(p, int) for p in given) else list(given)
+        )
         rows, capacity = len(prompt) * request.n, self.options.capacity
         if rows > capacity:  # before a single prompt is tokenized
-            raise bad_request("prompt", f"the request needs {rows} rows ({len(prompt)} prompts × n {request.n}); this "
-                                        f"server runs at most {capacity} at once")
+            raise bad_request(
+                "prompt",
+                f"the request needs {rows} rows ({len(prompt)} prompts × n {request.n}); this "
+                f"server runs at most {capacity} at once",
+            )
         for i, item in enumerate(prompt):
             if isinstance(item, str):
                 if not item:
@@ -161,7 +205,10 @@ class Planner:
                 ids = [int(t) for t in item]
                 bad = [t for t in ids if not 0 <= t < vocab]
                 if not ids or bad:
-                    raise bad_request("prompt", f"prompt {i}: token ids must be a non-empty list in [0, {vocab}), got {bad[:5] or ids}")
+                    raise bad_request(
+                        "prompt",
+                        f"prompt {i}: token ids must be a non-empty list in [0, {vocab}), got {bad[:5] or ids}",
+                    )
                 out.append(ids)
         return out
 
@@ -169,32 +216,51 @@ class Planner:
         ctx, limit = self.context_length, self.options.max_tokens_limit or self.context_length
         longest = max(len(p) for p in prompts)
         if ctx is not None and longest >= ctx:
-            raise bad_request(param, f"the prompt is {longest} tokens; the model's context is {ctx} tokens",
-                              code="context_length_exceeded")
+            raise bad_request(
+                param,
+                f"the prompt is {longest} tokens; the model's context is {ctx} tokens",
+                code="context_length_exceeded",
+            )
         budget = self.token_budget()
         exit_room = self.exit_room
         if requested is not None:
             if limit is not None and requested > limit:
-                raise bad_request("max_tokens", f"max_tokens {requested} is above this server's limit of {limit}")
+                raise bad_request(
+                    "max_tokens", f"max_tokens {requested} is above this server's limit of {limit}"
+                )
             if ctx is not None and longest + requested > ctx:
-                raise bad_request("max_tokens", f"the prompt ({longest} tokens) plus max_tokens ({requested}) exceeds the "
-                                                f"model's context of {ctx} tokens", code="context_length_exceeded")
+                raise bad_request(
+                    "max_tokens",
+                    f"the prompt ({longest} tokens) plus max_tokens ({requested}) exceeds the "
+                    f"model's context of {ctx} tokens",
+                    code="context_length_exceeded",
+                )
         else:
             room = [self.options.defaults.max_new_tokens] + [x for x in (limit, ctx and ctx - longest) if x]
             if budget is not None:
                 room.append(max(1, budget - longest - exit_room))
             requested = min(room)
-        if budget is not None and longest + requested + exit_room > budget:  # it could never run: no use queueing it
-            raise bad_request("max_tokens", f"the prompt ({longest} tokens) plus max_tokens ({requested}) and room for an "
-                                            f"exit's answer ({exit_room}) need {longest + requested + exit_room} tokens of KV "
-                                            f"cache; this server's --kv-cache-gb holds {budget}", code="kv_cache_exceeded")
+        if (
+            budget is not None and longest + requested + exit_room > budget
+        ):  # it could never run: no use queueing it
+            raise bad_request(
+                "max_tokens",
+                f"the prompt ({longest} tokens) plus max_tokens ({requested}) and room for an "
+                f"exit's answer ({exit_room}) need {longest + requested + exit_room} tokens of KV "
+                f"cache; this server's --kv-cache-gb holds {budget}",
+                code="kv_cache_exceeded",
+            )
         return requested
 
     # -- the plan ------------------------------------------------------------------------------
     def plan(self, request: ChatCompletionRequest | CompletionRequest) -> RequestPlan:
         if request.model != self.options.model_name:
-            raise APIError(404, f"model {request.model!r} does not exist; this server serves {self.options.model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {request.model!r} does not exist; this server serves {self.options.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         request.check_neutral()
         if request.n > self.options.max_n:
             raise bad_request("n", f"n {request.n} is above this server's limit of {self.options.max_n}")
@@ -209,10 +275,15 @@ class Planner:
             prompts, param = self.completion_prompts(request), "prompt"
         max_new = self.max_new_tokens(prompts, requested, param)
         defaults = self.options.defaults
-        changes: dict[str, Any] = {"max_new_tokens": max_new, "min_new_tokens": min(max_new, defaults.min_new_tokens)}
+        changes: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "min_new_tokens": min(max_new, defaults.min_new_tokens),
+        }
         if request.min_tokens is not None:
             if request.min_tokens > max_new:
-                raise bad_request("min_tokens", f"min_tokens {request.min_tokens} is above max_tokens {max_new}")
+                raise bad_request(
+                    "min_tokens", f"min_tokens {request.min_tokens} is above max_tokens {max_new}"
+                )
             changes["min_new_tokens"] = request.min_tokens
         for name in ("temperature", "top_p", "top_k"):
             if getattr(request, name) is not None:

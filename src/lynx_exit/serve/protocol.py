@@ -21,8 +21,14 @@ from lynx_exit.engine import EngineConfig, GenerationConfig
 class APIError(Exception):
     """An error answered to the client as `{"error": {"message", "type", "param", "code"}}`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -43,7 +49,9 @@ class ServerOptions:
     exit_method: str = "never"
     exit_defaults: tuple[tuple[str, Any], ...] = ()  # knob values and options used when a request omits them
     max_batch_size: int = 16
-    engine: EngineConfig = EngineConfig()  # the KV budget, the prefill budget, --compile (the batch size is the above)
+    engine: EngineConfig = (
+        EngineConfig()
+    )  # the KV budget, the prefill budget, --compile (the batch size is the above)
     max_queue: int = 64  # requests waiting for a batch row beyond the running ones
     max_n: int = 8
     max_tokens_limit: int | None = None  # None: the model's context length
@@ -54,8 +62,12 @@ class ServerOptions:
     probe_label: str | None = None  # how /v1/models names the probe (never a path on this machine)
     ui: bool = True  # the playground page at `/`
     shutdown_timeout_s: float = 30.0
-    stream_interval_ms: float = 20.0  # tokens are sent at most this often per request (first token and end at once)
-    max_chunk_rate: float = 500.0  # chunks per second over all streams: the interval grows with the running requests
+    stream_interval_ms: float = (
+        20.0  # tokens are sent at most this often per request (first token and end at once)
+    )
+    max_chunk_rate: float = (
+        500.0  # chunks per second over all streams: the interval grows with the running requests
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_n", "max_body_bytes"):
@@ -108,7 +120,9 @@ class _Sampling(_Strict):
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # vLLM's extension; 0 = off
-    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: end-of-sequence is held off until then
+    min_tokens: int | None = Field(
+        default=None, ge=0
+    )  # vLLM's extension: end-of-sequence is held off until then
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
@@ -126,7 +140,9 @@ class _Sampling(_Strict):
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if value not in (None, 0, 0.0):
-                raise bad_request(name, f"{name} is not supported by this server (got {value!r}); leave it unset or 0")
+                raise bad_request(
+                    name, f"{name} is not supported by this server (got {value!r}); leave it unset or 0"
+                )
         for name in ("logprobs", "top_logprobs"):
             value = getattr(self, name)
             if value not in (None, False, 0):
@@ -148,9 +164,16 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def token_limit(self) -> int | None:
-        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
-            raise bad_request("max_completion_tokens", f"max_tokens ({self.max_tokens}) and max_completion_tokens "
-                                                       f"({self.max_completion_tokens}) disagree; send one")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise bad_request(
+                "max_completion_tokens",
+                f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                f"({self.max_completion_tokens}) disagree; send one",
+            )
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
@@ -202,7 +225,9 @@ def _count_prompts(raw: bytes) -> None:
         return  # pydantic says what is wrong
     prompt = data.get("prompt") if isinstance(data, dict) else None
     if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
-        raise bad_request("prompt", f"prompt lists {len(prompt)} prompts; a request takes at most {MAX_PROMPTS}")
+        raise bad_request(
+            "prompt", f"prompt lists {len(prompt)} prompts; a request takes at most {MAX_PROMPTS}"
+        )
 
 
 def parse_body(model: type[_Sampling], raw: bytes) -> Any:
@@ -215,14 +240,22 @@ def parse_body(model: type[_Sampling], raw: bytes) -> Any:
         errors = exc.errors(include_url=False)
         error = errors[0]
         if error["type"] == "json_invalid":
-            raise bad_request(None, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}",
-                              code="invalid_json") from None
+            raise bad_request(
+                None,
+                f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}",
+                code="invalid_json",
+            ) from None
         loc = error["loc"]
         # An unknown field's own name is never a type tag: only the path to it is cleaned
-        param = (".".join(filter(None, [_param(loc[:-1]), str(loc[-1])])) if error["type"] == "extra_forbidden" and loc
-                 else _param(loc))
+        param = (
+            ".".join(filter(None, [_param(loc[:-1]), str(loc[-1])]))
+            if error["type"] == "extra_forbidden" and loc
+            else _param(loc)
+        )
         # A field of several types fails once per type: name them all in one message.
-        messages = list(dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param and e["type"] != "missing"))
+        messages = list(
+            dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param and e["type"] != "missing")
+        )
         value = error.get("input")
         shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
         where = param or "the body"

@@ -53,55 +53,101 @@ def now() -> int:
     return int(time.time())
 
 
-def full_response(generation: Generation, plan: RequestPlan, meta: dict[str, Any], chat: bool, prompt_tokens: int) -> dict[str, Any]:
+def full_response(
+    generation: Generation, plan: RequestPlan, meta: dict[str, Any], chat: bool, prompt_tokens: int
+) -> dict[str, Any]:
     choices = []
     for i, text in enumerate(generation.texts):
         finish = generation.finishes[i]
-        choice: dict[str, Any] = {"index": i, "finish_reason": finish_reason(text, finish),
-                                  "exit": exit_object(finish, plan.exit.method, plan.exit.settings)}
+        choice: dict[str, Any] = {
+            "index": i,
+            "finish_reason": finish_reason(text, finish),
+            "exit": exit_object(finish, plan.exit.method, plan.exit.settings),
+        }
         if chat:
-            choice["message"] = {"role": "assistant", "content": text.content,
-                                 "reasoning_content": text.reasoning or None}
+            choice["message"] = {
+                "role": "assistant",
+                "content": text.content,
+                "reasoning_content": text.reasoning or None,
+            }
         else:
             choice.update(text=text.content, logprobs=None)
         choices.append(choice)
-    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-            "usage": usage(prompt_tokens, list(generation.finishes.values()))}
+    return {
+        **meta,
+        "object": "chat.completion" if chat else "text_completion",
+        "choices": choices,
+        "usage": usage(prompt_tokens, list(generation.finishes.values())),
+    }
 
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def stream(generation: Generation, plan: RequestPlan, meta: dict[str, Any], chat: bool, prompt_tokens: int,
-                  include_usage: bool, points: bool = False) -> AsyncIterator[str]:
+async def stream(
+    generation: Generation,
+    plan: RequestPlan,
+    meta: dict[str, Any],
+    chat: bool,
+    prompt_tokens: int,
+    include_usage: bool,
+    points: bool = False,
+) -> AsyncIterator[str]:
     """The SSE chunks of a streamed response; `points` (stream_options.lynx_decision_points) adds each decision
     point to its chunk (`lynx_points`) and, at the end, the tokens the exit saved against max_tokens."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {**meta, "object": kind}
     try:
         if chat:  # the role first, at once: the client sees the response start even while queued
-            yield "".join(sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                      "finish_reason": None}]}) for i in range(len(generation.texts)))
+            yield "".join(
+                sse(
+                    {
+                        **head,
+                        "choices": [
+                            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        ],
+                    }
+                )
+                for i in range(len(generation.texts))
+            )
         async for updates in generation.updates():
             out = []
             for update in updates:
                 text = generation.texts[update.choice]
                 if update.reasoning or update.content or update.points:
                     if chat:
-                        delta = {k: v for k, v in (("reasoning_content", update.reasoning), ("content", update.content)) if v}
-                        choice: dict[str, Any] = {"index": update.choice, "delta": delta, "finish_reason": None}
+                        delta = {
+                            k: v
+                            for k, v in (("reasoning_content", update.reasoning), ("content", update.content))
+                            if v
+                        }
+                        choice: dict[str, Any] = {
+                            "index": update.choice,
+                            "delta": delta,
+                            "finish_reason": None,
+                        }
                     else:
-                        choice = {"index": update.choice, "text": update.content, "logprobs": None, "finish_reason": None}
+                        choice = {
+                            "index": update.choice,
+                            "text": update.content,
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
                     if update.points:
                         choice["lynx_points"] = update.points
                     out.append(sse({**head, "choices": [choice]}))
                 if update.finish is not None:
-                    last: dict[str, Any] = {"index": update.choice, "finish_reason": finish_reason(text, update.finish),
-                                            "exit": exit_object(update.finish, plan.exit.method, plan.exit.settings)}
+                    last: dict[str, Any] = {
+                        "index": update.choice,
+                        "finish_reason": finish_reason(text, update.finish),
+                        "exit": exit_object(update.finish, plan.exit.method, plan.exit.settings),
+                    }
                     if points:  # what the exit saved against the request's token budget
                         written = len(update.finish.result.token_ids)
-                        last["exit"]["tokens_saved_vs_max_tokens"] = max(0, plan.config.max_new_tokens - written)
+                        last["exit"]["tokens_saved_vs_max_tokens"] = max(
+                            0, plan.config.max_new_tokens - written
+                        )
                     if chat:
                         last["delta"] = {}
                     else:
@@ -109,14 +155,25 @@ async def stream(generation: Generation, plan: RequestPlan, meta: dict[str, Any]
                     out.append(sse({**head, "choices": [last]}))
             yield "".join(out)
         if include_usage:
-            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, list(generation.finishes.values()))})
+            yield sse(
+                {**head, "choices": [], "usage": usage(prompt_tokens, list(generation.finishes.values()))}
+            )
         yield "data: [DONE]\n\n"
     except APIError as exc:  # the status line has gone out: report the failure in the stream
         yield sse(exc.body())
         yield "data: [DONE]\n\n"
     except Exception as exc:  # a fault of ours mid-stream: the client still gets an error event and the end
-        logger.error("unhandled %s in a stream: %s", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-        yield sse(APIError(500, f"internal error ({type(exc).__name__})", kind="server_error", code="internal_error").body())
+        logger.error(
+            "unhandled %s in a stream: %s",
+            type(exc).__name__,
+            exc,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+        yield sse(
+            APIError(
+                500, f"internal error ({type(exc).__name__})", kind="server_error", code="internal_error"
+            ).body()
+        )
         yield "data: [DONE]\n\n"
     finally:
         generation.cancel()  # a client that went away: abort what still runs (a no-op once all finished)

@@ -36,17 +36,29 @@ _SEED_RANGE = 2**63
 class Server:
     """The model, its engine worker and what every route shares."""
 
-    def __init__(self, lm: LoadedModel, options: ServerOptions, engine_factory: Callable[[], Engine] | None = None,
-                 assistant: LoadedModel | None = None, assist: Any = None) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        options: ServerOptions,
+        engine_factory: Callable[[], Engine] | None = None,
+        assistant: LoadedModel | None = None,
+        assist: Any = None,
+    ) -> None:
         self.lm = lm
         self.options = options
         self.context_length = lm.context_length
         self.metrics = ServerMetrics(options.max_batch_size)
-        self.methods = MethodContext(lm=lm, probe=options.probe, deepconf=options.deepconf, assistant=assistant, assist=assist)
+        self.methods = MethodContext(
+            lm=lm, probe=options.probe, deepconf=options.deepconf, assistant=assistant, assist=assist
+        )
         settings = dataclasses.replace(options.engine, max_batch_size=options.max_batch_size)
         factory = engine_factory or (lambda: Engine(lm, config=settings, assistant=assistant))
-        self.worker = EngineWorker(factory, on_step=self.metrics.observe_engine,
-                                   stream_interval_s=options.stream_interval_ms / 1000, max_chunk_rate=options.max_chunk_rate)
+        self.worker = EngineWorker(
+            factory,
+            on_step=self.metrics.observe_engine,
+            stream_interval_s=options.stream_interval_ms / 1000,
+            max_chunk_rate=options.max_chunk_rate,
+        )
         # Templating and tokenizing run here, off the event loop, one request at a time.
         self.prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lynx-exit-prompts")
         self.planner = Planner(lm, options, self.methods, lambda: token_budget(self.worker.engine.backend))
@@ -54,7 +66,9 @@ class Server:
         self.accepting = True
         self.started = int(time.time())
         try:
-            self.planner.resolve_exit(None)  # the server's own exit settings must build (and load the probe now)
+            self.planner.resolve_exit(
+                None
+            )  # the server's own exit settings must build (and load the probe now)
         except APIError as exc:
             raise ValueError(f"the server's exit settings do not work: {exc.message}") from None
 
@@ -72,12 +86,24 @@ class Server:
         if not self.accepting:
             raise APIError(503, "the server is shutting down", kind="server_error", code="shutting_down")
         if rows > self.options.capacity:
-            param, what = ("prompt", f"{len(plan.prompts)} prompts × n {plan.n}") if len(plan.prompts) > 1 else ("n", f"n {plan.n}")
-            raise bad_request(param, f"the request needs {rows} rows ({what}); this server runs at most "
-                                     f"{self.options.capacity} at once")
+            param, what = (
+                ("prompt", f"{len(plan.prompts)} prompts × n {plan.n}")
+                if len(plan.prompts) > 1
+                else ("n", f"n {plan.n}")
+            )
+            raise bad_request(
+                param,
+                f"the request needs {rows} rows ({what}); this server runs at most "
+                f"{self.options.capacity} at once",
+            )
         if self.in_flight + rows > self.options.capacity:
-            raise APIError(503, f"the server is at capacity ({self.in_flight} rows running or queued, limit "
-                                f"{self.options.capacity}); retry later", kind="server_error", code="server_overloaded")
+            raise APIError(
+                503,
+                f"the server is at capacity ({self.in_flight} rows running or queued, limit "
+                f"{self.options.capacity}); retry later",
+                kind="server_error",
+                code="server_overloaded",
+            )
 
     def start(self, plan: RequestPlan, seed: int | None, split: bool, points: bool = False) -> Generation:
         """Submit a planned request to the engine; `split` sends thinking to `reasoning_content`; `points` reports
@@ -92,10 +118,24 @@ class Server:
             assist = self.methods.assist or AssistConfig()
         tickets, texts = [], []
         for i in range(plan.rows):
-            tickets.append(Ticket(i, plan.prompts[i // plan.n], plan.config, policies[i], (base + i) % _SEED_RANGE,
-                                  thinking=plan.thinking, assist=assist, points=points))
-            texts.append(ChoiceText.for_profile(self.lm.profile, plan.stop, split=split, thinking=plan.thinking))
-        generation = Generation(self.worker, tickets, texts, lambda t, e, stopped: self._finished(plan, t, e, stopped))
+            tickets.append(
+                Ticket(
+                    i,
+                    plan.prompts[i // plan.n],
+                    plan.config,
+                    policies[i],
+                    (base + i) % _SEED_RANGE,
+                    thinking=plan.thinking,
+                    assist=assist,
+                    points=points,
+                )
+            )
+            texts.append(
+                ChoiceText.for_profile(self.lm.profile, plan.stop, split=split, thinking=plan.thinking)
+            )
+        generation = Generation(
+            self.worker, tickets, texts, lambda t, e, stopped: self._finished(plan, t, e, stopped)
+        )
         self.in_flight += plan.rows
         generation.start()
         return generation
@@ -108,7 +148,9 @@ class Server:
             m.choices.labels("error").inc()
             return
         result = event.result
-        m.choices.labels("stop" if stopped and result.finish_reason == "abort" else result.finish_reason).inc()
+        m.choices.labels(
+            "stop" if stopped and result.finish_reason == "abort" else result.finish_reason
+        ).inc()
         m.generated_tokens.inc(len(result.token_ids))
         m.reasoning_tokens.inc(result.reasoning_tokens)
         if result.exit_index is not None:

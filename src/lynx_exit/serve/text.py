@@ -40,12 +40,20 @@ class ChoiceText:
 
     @classmethod
     def for_profile(
-        cls, profile: ModelProfile, stop: tuple[str, ...] = (), split: bool = True, thinking: ThinkingStart | None = None
+        cls,
+        profile: ModelProfile,
+        stop: tuple[str, ...] = (),
+        split: bool = True,
+        thinking: ThinkingStart | None = None,
     ) -> ChoiceText:
         """The text of one choice of a model with this profile (`thinking`: how its prompt starts thinking,
         if not as the profile says)."""
-        opening = profile.think_start if (thinking or profile.thinking) == "model" else None  # a template's is in the prompt
-        return cls(profile.think_end, stop, split=split, think_start=opening, answer_header=profile.answer_header)
+        opening = (
+            profile.think_start if (thinking or profile.thinking) == "model" else None
+        )  # a template's is in the prompt
+        return cls(
+            profile.think_end, stop, split=split, think_start=opening, answer_header=profile.answer_header
+        )
 
     def __post_init__(self) -> None:
         if not self.split:
@@ -107,7 +115,9 @@ class ChoiceText:
             self.content += text
             self._check_stop("content")
             return
-        if not self.content:  # the answer's start: drop the markers an exit cue or the model writes, and blanks
+        if (
+            not self.content
+        ):  # the answer's start: drop the markers an exit cue or the model writes, and blanks
             self._lead += text
             start = self._answer_start(self._lead)
             if start is None:
@@ -128,7 +138,9 @@ class ChoiceText:
 
     def take(self, final: bool = False) -> tuple[str, str]:
         """(reasoning, content) text not sent yet that can no longer change; everything if `final`."""
-        if final and self._lead and not self.stopped:  # an answer that never got past blanks or a marker prefix
+        if (
+            final and self._lead and not self.stopped
+        ):  # an answer that never got past blanks or a marker prefix
             lead, self._lead = self._lead.lstrip(), ""
             for marker in self._lead_markers:
                 lead = lead.removeprefix(marker).lstrip()
@@ -137,7 +149,11 @@ class ChoiceText:
         for channel in ("reasoning", "content"):
             text = getattr(self, channel)
             open_channel = channel == "content" or not self._closed
-            end = len(text) if final or self.stopped or not open_channel else max(self._sent[channel], len(text) - self._hold)
+            end = (
+                len(text)
+                if final or self.stopped or not open_channel
+                else max(self._sent[channel], len(text) - self._hold)
+            )
             out.append(text[self._sent[channel] : end])
             self._sent[channel] = end
         return out[0], out[1]

@@ -144,8 +144,12 @@ class EngineWorker:
             try:
                 steps = self.engine.step()
             except Exception as exc:  # the engine contains a request's own faults; this one is the engine's
-                logger.error("engine step failed (%s: %s); failing the running requests and starting a fresh engine",
-                             type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+                logger.error(
+                    "engine step failed (%s: %s); failing the running requests and starting a fresh engine",
+                    type(exc).__name__,
+                    exc,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
                 self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
                 self.engine = self._engine_factory()
                 if self._on_step is not None:  # gauges describe the fresh engine, not the failed one
@@ -185,7 +189,11 @@ class EngineWorker:
     def _add(self, ticket: Ticket) -> None:
         try:
             ticket.engine_id = self.engine.add_request(
-                ticket.prompt_ids, ticket.config, ticket.policy, seed=ticket.seed, thinking=ticket.thinking,
+                ticket.prompt_ids,
+                ticket.config,
+                ticket.policy,
+                seed=ticket.seed,
+                thinking=ticket.thinking,
                 assist=ticket.assist,
             )
         except Exception as exc:  # validated by the handler already; kept so a client always hears back
@@ -265,7 +273,9 @@ def point_event(policy: ExitPolicy | None, step: Step) -> PointEvent:
     """A decision point as the stream reports it, with the thresholds the policy held its score against."""
     thresholds = getattr(policy, "thresholds", None)
     exit_at, give_up = thresholds(step.point) if callable(thresholds) else (None, None)
-    return PointEvent(step.point or "", step.index, step.cue, step.score, exit_at, give_up, step.exit, step.gave_up)
+    return PointEvent(
+        step.point or "", step.index, step.cue, step.score, exit_at, give_up, step.exit, step.gave_up
+    )
 
 
 def _deliver_all(batch: list[tuple[Ticket, list[Event]]]) -> None:

@@ -187,7 +187,9 @@ class _SymbolicChild:
                 self._process.kill()
                 self._process.wait()
                 self._process = None
-                raise RuntimeError(f"the math-verify grading process did not start within {_CHILD_START_S:.0f} s")
+                raise RuntimeError(
+                    f"the math-verify grading process did not start within {_CHILD_START_S:.0f} s"
+                )
         return self._process
 
     def equal(self, answer: str, gold: str, timeout_s: int) -> bool:
@@ -205,7 +207,9 @@ class _SymbolicChild:
                 reply = ""
             if reply.strip() in ("0", "1"):
                 return reply.strip() == "1"
-            logger.warning("symbolic comparison of %r and %r timed out after %d s: graded wrong", answer, gold, timeout_s)
+            logger.warning(
+                "symbolic comparison of %r and %r timed out after %d s: graded wrong", answer, gold, timeout_s
+            )
             process.kill()
             process.wait()
             self._process = None

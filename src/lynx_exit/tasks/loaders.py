@@ -19,7 +19,11 @@ from lynx_exit.tasks.grading import grade
 from lynx_exit.tasks.sources import DATA_DIR, TASKS, HubSource, TaskSpec
 
 REASONING_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-_ID_KEYS = ("id", "ID", "unique_id")  # a file's own id column, where the task's mapping names none that is there
+_ID_KEYS = (
+    "id",
+    "ID",
+    "unique_id",
+)  # a file's own id column, where the task's mapping names none that is there
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class _Record:
     default_id: str | None = None  # where the record has no id of its own
 
 
-def load_task(name: str, path: str | Path | None = None, limit: int | None = None, offset: int = 0) -> list[Problem]:
+def load_task(
+    name: str, path: str | Path | None = None, limit: int | None = None, offset: int = 0
+) -> list[Problem]:
     """Problems of task `name`, records [offset, offset+limit) (per subject for `math-train`).
 
     Without `path`: the shipped file, else the task's Hub dataset (the `datasets` cache when offline).
@@ -70,13 +76,17 @@ def load_task(name: str, path: str | Path | None = None, limit: int | None = Non
         path = DATA_DIR / spec.shipped
     if path is None:
         if spec.hub is None:
-            raise ValueError(f"task {name!r} ships no data and has no Hub source: pass a JSONL or Parquet file with --data")
+            raise ValueError(
+                f"task {name!r} ships no data and has no Hub source: pass a JSONL or Parquet file with --data"
+            )
         records = _hub_records(spec, spec.hub, None, limit, offset)
     else:
         path = Path(path)
         if path.is_dir():
             if spec.hub is None:
-                raise ValueError(f"task {name!r} has no Hub layout to read folder {str(path)!r}: pass a JSONL or Parquet file")
+                raise ValueError(
+                    f"task {name!r} has no Hub layout to read folder {str(path)!r}: pass a JSONL or Parquet file"
+                )
             records = _hub_records(spec, spec.hub, path, limit, offset)
         elif not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} for task {name!r} does not exist")
@@ -105,7 +115,11 @@ def _problems(spec: TaskSpec, records: Iterator[_Record], offset: int) -> list[P
             raise ValueError(f"{record.where}: problem id {problem_id!r} repeats {seen[problem_id]}")
         line = record.where.rsplit(":", 1)[-1]
         seen[problem_id] = f"line {line}" if line.isdigit() else record.where
-        problems.append(Problem(task=spec.name.removesuffix("-train"), problem_id=problem_id, question=question, gold=gold))
+        problems.append(
+            Problem(
+                task=spec.name.removesuffix("-train"), problem_id=problem_id, question=question, gold=gold
+            )
+        )
     return problems
 
 
@@ -137,14 +151,19 @@ def _load_local(*args: Any, **kwargs: Any) -> Any:
 
 # -- the Hub ------------------------------------------------------------------------------------------
 def _offline() -> bool:
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def download_hint(spec: TaskSpec) -> str:
     columns = ", ".join(c for r, c in spec.columns.items() if r not in spec.optional)
-    return (f"run `lynx-exit tasks --download {spec.name}` once with network access (it fills the datasets cache, "
-            f"which is read offline afterwards), or pass the data yourself: --data FILE (JSONL or Parquet with "
-            f"columns {columns})")
+    return (
+        f"run `lynx-exit tasks --download {spec.name}` once with network access (it fills the datasets cache, "
+        f"which is read offline afterwards), or pass the data yourself: --data FILE (JSONL or Parquet with "
+        f"columns {columns})"
+    )
 
 
 def _load(spec: TaskSpec, hub: HubSource, folder: Path | None, config: str | None) -> Any:
@@ -160,28 +179,42 @@ def _load(spec: TaskSpec, hub: HubSource, folder: Path | None, config: str | Non
         if "gated" in str(exc):
             raise TaskDataError(
                 f"task {spec.name!r}: dataset {hub.dataset} is gated on the Hub. Accept its terms at {hub.url} with your "
-                "account, then log in on this machine with `hf auth login` (or set HF_TOKEN), and run again") from None
+                "account, then log in on this machine with `hf auth login` (or set HF_TOKEN), and run again"
+            ) from None
         raise TaskDataError(f"task {spec.name!r}: dataset {where} was not found ({exc})") from None
     except ConnectionError as exc:
-        state = ("nothing of it is cached here and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if _offline()
-                 else f"the Hub could not be reached ({exc})")
-        raise TaskDataError(f"task {spec.name!r} reads {hub.dataset} from the Hugging Face Hub, but {state}: "
-                            f"{download_hint(spec)}") from None
+        state = (
+            "nothing of it is cached here and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
+            if _offline()
+            else f"the Hub could not be reached ({exc})"
+        )
+        raise TaskDataError(
+            f"task {spec.name!r} reads {hub.dataset} from the Hugging Face Hub, but {state}: "
+            f"{download_hint(spec)}"
+        ) from None
     except FileNotFoundError as exc:
-        raise TaskDataError(f"task {spec.name!r}: {where} has no split {hub.split!r}"
-                            f"{f' in config {config!r}' if config else ''} ({exc})") from None
+        raise TaskDataError(
+            f"task {spec.name!r}: {where} has no split {hub.split!r}"
+            f"{f' in config {config!r}' if config else ''} ({exc})"
+        ) from None
 
 
-def _hub_records(spec: TaskSpec, hub: HubSource, folder: Path | None, limit: int | None, offset: int) -> Iterator[_Record]:
+def _hub_records(
+    spec: TaskSpec, hub: HubSource, folder: Path | None, limit: int | None, offset: int
+) -> Iterator[_Record]:
     columns = spec.hub_columns()
     tables = []
     for config in hub.configs:
         table = _load(spec, hub, folder, config)
-        missing = [c for role, c in columns.items() if role not in spec.optional and c not in table.column_names]
+        missing = [
+            c for role, c in columns.items() if role not in spec.optional and c not in table.column_names
+        ]
         if missing:
             name = f"{folder or hub.dataset}{f' ({config})' if config else ''}"
-            raise TaskDataError(f"task {spec.name!r}: {name} has no column {missing[0]!r}; its columns are "
-                                f"{', '.join(table.column_names)}")
+            raise TaskDataError(
+                f"task {spec.name!r}: {name} has no column {missing[0]!r}; its columns are "
+                f"{', '.join(table.column_names)}"
+            )
         tables.append((config, table))
     stop = None if limit is None else offset + limit
 
@@ -220,8 +253,9 @@ def _source(spec: TaskSpec) -> str:
     if spec.hub is None:
         return "your file: `--data FILE`"
     configs = [c for c in spec.hub.configs if c]
-    where = f"[{spec.hub.dataset}]({spec.hub.url})" + (f" ({', '.join(configs)})" if len(configs) == 1 else
-                                                      f" ({len(configs)} configs)" if configs else "")
+    where = f"[{spec.hub.dataset}]({spec.hub.url})" + (
+        f" ({', '.join(configs)})" if len(configs) == 1 else f" ({len(configs)} configs)" if configs else ""
+    )
     hub = f"{where}, split {spec.hub.split}"
     return f"shipped (`{spec.shipped}`); Hub: {hub}" if spec.shipped else hub
 
@@ -231,8 +265,13 @@ def task_rows(with_cache: bool = True) -> list[dict[str, Any]]:
     cached = cached_datasets() if with_cache else {}
     rows = []
     for spec in TASKS.values():
-        row: dict[str, Any] = {"task": spec.name, "summary": spec.summary, "source": _source(spec),
-                               "grader": GRADERS[spec.grader], "paper": spec.paper}
+        row: dict[str, Any] = {
+            "task": spec.name,
+            "summary": spec.summary,
+            "source": _source(spec),
+            "grader": GRADERS[spec.grader],
+            "paper": spec.paper,
+        }
         if with_cache:
             if spec.shipped is not None:
                 lines = sum(1 for line in (DATA_DIR / spec.shipped).read_text().splitlines() if line.strip())

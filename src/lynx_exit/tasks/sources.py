@@ -52,7 +52,12 @@ def _math(fields: Fields) -> tuple[str, str]:
 def _csqa(fields: Fields) -> tuple[str, str]:
     choices = fields["choices"]
     lines = [f"({label}) {text}" for label, text in zip(choices["label"], choices["text"], strict=True)]
-    question = fields["question"] + "\nChoices:\n" + "\n".join(lines) + "\nAnswer with the letter of the correct choice."
+    question = (
+        fields["question"]
+        + "\nChoices:\n"
+        + "\n".join(lines)
+        + "\nAnswer with the letter of the correct choice."
+    )
     answer_key = fields["answer"]
     if not isinstance(answer_key, str) or answer_key.strip() not in choices["label"]:
         raise ValueError(f"answerKey {answer_key!r} is not one of the choice labels {choices['label']}")
@@ -94,8 +99,15 @@ class TaskSpec:
         return self.hub.columns if self.hub is not None and self.hub.columns is not None else self.columns
 
 
-MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-                 "prealgebra", "precalculus")
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
 _GSM8K = {"question": "question", "answer": "answer"}
 _MATH = {"question": "problem", "answer": "answer", "solution": "solution", "id": "unique_id"}
 _AIME = {"question": "problem", "answer": "answer", "id": "id"}
@@ -103,37 +115,125 @@ _AIME = {"question": "problem", "answer": "answer", "id": "id"}
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("gsm8k", "GSM8K test, 1,319 grade-school word problems", _gsm8k, "number", _GSM8K,
-                 shipped="gsm8k_test.jsonl", hub=HubSource("openai/gsm8k", "test", ("main",)), paper="benchmark"),
-        TaskSpec("gsm8k-train", "GSM8K train, 7,473 problems", _gsm8k, "number", _GSM8K,
-                 shipped="gsm8k_train.jsonl", hub=HubSource("openai/gsm8k", "train", ("main",))),
-        TaskSpec("math500", "MATH-500: 500 problems of the MATH test set", _math, "math", _MATH,
-                 optional=frozenset({"id", "solution"}), hub=HubSource("HuggingFaceH4/MATH-500", "test"),
-                 paper="benchmark"),
-        TaskSpec("math-train", "MATH train, its seven subjects; offset and count are per subject", _math, "math",
-                 {**_MATH, "id": "id"}, optional=frozenset({"id", "answer"}),
-                 hub=HubSource("EleutherAI/hendrycks_math", "train", MATH_SUBJECTS,
-                               columns={"question": "problem", "solution": "solution"},
-                               per_config_permutation_seed=42),
-                 paper="probe training (offset 0) and calibration (offset 200), 200 per subject each"),
-        TaskSpec("aime24", "AIME 2024, 30 problems", _math, "math", _AIME, optional=frozenset({"id", "solution"}),
-                 hub=HubSource("HuggingFaceH4/aime_2024", "train"), paper="benchmark"),
-        TaskSpec("aime25", "AIME 2025, 30 problems", _math, "math", _AIME, optional=frozenset({"id", "solution"}),
-                 hub=HubSource("math-ai/aime25", "test")),
-        TaskSpec("amc23", "AMC 2023, 40 problems", _math, "math", {"question": "question", "answer": "answer", "id": "id"},
-                 optional=frozenset({"id", "solution"}), hub=HubSource("math-ai/amc23", "test"), paper="benchmark"),
-        TaskSpec("csqa", "CommonsenseQA validation (the test split has no labels), 1,221 questions", _csqa, "choice",
-                 {"question": "question", "choices": "choices", "answer": "answerKey", "id": "id"},
-                 hub=HubSource("tau/commonsense_qa", "validation"), paper="benchmark (zero-shot transfer)"),
-        TaskSpec("multiarith", "MultiArith, all 600 arithmetic word problems (the Hub copy splits them 420 / 180)", _number, "number",
-                 {"question": "input", "answer": "target"}, shipped="multiarith_test.jsonl",
-                 hub=HubSource("ChilleD/MultiArith", "test", columns={"question": "question", "answer": "final_ans"})),
-        TaskSpec("svamp", "SVAMP, all 1,000 varied arithmetic word problems (the Hub copy splits them 700 / 300)", _svamp, "number",
-                 {"body": "Body", "question": "Question", "answer": "Answer", "id": "ID"}, shipped="svamp_test.jsonl",
-                 hub=HubSource("ChilleD/SVAMP", "test"), id_columns=("ID",)),
-        TaskSpec("math", "any MATH-style file (problem, answer or a \\boxed{} solution, unique_id): --data FILE",
-                 _math, "math", _MATH, optional=frozenset({"id", "answer", "solution"})),
-        TaskSpec("aime", "any AIME-style file (problem, answer): --data FILE", _math, "math", _AIME,
-                 optional=frozenset({"id", "solution"})),
+        TaskSpec(
+            "gsm8k",
+            "GSM8K test, 1,319 grade-school word problems",
+            _gsm8k,
+            "number",
+            _GSM8K,
+            shipped="gsm8k_test.jsonl",
+            hub=HubSource("openai/gsm8k", "test", ("main",)),
+            paper="benchmark",
+        ),
+        TaskSpec(
+            "gsm8k-train",
+            "GSM8K train, 7,473 problems",
+            _gsm8k,
+            "number",
+            _GSM8K,
+            shipped="gsm8k_train.jsonl",
+            hub=HubSource("openai/gsm8k", "train", ("main",)),
+        ),
+        TaskSpec(
+            "math500",
+            "MATH-500: 500 problems of the MATH test set",
+            _math,
+            "math",
+            _MATH,
+            optional=frozenset({"id", "solution"}),
+            hub=HubSource("HuggingFaceH4/MATH-500", "test"),
+            paper="benchmark",
+        ),
+        TaskSpec(
+            "math-train",
+            "MATH train, its seven subjects; offset and count are per subject",
+            _math,
+            "math",
+            {**_MATH, "id": "id"},
+            optional=frozenset({"id", "answer"}),
+            hub=HubSource(
+                "EleutherAI/hendrycks_math",
+                "train",
+                MATH_SUBJECTS,
+                columns={"question": "problem", "solution": "solution"},
+                per_config_permutation_seed=42,
+            ),
+            paper="probe training (offset 0) and calibration (offset 200), 200 per subject each",
+        ),
+        TaskSpec(
+            "aime24",
+            "AIME 2024, 30 problems",
+            _math,
+            "math",
+            _AIME,
+            optional=frozenset({"id", "solution"}),
+            hub=HubSource("HuggingFaceH4/aime_2024", "train"),
+            paper="benchmark",
+        ),
+        TaskSpec(
+            "aime25",
+            "AIME 2025, 30 problems",
+            _math,
+            "math",
+            _AIME,
+            optional=frozenset({"id", "solution"}),
+            hub=HubSource("math-ai/aime25", "test"),
+        ),
+        TaskSpec(
+            "amc23",
+            "AMC 2023, 40 problems",
+            _math,
+            "math",
+            {"question": "question", "answer": "answer", "id": "id"},
+            optional=frozenset({"id", "solution"}),
+            hub=HubSource("math-ai/amc23", "test"),
+            paper="benchmark",
+        ),
+        TaskSpec(
+            "csqa",
+            "CommonsenseQA validation (the test split has no labels), 1,221 questions",
+            _csqa,
+            "choice",
+            {"question": "question", "choices": "choices", "answer": "answerKey", "id": "id"},
+            hub=HubSource("tau/commonsense_qa", "validation"),
+            paper="benchmark (zero-shot transfer)",
+        ),
+        TaskSpec(
+            "multiarith",
+            "MultiArith, all 600 arithmetic word problems (the Hub copy splits them 420 / 180)",
+            _number,
+            "number",
+            {"question": "input", "answer": "target"},
+            shipped="multiarith_test.jsonl",
+            hub=HubSource(
+                "ChilleD/MultiArith", "test", columns={"question": "question", "answer": "final_ans"}
+            ),
+        ),
+        TaskSpec(
+            "svamp",
+            "SVAMP, all 1,000 varied arithmetic word problems (the Hub copy splits them 700 / 300)",
+            _svamp,
+            "number",
+            {"body": "Body", "question": "Question", "answer": "Answer", "id": "ID"},
+            shipped="svamp_test.jsonl",
+            hub=HubSource("ChilleD/SVAMP", "test"),
+            id_columns=("ID",),
+        ),
+        TaskSpec(
+            "math",
+            "any MATH-style file (problem, answer or a \\boxed{} solution, unique_id): --data FILE",
+            _math,
+            "math",
+            _MATH,
+            optional=frozenset({"id", "answer", "solution"}),
+        ),
+        TaskSpec(
+            "aime",
+            "any AIME-style file (problem, answer): --data FILE",
+            _math,
+            "math",
+            _AIME,
+            optional=frozenset({"id", "solution"}),
+        ),
     )
 }

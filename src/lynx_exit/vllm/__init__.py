@@ -46,8 +46,10 @@ def lynx_architecture(model: str) -> str:
     for name in architectures:
         if name in SUPPORTED:
             return "Lynx" + name
-    raise ValueError(f"model {model!r} has architectures {architectures}; the lynx-exit vLLM plug-in supports "
-                     f"{', '.join(SUPPORTED)} in this release")
+    raise ValueError(
+        f"model {model!r} has architectures {architectures}; the lynx-exit vLLM plug-in supports "
+        f"{', '.join(SUPPORTED)} in this release"
+    )
 
 
 def engine_args(model: str, probe: str, **kwargs: Any) -> dict[str, Any]:

@@ -50,13 +50,19 @@ class LynxScoring:
 
     def _lynx_setup(self, vllm_config: Any) -> None:
         if getattr(vllm_config, "use_v2_model_runner", False):
-            raise RuntimeError("the lynx-exit vLLM plug-in runs on vLLM's V1 model runner in this release: start vLLM with "
-                               "VLLM_USE_V2_MODEL_RUNNER=0")
+            raise RuntimeError(
+                "the lynx-exit vLLM plug-in runs on vLLM's V1 model runner in this release: start vLLM with "
+                "VLLM_USE_V2_MODEL_RUNNER=0"
+            )
         parallel = vllm_config.parallel_config
         if parallel.pipeline_parallel_size > 1:
-            raise RuntimeError("the lynx-exit vLLM plug-in does not support pipeline parallelism in this release")
+            raise RuntimeError(
+                "the lynx-exit vLLM plug-in does not support pipeline parallelism in this release"
+            )
         if vllm_config.speculative_config is not None:
-            raise RuntimeError("the lynx-exit vLLM plug-in does not support speculative decoding in this release")
+            raise RuntimeError(
+                "the lynx-exit vLLM plug-in does not support speculative decoding in this release"
+            )
         location = probe_location()
         bundle = load_probe(locate_probe(location))
         model_config = vllm_config.model_config
@@ -74,11 +80,18 @@ class LynxScoring:
         self._lynx_kinds = bundle.kinds
         self._lynx_probe_device: torch.device | None = None
         if bundle.exit_prefix != "lookahead":
-            logger.warning("lynx-exit: probe %s was labelled with the %r exit prefix; the plug-in exits with the look-ahead "
-                           "one (label with build-data --exit-prefix lookahead for its guarantee to hold as calibrated)",
-                           location, bundle.exit_prefix)
-        logger.info("lynx-exit: probe %s on layers %s (%s points)", location, list(self._lynx_layers),
-                    ", ".join(self._lynx_kinds))
+            logger.warning(
+                "lynx-exit: probe %s was labelled with the %r exit prefix; the plug-in exits with the look-ahead "
+                "one (label with build-data --exit-prefix lookahead for its guarantee to hold as calibrated)",
+                location,
+                bundle.exit_prefix,
+            )
+        logger.info(
+            "lynx-exit: probe %s on layers %s (%s points)",
+            location,
+            list(self._lynx_layers),
+            ", ".join(self._lynx_kinds),
+        )
 
     def _lynx_publish(self, hidden: torch.Tensor, aux: list[torch.Tensor], positions: torch.Tensor) -> None:
         starts = _query_starts()
@@ -87,15 +100,24 @@ class LynxScoring:
         if self._lynx_probe_device != hidden.device:
             self._lynx_scorer.to(hidden.device)
             self._lynx_probe_device = hidden.device
-        parts = [hidden if layer == self._lynx_num_layers else aux[self._lynx_aux.index(layer)] for layer in self._lynx_layers]
+        parts = [
+            hidden if layer == self._lynx_num_layers else aux[self._lynx_aux.index(layer)]
+            for layer in self._lynx_layers
+        ]
         if hidden.shape[0] == starts.shape[0] - 1:  # a decode step: every request fed one token, in order
             BOARD.publish(parts, None, positions)
         else:
             rows = starts[1:] - 1  # each request's last query token
             BOARD.publish(parts, rows, positions[rows])
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         output = self.model(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # type: ignore[attr-defined]
         hidden, aux = output if isinstance(output, tuple) else (output, [])
         if BOARD.wanted:

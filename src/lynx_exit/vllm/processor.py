@@ -22,7 +22,9 @@ from lynx_exit.vllm.tracker import GREEDY, ExitTracker, TrackerFactory, exit_mar
 logger = logging.getLogger(__name__)
 _MAX_PARKED = 1024
 _MARKER: dict[str, int | None] = {}
-_VALIDATION: dict[str, MethodContext] = {}  # the frontend's context per probe (validation reads only the probe)
+_VALIDATION: dict[
+    str, MethodContext
+] = {}  # the frontend's context per probe (validation reads only the probe)
 
 
 def _refuse(key: str, message: str) -> None:
@@ -51,9 +53,14 @@ class LynxLogitsProcessor(LogitsProcessor):
         if settings is None:
             return
         if sampling_params.ignore_eos:
-            _refuse("ignore_eos", "a LYNX request ends its forced answer with end of sequence: drop ignore_eos")
+            _refuse(
+                "ignore_eos", "a LYNX request ends its forced answer with end of sequence: drop ignore_eos"
+            )
         if sampling_params.structured_outputs is not None:
-            _refuse("structured_outputs", "LYNX forces its exit cue, which a grammar may forbid: drop structured outputs")
+            _refuse(
+                "structured_outputs",
+                "LYNX forces its exit cue, which a grammar may forbid: drop structured outputs",
+            )
         marker = _marker()
         if marker is not None and marker not in (sampling_params.stop_token_ids or []):
             # An exit ends on the marker; as a stop token vLLM reports it as the finish's stop_reason.
@@ -61,7 +68,9 @@ class LynxLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         model_config = vllm_config.model_config
-        self.factory = TrackerFactory(load_model_facts(model_config.tokenizer or model_config.model), probe_location())
+        self.factory = TrackerFactory(
+            load_model_facts(model_config.tokenizer or model_config.model), probe_location()
+        )
         self.trackers: dict[int, ExitTracker] = {}
         self.outputs: dict[int, list[int]] = {}  # the batch row's live list of committed tokens
         # Trackers of requests that left the batch, by their output list: a preempted request comes back with the same
@@ -71,7 +80,9 @@ class LynxLogitsProcessor(LogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         return False  # it forces tokens
 
-    def _new(self, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int]) -> tuple[ExitTracker, list[int]] | None:
+    def _new(
+        self, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int]
+    ) -> tuple[ExitTracker, list[int]] | None:
         parked = self.parked.pop(id(output_ids), None)
         if parked is not None and parked[1] is output_ids:
             return parked
@@ -111,7 +122,10 @@ class LynxLogitsProcessor(LogitsProcessor):
         while waiting:  # the decision points of all rows, scored in one call per step they were fed at
             assert BOARD.scorer is not None
             scores = score_handles([handle for _, _, handle in waiting], BOARD.scorer)
-            after = [(tracker, outputs, tracker.resume(outputs, s)) for (tracker, outputs, _), s in zip(waiting, scores, strict=True)]
+            after = [
+                (tracker, outputs, tracker.resume(outputs, s))
+                for (tracker, outputs, _), s in zip(waiting, scores, strict=True)
+            ]
             waiting = [(tracker, outputs, handle) for tracker, outputs, handle in after if handle is not None]
         rows, tokens, greedy_rows = [], [], []
         for row, tracker in self.trackers.items():

@@ -18,7 +18,9 @@ class StepFeatures:
     """The hidden states of one forward at the probe's layers, and where each request's fed token sits in them."""
 
     parts: list[torch.Tensor]  # per probe layer, in the probe's order: [tokens, hidden]
-    token_rows: torch.Tensor | None  # [rows]: the index of each request's fed token among the forward's tokens (None:
+    token_rows: (
+        torch.Tensor | None
+    )  # [rows]: the index of each request's fed token among the forward's tokens (None:
     # row i fed token i, a decode step)
     positions: list[int]  # [rows]: that token's position
 
@@ -59,7 +61,9 @@ class ScoreBoard:
         self.latest: StepFeatures | None = None
         self.scorer: Scorer | None = None  # the loaded probe (`AllKindsScorer`), set by the model
 
-    def publish(self, parts: list[torch.Tensor], token_rows: torch.Tensor | None, positions: torch.Tensor) -> None:
+    def publish(
+        self, parts: list[torch.Tensor], token_rows: torch.Tensor | None, positions: torch.Tensor
+    ) -> None:
         """On a CPU the forward's tensors are kept as they are and gathered only for a decision point's score; elsewhere
         (a captured graph may reuse its output buffers) the fed tokens' rows are copied now."""
         if parts[0].device.type != "cpu":

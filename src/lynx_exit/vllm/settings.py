@@ -17,7 +17,9 @@ DEFAULT_METHOD = "lynx"
 # Knobs of the exit object that are not exit-method settings: how the forced answer ends.
 ANSWER_MAX_TOKENS = "answer_max_tokens"
 DEFAULT_ANSWER_MAX_TOKENS = 64
-PLUGIN_METHODS = tuple(name for name, method in sorted(METHODS.items()) if method.needs_probe and not method.assisted)
+PLUGIN_METHODS = tuple(
+    name for name, method in sorted(METHODS.items()) if method.needs_probe and not method.assisted
+)
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,10 @@ def probe_location() -> str:
     """The probe the plug-in serves, from `$LYNX_VLLM_PROBE`; a clear error when it is not set."""
     location = os.environ.get(PROBE_ENV, "").strip()
     if not location:
-        raise RuntimeError(f"the lynx-exit vLLM plug-in needs a probe: set {PROBE_ENV}=DIR (a folder from lynx-exit "
-                           "calibrate, or a Hub repo id) in the environment vLLM runs in")
+        raise RuntimeError(
+            f"the lynx-exit vLLM plug-in needs a probe: set {PROBE_ENV}=DIR (a folder from lynx-exit "
+            "calibrate, or a Hub repo id) in the environment vLLM runs in"
+        )
     return location
 
 
@@ -43,21 +47,28 @@ def request_exit(extra_args: dict[str, Any] | None, context: MethodContext) -> R
 
     A bad key or value raises `ExitSettingError` naming the key as the request spelled it (`lynx_delta`); vLLM turns it
     into a 400 for that request alone."""
-    given = {key[len(PREFIX):]: value for key, value in (extra_args or {}).items() if key.startswith(PREFIX)}
+    given = {key[len(PREFIX) :]: value for key, value in (extra_args or {}).items() if key.startswith(PREFIX)}
     if not given:
         return None
     answer_max = given.pop(ANSWER_MAX_TOKENS, DEFAULT_ANSWER_MAX_TOKENS)
     if isinstance(answer_max, bool) or not isinstance(answer_max, int) or not 1 <= answer_max <= 4096:
-        raise ExitSettingError(PREFIX + ANSWER_MAX_TOKENS, f"{PREFIX}{ANSWER_MAX_TOKENS} must be a whole number in "
-                                                           f"[1, 4096], got {answer_max!r}")
+        raise ExitSettingError(
+            PREFIX + ANSWER_MAX_TOKENS,
+            f"{PREFIX}{ANSWER_MAX_TOKENS} must be a whole number in [1, 4096], got {answer_max!r}",
+        )
     if given.get("exit_prefix", "lookahead") != "lookahead":
-        raise ExitSettingError(PREFIX + "exit_prefix", f"{PREFIX}exit_prefix: the vLLM plug-in cannot take back a sampled "
-                                                       f"token, so its exits keep the look-ahead (got {given['exit_prefix']!r})")
+        raise ExitSettingError(
+            PREFIX + "exit_prefix",
+            f"{PREFIX}exit_prefix: the vLLM plug-in cannot take back a sampled "
+            f"token, so its exits keep the look-ahead (got {given['exit_prefix']!r})",
+        )
     given["exit_prefix"] = "lookahead"
     method = given.get("method", DEFAULT_METHOD)
     if method not in PLUGIN_METHODS:
-        raise ExitSettingError(PREFIX + "method", f"{PREFIX}method must be one of {', '.join(PLUGIN_METHODS)} in the vLLM "
-                                                  f"plug-in, got {method!r}")
+        raise ExitSettingError(
+            PREFIX + "method",
+            f"{PREFIX}method must be one of {', '.join(PLUGIN_METHODS)} in the vLLM plug-in, got {method!r}",
+        )
     try:
         name, options, _ = resolve_exit_options(given, DEFAULT_METHOD, {}, context)
     except ExitSettingError as exc:

@@ -28,7 +28,9 @@ from lynx_exit.vllm.scores import Handle
 from lynx_exit.vllm.settings import RequestExit
 
 GREEDY = -1  # what `ExitTracker.force` returns to force the most likely token (the forced answer)
-_NO_FEATURES = torch.empty(0)  # the policy reads the score the model computed; it needs to know there were features
+_NO_FEATURES = torch.empty(
+    0
+)  # the policy reads the score the model computed; it needs to know there were features
 
 
 @dataclass
@@ -55,7 +57,9 @@ class ExitTracker:
     skippable: Sequence[bool] | None = None
     pending: list[int] = field(default_factory=list)  # skipped tokens, not yet decoded
     hot: bool = False  # the last scanned token left a cue word unconfirmed: scan the next one whatever it is
-    handles: dict[int, Handle] = field(default_factory=dict)  # generated index -> the features of the token fed there
+    handles: dict[int, Handle] = field(
+        default_factory=dict
+    )  # generated index -> the features of the token fed there
     waiting: Step | None = None  # a decision point read, waiting for its score
     closes: bool = False  # ... whose token also closed the thinking
     at_frontier: bool = False  # this step's row fed the request's newest token
@@ -134,14 +138,18 @@ class ExitTracker:
             self.phase = "answer"
             return None
         cue = detector.step(delta, lookahead)  # type: ignore[attr-defined]
-        self.hot = not delta or not lookahead  # a cue word's end may still be confirmed by the next token's text
+        self.hot = (
+            not delta or not lookahead
+        )  # a cue word's end may still be confirmed by the next token's text
         point = detector.point  # type: ignore[attr-defined]
         self.closes = not detector.thinking  # type: ignore[attr-defined]
         if point is None:  # the policy only acts at decision points
             if self.closes:
                 self.phase = "answer"  # the model closed its thinking: nothing left to do
             return None
-        return Step(request_id=0, index=index, token_id=token, text=delta, phase="think", cue=cue, point=point)
+        return Step(
+            request_id=0, index=index, token_id=token, text=delta, phase="think", cue=cue, point=point
+        )
 
     def _decide(self, step: Step) -> None:
         decision = self.policy.observe(step)  # type: ignore[attr-defined]
@@ -179,7 +187,9 @@ def exit_marker(lm: LoadedModel) -> int | None:
     template = str(getattr(tokenizer, "chat_template", "") or "")
     taken = set(lm.eos_token_ids) | {tokenizer.bos_token_id} | set(lm.exit_cue_ids("boxed"))
     markers = {marker for marker in (profile.think_start, profile.think_end) if marker}
-    candidates = sorted((index, token.content) for index, token in tokenizer.added_tokens_decoder.items() if token.special)
+    candidates = sorted(
+        (index, token.content) for index, token in tokenizer.added_tokens_decoder.items() if token.special
+    )
     pad = tokenizer.pad_token_id
     candidates.sort(key=lambda item: item[0] != pad)  # the pad token first
     for index, content in candidates:
@@ -208,8 +218,11 @@ class TrackerFactory:
             tokenizer = self.lm.tokenizer
             ids = [[i] for i in range(len(tokenizer))]
             backend = getattr(tokenizer, "_tokenizer", None)
-            pieces = (backend.decode_batch(ids, skip_special_tokens=False) if backend is not None
-                      else [tokenizer.decode(i, skip_special_tokens=False) for i in ids])
+            pieces = (
+                backend.decode_batch(ids, skip_special_tokens=False)
+                if backend is not None
+                else [tokenizer.decode(i, skip_special_tokens=False) for i in ids]
+            )
             # A piece that is empty or not whole characters (a byte of a longer one) is always scanned.
             self._skip_tables[chars] = [bool(p) and "\ufffd" not in p and chars.isdisjoint(p) for p in pieces]
         return self._skip_tables[chars]
@@ -220,11 +233,18 @@ class TrackerFactory:
         points = policy.decision_points
         detector = detector_for(self.lm.profile, points, self.lm.profile.thinking)
         kinds = policy.bundle.kinds  # type: ignore[attr-defined]
-        return ExitTracker(policy=policy, detok=IncrementalDetokenizer(self.lm.tokenizer), detector=detector,
-                           skippable=self._skippable(detector.completing_chars()),
-                           prompt_len=prompt_len, exit_cue_ids=self.exit_cue_ids, eos_ids=self.eos_ids,
-                           end_id=self.marker if self.marker is not None and self.marker in stop_ids else self.eos_id,
-                           answer_max_tokens=settings.answer_max_tokens, kinds=kinds)
+        return ExitTracker(
+            policy=policy,
+            detok=IncrementalDetokenizer(self.lm.tokenizer),
+            detector=detector,
+            skippable=self._skippable(detector.completing_chars()),
+            prompt_len=prompt_len,
+            exit_cue_ids=self.exit_cue_ids,
+            eos_ids=self.eos_ids,
+            end_id=self.marker if self.marker is not None and self.marker in stop_ids else self.eos_id,
+            answer_max_tokens=settings.answer_max_tokens,
+            kinds=kinds,
+        )
 
 
 @dataclass(frozen=True)
@@ -237,7 +257,9 @@ class ExitReport:
     answer_token_ids: tuple[int, ...] = ()
 
 
-def read_exit(token_ids: Sequence[int], stop_reason: object, marker: int | None, exit_cue_ids: Sequence[int]) -> ExitReport:
+def read_exit(
+    token_ids: Sequence[int], stop_reason: object, marker: int | None, exit_cue_ids: Sequence[int]
+) -> ExitReport:
     """The exit of one finished output (`CompletionOutput.token_ids` and `.stop_reason`)."""
     if marker is None or stop_reason != marker:
         return ExitReport(False)
@@ -247,4 +269,6 @@ def read_exit(token_ids: Sequence[int], stop_reason: object, marker: int | None,
     for start in range(len(ids) - len(cue) + 1):
         if ids[start : start + len(cue)] == cue:
             return ExitReport(True, start - 2, tuple(ids[start + len(cue) : -1]))
-    raise ValueError("the output ends on the exit marker but holds no exit cue: not an output of the lynx-exit plug-in")
+    raise ValueError(
+        "the output ends on the exit marker but holds no exit cue: not an output of the lynx-exit plug-in"
+    )
