@@ -1,4 +1,5 @@
-"""`--compile` against eager decoding, through the engine: same prompts, greedy, fixed length, tokens compared.
+"""`--compile` against eager decoding, through the engine: same prompts, greedy, fixed length, tokens
+compared.
 
 Each side loads its own copy of the model (compiling rewrites the decoder blocks). The compiled side
 runs once untimed (compilation, and a recompile when shapes first vary), then both sides alternate.

@@ -163,7 +163,9 @@ def main() -> None:
                     with torch.inference_mode():
                         if name == "legacy":
                             backend: Any = filled_legacy(lm, batch, context)
-                        else:  # the compiled side: 3 steps warm up (a new shape compiles, the first call checks guards)
+                        # the compiled side: 3 steps warm up (a new shape compiles,
+                        # the first call checks guards)
+                        else:
                             backend = filled_store(
                                 lm, batch, context, args.steps, compile=name == "store_compiled"
                             )
@@ -186,7 +188,8 @@ def main() -> None:
     write_result(
         "context_scaling",
         {
-            "what": "decode step vs the memory-bandwidth floor: KV store (eager and --compile) vs first backend, "
+            "what": "decode step vs the memory-bandwidth floor: KV store (eager and --compile) vs first "
+            "backend, "
             "random-filled KV of each context",
             "copy_bandwidth_gb_s": {
                 m: round(b / 1e9, 2) for m, b in zip(args.models.split(","), bandwidths, strict=False)

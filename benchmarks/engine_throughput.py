@@ -6,7 +6,8 @@ per side that is not counted. LYNX uses a probe in the model's default feature s
 calibration never exits (scoring at every cue costs what it always costs; lengths stay equal).
 
 Usage: python benchmarks/engine_throughput.py [--models reference,smollm2] [--batches 1,8,32]
-       python benchmarks/engine_throughput.py --models r1-distill-1.5b-random --device cuda --batches 1,8,32,64
+       python benchmarks/engine_throughput.py --models r1-distill-1.5b-random --device cuda --batches
+       1,8,32,64
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def pool(folders: list[Path]) -> dict[str, Any]:
 
 
 def mark_dominated(rows: list[dict[str, Any]]) -> None:
-    """Each row's `dominated_by`: the settings at least as accurate and saving at least as many tokens, one strictly."""
+    """Each row's `dominated_by`: the settings at least as accurate and saving at least as many tokens, one
+    strictly."""
     for row in rows:
         acc, saved = row["accuracy"], row["tokens_saved_pct"] or 0.0
         row["dominated_by"] = [
@@ -108,7 +109,8 @@ def markdown(summary: dict[str, Any]) -> str:
     n = len(summary["slices"])
     lines = [
         f"| method | accuracy, {n} slices pooled (95% CI) | accuracy per slice | tokens saved, mean ± sd | "
-        "mean tokens (+trial) | exit rate | help/harm | give-ups (right in full) | Pareto front | wall s/problem |",
+        "mean tokens (+trial) | exit rate | help/harm | give-ups (right in full) | Pareto front | wall "
+        "s/problem |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["settings"]:
@@ -119,8 +121,10 @@ def markdown(summary: dict[str, Any]) -> str:
         trial = f" (+{row['mean_trial_tokens']:.1f})" if row["mean_trial_tokens"] else ""
         wall = "—" if row["wall_time_per_problem_s"] is None else f"{row['wall_time_per_problem_s']:.3f}"
         lines.append(
-            f"| {_label(row)} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | {per} | {saved_text} | "
-            f"{row['mean_generated_tokens']:.1f}{trial} | {100 * row['exit_rate']:.0f} % | {row['help']}/{row['harm']} | "
+            f"| {_label(row)} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | {per} | "
+            f"{saved_text} | "
+            f"{row['mean_generated_tokens']:.1f}{trial} | {100 * row['exit_rate']:.0f} % | "
+            f"{row['help']}/{row['harm']} | "
             f"{_give_ups(row)} | {'✓' if not row.get('dominated_by') else ''} | {wall} |"
         )
     return "\n".join(lines) + "\n"

@@ -1,16 +1,20 @@
-"""The GPU check, one command: the `gpu` tests, then a speed table of the engine on DeepSeek-R1-Distill-Qwen-1.5B's
+"""The GPU check, one command: the `gpu` tests, then a speed table of the engine on
+DeepSeek-R1-Distill-Qwen-1.5B's
 architecture with random bf16 weights (no download).
 
-    python benchmarks/gpu_check.py                    # on a CUDA machine: writes benchmarks/results/gpu_check.json
+    python benchmarks/gpu_check.py                    # on a CUDA machine: writes
+    benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --device cpu --tiny  # the same code on a tiny model (CI's smoke test)
 
 Rows: batch 1, 8, 32, 64 at prompt 128 + 256 new tokens and at an 8k prompt + 64 new tokens. Sides: the engine
-eager, the engine compiled (`--compile`), compiled with LYNX scoring (a never-exit probe: every cue is scored, the
+eager, the engine compiled (`--compile`), compiled with LYNX scoring (a never-exit probe: every cue is scored,
+the
 lengths stay equal, features are read at every step) and `model.generate` with a static cache (transformers
 compiles its decode step itself for a static cache on a GPU, the way its documentation gives). Per side:
 tokens/s and ms per decode step (the median step once every prompt is read), the seconds of stalls in the run
 (steps over 3x the median: compiles and CUDA-graph captures), and the share of the bandwidth roofline (weights
-read per step, the input embedding one row per token, plus the live KV bytes, at the copy bandwidth measured on
+read per step, the input embedding one row per token, plus the live KV bytes, at the copy bandwidth measured
+on
 the card). Every side of a row stops at its own deadline and the whole check at `--budget-s`: a row or side
 cut short is recorded as such, never dropped.
 """
@@ -60,7 +64,8 @@ def tiny_qwen(device: str) -> LoadedModel:
 
 
 def decodable(lm: LoadedModel) -> LoadedModel:
-    """Zero the head's rows past the tokenizer's vocabulary: greedy picks ids the tokenizer spells, so the text has
+    """Zero the head's rows past the tokenizer's vocabulary: greedy picks ids the tokenizer spells, so the
+    text has
     cues to score (the bytes read and the work per step are the same)."""
     head = lm.model.get_output_embeddings().weight
     with torch.no_grad():
@@ -226,7 +231,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(
-            "gpu_check: --device cuda but CUDA is not available here (use --device cpu --tiny for the smoke test)"
+            "gpu_check: --device cuda but CUDA is not available here (use --device cpu --tiny for the smoke "
+            "test)"
         )
     tests = (
         {"status": "skipped (--skip-tests)"} if args.skip_tests else run_tests(min(150.0, args.budget_s / 2))

@@ -1,4 +1,5 @@
-"""Forced-exit labelling: batched from the rollout KV cache vs one `generate` per event (re-running the prefix).
+"""Forced-exit labelling: batched from the rollout KV cache vs one `generate` per event (re-running the
+prefix).
 
 Same events, same model, one run. Usage: python benchmarks/labelling_speed.py [--problems 8]
 """

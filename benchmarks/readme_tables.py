@@ -31,7 +31,8 @@ HEADLINE = (
 
 
 def main() -> None:
-    """Write every generated table into its file (between its markers); `--check`: exit 1 where a file is stale."""
+    """Write every generated table into its file (between its markers); `--check`: exit 1 where a file is
+    stale."""
     import sys
 
     check = "--check" in sys.argv[1:]
@@ -56,7 +57,8 @@ def headline_table() -> str:
     summary = json.loads((RESULTS / "eval_reference" / "summary.json").read_text())
     rows = {row["setting"]: row for row in summary["settings"]}
     out = [
-        f"{summary['n_records'] // len(summary['settings'])} rollouts per setting (three slices of the held-out "
+        f"{summary['n_records'] // len(summary['settings'])} rollouts per setting (three slices of the "
+        "held-out "
         "split, paired seeds) on the shipped reference model; every setting and the plot: "
         "[docs/results.md](docs/results.md).\n",
         "| setting | accuracy (95 % CI) | tokens saved | on the Pareto front |",
@@ -107,24 +109,30 @@ def results_tables() -> str:
     eng = load("engine_throughput.json")
     out.append("\n### Speed\n")
     out.append(
-        f"`benchmarks/engine_throughput.py` ({eng['device']}; greedy, fixed length, left-padded prompts, median of "
-        "interleaved runs, ratios paired within each repeat; LYNX scores every cue with a probe calibrated never to "
+        f"`benchmarks/engine_throughput.py` ({eng['device']}; greedy, fixed length, left-padded prompts, "
+        "median of "
+        "interleaved runs, ratios paired within each repeat; LYNX scores every cue with a probe calibrated "
+        "never to "
         "exit, so lengths stay equal). Targets: engine ≥ 1.0× `generate`, LYNX ≥ 0.97× no policy.\n"
     )
     out.append(
-        "| model | batch | `generate` tokens/s | engine tokens/s | engine ÷ generate | engine + LYNX tokens/s | LYNX ÷ no policy | cues scored per run |"
+        "| model | batch | `generate` tokens/s | engine tokens/s | engine ÷ generate | engine + LYNX "
+        "tokens/s | LYNX ÷ no policy | cues scored per run |"
     )
     out.append("|---|---|---|---|---|---|---|---|")
     for row in eng["results"]:
         out.append(
-            f"| {row['model']} | {row['batch']} | {row['generate_tokens_per_s']} | {row['engine_tokens_per_s']} | "
-            f"**{row['engine_vs_generate_ratio']}×** | {row['engine_lynx_tokens_per_s']} | **{row['lynx_vs_no_policy_ratio']}×** | "
+            f"| {row['model']} | {row['batch']} | {row['generate_tokens_per_s']} | "
+            f"{row['engine_tokens_per_s']} | "
+            f"**{row['engine_vs_generate_ratio']}×** | {row['engine_lynx_tokens_per_s']} | "
+            f"**{row['lynx_vs_no_policy_ratio']}×** | "
             f"{row['cues_scored_per_run']:g} |"
         )
     out.append("\n| benchmark | measured | target |\n|---|---|---|")
     lab = load("labelling_speed.json")
     out.append(
-        f"| forced-exit labelling, {lab['events']} events | batched from KV cache {lab['batched_s']} s vs one "
+        f"| forced-exit labelling, {lab['events']} events | batched from KV cache {lab['batched_s']} s vs "
+        "one "
         f"`generate` per event {lab['one_by_one_generate_s']} s = **{lab['speedup']}×** (answers agree "
         f"{lab['answers_agree']}) | ≥ 5× |"
     )
@@ -132,8 +140,10 @@ def results_tables() -> str:
         probe = load(name)
         cues = f", cues = {probe['cue_regex']!r}" if probe.get("cue_regex") else ""
         out.append(
-            f"| probe + cue check in the online engine ({probe['model']}{cues}, {probe['cue_events']} cues in "
-            f"{probe['steps']} steps) | **{100 * probe['policy_plus_cue_check_fraction']:.2f} %** of decode time "
+            f"| probe + cue check in the online engine ({probe['model']}{cues}, {probe['cue_events']} cues "
+            "in "
+            f"{probe['steps']} steps) | **{100 * probe['policy_plus_cue_check_fraction']:.2f} %** of decode "
+            "time "
             f"({probe['probe_ms_per_cue']} ms per cue, {probe['mean_step_ms']} ms per step) | < 1 % |"
         )
     thr = load("eval_throughput.json")
@@ -141,7 +151,8 @@ def results_tables() -> str:
         f"{r['method']} batch {r['batch_size']}: {r['problems_per_s']}/s" for r in thr["results"]
     )
     out.append(
-        f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch 1 |"
+        f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch "
+        "1 |"
     )
     out += speculative_table()
     out += context_table()
@@ -163,9 +174,12 @@ def vllm_table() -> list[str]:
         "\n### Inside vLLM (`benchmarks/vs_vllm.py`, from `benchmarks/results/vs_vllm.json`)\n",
         f"vLLM {engine['version']} on the {engine['device']} ({engine['model_runner']}; "
         f"{'eager' if engine['enforce_eager'] else 'torch.compile'}), the `{work['model']}` model, greedy, "
-        f"{work['new_tokens_per_row']} new tokens per row, {work['statistic']} ({work['reps']} reps). The plug-in "
-        "scores every row at every step with a probe calibrated never to exit. Target: plug-in ≥ 0.95× plain vLLM.\n",
-        "| batch | vLLM tokens/s | vLLM + plug-in | ÷ vLLM | lynx-exit engine | ÷ vLLM | engine + LYNX | ÷ vLLM |",
+        f"{work['new_tokens_per_row']} new tokens per row, {work['statistic']} ({work['reps']} reps). The "
+        "plug-in "
+        "scores every row at every step with a probe calibrated never to exit. Target: plug-in ≥ 0.95× "
+        "plain vLLM.\n",
+        "| batch | vLLM tokens/s | vLLM + plug-in | ÷ vLLM | lynx-exit engine | ÷ vLLM | engine + LYNX | ÷ "
+        "vLLM |",
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = {(r["side"], r["batch"]): r for r in data["rows"]}
@@ -179,7 +193,8 @@ def vllm_table() -> list[str]:
 
 
 def front_lines(summary: dict) -> list[str]:
-    """Which LYNX settings are on the Pareto front (no row at least as accurate and as frugal, one strictly), and what
+    """Which LYNX settings are on the Pareto front (no row at least as accurate and as frugal, one strictly),
+    and what
     the give-up rows cost."""
     rows = summary["settings"]
     if not any("dominated_by" in row for row in rows):
@@ -194,9 +209,12 @@ def front_lines(summary: dict) -> list[str]:
     for row in rows:
         if row.get("give_ups"):
             lines.append(
-                f"`{row['setting']}` gave up on {row['give_ups']} traces: {row['give_ups_right_in_full']} ended right in "
-                f"full, {row['give_ups_lost']} of them wrong after the give-up (its cost); {row['give_ups_on_runaways']} ran "
-                f"to the budget in full (runaways), {row['give_up_tokens_saved_on_runaways']} tokens saved on those, "
+                f"`{row['setting']}` gave up on {row['give_ups']} traces: {row['give_ups_right_in_full']} "
+                "ended right in "
+                f"full, {row['give_ups_lost']} of them wrong after the give-up (its cost); "
+                f"{row['give_ups_on_runaways']} ran "
+                f"to the budget in full (runaways), {row['give_up_tokens_saved_on_runaways']} tokens saved "
+                "on those, "
                 f"{row['give_up_tokens_saved']} on all."
             )
     return lines
@@ -226,13 +244,20 @@ def risk_table() -> list[str]:
             "—" if row["n"] == 0 else f"{row['rate']:.3f} ≤ {row['delta'] + row['margin95']:.3f}{mark}"
         )
     out = [
-        "\n### Realized risk on held-out problems (`lynx-exit risk`, from `benchmarks/results/risk_reference.json`)\n",
-        "Every decision point of the 900 test problems labelled by a forced exit (build-data on the test split). Each "
-        "cell: the realized rate ≤ δ plus its 95 % sampling margin. For the rollout-level rules (`trajectory`: "
-        "P(first exit premature); `harm`: P(first exit turns a right chain wrong); `give_up`: P(give up on a rollout "
-        "that ends right)), which hold with probability 1 − ε over the calibration set, the margin is the test "
-        "rollouts' binomial one, 1.96·√(δ(1−δ)/900). `event` (P(exit | unsafe point of that kind)) holds on average "
-        "over calibration sets, so its margin adds the calibration set's sampling (its unsafe events of that kind) and "
+        "\n### Realized risk on held-out problems (`lynx-exit risk`, from "
+        "`benchmarks/results/risk_reference.json`)\n",
+        "Every decision point of the 900 test problems labelled by a forced exit (build-data on the test "
+        "split). Each "
+        "cell: the realized rate ≤ δ plus its 95 % sampling margin. For the rollout-level rules "
+        "(`trajectory`: "
+        "P(first exit premature); `harm`: P(first exit turns a right chain wrong); `give_up`: P(give up on "
+        "a rollout "
+        "that ends right)), which hold with probability 1 − ε over the calibration set, the margin is the "
+        "test "
+        "rollouts' binomial one, 1.96·√(δ(1−δ)/900). `event` (P(exit | unsafe point of that kind)) holds on "
+        "average "
+        "over calibration sets, so its margin adds the calibration set's sampling (its unsafe events of "
+        "that kind) and "
         "carries the design effect of events clustered in rollouts (`lynx-exit risk` prints both parts).\n",
         "| mode | decision points | " + " | ".join(f"δ = {d:g}" for d in deltas) + " |",
         "|---|---|" + "---|" * len(deltas),
@@ -250,31 +275,39 @@ def speculative_table() -> list[str]:
     out = [
         "\n### Speculative Thinking on the reference pair (`benchmarks/speculative_reference.py`, from "
         "`benchmarks/results/speculative_reference.json`)\n",
-        f"{spec['problems']} test problems, the same seeds for every row; {spec['sampling']}; trigger a line break "
+        f"{spec['problems']} test problems, the same seeds for every row; {spec['sampling']}; trigger a "
+        "line break "
         f"(a step per line in these traces), look-ahead {spec['assist']['lookahead']}, takeover "
-        f"{spec['assist']['takeover']}, verify extension {spec['assist']['verify_extension']}. Differences are paired by "
-        "problem against the small model alone (95 % bootstrap interval). Target from the paper: above the small model "
+        f"{spec['assist']['takeover']}, verify extension {spec['assist']['verify_extension']}. Differences "
+        "are paired by "
+        "problem against the small model alone (95 % bootstrap interval). Target from the paper: above the "
+        "small model "
         "alone with the assistant writing ≤ 25 % of the thinking.\n",
-        "| method | accuracy | vs small alone | revised answers (right→wrong / wrong→right) | tokens | assistant share | takeovers | problems/s |",
+        "| method | accuracy | vs small alone | revised answers (right→wrong / wrong→right) | tokens | "
+        "assistant share | takeovers | problems/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in spec["methods"].items():
         versus = row.get("vs_small_alone")
         cell = (
-            f"{100 * versus['difference']:+.1f} [{100 * versus['ci95'][0]:+.1f}, {100 * versus['ci95'][1]:+.1f}]"
+            f"{100 * versus['difference']:+.1f} [{100 * versus['ci95'][0]:+.1f}, "
+            f"{100 * versus['ci95'][1]:+.1f}]"
             if versus
             else "–"
         )
         rev = row["revised_answers"]
         share = f"{100 * row['assistant_share']:.1f} %" if "assistant_share" in row else "–"
         out.append(
-            f"| {name} | {100 * row['accuracy']:.1f} % | {cell} | {rev['right->wrong']} / {rev['wrong->right']} | "
+            f"| {name} | {100 * row['accuracy']:.1f} % | {cell} | {rev['right->wrong']} / "
+            f"{rev['wrong->right']} | "
             f"{row['mean_tokens']} | {share} | {row.get('mean_takeovers', '–')} | {row['problems_per_s']} |"
         )
     thr = spec["throughput"]
     out.append(
-        f"\nThroughput ({thr['problems']} problems): batch 16 {thr['batch_16']['problems_per_s']} problems/s against "
-        f"the official schedule emulated at batch 1 {thr['batch_1_official_schedule']['problems_per_s']} problems/s: "
+        f"\nThroughput ({thr['problems']} problems): batch 16 {thr['batch_16']['problems_per_s']} "
+        "problems/s against "
+        f"the official schedule emulated at batch 1 {thr['batch_1_official_schedule']['problems_per_s']} "
+        "problems/s: "
         f"**{thr['speedup_batch16_vs_official_batch1']}×**."
     )
     return out
@@ -284,13 +317,19 @@ def context_table() -> list[str]:
     ctx = load("context_scaling.json")
     rates = ", ".join(f"{m} {b}" for m, b in ctx["copy_bandwidth_gb_s"].items())
     out = [
-        "\n### Decode step against context (`benchmarks/context_scaling.py`, from `benchmarks/results/context_scaling.json`)\n",
-        f"{ctx['environment']['threads']} threads; each backend holds `batch` requests of `context` tokens (keys and values "
-        "filled at random) and decodes; median step after a warm-up. Floor = (weight bytes + live KV bytes) ÷ this "
-        f"machine's copy bandwidth, measured right before each model's rows ({rates} GB/s; a step that only reads can "
+        "\n### Decode step against context (`benchmarks/context_scaling.py`, from "
+        "`benchmarks/results/context_scaling.json`)\n",
+        f"{ctx['environment']['threads']} threads; each backend holds `batch` requests of `context` tokens "
+        "(keys and values "
+        "filled at random) and decodes; median step after a warm-up. Floor = (weight bytes + live KV bytes) "
+        "÷ this "
+        f"machine's copy bandwidth, measured right before each model's rows ({rates} GB/s; a step that only "
+        "reads can "
         "beat it, hence ratios below 1; this VM's copy rate drifts between measurements: "
-        f"{', '.join(map(str, ctx['copy_bandwidth_measured_gb_s']))} GB/s in this run, the last after all rows). Goal: the KV store ≤ 1.3× the floor at every context, the ratio flat from 128 to 4,096.\n",
-        "| model | batch | context | floor ms | first backend ms (× floor) | KV store ms (× floor) | store speed-up "
+        f"{', '.join(map(str, ctx['copy_bandwidth_measured_gb_s']))} GB/s in this run, the last after all "
+        "rows). Goal: the KV store ≤ 1.3× the floor at every context, the ratio flat from 128 to 4,096.\n",
+        "| model | batch | context | floor ms | first backend ms (× floor) | KV store ms (× floor) | store "
+        "speed-up "
         "| store `--compile` ms (× floor) | compiled ÷ eager store |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -301,17 +340,21 @@ def context_table() -> list[str]:
             else "— | —"
         )
         out.append(
-            f"| {r['model']} | {r['batch']} | {r['context']} | {r['floor_ms']} | {r['legacy_step_ms']} ({r['legacy_vs_floor']}×) | "
+            f"| {r['model']} | {r['batch']} | {r['context']} | {r['floor_ms']} | {r['legacy_step_ms']} "
+            f"({r['legacy_vs_floor']}×) | "
             f"{r['store_step_ms']} (**{r['store_vs_floor']}×**) | {r['store_speedup']}× | {compiled} |"
         )
     path = RESULTS / "compile_speed.json"
     if path.exists():
         comp = json.loads(path.read_text())
         out += [
-            "\n`benchmarks/compile_speed.py` (`--compile` vs eager through the engine; greedy, fixed length, median of "
-            "alternating runs after the compile warm-up). Goal on this CPU: the reference model ≥ 1.5× at batch 1 and 8 "
+            "\n`benchmarks/compile_speed.py` (`--compile` vs eager through the engine; greedy, fixed "
+            "length, median of "
+            "alternating runs after the compile warm-up). Goal on this CPU: the reference model ≥ 1.5× at "
+            "batch 1 and 8 "
             "with identical tokens, SmolLM2 not slower.\n",
-            "| model | batch | eager tokens/s | compiled tokens/s | compiled ÷ eager | identical tokens | compile warm-up s |",
+            "| model | batch | eager tokens/s | compiled tokens/s | compiled ÷ eager | identical tokens | "
+            "compile warm-up s |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in comp["rows"]:
@@ -329,14 +372,16 @@ def ray_table() -> list[str]:
     data = json.loads(path.read_text())
     out = [
         "\n### Ray (`benchmarks/ray_scaling.py`, from `benchmarks/results/ray_scaling.json`)\n",
-        f"The same `eval` ({data['rollouts']} rollouts: {', '.join(data['settings'])}; {data['model']}) in one process and "
+        f"The same `eval` ({data['rollouts']} rollouts: {', '.join(data['settings'])}; {data['model']}) in "
+        "one process and "
         f"on a local Ray instance; {data['note']}. {data['environment']['cpus']} CPU cores.\n",
         "| run | torch threads per process | worker start-up s | eval s | rollouts/s | ÷ 1 worker |",
         "|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         out.append(
-            f"| {r['run']} | {r['threads']} | {r.get('startup_s', '—')} | {r['seconds']} | {r['problems_per_s']} | "
+            f"| {r['run']} | {r['threads']} | {r.get('startup_s', '—')} | {r['seconds']} | "
+            f"{r['problems_per_s']} | "
             f"**{r['speedup_vs_1_worker']}×** |"
         )
     return out
@@ -352,7 +397,8 @@ def behaviour_table() -> list[str]:
         "### The reference pair beside real reasoners (`benchmarks/reference_model.py`, from "
         "`benchmarks/results/reference_model.json`)\n",
         f"{data['models'][0]['problems']} held-out problems, T={data['temperature']}, top-p {data['top_p']}, "
-        f"{data['max_new_tokens']} new tokens. The last column gives the band the literature puts a 1.5B distilled "
+        f"{data['max_new_tokens']} new tokens. The last column gives the band the literature puts a 1.5B "
+        "distilled "
         "reasoner in (FTM = arXiv 2510.08308, DEER = arXiv 2504.15895).\n",
     ]
     rows = [
@@ -373,7 +419,8 @@ def behaviour_table() -> list[str]:
         band = targets.get(key)
         cells = " | ".join("—" if m[key] is None else fmt.format(m[key]) for m in data["models"])
         out.append(
-            f"| {label} | {cells} | {'—' if band is None else f'{fmt.format(band[0])}–{fmt.format(band[1])}'} |"
+            f"| {label} | {cells} | "
+            f"{'—' if band is None else f'{fmt.format(band[0])}–{fmt.format(band[1])}'} |"
         )
     extra = [
         (
@@ -390,7 +437,8 @@ def behaviour_table() -> list[str]:
             ),
         ),
         (
-            "wrong first answers (finished): count / re-derived / re-derivation repeats it / reaches the right one",
+            "wrong first answers (finished): count / re-derived / re-derivation repeats it / reaches the "
+            "right one",
             lambda m: " / ".join(
                 str(m[k])
                 for k in (
@@ -430,14 +478,21 @@ def faults_table() -> list[str]:
     setup, summary = data["setup"], data["summary"]
     out = [
         "\n### Hostile clients (`benchmarks/serve_faults.py`, from `benchmarks/results/serve_faults.json`)\n",
-        f"`lynx-exit serve --model reference` on 127.0.0.1 (batch {setup['max_batch_size']}, queue {setup['max_queue']}). "
-        f"{setup['victims']} seeded victim streams (max_tokens {setup['victim_max_tokens']}) run round after round while "
-        f"{setup['hostile_per_repeat']} hostile requests (huge `top_k`, malformed exit options, wrongly typed fields, "
-        f"tiny temperatures, template switches and 5,000-message chats, 800,000-prompt completions, fields named like type "
-        f"tags, developer messages, mutated and random bodies) and {setup['big_bodies_per_repeat']} large bodies (10 MB with and "
-        f"without `Content-Length`, 3.9 MB under the limit) arrive; {setup['repeats']} repeats. Victims are compared "
+        f"`lynx-exit serve --model reference` on 127.0.0.1 (batch {setup['max_batch_size']}, queue "
+        f"{setup['max_queue']}). "
+        f"{setup['victims']} seeded victim streams (max_tokens {setup['victim_max_tokens']}) run round "
+        "after round while "
+        f"{setup['hostile_per_repeat']} hostile requests (huge `top_k`, malformed exit options, wrongly "
+        "typed fields, "
+        "tiny temperatures, template switches and 5,000-message chats, 800,000-prompt completions, fields "
+        "named like type "
+        f"tags, developer messages, mutated and random bodies) and {setup['big_bodies_per_repeat']} large "
+        "bodies (10 MB with and "
+        f"without `Content-Length`, 3.9 MB under the limit) arrive; {setup['repeats']} repeats. Victims are "
+        "compared "
         "token for token with the same streams on a quiet server.\n",
-        "| repeat | hostile requests | answers by status | 5xx | victim streams | failed | identical to quiet | "
+        "| repeat | hostile requests | answers by status | 5xx | victim streams | failed | identical to "
+        "quiet | "
         "`/health` p50 / p99 / max s during large bodies |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -447,11 +502,13 @@ def faults_table() -> list[str]:
         out.append(
             f"| {i + 1} | {r['hostile_requests']} | {statuses}; large bodies {big} | {r['responses_5xx']} | "
             f"{r['victim_streams']} | {r['victims_failed']} | {r['victims_identical_to_quiet']} | "
-            f"{r['health_p50_s']} / {r['health_p99_s']} / {r['health_max_s']} ({r['health_samples_during_large_bodies']} samples) |"
+            f"{r['health_p50_s']} / {r['health_p99_s']} / {r['health_max_s']} "
+            f"({r['health_samples_during_large_bodies']} samples) |"
         )
     met = ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in data["targets"].items())
     out.append(
-        f"\nServer RSS {summary['rss_before_mb']} MB before the hostile runs, {summary['rss_after_mb']} MB after "
+        f"\nServer RSS {summary['rss_before_mb']} MB before the hostile runs, {summary['rss_after_mb']} MB "
+        "after "
         f"({summary['rss_growth_mb']:+} MB); `/health` afterwards: {summary['health_after']['status']} with "
         f"{summary['health_after']['in_flight']} in flight. Targets: {met}."
     )
@@ -465,14 +522,19 @@ def serve_table() -> list[str]:
     data = json.loads(path.read_text())
     out = [
         "\n### Serving (`benchmarks/serve_load.py`, from `benchmarks/results/serve_load.json`)\n",
-        f"{data['requests']} streamed chat requests per row from `AsyncOpenAI` to `lynx-exit serve --model reference` on "
-        f"127.0.0.1 (T={data['temperature']}, max_tokens {data['max_new_tokens']}; the load generator runs on the same "
-        f"{data['cpus']} cores), against the same prompts, seeds and exit settings through the engine in one process. "
+        f"{data['requests']} streamed chat requests per row from `AsyncOpenAI` to `lynx-exit serve --model "
+        "reference` on "
+        f"127.0.0.1 (T={data['temperature']}, max_tokens {data['max_new_tokens']}; the load generator runs "
+        "on the same "
+        f"{data['cpus']} cores), against the same prompts, seeds and exit settings through the engine in "
+        "one process. "
         f"Served rollouts have the same token counts as offline ones: "
         f"{'yes, every row' if all(r['same_tokens_as_offline'] for r in data['served']) else 'NO'}. "
         f"Targets: {data['targets']}.\n",
-        f"| method | clients | completed | 503 | lost | latency p50 / p95 / p99 s | TTFT p50 / p95 / p99 s | tokens/s | "
-        f"÷ offline, {data['offline_torch_threads']} threads | ÷ offline, {data['server_torch_threads']} thread(s) as served |",
+        "| method | clients | completed | 503 | lost | latency p50 / p95 / p99 s | TTFT p50 / p95 / p99 s "
+        "| tokens/s | "
+        f"÷ offline, {data['offline_torch_threads']} threads | ÷ offline, {data['server_torch_threads']} "
+        "thread(s) as served |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -485,7 +547,8 @@ def serve_table() -> list[str]:
         ]
         out.append(
             f"| {r['method']} | {r['concurrency']} | {r['completed']} | {r['failed']} | {r['lost']} | "
-            f"{triple(r, 'latency')} | {triple(r, 'ttft')} | {r['completion_tokens_per_s']} | {ratios[0]} | {ratios[1]} |"
+            f"{triple(r, 'latency')} | {triple(r, 'ttft')} | {r['completion_tokens_per_s']} | {ratios[0]} | "
+            f"{ratios[1]} |"
         )
     offline = ", ".join(
         f"{r['method']} batch {r['batch']} × {r['torch_threads']} thread(s): {r['completion_tokens_per_s']}"
@@ -495,10 +558,14 @@ def serve_table() -> list[str]:
     fault = data["fault"]
     cut, burst = fault["disconnect_pass"], fault["burst_pass"]
     out.append(
-        f"Fault pass: with a fifth of the streams cut mid-way, {cut['completed']} completed, {cut['disconnected']} "
-        f"disconnected, {cut['lost']} lost; a burst of {fault['burst_size']} requests at once into a capacity of "
-        f"{fault['capacity']}: {burst['completed']} completed, {burst['failed']} got a clean 503, {burst['lost']} lost; "
-        f"`/health` afterwards: {fault['health_after']['status']} with {fault['health_after']['in_flight']} in flight. "
+        f"Fault pass: with a fifth of the streams cut mid-way, {cut['completed']} completed, "
+        f"{cut['disconnected']} "
+        f"disconnected, {cut['lost']} lost; a burst of {fault['burst_size']} requests at once into a "
+        "capacity of "
+        f"{fault['capacity']}: {burst['completed']} completed, {burst['failed']} got a clean 503, "
+        f"{burst['lost']} lost; "
+        f"`/health` afterwards: {fault['health_after']['status']} with {fault['health_after']['in_flight']} "
+        "in flight. "
         f"Lost in all passes: **{data['lost_total']}**."
     )
     return out
@@ -510,11 +577,15 @@ def gpu_table() -> list[str]:
     tests = data["tests"]
     out = [
         "\n### On a GPU (`benchmarks/gpu_check.py`, from `benchmarks/results/gpu_check.json`)\n",
-        f"{data['device']}, torch {data['torch']}, transformers {data['transformers']}, {data['model']} (random bf16 "
-        f"weights), copy bandwidth {data['copy_bandwidth_gb_s']} GB/s. `pytest -m gpu`: {tests.get('summary', tests.get('status'))}. "
-        "tokens/s at the median decode step, its share of the bandwidth roofline in brackets; stalls are the seconds "
+        f"{data['device']}, torch {data['torch']}, transformers {data['transformers']}, {data['model']} "
+        "(random bf16 "
+        f"weights), copy bandwidth {data['copy_bandwidth_gb_s']} GB/s. `pytest -m gpu`: "
+        f"{tests.get('summary', tests.get('status'))}. "
+        "tokens/s at the median decode step, its share of the bandwidth roofline in brackets; stalls are "
+        "the seconds "
         "of steps over 3× the median (compiles, graph captures).\n",
-        "| batch | prompt + new | eager | compiled | compiled + LYNX | `generate`, static cache | stalls: compiled / + LYNX |",
+        "| batch | prompt + new | eager | compiled | compiled + LYNX | `generate`, static cache | stalls: "
+        "compiled / + LYNX |",
         "|---|---|---|---|---|---|---|",
     ]
 
@@ -534,7 +605,8 @@ def gpu_table() -> list[str]:
             f"{r[k]['stall_s']} s" if "stall_s" in r[k] else "—" for k in ("compiled", "compiled_lynx")
         )
         out.append(
-            f"| {r['batch']} | {r['prompt']} + {r['new_tokens']} | {cell(r['eager'])} | {cell(r['compiled'])} | "
+            f"| {r['batch']} | {r['prompt']} + {r['new_tokens']} | {cell(r['eager'])} | "
+            f"{cell(r['compiled'])} | "
             f"{cell(r['compiled_lynx'])} | {cell(r['generate_static'])} | {stalls} |"
         )
     return out

@@ -3,8 +3,10 @@
 Starts the server as a subprocess on 127.0.0.1 (reference model, shipped probe). A quiet run first
 records what 8 seeded victim streams generate alone. Then, `--repeats` times, the victims stream
 again (round after round) while at least `--hostile` hostile requests arrive: the issue-21 families
-(D1 huge top_k, D2 malformed exit options, D4 wrongly typed fields, D5 tiny temperatures), issue 32's (N1 template
-switches and 5,000-message chats, N3 800,000-prompt completions, N6 fields named like type tags, N7 the developer
+(D1 huge top_k, D2 malformed exit options, D4 wrongly typed fields, D5 tiny temperatures), issue 32's (N1
+template
+switches and 5,000-message chats, N3 800,000-prompt completions, N6 fields named like type tags, N7 the
+developer
 role), 10 MB
 bodies (D3: 10 MB with and without a Content-Length, 3.9 MB under the limit) and randomly mutated or random
 bodies (seeded). Measured: every hostile status, 5xx
@@ -228,7 +230,8 @@ def large_body(size: int) -> bytes:
 
 
 async def big_bodies(client: httpx.AsyncClient, url: str) -> tuple[list[int | None], list[float]]:
-    """Post large bodies (three at a time) while /health is sampled every 20 ms; statuses and health latencies.
+    """Post large bodies (three at a time) while /health is sampled every 20 ms; statuses and health
+    latencies.
 
     They cycle through three kinds: 10 MB with a Content-Length (refused before it is read), 10 MB sent
     chunked without one (read until the 4 MiB limit, then refused) and 3.9 MB under the limit (parsed and

@@ -1,4 +1,5 @@
-"""Speculative Thinking on the reference pair: the small model alone, the large one alone, the small one helped
+"""Speculative Thinking on the reference pair: the small model alone, the large one alone, the small one
+helped
 by the large one (and with LYNX on top), on the same test problems and seeds; then throughput at batch 16
 against the official code's schedule (one request at a time), emulated on this engine at batch 1.
 
@@ -173,7 +174,8 @@ def main() -> None:
                 "speedup_batch16_vs_official_batch1": round(speedup, 2),
                 "problems": args.throughput_problems,
             },
-            "target": "accuracy above small alone (paired CI above 0) with the assistant writing <= 25 % of thinking tokens",
+            "target": "accuracy above small alone (paired CI above 0) with the assistant writing <= 25 % of "
+            "thinking tokens",
         },
     )
 

@@ -68,7 +68,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(server) -> Iterator[str]:
     """Run a `lynx_exit.serve.Server` with uvicorn on a background thread; yields its base URL."""
-    import uvicorn  # here, not at the top: the GPU check runs these tests where no server packages are installed
+    # here, not at the top: the GPU check runs these tests where no server packages are installed
+    import uvicorn
 
     from lynx_exit.serve import create_app
 
@@ -89,7 +90,8 @@ def serving(server) -> Iterator[str]:
 
 @contextlib.contextmanager
 def cli_server(model_dir, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`lynx-exit serve --model model_dir FLAGS` as a subprocess on a free loopback port, once /health answers;
+    """`lynx-exit serve --model model_dir FLAGS` as a subprocess on a free loopback port, once /health
+    answers;
     killed on the way out if it is still running."""
     import httpx
 

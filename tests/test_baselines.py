@@ -104,7 +104,8 @@ def test_eat_exits_once_the_moving_variance_of_the_entropy_settles():
     )  # 3 trials, 2 forced tokens each
     jumpy = {1: 1.0, 2: 3.0, 4: 1.0, 6: 3.0, 8: 1.0, 9: 3.0}
     assert replay(EatPolicy(variance=1e-3), steps, entropies(jumpy)) is None
-    # After trials 1.0 and 2.0 (α = 0.2): mean 1.2, variance 0.8·0.2·1² = 0.16; a third 1.2 leaves it at 0.128.
+    # After trials 1.0 and 2.0 (α = 0.2): mean 1.2, variance 0.8·0.2·1² = 0.16; a third 1.2 leaves it at
+    # 0.128.
     drift = {1: 1.0, 2: 2.0, 4: 1.2, 6: 1.2, 8: 1.2, 9: 1.2}
     assert replay(EatPolicy(variance=0.13), steps, entropies(drift)) == 4
     assert replay(EatPolicy(variance=0.12), steps, entropies(drift)) == 6

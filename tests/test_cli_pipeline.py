@@ -9,7 +9,8 @@ COMMON = ["--model", "reference", "--max-new-tokens", "400", "--batch-size", "12
 
 
 def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
-    # Non-default layers (the reference model's default is 1,2,3,4): generate and eval must use the probe's own.
+    # Non-default layers (the reference model's default is 1,2,3,4): generate and eval must use the
+    # probe's own.
     layers = ["--layers", "2,4"]
     for split, folder in (("train", "tr"), ("calib", "ca")):
         assert (

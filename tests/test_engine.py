@@ -374,5 +374,6 @@ def test_control_strings_in_user_text_cannot_end_thinking_or_fake_cues_or_exits(
             if step.cue is not None:
                 assert step.cue in (generated + step.text).lower()  # a cue the model wrote, not the prompt's
             generated += step.text
-        # The exit fires at the budget counted from the first generated token, unless the model closed thinking itself.
+        # The exit fires at the budget counted from the first generated token, unless the model
+        # closed thinking itself.
         assert result.finish_reason == "exit" and result.exit_index == 5 or "</think>" in result.text[:40]

@@ -19,7 +19,8 @@ from lynx_exit.tasks import Problem
 
 
 def _steps(answers, cues):
-    """Hand-made trajectory: step i is a cue if i in `cues`; its trial answer is answers[i] (3 forced tokens + 2)."""
+    """Hand-made trajectory: step i is a cue if i in `cues`; its trial answer is answers[i] (3 forced tokens +
+    2)."""
     out = []
     for i, (answer, prob) in enumerate(answers):
         forced = ForcedAnswer(

@@ -27,7 +27,8 @@ def _loop(open_: str, close: str, body: str) -> str:
     return "{% for m in messages %}" + open_ + body + close + "{% endfor %}"
 
 
-# name: (special tokens, bos, eos, chat template, expected family, expected start, thinking open/close as the model writes them)
+# name: (special tokens, bos, eos, chat template, expected family, expected start, thinking open/close as
+# the model writes them)
 FAMILY_SHAPES = {
     "deepseek-r1": (
         [
@@ -40,7 +41,8 @@ FAMILY_SHAPES = {
         ],
         "<｜begin▁of▁sentence｜>",
         "<｜end▁of▁sentence｜>",
-        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}<｜User｜>{{ m.content }}{% endif %}{% endfor %}"
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}<｜User｜>{{ m.content }}{% endif "
+        "%}{% endfor %}"
         "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}",
         "think",
         "template",
@@ -53,7 +55,8 @@ FAMILY_SHAPES = {
         "<|im_end|>",
         _loop("<|im_start|>", "<|im_end|>\n", "{{ m.role }}\n{{ m.content }}")
         + "{% if add_generation_prompt %}<|im_start|>assistant\n"
-        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif "
+        "%}{% endif %}",
         "qwen3",
         "model",
         "<think>\n",
@@ -88,7 +91,8 @@ FAMILY_SHAPES = {
         ["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]"],
         "<s>",
         "</s>",
-        "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ m.content }}[/SYSTEM_PROMPT]"
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ m.content "
+        "}}[/SYSTEM_PROMPT]"
         "{% elif m.role == 'user' %}[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}",
         "magistral",
         "model",
@@ -156,7 +160,8 @@ def family_lm(name: str, overrides: ProfileOverrides | None = None) -> LoadedMod
 
 
 def run_scripted(monkeypatch, lm, written: str, answer: str = "7}", policy=None, config=None):
-    """Run the engine on a real prompt while the sampler "writes" `written`, then `answer` after a forced exit."""
+    """Run the engine on a real prompt while the sampler "writes" `written`, then `answer` after a forced
+    exit."""
     think_ids, answer_ids = lm.encode(written), lm.encode(answer)
     engine = Engine(lm, max_batch_size=1)
 
@@ -383,7 +388,8 @@ def test_a_request_switches_qwen3_thinking_off_with_chat_template_kwargs():
     assert direct.usage.prompt_tokens == len(off) and thinking.usage.prompt_tokens == len(
         lm.chat_ids(messages)
     )
-    # A tiny random model never writes `<think>`: with thinking on, all it writes is thinking; switched off, none is.
+    # A tiny random model never writes `<think>`: with thinking on, all it writes is thinking; switched
+    # off, none is.
     assert (thinking.choices[0].message.model_extra or {}).get("reasoning_content") and not thinking.choices[
         0
     ].message.content

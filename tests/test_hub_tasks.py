@@ -92,7 +92,8 @@ ROWS = {
 
 
 def write_hub_folder(root: Path, task: str, rows_by_config: dict[str | None, list[dict]]) -> Path:
-    """A folder laid out like the task's Hub repository: README.md front matter naming configs and data files."""
+    """A folder laid out like the task's Hub repository: README.md front matter naming configs and data
+    files."""
     hub = TASKS[task].hub
     assert hub is not None
     folder = root / hub.dataset
@@ -193,9 +194,12 @@ def test_offline_with_nothing_cached_says_what_to_run(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "lynx-exit eval: error: task 'math500' reads HuggingFaceH4/MATH-500 from the Hugging Face Hub, but nothing of it "
-        "is cached here and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set: run `lynx-exit tasks --download math500` once "
-        "with network access (it fills the datasets cache, which is read offline afterwards), or pass the data yourself: "
+        "lynx-exit eval: error: task 'math500' reads HuggingFaceH4/MATH-500 from the Hugging Face Hub, but "
+        "nothing of it "
+        "is cached here and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set: run `lynx-exit tasks --download "
+        "math500` once "
+        "with network access (it fills the datasets cache, which is read offline afterwards), or pass the "
+        "data yourself: "
         "--data FILE (JSONL or Parquet with columns problem, answer)"
     )
     assert not (tmp_path / "e").exists()
@@ -215,7 +219,8 @@ def test_a_gated_dataset_says_how_to_log_in(monkeypatch):
         load_task("aime24")
     assert str(info.value) == (
         "task 'aime24': dataset HuggingFaceH4/aime_2024 is gated on the Hub. Accept its terms at "
-        "https://huggingface.co/datasets/HuggingFaceH4/aime_2024 with your account, then log in on this machine with "
+        "https://huggingface.co/datasets/HuggingFaceH4/aime_2024 with your account, then log in on this "
+        "machine with "
         "`hf auth login` (or set HF_TOKEN), and run again"
     )
 

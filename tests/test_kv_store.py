@@ -144,7 +144,8 @@ def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sli
     """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
     after each, every live request's next-token logits equal the model's own forward over its token list.
     The matmul variants run the CPU decode path; the others SDPA, as on a GPU. The compiled variant runs the
-    decodes of every live request as the compiled step padded to buckets, as on a GPU (sliding window, GQA)."""
+    decodes of every live request as the compiled step padded to buckets, as on a GPU (sliding window,
+    GQA)."""
     lm = {
         "gqa": gqa_lm,
         "sliding": sliding_lm,
@@ -158,7 +159,8 @@ def test_any_sequence_of_cache_verbs_equals_a_fresh_prefill(tiny_lm, gqa_lm, sli
     backend = StoreBackend(lm, compile=compiled)
     if compiled:
         backend.graph.pad = True
-    # Compiled, the rotary angles (float32 in every model) take Inductor's vectorised cos/sin: 1 ulp of float32 apart
+    # Compiled, the rotary angles (float32 in every model) take Inductor's vectorised cos/sin: 1 ulp of
+    # float32 apart
     tolerance = 1e-5 if compiled else 1e-9
     exercise_cache_verbs(
         backend, lm.model.config.vocab_size, lambda tokens: _fresh_logits(lm, tokens), tolerance
@@ -233,7 +235,8 @@ def test_bad_prefill_budget_is_named(tiny_lm):
 
 
 def test_compiled_decode_steps_match_eager():
-    """`--compile` (Inductor on a CPU): the compiled decode step gives the eager tokens, exits and probe features,
+    """`--compile` (Inductor on a CPU): the compiled decode step gives the eager tokens, exits and probe
+    features,
     with late joiners and requests ending; at exact shapes (a CPU's default) and padded to the buckets of CUDA
     graphs (an odd batch padded to 4 rows, widths to 64 and 128 columns)."""
     eager_lm, compiled_lm = make_tiny_lm(seed=5), make_tiny_lm(seed=5)
@@ -274,9 +277,12 @@ def test_compiled_decode_steps_match_eager():
 
 
 def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
-    """Issue 32's N4: under a budget with room for about 2.5 requests at their largest, 8 requests that each fit all
-    finish, with the tokens each gets alone: admitted as the cache holds now, the youngest preempted when the others
-    outgrow the budget and recomputed when memory frees; one that cannot fit the whole budget is refused at once,
+    """Issue 32's N4: under a budget with room for about 2.5 requests at their largest, 8 requests that each
+    fit all
+    finish, with the tokens each gets alone: admitted as the cache holds now, the youngest preempted when
+    the others
+    outgrow the budget and recomputed when memory frees; one that cannot fit the whole budget is refused
+    at once,
     naming both numbers."""
     lm = make_tiny_lm(seed=2)
     per_token = 3 * 2 * 3 * 12 * 8  # layers x (keys, values) x kv heads x head dim x float64 bytes
@@ -319,7 +325,8 @@ def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
 
 
 def test_decode_buckets_cover_every_row_and_bound_the_waste():
-    """Padded shapes (CUDA graphs): the batch bucket is a power of two >= n; the width bucket holds the longest row,
+    """Padded shapes (CUDA graphs): the batch bucket is a power of two >= n; the width bucket holds the
+    longest row,
     never passes the store's capacity, and wastes at most 1/8 of its columns past 512."""
     from lynx_exit.engine.decode_graph import bucket, width_bucket
 
@@ -334,7 +341,8 @@ def test_decode_buckets_cover_every_row_and_bound_the_waste():
 
 
 def _strided_sdpa(monkeypatch) -> list[bool]:
-    """SDPA with CUDA's output layout: the same values, not contiguous (CUDA's kernel for a grouped query with a
+    """SDPA with CUDA's output layout: the same values, not contiguous (CUDA's kernel for a grouped query with
+    a
     mask returns this; the CPU kernel a contiguous tensor). Returns a list that records each call's layout."""
     real = torch.nn.functional.scaled_dot_product_attention
     seen: list[bool] = []

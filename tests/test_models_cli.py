@@ -144,7 +144,8 @@ def test_lone_surrogate_in_a_prompt_is_a_clear_error(tiny_lm):
 
 
 def test_arith_task_refuses_a_data_file_and_train_reference_writes_under_the_working_directory(capsys):
-    """Reproductions: `--task arith --data F` ignored F; `train-reference` without --out wrote into the package."""
+    """Reproductions: `--task arith --data F` ignored F; `train-reference` without --out wrote into the
+    package."""
     from lynx_exit.cli import build_parser, main
 
     assert main(["eval", "--task", "arith", "--data", "some.jsonl", "--methods", "never", "--out", "x"]) == 2

@@ -435,8 +435,10 @@ def _stream_chunks(base_url, body):
 def test_a_stream_can_carry_each_decision_point_and_is_unchanged_without_the_flag(
     base_url, lm, probe_dir, delta
 ):
-    """With stream_options.lynx_decision_points each cue arrives with its score and threshold where it passes, and the
-    last chunk says what the exit saved; without the flag the same request streams the same text and no extra field."""
+    """With stream_options.lynx_decision_points each cue arrives with its score and threshold where it passes,
+    and the
+    last chunk says what the exit saved; without the flag the same request streams the same text and no
+    extra field."""
     prompt = "A much longer prompt about twelve apples"
     body = {
         "model": MODEL,

@@ -1,6 +1,8 @@
-"""`lynx-exit serve`, round two (issue 32): bounded work before a request is accepted, exact errors and labels.
+"""`lynx-exit serve`, round two (issue 32): bounded work before a request is accepted, exact errors and
+labels.
 
-Each test reproduces a defect seen against 5aada8b (N1-N7); every wait is bounded and the server binds 127.0.0.1.
+Each test reproduces a defect seen against 5aada8b (N1-N7); every wait is bounded and the server binds
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def _rss_mb(pid: int) -> float:
 
 @contextmanager
 def watched(base: str, pid: int) -> Iterator[dict[str, float]]:
-    """Poll /health every 10 ms while the block runs: the slowest answer and the server's resident memory growth."""
+    """Poll /health every 10 ms while the block runs: the slowest answer and the server's resident memory
+    growth."""
     seen = {"slowest_s": 0.0, "grew_mb": 0.0, "polls": 0}
     before, done = _rss_mb(pid), threading.Event()
 

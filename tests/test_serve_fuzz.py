@@ -206,7 +206,8 @@ def url(lm):
 
 
 class Victims:
-    """Victim streams run over and over on threads until `stop`; every run is checked against its expected text."""
+    """Victim streams run over and over on threads until `stop`; every run is checked against its expected
+    text."""
 
     def __init__(self, base, lm) -> None:
         self.base, self.stopping, self.bad, self.runs = base, threading.Event(), [], 0

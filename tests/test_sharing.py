@@ -1,4 +1,5 @@
-"""Probes shared like models: the model card, and `--probe OWNER/NAME` read through huggingface_hub's cache."""
+"""Probes shared like models: the model card, and `--probe OWNER/NAME` read through huggingface_hub's
+cache."""
 
 import hashlib
 import json
@@ -6,7 +7,9 @@ import shutil
 
 import huggingface_hub.constants
 import pytest
-from test_pipeline import chain  # noqa: F401  (the module fixture: train and cal datasets, a calibrated probe)
+
+# the module fixture: train and cal datasets, a calibrated probe
+from test_pipeline import chain  # noqa: F401
 
 from lynx_exit.artifacts import file_sha256
 from lynx_exit.exits.registry import MethodContext
@@ -19,7 +22,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def lay_out_hub_cache(cache, repo_id, files, commit=COMMIT, ref="main"):
-    """What `huggingface_hub` leaves after downloading `files`: blobs by hash, a ref, a snapshot of symlinks."""
+    """What `huggingface_hub` leaves after downloading `files`: blobs by hash, a ref, a snapshot of
+    symlinks."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     (repo / "refs").mkdir(exist_ok=True)

@@ -79,7 +79,8 @@ class IncrementalDetokenizer:
         return delta
 
     def push_many(self, token_ids: list[int]) -> str:
-        """Commit several tokens at once and return the text they add: one decode for all (what their pushes one by
+        """Commit several tokens at once and return the text they add: one decode for all (what their pushes
+        one by
         one would add in all; the tokens' share of it may differ, which nobody reads)."""
         if not token_ids:
             return ""
@@ -143,8 +144,10 @@ class CueDetector:
         start: str = "template",
         cue_words: Sequence[str] | None = None,
     ) -> None:
-        """`max_cue_chars` (the longest cue word) lets each step scan only the last few characters; `cue_words` (the
-        words `pattern` was compiled from, if it was) lets a caller skip `step` for text that completes none."""
+        """`max_cue_chars` (the longest cue word) lets each step scan only the last few characters;
+        `cue_words` (the
+        words `pattern` was compiled from, if it was) lets a caller skip `step` for text that
+        completes none."""
         if start == "model" and not think_start:
             raise ValueError("start='model' needs the think_start marker the model writes")
         self.cue_words = tuple(w.strip() for w in cue_words) if cue_words is not None else None
@@ -208,7 +211,8 @@ class CueDetector:
         return found
 
     def completing_chars(self) -> frozenset[str] | None:
-        """Characters one of which any text that completes a cue word or a thinking marker holds (the last character
+        """Characters one of which any text that completes a cue word or a thinking marker holds (the last
+        character
         of each, in either case); None when that cannot be told (a cue regex)."""
         if self.cue_words is None:
             return None
@@ -216,8 +220,10 @@ class CueDetector:
         return frozenset(chars | {marker[-1] for marker in (self.think_start, self.think_end) if marker})
 
     def append(self, text: str) -> None:
-        """Commit text that holds none of `completing_chars` (so completes no cue and no marker): the state `step` would
-        leave, without scanning. The text of a cue word it ends the next `step` still confirms with its look-ahead."""
+        """Commit text that holds none of `completing_chars` (so completes no cue and no marker): the state
+        `step` would
+        leave, without scanning. The text of a cue word it ends the next `step` still confirms with
+        its look-ahead."""
         self._tail += text
         self._trim()
 

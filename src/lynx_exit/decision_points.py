@@ -4,7 +4,8 @@
 inside the thinking (a balanced `\\boxed{…}` or the family's answer phrase, "the answer is 42"): where
 first-answer, DEER and TERMINATOR decide. `paragraph` is where a step ends (a blank line, or the family's step
 separator). A request enables some kinds; the detector says which one each token completes, one per token (the
-first of `PRIORITY`). Only generated text inside the thinking block is read, and an answer phrase inside an open
+first of `PRIORITY`). Only generated text inside the thinking block is read, and an answer phrase inside an
+open
 quotation (the model restating the problem) is not an answer.
 """
 
@@ -19,7 +20,8 @@ from lynx_exit.tasks.grading import BOXED_MARKERS, boxed_spans
 
 POINT_KINDS: dict[str, str] = {
     "cue": "a cue word (wait, hmm, alternatively) or the cue regex completes: the paper's decision points",
-    "answer": "a stated answer closes inside the thinking: a balanced \\boxed{...} or the family's answer phrase",
+    "answer": "a stated answer closes inside the thinking: a balanced \\boxed{...} or the family's answer "
+    "phrase",
     "paragraph": "a reasoning step ends: a blank line, or the family's step separator",
 }
 PRIORITY = ("answer", "cue", "paragraph")  # one token completing several points is the first of these
@@ -32,9 +34,11 @@ _OPEN_QUOTES, _CLOSE_QUOTES = "“", "”"
 
 # What an exit keeps of the thinking before it closes the block and writes the exit cue.
 EXIT_PREFIXES: dict[str, str] = {
-    "point": "the paper's: a cue point's prefix ends before the cue token, an answer or paragraph point's after its "
+    "point": "the paper's: a cue point's prefix ends before the cue token, an answer or paragraph point's "
+    "after its "
     "token",
-    "lookahead": "the prefix ends after the token that confirmed the point (the one sampled after it): what an "
+    "lookahead": "the prefix ends after the token that confirmed the point (the one sampled after it): what "
+    "an "
     "engine that cannot take back a sampled token does (the vLLM plug-in)",
 }
 DEFAULT_EXIT_PREFIX = "point"
@@ -48,7 +52,8 @@ def exit_prefix_value(value: Any) -> str:
 
 
 def parse_points(value: Any) -> tuple[str, ...]:
-    """Point kinds from `"cue,answer"` (a flag) or `["cue", "answer"]` (JSON), in the registry's order; ValueError
+    """Point kinds from `"cue,answer"` (a flag) or `["cue", "answer"]` (JSON), in the registry's order;
+    ValueError
     naming a kind that does not exist."""
     if isinstance(value, str):
         items: Iterable[Any] = [part.strip() for part in value.replace("+", ",").split(",") if part.strip()]
@@ -82,10 +87,13 @@ def compile_point_pattern(name: str, regex: str) -> re.Pattern[str]:
 
 
 class PointDetector(CueDetector):
-    """A cue detector that also finds answer and paragraph points; `point` is the kind the last `step` completed.
+    """A cue detector that also finds answer and paragraph points; `point` is the kind the last `step`
+    completed.
 
-    `step` still returns the cue word (cue indices are reported whatever the enabled kinds); `point` is set only
-    for an enabled kind. Like a cue word, an answer phrase is confirmed with the text of the next token (`42` is
+    `step` still returns the cue word (cue indices are reported whatever the enabled kinds); `point` is
+    set only
+    for an enabled kind. Like a cue word, an answer phrase is confirmed with the text of the next token
+    (`42` is
     an answer once `.` or a space shows it is not `425`).
     """
 
@@ -191,7 +199,8 @@ def detector_for(
     cue_words: Sequence[str] = DEFAULT_CUE_WORDS,
     cue_regex: str | None = None,
 ) -> PointDetector:
-    """The detector of one request: a model profile's markers and point settings (`ModelProfile`), the enabled kinds,
+    """The detector of one request: a model profile's markers and point settings (`ModelProfile`), the enabled
+    kinds,
     how thinking starts ("template", "model", "off") and the cue words or regex."""
     return PointDetector(
         compile_cue_pattern(cue_words, cue_regex),

@@ -93,12 +93,14 @@ def add_assist_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--official-lookahead",
         action="store_true",
-        help="drop a look-ahead without keywords and rewrite it, as the official code does (default: keep it)",
+        help="drop a look-ahead without keywords and rewrite it, as the official code does (default: keep "
+        "it)",
     )
     group.add_argument(
         "--assist-to-break",
         action="store_true",
-        help="the assistant writes on to the end of its paragraph (ours; default: a fixed length, as the paper)",
+        help="the assistant writes on to the end of its paragraph (ours; default: a fixed length, as the "
+        "paper)",
     )
     for kind, words in (("verify", VERIFY_WORDS), ("negative", NEGATIVE_WORDS), ("positive", POSITIVE_WORDS)):
         group.add_argument(
@@ -221,7 +223,8 @@ def ray_options(args: argparse.Namespace) -> Any:
 
 
 def locate_probe_arg(args: argparse.Namespace) -> str | None:
-    """The folder of `--probe` (a Hub repo id is fetched, or read from the Hub cache), found before the model loads."""
+    """The folder of `--probe` (a Hub repo id is fetched, or read from the Hub cache), found before the model
+    loads."""
     if args.probe is None:
         return None
     from lynx_exit.probe.sharing import locate_probe

@@ -68,7 +68,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         problem = problems[0]
         prompt_text = problem.prompt
     elif args.prompt:
-        # The reasoning instruction every task uses (how-it-works §3); it also asks for the \boxed{} answer an exit needs.
+        # The reasoning instruction every task uses (how-it-works §3); it also asks for the \boxed{}
+        # answer an exit needs.
         prompt_text = args.prompt if args.no_suffix else args.prompt + REASONING_SUFFIX
     else:
         raise ValueError("give a prompt or --task NAME [--index I]")
@@ -77,7 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.explain:
         print(f"profile {lm.profile.family!r} for {args.model!r}: {lm.profile.reason}", file=sys.stderr)
         print(
-            f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers {list(lm.feature_spec().layers)}",
+            f"  exit cue {lm.profile.exit_cue_text(config.exit_cue)!r}, layers "
+            f"{list(lm.feature_spec().layers)}",
             file=sys.stderr,
         )
     policy = _policy_from_args(args, lm, probe_folder)
@@ -144,16 +146,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(record, ensure_ascii=False))
     else:
         print()
-        summary = f"[{result.num_generated_tokens} tokens, {wall:.2f} s, {len(result.cue_indices)} cues, finish: {result.finish_reason}"
+        tokens, cues = result.num_generated_tokens, len(result.cue_indices)
+        summary = f"[{tokens} tokens, {wall:.2f} s, {cues} cues, finish: {result.finish_reason}"
         if result.exit_index is not None:
             summary += f", exited at token {result.exit_index}"
         if result.assist is not None:
             summary += (
-                f", assistant wrote {result.assist['assistant_tokens']} ({100 * result.assist['assistant_share']:.0f} %) "
+                f", assistant wrote {result.assist['assistant_tokens']} "
+                f"({100 * result.assist['assistant_share']:.0f} %) "
                 f"in {result.assist['takeovers']} takeovers"
             )
         if problem is not None:
-            summary += f", answer {result.answer!r} vs gold {problem.gold!r}: {'right' if record['correct'] else 'wrong'}"
+            verdict = "right" if record["correct"] else "wrong"
+            summary += f", answer {result.answer!r} vs gold {problem.gold!r}: {verdict}"
         print(summary + "]")
     return 0
 
@@ -201,12 +206,14 @@ def add_commands(sub: Any) -> None:
     gen.add_argument(
         "--decision-points",
         default=None,
-        help="where LYNX may decide, comma-separated: cue, answer, paragraph (default: the model family's, cue)",
+        help="where LYNX may decide, comma-separated: cue, answer, paragraph (default: the model family's, "
+        "cue)",
     )
     gen.add_argument(
         "--give-up-delta",
         default=None,
-        help="give up on a trace the probe judges lost (risk of giving up on one that would end right ≤ this)",
+        help="give up on a trace the probe judges lost (risk of giving up on one that would end right ≤ "
+        "this)",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
     gen.add_argument(

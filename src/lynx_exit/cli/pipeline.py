@@ -136,7 +136,8 @@ def _dest(flag: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Several tasks (`--task math500,aime24,gsm8k`) run one after another on one loaded model, each into OUT/TASK."""
+    """Several tasks (`--task math500,aime24,gsm8k`) run one after another on one loaded model, each into
+    OUT/TASK."""
     from lynx_exit.exits import knobs, parse_methods
 
     grids = {knob.name: getattr(args, _dest(knob.grid_flag)) for knob in knobs()}
@@ -175,7 +176,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from lynx_exit.scale import RayPool
 
-    # Workers find the probe themselves: a Hub id, or a folder they can see (a shared filesystem on a cluster).
+    # Workers find the probe themselves: a Hub id, or a folder they can see (a shared filesystem on a
+    # cluster).
     with RayPool(model_source(args), scale, probe=args.probe, deepconf=args.deepconf) as pool:
         pool.check_settings(settings)
         for task, problems, out in jobs:
@@ -255,7 +257,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(config, Path(args.out))
     print(result["table"])
     print(
-        f"probe: val AUROC {result['probe_metrics']['val_auroc']:.3f}; demo took {result['demo_seconds']:.0f} s"
+        f"probe: val AUROC {result['probe_metrics']['val_auroc']:.3f}; demo took "
+        f"{result['demo_seconds']:.0f} s"
     )
     print(f"wrote {Path(args.out) / 'eval' / 'summary.json'} and {Path(args.out) / 'eval' / 'pareto.png'}")
     return 0

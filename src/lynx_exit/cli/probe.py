@@ -1,4 +1,5 @@
-"""`lynx-exit train`, `calibrate` and `risk`: a probe from build-data folders, its conformal thresholds, and the risk
+"""`lynx-exit train`, `calibrate` and `risk`: a probe from build-data folders, its conformal thresholds, and
+the risk
 they realize on held-out data."""
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for row in report["event"]:
         note = "  (never exits: too few unsafe calibration events for this δ)" if row["never_exit"] else ""
         print(
-            f"event      {row['point']:<9} δ={row['delta']:<5} q_pos={row['q_pos']} q_neg={row['q_neg']}{note}"
+            f"event      {row['point']:<9} δ={row['delta']:<5} q_pos={row['q_pos']} "
+            f"q_neg={row['q_neg']}{note}"
         )
     for mode in ("trajectory", "harm", "give_up"):
         for row in report[mode]:
@@ -64,10 +66,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def sampling_margin(row: dict[str, Any]) -> float | None:
-    """The 95 % sampling margin of a realized rate against its δ. A rollout-level rule (trajectory, harm, give-up)
-    holds with probability 1 − ε over the calibration set, so only the test rollouts' binomial sampling enters. The
-    per-event rule holds on average over calibration sets, so the calibration set's own sampling enters too (its
-    unsafe events of that kind), and a rollout's events are not independent: both terms carry the design effect the
+    """The 95 % sampling margin of a realized rate against its δ. A rollout-level rule (trajectory, harm,
+    give-up)
+    holds with probability 1 − ε over the calibration set, so only the test rollouts' binomial sampling
+    enters. The
+    per-event rule holds on average over calibration sets, so the calibration set's own sampling enters
+    too (its
+    unsafe events of that kind), and a rollout's events are not independent: both terms carry the design
+    effect the
     test set shows (the rollout-clustered variance over the binomial one, at least 1)."""
     n, delta = row["n"], row["delta"]
     if not n:
@@ -93,7 +99,8 @@ def cmd_risk(args: argparse.Namespace) -> int:
     overlap = set(bundle.meta.get("training_problem_ids", [])) & dataset.problem_ids
     if overlap:
         raise ValueError(
-            f"--data shares {len(overlap)} problems with the probe's training data (e.g. {sorted(overlap)[:3]}); "
+            f"--data shares {len(overlap)} problems with the probe's training data (e.g. "
+            f"{sorted(overlap)[:3]}); "
             "measure the risk on held-out problems"
         )
     rows = []
@@ -105,7 +112,8 @@ def cmd_risk(args: argparse.Namespace) -> int:
     for row in rows:
         shown = "—" if row["margin95"] is None else f"{row['margin95']:.3f}"
         print(
-            f"{row['mode']:<10} {row['points']:<24} δ={row['delta']:<5} realized {row['rate']:.3f} on {row['n']:<5} "
+            f"{row['mode']:<10} {row['points']:<24} δ={row['delta']:<5} realized {row['rate']:.3f} on "
+            f"{row['n']:<5} "
             f"margin {shown}  {'ok' if row['within'] else 'OVER'}"
         )
     if args.out:

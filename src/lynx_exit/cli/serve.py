@@ -58,7 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     assistant, assist = assist_from_args(args, lm)
     server = Server(lm, options, assistant=assistant, assist=assist)
     print(
-        f"lynx-exit serve: {options.model_name!r} on http://{args.host}:{args.port}/v1 (exit method {method})",
+        f"lynx-exit serve: {options.model_name!r} on http://{args.host}:{args.port}/v1 (exit method "
+        f"{method})",
         flush=True,
     )
     run(server, host=args.host, port=args.port, log_level=args.log_level)

@@ -66,7 +66,8 @@ class AssistConfig:
     recap_tokens_max: int = 200
     keep_lookahead: bool = True
     trigger: str = "\n\n"
-    # Ours: the assistant writes on to the end of its paragraph (the next trigger), `takeover` tokens at least and
+    # Ours: the assistant writes on to the end of its paragraph (the next trigger), `takeover` tokens at
+    # least and
     # `takeover + verify_extension` at most, instead of handing a half-written sentence back.
     to_break: bool = False
 

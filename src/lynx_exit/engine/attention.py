@@ -19,8 +19,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from lynx_exit.engine.kv_store import _ACTIVE, ATTENTION, PLAN_KWARG, Plan
 
-# Key columns from which a CPU decode reads attention with two matmuls instead of SDPA: from the first. SDPA's CPU
-# kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76 us at 40 columns,
+# Key columns from which a CPU decode reads attention with two matmuls instead of SDPA: from the first.
+# SDPA's CPU
+# kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76 us at 40
+# columns,
 # 373 vs 427-446 us at 1,000; 32 rows at 4,096: 12 vs 19 ms per layer).
 CPU_MATMUL_DECODE_FROM = 1
 
@@ -131,7 +133,8 @@ def store_attention(
         # Decode: a group of query heads reads its KV head as one short query (no repeated keys).
         grouped = query.reshape(batch, key.shape[1], groups, head_dim)
         if on_cpu and plan.width >= CPU_MATMUL_DECODE_FROM:
-            # On a CPU two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel for a query this
+            # On a CPU two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel
+            # for a query this
             # short is slower (see CPU_MATMUL_DECODE_FROM).
             scale = head_dim**-0.5 if scaling is None else float(scaling)
             attend = _baddbmm_attention if torch.compiler.is_compiling() else _matmul_attention

@@ -10,7 +10,8 @@ What another inference engine would have to provide to stand behind this protoco
   every request it was given, in the order given; requests keep their own KV cache between
   steps until `release`.
 - `capture(layers)` + `hidden_states(ids)`: the hidden state of the token each request just
-  read, at those layers, for the requests asked (`[n, len(layers) * hidden]`). vLLM exposes no per-step intermediate hidden
+  read, at those layers, for the requests asked (`[n, len(layers) * hidden]`). vLLM exposes no per-step
+  intermediate hidden
   states: it would need a plugin model class that reads those layers inside its forward pass
   (and could score the LYNX probe there), plus a logits processor that forces the exit cue.
 - `truncate`: roll one request back to a shorter prefix (the cue token at an exit, a look-ahead);
@@ -31,7 +32,8 @@ import torch
 class CacheFull(RuntimeError):
     """A backend cannot hold what a request needs (the context limit or the memory budget).
 
-    `request_ids` names the requests that do not fit, when a decode step knows them (the others do): the engine
+    `request_ids` names the requests that do not fit, when a decode step knows them (the others do): the
+    engine
     fails those alone and decodes the rest."""
 
     def __init__(self, message: str, request_ids: tuple[int, ...] = ()) -> None:
@@ -41,7 +43,8 @@ class CacheFull(RuntimeError):
 
 def token_budget(backend: Backend) -> int | None:
     """Tokens of KV cache a backend may hold (None: as many as the requests need). Optional in a backend:
-    `token_budget()` and `fits(count, longest)` (whether `count` requests of up to `longest` tokens fit together)."""
+    `token_budget()` and `fits(count, longest)` (whether `count` requests of up to `longest` tokens fit
+    together)."""
     method = getattr(backend, "token_budget", None)
     return method() if method is not None else None
 
@@ -63,11 +66,13 @@ class Backend(Protocol):
         ...
 
     def capture(self, layers: Sequence[int]) -> None:
-        """Hidden-state layers to keep from each `decode` from now on (output_hidden_states index convention)."""
+        """Hidden-state layers to keep from each `decode` from now on (output_hidden_states index
+        convention)."""
         ...
 
     def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
-        """Float32 hidden states [n, len(layers) * hidden] of the token each request read in the last `decode`."""
+        """Float32 hidden states [n, len(layers) * hidden] of the token each request read in the last
+        `decode`."""
         ...
 
     def truncate(self, request_id: int, length: int) -> None:
@@ -75,7 +80,8 @@ class Backend(Protocol):
         ...
 
     def extend(self, request_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Append several known tokens to each request in one pass; returns logits [n, vocab] after each chunk."""
+        """Append several known tokens to each request in one pass; returns logits [n, vocab] after each
+        chunk."""
         ...
 
     def fork(
@@ -109,8 +115,10 @@ def greedy_continuations(
     done: Callable[[int, list[int]], bool],
     step: Callable[[torch.Tensor, list[int], int], torch.Tensor],
 ) -> list[tuple[list[int], list[float], float]]:
-    """The greedy loop of `fork`, over any backend: `logits` [n, vocab] follow the forced tokens; `step(ids, host_ids, t)`
-    reads the n chosen ids (every row, finished or not) and returns the next logits. One host sync per token."""
+    """The greedy loop of `fork`, over any backend: `logits` [n, vocab] follow the forced tokens; `step(ids,
+    host_ids, t)`
+    reads the n chosen ids (every row, finished or not) and returns the next logits. One host sync per
+    token."""
     n = logits.shape[0]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     entropy = -(log_probs.exp() * log_probs).nansum(-1)  # [n], after the forced tokens

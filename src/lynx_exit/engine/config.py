@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS, compile_cue_pattern
 
-# A temperature below this samples as greedy: logits / T overflow long before T reaches 0 (vLLM uses the same 1e-5).
+# A temperature below this samples as greedy: logits / T overflow long before T reaches 0 (vLLM uses the
+# same 1e-5).
 GREEDY_BELOW = 1e-5
 MAX_TOKENS = 2**31 - 1  # largest token count any field takes
 SEED_RANGE = (-(2**63), 2**64)  # what `torch.Generator.manual_seed` accepts
@@ -64,7 +65,8 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of one engine (shared by every request it runs); each field is one CLI flag of `generate` and
-    `serve`. `prefill_tokens_per_step`: prompt tokens read per step over all joining requests (a longer prompt is
+    `serve`. `prefill_tokens_per_step`: prompt tokens read per step over all joining requests (a longer
+    prompt is
     read in chunks while the running requests keep decoding: vLLM's chunked prefill)."""
 
     max_batch_size: int = 16

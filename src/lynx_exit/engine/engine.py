@@ -1,13 +1,17 @@
 """The request-level decode engine: requests join and leave while it runs.
 
-`add_request` queues a prompt with its own sampling settings, seed and exit policy; `step` advances every running
+`add_request` queues a prompt with its own sampling settings, seed and exit policy; `step` advances every
+running
 request by one forward pass and returns their `Step`s; `abort` ends a request at once. Up to `max_batch_size`
-requests run together (and what the KV budget holds) and the rest wait. Generation, dataset building, evaluation
+requests run together (and what the KV budget holds) and the rest wait. Generation, dataset building,
+evaluation
 and the server all drive this engine (`DecodeLoop` is the batch-job wrapper).
 
 The parts, as in nano-vllm: `scheduler` (waiting and running requests, admission, preemption, the prefill
-budget), `runner` (backend passes and the sampler, with one way to contain a fault), `postprocess` (what a sampled
-token does to its request; exits per how-it-works §6), `forks` (forced answers and trial decodes), and a plug-in with
+budget), `runner` (backend passes and the sampler, with one way to contain a fault), `postprocess` (what a
+sampled
+token does to its request; exits per how-it-works §6), `forks` (forced answers and trial decodes), and a
+plug-in with
 named hooks (`plugin`; Speculative Thinking in `speculative`).
 """
 
@@ -110,11 +114,14 @@ class Engine:
         """Queue a request; returns its id. It joins the batch at the next `step` with a free row.
 
         `seed` defaults to `config.seed`. A policy's `Step.features` (its own `feature_spec`
-        layers) come at cue steps; `feature_layers` asks for them at every thinking step. A policy whose feature space
+        layers) come at cue steps; `feature_layers` asks for them at every thinking step. A policy
+        whose feature space
         does not match this model is refused here, with both sides named. `thinking` says how this
         prompt starts thinking when its chat template was given other switches than the profile's
-        (`LoadedModel.thinking_with`); by default the profile's. `assist`: Speculative Thinking for this request
-        (the engine needs an assistant model). `decision_points`: the kinds of decision point found (`Step.point`);
+        (`LoadedModel.thinking_with`); by default the profile's. `assist`: Speculative Thinking for
+        this request
+        (the engine needs an assistant model). `decision_points`: the kinds of decision point found
+        (`Step.point`);
         by default the policy's, else the model profile's.
         """
         config = config or GenerationConfig()
@@ -253,8 +260,10 @@ class Engine:
     # -- one step: schedule -> run -> sample -> postprocess ----------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Step]:
-        """Admit waiting requests, run one forward pass for all running ones, sample once. A fault is charged to
-        the requests that can have caused it (see `runner`); they end with finish_reason "error" and the others go
+        """Admit waiting requests, run one forward pass for all running ones, sample once. A fault is charged
+        to
+        the requests that can have caused it (see `runner`); they end with finish_reason "error" and
+        the others go
         on exactly as if they had never been there."""
         steps = self.scheduler.take_outbox()
         batch = self._run(self._schedule())
@@ -280,7 +289,8 @@ class Engine:
         return fed
 
     def _run(self, fed: list[Request]) -> Batch:
-        """The step's passes: decode the fed rows, the plug-in's pass, the next chunk of each prompt being read."""
+        """The step's passes: decode the fed rows, the plug-in's pass, the next chunk of each prompt being
+        read."""
         batch = Batch()
         if fed:
             decoded = self.runner.decode(fed)

@@ -1,10 +1,12 @@
-"""Forks of running requests: forced answers (how-it-works §3: the prefix, the exit cue, a greedy answer) and the trial
+"""Forks of running requests: forced answers (how-it-works §3: the prefix, the exit cue, a greedy answer) and
+the trial
 decodes exit methods ask for, from the request's own cache, leaving the request untouched."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.request import Request, brace_depth
@@ -20,7 +22,7 @@ def trial_prefix(request: Request, drop_current: bool) -> int:
 class Forks:
     """Batched greedy continuations from a prefix of requests' caches."""
 
-    def __init__(self, backend: Backend, tokenizer, eos_ids: set[int]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, backend: Backend, tokenizer: Any, eos_ids: set[int]) -> None:
         self.backend, self.tokenizer, self.eos_ids = backend, tokenizer, eos_ids
 
     def fork(
@@ -44,7 +46,8 @@ class Forks:
         return results
 
     def callback(self, request: Request, drop_current: bool) -> Callable[[], ForcedAnswer]:
-        """`Step.fork`: a forced answer from this step, on demand. A partial, not a closure: it is made for every
+        """`Step.fork`: a forced answer from this step, on demand. A partial, not a closure: it is made for
+        every
         thinking step of every row (hot path)."""
         keep = trial_prefix(request, drop_current)
         return functools.partial(

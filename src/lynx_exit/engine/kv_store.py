@@ -9,8 +9,10 @@ attention function registered as `lynx_store` (`attention.py`) reads that mask a
 store (GQA without repeating the keys); a batch of consecutive slots needs no copy at all.
 
 Only what a request holds is masked in; a slot is grown by doubling its capacity (amortised: a copy
-per doubling, not per token) up to the context limit and the memory budget; under a budget, a reserve that would
-pass it first gives back the slots and columns nobody holds (only then: a reallocation re-records a CUDA graph).
+per doubling, not per token) up to the context limit and the memory budget; under a budget, a reserve that
+would
+pass it first gives back the slots and columns nobody holds (only then: a reallocation re-records a CUDA
+graph).
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ class KVStore(Cache):
             if slots * capacity * self.bytes_per_token > self.budget_bytes:
                 raise KVStoreFull(
                     f"the KV cache budget of {self.budget_bytes / 2**30:.3g} GiB holds "
-                    f"{self.budget_bytes // max(1, self.bytes_per_token)} tokens; {slots} requests of {capacity} tokens "
+                    f"{self.budget_bytes // max(1, self.bytes_per_token)} tokens; {slots} requests of "
+                    f"{capacity} tokens "
                     "do not fit (raise --kv-cache-gb or lower the batch size)"
                 )
         self._reallocate(slots, capacity)
@@ -188,7 +191,8 @@ class KVStore(Cache):
     def write(
         self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, plan: Plan | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this pass's new keys and values (`[n, kv_heads, q, head_dim]`) in place; return what to attend."""
+        """Write this pass's new keys and values (`[n, kv_heads, q, head_dim]`) in place; return what to
+        attend."""
         plan = plan or self.plan
         if plan is None:
             raise RuntimeError("the KV store was called outside a planned pass")
@@ -239,7 +243,8 @@ def _first(rows: Sequence[int]) -> int | None:
 def make_plan(
     rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], device: torch.device
 ) -> Plan:
-    """The plan of one pass: batch row i is slot rows[i], holding starts[i] tokens, and reads counts[i] new ones,
+    """The plan of one pass: batch row i is slot rows[i], holding starts[i] tokens, and reads counts[i] new
+    ones,
     right-aligned in the pass (so the last query position is every row's last token)."""
 
     def move(tensor: torch.Tensor) -> torch.Tensor:

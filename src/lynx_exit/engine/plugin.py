@@ -1,4 +1,5 @@
-"""The hooks a plug-in (Speculative Thinking) has into the engine's step. The engine calls them on every request;
+"""The hooks a plug-in (Speculative Thinking) has into the engine's step. The engine calls them on every
+request;
 this base class does nothing, so the core never asks which requests a plug-in serves."""
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class EnginePlugin:
         """Before the step's decode: set up what the running requests feed."""
 
     def extra_pass(self, batch: Batch, running: list[Request]) -> None:
-        """After the decode: replace rows' logits in `batch.parts`, or add rows (`batch.resumed`) that sample now."""
+        """After the decode: replace rows' logits in `batch.parts`, or add rows (`batch.resumed`) that sample
+        now."""
 
     def intercept(self, request: Request, candidate: int) -> list[Step] | None:
         """Take over the reading of a fed token (its steps), or None to let the engine read it."""
@@ -45,7 +47,8 @@ class EnginePlugin:
         return 0
 
     def free(self, request: Request, force: bool) -> bool:
-        """Free what the plug-in holds for a finished request (force: a held one too); whether it freed anything."""
+        """Free what the plug-in holds for a finished request (force: a held one too); whether it freed
+        anything."""
         return False
 
     def compact(self, drop_rows: bool) -> None:

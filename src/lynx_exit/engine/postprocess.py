@@ -1,10 +1,13 @@
 """The per-token state machine: what a sampled token does to its request.
 
-`Postprocessor.advance` reads the tokens just fed (text, cues, features, batched scores and trials, the policy's
+`Postprocessor.advance` reads the tokens just fed (text, cues, features, batched scores and trials, the
+policy's
 decision, an exit) and queues each request's next input or finishes it. It works on any rows, one included: a
-plug-in that commits tokens later (a Speculative Thinking look-ahead) calls it row by row with the features it kept.
+plug-in that commits tokens later (a Speculative Thinking look-ahead) calls it row by row with the features it
+kept.
 
-Exits follow how-it-works §6: at an exit the cue token is dropped from the request (forgotten by the cache), the exit
+Exits follow how-it-works §6: at an exit the cue token is dropped from the request (forgotten by the cache),
+the exit
 cue is fed through the same cache, and the answer is decoded greedily until its `\\boxed{...}` closes.
 """
 
@@ -46,7 +49,8 @@ class Postprocessor:
         features: Sequence[torch.Tensor | None] | None = None,
         hooks: bool = True,
     ) -> list[Step]:
-        """Read the tokens `rows` fed and queue what each samples next. `features`: the hidden states of each row's
+        """Read the tokens `rows` fed and queue what each samples next. `features`: the hidden states of each
+        row's
         fed token when they were read earlier (else read from the backend); `hooks`: tell the plug-in."""
         fail = self.scheduler.fail
         steps: list[Step] = []
@@ -170,12 +174,15 @@ class Postprocessor:
                 groups.setdefault(id(scorer), []).append(step)
                 scorers[id(scorer)] = scorer
         for key, group in groups.items():
-            scores = scorers[key](torch.stack([s.features for s in group]), [s.point for s in group]).tolist()  # type: ignore[misc]
+            features = torch.stack([s.features for s in group])  # type: ignore[misc]
+            points = [str(s.point) for s in group]  # every step here is at a decision point
+            scores = scorers[key](features, points).tolist()
             for step, score in zip(group, scores, strict=True):
                 step.score = float(score)
 
     def exit(self, request: Request, step: Step, gave_up: bool = False, keep: int | None = None) -> int:
-        """Apply an exit decision (or a give-up) at `step`; returns the first token to feed: of the exit cue, or `keep`
+        """Apply an exit decision (or a give-up) at `step`; returns the first token to feed: of the exit cue,
+        or `keep`
         (the look-ahead exit prefix: the token sampled after the point stays, then the exit cue)."""
         step.exit, step.gave_up = True, gave_up
         request.exit_index, request.exit_point, request.gave_up = step.index, step.point, gave_up

@@ -33,7 +33,8 @@ def describe_error(exc: BaseException) -> str:
 def request_layers(
     lm: LoadedModel, policy: ExitPolicy | None, feature_layers: Sequence[int] | None
 ) -> tuple[int, ...]:
-    """The hidden-state layers a request reads: its policy's (checked against the model's feature space, both sides
+    """The hidden-state layers a request reads: its policy's (checked against the model's feature space, both
+    sides
     named when they differ) or the ones asked for."""
     wanted = tuple(feature_layers) if feature_layers else ()
     if policy is None or policy.feature_spec is None:
@@ -43,7 +44,8 @@ def request_layers(
     spec = policy.feature_spec
     if wanted and wanted != spec.layers:
         raise ValueError(
-            f"exit method {policy.name!r} reads layers {list(spec.layers)} but layers {list(wanted)} were asked for"
+            f"exit method {policy.name!r} reads layers {list(spec.layers)} but layers {list(wanted)} were "
+            "asked for"
         )
     spec.check_compatible(lm.feature_spec(spec.layers), what=f"exit method {policy.name!r}'s probe")
     return spec.layers
@@ -97,7 +99,8 @@ class Request:
 
     @property
     def to_read(self) -> list[int]:
-        """What the request reads into a fresh cache: its prompt, or after a preemption everything it holds."""
+        """What the request reads into a fresh cache: its prompt, or after a preemption everything it
+        holds."""
         return self.prompt_ids + self.kept_ids if self.restoring else self.prompt_ids
 
     @property
@@ -107,7 +110,8 @@ class Request:
 
     @property
     def need(self) -> int:
-        """The most tokens of KV cache this request can hold: its prompt, its budget and an exit's cue and answer."""
+        """The most tokens of KV cache this request can hold: its prompt, its budget and an exit's cue and
+        answer."""
         return (
             len(self.prompt_ids)
             + self.config.max_new_tokens
@@ -117,13 +121,15 @@ class Request:
 
     @property
     def sampling(self) -> bool:
-        """Whether the next token is sampled with the request's own settings (else greedy: cue, forced answer)."""
+        """Whether the next token is sampled with the request's own settings (else greedy: cue, forced
+        answer)."""
         return self.phase in ("think", "answer")
 
 
 @dataclass
 class Batch:
-    """The rows one step samples for, in the order of their logits: the rows that fed a token, then the rows that
+    """The rows one step samples for, in the order of their logits: the rows that fed a token, then the rows
+    that
     sample without one (an assistant taking over), then the rows whose whole prompt is now read."""
 
     fed: list[Request] = field(default_factory=list)

@@ -1,8 +1,10 @@
 """The runner: every backend call and the sampler, with one way to contain a fault.
 
 A step shares one forward pass and one sampler call between strangers, so a fault is charged to the requests
-that can have caused it: `contain` runs a batched call over all rows and, when it raises, over each half, failing
-the rows that fail alone. Every per-row consequence (prefill chunks, the sampler, the batched reads after it) goes
+that can have caused it: `contain` runs a batched call over all rows and, when it raises, over each half,
+failing
+the rows that fail alone. Every per-row consequence (prefill chunks, the sampler, the batched reads after it)
+goes
 through it; the running rows' own decode is the engine's, and only a backend that names the requests it cannot
 hold (`CacheFull.request_ids`) fails rows there.
 """
@@ -52,8 +54,10 @@ class Runner:
         self.vocab_size, self.device, self.eos_ids = vocab_size, device, eos_ids
 
     def decode(self, fed: list[Request]) -> torch.Tensor:
-        """One decode pass. When the cache cannot grow for some requests (named by the backend), the youngest running
-        request is preempted (recomputed later) and the rest decode; with nobody left to preempt, the named requests
+        """One decode pass. When the cache cannot grow for some requests (named by the backend), the youngest
+        running
+        request is preempted (recomputed later) and the rest decode; with nobody left to preempt, the
+        named requests
         fail alone. Returns the logits of the fed requests still in the cache, in order."""
         try:
             return self.backend.decode([r.request_id for r in fed], [r.feed for r in fed])
@@ -65,7 +69,8 @@ class Runner:
                 for request in fed:
                     if request.request_id in over:
                         self.scheduler.fail(request, exc)
-            self.scheduler.after_step()  # the freed slots are given back (and compacted) before the others decode
+            # the freed slots are given back (and compacted) before the others decode
+            self.scheduler.after_step()
             rest = [r for r in fed if r.finish_reason is None and r.in_cache]
             if not rest:
                 return torch.empty((0, self.vocab_size), device=self.device)
@@ -79,7 +84,8 @@ class Runner:
     def read_chunks(
         self, items: list[Chunk], read: ReadFn, prompt: bool = True
     ) -> list[tuple[list[Request], torch.Tensor]]:
-        """Read one chunk per request (of its prompt, or for another model); a request that fails alone fails."""
+        """Read one chunk per request (of its prompt, or for another model); a request that fails alone
+        fails."""
 
         def run(group: list[Chunk]) -> torch.Tensor:
             return read([r.request_id for r, _ in group], [chunk for _, chunk in group])
@@ -102,7 +108,8 @@ class Runner:
     def ban_tokens(
         self, logits: torch.Tensor, batch: list[Request], pending: Callable[[Request], int]
     ) -> None:
-        """min_new_tokens and policies' banned tokens (NoWait-style logit bias, how-it-works §9), one call. `pending`: tokens
+        """min_new_tokens and policies' banned tokens (NoWait-style logit bias, how-it-works §9), one call.
+        `pending`: tokens
         a row has written that are not kept yet (a look-ahead)."""
         rows: list[int] = []
         token_ids: list[int] = []
@@ -127,7 +134,8 @@ class Runner:
     def sample(
         self, logits: torch.Tensor, batch: list[Request]
     ) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
-        """Sampled ids [n] for the rows of `batch` still alive, those rows and their logits; a failing row fails alone
+        """Sampled ids [n] for the rows of `batch` still alive, those rows and their logits; a failing row
+        fails alone
         (the filters run before any row draws from its generator, so a rerun of the others is exact)."""
 
         def params(rows: list[Request]) -> tuple[list[SamplingParams], list[torch.Generator | None]]:

@@ -17,7 +17,8 @@ from lynx_exit.engine.types import FinishReason, Step
 logger = logging.getLogger(__name__)
 
 # Prompt tokens read per engine step, over all joining requests: a longer prompt is read in chunks over
-# several steps while the running requests keep decoding (vLLM's chunked prefill; its default budget is 2,048-8,192).
+# several steps while the running requests keep decoding (vLLM's chunked prefill; its default budget is
+# 2,048-8,192).
 DEFAULT_PREFILL_TOKENS = 2048
 
 Chunk = tuple[Request, list[int]]
@@ -70,7 +71,8 @@ class Scheduler:
 
     # -- admission and the prefill budget ----------------------------------------------------------------
     def admit(self) -> list[Request]:
-        """Give waiting requests free rows, first come first served, while the KV cache has room (`has_room`); a
+        """Give waiting requests free rows, first come first served, while the KV cache has room (`has_room`);
+        a
         request that fits the budget alone waits until memory frees."""
         admitted = []
         while (
@@ -87,17 +89,21 @@ class Scheduler:
         return admitted
 
     def check_fits_alone(self, request: Request) -> None:
-        """A request that cannot fit the whole KV cache budget alone is refused at once (one that fits waits its turn)."""
+        """A request that cannot fit the whole KV cache budget alone is refused at once (one that fits waits
+        its turn)."""
         budget = token_budget(self.backend)
         if budget is not None and request.need > budget:
             raise ValueError(
                 f"the prompt ({len(request.prompt_ids)} tokens) and max_new_tokens "
-                f"({request.config.max_new_tokens}, with room for an exit's cue and answer) need {request.need} "
-                f"tokens of KV cache; the cache budget holds {budget} (raise --kv-cache-gb or lower max_tokens)"
+                f"({request.config.max_new_tokens}, with room for an exit's cue and answer) need "
+                f"{request.need} "
+                f"tokens of KV cache; the cache budget holds {budget} (raise --kv-cache-gb or lower "
+                "max_tokens)"
             )
 
     def has_room(self, request: Request) -> bool:
-        """A new request: room as the cache holds now (growth later preempts the youngest, as vLLM does). A preempted
+        """A new request: room as the cache holds now (growth later preempts the youngest, as vLLM does). A
+        preempted
         one: room for it and every running request at their largest, so it runs to its end this time."""
         if token_budget(self.backend) is None:
             return True
@@ -109,7 +115,8 @@ class Scheduler:
         return fits(self.backend, len(holding) + 1, longest)
 
     def preempt(self) -> Request | None:
-        """Free the cache of the youngest running request that can be recomputed; it waits at the head of the queue
+        """Free the cache of the youngest running request that can be recomputed; it waits at the head of the
+        queue
         with its tokens, feed and generator as they were (a plug-in's request is never preempted)."""
         for request_id in reversed(self.running):
             request = self.requests[request_id]
@@ -127,7 +134,8 @@ class Scheduler:
         return None
 
     def prompt_chunks(self) -> tuple[list[Chunk], list[Chunk]]:
-        """The next chunk of every prompt still being read, in admission order, within the step's token budget (the
+        """The next chunk of every prompt still being read, in admission order, within the step's token budget
+        (the
         first request always gets at least one token): (first chunks, later chunks)."""
         budget = self.prefill_tokens_per_step
         first: list[Chunk] = []

@@ -2,9 +2,12 @@
 reflective steps of the running model (the thinker). See `assist` for the schedule and its knobs.
 
 At a paragraph break the thinker writes a short look-ahead, kept aside; if it holds a keyword, the thinker is
-rolled back to the break and the assistant writes the next tokens (it first reads, in one pass, what the request
-holds and it has not seen); otherwise the look-ahead is committed token by token as if read one per step (cues,
-features, the policy, an exit). After too many negative takeovers the recap sentence is queued and the assistant
+rolled back to the break and the assistant writes the next tokens (it first reads, in one pass, what the
+request
+holds and it has not seen); otherwise the look-ahead is committed token by token as if read one per step
+(cues,
+features, the policy, an exit). After too many negative takeovers the recap sentence is queued and the
+assistant
 writes on from it. The engine calls the hooks of `EnginePlugin`; nothing in its core knows of an assistant.
 """
 
@@ -28,13 +31,15 @@ def check_same_tokenizer(thinker: LoadedModel, assistant: LoadedModel) -> None:
     """Speculative Thinking hands token ids from one model to the other: their tokenizers must be the same."""
     if tokenizer_fingerprint(thinker.tokenizer) != tokenizer_fingerprint(assistant.tokenizer):
         raise ValueError(
-            f"the assistant model {assistant.model_id!r} does not share the tokenizer of {thinker.model_id!r} "
+            f"the assistant model {assistant.model_id!r} does not share the tokenizer of "
+            f"{thinker.model_id!r} "
             "(their token ids differ): choose a larger model of the same family"
         )
 
 
 def fit_vocab(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The assistant's logits over the thinker's vocabulary and dtype (same token ids; a head may be padded wider)."""
+    """The assistant's logits over the thinker's vocabulary and dtype (same token ids; a head may be padded
+    wider)."""
     vocab = like.shape[-1]
     if logits.shape[-1] < vocab:
         logits = torch.nn.functional.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))

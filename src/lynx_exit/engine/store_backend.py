@@ -104,7 +104,8 @@ class StoreBackend:
             if chunk:
                 input_ids[i, q - len(chunk) :] = torch.as_tensor(list(chunk), dtype=torch.long)
         with self.store.planned(plan):
-            # A 4-D mask is taken as built (transformers builds none of its own); the store's attention reads the plan's.
+            # A 4-D mask is taken as built (transformers builds none of its own); the store's
+            # attention reads the plan's.
             out = self.model(
                 input_ids=input_ids.to(self.device, non_blocking=True),
                 attention_mask=self._no_mask,
@@ -140,7 +141,8 @@ class StoreBackend:
 
     @torch.inference_mode()
     def extend(self, request_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Append several known tokens to each request in one pass (chunked prefill, a forced cue, a hand-over);
+        """Append several known tokens to each request in one pass (chunked prefill, a forced cue, a
+        hand-over);
         returns each request's logits after its last new token."""
         if len(request_ids) != len(chunks) or not chunks or any(len(c) == 0 for c in chunks):
             raise ValueError("extend needs one non-empty chunk per request")
@@ -180,7 +182,9 @@ class StoreBackend:
             return None
         lengths = self.store.lengths
         starts = lengths[: len(chunks)]
-        try:  # padding rows need slots of their own; when the budget has no room for them, the step runs eagerly
+        # padding rows need slots of their own; when the budget has no room for them, the step runs
+        # eagerly
+        try:
             self.store.reserve(self.graph.rows(len(chunks)), max(starts) + 1)
         except KVStoreFull:
             return None
@@ -233,15 +237,18 @@ class StoreBackend:
         return None if budget is None else budget // max(1, self.store.bytes_per_token)
 
     def fits(self, count: int, longest: int) -> bool:
-        """Whether `count` requests of up to `longest` tokens each fit the budget together (the store gives back its
+        """Whether `count` requests of up to `longest` tokens each fit the budget together (the store gives
+        back its
         free slots and columns to make that room when it must: see `KVStore.reserve`)."""
         budget = self.token_budget()
         return budget is None or count * longest <= budget
 
     @torch.inference_mode()
     def compact(self, drop_rows: bool) -> None:
-        """Move requests above a free slot down into it, so decode batches stay slots 0..n-1 (under a budget the free
-        slots above them are the room the next requests are admitted into: `KVStore.reserve` gives them back)."""
+        """Move requests above a free slot down into it, so decode batches stay slots 0..n-1 (under a budget
+        the free
+        slots above them are the room the next requests are admitted into: `KVStore.reserve` gives
+        them back)."""
         used = sorted(self.rows.values())
         free = [s for s in range(len(used)) if s not in set(used)]
         by_slot = {slot: request_id for request_id, slot in self.rows.items()}

@@ -63,7 +63,9 @@ class Step:
     cue: str | None = None  # cue word this token completes
     point: str | None = None  # the decision point kind this token completes, of the request's enabled kinds
     features: torch.Tensor | None = (
-        None  # [feature_dim] float32 hidden state of this token: at decision points for a policy, every step if asked
+        # [feature_dim] float32 hidden state of this token: at decision points for a policy, every
+        # step if asked
+        None
     )
     score: float | None = (
         None  # the policy's batched score of `features` at a decision point (e.g. LYNX's P(safe))
@@ -110,7 +112,8 @@ class ExitPolicy(Protocol):
     - `trial_at(step)`: the trial decode wanted at this thinking step, if any; the engine decodes
       the trials of all rows of a step in one batched fork and puts each in `Step.trial` before
       `observe`. (`Step.fork` still runs a single trial on demand.)
-    `observe` sees every thinking-phase step of one sequence (a decision point or not); `reset` starts a new one.
+    `observe` sees every thinking-phase step of one sequence (a decision point or not); `reset` starts a
+    new one.
     It returns EXIT to answer now, GIVE_UP to answer now on a trace it judges lost (reported as a give-up).
     """
 

@@ -1,4 +1,5 @@
-"""`lynx-exit eval`: tasks × exit methods × settings on paired seeds, with a Pareto report (docs/how-it-works.md §7):
+"""`lynx-exit eval`: tasks × exit methods × settings on paired seeds, with a Pareto report
+(docs/how-it-works.md §7):
 running (`run`), records and statistics (`records`), the report (`report`)."""
 
 from lynx_exit.evaluate.records import (

@@ -1,4 +1,5 @@
-"""The eval's report: the markdown table, the Pareto plot and the folder's summary files (from `summarize`)."""
+"""The eval's report: the markdown table, the Pareto plot and the folder's summary files (from
+`summarize`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def _label(row: dict[str, Any]) -> str:
 
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = [
-        "| method | accuracy (95% CI) | mean tokens (+trial) | tokens saved | exit rate | help/harm | give-ups (right in full) "
+        "| method | accuracy (95% CI) | mean tokens (+trial) | tokens saved | exit rate | help/harm | "
+        "give-ups (right in full) "
         "| wall s/problem |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -28,7 +30,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {_label(row)} | {100 * row['accuracy']:.1f} % ({100 * low:.1f}–{100 * high:.1f}) | "
             f"{row['mean_generated_tokens']:.1f}{trial} | {saved} | {100 * row['exit_rate']:.0f} % | "
-            f"{row['help']}/{row['harm']} | {_give_up_cell(row)} | {_seconds(row['wall_time_per_problem_s'])} |"
+            f"{row['help']}/{row['harm']} | {_give_up_cell(row)} | "
+            f"{_seconds(row['wall_time_per_problem_s'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -105,7 +105,8 @@ class _AgreementPolicy(BasePolicy):
 
 @dataclass
 class DynasorPolicy(_AgreementPolicy):
-    """Dynasor-CoT-style: every `interval` thinking tokens probe an answer; exit when the last `window` agree."""
+    """Dynasor-CoT-style: every `interval` thinking tokens probe an answer; exit when the last `window`
+    agree."""
 
     interval: int = 32
     name: str = "dynasor"
@@ -187,7 +188,8 @@ class EatPolicy(BasePolicy):
             raise ValueError(f"eat variance threshold must be > 0, got {self.variance}")
         if not 0 < self.alpha <= 1 or self.every < 0 or self.min_trials < 2:
             raise ValueError(
-                f"eat needs 0 < alpha <= 1, every >= 0, min_trials >= 2; got {self.alpha}, {self.every}, {self.min_trials}"
+                f"eat needs 0 < alpha <= 1, every >= 0, min_trials >= 2; got {self.alpha}, {self.every}, "
+                f"{self.min_trials}"
             )
 
     def reset(self) -> None:

@@ -243,7 +243,8 @@ def _build(context: MethodContext, options: dict[str, Any]) -> DeepConfPolicy:
 register(
     ExitMethod(
         "deepconf",
-        "exit when the mean token confidence of the last W tokens falls below the warm-up's (100-η)th percentile",
+        "exit when the mean token confidence of the last W tokens falls below the warm-up's (100-η)th "
+        "percentile",
         _build,
         knob=Knob(
             "keep",

@@ -1,8 +1,12 @@
-"""The LYNX exit policy (how-it-works §6): a probe scores the hidden state at each decision point; a conformal rule decides.
+"""The LYNX exit policy (how-it-works §6): a probe scores the hidden state at each decision point; a conformal
+rule decides.
 
-Decision points are cue words by default (the paper's); a request may enable stated answers and paragraph ends too
-(`decision_points`), each scored by the probe as its own kind. The event mode applies the threshold calibrated for
-the point's kind; the trajectory and harm modes the one threshold calibrated for the enabled kinds together. An
+Decision points are cue words by default (the paper's); a request may enable stated answers and paragraph ends
+too
+(`decision_points`), each scored by the probe as its own kind. The event mode applies the threshold calibrated
+for
+the point's kind; the trajectory and harm modes the one threshold calibrated for the enabled kinds together.
+An
 optional give-up threshold (`give_up_delta`) stops a trace the probe judges lost."""
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ class LynxPolicy(BasePolicy):
         self.scores = []
 
     def thresholds(self, point: str) -> tuple[float | None, float | None]:
-        """(the P(safe) an exit needs at a point of this kind, the give-up threshold); None where there is none."""
+        """(the P(safe) an exit needs at a point of this kind, the give-up threshold); None where there is
+        none."""
         rule = self.rules.get(point)
         if rule is None:
             return None, None

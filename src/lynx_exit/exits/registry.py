@@ -133,8 +133,10 @@ class MethodContext:
         return self.lm
 
     def loaded_probe(self) -> tuple[Any, Any]:
-        """The context's probe as (`ProbeBundle`, `ProbeScorer`): loaded once, checked against the model (any task's
-        probe is accepted if it lives in this model's feature space at its own layers) and moved to its device."""
+        """The context's probe as (`ProbeBundle`, `ProbeScorer`): loaded once, checked against the model (any
+        task's
+        probe is accepted if it lives in this model's feature space at its own layers) and moved to
+        its device."""
         from lynx_exit.probe import ProbeScorer, load_probe
         from lynx_exit.probe.sharing import locate_probe
 
@@ -180,7 +182,8 @@ class ExitMethod:
         return tuple(option.name for option in self.options)
 
     def resolve(self, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-        """The knob and options of a request's `exit` object (`given`, without "method") over `defaults`, parsed;
+        """The knob and options of a request's `exit` object (`given`, without "method") over `defaults`,
+        parsed;
         `ExitSettingError` names the field at fault."""
         accepted = ({self.knob.name} if self.knob else set()) | set(self.option_names)
         unknown = sorted(set(given) - accepted)
@@ -290,7 +293,8 @@ def resolve_exit_options(
     given: dict[str, Any] | None, default_method: str, defaults: dict[str, Any], context: MethodContext
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """An `exit` object ({"method": ..., knob and options}) over default settings: (method, options for
-    `make_policy`, the settings to report). Checked once, here, by building the policy; `ExitSettingError` names
+    `make_policy`, the settings to report). Checked once, here, by building the policy; `ExitSettingError`
+    names
     the field at fault."""
     given = dict(given or {})
     name = given.pop("method", default_method)
@@ -323,7 +327,8 @@ class MethodSetting:
 
     @property
     def curve(self) -> str:
-        """The method and the options that make another curve of it: decision points other than cues, a give-up."""
+        """The method and the options that make another curve of it: decision points other than cues, a
+        give-up."""
         options = dict(self.options)
         tags = []
         if options.get("decision_points") not in (None, DEFAULT_POINTS):
@@ -346,8 +351,10 @@ def parse_methods(
     """Expand method names into settings, one per value of their knob's grid.
 
     `grids` maps a knob name to its comma-separated values (eval's --deltas, --budgets, ...);
-    `extra` holds options given once for every method that accepts them (e.g. lynx's mode); `axes` options swept
-    for every method that accepts them (eval's --decision-points, --give-up-deltas: parsed values, None = unset).
+    `extra` holds options given once for every method that accepts them (e.g. lynx's mode); `axes` options
+    swept
+    for every method that accepts them (eval's --decision-points, --give-up-deltas: parsed values, None =
+    unset).
     """
     grids, extra = grids or {}, extra or {}
     out: list[MethodSetting] = []

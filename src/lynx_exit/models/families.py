@@ -84,7 +84,8 @@ class Family:
     system_prompt: str | None = None  # added when the caller gives none
     # The chat-template switches a request may set (`chat_template_kwargs`), each with the values it takes
     switches: tuple[tuple[str, tuple[Any, ...]], ...] = ()
-    # Decision points (`lynx_exit.decision_points`): the kinds a request gets when it names none, how this family
+    # Decision points (`lynx_exit.decision_points`): the kinds a request gets when it names none, how
+    # this family
     # states an answer in its thinking, and what ends a reasoning step (regexes).
     decision_points: tuple[str, ...] = DEFAULT_POINTS
     answer_phrase: str = DEFAULT_ANSWER_PHRASE
@@ -204,7 +205,8 @@ class ModelProfile:
 
     @property
     def answer_header(self) -> str:
-        """What opens the answer after the thinking-end marker, e.g. gpt-oss's final-channel header ('' if none)."""
+        """What opens the answer after the thinking-end marker, e.g. gpt-oss's final-channel header ('' if
+        none)."""
         if not self.think_end or not self.exit_close.startswith(self.think_end):
             return ""
         header = self.exit_close.removeprefix(self.think_end)
@@ -304,7 +306,8 @@ def thinking_start(
 
 
 def resolve_profile(model: Any, tokenizer: Any, overrides: ProfileOverrides | None = None) -> ModelProfile:
-    """The profile of a loaded model: its family (by facts), overrides, and how its template starts thinking."""
+    """The profile of a loaded model: its family (by facts), overrides, and how its template starts
+    thinking."""
     overrides = overrides or ProfileOverrides()
     facts = ModelFacts.of(model, tokenizer)
     if overrides.family is not None:
@@ -346,7 +349,8 @@ def resolve_profile(model: Any, tokenizer: Any, overrides: ProfileOverrides | No
 
 
 def _point_settings(family: Family, config: Any) -> dict[str, Any]:
-    """The decision-point settings of a model: its family's, each overridden by the model config's `lynx_…` key."""
+    """The decision-point settings of a model: its family's, each overridden by the model config's `lynx_…`
+    key."""
     points = getattr(config, "lynx_decision_points", None)
     answer_phrase = str(getattr(config, "lynx_answer_phrase", None) or family.answer_phrase)
     step_separator = str(getattr(config, "lynx_step_separator", None) or family.step_separator)
@@ -360,7 +364,8 @@ def _point_settings(family: Family, config: Any) -> dict[str, Any]:
 
 
 def _switches(family: Family, given: dict[str, Any]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
-    """The family's switches, and the ones the user set for this model (a true/false one takes either value, any
+    """The family's switches, and the ones the user set for this model (a true/false one takes either value,
+    any
     other only the value given)."""
     out = dict(family.switches)
     for key, value in given.items():

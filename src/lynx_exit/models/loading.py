@@ -1,4 +1,5 @@
-"""Model loading, model-specific knowledge (profiles) and feature specs; the hidden-state taps are in `taps`."""
+"""Model loading, model-specific knowledge (profiles) and feature specs; the hidden-state taps are in
+`taps`."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def check_text(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(
-            f"the text has an invalid character {text[exc.start]!r} at position {exc.start} (a lone surrogate: "
+            f"the text has an invalid character {text[exc.start]!r} at position {exc.start} (a lone "
+            "surrogate: "
             "not valid Unicode); fix the input's encoding"
         ) from None
 
@@ -167,7 +169,8 @@ class LoadedModel:
 
     @functools.cached_property
     def vocab_size(self) -> int:
-        """Rows of the output layer: the width of the logits, and one past the largest token id the model reads."""
+        """Rows of the output layer: the width of the logits, and one past the largest token id the model
+        reads."""
         head = self.model.get_output_embeddings()
         return int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
 
@@ -233,7 +236,8 @@ class LoadedModel:
         )
 
     def thinking_with(self, template_kwargs: dict[str, Any] | None) -> ThinkingStart:
-        """How thinking starts when the chat template gets `template_kwargs` on top of the profile's switches."""
+        """How thinking starts when the chat template gets `template_kwargs` on top of the profile's
+        switches."""
         if not template_kwargs:
             return self.profile.thinking
         kwargs = {**dict(self.profile.template_kwargs), **template_kwargs}
@@ -296,7 +300,8 @@ def load_model(
     device: str = "cpu",
     overrides: ProfileOverrides | None = None,
 ) -> LoadedModel:
-    """Load a causal LM: an alias (`reference`, `reference-large`, `smollm2`), a GGUF file, a local folder or a hub id.
+    """Load a causal LM: an alias (`reference`, `reference-large`, `smollm2`), a GGUF file, a local folder or
+    a hub id.
 
     Its `ModelProfile` comes from the family table (`lynx_exit.models.families`); `overrides` replace
     any of its fields (thinking markers, exit cue, chat-template switches, system prompt).
@@ -315,7 +320,8 @@ def load_model(
         folder = REFERENCE_MODELS[name]
         if not (folder / "config.json").exists():
             raise FileNotFoundError(
-                f"the {name} model is not in {folder}; train it with `lynx-exit train-reference --preset {name}`"
+                f"the {name} model is not in {folder}; train it with `lynx-exit train-reference --preset "
+                f"{name}`"
             )
         source = str(folder)
     elif name.endswith(".gguf"):
@@ -357,8 +363,10 @@ class _Weightless:
 
 
 def load_model_facts(name: str, overrides: ProfileOverrides | None = None) -> LoadedModel:
-    """A model folder or hub id without its weights: tokenizer, config and profile, for a process whose weights live
-    in another engine (the vLLM plug-in). Encoding, prompts, exit cues and feature specs work; forward passes do not."""
+    """A model folder or hub id without its weights: tokenizer, config and profile, for a process whose
+    weights live
+    in another engine (the vLLM plug-in). Encoding, prompts, exit cues and feature specs work; forward
+    passes do not."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     try:

@@ -17,7 +17,8 @@ def decoder_modules(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module], n
         if hasattr(base, blocks_name) and hasattr(base, norm_name) and hasattr(base, embed_name):
             return getattr(base, embed_name), getattr(base, blocks_name), getattr(base, norm_name)
     raise ValueError(
-        f"cannot find decoder blocks in {type(model).__name__}; known layouts (blocks, final norm, embeddings): "
+        f"cannot find decoder blocks in {type(model).__name__}; known layouts (blocks, final norm, "
+        "embeddings): "
         f"{list(_DECODER_LAYOUTS)}"
     )
 
@@ -125,7 +126,8 @@ class HiddenStateCapture:
     def features(
         self, rows: torch.Tensor | None = None, snapshot: dict[int, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """[batch, len(layers) * hidden] float32 of the last forward pass or of `snapshot` (only `rows`, if given)."""
+        """[batch, len(layers) * hidden] float32 of the last forward pass or of `snapshot` (only `rows`, if
+        given)."""
         latest = self._latest if snapshot is None else snapshot
         states = [latest[layer][:, -1, :] for layer in self.layers]
         if rows is not None:

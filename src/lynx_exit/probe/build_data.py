@@ -1,6 +1,7 @@
 """Probe training data from forced exits (how-it-works §3), built from the one decode loop.
 
-Rollouts are sampled in batches with hidden states hooked at every decision point of the enabled kinds (cue words
+Rollouts are sampled in batches with hidden states hooked at every decision point of the enabled kinds (cue
+words
 by default; `lynx_exit.decision_points`); each event is
 labelled by a batched forced exit that reuses the rollouts' KV caches (kept with `hold`). Output is a
 self-describing, resumable folder (features as safetensors shards, events/rollouts JSONL).
@@ -156,7 +157,8 @@ def _resume(out_dir: Path, config: BuildConfig) -> set[str]:
     incomplete = sorted(set(by_problem) - complete)
     if incomplete:
         logger.warning(
-            "%s: %d problem(s) have incomplete records (missing events or feature shards, e.g. %s); rebuilding them",
+            "%s: %d problem(s) have incomplete records (missing events or feature shards, e.g. %s); "
+            "rebuilding them",
             out_dir,
             len(incomplete),
             incomplete[:3],
@@ -180,7 +182,8 @@ Chunk = list[tuple[int, Problem]]  # (index among all problems, problem): the in
 
 @dataclass
 class ChunkResult:
-    """One chunk's rollouts, labelled events (without their shard; event i is row i of `features`) and the features."""
+    """One chunk's rollouts, labelled events (without their shard; event i is row i of `features`) and the
+    features."""
 
     first_problem: int
     features: torch.Tensor  # [events, feature_dim] on the CPU (empty: [0])
@@ -231,7 +234,8 @@ def _build_all(
 
 
 def _kept(event: dict[str, Any], exit_prefix: str) -> int:
-    """Generated tokens a labelling exit keeps: a cue point's prefix ends before the cue, other points' after their
+    """Generated tokens a labelling exit keeps: a cue point's prefix ends before the cue, other points' after
+    their
     token (how-it-works §3); with the look-ahead prefix, after the token sampled next."""
     if exit_prefix == "lookahead":
         return int(event["token_index"]) + 2
@@ -241,7 +245,8 @@ def _kept(event: dict[str, Any], exit_prefix: str) -> int:
 def _with_lookahead(
     pending: list[dict[str, Any]], vectors: list[torch.Tensor], results: list[Any], eos_ids: set[int]
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-    """Events whose next token exists and is not an end of sequence (no look-ahead exit happens at the others)."""
+    """Events whose next token exists and is not an end of sequence (no look-ahead exit happens at the
+    others)."""
     kept = [
         (event, vector)
         for event, vector in zip(pending, vectors, strict=True)
@@ -254,7 +259,8 @@ def _with_lookahead(
 def compute_chunk(
     lm: LoadedModel, chunk: Chunk, generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
 ) -> ChunkResult:
-    """Sample a chunk's rollouts, hook the features of their decision points and label them by forced exits (a cue
+    """Sample a chunk's rollouts, hook the features of their decision points and label them by forced exits (a
+    cue
     point's exit drops the cue token, how-it-works §3; an answer or paragraph point's keeps its token)."""
     exit_cue_ids = lm.exit_cue_ids(generation.exit_cue)
     rows = [(index, problem, r) for index, problem in chunk for r in range(config.rollouts_per_problem)]

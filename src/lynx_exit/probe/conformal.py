@@ -1,7 +1,10 @@
-"""Split conformal calibration of exit thresholds (how-it-works §5): per-event and per-trajectory, and give-up.
+"""Split conformal calibration of exit thresholds (how-it-works §5): per-event and per-trajectory, and
+give-up.
 
-Per-event thresholds are computed per decision point kind (group-conditional conformal: the guarantee holds for
-each kind). Per-trajectory thresholds calibrate the combined stopping rule, the first crossing over all enabled
+Per-event thresholds are computed per decision point kind (group-conditional conformal: the guarantee holds
+for
+each kind). Per-trajectory thresholds calibrate the combined stopping rule, the first crossing over all
+enabled
 kinds, with one loss per rollout. Pure functions over numpy arrays; no I/O.
 """
 
@@ -90,7 +93,8 @@ class EventThreshold:
 def calibrate_events(
     probs: np.ndarray, labels: np.ndarray, delta: float, point: str = "cue"
 ) -> EventThreshold:
-    """Per-event thresholds from calibration scores `probs` (P(safe)) and 0/1 `labels` of events of kind `point`."""
+    """Per-event thresholds from calibration scores `probs` (P(safe)) and 0/1 `labels` of events of kind
+    `point`."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels).astype(bool)
     if probs.shape != labels.shape:
         raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ in shape")
@@ -202,7 +206,8 @@ class TrajectoryThreshold:
 def trajectory_losses(
     rollouts: Sequence[tuple[Sequence[float], Sequence[int]]], thresholds: Sequence[float]
 ) -> np.ndarray:
-    """`trajectory_loss` summed over the rollouts, at each threshold at once. A rollout's first exit at t is its first
+    """`trajectory_loss` summed over the rollouts, at each threshold at once. A rollout's first exit at t is
+    its first
     running maximum that reaches t, so only the points that raise the running maximum matter."""
     grid = np.asarray(thresholds, dtype=np.float64)
     totals = np.zeros(len(grid), dtype=np.int64)
@@ -227,9 +232,12 @@ def fixed_sequence(
     none: float,
     what: str,
 ) -> tuple[float, float]:
-    """Fixed-sequence Learn-then-Test over `thresholds`, most conservative first: test H_t: risk(t) > δ with the exact
-    binomial p-value P(Bin(n, δ) ≤ losses(t)), accept while p ≤ ε, stop at the first failure (this controls the
-    family-wise error at ε without assuming the risk is monotone in t). (The last accepted threshold, its empirical
+    """Fixed-sequence Learn-then-Test over `thresholds`, most conservative first: test H_t: risk(t) > δ with
+    the exact
+    binomial p-value P(Bin(n, δ) ≤ losses(t)), accept while p ≤ ε, stop at the first failure (this
+    controls the
+    family-wise error at ε without assuming the risk is monotone in t). (The last accepted threshold, its
+    empirical
     risk); (`none`, 0) if the first is refused."""
     _check_delta(delta)
     if not 0 < epsilon < 1:
@@ -277,13 +285,18 @@ def calibrate_trajectories(
 
 @dataclass(frozen=True)
 class GiveUpThreshold:
-    """Learn-then-Test lower threshold: give up at a decision point (from `min_tokens` generated tokens on) whose
+    """Learn-then-Test lower threshold: give up at a decision point (from `min_tokens` generated tokens on)
+    whose
     P(safe) ≤ `threshold`, answering at once as a trace judged lost.
 
-    With probability ≥ 1 − ε over the calibration rollouts, a new exchangeable rollout whose full chain would have
-    ended right is given up on with probability ≤ δ. The loss counts every crossing of the lower threshold, whether or
-    not an exit would have come first: an exit rule only removes give-ups, so the bound holds with any exit rule, and
-    the exit rule's own guarantee holds whatever the give-up does (a give-up only stops traces; it never makes an
+    With probability ≥ 1 − ε over the calibration rollouts, a new exchangeable rollout whose full chain
+    would have
+    ended right is given up on with probability ≤ δ. The loss counts every crossing of the lower
+    threshold, whether or
+    not an exit would have come first: an exit rule only removes give-ups, so the bound holds with any
+    exit rule, and
+    the exit rule's own guarantee holds whatever the give-up does (a give-up only stops traces; it never
+    makes an
     exit happen).
     """
 
@@ -328,7 +341,8 @@ class GiveUpThreshold:
 def give_up_loss(
     probs: Sequence[float], tokens: Sequence[int], full_correct: bool, threshold: float, min_tokens: int
 ) -> int:
-    """1 if a rollout whose full chain is right crosses the lower threshold at a point from `min_tokens` on."""
+    """1 if a rollout whose full chain is right crosses the lower threshold at a point from `min_tokens`
+    on."""
     return int(
         full_correct
         and threshold > 0
@@ -348,7 +362,8 @@ def calibrate_give_up(
     (P(safe) at its points, their token indices, whether its full chain ended right)."""
     n = len(rollouts)
     thresholds = sorted(grid if grid is not None else np.linspace(0.0, 1.0, 201)[1:])
-    # A right rollout is lost at threshold g iff its lowest score from `min_tokens` on is ≤ g (`give_up_loss`).
+    # A right rollout is lost at threshold g iff its lowest score from `min_tokens` on is ≤ g
+    # (`give_up_loss`).
     lowest = np.array(
         [
             min((p for p, t in zip(probs, tokens, strict=True) if t >= min_tokens), default=math.inf)

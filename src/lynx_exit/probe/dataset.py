@@ -1,4 +1,5 @@
-"""A build-data folder read back: its events, rollouts and features, checked complete (what `train`, `calibrate` and
+"""A build-data folder read back: its events, rollouts and features, checked complete (what `train`,
+`calibrate` and
 `risk` read)."""
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def load_dataset(folder: str | Path) -> Dataset:
         row = event["shard_row"]
         if not isinstance(row, int) or not 0 <= row < len(shards[name]):
             raise ValueError(
-                f"{folder / 'events.jsonl'}: event {event['problem_id']!r}/{event['rollout']}@{event['token_index']} "
+                f"{folder / 'events.jsonl'}: event "
+                f"{event['problem_id']!r}/{event['rollout']}@{event['token_index']} "
                 f"points at row {row!r} of {name}, which has {len(shards[name])} rows"
             )
         rows.append(shards[name][row])
@@ -111,12 +113,14 @@ def missing_events(
 
 
 def _check_complete(folder: Path, events: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> None:
-    """Every rollout's events are present: a dataset that lost some would silently bias training and calibration."""
+    """Every rollout's events are present: a dataset that lost some would silently bias training and
+    calibration."""
     missing = missing_events(events, rollouts)
     if missing:
         (problem_id, rollout), expected, found = missing[0]
         raise ValueError(
-            f"dataset {str(folder)!r} is incomplete: rollout {problem_id!r}/{rollout} records {expected} events but "
+            f"dataset {str(folder)!r} is incomplete: rollout {problem_id!r}/{rollout} records {expected} "
+            "events but "
             f"events.jsonl has {found}; rerun build-data with the same flags to repair it"
         )
 

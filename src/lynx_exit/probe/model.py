@@ -1,7 +1,9 @@
 """The LYNX probe (how-it-works §4): standardisation → MLP(256, 64, ReLU) → P(safe to exit), in torch.
 
-A probe trained on several kinds of decision point sees the kind as an input (a one-hot after the hidden states)
-and refuses a kind it never saw. Saved as safetensors (weights + scaler) and JSON metadata; no pickle anywhere.
+A probe trained on several kinds of decision point sees the kind as an input (a one-hot after the hidden
+states)
+and refuses a kind it never saw. Saved as safetensors (weights + scaler) and JSON metadata; no pickle
+anywhere.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class Probe(nn.Module):
         )
 
     def inputs(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
-        """The probe's input rows: the hidden states, and each row's decision point kind (one-hot) when it knows
+        """The probe's input rows: the hidden states, and each row's decision point kind (one-hot) when it
+        knows
         several. A kind it was not trained on is refused."""
         features = features.float()
         if points is not None:
@@ -80,7 +83,8 @@ class Probe(nn.Module):
 
 @dataclass(eq=False)
 class ProbeScorer:
-    """P(safe) of many feature rows in one call (the engine's `Scorer`); one per loaded probe, shared by its policies."""
+    """P(safe) of many feature rows in one call (the engine's `Scorer`); one per loaded probe, shared by its
+    policies."""
 
     probe: Probe
 
@@ -89,9 +93,12 @@ class ProbeScorer:
 
 
 class AllKindsScorer:
-    """P(safe) of feature rows as each decision point kind the probe knows, in one pass ([n, feature_dim] -> [n, kinds],
-    equal to `Probe.prob_safe` per kind): the standardisation is folded into the first layer, whose share of the
-    features is computed once, and each kind's one-hot input becomes a bias of that layer. For an engine that scores
+    """P(safe) of feature rows as each decision point kind the probe knows, in one pass ([n, feature_dim] ->
+    [n, kinds],
+    equal to `Probe.prob_safe` per kind): the standardisation is folded into the first layer, whose share
+    of the
+    features is computed once, and each kind's one-hot input becomes a bias of that layer. For an engine
+    that scores
     a token before it knows which kind of point the token is (the vLLM plug-in)."""
 
     def __init__(self, probe: Probe) -> None:
@@ -178,7 +185,8 @@ class ProbeTrainConfig:
 def train_probe(
     features: torch.Tensor, labels: torch.Tensor, config: ProbeTrainConfig, points: list[str] | None = None
 ) -> tuple[Probe, dict[str, Any]]:
-    """Fit the probe with Adam, class-balanced weights and early stopping on a stratified split. `points`: each
+    """Fit the probe with Adam, class-balanced weights and early stopping on a stratified split. `points`:
+    each
     event's decision point kind (None: all cues)."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match")
@@ -312,7 +320,8 @@ def _pick(thresholds: list[Any], delta: float, mode: str, points: str, attribute
         )
     available = [t.delta for t in of_points]
     raise ValueError(
-        f"probe has no {mode}-level calibration at delta={delta} ({points} points); calibrated deltas: {available}"
+        f"probe has no {mode}-level calibration at delta={delta} ({points} points); calibrated deltas: "
+        f"{available}"
     )
 
 
@@ -355,7 +364,8 @@ def _read_conformal(path: Path, weights_sha256: str) -> dict[str, list[Any]]:
         found = f"weights {recorded[:12]}" if isinstance(recorded, str) else "no weights hash"
         raise ValueError(
             f"{path} does not belong to the probe weights beside it ({found}, the weights are "
-            f"{weights_sha256[:12]}): the probe was retrained or copied after calibration; run lynx-exit calibrate again"
+            f"{weights_sha256[:12]}): the probe was retrained or copied after calibration; run lynx-exit "
+            "calibrate again"
         )
     sections: dict[str, list[Any]] = {}
     for mode, parse in (

@@ -163,7 +163,8 @@ def _calibration_rows(report: dict[str, Any]) -> list[str]:
                 f"risk {_number(row['empirical_risk'])} on {row['n_rollouts']} rollouts, ε = {row['epsilon']}"
             )
             rows.append(
-                f"| {mode.replace('_', '-')} | {row.get('points', 'cue')} | {row['delta']} | {rule} | {stat} |"
+                f"| {mode.replace('_', '-')} | {row.get('points', 'cue')} | {row['delta']} | {rule} | "
+                f"{stat} |"
             )
     return rows
 
@@ -204,17 +205,21 @@ def model_card(folder: str | Path) -> str:
     out = front + [
         f"# LYNX early-exit probe for `{spec.model_id}`",
         "",
-        f"A lynx-exit ([LYNX]({PAPER_URL})) probe: at each decision point in `{spec.model_id}`'s reasoning it reads",
+        f"A lynx-exit ([LYNX]({PAPER_URL})) probe: at each decision point in `{spec.model_id}`'s reasoning "
+        "it reads",
         "the hidden states below and scores whether the answer would be right if thinking stopped there;",
-        "the conformal thresholds turn your δ into the exit rule. Use this folder, or this repository, as `--probe`:",
+        "the conformal thresholds turn your δ into the exit rule. Use this folder, or this repository, as "
+        "`--probe`:",
         "",
         "```bash",
-        f'lynx-exit generate --model {spec.model_id} --probe PROBE --delta {delta} --mode event "your question"',
+        f"lynx-exit generate --model {spec.model_id} --probe PROBE --delta {delta} --mode event "
+        '"your question"',
         "```",
         "",
         "It is refused with any other model, tokenizer, layers or thinking profile.",
         "",
-        f"Decision points it was trained on: {', '.join(bundle.kinds)} (`--decision-points`; any other kind is refused).",
+        f"Decision points it was trained on: {', '.join(bundle.kinds)} (`--decision-points`; any other kind "
+        "is refused).",
         "",
         "## Features",
         "",
@@ -246,11 +251,16 @@ def model_card(folder: str | Path) -> str:
         "|---|---|---|---|---|",
         *_calibration_rows(report),
         "",
-        "`event`: each decision point of that kind with an unsafe answer exits with probability ≤ δ (calibrated per",
-        "kind). `trajectory`: a rollout's first exit over the enabled kinds is premature with probability ≤ δ (with",
-        "confidence 1 − ε). `harm`: as trajectory, counting only exits that turn a rollout the model would have got",
-        "right into a wrong one. `give-up` (`give_up_delta`): a rollout that would have ended right is given up on",
-        "with probability ≤ δ (with confidence 1 − ε); a give-up only stops traces, so every exit guarantee holds",
+        "`event`: each decision point of that kind with an unsafe answer exits with probability ≤ δ "
+        "(calibrated per",
+        "kind). `trajectory`: a rollout's first exit over the enabled kinds is premature with probability ≤ "
+        "δ (with",
+        "confidence 1 − ε). `harm`: as trajectory, counting only exits that turn a rollout the model would "
+        "have got",
+        "right into a wrong one. `give-up` (`give_up_delta`): a rollout that would have ended right is "
+        "given up on",
+        "with probability ≤ δ (with confidence 1 − ε); a give-up only stops traces, so every exit guarantee "
+        "holds",
         "whatever it does.",
         "",
         "## How it was made",
@@ -261,7 +271,8 @@ def model_card(folder: str | Path) -> str:
             out.append(f"- {step}: `{command}`")
     out += [
         "",
-        f"Files: `{PROBE_WEIGHTS}` (sha256 `{file_sha256(folder / PROBE_WEIGHTS)}`), `{PROBE_META}`, `{CONFORMAL_FILE}`.",
+        f"Files: `{PROBE_WEIGHTS}` (sha256 `{file_sha256(folder / PROBE_WEIGHTS)}`), `{PROBE_META}`, "
+        f"`{CONFORMAL_FILE}`.",
         "",
     ]
     return "\n".join(out)

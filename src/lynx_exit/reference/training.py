@@ -39,7 +39,8 @@ class ReferenceTrainConfig:
     seed: int = 0
     init_from: str | None = None  # continue training this checkpoint (its tokenizer is kept)
     tokenizer_from: str | None = None  # start from scratch with this model folder's tokenizer (to share it)
-    # The traces: a calibrated preset of `traces.PRESETS` ("reference", "reference-large"; one shared tokenizer)
+    # The traces: a calibrated preset of `traces.PRESETS` ("reference", "reference-large"; one shared
+    # tokenizer)
     # or "v1" (the first reference model's generator, whose first answer is always final).
     preset: str = "reference"
 
@@ -75,7 +76,8 @@ PRESET_SIZES: dict[str, dict[str, int]] = {
 
 
 def build_corpus(problems: list[WordProblem], seed: int, preset: str = "v1") -> list[tuple[str, str, bool]]:
-    """(question, trace, ends) per problem; a runaway trace does not end (no end-of-sequence is learned after it)."""
+    """(question, trace, ends) per problem; a runaway trace does not end (no end-of-sequence is learned after
+    it)."""
     rng = random.Random(seed)
     if preset == "v1":
         return [(p.question() + REASONING_SUFFIX, make_trace(p, rng), True) for p in problems]
@@ -87,7 +89,8 @@ def build_corpus(problems: list[WordProblem], seed: int, preset: str = "v1") -> 
 
 
 def shared_tokenizer(vocab_size: int) -> Any:
-    """The one tokenizer of the calibrated presets: trained on a fixed corpus, so both models get the same one."""
+    """The one tokenizer of the calibrated presets: trained on a fixed corpus, so both models get the same
+    one."""
     from lynx_exit.reference.tokenizer import train_tokenizer
 
     corpus = build_corpus(make_problems("train", 5000), seed=0, preset="reference")
@@ -97,7 +100,8 @@ def shared_tokenizer(vocab_size: int) -> Any:
 def train_reference_model(
     config: ReferenceTrainConfig, out_dir: Path, progress: bool = True
 ) -> dict[str, Any]:
-    """Train the reference model (from scratch, or on from `init_from`) and `save_pretrained` it to `out_dir`."""
+    """Train the reference model (from scratch, or on from `init_from`) and `save_pretrained` it to
+    `out_dir`."""
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -18,7 +18,8 @@ from lynx_exit.probe.build_data import BuildConfig, Chunk, ChunkResult, compute_
 
 logger = logging.getLogger(__name__)
 
-# Test hook: a worker exits (as if killed) before its next shard once it has done this many, once per marker file.
+# Test hook: a worker exits (as if killed) before its next shard once it has done this many, once per marker
+# file.
 EXIT_AFTER_ENV = "LYNX_EXIT_TEST_WORKER_EXIT_AFTER"
 EXIT_MARKER_ENV = "LYNX_EXIT_TEST_WORKER_EXIT_MARKER"
 

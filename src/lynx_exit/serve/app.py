@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI) over one `Server`, and `run` for `lynx-exit serve`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics, and the playground page at GET / (`--no-ui` turns it off; with an API key, open it as `/?key=KEY`). Handlers only validate, enqueue and read their request's events; the engine runs
+GET /metrics, and the playground page at GET / (`--no-ui` turns it off; with an API key, open it as
+`/?key=KEY`). Handlers only validate, enqueue and read their request's events; the engine runs
 on the worker thread, so concurrent requests share its batch.
 """
 
@@ -271,7 +272,8 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: st
         def handle_exit(self, sig: int, frame: Any) -> None:
             server.accepting = False
             if self.expiry is None:
-                # At the timeout, what still runs is failed by the worker (503 shutting_down): each stream ends
+                # At the timeout, what still runs is failed by the worker (503
+                # shutting_down): each stream ends
                 # with an error event and [DONE] instead of being cut; uvicorn's own limit comes after that.
                 self.expiry = threading.Timer(
                     timeout, server.worker.expire, args=("the server shut down before this request finished",)

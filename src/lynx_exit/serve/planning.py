@@ -1,8 +1,10 @@
-"""Request planning: a parsed body → a `RequestPlan` (prompts, sampling, exit settings), or a 4xx naming the field.
+"""Request planning: a parsed body → a `RequestPlan` (prompts, sampling, exit settings), or a 4xx naming the
+field.
 
 The work a body can cost is bounded before it is done: every limit that the parsed body shows (the model, `n`,
 the number of prompts and messages, the characters of the text, the template switches) is checked before any
-template is rendered or any text tokenized, and a rendered chat is measured before it is tokenized. Planning runs
+template is rendered or any text tokenized, and a rendered chat is measured before it is tokenized. Planning
+runs
 on the server's prompt thread, off the event loop.
 """
 
@@ -90,14 +92,16 @@ class Planner:
         # What an exit may add to a request's tokens: the cue and the forced answer
         self.exit_room = len(lm.exit_cue_ids(options.defaults.exit_cue)) + options.defaults.answer_max_tokens
         self.context_length = lm.context_length
-        # No token spells more characters than the longest vocabulary entry, and a normaliser can merge at most a
+        # No token spells more characters than the longest vocabulary entry, and a normaliser can
+        # merge at most a
         # few code points into one (Hangul jamo: 3 -> 1): text longer than this many characters per context
         # position cannot fit, and is refused before the template or the tokenizer reads it.
         self.max_chars_per_position = 3 * max((len(token) for token in lm.tokenizer.get_vocab()), default=1)
 
     # -- exit settings -------------------------------------------------------------------------
     def resolve_exit(self, body: dict[str, Any] | None) -> ExitChoice:
-        """A request's `exit` object over the server's defaults, checked by the registry and by building a policy."""
+        """A request's `exit` object over the server's defaults, checked by the registry and by building a
+        policy."""
         try:
             name, options, settings = resolve_exit_options(
                 body, self.options.exit_method, dict(self.options.exit_defaults), self.methods
@@ -207,7 +211,8 @@ class Planner:
                 if not ids or bad:
                     raise bad_request(
                         "prompt",
-                        f"prompt {i}: token ids must be a non-empty list in [0, {vocab}), got {bad[:5] or ids}",
+                        f"prompt {i}: token ids must be a non-empty list in [0, {vocab}), got "
+                        f"{bad[:5] or ids}",
                     )
                 out.append(ids)
         return out

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible API, the server's options, and the errors it answers with.
 
 Bodies are parsed strictly: an unknown field, a wrong type (no "8" for 8, no true for 1) or a
-value out of range is a 400 naming the field and the value, in OpenAI's error shape. Fields OpenAI clients may send that
+value out of range is a 400 naming the field and the value, in OpenAI's error shape. Fields OpenAI clients may
+send that
 this server cannot honour (penalties, logprobs, tools) are accepted only at their neutral
 values, so a request is never answered as if they had been applied.
 """
@@ -96,7 +97,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    # lynx-exit's own: each decision point as it passes (its kind, position, score and threshold), in `lynx_points`
+    # lynx-exit's own: each decision point as it passes (its kind, position, score and threshold), in
+    # `lynx_points`
     lynx_decision_points: bool = False
 
 
@@ -182,8 +184,10 @@ MAX_PROMPTS = 2048
 
 
 def _prompt_kind(value: Any) -> str:
-    """Which form of `prompt` a body sends, from its first item: only that member of the union validates it (trying
-    each member over a long list costs seconds and an error per item: 838,460 one-character prompts, 1.6 s)."""
+    """Which form of `prompt` a body sends, from its first item: only that member of the union validates it
+    (trying
+    each member over a long list costs seconds and an error per item: 838,460 one-character prompts, 1.6
+    s)."""
     if isinstance(value, list) and value and isinstance(value[0], int):
         return "prompt-ids"
     if isinstance(value, list) and value and isinstance(value[0], list):
@@ -218,7 +222,8 @@ class CompletionRequest(_Sampling):
 
 def _count_prompts(raw: bytes) -> None:
     """A large completions body's prompt list, counted by the C JSON parser (12 ms and one shared string per
-    character for 4 MB of one-character prompts) before pydantic validates item by item (0.2 s holding the GIL)."""
+    character for 4 MB of one-character prompts) before pydantic validates item by item (0.2 s holding the
+    GIL)."""
     try:
         data = json.loads(raw)
     except ValueError:
@@ -269,7 +274,8 @@ def parse_body(model: type[_Sampling], raw: bytes) -> Any:
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
-    """A dotted field path without pydantic's union-member tags (`messages.0.content`, not `...content.str`)."""
+    """A dotted field path without pydantic's union-member tags (`messages.0.content`, not
+    `...content.str`)."""
     parts = [str(part) for part in loc if not (isinstance(part, str) and _is_type_tag(part))]
     return ".".join(parts) or None
 

@@ -94,7 +94,8 @@ async def stream(
     include_usage: bool,
     points: bool = False,
 ) -> AsyncIterator[str]:
-    """The SSE chunks of a streamed response; `points` (stream_options.lynx_decision_points) adds each decision
+    """The SSE chunks of a streamed response; `points` (stream_options.lynx_decision_points) adds each
+    decision
     point to its chunk (`lynx_points`) and, at the end, the tokens the exit saved against max_tokens."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {**meta, "object": kind}

@@ -89,7 +89,8 @@ class ChoiceText:
         self._add_content(text)
 
     def _drop_think_start(self) -> int:
-        """Remove the first thinking-start marker the model writes (held back until it is known); its length."""
+        """Remove the first thinking-start marker the model writes (held back until it is known); its
+        length."""
         if self._opened or not self.think_start:
             return 0
         at = self.reasoning.find(self.think_start, self._sent["reasoning"])

