@@ -277,7 +277,7 @@ def test_compiled_decode_steps_match_eager():
 
 
 def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
-    """Issue 32's N4: under a budget with room for about 2.5 requests at their largest, 8 requests that each
+    """Under a budget with room for about 2.5 requests at their largest, 8 requests that each
     fit all
     finish, with the tokens each gets alone: admitted as the cache holds now, the youngest preempted when
     the others

@@ -1,4 +1,4 @@
-"""`lynx-exit serve`, round two (issue 32): bounded work before a request is accepted, exact errors and
+"""`lynx-exit serve`: bounded work before a request is accepted, exact errors and
 labels.
 
 Each test reproduces a defect seen against 5aada8b (N1-N7); every wait is bounded and the server binds
@@ -94,8 +94,8 @@ def timed_post(base: str, path: str, body: dict | bytes) -> tuple[httpx.Response
     return response, time.perf_counter() - start
 
 
-# -- N1: chat_template_kwargs -----------------------------------------------------------------------
-def test_n1_a_huge_template_render_is_refused_at_once(cli):
+# -- chat_template_kwargs -----------------------------------------------------------------------
+def test_a_huge_template_render_is_refused_at_once(cli):
     """5,000 empty assistant messages with a 2,000-character eos_token rendered a 10 MB prompt in 14-23 s."""
     pid, url, model = cli
     messages = [{"role": "assistant", "content": ""}] * 5000 + [{"role": "user", "content": "hi"}]
@@ -121,7 +121,7 @@ def test_n1_a_huge_template_render_is_refused_at_once(cli):
         ),
     ],
 )
-def test_n1_template_kwargs_take_only_the_families_switches(url, kwargs, param, says):
+def test_template_kwargs_take_only_the_families_switches(url, kwargs, param, says):
     r = post(
         url,
         "/v1/chat/completions",
@@ -131,7 +131,7 @@ def test_n1_template_kwargs_take_only_the_families_switches(url, kwargs, param, 
     assert says in r.json()["error"]["message"]
 
 
-def test_n1_a_declared_switch_takes_its_values_only():
+def test_a_declared_switch_takes_its_values_only():
     from lynx_exit.models.families import Family, _switches
 
     qwen3 = Family(
@@ -158,14 +158,14 @@ def test_n1_a_declared_switch_takes_its_values_only():
     )
 
 
-def test_n1_messages_past_the_context_are_refused_before_the_template(url, lm):
+def test_messages_past_the_context_are_refused_before_the_template(url, lm):
     messages = [{"role": "user", "content": "x"}] * (lm.context_length + 1)
     r, took = timed_post(url, "/v1/chat/completions", {"model": MODEL, "messages": messages})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and took < 1.0
 
 
-# -- N3: completions with a huge prompt list ---------------------------------------------------------
-def test_n3_a_huge_prompt_list_is_refused_before_any_prompt_is_tokenized(cli):
+# -- completions with a huge prompt list ---------------------------------------------------------
+def test_a_huge_prompt_list_is_refused_before_any_prompt_is_tokenized(cli):
     """838,460 one-character prompts (4 MB) were each tokenized before the row count was checked: 34.5 s."""
     pid, url, model = cli
     body = json.dumps({"model": model, "prompt": ["a"] * 838_460}).encode()  # 4 MB
@@ -178,7 +178,7 @@ def test_n3_a_huge_prompt_list_is_refused_before_any_prompt_is_tokenized(cli):
     assert seen["polls"] >= 3 and seen["slowest_s"] < 0.2 and seen["grew_mb"] < 100, seen
 
 
-def test_n3_more_prompts_than_rows_are_refused_before_tokenizing(url, lm, monkeypatch):
+def test_more_prompts_than_rows_are_refused_before_tokenizing(url, lm, monkeypatch):
     calls = []
     original = lm.tokenizer.__call__
     monkeypatch.setattr(
@@ -188,8 +188,8 @@ def test_n3_more_prompts_than_rows_are_refused_before_tokenizing(url, lm, monkey
     assert r.status_code == 400 and "rows" in r.json()["error"]["message"] and not calls
 
 
-# -- N2: a client that times out before a non-streaming answer --------------------------------------
-def test_n2_a_client_gone_before_its_answer_is_no_server_error(url):
+# -- a client that times out before a non-streaming answer --------------------------------------
+def test_a_client_gone_before_its_answer_is_no_server_error(url):
     errors_before = metric(url, "lynx_exit_requests_total", endpoint="completions", status="500")
     with pytest.raises(httpx.TimeoutException):
         httpx.post(
@@ -204,8 +204,8 @@ def test_n2_a_client_gone_before_its_answer_is_no_server_error(url):
     assert metric(url, "lynx_exit_requests_total", endpoint="completions", status="500") == errors_before
 
 
-# -- N5: a stop string is a stop ----------------------------------------------------------------------
-def test_n5_a_matched_stop_string_is_counted_as_stop(url):
+# -- a stop string is a stop ----------------------------------------------------------------------
+def test_a_matched_stop_string_is_counted_as_stop(url):
     reasons = ("stop", "abort", "eos")
     before = {reason: metric(url, "lynx_exit_choices_total", finish_reason=reason) for reason in reasons}
     stopped = 0  # OpenAI's "stop": a stop string, or the end of sequence
@@ -234,7 +234,7 @@ def test_n5_a_matched_stop_string_is_counted_as_stop(url):
     assert grown("stop") >= 1 and grown("abort") == 0 and grown("stop") + grown("eos") == stopped
 
 
-# -- N6: errors name the field at fault ---------------------------------------------------------------
+# -- errors name the field at fault ---------------------------------------------------------------
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -245,14 +245,14 @@ def test_n5_a_matched_stop_string_is_counted_as_stop(url):
         ({"messages": [{"role": "user", "content": "hi", "foo": 1}]}, "messages.0.foo"),
     ],
 )
-def test_n6_errors_name_the_field(url, body, param):
+def test_errors_name_the_field(url, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     r = post(url, path, {"model": MODEL, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
-# -- N7: the developer role ---------------------------------------------------------------------------
-def test_n7_a_developer_message_is_a_system_message(url):
+# -- the developer role ---------------------------------------------------------------------------
+def test_a_developer_message_is_a_system_message(url):
     def prompt_tokens(role: str) -> int:
         r = post(
             url,
@@ -269,8 +269,8 @@ def test_n7_a_developer_message_is_a_system_message(url):
     assert prompt_tokens("developer") == prompt_tokens("system") != prompt_tokens("assistant")
 
 
-# -- N4: admission by the KV budget ---------------------------------------------------------------------
-def test_n4_requests_that_fit_the_kv_budget_wait_and_all_succeed(lm):
+# -- admission by the KV budget ---------------------------------------------------------------------
+def test_requests_that_fit_the_kv_budget_wait_and_all_succeed(lm):
     from concurrent.futures import ThreadPoolExecutor
 
     from lynx_exit.engine import DecodeLoop, EngineConfig
