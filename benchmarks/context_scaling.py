@@ -11,8 +11,8 @@ tokens; the median step after a warm-up is compared with the memory-bandwidth fl
 (the time to read everything a step must read once, at the rate this machine copies memory). This VM's
 copy rate drifts (11 to 34 GB/s between measurements), so it is measured right before each model's rows,
 which use that rate, and once more at the end (recorded, not used). `--refloor` recomputes the floors
-of an existing result file this way.
-Goal on a CPU: the store within 1.3x the floor at every context, its ratio flat from 128 to 4,096.
+of an existing result file this way. Goal on a CPU: the store within 1.3x the floor at every context, its
+ratio flat from 128 to 4,096.
 
 Usage: python benchmarks/context_scaling.py [--models reference,smollm2] [--batches 1,8,32]
        [--contexts 128,512,1024,2048,4096] [--steps 6] [--threads 2]

@@ -8,16 +8,13 @@ architecture with random bf16 weights (no download).
 
 Rows: batch 1, 8, 32, 64 at prompt 128 + 256 new tokens and at an 8k prompt + 64 new tokens. Sides: the engine
 eager, the engine compiled (`--compile`), compiled with LYNX scoring (a never-exit probe: every cue is scored,
-the
-lengths stay equal, features are read at every step) and `model.generate` with a static cache (transformers
-compiles its decode step itself for a static cache on a GPU, the way its documentation gives). Per side:
-tokens/s and ms per decode step (the median step once every prompt is read), the seconds of stalls in the run
-(steps over 3x the median: compiles and CUDA-graph captures), and the share of the bandwidth roofline (weights
-read per step, the input embedding one row per token, plus the live KV bytes, at the copy bandwidth measured
-on
-the card). Every side of a row stops at its own deadline and the whole check at `--budget-s`: a row or side
-cut short is recorded as such, never dropped.
-"""
+the lengths stay equal, features are read at every step) and `model.generate` with a static cache
+(transformers compiles its decode step itself for a static cache on a GPU, the way its documentation gives).
+Per side: tokens/s and ms per decode step (the median step once every prompt is read), the seconds of stalls
+in the run (steps over 3x the median: compiles and CUDA-graph captures), and the share of the bandwidth
+roofline (weights read per step, the input embedding one row per token, plus the live KV bytes, at the copy
+bandwidth measured on the card). Every side of a row stops at its own deadline and the whole check at
+`--budget-s`: a row or side cut short is recorded as such, never dropped."""
 
 from __future__ import annotations
 
@@ -65,8 +62,7 @@ def tiny_qwen(device: str) -> LoadedModel:
 
 def decodable(lm: LoadedModel) -> LoadedModel:
     """Zero the head's rows past the tokenizer's vocabulary: greedy picks ids the tokenizer spells, so the
-    text has
-    cues to score (the bytes read and the work per step are the same)."""
+    text has cues to score (the bytes read and the work per step are the same)."""
     head = lm.model.get_output_embeddings().weight
     with torch.no_grad():
         head[len(lm.tokenizer) :].zero_()

@@ -3,8 +3,7 @@
 Not used by any front end. It is kept as the baseline the KV store is measured against
 (`benchmarks/context_scaling.py`) and tested against (`tests/test_kv_store.py`: identical tokens).
 Its decode concatenates every layer's keys and values (a copy of the whole cache per step); its
-`extend` is one decode per token.
-"""
+`extend` is one decode per token."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@
 On this 2-core machine two workers can at best double one worker's single-threaded throughput;
 rerun on a GPU node (`--gpus-per-worker 1`) or a cluster (`--address auto`) for the real figure.
 Worker start-up (loading the model) is timed apart from the work; the one-process run is warmed up
-on one batch first.
-"""
+on one batch first."""
 
 from __future__ import annotations
 

@@ -194,8 +194,7 @@ def vllm_table() -> list[str]:
 
 def front_lines(summary: dict) -> list[str]:
     """Which LYNX settings are on the Pareto front (no row at least as accurate and as frugal, one strictly),
-    and what
-    the give-up rows cost."""
+    and what the give-up rows cost."""
     rows = summary["settings"]
     if not any("dominated_by" in row for row in rows):
         return []

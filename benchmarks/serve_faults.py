@@ -4,15 +4,12 @@ Starts the server as a subprocess on 127.0.0.1 (reference model, shipped probe).
 records what 8 seeded victim streams generate alone. Then, `--repeats` times, the victims stream
 again (round after round) while at least `--hostile` hostile requests arrive: the issue-21 families
 (D1 huge top_k, D2 malformed exit options, D4 wrongly typed fields, D5 tiny temperatures), issue 32's (N1
-template
-switches and 5,000-message chats, N3 800,000-prompt completions, N6 fields named like type tags, N7 the
-developer
-role), 10 MB
-bodies (D3: 10 MB with and without a Content-Length, 3.9 MB under the limit) and randomly mutated or random
-bodies (seeded). Measured: every hostile status, 5xx
-count, victims failed and whether each victim round's tokens equal the quiet run's, /health latency
-sampled every 20 ms while the 10 MB bodies arrive, and the server's RSS before and after.
-All traffic stays on loopback; every loop is bounded in count and time.
+template switches and 5,000-message chats, N3 800,000-prompt completions, N6 fields named like type tags, N7
+the developer role), 10 MB bodies (D3: 10 MB with and without a Content-Length, 3.9 MB under the limit) and
+randomly mutated or random bodies (seeded). Measured: every hostile status, 5xx count, victims failed and
+whether each victim round's tokens equal the quiet run's, /health latency sampled every 20 ms while the 10 MB
+bodies arrive, and the server's RSS before and after. All traffic stays on loopback; every loop is bounded in
+count and time.
 
 Usage: python benchmarks/serve_faults.py [--hostile 1000] [--repeats 3]
 """

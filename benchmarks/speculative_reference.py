@@ -1,7 +1,6 @@
 """Speculative Thinking on the reference pair: the small model alone, the large one alone, the small one
-helped
-by the large one (and with LYNX on top), on the same test problems and seeds; then throughput at batch 16
-against the official code's schedule (one request at a time), emulated on this engine at batch 1.
+helped by the large one (and with LYNX on top), on the same test problems and seeds; then throughput at batch
+16 against the official code's schedule (one request at a time), emulated on this engine at batch 1.
 
 The reference traces put each step on a line of its own, so the trigger is a line break (the official "\\n\\n"
 marks a paragraph of a real reasoner's trace); keywords are the official lists. Sampling as the paper: T 0.6,

@@ -1,15 +1,12 @@
 """The same greedy workload on plain vLLM, vLLM with the lynx-exit plug-in (scoring every row at every step,
-never
-exiting) and lynx-exit's own engine (plain and with LYNX scoring), interleaved in one run.
+never exiting) and lynx-exit's own engine (plain and with LYNX scoring), interleaved in one run.
 
 Run it in vLLM's environment (`.ci/vllm_env`, see the README):
     .ci/vllm_env/bin/python benchmarks/vs_vllm.py [--batches 1,8,32] [--new-tokens 128] [--reps 5]
 Writes benchmarks/results/vs_vllm.json. Every request writes exactly --new-tokens tokens (min = max), so every
-side
-does the same work; the probe is a random one calibrated never to exit (it costs what a trained one costs).
-On a GPU host with vLLM installed, `--device cuda` runs the comparison users will make (vLLM's default
-settings).
-"""
+side does the same work; the probe is a random one calibrated never to exit (it costs what a trained one
+costs). On a GPU host with vLLM installed, `--device cuda` runs the comparison users will make (vLLM's default
+settings)."""
 
 from __future__ import annotations
 

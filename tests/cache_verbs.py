@@ -1,6 +1,5 @@
 """Random sequences of the backend's cache verbs, each checked against the model's own forward pass (shared by
-the
-CPU store tests and the GPU tests)."""
+the CPU store tests and the GPU tests)."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ def exercise_cache_verbs(
 ) -> None:
     """prefill, decode, extend (several tokens in one pass), truncate (any number), release, compact and fork:
     after each, every live request's next-token logits equal `fresh` over its token list, and each fork's
-    greedy
-    tokens are the argmax of `fresh` over its prefix."""
+    greedy tokens are the argmax of `fresh` over its prefix."""
     rng = random.Random(seed)
     held: dict[int, list[int]] = {}
     next_id = 0

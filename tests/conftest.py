@@ -91,8 +91,7 @@ def serving(server) -> Iterator[str]:
 @contextlib.contextmanager
 def cli_server(model_dir, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """`lynx-exit serve --model model_dir FLAGS` as a subprocess on a free loopback port, once /health
-    answers;
-    killed on the way out if it is still running."""
+    answers; killed on the way out if it is still running."""
     import httpx
 
     port = free_port()

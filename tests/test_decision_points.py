@@ -1,6 +1,6 @@
 """Decision points beyond cue words (answers, paragraph ends), their calibration per kind and as one stopping
-rule,
-and the give-up threshold: detection on every family's format, refusals, the guarantees on synthetic data."""
+rule, and the give-up threshold: detection on every family's format, refusals, the guarantees on synthetic
+data."""
 
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ def test_a_probe_trained_on_cues_refuses_answer_points():
 
 def test_per_kind_calibration_keeps_the_guarantee_where_pooling_breaks_it():
     """Two kinds: the probe separates cues well but is over-confident at answers. Calibrated on both pooled,
-    an unsafe
-    answer point exits far more often than δ; calibrated per kind, each kind's rate stays within δ."""
+    an unsafe answer point exits far more often than δ; calibrated per kind, each kind's rate stays within
+    δ."""
     rng = np.random.default_rng(0)
     delta, n, rates = 0.1, 600, {"pooled": [], "per kind": []}
     for _ in range(100):
@@ -211,8 +211,8 @@ def many_checks(
     rng: np.random.Generator, traces: int
 ) -> list[tuple[list[float], list[int], list[int], bool, list[str]]]:
     """Traces with 10-30 points of two kinds; most turn safe in their first half, the rest never do, and
-    answer
-    points carry more signal than cues. Each: (scores, labels, token indices, full chain right, kinds)."""
+    answer points carry more signal than cues. Each: (scores, labels, token indices, full chain right,
+    kinds)."""
     out = []
     for _ in range(traces):
         m = int(rng.integers(10, 31))
@@ -231,8 +231,7 @@ def many_checks(
 
 def test_the_combined_stopping_rule_keeps_its_per_trace_risk_over_random_splits():
     """The first crossing over all enabled kinds, calibrated as one rule with one loss per trace: over many
-    random
-    calibration/test splits the realized risk is within δ on average, and above it no more often than ε
+    random calibration/test splits the realized risk is within δ on average, and above it no more often than ε
     allows."""
     rng = np.random.default_rng(1)
     delta, epsilon = 0.1, 0.1
@@ -273,10 +272,8 @@ def test_give_up_calibration_bounds_giving_up_on_traces_that_end_right():
 
 def test_a_give_up_forces_the_answer_and_says_so(monkeypatch):
     """A scripted model writes four paragraph ends; the probe scores every point 0.5, below the give-up
-    threshold,
-    and never reaches the exit threshold: LYNX gives up at the first point from `min_tokens` on, and the
-    answer is
-    forced through the same cache as an exit's."""
+    threshold, and never reaches the exit threshold: LYNX gives up at the first point from `min_tokens` on,
+    and the answer is forced through the same cache as an exit's."""
     lm = family_lm("deepseek-r1")
     written = "3 + 4 = 7.\n\nWe add.\n\nStill 7.\n\nYes 7.\n\nok</think> done"
     ids = lm.encode(written)

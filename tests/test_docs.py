@@ -1,8 +1,6 @@
 """The documentation holds together: every relative link in the README and docs/ resolves, every `how-it-works
-§N`
-cited in code, tests and docs is a section of docs/how-it-works.md, nothing cites a document outside the
-repository,
-and the generated tables are the benchmark JSON's."""
+§N` cited in code, tests and docs is a section of docs/how-it-works.md, nothing cites a document outside the
+repository, and the generated tables are the benchmark JSON's."""
 
 from __future__ import annotations
 

@@ -113,8 +113,7 @@ def test_a_parsed_option_is_what_the_policy_gets():
 # -- what still goes wrong fails only the request that caused it ------------------------------------
 def test_a_row_whose_sampling_params_break_the_sampler_fails_alone(tiny_lm):
     """D1 at the engine: a value no validation let through (set behind the engine's back) breaks `sample`;
-    that
-    row ends with "error" and the others keep their tokens."""
+    that row ends with "error" and the others keep their tokens."""
     prompts = [tiny_lm.prompt_ids(t) for t in TEXTS]
     config = dataclasses.replace(CONFIG, top_k=40)  # a filter on: the rows' top-k values become one tensor
     engine = Engine(tiny_lm, max_batch_size=4)
@@ -199,8 +198,7 @@ def test_a_batch_job_does_not_drop_a_failed_prompt(tiny_lm):
 
 def test_a_row_that_does_not_filter_samples_the_same_beside_one_that_does():
     """Found by the API fuzz test: a batch with one top-k/top-p row sent every row through the sorted path,
-    where
-    the noise raced in rank order, so a plain row's token depended on its neighbour's settings."""
+    where the noise raced in rank order, so a plain row's token depended on its neighbour's settings."""
     from lynx_exit.engine.sampler import sample
 
     torch.manual_seed(1)

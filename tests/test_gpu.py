@@ -1,15 +1,12 @@
 """The engine on CUDA (marker `gpu`; `python -m pytest -m gpu`): the paths that only a GPU takes, checked
-against
-the model's own forward passes.
+against the model's own forward passes.
 
 A tiny Qwen2 with grouped-query attention in float32, prompts of different lengths (decode steps with a mask,
 the batch that crashed on an H200 at 5aada8b): eager, `--compile` (CUDA graphs) and `model.generate` give the
 same tokens; requests that join and leave a running batch get the tokens they get alone; any sequence of cache
 verbs leaves logits equal to a fresh forward; a LYNX exit matches its offline replay; Speculative Thinking
-runs
-a tiny pair. `LYNX_TEST_DEVICE=cpu python -m pytest -m gpu tests/test_gpu.py` runs the same tests on a CPU (a
-check of the tests themselves; the CPU suite covers these paths on its own).
-"""
+runs a tiny pair. `LYNX_TEST_DEVICE=cpu python -m pytest -m gpu tests/test_gpu.py` runs the same tests on a
+CPU (a check of the tests themselves; the CPU suite covers these paths on its own)."""
 
 from __future__ import annotations
 
@@ -193,9 +190,8 @@ def test_speculative_thinking_on_a_tiny_pair():
     first = alone.add_request(thinker.prompt_ids(TEXTS[0]), config)
     list(alone.stream())
     # The trigger is the first piece of text the thinker writes, the keywords every word of the
-    # look-ahead after it:
-    # greedy, so the first look-ahead hands over to the assistant on this device whatever the random
-    # weights say.
+    # look-ahead after it: greedy, so the first look-ahead hands over to the assistant on this device whatever
+    # the random weights say.
     tokens = alone.result(first).token_ids
     decode = thinker.tokenizer.decode
     at = next(i for i, t in enumerate(tokens) if decode([t], skip_special_tokens=True).strip())

@@ -1,6 +1,5 @@
 """`benchmarks/gpu_check.py --device cpu --tiny`: the GPU check's own code, run here on a tiny model (a smoke
-test of
-the script: every side of a row measured, the JSON complete)."""
+test of the script: every side of a row measured, the JSON complete)."""
 
 from __future__ import annotations
 

@@ -236,9 +236,8 @@ def test_bad_prefill_budget_is_named(tiny_lm):
 
 def test_compiled_decode_steps_match_eager():
     """`--compile` (Inductor on a CPU): the compiled decode step gives the eager tokens, exits and probe
-    features,
-    with late joiners and requests ending; at exact shapes (a CPU's default) and padded to the buckets of CUDA
-    graphs (an odd batch padded to 4 rows, widths to 64 and 128 columns)."""
+    features, with late joiners and requests ending; at exact shapes (a CPU's default) and padded to the
+    buckets of CUDA graphs (an odd batch padded to 4 rows, widths to 64 and 128 columns)."""
     eager_lm, compiled_lm = make_tiny_lm(seed=5), make_tiny_lm(seed=5)
     config = GenerationConfig(
         max_new_tokens=70, min_new_tokens=40, temperature=0.8, cue_regex="[ae]", answer_max_tokens=4
@@ -280,10 +279,8 @@ def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
     """Under a budget with room for about 2.5 requests at their largest, 8 requests that each
     fit all
     finish, with the tokens each gets alone: admitted as the cache holds now, the youngest preempted when
-    the others
-    outgrow the budget and recomputed when memory frees; one that cannot fit the whole budget is refused
-    at once,
-    naming both numbers."""
+    the others outgrow the budget and recomputed when memory frees; one that cannot fit the whole budget is
+    refused at once, naming both numbers."""
     lm = make_tiny_lm(seed=2)
     per_token = 3 * 2 * 3 * 12 * 8  # layers x (keys, values) x kv heads x head dim x float64 bytes
     config = GenerationConfig(
@@ -326,8 +323,7 @@ def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():
 
 def test_decode_buckets_cover_every_row_and_bound_the_waste():
     """Padded shapes (CUDA graphs): the batch bucket is a power of two >= n; the width bucket holds the
-    longest row,
-    never passes the store's capacity, and wastes at most 1/8 of its columns past 512."""
+    longest row, never passes the store's capacity, and wastes at most 1/8 of its columns past 512."""
     from lynx_exit.engine.decode_graph import bucket, width_bucket
 
     for n in range(1, 300):
@@ -342,8 +338,8 @@ def test_decode_buckets_cover_every_row_and_bound_the_waste():
 
 def _strided_sdpa(monkeypatch) -> list[bool]:
     """SDPA with CUDA's output layout: the same values, not contiguous (CUDA's kernel for a grouped query with
-    a
-    mask returns this; the CPU kernel a contiguous tensor). Returns a list that records each call's layout."""
+    a mask returns this; the CPU kernel a contiguous tensor). Returns a list that records each call's
+    layout."""
     real = torch.nn.functional.scaled_dot_product_attention
     seen: list[bool] = []
 

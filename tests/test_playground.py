@@ -1,6 +1,5 @@
 """The playground page at `/` of `lynx-exit serve`: served, switchable, behind the API key, and driven in a
-real
-headless Chromium on the reference model (marker `browser`; `.ci/run` installs Debian's chromium and
+real headless Chromium on the reference model (marker `browser`; `.ci/run` installs Debian's chromium and
 chromedriver)."""
 
 from __future__ import annotations
@@ -91,8 +90,7 @@ def _browser():
 @pytest.mark.browser
 def test_the_page_streams_a_lynx_exit_in_a_real_browser(tmp_path):
     """Submit a prompt on the reference model with a probe that exits at the first cue (δ 0.2) and the full
-    chain
-    beside it: the thinking, the answer, the decision points on the chart and the exit marker reach the
+    chain beside it: the thinking, the answer, the decision points on the chart and the exit marker reach the
     DOM."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait

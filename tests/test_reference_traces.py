@@ -135,10 +135,8 @@ REDO = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
 
 def test_the_answer_changes_exactly_when_a_rederivation_ends_elsewhere(sample):
     """Revisions are decided by the arithmetic on the page: a re-derivation from the start that ends on
-    another
-    value states it, one that ends on the held answer says so, and a confirming step check recomputes the
-    value
-    written for that step (so a model that re-derives its own slip correctly revises)."""
+    another value states it, one that ends on the held answer says so, and a confirming step check recomputes
+    the value written for that step (so a model that re-derives its own slip correctly revises)."""
     _, traces = sample
     checked = rederived = changed = 0
     for trace in traces[:5000]:

@@ -436,9 +436,8 @@ def test_a_stream_can_carry_each_decision_point_and_is_unchanged_without_the_fla
     base_url, lm, probe_dir, delta
 ):
     """With stream_options.lynx_decision_points each cue arrives with its score and threshold where it passes,
-    and the
-    last chunk says what the exit saved; without the flag the same request streams the same text and no
-    extra field."""
+    and the last chunk says what the exit saved; without the flag the same request streams the same text and
+    no extra field."""
     prompt = "A much longer prompt about twelve apples"
     body = {
         "model": MODEL,

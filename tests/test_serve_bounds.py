@@ -2,8 +2,7 @@
 labels.
 
 Each test reproduces a defect seen against 5aada8b (N1-N7); every wait is bounded and the server binds
-127.0.0.1.
-"""
+127.0.0.1."""
 
 from __future__ import annotations
 

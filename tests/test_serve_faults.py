@@ -174,9 +174,8 @@ def test_hostile_sampling_values_run_alone_and_victims_keep_their_tokens(url, lm
 
 def test_a_request_that_fails_in_the_engine_fails_alone(url, lm):
     """The containment behind validation: a prompt whose prefill fails (here by a test backend, as
-    out-of-memory
-    would) is answered 500 engine_error while the requests sharing its steps finish as if it had never
-    come."""
+    out-of-memory would) is answered 500 engine_error while the requests sharing its steps finish as if it had
+    never come."""
     with victims_running(url) as results:
         r = post(url, "/v1/completions", {"model": MODEL, "prompt": POISON, "max_tokens": 8})
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"

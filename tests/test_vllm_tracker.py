@@ -1,10 +1,7 @@
 """The vLLM plug-in's logic without vLLM: its per-request tracker, driven by a Hugging Face decode loop that
-feeds it
-as vLLM's V1 runner does (committed tokens, the fed token's position and the probe's scores), against
-lynx-exit's own
-engine with the look-ahead exit prefix; its settings, exit marker and exit report; the look-ahead prefix in
-the engine
-and in build-data."""
+feeds it as vLLM's V1 runner does (committed tokens, the fed token's position and the probe's scores), against
+lynx-exit's own engine with the look-ahead exit prefix; its settings, exit marker and exit report; the
+look-ahead prefix in the engine and in build-data."""
 
 from __future__ import annotations
 
@@ -46,8 +43,8 @@ def drive(
     lm: Any, factory: TrackerFactory, prompt: list[int], extra: dict[str, Any]
 ) -> tuple[list[int], Any]:
     """A greedy HF decode loop that steps the tracker as the plug-in's processor does: the fed token's
-    features from
-    this step's forward, a point scored when it is read, a forced token replacing the sampled one."""
+    features from this step's forward, a point scored when it is read, a forced token replacing the sampled
+    one."""
     settings = request_exit(extra, factory.context)
     assert settings is not None and factory.marker is not None
     tracker = factory.tracker(settings, len(prompt), stop_ids=[factory.marker])
@@ -237,8 +234,7 @@ def test_all_kinds_scorer_equals_the_probe_per_kind() -> None:
 
 def test_bulk_reads_equal_token_by_token_reads(factory: TrackerFactory) -> None:
     """What the pre-filter relies on: a bulk push adds the text the pushes one by one add (multi-byte
-    characters
-    included), and appended text leaves the detector finding the same cues."""
+    characters included), and appended text leaves the detector finding the same cues."""
     from lynx_exit.cues import IncrementalDetokenizer
 
     tokenizer = factory.lm.tokenizer

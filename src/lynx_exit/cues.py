@@ -80,8 +80,7 @@ class IncrementalDetokenizer:
 
     def push_many(self, token_ids: list[int]) -> str:
         """Commit several tokens at once and return the text they add: one decode for all (what their pushes
-        one by
-        one would add in all; the tokens' share of it may differ, which nobody reads)."""
+        one by one would add in all; the tokens' share of it may differ, which nobody reads)."""
         if not token_ids:
             return ""
         self.token_ids.extend(token_ids)
@@ -145,8 +144,7 @@ class CueDetector:
         cue_words: Sequence[str] | None = None,
     ) -> None:
         """`max_cue_chars` (the longest cue word) lets each step scan only the last few characters;
-        `cue_words` (the
-        words `pattern` was compiled from, if it was) lets a caller skip `step` for text that
+        `cue_words` (the words `pattern` was compiled from, if it was) lets a caller skip `step` for text that
         completes none."""
         if start == "model" and not think_start:
             raise ValueError("start='model' needs the think_start marker the model writes")
@@ -212,8 +210,7 @@ class CueDetector:
 
     def completing_chars(self) -> frozenset[str] | None:
         """Characters one of which any text that completes a cue word or a thinking marker holds (the last
-        character
-        of each, in either case); None when that cannot be told (a cue regex)."""
+        character of each, in either case); None when that cannot be told (a cue regex)."""
         if self.cue_words is None:
             return None
         chars = {c for word in self.cue_words for c in (word[-1].lower(), word[-1].upper())}
@@ -221,9 +218,8 @@ class CueDetector:
 
     def append(self, text: str) -> None:
         """Commit text that holds none of `completing_chars` (so completes no cue and no marker): the state
-        `step` would
-        leave, without scanning. The text of a cue word it ends the next `step` still confirms with
-        its look-ahead."""
+        `step` would leave, without scanning. The text of a cue word it ends the next `step` still confirms
+        with its look-ahead."""
         self._tail += text
         self._trim()
 

@@ -5,9 +5,7 @@ inside the thinking (a balanced `\\boxed{…}` or the family's answer phrase, "t
 first-answer, DEER and TERMINATOR decide. `paragraph` is where a step ends (a blank line, or the family's step
 separator). A request enables some kinds; the detector says which one each token completes, one per token (the
 first of `PRIORITY`). Only generated text inside the thinking block is read, and an answer phrase inside an
-open
-quotation (the model restating the problem) is not an answer.
-"""
+open quotation (the model restating the problem) is not an answer."""
 
 from __future__ import annotations
 
@@ -53,8 +51,7 @@ def exit_prefix_value(value: Any) -> str:
 
 def parse_points(value: Any) -> tuple[str, ...]:
     """Point kinds from `"cue,answer"` (a flag) or `["cue", "answer"]` (JSON), in the registry's order;
-    ValueError
-    naming a kind that does not exist."""
+    ValueError naming a kind that does not exist."""
     if isinstance(value, str):
         items: Iterable[Any] = [part.strip() for part in value.replace("+", ",").split(",") if part.strip()]
     elif isinstance(value, list | tuple):
@@ -91,11 +88,8 @@ class PointDetector(CueDetector):
     completed.
 
     `step` still returns the cue word (cue indices are reported whatever the enabled kinds); `point` is
-    set only
-    for an enabled kind. Like a cue word, an answer phrase is confirmed with the text of the next token
-    (`42` is
-    an answer once `.` or a space shows it is not `425`).
-    """
+    set only for an enabled kind. Like a cue word, an answer phrase is confirmed with the text of the next
+    token (`42` is an answer once `.` or a space shows it is not `425`)."""
 
     def __init__(
         self,
@@ -200,8 +194,7 @@ def detector_for(
     cue_regex: str | None = None,
 ) -> PointDetector:
     """The detector of one request: a model profile's markers and point settings (`ModelProfile`), the enabled
-    kinds,
-    how thinking starts ("template", "model", "off") and the cue words or regex."""
+    kinds, how thinking starts ("template", "model", "off") and the cue words or regex."""
     return PointDetector(
         compile_cue_pattern(cue_words, cue_regex),
         kinds=points,

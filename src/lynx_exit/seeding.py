@@ -1,6 +1,5 @@
 """Seeds that do not depend on how work is batched or split: the same problem and rollout draw the same tokens
-in
-build-data, eval, the DeepConf warm-up, on one machine or on Ray workers."""
+in build-data, eval, the DeepConf warm-up, on one machine or on Ray workers."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """`lynx-exit train`, `calibrate` and `risk`: a probe from build-data folders, its conformal thresholds, and
-the risk
-they realize on held-out data."""
+the risk they realize on held-out data."""
 
 from __future__ import annotations
 
@@ -67,14 +66,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def sampling_margin(row: dict[str, Any]) -> float | None:
     """The 95 % sampling margin of a realized rate against its δ. A rollout-level rule (trajectory, harm,
-    give-up)
-    holds with probability 1 − ε over the calibration set, so only the test rollouts' binomial sampling
-    enters. The
-    per-event rule holds on average over calibration sets, so the calibration set's own sampling enters
-    too (its
-    unsafe events of that kind), and a rollout's events are not independent: both terms carry the design
-    effect the
-    test set shows (the rollout-clustered variance over the binomial one, at least 1)."""
+    give-up) holds with probability 1 − ε over the calibration set, so only the test rollouts' binomial
+    sampling enters. The per-event rule holds on average over calibration sets, so the calibration set's own
+    sampling enters too (its unsafe events of that kind), and a rollout's events are not independent: both
+    terms carry the design effect the test set shows (the rollout-clustered variance over the binomial one, at
+    least 1)."""
     n, delta = row["n"], row["delta"]
     if not n:
         return None

@@ -67,8 +67,7 @@ class AssistConfig:
     keep_lookahead: bool = True
     trigger: str = "\n\n"
     # Ours: the assistant writes on to the end of its paragraph (the next trigger), `takeover` tokens at
-    # least and
-    # `takeover + verify_extension` at most, instead of handing a half-written sentence back.
+    # least and `takeover + verify_extension` at most, instead of handing a half-written sentence back.
     to_break: bool = False
 
     def __post_init__(self) -> None:

@@ -20,10 +20,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from lynx_exit.engine.kv_store import _ACTIVE, ATTENTION, PLAN_KWARG, Plan
 
 # Key columns from which a CPU decode reads attention with two matmuls instead of SDPA: from the first.
-# SDPA's CPU
-# kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76 us at 40
-# columns,
-# 373 vs 427-446 us at 1,000; 32 rows at 4,096: 12 vs 19 ms per layer).
+# SDPA's CPU kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76
+# us at 40 columns, 373 vs 427-446 us at 1,000; 32 rows at 4,096: 12 vs 19 ms per layer).
 CPU_MATMUL_DECODE_FROM = 1
 
 

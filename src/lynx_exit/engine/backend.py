@@ -11,9 +11,8 @@ What another inference engine would have to provide to stand behind this protoco
   steps until `release`.
 - `capture(layers)` + `hidden_states(ids)`: the hidden state of the token each request just
   read, at those layers, for the requests asked (`[n, len(layers) * hidden]`). vLLM exposes no per-step
-  intermediate hidden
-  states: it would need a plugin model class that reads those layers inside its forward pass
-  (and could score the LYNX probe there), plus a logits processor that forces the exit cue.
+  intermediate hidden states: it would need a plugin model class that reads those layers inside its forward
+  pass (and could score the LYNX probe there), plus a logits processor that forces the exit cue.
 - `truncate`: roll one request back to a shorter prefix (the cue token at an exit, a look-ahead);
   `extend`: append several known tokens to requests in one pass (chunked prefill, a hand-over).
 - `fork`: greedy continuations of several requests from a prefix of their own cache plus a
@@ -33,8 +32,7 @@ class CacheFull(RuntimeError):
     """A backend cannot hold what a request needs (the context limit or the memory budget).
 
     `request_ids` names the requests that do not fit, when a decode step knows them (the others do): the
-    engine
-    fails those alone and decodes the rest."""
+    engine fails those alone and decodes the rest."""
 
     def __init__(self, message: str, request_ids: tuple[int, ...] = ()) -> None:
         super().__init__(message)
@@ -116,9 +114,8 @@ def greedy_continuations(
     step: Callable[[torch.Tensor, list[int], int], torch.Tensor],
 ) -> list[tuple[list[int], list[float], float]]:
     """The greedy loop of `fork`, over any backend: `logits` [n, vocab] follow the forced tokens; `step(ids,
-    host_ids, t)`
-    reads the n chosen ids (every row, finished or not) and returns the next logits. One host sync per
-    token."""
+    host_ids, t)` reads the n chosen ids (every row, finished or not) and returns the next logits. One host
+    sync per token."""
     n = logits.shape[0]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     entropy = -(log_probs.exp() * log_probs).nansum(-1)  # [n], after the forced tokens

@@ -19,10 +19,8 @@ class DecodeLoop:
     continuous batching (a finished request's row goes to the next prompt). `seeds` default to
     `config.seed + i`; `layers` asks for `Step.features` at those layers for every prompt;
     `hold` keeps every cache after it finishes, for `engine.forced_answers`; `decision_points`: the kinds
-    found
-    (`Step.point`) for prompts without a policy. `engine`: the engine's settings (its
-    batch size is `max_batch_size`'s); `assistant` with `assist`: Speculative Thinking.
-    """
+    found (`Step.point`) for prompts without a policy. `engine`: the engine's settings (its batch size is
+    `max_batch_size`'s); `assistant` with `assist`: Speculative Thinking."""
 
     def __init__(
         self,

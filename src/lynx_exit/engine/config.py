@@ -66,8 +66,7 @@ class GenerationConfig:
 class EngineConfig:
     """Settings of one engine (shared by every request it runs); each field is one CLI flag of `generate` and
     `serve`. `prefill_tokens_per_step`: prompt tokens read per step over all joining requests (a longer
-    prompt is
-    read in chunks while the running requests keep decoding: vLLM's chunked prefill)."""
+    prompt is read in chunks while the running requests keep decoding: vLLM's chunked prefill)."""
 
     max_batch_size: int = 16
     kv_cache_gb: float | None = None  # the KV cache's memory budget (None: as much as the requests need)

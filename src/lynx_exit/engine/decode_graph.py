@@ -23,12 +23,10 @@ What makes the step capturable:
 Guards: dynamo checks a few hundred guards before each call (about 0.1-0.25 ms on this CPU, a third
 of the reference model's compiled step). Everything they protect is in a key kept here: the batch
 and width bucket, which store and which allocation of its tensors, which hidden-state taps. A shape's first
-call
-runs every guard (and compiles); later calls of a key already seen run only the guards that tell
-compiled entries apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). Each model gets
-its own copy of the step's code (dynamo keeps compiled entries on the code object), so no two models
-ever share an entry; engines on one model share its compiled steps.
-"""
+call runs every guard (and compiles); later calls of a key already seen run only the guards that tell compiled
+entries apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). Each model gets its own copy of the
+step's code (dynamo keeps compiled entries on the code object), so no two models ever share an entry; engines
+on one model share its compiled steps."""
 
 from __future__ import annotations
 
@@ -52,10 +50,8 @@ def bucket(n: int) -> int:
 
 def width_bucket(longest: int, capacity: int) -> int:
     """Key columns a padded step attends: the next power of two over `longest` (at least 64) up to 512, then
-    the next
-    multiple of an eighth of the power of two below it (1,025 -> 1,152; 8,193 -> 9,216: at most 1/8 of the
-    columns
-    wasted, eight CUDA graphs per octave); at most `capacity`."""
+    the next multiple of an eighth of the power of two below it (1,025 -> 1,152; 8,193 -> 9,216: at most 1/8
+    of the columns wasted, eight CUDA graphs per octave); at most `capacity`."""
     if longest <= 512:
         return min(capacity, max(MIN_CAPACITY, bucket(longest)))
     step = (1 << (longest.bit_length() - 1)) // 8

@@ -1,19 +1,14 @@
 """The request-level decode engine: requests join and leave while it runs.
 
 `add_request` queues a prompt with its own sampling settings, seed and exit policy; `step` advances every
-running
-request by one forward pass and returns their `Step`s; `abort` ends a request at once. Up to `max_batch_size`
-requests run together (and what the KV budget holds) and the rest wait. Generation, dataset building,
-evaluation
-and the server all drive this engine (`DecodeLoop` is the batch-job wrapper).
+running request by one forward pass and returns their `Step`s; `abort` ends a request at once. Up to
+`max_batch_size` requests run together (and what the KV budget holds) and the rest wait. Generation, dataset
+building, evaluation and the server all drive this engine (`DecodeLoop` is the batch-job wrapper).
 
 The parts, as in nano-vllm: `scheduler` (waiting and running requests, admission, preemption, the prefill
 budget), `runner` (backend passes and the sampler, with one way to contain a fault), `postprocess` (what a
-sampled
-token does to its request; exits per how-it-works §6), `forks` (forced answers and trial decodes), and a
-plug-in with
-named hooks (`plugin`; Speculative Thinking in `speculative`).
-"""
+sampled token does to its request; exits per how-it-works §6), `forks` (forced answers and trial decodes), and
+a plug-in with named hooks (`plugin`; Speculative Thinking in `speculative`)."""
 
 from __future__ import annotations
 
@@ -115,15 +110,11 @@ class Engine:
 
         `seed` defaults to `config.seed`. A policy's `Step.features` (its own `feature_spec`
         layers) come at cue steps; `feature_layers` asks for them at every thinking step. A policy
-        whose feature space
-        does not match this model is refused here, with both sides named. `thinking` says how this
-        prompt starts thinking when its chat template was given other switches than the profile's
-        (`LoadedModel.thinking_with`); by default the profile's. `assist`: Speculative Thinking for
-        this request
-        (the engine needs an assistant model). `decision_points`: the kinds of decision point found
-        (`Step.point`);
-        by default the policy's, else the model profile's.
-        """
+        whose feature space does not match this model is refused here, with both sides named. `thinking` says
+        how this prompt starts thinking when its chat template was given other switches than the profile's
+        (`LoadedModel.thinking_with`); by default the profile's. `assist`: Speculative Thinking for this
+        request (the engine needs an assistant model). `decision_points`: the kinds of decision point found
+        (`Step.point`); by default the policy's, else the model profile's."""
         config = config or GenerationConfig()
         assist_state = self.plugin.state(assist)
         prompt = [int(t) for t in prompt_ids]
@@ -261,10 +252,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Step]:
         """Admit waiting requests, run one forward pass for all running ones, sample once. A fault is charged
-        to
-        the requests that can have caused it (see `runner`); they end with finish_reason "error" and
-        the others go
-        on exactly as if they had never been there."""
+        to the requests that can have caused it (see `runner`); they end with finish_reason "error" and the
+        others go on exactly as if they had never been there."""
         steps = self.scheduler.take_outbox()
         batch = self._run(self._schedule())
         if batch.parts:

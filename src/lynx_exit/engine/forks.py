@@ -1,6 +1,5 @@
 """Forks of running requests: forced answers (how-it-works §3: the prefix, the exit cue, a greedy answer) and
-the trial
-decodes exit methods ask for, from the request's own cache, leaving the request untouched."""
+the trial decodes exit methods ask for, from the request's own cache, leaving the request untouched."""
 
 from __future__ import annotations
 
@@ -47,8 +46,7 @@ class Forks:
 
     def callback(self, request: Request, drop_current: bool) -> Callable[[], ForcedAnswer]:
         """`Step.fork`: a forced answer from this step, on demand. A partial, not a closure: it is made for
-        every
-        thinking step of every row (hot path)."""
+        every thinking step of every row (hot path)."""
         keep = trial_prefix(request, drop_current)
         return functools.partial(
             self._fork_one, request.request_id, keep, request.exit_cue_ids, request.config.answer_max_tokens

@@ -10,10 +10,8 @@ store (GQA without repeating the keys); a batch of consecutive slots needs no co
 
 Only what a request holds is masked in; a slot is grown by doubling its capacity (amortised: a copy
 per doubling, not per token) up to the context limit and the memory budget; under a budget, a reserve that
-would
-pass it first gives back the slots and columns nobody holds (only then: a reallocation re-records a CUDA
-graph).
-"""
+would pass it first gives back the slots and columns nobody holds (only then: a reallocation re-records a CUDA
+graph)."""
 
 from __future__ import annotations
 
@@ -244,8 +242,7 @@ def make_plan(
     rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], device: torch.device
 ) -> Plan:
     """The plan of one pass: batch row i is slot rows[i], holding starts[i] tokens, and reads counts[i] new
-    ones,
-    right-aligned in the pass (so the last query position is every row's last token)."""
+    ones, right-aligned in the pass (so the last query position is every row's last token)."""
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device, non_blocking=True)

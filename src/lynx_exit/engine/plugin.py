@@ -1,6 +1,5 @@
 """The hooks a plug-in (Speculative Thinking) has into the engine's step. The engine calls them on every
-request;
-this base class does nothing, so the core never asks which requests a plug-in serves."""
+request; this base class does nothing, so the core never asks which requests a plug-in serves."""
 
 from __future__ import annotations
 

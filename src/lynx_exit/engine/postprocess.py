@@ -1,15 +1,13 @@
 """The per-token state machine: what a sampled token does to its request.
 
 `Postprocessor.advance` reads the tokens just fed (text, cues, features, batched scores and trials, the
-policy's
-decision, an exit) and queues each request's next input or finishes it. It works on any rows, one included: a
-plug-in that commits tokens later (a Speculative Thinking look-ahead) calls it row by row with the features it
-kept.
+policy's decision, an exit) and queues each request's next input or finishes it. It works on any rows, one
+included: a plug-in that commits tokens later (a Speculative Thinking look-ahead) calls it row by row with the
+features it kept.
 
 Exits follow how-it-works §6: at an exit the cue token is dropped from the request (forgotten by the cache),
-the exit
-cue is fed through the same cache, and the answer is decoded greedily until its `\\boxed{...}` closes.
-"""
+the exit cue is fed through the same cache, and the answer is decoded greedily until its `\\boxed{...}`
+closes."""
 
 from __future__ import annotations
 
@@ -50,8 +48,8 @@ class Postprocessor:
         hooks: bool = True,
     ) -> list[Step]:
         """Read the tokens `rows` fed and queue what each samples next. `features`: the hidden states of each
-        row's
-        fed token when they were read earlier (else read from the backend); `hooks`: tell the plug-in."""
+        row's fed token when they were read earlier (else read from the backend); `hooks`: tell the
+        plug-in."""
         fail = self.scheduler.fail
         steps: list[Step] = []
         reads: list[Read] = []
@@ -182,8 +180,7 @@ class Postprocessor:
 
     def exit(self, request: Request, step: Step, gave_up: bool = False, keep: int | None = None) -> int:
         """Apply an exit decision (or a give-up) at `step`; returns the first token to feed: of the exit cue,
-        or `keep`
-        (the look-ahead exit prefix: the token sampled after the point stays, then the exit cue)."""
+        or `keep` (the look-ahead exit prefix: the token sampled after the point stays, then the exit cue)."""
         step.exit, step.gave_up = True, gave_up
         request.exit_index, request.exit_point, request.gave_up = step.index, step.point, gave_up
         if step.point == "cue" and keep is None:  # how-it-works §3: the prefix ends before the cue token

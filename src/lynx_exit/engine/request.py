@@ -34,8 +34,7 @@ def request_layers(
     lm: LoadedModel, policy: ExitPolicy | None, feature_layers: Sequence[int] | None
 ) -> tuple[int, ...]:
     """The hidden-state layers a request reads: its policy's (checked against the model's feature space, both
-    sides
-    named when they differ) or the ones asked for."""
+    sides named when they differ) or the ones asked for."""
     wanted = tuple(feature_layers) if feature_layers else ()
     if policy is None or policy.feature_spec is None:
         if wanted:
@@ -129,8 +128,7 @@ class Request:
 @dataclass
 class Batch:
     """The rows one step samples for, in the order of their logits: the rows that fed a token, then the rows
-    that
-    sample without one (an assistant taking over), then the rows whose whole prompt is now read."""
+    that sample without one (an assistant taking over), then the rows whose whole prompt is now read."""
 
     fed: list[Request] = field(default_factory=list)
     resumed: list[Request] = field(default_factory=list)

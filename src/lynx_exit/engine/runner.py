@@ -2,12 +2,9 @@
 
 A step shares one forward pass and one sampler call between strangers, so a fault is charged to the requests
 that can have caused it: `contain` runs a batched call over all rows and, when it raises, over each half,
-failing
-the rows that fail alone. Every per-row consequence (prefill chunks, the sampler, the batched reads after it)
-goes
-through it; the running rows' own decode is the engine's, and only a backend that names the requests it cannot
-hold (`CacheFull.request_ids`) fails rows there.
-"""
+failing the rows that fail alone. Every per-row consequence (prefill chunks, the sampler, the batched reads
+after it) goes through it; the running rows' own decode is the engine's, and only a backend that names the
+requests it cannot hold (`CacheFull.request_ids`) fails rows there."""
 
 from __future__ import annotations
 
@@ -55,10 +52,8 @@ class Runner:
 
     def decode(self, fed: list[Request]) -> torch.Tensor:
         """One decode pass. When the cache cannot grow for some requests (named by the backend), the youngest
-        running
-        request is preempted (recomputed later) and the rest decode; with nobody left to preempt, the
-        named requests
-        fail alone. Returns the logits of the fed requests still in the cache, in order."""
+        running request is preempted (recomputed later) and the rest decode; with nobody left to preempt, the
+        named requests fail alone. Returns the logits of the fed requests still in the cache, in order."""
         try:
             return self.backend.decode([r.request_id for r in fed], [r.feed for r in fed])
         except CacheFull as exc:
@@ -109,8 +104,7 @@ class Runner:
         self, logits: torch.Tensor, batch: list[Request], pending: Callable[[Request], int]
     ) -> None:
         """min_new_tokens and policies' banned tokens (NoWait-style logit bias, how-it-works §9), one call.
-        `pending`: tokens
-        a row has written that are not kept yet (a look-ahead)."""
+        `pending`: tokens a row has written that are not kept yet (a look-ahead)."""
         rows: list[int] = []
         token_ids: list[int] = []
         for row, request in enumerate(batch):
@@ -135,8 +129,8 @@ class Runner:
         self, logits: torch.Tensor, batch: list[Request]
     ) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
         """Sampled ids [n] for the rows of `batch` still alive, those rows and their logits; a failing row
-        fails alone
-        (the filters run before any row draws from its generator, so a rerun of the others is exact)."""
+        fails alone (the filters run before any row draws from its generator, so a rerun of the others is
+        exact)."""
 
         def params(rows: list[Request]) -> tuple[list[SamplingParams], list[torch.Generator | None]]:
             return (

@@ -72,8 +72,7 @@ class Scheduler:
     # -- admission and the prefill budget ----------------------------------------------------------------
     def admit(self) -> list[Request]:
         """Give waiting requests free rows, first come first served, while the KV cache has room (`has_room`);
-        a
-        request that fits the budget alone waits until memory frees."""
+        a request that fits the budget alone waits until memory frees."""
         admitted = []
         while (
             self.waiting
@@ -103,8 +102,8 @@ class Scheduler:
 
     def has_room(self, request: Request) -> bool:
         """A new request: room as the cache holds now (growth later preempts the youngest, as vLLM does). A
-        preempted
-        one: room for it and every running request at their largest, so it runs to its end this time."""
+        preempted one: room for it and every running request at their largest, so it runs to its end this
+        time."""
         if token_budget(self.backend) is None:
             return True
         holding = [self.requests[r] for r in (*self.running, *self.held)]
@@ -116,8 +115,7 @@ class Scheduler:
 
     def preempt(self) -> Request | None:
         """Free the cache of the youngest running request that can be recomputed; it waits at the head of the
-        queue
-        with its tokens, feed and generator as they were (a plug-in's request is never preempted)."""
+        queue with its tokens, feed and generator as they were (a plug-in's request is never preempted)."""
         for request_id in reversed(self.running):
             request = self.requests[request_id]
             if request.assist is not None or request.finish_reason is not None:
@@ -135,8 +133,7 @@ class Scheduler:
 
     def prompt_chunks(self) -> tuple[list[Chunk], list[Chunk]]:
         """The next chunk of every prompt still being read, in admission order, within the step's token budget
-        (the
-        first request always gets at least one token): (first chunks, later chunks)."""
+        (the first request always gets at least one token): (first chunks, later chunks)."""
         budget = self.prefill_tokens_per_step
         first: list[Chunk] = []
         more: list[Chunk] = []

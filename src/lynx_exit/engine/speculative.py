@@ -3,13 +3,10 @@ reflective steps of the running model (the thinker). See `assist` for the schedu
 
 At a paragraph break the thinker writes a short look-ahead, kept aside; if it holds a keyword, the thinker is
 rolled back to the break and the assistant writes the next tokens (it first reads, in one pass, what the
-request
-holds and it has not seen); otherwise the look-ahead is committed token by token as if read one per step
-(cues,
-features, the policy, an exit). After too many negative takeovers the recap sentence is queued and the
-assistant
-writes on from it. The engine calls the hooks of `EnginePlugin`; nothing in its core knows of an assistant.
-"""
+request holds and it has not seen); otherwise the look-ahead is committed token by token as if read one per
+step (cues, features, the policy, an exit). After too many negative takeovers the recap sentence is queued and
+the assistant writes on from it. The engine calls the hooks of `EnginePlugin`; nothing in its core knows of an
+assistant."""
 
 from __future__ import annotations
 

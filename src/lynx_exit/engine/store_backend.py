@@ -142,8 +142,7 @@ class StoreBackend:
     @torch.inference_mode()
     def extend(self, request_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
         """Append several known tokens to each request in one pass (chunked prefill, a forced cue, a
-        hand-over);
-        returns each request's logits after its last new token."""
+        hand-over); returns each request's logits after its last new token."""
         if len(request_ids) != len(chunks) or not chunks or any(len(c) == 0 for c in chunks):
             raise ValueError("extend needs one non-empty chunk per request")
         slots = [self.rows[r] for r in request_ids]
@@ -238,16 +237,14 @@ class StoreBackend:
 
     def fits(self, count: int, longest: int) -> bool:
         """Whether `count` requests of up to `longest` tokens each fit the budget together (the store gives
-        back its
-        free slots and columns to make that room when it must: see `KVStore.reserve`)."""
+        back its free slots and columns to make that room when it must: see `KVStore.reserve`)."""
         budget = self.token_budget()
         return budget is None or count * longest <= budget
 
     @torch.inference_mode()
     def compact(self, drop_rows: bool) -> None:
         """Move requests above a free slot down into it, so decode batches stay slots 0..n-1 (under a budget
-        the free
-        slots above them are the room the next requests are admitted into: `KVStore.reserve` gives
+        the free slots above them are the room the next requests are admitted into: `KVStore.reserve` gives
         them back)."""
         used = sorted(self.rows.values())
         free = [s for s in range(len(used)) if s not in set(used)]

@@ -113,9 +113,8 @@ class ExitPolicy(Protocol):
       the trials of all rows of a step in one batched fork and puts each in `Step.trial` before
       `observe`. (`Step.fork` still runs a single trial on demand.)
     `observe` sees every thinking-phase step of one sequence (a decision point or not); `reset` starts a
-    new one.
-    It returns EXIT to answer now, GIVE_UP to answer now on a trace it judges lost (reported as a give-up).
-    """
+    new one. It returns EXIT to answer now, GIVE_UP to answer now on a trace it judges lost (reported as a
+    give-up)."""
 
     name: str
     decision_points: tuple[str, ...]

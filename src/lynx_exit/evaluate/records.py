@@ -1,6 +1,5 @@
 """The eval's records (one JSON line per rollout, appended, resumable) and their statistics: accuracy with
-Wilson
-intervals, tokens saved, paired comparisons, give-ups."""
+Wilson intervals, tokens saved, paired comparisons, give-ups."""
 
 from __future__ import annotations
 
@@ -109,8 +108,7 @@ def _give_ups(
     group: Sequence[dict[str, Any]], paired: Sequence[tuple[dict[str, Any], dict[str, Any]]]
 ) -> dict[str, Any]:
     """Give-up exits of a setting: how many, how many of those traces ended right in full (`never`: the cost),
-    the
-    tokens they saved against the full traces, and the exits by decision point kind."""
+    the tokens they saved against the full traces, and the exits by decision point kind."""
     given = [(r, b) for r, b in paired if r.get("gave_up")]
     points: dict[str, int] = defaultdict(int)
     for record in group:

@@ -39,10 +39,8 @@ def run_eval(
     Every setting and the probe are loaded once before the first rollout, so a bad setting or
     artifact (an uncalibrated δ, a missing probe, a probe of another model) fails at once.
     `probe` is the LYNX probe folder, `deepconf` deepconf's warm-up folder. `out_dir` is locked while the
-    run lasts.
-    `runner` runs shards of `batch_size` rollouts elsewhere (e.g. `lynx_exit.scale` on Ray workers); this
-    process writes their records, so the folder is the same however they were computed.
-    """
+    run lasts. `runner` runs shards of `batch_size` rollouts elsewhere (e.g. `lynx_exit.scale` on Ray
+    workers); this process writes their records, so the folder is the same however they were computed."""
     if not problems:
         raise ValueError("eval needs at least one problem")
     if batch_size < 1 or rollouts < 1:

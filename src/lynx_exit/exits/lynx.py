@@ -2,12 +2,9 @@
 rule decides.
 
 Decision points are cue words by default (the paper's); a request may enable stated answers and paragraph ends
-too
-(`decision_points`), each scored by the probe as its own kind. The event mode applies the threshold calibrated
-for
-the point's kind; the trajectory and harm modes the one threshold calibrated for the enabled kinds together.
-An
-optional give-up threshold (`give_up_delta`) stops a trace the probe judges lost."""
+too (`decision_points`), each scored by the probe as its own kind. The event mode applies the threshold
+calibrated for the point's kind; the trajectory and harm modes the one threshold calibrated for the enabled
+kinds together. An optional give-up threshold (`give_up_delta`) stops a trace the probe judges lost."""
 
 from __future__ import annotations
 

@@ -134,9 +134,8 @@ class MethodContext:
 
     def loaded_probe(self) -> tuple[Any, Any]:
         """The context's probe as (`ProbeBundle`, `ProbeScorer`): loaded once, checked against the model (any
-        task's
-        probe is accepted if it lives in this model's feature space at its own layers) and moved to
-        its device."""
+        task's probe is accepted if it lives in this model's feature space at its own layers) and moved to its
+        device."""
         from lynx_exit.probe import ProbeScorer, load_probe
         from lynx_exit.probe.sharing import locate_probe
 
@@ -183,8 +182,7 @@ class ExitMethod:
 
     def resolve(self, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
         """The knob and options of a request's `exit` object (`given`, without "method") over `defaults`,
-        parsed;
-        `ExitSettingError` names the field at fault."""
+        parsed; `ExitSettingError` names the field at fault."""
         accepted = ({self.knob.name} if self.knob else set()) | set(self.option_names)
         unknown = sorted(set(given) - accepted)
         if unknown:
@@ -294,8 +292,7 @@ def resolve_exit_options(
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """An `exit` object ({"method": ..., knob and options}) over default settings: (method, options for
     `make_policy`, the settings to report). Checked once, here, by building the policy; `ExitSettingError`
-    names
-    the field at fault."""
+    names the field at fault."""
     given = dict(given or {})
     name = given.pop("method", default_method)
     if not isinstance(name, str):
@@ -352,10 +349,8 @@ def parse_methods(
 
     `grids` maps a knob name to its comma-separated values (eval's --deltas, --budgets, ...);
     `extra` holds options given once for every method that accepts them (e.g. lynx's mode); `axes` options
-    swept
-    for every method that accepts them (eval's --decision-points, --give-up-deltas: parsed values, None =
-    unset).
-    """
+    swept for every method that accepts them (eval's --decision-points, --give-up-deltas: parsed values, None
+    = unset)."""
     grids, extra = grids or {}, extra or {}
     out: list[MethodSetting] = []
     for name in methods:

@@ -85,8 +85,7 @@ class Family:
     # The chat-template switches a request may set (`chat_template_kwargs`), each with the values it takes
     switches: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     # Decision points (`lynx_exit.decision_points`): the kinds a request gets when it names none, how
-    # this family
-    # states an answer in its thinking, and what ends a reasoning step (regexes).
+    # this family states an answer in its thinking, and what ends a reasoning step (regexes).
     decision_points: tuple[str, ...] = DEFAULT_POINTS
     answer_phrase: str = DEFAULT_ANSWER_PHRASE
     step_separator: str = DEFAULT_STEP_SEPARATOR
@@ -365,8 +364,7 @@ def _point_settings(family: Family, config: Any) -> dict[str, Any]:
 
 def _switches(family: Family, given: dict[str, Any]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     """The family's switches, and the ones the user set for this model (a true/false one takes either value,
-    any
-    other only the value given)."""
+    any other only the value given)."""
     out = dict(family.switches)
     for key, value in given.items():
         if key not in out:

@@ -364,9 +364,8 @@ class _Weightless:
 
 def load_model_facts(name: str, overrides: ProfileOverrides | None = None) -> LoadedModel:
     """A model folder or hub id without its weights: tokenizer, config and profile, for a process whose
-    weights live
-    in another engine (the vLLM plug-in). Encoding, prompts, exit cues and feature specs work; forward
-    passes do not."""
+    weights live in another engine (the vLLM plug-in). Encoding, prompts, exit cues and feature specs work;
+    forward passes do not."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     try:

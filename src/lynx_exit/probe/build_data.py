@@ -1,11 +1,9 @@
 """Probe training data from forced exits (how-it-works §3), built from the one decode loop.
 
 Rollouts are sampled in batches with hidden states hooked at every decision point of the enabled kinds (cue
-words
-by default; `lynx_exit.decision_points`); each event is
-labelled by a batched forced exit that reuses the rollouts' KV caches (kept with `hold`). Output is a
-self-describing, resumable folder (features as safetensors shards, events/rollouts JSONL).
-"""
+words by default; `lynx_exit.decision_points`); each event is labelled by a batched forced exit that reuses
+the rollouts' KV caches (kept with `hold`). Output is a self-describing, resumable folder (features as
+safetensors shards, events/rollouts JSONL)."""
 
 from __future__ import annotations
 
@@ -235,8 +233,7 @@ def _build_all(
 
 def _kept(event: dict[str, Any], exit_prefix: str) -> int:
     """Generated tokens a labelling exit keeps: a cue point's prefix ends before the cue, other points' after
-    their
-    token (how-it-works §3); with the look-ahead prefix, after the token sampled next."""
+    their token (how-it-works §3); with the look-ahead prefix, after the token sampled next."""
     if exit_prefix == "lookahead":
         return int(event["token_index"]) + 2
     return int(event["token_index"]) + (event["point"] != "cue" and not event["synthetic"])
@@ -260,8 +257,7 @@ def compute_chunk(
     lm: LoadedModel, chunk: Chunk, generation: GenerationConfig, config: BuildConfig, spec: FeatureSpec
 ) -> ChunkResult:
     """Sample a chunk's rollouts, hook the features of their decision points and label them by forced exits (a
-    cue
-    point's exit drops the cue token, how-it-works §3; an answer or paragraph point's keeps its token)."""
+    cue point's exit drops the cue token, how-it-works §3; an answer or paragraph point's keeps its token)."""
     exit_cue_ids = lm.exit_cue_ids(generation.exit_cue)
     rows = [(index, problem, r) for index, problem in chunk for r in range(config.rollouts_per_problem)]
     prompts = [lm.prompt_ids(problem.prompt) for _, problem, _ in rows]

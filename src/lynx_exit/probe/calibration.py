@@ -206,8 +206,7 @@ def _calibrate(
 
 def clustered_se(hits: np.ndarray, clusters: np.ndarray, rate: float) -> float | None:
     """Standard error of a rate over events grouped in rollouts (a rollout's events are not independent): the
-    ratio
-    estimator's, with rollouts as the units. None with fewer than two rollouts."""
+    ratio estimator's, with rollouts as the units. None with fewer than two rollouts."""
     names, index = np.unique(clusters, return_inverse=True)
     if len(names) < 2:
         return None
@@ -221,9 +220,8 @@ def clustered_se(hits: np.ndarray, clusters: np.ndarray, rate: float) -> float |
 
 def empirical_rates(bundle: ProbeBundle, dataset: Dataset) -> list[dict[str, Any]]:
     """On held-out data, at each calibrated δ: the exit rate of unsafe events per kind (event mode), the rate
-    of
-    rollouts whose first exit is premature (trajectory) or harmful (harm), and of right rollouts given up on;
-    each with its count, so a reader can put the sampling margin on it."""
+    of rollouts whose first exit is premature (trajectory) or harmful (harm), and of right rollouts given up
+    on; each with its count, so a reader can put the sampling margin on it."""
     probs = event_probs(bundle, dataset)
     labels = dataset.labels.numpy().astype(bool)
     kinds = np.array(dataset.points)

@@ -2,11 +2,8 @@
 give-up.
 
 Per-event thresholds are computed per decision point kind (group-conditional conformal: the guarantee holds
-for
-each kind). Per-trajectory thresholds calibrate the combined stopping rule, the first crossing over all
-enabled
-kinds, with one loss per rollout. Pure functions over numpy arrays; no I/O.
-"""
+for each kind). Per-trajectory thresholds calibrate the combined stopping rule, the first crossing over all
+enabled kinds, with one loss per rollout. Pure functions over numpy arrays; no I/O."""
 
 from __future__ import annotations
 
@@ -207,8 +204,7 @@ def trajectory_losses(
     rollouts: Sequence[tuple[Sequence[float], Sequence[int]]], thresholds: Sequence[float]
 ) -> np.ndarray:
     """`trajectory_loss` summed over the rollouts, at each threshold at once. A rollout's first exit at t is
-    its first
-    running maximum that reaches t, so only the points that raise the running maximum matter."""
+    its first running maximum that reaches t, so only the points that raise the running maximum matter."""
     grid = np.asarray(thresholds, dtype=np.float64)
     totals = np.zeros(len(grid), dtype=np.int64)
     for probs, labels in rollouts:
@@ -233,12 +229,9 @@ def fixed_sequence(
     what: str,
 ) -> tuple[float, float]:
     """Fixed-sequence Learn-then-Test over `thresholds`, most conservative first: test H_t: risk(t) > δ with
-    the exact
-    binomial p-value P(Bin(n, δ) ≤ losses(t)), accept while p ≤ ε, stop at the first failure (this
-    controls the
-    family-wise error at ε without assuming the risk is monotone in t). (The last accepted threshold, its
-    empirical
-    risk); (`none`, 0) if the first is refused."""
+    the exact binomial p-value P(Bin(n, δ) ≤ losses(t)), accept while p ≤ ε, stop at the first failure (this
+    controls the family-wise error at ε without assuming the risk is monotone in t). (The last accepted
+    threshold, its empirical risk); (`none`, 0) if the first is refused."""
     _check_delta(delta)
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
@@ -286,19 +279,13 @@ def calibrate_trajectories(
 @dataclass(frozen=True)
 class GiveUpThreshold:
     """Learn-then-Test lower threshold: give up at a decision point (from `min_tokens` generated tokens on)
-    whose
-    P(safe) ≤ `threshold`, answering at once as a trace judged lost.
+    whose P(safe) ≤ `threshold`, answering at once as a trace judged lost.
 
     With probability ≥ 1 − ε over the calibration rollouts, a new exchangeable rollout whose full chain
-    would have
-    ended right is given up on with probability ≤ δ. The loss counts every crossing of the lower
-    threshold, whether or
-    not an exit would have come first: an exit rule only removes give-ups, so the bound holds with any
-    exit rule, and
-    the exit rule's own guarantee holds whatever the give-up does (a give-up only stops traces; it never
-    makes an
-    exit happen).
-    """
+    would have ended right is given up on with probability ≤ δ. The loss counts every crossing of the lower
+    threshold, whether or not an exit would have come first: an exit rule only removes give-ups, so the bound
+    holds with any exit rule, and the exit rule's own guarantee holds whatever the give-up does (a give-up
+    only stops traces; it never makes an exit happen)."""
 
     delta: float
     epsilon: float

@@ -1,6 +1,5 @@
 """A build-data folder read back: its events, rollouts and features, checked complete (what `train`,
-`calibrate` and
-`risk` read)."""
+`calibrate` and `risk` read)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """The LYNX probe (how-it-works §4): standardisation → MLP(256, 64, ReLU) → P(safe to exit), in torch.
 
 A probe trained on several kinds of decision point sees the kind as an input (a one-hot after the hidden
-states)
-and refuses a kind it never saw. Saved as safetensors (weights + scaler) and JSON metadata; no pickle
-anywhere.
-"""
+states) and refuses a kind it never saw. Saved as safetensors (weights + scaler) and JSON metadata; no pickle
+anywhere."""
 
 from __future__ import annotations
 
@@ -54,8 +52,7 @@ class Probe(nn.Module):
 
     def inputs(self, features: torch.Tensor, points: list[str] | None = None) -> torch.Tensor:
         """The probe's input rows: the hidden states, and each row's decision point kind (one-hot) when it
-        knows
-        several. A kind it was not trained on is refused."""
+        knows several. A kind it was not trained on is refused."""
         features = features.float()
         if points is not None:
             unseen = sorted(set(points) - set(self.kinds))
@@ -94,12 +91,9 @@ class ProbeScorer:
 
 class AllKindsScorer:
     """P(safe) of feature rows as each decision point kind the probe knows, in one pass ([n, feature_dim] ->
-    [n, kinds],
-    equal to `Probe.prob_safe` per kind): the standardisation is folded into the first layer, whose share
-    of the
-    features is computed once, and each kind's one-hot input becomes a bias of that layer. For an engine
-    that scores
-    a token before it knows which kind of point the token is (the vLLM plug-in)."""
+    [n, kinds], equal to `Probe.prob_safe` per kind): the standardisation is folded into the first layer,
+    whose share of the features is computed once, and each kind's one-hot input becomes a bias of that layer.
+    For an engine that scores a token before it knows which kind of point the token is (the vLLM plug-in)."""
 
     def __init__(self, probe: Probe) -> None:
         first, self.second, self.third = probe.net[0], probe.net[2], probe.net[4]
@@ -186,8 +180,7 @@ def train_probe(
     features: torch.Tensor, labels: torch.Tensor, config: ProbeTrainConfig, points: list[str] | None = None
 ) -> tuple[Probe, dict[str, Any]]:
     """Fit the probe with Adam, class-balanced weights and early stopping on a stratified split. `points`:
-    each
-    event's decision point kind (None: all cues)."""
+    each event's decision point kind (None: all cues)."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match")
     y = labels.float()

@@ -3,8 +3,7 @@
 A probe folder (weights, `probe.json`, `conformal.json`, `README.md`) can be uploaded to the
 Hugging Face Hub as it is (`hf upload OWNER/NAME runs/probe`); `--probe OWNER/NAME[@REVISION]`
 then fetches it through `huggingface_hub`, which keeps it in the usual Hub cache, so later runs,
-offline ones included, read it from there.
-"""
+offline ones included, read it from there."""
 
 from __future__ import annotations
 

@@ -58,9 +58,9 @@ def make_trace(problem: WordProblem, rng: random.Random, mistake_rate: float = 0
 
 
 # -- the calibrated generator ------------------------------------------------------------------------------
-# Sources (the papers each rate is read from):
-# FTM = "First Try Matters", arXiv 2510.08308; DEER = arXiv 2504.15895; 2412.21187 = "Do NOT think that much
-# for 2+3=?"; 2501.18585 = "Thoughts are all over the place"; 2603.15500 = wait-token counts by model size.
+# Sources (the papers each rate is read from): FTM = "First Try Matters", arXiv 2510.08308; DEER = arXiv
+# 2504.15895; 2412.21187 = "Do NOT think that much for 2+3=?"; 2501.18585 = "Thoughts are all over the place";
+# 2603.15500 = wait-token counts by model size.
 
 
 @dataclass(frozen=True)
@@ -70,24 +70,22 @@ class TracePreset:
 
     name: str
     # P(the first stated answer is wrong), by the number of steps: an arithmetic slip that is not caught
-    # at once.
-    # FTM Table 5: first-candidate accuracy is 1.4-5.6 points below final; small models err more on
+    # at once. FTM Table 5: first-candidate accuracy is 1.4-5.6 points below final; small models err more on
     # longer chains.
     first_wrong_by_steps: dict[int, float]
     # Of traces whose first answer is wrong, P(a re-check corrects it) and P(it turns into another wrong
-    # answer);
-    # of traces whose first answer is right, P(a re-check spoils it). Chosen so that final != first in ~8 % of
-    # finished traces (3-10 % on MATH-500) split wrong->right 65 %, wrong->other 20 %, right->wrong 15 % (FTM
-    # Tables 4-5 and Fig. 3/11, bounds derived in the notes). Every change happens in a re-derivation from the
-    # start (below), whose arithmetic decides it: the trace shows why the answer changes.
+    # answer); of traces whose first answer is right, P(a re-check spoils it). Chosen so that final != first
+    # in ~8 % of finished traces (3-10 % on MATH-500) split wrong->right 65 %, wrong->other 20 %, right->wrong
+    # 15 % (FTM Tables 4-5 and Fig. 3/11, bounds derived in the notes). Every change happens in a
+    # re-derivation from the start (below), whose arithmetic decides it: the trace shows why the answer
+    # changes.
     fix_given_wrong: float
     other_given_wrong: float
     spoil_given_right: float
     # P(the trace loops until the budget without ending), by the number of steps, as sampled at T=0.6:
-    # ~15 % of
-    # MATH-500-like traces for a 1.5B distill, ~7 % for the 7B, most on the hardest problems (DEER Table
-    # 5 means,
-    # derived). The traces are written with `trained_runaway`, the rate that samples at this one (see there).
+    # ~15 % of MATH-500-like traces for a 1.5B distill, ~7 % for the 7B, most on the hardest problems (DEER
+    # Table 5 means, derived). The traces are written with `trained_runaway`, the rate that samples at this
+    # one (see there).
     runaway_by_steps: dict[int, float]
     runaway_after_candidate: float = (
         0.5  # share of loops that start after a candidate answer (assumption in the notes)
@@ -106,8 +104,7 @@ class TracePreset:
     # a loop is written this long (~600 tokens: past the 500-token budgets it runs with), never ending
     runaway_chars: int = 1300
     # P(one re-check re-derives the whole chain from the start). An assumption (FTM: most reflections
-    # re-derive or
-    # re-verify the candidate); it must be >= the change rates above, which happen only in such a
+    # re-derive or re-verify the candidate); it must be >= the change rates above, which happen only in such a
     # re-derivation.
     rederive_rate: float = 0.5
     sampling_temperature: float = 0.6  # the temperature the rates above are measured at (FTM, DEER: T=0.6)
@@ -121,11 +118,9 @@ class TracePreset:
 
     def trained_runaway(self, steps: int) -> float:
         """The share of loops to write so that a model sampled at `sampling_temperature` loops at the
-        literature's
-        rate: a branch learned with probability p is sampled with p^(1/T) / (p^(1/T) + (1-p)^(1/T)), so a rare
-        branch written at the sampled rate all but vanishes at T=0.6 (measured: 3 % sampled from 13 %
-        written).
-        Solving for p gives q^T / (q^T + (1-q)^T) for a sampled rate q."""
+        literature's rate: a branch learned with probability p is sampled with p^(1/T) / (p^(1/T) +
+        (1-p)^(1/T)), so a rare branch written at the sampled rate all but vanishes at T=0.6 (measured: 3 %
+        sampled from 13 % written). Solving for p gives q^T / (q^T + (1-q)^T) for a sampled rate q."""
         q, t = self.runaway_by_steps[steps], self.sampling_temperature
         return q**t / (q**t + (1 - q) ** t)
 
@@ -244,8 +239,7 @@ def generate_trace(problem: WordProblem, rng: random.Random, preset: TracePreset
         )
     # Whether one re-check re-derives the chain from the start, and what that re-derivation finds (FTM: over
     # 90 % of reflections confirm): in a wrong chain it fixes the slip, slips elsewhere or repeats the
-    # slip; in a
-    # right chain it repeats it or slips (reflection hurting).
+    # slip; in a right chain it repeats it or slips (reflection hurting).
     rederive = rng.random() < preset.rederive_rate
     change = "same"
     if rederive:
@@ -317,15 +311,14 @@ def _rederivation(
     problem: WordProblem, rng: random.Random, values: list[int], slip_step: int, change: str
 ) -> tuple[list[int], str, int]:
     """A re-check that works the whole chain out again: the running values it leaves, its sentence, and the
-    step
-    it leaves written wrong (-1: none).
+    step it leaves written wrong (-1: none).
 
     Each step is computed afresh, so whether the answer changes is decided by the arithmetic on the page,
-    not by
-    a scripted choice of words: "fix" gets the slipped step right and every later one with it; "same" repeats
-    the chain (a right one, or a wrong one's own slip: the model makes the same mistake twice); "other" slips
-    again at the slipped step, to a third answer; "spoil" slips in a right chain (what FTM calls reflection
-    hurting). A sampling model thus revises when it re-derives correctly what it first got wrong."""
+    not by a scripted choice of words: "fix" gets the slipped step right and every later one with it; "same"
+    repeats the chain (a right one, or a wrong one's own slip: the model makes the same mistake twice);
+    "other" slips again at the slipped step, to a third answer; "spoil" slips in a right chain (what FTM calls
+    reflection hurting). A sampling model thus revises when it re-derives correctly what it first got
+    wrong."""
     right = problem.values
     if change == "fix":
         redone, bad = list(right), -1

@@ -2,8 +2,7 @@
 `traces.generate_trace` (a preset per model, one tokenizer for both), in length-grouped batches.
 
 What a model then does when sampled (how often it slips, revises or loops) is measured, not assumed:
-`benchmarks/reference_model.py`.
-"""
+`benchmarks/reference_model.py`."""
 
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ class ReferenceTrainConfig:
     init_from: str | None = None  # continue training this checkpoint (its tokenizer is kept)
     tokenizer_from: str | None = None  # start from scratch with this model folder's tokenizer (to share it)
     # The traces: a calibrated preset of `traces.PRESETS` ("reference", "reference-large"; one shared
-    # tokenizer)
-    # or "v1" (the first reference model's generator, whose first answer is always final).
+    # tokenizer) or "v1" (the first reference model's generator, whose first answer is always final).
     preset: str = "reference"
 
     def __post_init__(self) -> None:

@@ -4,9 +4,7 @@ field.
 The work a body can cost is bounded before it is done: every limit that the parsed body shows (the model, `n`,
 the number of prompts and messages, the characters of the text, the template switches) is checked before any
 template is rendered or any text tokenized, and a rendered chat is measured before it is tokenized. Planning
-runs
-on the server's prompt thread, off the event loop.
-"""
+runs on the server's prompt thread, off the event loop."""
 
 from __future__ import annotations
 
@@ -93,9 +91,9 @@ class Planner:
         self.exit_room = len(lm.exit_cue_ids(options.defaults.exit_cue)) + options.defaults.answer_max_tokens
         self.context_length = lm.context_length
         # No token spells more characters than the longest vocabulary entry, and a normaliser can
-        # merge at most a
-        # few code points into one (Hangul jamo: 3 -> 1): text longer than this many characters per context
-        # position cannot fit, and is refused before the template or the tokenizer reads it.
+        # merge at most a few code points into one (Hangul jamo: 3 -> 1): text longer than this many
+        # characters per context position cannot fit, and is refused before the template or the tokenizer
+        # reads it.
         self.max_chars_per_position = 3 * max((len(token) for token in lm.tokenizer.get_vocab()), default=1)
 
     # -- exit settings -------------------------------------------------------------------------

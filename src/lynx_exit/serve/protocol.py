@@ -2,10 +2,8 @@
 
 Bodies are parsed strictly: an unknown field, a wrong type (no "8" for 8, no true for 1) or a
 value out of range is a 400 naming the field and the value, in OpenAI's error shape. Fields OpenAI clients may
-send that
-this server cannot honour (penalties, logprobs, tools) are accepted only at their neutral
-values, so a request is never answered as if they had been applied.
-"""
+send that this server cannot honour (penalties, logprobs, tools) are accepted only at their neutral values, so
+a request is never answered as if they had been applied."""
 
 from __future__ import annotations
 
@@ -185,9 +183,8 @@ MAX_PROMPTS = 2048
 
 def _prompt_kind(value: Any) -> str:
     """Which form of `prompt` a body sends, from its first item: only that member of the union validates it
-    (trying
-    each member over a long list costs seconds and an error per item: 838,460 one-character prompts, 1.6
-    s)."""
+    (trying each member over a long list costs seconds and an error per item: 838,460 one-character prompts,
+    1.6 s)."""
     if isinstance(value, list) and value and isinstance(value[0], int):
         return "prompt-ids"
     if isinstance(value, list) and value and isinstance(value[0], list):

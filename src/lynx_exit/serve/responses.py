@@ -95,8 +95,8 @@ async def stream(
     points: bool = False,
 ) -> AsyncIterator[str]:
     """The SSE chunks of a streamed response; `points` (stream_options.lynx_decision_points) adds each
-    decision
-    point to its chunk (`lynx_points`) and, at the end, the tokens the exit saved against max_tokens."""
+    decision point to its chunk (`lynx_points`) and, at the end, the tokens the exit saved against
+    max_tokens."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {**meta, "object": kind}
     try:

@@ -1,10 +1,8 @@
 """The server's state: the engine worker, admission (rows in flight against the capacity) and the metrics.
 
 A body is checked and planned by `planning` (a 4xx names the field and the value) before it reaches the
-engine;
-`start` turns a plan into engine tickets. The HTTP routes live in `app.py`, the response bodies in
-`responses.py`.
-"""
+engine; `start` turns a plan into engine tickets. The HTTP routes live in `app.py`, the response bodies in
+`responses.py`."""
 
 from __future__ import annotations
 
@@ -109,8 +107,7 @@ class Server:
 
     def start(self, plan: RequestPlan, seed: int | None, split: bool, points: bool = False) -> Generation:
         """Submit a planned request to the engine; `split` sends thinking to `reasoning_content`; `points`
-        reports
-        each decision point as it passes."""
+        reports each decision point as it passes."""
         self.admit(plan)
         base = secrets.randbelow(_SEED_RANGE) if seed is None else seed % _SEED_RANGE
         policies = self.planner.policies(plan.exit, plan.rows)

@@ -67,8 +67,7 @@ def load_task(
 
     Without `path`: the shipped file, else the task's Hub dataset (the `datasets` cache when offline).
     `path` may be a JSONL or Parquet file with the task's columns, or a folder laid out like the Hub
-    repository.
-    """
+    repository."""
     spec = get_task(name)
     if offset < 0 or (limit is not None and limit < 0):
         raise ValueError(f"offset and limit must be >= 0, got offset={offset} limit={limit}")
@@ -144,8 +143,7 @@ def _parquet_records(path: Path, columns: Mapping[str, str]) -> Iterator[_Record
 
 def _load_local(*args: Any, **kwargs: Any) -> Any:
     """`datasets.load_dataset` on a user's file or folder, in memory and with a cache of its own: the shared
-    cache
-    keys local data by folder name, so two folders of the same name would read each other's rows and
+    cache keys local data by folder name, so two folders of the same name would read each other's rows and
     schema."""
     import datasets
 

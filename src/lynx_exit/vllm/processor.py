@@ -1,8 +1,6 @@
 """The logits processor of the vLLM plug-in (V1 model runner): one `ExitTracker` per LYNX request of the
-persistent
-batch, fed each step with the request's committed tokens and the scores the model published; it forces the
-exit cue,
-the greedy answer and the end of sequence by masking every other token."""
+persistent batch, fed each step with the request's committed tokens and the scores the model published; it
+forces the exit cue, the greedy answer and the end of sequence by masking every other token."""
 
 from __future__ import annotations
 
@@ -77,8 +75,8 @@ class LynxLogitsProcessor(LogitsProcessor):
         self.trackers: dict[int, ExitTracker] = {}
         self.outputs: dict[int, list[int]] = {}  # the batch row's live list of committed tokens
         # Trackers of requests that left the batch, by their output list: a preempted request comes
-        # back with the same
-        # list and resumes its state (a finished one is forgotten once the list is no longer alive).
+        # back with the same list and resumes its state (a finished one is forgotten once the list is no
+        # longer alive).
         self.parked: dict[int, tuple[ExitTracker, list[int]]] = {}
 
     def is_argmax_invariant(self) -> bool:

@@ -1,8 +1,7 @@
 """What the model wrapper hands the logits processor in one worker process: the hidden states (at the probe's
 layers) of the token each row fed this step, that token's position, and the probe to score them with. Scoring
 waits until a token turns out to be a decision point (the step after), as in lynx-exit's own engine. Nothing
-here
-imports vLLM."""
+here imports vLLM."""
 
 from __future__ import annotations
 
@@ -56,8 +55,7 @@ def score_handles(handles: Sequence[Handle], scorer: Scorer) -> list[list[float]
 
 class ScoreBoard:
     """Written by the model's forward, read by the processor's `apply` of the same step. `wanted` is set by
-    the
-    processor: with no LYNX request in the batch the model publishes nothing (a plain request costs
+    the processor: with no LYNX request in the batch the model publishes nothing (a plain request costs
     nothing)."""
 
     def __init__(self) -> None:
@@ -69,8 +67,7 @@ class ScoreBoard:
         self, parts: list[torch.Tensor], token_rows: torch.Tensor | None, positions: torch.Tensor
     ) -> None:
         """On a CPU the forward's tensors are kept as they are and gathered only for a decision point's score;
-        elsewhere
-        (a captured graph may reuse its output buffers) the fed tokens' rows are copied now."""
+        elsewhere (a captured graph may reuse its output buffers) the fed tokens' rows are copied now."""
         if parts[0].device.type != "cpu":
             parts = [part.clone() if token_rows is None else part[token_rows] for part in parts]
             token_rows = None

@@ -1,7 +1,6 @@
 """Per-request exit settings of the vLLM plug-in: `SamplingParams.extra_args` (offline) or the OpenAI body's
 `vllm_xargs` (`vllm serve`), named as lynx-exit's own `exit` object with a `lynx_` prefix and checked by the
-same
-registry. Nothing here imports vLLM."""
+same registry. Nothing here imports vLLM."""
 
 from __future__ import annotations
 
@@ -48,8 +47,7 @@ def request_exit(extra_args: dict[str, Any] | None, context: MethodContext) -> R
     """The request's exit settings from its `lynx_*` keys, or None when it has none (it runs untouched).
 
     A bad key or value raises `ExitSettingError` naming the key as the request spelled it (`lynx_delta`);
-    vLLM turns it
-    into a 400 for that request alone."""
+    vLLM turns it into a 400 for that request alone."""
     given = {key[len(PREFIX) :]: value for key, value in (extra_args or {}).items() if key.startswith(PREFIX)}
     if not given:
         return None

@@ -1,20 +1,14 @@
 """LYNX for one request of an engine that cannot take back a sampled token (vLLM): the host-side state machine
-the
-logits processor runs per row. Nothing here imports vLLM.
+the logits processor runs per row. Nothing here imports vLLM.
 
 Each decode step the processor hands the tracker the request's committed tokens, the position its row fed and
-a
-handle on that token's hidden states (from the model's forward). The tracker reads every token once the token
-after
-it is committed (that one confirms a cue word's end, as lynx-exit's engine does with its
+a handle on that token's hidden states (from the model's forward). The tracker reads every token once the
+token after it is committed (that one confirms a cue word's end, as lynx-exit's engine does with its
 look-ahead), with the same detector and the same `LynxPolicy`; a token that is a decision point is scored
-then, with
-the other rows' points in one call. On an exit at token j the tokens up to j + 1 stay
+then, with the other rows' points in one call. On an exit at token j the tokens up to j + 1 stay
 (`exit_prefix="lookahead"`), then the exit cue is forced token by token, then the most likely token until the
-answer's
-`\\boxed{...}` closes (or `answer_max_tokens`), then the exit marker (`exit_marker`), which
-ends the request.
-"""
+answer's `\\boxed{...}` closes (or `answer_max_tokens`), then the exit marker (`exit_marker`), which ends the
+request."""
 
 from __future__ import annotations
 
@@ -41,8 +35,7 @@ _NO_FEATURES = torch.empty(
 @dataclass
 class ExitTracker:
     """One request's exit state, stepped in three passes so that the decision points of all rows are scored in
-    one
-    call: `advance`, `resume` (for a point that waited for its score), `force`."""
+    one call: `advance`, `resume` (for a point that waited for its score), `force`."""
 
     policy: object
     detok: IncrementalDetokenizer
@@ -76,12 +69,9 @@ class ExitTracker:
 
     def advance(self, outputs: Sequence[int], position: int, handle: Handle | None) -> Handle | None:
         """Pass 1 of a step. `outputs`: the committed generated tokens; `position`: the position of the token
-        this row
-        fed (only the request's newest token, the frontier, is acted on: a prompt chunk's sampled
-        token is discarded);
-        `handle`: that token's features. Reads what can be read; returns the features of a decision
-        point that waits
-        for its score (give the score to `resume`), else None."""
+        this row fed (only the request's newest token, the frontier, is acted on: a prompt chunk's sampled
+        token is discarded); `handle`: that token's features. Reads what can be read; returns the features of
+        a decision point that waits for its score (give the score to `resume`), else None."""
         m = len(outputs)
         self.at_frontier = position == self.prompt_len + m - 1
         if not self.at_frontier or self.phase != "think":
@@ -138,8 +128,7 @@ class ExitTracker:
 
     def _detect(self, token: int, lookahead_id: int) -> Step | None:
         """Read generated token `read` with the token after it, as lynx-exit's engine reads a fed token; the
-        step if
-        it is a decision point."""
+        step if it is a decision point."""
         index = self.read
         self.read += 1
         delta = self.detok.push(token)
@@ -191,12 +180,10 @@ class ExitTracker:
 
 def exit_marker(lm: LoadedModel) -> int | None:
     """The token an exit's forced answer ends with, listed in the request's stop tokens so that vLLM reports
-    it as the
-    finish's `stop_reason`: that is how a caller tells an exit from a natural end. A special token the
-    model has no
-    use for (the pad token when it is not an end of sequence, else the first special token the chat
-    template never
-    writes); None when there is none (the exit then ends with end of sequence and is not reported)."""
+    it as the finish's `stop_reason`: that is how a caller tells an exit from a natural end. A special token
+    the model has no use for (the pad token when it is not an end of sequence, else the first special token
+    the chat template never writes); None when there is none (the exit then ends with end of sequence and is
+    not reported)."""
     tokenizer, profile = lm.tokenizer, lm.profile
     template = str(getattr(tokenizer, "chat_template", "") or "")
     taken = set(lm.eos_token_ids) | {tokenizer.bos_token_id} | set(lm.exit_cue_ids("boxed"))
@@ -214,8 +201,7 @@ def exit_marker(lm: LoadedModel) -> int | None:
 
 class TrackerFactory:
     """Per process: the served model's facts and the probe, checked against each other once; `tracker` builds
-    the
-    exit state of one request."""
+    the exit state of one request."""
 
     def __init__(self, lm: LoadedModel, probe: str) -> None:
         self.lm, self.context = lm, MethodContext(lm=lm, probe=probe)
@@ -280,8 +266,7 @@ def read_exit(
         return ExitReport(False)
     ids, cue = list(token_ids), list(exit_cue_ids)
     # The first exit cue is the exit's: it closes the thinking, so none comes before it (a forced answer
-    # that rambles
-    # may write another one after it).
+    # that rambles may write another one after it).
     for start in range(len(ids) - len(cue) + 1):
         if ids[start : start + len(cue)] == cue:
             return ExitReport(True, start - 2, tuple(ids[start + len(cue) : -1]))
