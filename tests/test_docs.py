@@ -81,3 +81,27 @@ def test_generated_tables_are_up_to_date() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_documented_command_line_parses() -> None:
+    """Each `lynx-exit ...` line of the README and docs/cli.md is a command the CLI accepts."""
+    import shlex
+
+    from lynx_exit.cli import build_parser
+
+    parser = build_parser()
+    commands = []
+    for path in (ROOT / "README.md", ROOT / "docs" / "cli.md"):
+        blocks = re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+        for block in blocks:
+            lines = block.replace("\\\n", " ").splitlines()
+            for line in lines:
+                commands += [
+                    part.strip()
+                    for part in line.split("  #")[0].split("&&")
+                    if part.strip().startswith("lynx-exit ")
+                ]
+    assert len(commands) >= 20
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])
+        assert callable(getattr(args, "func", None)), command
