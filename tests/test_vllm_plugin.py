@@ -198,3 +198,42 @@ def test_vllm_serve_takes_settings_in_vllm_xargs_and_reports_exits(tmp_path: Pat
     finally:
         os.killpg(proc.pid, 9)
         proc.wait(30)
+
+
+def test_preempted_requests_resume_their_exit_state() -> None:
+    """A KV cache of 60 blocks for 32 requests: vLLM preempts and re-adds requests over and over (with new
+    output lists); each comes back to its own tracker, and the tokens and exits still equal the engine's."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    from lynx_exit.vllm import engine_args, exit_report
+
+    lm = load_model("reference")
+    n = 32
+    prompts = [lm.prompt_ids(p.prompt) for p in as_task_problems(make_problems("test", n), "test")]
+    settings = [SETTINGS[i % 3] for i in range(n)]  # every request with LYNX settings
+    context = MethodContext(lm=lm, probe=PROBE)
+    engine = DecodeLoop(
+        lm,
+        prompts,
+        GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.0),
+        policies=[engine_policy(context, s) for s in settings],
+    ).run()
+    llm = LLM(
+        **engine_args(MODEL, probe=PROBE, dtype="float32", max_model_len=1024, seed=0, enforce_eager=True),
+        num_gpu_blocks_override=60,
+        block_size=32,
+        disable_log_stats=False,
+    )
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_NEW + 80, extra_args=s) for s in settings]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preemption" in m.name)
+    assert preemptions > 0  # the cache cannot hold them all: vLLM had to preempt
+    exits = 0
+    for ours, theirs in zip(engine, outputs, strict=True):
+        report = exit_report(theirs.outputs[0])
+        tokens = list(theirs.outputs[0].token_ids)
+        tokens = tokens[:-1] if report.exited else tokens[:MAX_NEW]
+        assert tokens == ours.token_ids and report.exit_index == ours.exit_index
+        exits += report.exited
+    assert exits >= n // 2

@@ -74,37 +74,47 @@ class LynxLogitsProcessor(LogitsProcessor):
         )
         self.trackers: dict[int, ExitTracker] = {}
         self.outputs: dict[int, list[int]] = {}  # the batch row's live list of committed tokens
-        # Trackers of requests that left the batch, by their output list: a preempted request comes
-        # back with the same list and resumes its state (a finished one is forgotten once the list is no
-        # longer alive).
-        self.parked: dict[int, tuple[ExitTracker, list[int]]] = {}
+        self.params: dict[int, SamplingParams] = {}  # the row's request's parameters (one object per request)
+        # Trackers of requests that left the batch, by their parameters: a preempted request comes back with
+        # the same `SamplingParams` object (its output list may be a new one) and resumes its tracker.
+        self.parked: dict[int, tuple[ExitTracker, SamplingParams]] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False  # it forces tokens
 
     def _new(
         self, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int]
-    ) -> tuple[ExitTracker, list[int]] | None:
-        parked = self.parked.pop(id(output_ids), None)
-        if parked is not None and parked[1] is output_ids:
-            return parked
+    ) -> tuple[ExitTracker, list[int], SamplingParams] | None:
+        parked = self.parked.pop(id(params), None)
+        if parked is not None and parked[1] is params:
+            return parked[0], output_ids, params
         settings = request_exit(params.extra_args, self.factory.context)
         if settings is None:
             return None
-        return self.factory.tracker(settings, len(prompt_ids or ()), params.stop_token_ids or ()), output_ids
+        tracker = self.factory.tracker(settings, len(prompt_ids or ()), params.stop_token_ids or ())
+        return tracker, output_ids, params
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:  # the batch did not change (most steps)
             return
-        entries = {row: (self.trackers[row], self.outputs[row]) for row in self.trackers}
-        for row in batch_update.removed:
-            if row in entries:
-                self.parked[id(entries[row][1])] = entries[row]
-            while len(self.parked) > _MAX_PARKED:
-                self.parked.pop(next(iter(self.parked)))
-        if process_dict_updates(entries, batch_update, self._new):
+        entries = {row: (self.trackers[row], self.outputs[row], self.params[row]) for row in self.trackers}
+        before = list(entries.values())
+        touched = {*batch_update.removed, *(added[0] for added in batch_update.added)}
+        for row in touched & entries.keys():  # may leave: parked first, so a re-add in this update finds it
+            self.parked[id(entries[row][2])] = (entries[row][0], entries[row][2])
+        changed = process_dict_updates(entries, batch_update, self._new)
+        kept = {id(entry[0]) for entry in entries.values()}
+        for tracker, _, params in before:  # removed, or replaced at its row: parked (it may come back)
+            if id(tracker) not in kept:
+                self.parked[id(params)] = (tracker, params)
+            elif self.parked.get(id(params), (None,))[0] is tracker:
+                del self.parked[id(params)]
+        while len(self.parked) > _MAX_PARKED:
+            self.parked.pop(next(iter(self.parked)))
+        if changed:
             self.trackers = {row: entry[0] for row, entry in entries.items()}
             self.outputs = {row: entry[1] for row, entry in entries.items()}
+            self.params = {row: entry[2] for row, entry in entries.items()}
         BOARD.wanted = bool(self.trackers)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
