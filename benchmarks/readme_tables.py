@@ -106,6 +106,10 @@ def results_tables() -> str:
                 )
             out.append(f"\n![Pareto plot](benchmarks/results/{name}/pareto.png)")
     out += risk_table()
+    out += risk_table(
+        "risk_reference_lookahead.json",
+        ", the look-ahead exit prefix (`benchmarks/probe_lookahead.sh`: how the vLLM plug-in exits)",
+    )
     eng = load("engine_throughput.json")
     out.append("\n### Speed\n")
     out.append(
@@ -219,12 +223,13 @@ def front_lines(summary: dict) -> list[str]:
     return lines
 
 
-def risk_table() -> list[str]:
+def risk_table(name: str = "risk_reference.json", what: str = "") -> list[str]:
     """The realized risk of the calibrated rules the evaluation uses, on the labelled test split."""
-    path = RESULTS / "risk_reference.json"
+    path = RESULTS / name
     if not path.exists():
         return []
     data = json.loads(path.read_text())
+    rollouts = next((row["n"] for row in data["rows"] if row["mode"] == "trajectory"), 0)
     kept = {("event", "cue"), ("event", "answer"), ("event", "paragraph"), ("give_up", "cue+answer")}
     kept |= {
         (mode, points)
@@ -243,21 +248,17 @@ def risk_table() -> list[str]:
             "—" if row["n"] == 0 else f"{row['rate']:.3f} ≤ {row['delta'] + row['margin95']:.3f}{mark}"
         )
     out = [
-        "\n### Realized risk on held-out problems (`lynx-exit risk`, from "
-        "`benchmarks/results/risk_reference.json`)\n",
-        "Every decision point of the 900 test problems labelled by a forced exit (build-data on the test "
-        "split). Each "
-        "cell: the realized rate ≤ δ plus its 95 % sampling margin. For the rollout-level rules "
-        "(`trajectory`: "
-        "P(first exit premature); `harm`: P(first exit turns a right chain wrong); `give_up`: P(give up on "
-        "a rollout "
-        "that ends right)), which hold with probability 1 − ε over the calibration set, the margin is the "
-        "test "
-        "rollouts' binomial one, 1.96·√(δ(1−δ)/900). `event` (P(exit | unsafe point of that kind)) holds on "
-        "average "
-        "over calibration sets, so its margin adds the calibration set's sampling (its unsafe events of "
-        "that kind) and "
-        "carries the design effect of events clustered in rollouts (`lynx-exit risk` prints both parts).\n",
+        f"\n### Realized risk on held-out problems{what} "
+        f"(`lynx-exit risk`, from `benchmarks/results/{name}`)\n",
+        f"Every decision point of the {rollouts} test problems labelled by a forced exit (build-data on the "
+        "test split). Each cell: the realized rate ≤ δ plus its 95 % sampling margin. For the rollout-level "
+        "rules (`trajectory`: P(first exit premature); `harm`: P(first exit turns a right chain wrong); "
+        "`give_up`: P(give up on a rollout that ends right)), which hold with probability 1 − ε over the "
+        f"calibration set, the margin is the test rollouts' binomial one, 1.96·√(δ(1−δ)/{rollouts}). "
+        "`event` (P(exit | unsafe point of that kind)) holds on average over calibration sets, so "
+        "its margin adds the "
+        "calibration set's sampling (its unsafe events of that kind) and carries the design effect of events "
+        "clustered in rollouts (`lynx-exit risk` prints both parts).\n",
         "| mode | decision points | " + " | ".join(f"δ = {d:g}" for d in deltas) + " |",
         "|---|---|" + "---|" * len(deltas),
     ]
