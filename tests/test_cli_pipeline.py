@@ -268,7 +268,7 @@ def test_cli_chain_build_train_calibrate_generate_eval(tmp_path, capsys):
 
 def test_demo_smoke(tmp_path):
     config = DemoConfig(
-        train_problems=16, calib_problems=16, test_problems=6, deltas=(0.3,), budgets=(100,), batch_size=8
+        train_problems=12, calib_problems=12, test_problems=6, deltas=(0.3,), budgets=(100,), batch_size=8
     )
     result = run_demo(config, tmp_path, progress=False)
     assert [row["setting"] for row in result["settings"]] == [

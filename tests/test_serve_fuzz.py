@@ -22,7 +22,7 @@ MODEL = "tiny-test"
 DEFAULTS = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, cue_regex="e", answer_max_tokens=4)
 VICTIMS = [("Tom has 3 apples", 21), ("Hi there", 22), ("Let x be", 23)]
 VICTIM_TOKENS = 60
-MAX_EXAMPLES = 90
+MAX_EXAMPLES = 75
 TIME_LIMIT_S = 75.0
 
 leaves = (
