@@ -158,6 +158,7 @@ def results_tables() -> str:
         f"| eval throughput, continuous batching ({thr['problems']} problems) | {cells} | batch 8+ ≫ batch "
         "1 |"
     )
+    out += step_overhead_table()
     out += speculative_table()
     out += context_table()
     out += serve_table()
@@ -264,6 +265,27 @@ def risk_table(name: str = "risk_reference.json", what: str = "") -> list[str]:
     ]
     for (mode, points), by_delta in cells.items():
         out.append(f"| {mode} | {points} | " + " | ".join(by_delta.get(d, "—") for d in deltas) + " |")
+    return out
+
+
+def step_overhead_table() -> list[str]:
+    path = RESULTS / "step_overhead.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    out = [
+        "\n### The host around the compiled step (`benchmarks/step_overhead.py`, from "
+        "`benchmarks/results/step_overhead.json`)\n",
+        f"`Engine(compile=True)` on the reference model, greedy, {data['workload']['statistic']}; "
+        f"the compiled call timed inside the same steps. Target: {data['target']}.\n",
+        "| batch | LYNX scoring | step ms | compiled forward ms | step ÷ forward |",
+        "|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        out.append(
+            f"| {row['batch']} | {'yes' if row['lynx'] else 'no'} | {row['step_ms']} | "
+            f"{row['compiled_forward_ms']} | **{row['step_vs_forward']}×** |"
+        )
     return out
 
 
