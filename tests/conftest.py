@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lynx_exit.models import LoadedModel
-from lynx_exit.models.families import resolve_profile
+from lynx_exit.models.profile import resolve_profile
 from lynx_exit.reference.tokenizer import train_tokenizer
 
 CORPUS = [

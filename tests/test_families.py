@@ -16,7 +16,7 @@ import lynx_exit.engine.runner as engine_module
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.exits import TokenBudget
 from lynx_exit.models import LoadedModel
-from lynx_exit.models.families import ProfileOverrides, resolve_profile
+from lynx_exit.models.profile import ProfileOverrides, resolve_profile
 from lynx_exit.serve.text import ChoiceText
 from lynx_exit.tasks.grading import grade
 

@@ -23,7 +23,7 @@ from lynx_exit.engine import DecodeLoop, Engine, GenerationConfig, StoreBackend
 from lynx_exit.engine.assist import AssistConfig
 from lynx_exit.exits import LynxPolicy, first_exit
 from lynx_exit.models import LoadedModel
-from lynx_exit.models.families import resolve_profile
+from lynx_exit.models.profile import resolve_profile
 from lynx_exit.probe import Probe, load_probe, save_probe, write_conformal
 from lynx_exit.reference.tokenizer import train_tokenizer
 

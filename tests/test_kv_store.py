@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from lynx_exit.engine import Engine, GenerationConfig, KVStoreFull, StoreBackend
 from lynx_exit.exits import make_policy
 from lynx_exit.models import LoadedModel
-from lynx_exit.models.families import resolve_profile
+from lynx_exit.models.profile import resolve_profile
 from lynx_exit.reference.tokenizer import train_tokenizer
 
 TEXTS = [

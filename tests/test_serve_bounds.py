@@ -131,7 +131,8 @@ def test_template_kwargs_take_only_the_families_switches(url, kwargs, param, say
 
 
 def test_a_declared_switch_takes_its_values_only():
-    from lynx_exit.models.families import Family, _switches
+    from lynx_exit.models.families import Family
+    from lynx_exit.models.profile import _switches
 
     qwen3 = Family(
         "q",

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.engine.assist import AssistConfig
 from lynx_exit.models import LoadedModel
-from lynx_exit.models.families import resolve_profile
+from lynx_exit.models.profile import resolve_profile
 from lynx_exit.reference.problems import make_problems
 from lynx_exit.reference.tokenizer import train_tokenizer
 

@@ -1,6 +1,7 @@
 """`lynx-exit` command line: thin wrappers that map flags 1:1 onto library config and print results.
 
-One module per group of commands (`generate`, `pipeline`, `serve`); the flags they share live in `common`.
+One module per group of commands (`generate`, `pipeline`, `probe`, `evaluation`, `serve`); the flags they
+share live in `common`.
 """
 
 from __future__ import annotations

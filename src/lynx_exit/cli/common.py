@@ -165,7 +165,7 @@ def engine_config(args: argparse.Namespace) -> Any:
 def model_source(args: argparse.Namespace) -> Any:
     """The `ModelSource` of the model and profile flags."""
     from lynx_exit.models import ModelSource
-    from lynx_exit.models.families import ProfileOverrides, parse_template_kwargs
+    from lynx_exit.models.profile import ProfileOverrides, parse_template_kwargs
 
     overrides = ProfileOverrides(
         family=args.family,
@@ -271,3 +271,42 @@ def parse_layers(args: argparse.Namespace) -> tuple[int, ...] | None:
         return tuple(int(x) for x in args.layers.split(","))
     except ValueError as exc:
         raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from exc
+
+
+def task_problems(args: argparse.Namespace) -> list[Any]:
+    """The problems a command reads: --task, --split, --data, --offset, --num-problems."""
+    from lynx_exit.reference import as_task_problems, make_problems
+    from lynx_exit.tasks import load_task
+
+    if args.task == "arith":  # the reference model's synthetic problems, split by --split
+        if args.data:
+            raise ValueError(
+                f"--task arith generates its problems and takes no --data (got {args.data!r}); "
+                "pass a task name that reads JSONL, e.g. --task gsm8k --data FILE"
+            )
+        problems = as_task_problems(make_problems(args.split, args.offset + args.num_problems), args.split)
+        return problems[args.offset :]
+    return load_task(args.task, args.data, limit=args.num_problems, offset=args.offset)
+
+
+def add_task_flags(parser: argparse.ArgumentParser, task: str, split: str, num_problems: int) -> None:
+    parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    parser.add_argument(
+        "--task",
+        default=task,
+        help="task name (lynx-exit tasks lists them), or 'arith' for the reference model's problems",
+    )
+    parser.add_argument(
+        "--split", default=split, choices=["train", "calib", "test"], help="split for --task arith"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="the task's data from a JSONL or Parquet file, or a folder laid out like its Hub repository",
+    )
+    parser.add_argument("--num-problems", type=int, default=num_problems)
+    parser.add_argument(
+        "--offset", type=int, default=0, help="first problem index (use disjoint ranges for calibration)"
+    )
+    parser.add_argument("--rollouts", type=int, default=1, help="rollouts per problem")
+    parser.add_argument("--batch-size", type=int, default=16, help="rollouts decoded together")

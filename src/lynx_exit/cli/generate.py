@@ -164,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from lynx_exit.models.families import LAYER_RULE, profiles_table
+    from lynx_exit.models.profile import LAYER_RULE, profiles_table
 
     if args.json:
         print(json.dumps(profiles_table(), indent=2, ensure_ascii=False))

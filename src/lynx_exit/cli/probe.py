@@ -116,3 +116,41 @@ def cmd_risk(args: argparse.Namespace) -> int:
         write_json_atomic(Path(args.out), {"probe": args.probe, "data": args.data, "rows": rows})
         print(f"wrote {args.out}")
     return 0
+
+
+def add_commands(sub: Any) -> None:
+    """`train`, `calibrate` and `risk`."""
+    train = sub.add_parser("train", help="train the probe on a build-data folder")
+    train.add_argument("--data", required=True, help="dataset folder from build-data")
+    train.add_argument("--out", required=True, help="probe folder to write")
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--patience", type=int, default=15)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--expect-spec", default=None, help="JSON FeatureSpec the dataset must match")
+    train.add_argument(
+        "--allow-one-class", action="store_true", help="train even if every event has the same label"
+    )
+    train.set_defaults(func=cmd_train)
+
+    cal = sub.add_parser("calibrate", help="conformal thresholds from a disjoint calibration dataset")
+    cal.add_argument("--probe", required=True, help="probe folder from train")
+    cal.add_argument(
+        "--data", required=True, help="calibration dataset folder (problems disjoint from training)"
+    )
+    cal.add_argument("--deltas", default="0.01,0.02,0.03,0.05,0.1,0.2,0.3")
+    cal.add_argument(
+        "--epsilon", type=float, default=0.1, help="Learn-then-Test failure probability (trajectory mode)"
+    )
+    cal.add_argument(
+        "--give-up-after", type=int, default=200, help="generated tokens before a give-up may happen"
+    )
+    cal.set_defaults(func=cmd_calibrate)
+
+    risk = sub.add_parser("risk", help="the realized risk of every calibrated rule on held-out labelled data")
+    risk.add_argument("--probe", required=True, help="calibrated probe folder")
+    risk.add_argument(
+        "--data", required=True, help="a build-data folder of held-out problems (e.g. the test split)"
+    )
+    risk.add_argument("--out", default=None, help="write the rows as JSON here")
+    risk.set_defaults(func=cmd_risk)

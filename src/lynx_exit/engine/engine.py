@@ -33,7 +33,7 @@ from lynx_exit.engine.speculative import SpeculativeThinking, check_same_tokeniz
 from lynx_exit.engine.store_backend import StoreBackend
 from lynx_exit.engine.types import ExitPolicy, ForcedAnswer, RequestResult, Step
 from lynx_exit.models import LoadedModel
-from lynx_exit.models.families import ThinkingStart
+from lynx_exit.models.profile import ThinkingStart
 from lynx_exit.tasks.grading import extract_boxed
 
 

@@ -1,15 +1,7 @@
 """Models: loading any causal LM with its profile (`loading`), the table of reasoning families (`families`),
 and the hidden-state taps the probe reads (`taps`)."""
 
-from lynx_exit.models.families import (
-    EXIT_CUE_PHRASES,
-    ModelProfile,
-    ProfileOverrides,
-    ThinkingStart,
-    generation_prompt,
-    resolve_profile,
-    thinking_start,
-)
+from lynx_exit.models.families import EXIT_CUE_PHRASES
 from lynx_exit.models.loading import (
     REFERENCE_MODELS,
     FeatureSpec,
@@ -21,6 +13,14 @@ from lynx_exit.models.loading import (
     smollm2_gguf_path,
     tokenizer_fingerprint,
     tokenizer_hash,
+)
+from lynx_exit.models.profile import (
+    ModelProfile,
+    ProfileOverrides,
+    ThinkingStart,
+    generation_prompt,
+    resolve_profile,
+    thinking_start,
 )
 from lynx_exit.models.taps import HiddenStateCapture, tap_forward
 

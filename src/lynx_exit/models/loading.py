@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from lynx_exit.models.families import (
-    EXIT_CUE_PHRASES,
+from lynx_exit.models.families import EXIT_CUE_PHRASES
+from lynx_exit.models.profile import (
     ModelProfile,
     ProfileOverrides,
     ThinkingStart,

@@ -1,5 +1,5 @@
-"""The probe pipeline: labelled cue events from rollouts (`build_data`), the probe and its training (`model`),
-split conformal thresholds (`conformal`, `calibration`) and probes on the Hub (`sharing`)."""
+"""The probe pipeline: labelled cue events from rollouts (`build_data`), the probe (`model`) and its training
+(`training`), split conformal thresholds (`conformal`, `calibration`) and probes on the Hub (`sharing`)."""
 
 from lynx_exit.probe.model import (
     CONFORMAL_FILE,
@@ -8,15 +8,11 @@ from lynx_exit.probe.model import (
     Probe,
     ProbeBundle,
     ProbeScorer,
-    ProbeTrainConfig,
-    auroc,
-    brier,
     load_probe,
     save_probe,
-    stratified_split,
-    train_probe,
     write_conformal,
 )
+from lynx_exit.probe.training import ProbeTrainConfig, auroc, brier, stratified_split, train_probe
 
 __all__ = [
     "CONFORMAL_FILE",

@@ -17,7 +17,7 @@ from lynx_exit.engine import GenerationConfig
 from lynx_exit.engine.types import ExitPolicy
 from lynx_exit.exits import ExitSettingError, MethodContext, make_policy, resolve_exit_options
 from lynx_exit.models import LoadedModel
-from lynx_exit.models.families import ThinkingStart
+from lynx_exit.models.profile import ThinkingStart
 from lynx_exit.serve.protocol import (
     APIError,
     ChatCompletionRequest,

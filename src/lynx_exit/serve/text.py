@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lynx_exit.engine.types import Phase
-from lynx_exit.models.families import ModelProfile, ThinkingStart
+from lynx_exit.models.profile import ModelProfile, ThinkingStart
 
 Channel = str  # "reasoning" or "content"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.engine.types import ExitPolicy, Phase, RequestResult, Step
-from lynx_exit.models.families import ThinkingStart
+from lynx_exit.models.profile import ThinkingStart
 
 logger = logging.getLogger(__name__)
 

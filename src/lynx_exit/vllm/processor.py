@@ -21,6 +21,7 @@ from lynx_exit.vllm.tracker import GREEDY, ExitTracker, TrackerFactory, exit_mar
 
 logger = logging.getLogger(__name__)
 _MAX_PARKED = 1024
+Entry = tuple[ExitTracker, list[int], SamplingParams]
 _MARKER: dict[str, int | None] = {}
 _VALIDATION: dict[
     str, MethodContext
@@ -72,9 +73,9 @@ class LynxLogitsProcessor(LogitsProcessor):
         self.factory = TrackerFactory(
             load_model_facts(model_config.tokenizer or model_config.model), probe_location()
         )
-        self.trackers: dict[int, ExitTracker] = {}
-        self.outputs: dict[int, list[int]] = {}  # the batch row's live list of committed tokens
-        self.params: dict[int, SamplingParams] = {}  # the row's request's parameters (one object per request)
+        # Batch row -> its tracker, the request's live list of committed tokens and its parameters (one object
+        # per request)
+        self.rows: dict[int, Entry] = {}
         # Trackers of requests that left the batch, by their parameters: a preempted request comes back with
         # the same `SamplingParams` object (its output list may be a new one) and resumes its tracker.
         self.parked: dict[int, tuple[ExitTracker, SamplingParams]] = {}
@@ -84,7 +85,7 @@ class LynxLogitsProcessor(LogitsProcessor):
 
     def _new(
         self, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int]
-    ) -> tuple[ExitTracker, list[int], SamplingParams] | None:
+    ) -> Entry | None:
         parked = self.parked.pop(id(params), None)
         if parked is not None and parked[1] is params:
             return parked[0], output_ids, params
@@ -97,12 +98,12 @@ class LynxLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:  # the batch did not change (most steps)
             return
-        entries = {row: (self.trackers[row], self.outputs[row], self.params[row]) for row in self.trackers}
+        entries = dict(self.rows)
         before = list(entries.values())
         touched = {*batch_update.removed, *(added[0] for added in batch_update.added)}
         for row in touched & entries.keys():  # may leave: parked first, so a re-add in this update finds it
             self.parked[id(entries[row][2])] = (entries[row][0], entries[row][2])
-        changed = process_dict_updates(entries, batch_update, self._new)
+        process_dict_updates(entries, batch_update, self._new)
         kept = {id(entry[0]) for entry in entries.values()}
         for tracker, _, params in before:  # removed, or replaced at its row: parked (it may come back)
             if id(tracker) not in kept:
@@ -111,26 +112,22 @@ class LynxLogitsProcessor(LogitsProcessor):
                 del self.parked[id(params)]
         while len(self.parked) > _MAX_PARKED:
             self.parked.pop(next(iter(self.parked)))
-        if changed:
-            self.trackers = {row: entry[0] for row, entry in entries.items()}
-            self.outputs = {row: entry[1] for row, entry in entries.items()}
-            self.params = {row: entry[2] for row, entry in entries.items()}
-        BOARD.wanted = bool(self.trackers)
+        self.rows = entries
+        BOARD.wanted = bool(entries)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.trackers:
+        if not self.rows:
             return logits
         step = BOARD.take()
         waiting: list[tuple[ExitTracker, list[int], Handle]] = []
         positions = step.positions if step is not None else []
-        outputs_of = self.outputs
-        for row, tracker in self.trackers.items():
+        for row, (tracker, outputs, _) in self.rows.items():
             if row >= len(positions):
                 tracker.at_frontier = False
                 continue
-            handle = tracker.advance(outputs_of[row], positions[row], (step, row))  # type: ignore[arg-type]
+            handle = tracker.advance(outputs, positions[row], (step, row))  # type: ignore[arg-type]
             if handle is not None:
-                waiting.append((tracker, outputs_of[row], handle))
+                waiting.append((tracker, outputs, handle))
         while waiting:  # the decision points of all rows, scored in one call per step they were fed at
             assert BOARD.scorer is not None
             scores = score_handles([handle for _, _, handle in waiting], BOARD.scorer)
@@ -140,10 +137,10 @@ class LynxLogitsProcessor(LogitsProcessor):
             ]
             waiting = [(tracker, outputs, handle) for tracker, outputs, handle in after if handle is not None]
         rows, tokens, greedy_rows = [], [], []
-        for row, tracker in self.trackers.items():
+        for row, (tracker, outputs, _) in self.rows.items():
             if tracker.phase != "exit":
                 continue
-            token = tracker.force(outputs_of[row])
+            token = tracker.force(outputs)
             if token == GREEDY:
                 greedy_rows.append(row)
             elif token is not None:
