@@ -19,10 +19,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from lynx_exit.engine.kv_store import _ACTIVE, ATTENTION, PLAN_KWARG, Plan
 
-# Key columns from which a CPU decode reads attention with two matmuls instead of SDPA: from the first.
-# SDPA's CPU kernel is slower for a query this short at every width measured (8 rows, 3 KV heads: 39 vs 43-76
-# us at 40 columns, 373 vs 427-446 us at 1,000; 32 rows at 4,096: 12 vs 19 ms per layer).
-CPU_MATMUL_DECODE_FROM = 1
+# A CPU decode reads attention with two matmuls instead of SDPA: SDPA's CPU kernel is slower for a query this
+# short at every width measured (8 rows, 3 KV heads: 39 vs 43-76 us at 40 columns, 373 vs 427-446 us at
+# 1,000; 32 rows at 4,096: 12 vs 19 ms per layer). Not a width threshold: a compiled step's width is symbolic
+# (no branch may read it).
+CPU_MATMUL_DECODE = True
 
 
 # Whose branches the attention takes: the query's device ("auto"), or the device named here. A CPU test that
@@ -127,13 +128,11 @@ def store_attention(
     # From the module where it says (a plain int: under torch.compile the shapes are symbolic)
     groups = int(getattr(module, "num_key_value_groups", 0)) or heads // key.shape[1]
     on_cpu = branch_device(query) == "cpu"
-    if q_len == 1 and (groups > 1 or (on_cpu and plan.width >= CPU_MATMUL_DECODE_FROM)):
+    matmul = on_cpu and CPU_MATMUL_DECODE
+    if q_len == 1 and (groups > 1 or matmul):
         # Decode: a group of query heads reads its KV head as one short query (no repeated keys).
         grouped = query.reshape(batch, key.shape[1], groups, head_dim)
-        if on_cpu and plan.width >= CPU_MATMUL_DECODE_FROM:
-            # On a CPU two BLAS matmuls read the keys at memory speed, where SDPA's CPU kernel
-            # for a query this
-            # short is slower (see CPU_MATMUL_DECODE_FROM).
+        if matmul:  # two BLAS matmuls read the keys at memory speed (see CPU_MATMUL_DECODE)
             scale = head_dim**-0.5 if scaling is None else float(scaling)
             attend = _baddbmm_attention if torch.compiler.is_compiling() else _matmul_attention
             out = attend(grouped, key, value, mask, scale)

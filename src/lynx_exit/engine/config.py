@@ -72,6 +72,9 @@ class EngineConfig:
     kv_cache_gb: float | None = None  # the KV cache's memory budget (None: as much as the requests need)
     prefill_tokens_per_step: int = 2048
     compile: bool = False  # each decode step as one compiled graph (CUDA graphs on a GPU)
+    # the next decode launched before the host reads this step's tokens (`overlap`); None: where the device
+    # runs apart from the host (CUDA), not on a CPU (where it changes nothing but the order of the work)
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         _whole("max_batch_size", self.max_batch_size, 1, MAX_TOKENS)
@@ -85,3 +88,5 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be true, false or None, got {self.overlap!r}")

@@ -41,6 +41,7 @@ from lynx_exit.engine.kv_store import MIN_CAPACITY, PLAN_KWARG, KVStore, Plan, c
 from lynx_exit.models import HiddenStateCapture
 
 MAX_BUCKET = 512  # larger decode batches run eagerly
+MIN_ROWS = 2  # a step of one request runs a padding row too: dynamo would give a batch of one its own graph
 
 
 def bucket(n: int) -> int:
@@ -87,6 +88,7 @@ class DecodeGraph:
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [2, bucket, 1] long: token ids, positions
         self._features: dict[int, torch.Tensor] = {}  # bucket -> [bucket, layers x hidden] float32
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+        self._columns = torch.arange(0, device=device)
         self.steps = 0  # decode steps run as a compiled graph
         self.shapes: set[tuple[int, int]] = set()  # (batch, width) run
         # Entries: the first static graph, the dynamic one, and one per change of hidden-state taps.
@@ -100,10 +102,12 @@ class DecodeGraph:
             inductor.triton.cudagraph_dynamic_shape_warn_limit = None
         self._compiled, self._seen = _compiled_step(model, self.mode)
 
-    def _step(self, inputs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _step(self, inputs: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, positions = inputs[0], inputs[1]  # [b, 1] each
         rows = torch.arange(ids.shape[0], device=ids.device)
-        columns = torch.arange(width, device=ids.device)
+        width = columns.shape[0]
+        torch._check(width >= 1)
+        torch._check(width <= self.store.capacity_of(0))
         mask = (columns[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, 1, width]
         plan = Plan(0, rows, rows, positions[:, 0], rows, torch.zeros_like(rows), width, mask, positions, {})
         # transformers before 5.2x hands the cache layers no keywords: they read the plan from the store
@@ -133,32 +137,40 @@ class DecodeGraph:
 
     def rows(self, n: int) -> int:
         """Batch rows a step of n requests runs (the slots the store must hold)."""
-        return bucket(n) if self.pad else n
+        return max(MIN_ROWS, bucket(n) if self.pad else n)
 
     def run(
-        self, token_ids: Sequence[int], lengths: Sequence[int]
+        self, token_ids: Sequence[int] | torch.Tensor, lengths: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Slot i (i < n) reads token_ids[i] at position lengths[i]: (logits [n, vocab], features [n, F] or
-        None).
+        None). The token ids may be a tensor on the device (sampled by the step before, not yet read).
 
         The store must already hold `rows(n)` slots and room for every row's new token."""
-        n = len(token_ids)
+        n = len(lengths)
         size = self.rows(n)
         width = width_bucket(max(lengths) + 1, self.store.capacity) if self.pad else max(lengths) + 1
         host = torch.zeros((2, size, 1), dtype=torch.long)
         host[0, :, 0] = self.pad_id
-        host[0, :n, 0] = torch.as_tensor(list(token_ids), dtype=torch.long)
+        if not isinstance(token_ids, torch.Tensor):
+            host[0, :n, 0] = torch.as_tensor(list(token_ids), dtype=torch.long)
         host[1, :n, 0] = torch.as_tensor(list(lengths), dtype=torch.long)
         inputs = self._inputs.get(size)
         if inputs is None:
             inputs = self._inputs[size] = torch.empty((2, size, 1), dtype=torch.long, device=self.device)
         inputs.copy_(host, non_blocking=True)
+        if isinstance(token_ids, torch.Tensor):
+            inputs[0, :n, 0].copy_(token_ids)
+        if self._columns.shape[0] < width:
+            self._columns = torch.arange(max(width, self.store.capacity), device=self.device)
+        columns = self._columns[:width]
         key = (size, width, self.store.serial, self.store.generation, self._capture_serial)
         if key in self._seen:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                logits, features = self._compiled(self, inputs, width)
+                logits, features = self._compiled(self, inputs, columns)
         else:
-            logits, features = self._compiled(self, inputs, width)
+            torch._dynamo.maybe_mark_dynamic(inputs, 1)
+            torch._dynamo.maybe_mark_dynamic(columns, 0)
+            logits, features = self._compiled(self, inputs, columns)
             self._seen.add(key)
         self.steps += 1
         self.shapes.add((size, width))

@@ -19,10 +19,12 @@ import torch
 
 from lynx_exit.cues import IncrementalDetokenizer
 from lynx_exit.decision_points import detector_for
+from lynx_exit.engine import overlap
 from lynx_exit.engine.assist import AssistConfig
-from lynx_exit.engine.backend import Backend
+from lynx_exit.engine.backend import Backend, CacheFull
 from lynx_exit.engine.config import SEED_RANGE, EngineConfig, GenerationConfig
 from lynx_exit.engine.forks import Forks
+from lynx_exit.engine.overlap import Ahead, AheadBackend
 from lynx_exit.engine.plugin import EnginePlugin
 from lynx_exit.engine.postprocess import Postprocessor
 from lynx_exit.engine.request import Batch, Request, describe_error, request_layers
@@ -51,12 +53,14 @@ class Engine:
         assistant: LoadedModel | None = None,
         assistant_backend: Backend | None = None,
         config: EngineConfig | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.config = config or EngineConfig(
             max_batch_size=max_batch_size,
             kv_cache_gb=kv_cache_gb,
             prefill_tokens_per_step=prefill_tokens_per_step,
             compile=compile,
+            overlap=overlap,
         )
         self.lm = lm
         self.eos_ids = lm.eos_token_ids
@@ -88,6 +92,13 @@ class Engine:
         self.scheduler.on_compact.append(self.plugin.compact)
         self._next_id = 0
         self._exit_cues: dict[str, list[int]] = {}
+        overlap = self.config.overlap
+        overlap_on = lm.device.type == "cuda" if overlap is None else overlap
+        # the backend that launches steps ahead (None: every step is synchronous)
+        self.ahead_backend = self.backend if overlap_on and isinstance(self.backend, AheadBackend) else None
+        self._ahead: Ahead | None = None  # the decode launched by the last step (see `overlap`)
+        self.launched_ahead = 0  # decode steps launched ahead, and how many of them held
+        self.ahead_held = 0
 
     @property
     def max_batch_size(self) -> int:
@@ -261,14 +272,47 @@ class Engine:
             rows = batch.rows
             self.runner.ban_tokens(logits, rows, self.plugin.pending)
             sampled, alive, logits = self.runner.sample(logits, rows)
+            features, ahead = self._launch_ahead(batch, alive, sampled)
             token_ids = (
                 self.runner.read_samples(sampled, logits, alive) if alive else []
             )  # the step's one host sync
-            steps += self._postprocess(
-                batch, dict(zip([r.request_id for r in alive], token_ids, strict=True))
-            )
+            by_request = dict(zip([r.request_id for r in alive], token_ids, strict=True))
+            steps += self._postprocess(batch, by_request, features)
+            if ahead is not None and self.ahead_backend is not None:
+                ahead.fed = [by_request[r] for r in ahead.request_ids]
+                self._ahead = overlap.settle(ahead, self.scheduler.get, self.ahead_backend)
+                self.ahead_held += self._ahead is not None
         self.scheduler.after_step()
         return steps + self.scheduler.take_outbox()
+
+    def _launch_ahead(
+        self, batch: Batch, alive: list[Request], sampled: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor] | None, Ahead | None]:
+        """Launch the next decode with the ids just sampled, before the host reads them, when every request
+        holding a row samples a token it will feed (see `overlap`). Returns the hidden states of this step's
+        fed rows (read before the launch replaces them) and the launch."""
+        backend = self.ahead_backend
+        if backend is None or not alive or self.scheduler.held or self.plugin.serves(alive):
+            return None, None
+        if len(alive) != len(batch.rows) or any(r.restoring or not r.in_cache for r in alive):
+            return None, None
+        if len(alive) != sum(1 for r in self.scheduler.running_requests() if r.in_cache):
+            return None, None  # a request reading its prompt holds a row too
+        features = None
+        wanted = [r for r in batch.fed if r.layers and r.phase == "think"]
+        if wanted:
+            states = self.backend.hidden_states([r.request_id for r in wanted])
+            features = {r.request_id: states[i] for i, r in enumerate(wanted)}
+        ids = [r.request_id for r in alive]
+        lengths = [backend.length(i) for i in ids]
+        try:
+            logits = backend.decode_ahead(ids, sampled)
+        except CacheFull:
+            logits = None
+        if logits is None:
+            return features, None
+        self.launched_ahead += 1
+        return features, Ahead(ids, lengths, logits, self.scheduler.layers)
 
     def _schedule(self) -> list[Request]:
         """The running requests that feed a token this step; admits waiting ones (they read their prompts)."""
@@ -281,8 +325,14 @@ class Engine:
         """The step's passes: decode the fed rows, the plug-in's pass, the next chunk of each prompt being
         read."""
         batch = Batch()
+        ahead, self._ahead = self._ahead, None
+        usable = ahead is not None and bool(fed) and ahead.layers == self.scheduler.layers
+        decoded = ahead.logits_for(fed) if usable and ahead is not None else None
+        if ahead is not None and decoded is None:  # the rows or their taps changed since the launch
+            assert self.ahead_backend is not None  # only it launches
+            overlap.rollback(ahead, self.scheduler.get, self.ahead_backend)
         if fed:
-            decoded = self.runner.decode(fed)
+            decoded = self.runner.decode(fed) if decoded is None else decoded
             batch.fed = [r for r in fed if r.finish_reason is None and r.in_cache]
             if batch.fed:
                 batch.parts.append(decoded)
@@ -302,7 +352,9 @@ class Engine:
                 batch.admitted += [group[i] for i in done]
         return batch
 
-    def _postprocess(self, batch: Batch, by_request: dict[int, int]) -> list[Step]:
+    def _postprocess(
+        self, batch: Batch, by_request: dict[int, int], features: dict[int, torch.Tensor] | None
+    ) -> list[Step]:
         steps: list[Step] = []
         now = time.perf_counter()
         for request in batch.admitted + batch.resumed:  # they sampled without a token fed
@@ -316,4 +368,7 @@ class Engine:
             except Exception as exc:
                 self.scheduler.fail(request, exc)
         fed = [r for r in batch.fed if r.finish_reason is None and r.request_id in by_request]
-        return steps + self.post.advance(fed, [by_request[r.request_id] for r in fed])
+        tokens = [by_request[r.request_id] for r in fed]
+        if features is None:
+            return steps + self.post.advance(fed, tokens)
+        return steps + self.post.advance(fed, tokens, [features.get(r.request_id) for r in fed])

@@ -31,6 +31,7 @@ from lynx_exit.engine.backend import CacheFull
 
 ATTENTION = "lynx_store"
 MIN_CAPACITY = 64
+MIN_SLOTS = 2
 _SERIALS = itertools.count()
 
 
@@ -130,6 +131,8 @@ class KVStore(Cache):
 
     def _allocated(self, tensor: torch.Tensor) -> torch.Tensor:
         self.generation += 1
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(tensor, 2)
         if self.static_addresses:
             torch._dynamo.mark_static_address(tensor, guard=False)  # a moved tensor re-records its CUDA graph
         return tensor
@@ -148,7 +151,8 @@ class KVStore(Cache):
         capacity = self.capacity
         if tokens > capacity:
             capacity = min(max(MIN_CAPACITY, 2 ** math.ceil(math.log2(tokens))), self.max_tokens)
-        asked, slots = slots, max(slots, self.slots)
+        # at least two slots: a compiled step would specialise on a store of one (see `decode_graph`)
+        asked, slots = slots, max(slots, self.slots, MIN_SLOTS)
         if capacity == self.capacity and slots == self.slots:
             return
         if self.budget_bytes is not None and slots * capacity * self.bytes_per_token > self.budget_bytes:
@@ -180,6 +184,11 @@ class KVStore(Cache):
         self.lengths.extend([0] * (slots - len(self.lengths)))
         self.capacity = capacity
 
+    def capacity_of(self, layer: int) -> Any:
+        """Columns of a layer's tensors (symbolic inside a compiled step; `capacity` is the host's int)."""
+        tensor = self.keys[layer]
+        return self.capacity if tensor is None else tensor.shape[2]
+
     def allocated_bytes(self) -> int:
         return sum(
             t.numel() * t.element_size() for store in (self.keys, self.values) for t in store if t is not None
@@ -209,10 +218,13 @@ class KVStore(Cache):
             else:
                 new = states.transpose(1, 2)[plan.src_rows, plan.src_cols]
             tensor[plan.write_rows, :, plan.write_cols] = new.to(tensor.dtype)
+            # `narrow`, not a slice: its size is exactly the width, symbolic or not (a slice's is min(width,
+            # capacity), which a compiled step cannot decide for a width it does not specialise on)
+            columns = tensor.narrow(2, 0, plan.width)
             if plan.first is not None:
-                out.append(tensor[plan.first : plan.first + plan.rows.shape[0], :, : plan.width])
+                out.append(columns.narrow(0, plan.first, plan.rows.shape[0]))
             else:
-                out.append(tensor[:, :, : plan.width].index_select(0, plan.rows))
+                out.append(columns.index_select(0, plan.rows))
         return out[0], out[1]
 
     @contextmanager

@@ -21,6 +21,10 @@ class EnginePlugin:
             )
         return None
 
+    def serves(self, requests: list[Request]) -> bool:
+        """Whether any of these requests is the plug-in's (the engine then launches no step ahead)."""
+        return any(r.assist is not None for r in requests)
+
     def before_step(self, running: list[Request]) -> None:
         """Before the step's decode: set up what the running requests feed."""
 

@@ -91,18 +91,25 @@ class StoreBackend:
         self.layers: tuple[int, ...] = ()
 
     # -- passes -------------------------------------------------------------------------------------
-    def _run(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One pass: slot i reads chunks[i] after what it holds; returns each row's last-position logits."""
+    def _run(
+        self, slots: Sequence[int], chunks: Sequence[Sequence[int]], on_device: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One pass: slot i reads chunks[i] after what it holds; returns each row's last-position logits.
+        `on_device`: the token ids [n] of a pass where every row reads one token, already on the device (the
+        chunks then only count)."""
         lengths = self.store.lengths
         starts = [lengths[s] for s in slots]
         counts = [len(c) for c in chunks]
         self.store.reserve(max(slots) + 1, max(s + c for s, c in zip(starts, counts, strict=True)))
         plan = make_plan(slots, starts, counts, self.device)
         q = plan.positions.shape[1]
-        input_ids = torch.full((len(slots), q), self.pad_id, dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            if chunk:
-                input_ids[i, q - len(chunk) :] = torch.as_tensor(list(chunk), dtype=torch.long)
+        if on_device is not None:
+            input_ids = on_device.view(len(slots), 1)
+        else:
+            input_ids = torch.full((len(slots), q), self.pad_id, dtype=torch.long)
+            for i, chunk in enumerate(chunks):
+                if chunk:
+                    input_ids[i, q - len(chunk) :] = torch.as_tensor(list(chunk), dtype=torch.long)
         with self.store.planned(plan):
             # A 4-D mask is taken as built (transformers builds none of its own); the store's
             # attention reads the plan's.
@@ -165,29 +172,58 @@ class StoreBackend:
             fits = min(self.store.capacity, self.store.max_tokens)
             over = tuple(r for r, s in zip(request_ids, slots, strict=True) if lengths[s] + 1 > fits)
             raise KVStoreFull(str(exc), over) from None
-        logits = self._captured(chunks) if self.graph is not None else None
-        if logits is None:
-            logits = self._run(range(width), chunks)
-            self._decoded = self._capture.snapshot() if self._capture is not None else {}
-            self._features = None
+        logits = self._decode_slots(chunks)
         if slots != list(range(width)):
             logits = logits.index_select(0, torch.tensor(slots, device=self.device))
         return logits
 
-    def _captured(self, chunks: list[list[int]]) -> torch.Tensor | None:
+    def _decode_slots(self, chunks: list[list[int]], on_device: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot i reads chunks[i] (or on_device[i]): the compiled step when it can run, else an eager pass."""
+        logits = self._captured(chunks, on_device) if self.graph is not None else None
+        if logits is None:
+            logits = self._run(range(len(chunks)), chunks, on_device)
+            self._decoded = self._capture.snapshot() if self._capture is not None else {}
+            self._features = None
+        return logits
+
+    @torch.inference_mode()
+    def decode_ahead(self, request_ids: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor | None:
+        """`decode` with the token ids still on the device: a step launched before the host has read them (the
+        engine's overlap). Only where every request holding a slot reads a token (else None, as when the
+        cache cannot grow: the engine then decodes as usual). Returns logits [n, vocab] in request order."""
+        slots = [self.rows[r] for r in request_ids]
+        width = len(slots)
+        if len(self.rows) != width or sorted(slots) != list(range(width)):
+            return None
+        lengths = self.store.lengths
+        try:
+            self.store.reserve(width, max(lengths[:width]) + 1)
+        except KVStoreFull:
+            return None
+        by_slot = slots != list(range(width))
+        if by_slot:  # the tokens in slot order
+            order = sorted(range(width), key=slots.__getitem__)
+            token_ids = token_ids.index_select(0, torch.tensor(order, device=self.device))
+        logits = self._decode_slots([[0]] * width, token_ids)
+        return logits.index_select(0, torch.tensor(slots, device=self.device)) if by_slot else logits
+
+    def _captured(
+        self, chunks: list[list[int]], on_device: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The compiled decode step, when every slot 0..n-1 reads a token (else None: the eager pass runs)."""
         assert self.graph is not None
         if not all(chunks) or not self.graph.fits(len(chunks)):
             return None
         lengths = self.store.lengths
         starts = lengths[: len(chunks)]
-        # padding rows need slots of their own; when the budget has no room for them, the step runs
-        # eagerly
+        # padding rows need slots of their own, and the store a column past the widest row (a step whose
+        # width were the whole capacity would compile a graph of its own); with no room, the step runs eagerly
         try:
-            self.store.reserve(self.graph.rows(len(chunks)), max(starts) + 1)
+            self.store.reserve(self.graph.rows(len(chunks)), max(starts) + 2)
         except KVStoreFull:
             return None
-        logits, self._features = self.graph.run([c[0] for c in chunks], starts)
+        tokens = on_device if on_device is not None else [c[0] for c in chunks]
+        logits, self._features = self.graph.run(tokens, starts)
         self._decoded = {}
         for slot in range(len(chunks)):
             lengths[slot] += 1
