@@ -37,6 +37,6 @@ def test_batches_1_to_64_and_widths_64_to_8192_compile_at_most_three_graphs():
             logits = backend.decode(ids, [9] * batch)
         assert logits.shape == (batch, lm.vocab_size) and bool(torch.isfinite(logits).all())
     shapes = backend.graph.shapes
-    assert {rows for rows, _ in shapes} >= {2, 64} and max(w for _, w in shapes) == 8192  # the walk ran
+    assert {rows for rows, _ in shapes} >= {1, 64} and max(w for _, w in shapes) == 8192  # the walk ran
     assert backend.graph.steps == len(WALK)  # every step ran compiled, none fell back to eager
     assert counters["stats"]["unique_graphs"] - before <= 3

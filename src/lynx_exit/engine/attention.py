@@ -87,7 +87,11 @@ def _baddbmm_attention(
     scores = scores.view(batch, heads, rows, width)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(batch * heads, rows, width)
+    # softmax with its sum in float64: Inductor's CPU code sums a float32 row of over 4,096 columns in chunks,
+    # a choice it guards on, so a width across 4,096 would compile the step again
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    total = weights.sum(dim=-1, keepdim=True, dtype=torch.float64).to(weights.dtype)
+    probs = (weights / total).view(batch * heads, rows, width)
     out = torch.baddbmm(nothing, probs, value.reshape(batch * heads, width, value.shape[-1]), beta=0)
     return out.view(batch, heads, rows, value.shape[-1])
 

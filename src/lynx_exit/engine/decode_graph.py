@@ -36,12 +36,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch._dynamo.eval_frame import DynamoStance, _set_stance
 
 from lynx_exit.engine.kv_store import MIN_CAPACITY, PLAN_KWARG, KVStore, Plan, cache_kwarg
 from lynx_exit.models import HiddenStateCapture
 
 MAX_BUCKET = 512  # larger decode batches run eagerly
-MIN_ROWS = 2  # a step of one request runs a padding row too: dynamo would give a batch of one its own graph
 
 
 def bucket(n: int) -> int:
@@ -60,6 +60,9 @@ def width_bucket(longest: int, capacity: int) -> int:
 
 
 _CAPTURES = itertools.count(1)
+# Skipping the guards that do not tell compiled entries apart, set and reset around a call (what
+# `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` does, without its context manager's 6 us)
+_SKIP_GUARDS = DynamoStance(skip_guard_eval_unsafe=True)
 _STEP = "_lynx_decode_step"  # on the model: its compiled step and the keys it has run
 
 
@@ -86,7 +89,6 @@ class DecodeGraph:
         self._capture: HiddenStateCapture | None = None
         self._capture_serial = 0
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [2, bucket, 1] long: token ids, positions
-        self._features: dict[int, torch.Tensor] = {}  # bucket -> [bucket, layers x hidden] float32
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
         self._columns = torch.arange(0, device=device)
         self.steps = 0  # decode steps run as a compiled graph
@@ -137,7 +139,7 @@ class DecodeGraph:
 
     def rows(self, n: int) -> int:
         """Batch rows a step of n requests runs (the slots the store must hold)."""
-        return max(MIN_ROWS, bucket(n) if self.pad else n)
+        return bucket(n) if self.pad else n
 
     def run(
         self, token_ids: Sequence[int] | torch.Tensor, lengths: Sequence[int]
@@ -148,25 +150,33 @@ class DecodeGraph:
         The store must already hold `rows(n)` slots and room for every row's new token."""
         n = len(lengths)
         size = self.rows(n)
-        width = width_bucket(max(lengths) + 1, self.store.capacity) if self.pad else max(lengths) + 1
-        host = torch.zeros((2, size, 1), dtype=torch.long)
-        host[0, :, 0] = self.pad_id
-        if not isinstance(token_ids, torch.Tensor):
-            host[0, :n, 0] = torch.as_tensor(list(token_ids), dtype=torch.long)
-        host[1, :n, 0] = torch.as_tensor(list(lengths), dtype=torch.long)
-        inputs = self._inputs.get(size)
-        if inputs is None:
-            inputs = self._inputs[size] = torch.empty((2, size, 1), dtype=torch.long, device=self.device)
-        inputs.copy_(host, non_blocking=True)
+        longest = max(lengths) + 1
+        width = width_bucket(longest, self.store.capacity) if self.pad else longest
+        on_device = isinstance(token_ids, torch.Tensor)
+        padding = [0] * (size - n)
+        ids = [self.pad_id] * size if on_device else [*token_ids, *[self.pad_id] * (size - n)]
+        host = torch.tensor([ids, [*lengths, *padding]], dtype=torch.long).view(2, size, 1)  # one host op
+        if self.device.type == "cpu":
+            inputs = host
+        else:  # from pinned memory, so the copy does not wait for the device (the allocator keeps the block)
+            buffer = self._inputs.get(size)
+            if buffer is None:
+                buffer = self._inputs[size] = torch.empty((2, size, 1), dtype=torch.long, device=self.device)
+            inputs = buffer
+            inputs.copy_(host.pin_memory() if torch.cuda.is_available() else host, non_blocking=True)
         if isinstance(token_ids, torch.Tensor):
             inputs[0, :n, 0].copy_(token_ids)
         if self._columns.shape[0] < width:
             self._columns = torch.arange(max(width, self.store.capacity), device=self.device)
         columns = self._columns[:width]
-        key = (size, width, self.store.serial, self.store.generation, self._capture_serial)
+        # a width's first call in its power of two runs every guard (the graph does not specialise on it)
+        key = (size, bucket(width), self.store.serial, self.store.generation, self._capture_serial)
         if key in self._seen:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            prior = _set_stance(_SKIP_GUARDS)
+            try:
                 logits, features = self._compiled(self, inputs, columns)
+            finally:
+                _set_stance(prior)
         else:
             torch._dynamo.maybe_mark_dynamic(inputs, 1)
             torch._dynamo.maybe_mark_dynamic(columns, 0)
@@ -174,13 +184,7 @@ class DecodeGraph:
             self._seen.add(key)
         self.steps += 1
         self.shapes.add((size, width))
-        logits = (
-            logits[:n].clone() if self.mode == "reduce-overhead" else logits[:n]
-        )  # a replay reuses its outputs
-        if features is None:
-            return logits, None
-        kept = self._features.get(size)
-        if kept is None or kept.shape != features.shape:
-            kept = self._features[size] = torch.empty_like(features)
-        kept.copy_(features)
-        return logits, kept[:n]
+        if self.mode != "reduce-overhead":
+            return logits[:n], None if features is None else features[:n]
+        # a replay writes its outputs in place: keep copies
+        return logits[:n].clone(), None if features is None else features[:n].clone()

@@ -15,7 +15,7 @@ import torch
 
 from lynx_exit.engine.backend import Backend, CacheFull
 from lynx_exit.engine.request import Request
-from lynx_exit.engine.sampler import GREEDY, SamplingParams, mask_tokens, sample
+from lynx_exit.engine.sampler import GREEDY, SamplingParams, TokenMask, sample
 from lynx_exit.engine.scheduler import Chunk, Scheduler
 
 Item = TypeVar("Item")
@@ -49,6 +49,8 @@ class Runner:
     ) -> None:
         self.backend, self.scheduler = backend, scheduler
         self.vocab_size, self.device, self.eos_ids = vocab_size, device, eos_ids
+        self.mask_tokens = TokenMask()
+        self._eos = sorted(eos_ids)
 
     def decode(self, fed: list[Request]) -> torch.Tensor:
         """One decode pass. When the cache cannot grow for some requests (named by the backend), the youngest
@@ -120,10 +122,12 @@ class Runner:
             )
             if not policy_bans and not no_eos:
                 continue
-            banned = set(policy_bans) | (self.eos_ids if no_eos else set())
+            banned = (
+                sorted(set(policy_bans) | (self.eos_ids if no_eos else set())) if policy_bans else self._eos
+            )
             rows += [row] * len(banned)
-            token_ids += sorted(banned)
-        mask_tokens(logits, rows, token_ids)
+            token_ids += banned
+        self.mask_tokens(logits, rows, token_ids)
 
     def sample(
         self, logits: torch.Tensor, batch: list[Request]
@@ -131,6 +135,9 @@ class Runner:
         """Sampled ids [n] for the rows of `batch` still alive, those rows and their logits; a failing row
         fails alone (the filters run before any row draws from its generator, so a rerun of the others is
         exact)."""
+
+        if all(not r.sampling or r.params.greedy for r in batch):  # the common case: argmax, nothing to fail
+            return torch.argmax(logits, dim=-1), batch, logits
 
         def params(rows: list[Request]) -> tuple[list[SamplingParams], list[torch.Generator | None]]:
             return (

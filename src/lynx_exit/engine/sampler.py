@@ -28,13 +28,31 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def mask_tokens(logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int]) -> None:
-    """Set `logits[rows[i], token_ids[i]]` to -inf in place (banned tokens of all rows in one call)."""
-    if rows:
-        index = torch.tensor([list(rows), list(token_ids)], device=logits.device)
-        logits.index_put_(
-            (index[0], index[1]), torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
-        )
+class TokenMask:
+    """Sets `logits[rows[i], token_ids[i]]` to -inf in place (the banned tokens of all rows in one call). The
+    index tensors of the last few ban patterns are kept: a step usually bans what the step before banned."""
+
+    KEEP = 64  # patterns kept
+
+    def __init__(self) -> None:
+        self._index: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._minus_inf: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int]) -> None:
+        if not rows:
+            return
+        key = (tuple(rows), tuple(token_ids))
+        index = self._index.get(key)
+        if index is None or index[0].device != logits.device:
+            if len(self._index) >= self.KEEP:
+                self._index.clear()
+            both = torch.tensor([list(rows), list(token_ids)], device=logits.device)
+            index = self._index[key] = (both[0], both[1])
+        fill = self._minus_inf.get((logits.device, logits.dtype))
+        if fill is None:
+            fill = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+            self._minus_inf[(logits.device, logits.dtype)] = fill
+        logits.index_put_(index, fill)
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor | float:

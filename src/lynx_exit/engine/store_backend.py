@@ -165,7 +165,7 @@ class StoreBackend:
         for slot, token in zip(slots, token_ids, strict=True):
             chunks[slot] = [int(token)]
         lengths = self.store.lengths
-        longest = max(lengths[s] + len(c) for s, c in enumerate(chunks))
+        longest = max(max(lengths[:width]), max(lengths[s] for s in slots) + 1)
         try:
             self.store.reserve(width, longest)
         except KVStoreFull as exc:  # name the requests that cannot grow: the others still fit and go on
