@@ -2,35 +2,39 @@
 
 A decode step of the `KVStore` backend reads one token for each of the slots 0..n-1. Here that step
 is traced whole (embedding, every block, the KV writes, the final norm, the head and the
-hidden-state taps) and compiled with `torch.compile`. The first shape compiles as it is; the next,
-with dynamo's automatic dynamic shapes, compiles once more with the sizes symbolic, and that graph
-serves every later shape (two or three compiles for a whole trace: 12 s against 36 s for one graph
-per shape on the reference model).
+hidden-state taps) and compiled with `torch.compile`, once: the batch size and the attended width are symbolic
+from the first call (`maybe_mark_dynamic` on the inputs and on the store's slots and columns), so no later
+batch or context compiles again. Dynamo still gives a batch of one a graph of its own (it specialises sizes 0
+and 1): two compiles for any trace (issue 35; `tests/test_compile_once.py` counts them over batches 1-64 and
+widths 64-8,192). What keeps the width out of every guard: the store's views are `narrow`ed to it (a slice's
+size would be min(width, capacity)), the store keeps a column past the widest row (a width equal to the
+capacity would be a case of its own), the CPU attention sums its softmax in float64 (Inductor splits a float32
+sum of over 4,096 terms, and guards on it), and the CPU branch never reads the width. Every layer is tapped,
+always (`taps`): the layers asked are picked from the step's output, so they never change the graph.
 
 On a GPU the step is recorded as CUDA graphs (`mode="reduce-overhead"`), one per shape, so shapes
 are padded to buckets (`pad`): the batch up to a power of two (1, 2, 4, 8, ...), the attended width
-up to a power of two from 64 to 512, then to a multiple of an eighth of its octave (`width_bucket`).
+up to a power of two from 64 to 512, then to a multiple of an eighth of its octave (`width_bucket`). A new
+bucket records a CUDA graph of the one compiled graph (milliseconds), never a new compile.
 On a CPU Inductor's fused kernels run the step at its exact shape: padding would only add work.
 
 What makes the step capturable:
-- static input buffers per batch bucket (token ids and positions), filled by one host-to-device copy;
+- the inputs (token ids and positions) in one buffer per batch bucket, filled by one copy from pinned memory;
 - the plan (write positions, the mask from per-row positions) is built inside the graph from them;
 - padding rows write at column 0 of free slots, which hold nothing anyone reads;
-- the hidden states at the tapped layers leave the graph as one `[bucket, layers x hidden]` float32
-  tensor that is copied into a buffer owned here, so a later replay cannot overwrite it;
+- the hidden states leave the graph as one `[bucket, layers x hidden]` float32 tensor, copied (the layers
+  asked) before a later replay can overwrite it;
 - the store's tensors are marked as static addresses, so a CUDA graph may write them in place.
 
 Guards: dynamo checks a few hundred guards before each call (about 0.1-0.25 ms on this CPU, a third
 of the reference model's compiled step). Everything they protect is in a key kept here: the batch
-and width bucket, which store and which allocation of its tensors, which hidden-state taps. A shape's first
-call runs every guard (and compiles); later calls of a key already seen run only the guards that tell compiled
-entries apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). Each model gets its own copy of the
-step's code (dynamo keeps compiled entries on the code object), so no two models ever share an entry; engines
-on one model share its compiled steps."""
+bucket, the width's power of two, which store and which allocation of its tensors. A key's first call runs
+every guard (and compiles, if it must); later calls run only the guards that tell compiled entries apart
+(`skip_guard_eval_unsafe`). Each model gets its own copy of the step's code (dynamo keeps compiled entries on
+the code object), so no two models ever share an entry; engines on one model share its compiled steps."""
 
 from __future__ import annotations
 
-import itertools
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +43,7 @@ import torch
 from torch._dynamo.eval_frame import DynamoStance, _set_stance
 
 from lynx_exit.engine.kv_store import MIN_CAPACITY, PLAN_KWARG, KVStore, Plan, cache_kwarg
-from lynx_exit.models import HiddenStateCapture
+from lynx_exit.models import HiddenStateCapture, tappable_layers
 
 MAX_BUCKET = 512  # larger decode batches run eagerly
 
@@ -59,19 +63,20 @@ def width_bucket(longest: int, capacity: int) -> int:
     return min(capacity, -(-longest // step) * step)
 
 
-_CAPTURES = itertools.count(1)
 # Skipping the guards that do not tell compiled entries apart, set and reset around a call (what
 # `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` does, without its context manager's 6 us)
 _SKIP_GUARDS = DynamoStance(skip_guard_eval_unsafe=True)
 _STEP = "_lynx_decode_step"  # on the model: its compiled step and the keys it has run
 
 
-def _compiled_step(model: Any, mode: str | None) -> tuple[Any, set[tuple[Any, ...]]]:
-    """The model's compiled decode step, made once per model from a copy of `DecodeGraph._step`'s code."""
+def _compiled_step(model: Any, mode: str | None) -> tuple[Any, set[tuple[Any, ...]], HiddenStateCapture]:
+    """The model's compiled decode step (made once per model from a copy of `DecodeGraph._step`'s code), the
+    keys it has run, and its taps on every layer (never changed, so the graph never changes with them)."""
     if _STEP not in model.__dict__:
         code = DecodeGraph._step.__code__.replace()
         step = types.FunctionType(code, DecodeGraph._step.__globals__, "decode_step")
-        model.__dict__[_STEP] = (torch.compile(step, dynamic=None, fullgraph=True, mode=mode), set())
+        taps = HiddenStateCapture(model, tappable_layers(model))
+        model.__dict__[_STEP] = (torch.compile(step, dynamic=None, fullgraph=True, mode=mode), set(), taps)
     return model.__dict__[_STEP]
 
 
@@ -86,14 +91,14 @@ class DecodeGraph:
         self.mode = "reduce-overhead" if device.type == "cuda" else None
         self.pad = device.type == "cuda" if pad is None else pad  # shapes padded to buckets (CUDA graphs)
         store.static_addresses = device.type == "cuda"
-        self._capture: HiddenStateCapture | None = None
-        self._capture_serial = 0
+        self._select: torch.Tensor | None = None  # columns of the layers asked (None: all of them)
+        self.layers: tuple[int, ...] = ()  # the layers asked: their states leave `run`
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [2, bucket, 1] long: token ids, positions
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
         self._columns = torch.arange(0, device=device)
         self.steps = 0  # decode steps run as a compiled graph
         self.shapes: set[tuple[int, int]] = set()  # (batch, width) run
-        # Entries: the first static graph, the dynamic one, and one per change of hidden-state taps.
+        # Entries: a batch of one and every other batch (and, past a context's last column, a few more).
         limit = 64
         dynamo = torch._dynamo.config
         dynamo.cache_size_limit = max(dynamo.cache_size_limit, limit)
@@ -102,9 +107,9 @@ class DecodeGraph:
             import torch._inductor.config as inductor
 
             inductor.triton.cudagraph_dynamic_shape_warn_limit = None
-        self._compiled, self._seen = _compiled_step(model, self.mode)
+        self._compiled, self._seen, self.taps = _compiled_step(model, self.mode)
 
-    def _step(self, inputs: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _step(self, inputs: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions = inputs[0], inputs[1]  # [b, 1] each
         rows = torch.arange(ids.shape[0], device=ids.device)
         width = columns.shape[0]
@@ -123,16 +128,18 @@ class DecodeGraph:
             **{self._cache_kwarg: self.store, PLAN_KWARG: plan},
         )
         self.store.plan = None
-        features = self.capture.features() if self.capture is not None else None
-        return out.logits[:, -1, :], features
+        return out.logits[:, -1, :], self.taps.features()
 
-    @property
-    def capture(self) -> HiddenStateCapture | None:
-        return self._capture
-
-    @capture.setter
-    def capture(self, capture: HiddenStateCapture | None) -> None:
-        self._capture, self._capture_serial = capture, next(_CAPTURES)
+    def select(self, layers: Sequence[int]) -> None:
+        """The layers whose hidden states `run` returns (every layer is tapped all the same)."""
+        self.layers = tuple(layers)
+        tapped = self.taps.layers
+        if self.layers == tapped or not self.layers:
+            self._select = None
+            return
+        hidden = int(self.model.config.hidden_size)
+        starts = [tapped.index(layer) * hidden for layer in self.layers]
+        self._select = torch.cat([torch.arange(s, s + hidden) for s in starts]).to(self.device)
 
     def fits(self, n: int) -> bool:
         return n <= MAX_BUCKET
@@ -170,7 +177,7 @@ class DecodeGraph:
             self._columns = torch.arange(max(width, self.store.capacity), device=self.device)
         columns = self._columns[:width]
         # a width's first call in its power of two runs every guard (the graph does not specialise on it)
-        key = (size, bucket(width), self.store.serial, self.store.generation, self._capture_serial)
+        key = (size, bucket(width), self.store.serial, self.store.generation)
         if key in self._seen:
             prior = _set_stance(_SKIP_GUARDS)
             try:
@@ -184,7 +191,10 @@ class DecodeGraph:
             self._seen.add(key)
         self.steps += 1
         self.shapes.add((size, width))
-        if self.mode != "reduce-overhead":
-            return logits[:n], None if features is None else features[:n]
-        # a replay writes its outputs in place: keep copies
-        return logits[:n].clone(), None if features is None else features[:n].clone()
+        replayed = self.mode == "reduce-overhead"  # a replay writes its outputs in place: keep copies
+        logits = logits[:n].clone() if replayed else logits[:n]
+        if not self.layers:
+            return logits, None
+        if self._select is not None:
+            return logits, features[:n].index_select(1, self._select)
+        return logits, features[:n].clone() if replayed else features[:n]

@@ -19,7 +19,7 @@ from lynx_exit.engine import attention  # noqa: F401 (registers the store's atte
 from lynx_exit.engine.backend import check_fork, greedy_continuations
 from lynx_exit.engine.decode_graph import DecodeGraph
 from lynx_exit.engine.kv_store import ATTENTION, PLAN_KWARG, KVStore, KVStoreFull, cache_kwarg, make_plan
-from lynx_exit.models import HiddenStateCapture, LoadedModel
+from lynx_exit.models import HiddenStateCapture, LayerSelection, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class StoreBackend:
         self.graph = DecodeGraph(self.model, self.store, self.device, self.pad_id) if compile else None
         self.rows: dict[int, int] = {}  # request id -> slot
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
-        self._capture: HiddenStateCapture | None = None
+        self._capture: HiddenStateCapture | LayerSelection | None = None
         self._decoded: dict[int, torch.Tensor] = {}
         self._features: torch.Tensor | None = None  # the compiled step's hidden states, row = slot
         self.layers: tuple[int, ...] = ()
@@ -236,10 +236,12 @@ class StoreBackend:
             return
         if self._capture is not None:
             self._capture.close()
-        self._capture = HiddenStateCapture(self.model, layers) if layers else None
+        if self.graph is not None:  # the compiled step's taps on every layer serve the eager passes too
+            self.graph.select(layers)
+            self._capture = LayerSelection(self.graph.taps, layers) if layers else None
+        else:
+            self._capture = HiddenStateCapture(self.model, layers) if layers else None
         self.layers = layers
-        if self.graph is not None:
-            self.graph.capture = self._capture
 
     def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
         index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)  # decode row == slot

@@ -22,13 +22,14 @@ from lynx_exit.models.profile import (
     resolve_profile,
     thinking_start,
 )
-from lynx_exit.models.taps import HiddenStateCapture, tap_forward
+from lynx_exit.models.taps import HiddenStateCapture, LayerSelection, tap_forward, tappable_layers
 
 __all__ = [
     "EXIT_CUE_PHRASES",
     "REFERENCE_MODELS",
     "FeatureSpec",
     "HiddenStateCapture",
+    "LayerSelection",
     "LoadedModel",
     "ModelProfile",
     "ModelSource",
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_profile",
     "smollm2_gguf_path",
     "tap_forward",
+    "tappable_layers",
     "thinking_start",
     "tokenizer_fingerprint",
     "tokenizer_hash",

@@ -124,12 +124,15 @@ class HiddenStateCapture:
         return dict(self._latest)
 
     def features(
-        self, rows: torch.Tensor | None = None, snapshot: dict[int, torch.Tensor] | None = None
+        self,
+        rows: torch.Tensor | None = None,
+        snapshot: dict[int, torch.Tensor] | None = None,
+        layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """[batch, len(layers) * hidden] float32 of the last forward pass or of `snapshot` (only `rows`, if
-        given)."""
+        given; only `layers` of the tapped ones, if given)."""
         latest = self._latest if snapshot is None else snapshot
-        states = [latest[layer][:, -1, :] for layer in self.layers]
+        states = [latest[layer][:, -1, :] for layer in (self.layers if layers is None else layers)]
         if rows is not None:
             states = [s.index_select(0, rows) for s in states]
         return torch.cat(states, dim=-1).float()
@@ -144,3 +147,31 @@ class HiddenStateCapture:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tappable_layers(model: nn.Module) -> tuple[int, ...]:
+    """Every layer a capture can tap (layer 0 only without absolute position embeddings)."""
+    _, blocks, _ = decoder_modules(model)
+    return tuple(range(1 if _has_position_embeddings(model) else 0, len(blocks) + 1))
+
+
+class LayerSelection:
+    """Some layers of a capture that taps more, read like a `HiddenStateCapture` of their own (a compiled
+    decode step taps every layer, whatever is asked, so that its graph never changes with the layers)."""
+
+    def __init__(self, capture: HiddenStateCapture, layers: Sequence[int]) -> None:
+        missing = sorted(set(layers) - set(capture.layers))
+        if missing:
+            raise ValueError(f"layers {missing} are not tapped (tapped: {list(capture.layers)})")
+        self.capture, self.layers = capture, tuple(layers)
+
+    def snapshot(self) -> dict[int, torch.Tensor]:
+        return {layer: state for layer, state in self.capture.snapshot().items() if layer in self.layers}
+
+    def features(
+        self, rows: torch.Tensor | None = None, snapshot: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        return self.capture.features(rows, snapshot, self.layers)
+
+    def close(self) -> None:
+        """Nothing to remove: the taps are the capture's."""
