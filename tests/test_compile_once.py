@@ -1,7 +1,8 @@
 """Compile once (issue 35): the compiled decode step is not re-traced for new batch sizes or attention widths.
 
 Dynamo's own counter of traced graphs is read over a run whose decode steps go through batches 1 -> 64 and
-widths 64 -> 8,192 (and back), the layers asked changing, with Inductor as the step's compiler, as `--compile` runs it."""
+widths 64 -> 8,192 (and back), the layers asked changing, with Inductor as the step's compiler (as `--compile`
+runs it)."""
 
 from __future__ import annotations
 
