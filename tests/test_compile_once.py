@@ -10,6 +10,7 @@ import torch
 from conftest import make_tiny_lm
 from torch._dynamo.utils import counters
 
+from lynx_exit.engine import Engine
 from lynx_exit.engine.store_backend import StoreBackend
 
 # (batch, attended width) of successive decode steps: both grow, fall back and cross every power of two
@@ -47,3 +48,14 @@ def test_batches_1_to_64_and_widths_64_to_8192_compile_at_most_three_graphs():
     assert {rows for rows, _ in shapes} >= {1, 64} and max(w for _, w in shapes) == 8192  # the walk ran
     assert backend.graph.steps == len(WALK)  # every step ran compiled, none fell back to eager
     assert counters["stats"]["unique_graphs"] - before <= 3
+    # `serve`'s warm-up runs every batch size through the engine, on the graphs already there
+    for request_id in list(backend.rows):
+        backend.release(request_id)
+    compiled = counters["stats"]["unique_graphs"]
+    engine = Engine(lm, max_batch_size=5, backend=backend, compile=True)
+    steps = backend.graph.steps
+    assert engine.warm_up() > 0 and not engine.has_unfinished() and not engine.scheduler.requests
+    assert backend.graph.steps - steps >= 4  # decode steps at each of 1, 2, 4 and 5 rows, compiled
+    assert {size for size, _ in backend.graph.shapes} >= {1, 2, 4, 5}
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert Engine(lm, max_batch_size=5).warm_up() == 0.0  # eager ("auto" on a CPU): nothing to warm

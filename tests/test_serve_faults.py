@@ -463,3 +463,23 @@ def test_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error(tmp_pat
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
     assert len(lines) < 4000  # cut by the timeout, not finished
+
+
+# -- warm-up: not ready until every batch size is compiled ------------------------------------------
+class _SlowWarmUp(Engine):
+    release = threading.Event()
+
+    def warm_up(self) -> float:
+        assert _SlowWarmUp.release.wait(BOUND_S)
+        return 1.5
+
+
+def test_health_says_warming_up_until_the_engine_is_warm(lm, probe_dir, caplog):
+    server = Server(lm, options(probe_dir), engine_factory=lambda: _SlowWarmUp(lm, max_batch_size=4))
+    with caplog.at_level(logging.INFO, logger="lynx_exit.serve.worker"), serving(server) as base:
+        health = httpx.get(base + "/health", timeout=BOUND_S)
+        assert health.status_code == 503 and health.json()["status"] == "warming_up"
+        _SlowWarmUp.release.set()
+        assert server.worker.ready.wait(BOUND_S)
+        assert httpx.get(base + "/health", timeout=BOUND_S).json()["status"] == "ok"
+    assert "warmed up every batch size up to 4 in 1.5 s" in caplog.text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from lynx_exit.cues import DEFAULT_CUE_WORDS
@@ -58,9 +60,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--compile",
-        action="store_true",
-        help="run each decode step as one compiled graph (CUDA graphs on a GPU, Inductor on a CPU); "
-        "the first steps compile, for seconds to minutes",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="run each decode step as one compiled graph (CUDA graphs on a GPU, Inductor on a CPU): 'auto' "
+        "(the default) compiles on a GPU and not on a CPU; a bare --compile is 'on'. It compiles once per "
+        "model (cached on disk by torch); `serve` warms every batch size before it reports ready",
     )
 
 
@@ -149,15 +155,29 @@ def assist_from_args(args: argparse.Namespace, lm: Any) -> tuple[Any, Any]:
     return assistant, config
 
 
+def compile_cache() -> Path:
+    """Where torch keeps compiled graphs across runs (a second start loads them instead of compiling):
+    `$TORCHINDUCTOR_CACHE_DIR` if set, else `lynx-exit/torch-compile` in the user's cache folder (torch's own
+    default is under /tmp, which a reboot empties). Sets the variable for this process."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        folder = os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(base) / "lynx-exit" / "torch-compile")
+    return Path(folder)
+
+
 def engine_config(args: argparse.Namespace) -> Any:
     """The `EngineConfig` of the engine flags (it names a bad value)."""
     from lynx_exit.engine import EngineConfig
+
+    if args.compile != "off":
+        compile_cache()
 
     batch = getattr(args, "max_batch_size", None)
     return EngineConfig(
         kv_cache_gb=args.kv_cache_gb,
         prefill_tokens_per_step=args.prefill_tokens_per_step,
-        compile=args.compile,
+        compile={"on": True, "off": False}.get(args.compile, "auto"),
         **({"max_batch_size": batch} if batch is not None else {}),
     )
 

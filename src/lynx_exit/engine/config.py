@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from lynx_exit.cues import DEFAULT_CUE_WORDS, compile_cue_pattern
 
 # A temperature below this samples as greedy: logits / T overflow long before T reaches 0 (vLLM uses the
@@ -71,7 +73,9 @@ class EngineConfig:
     max_batch_size: int = 16
     kv_cache_gb: float | None = None  # the KV cache's memory budget (None: as much as the requests need)
     prefill_tokens_per_step: int = 2048
-    compile: bool = False  # each decode step as one compiled graph (CUDA graphs on a GPU)
+    # each decode step as one compiled graph (CUDA graphs on a GPU); "auto": on CUDA, not on a CPU (where the
+    # eager step is as fast for most models and a compile costs seconds)
+    compile: bool | str = "auto"
     # the next decode launched before the host reads this step's tokens (`overlap`); None: where the device
     # runs apart from the host (CUDA), not on a CPU (where it changes nothing but the order of the work)
     overlap: bool | None = None
@@ -86,7 +90,12 @@ class EngineConfig:
             or self.kv_cache_gb <= 0
         ):
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.compile, bool) and self.compile != "auto":
+            raise ValueError(f"compile must be true, false or 'auto', got {self.compile!r}")
         if self.overlap is not None and not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be true, false or None, got {self.overlap!r}")
+
+
+def compiles_on(setting: bool | str, device: torch.device) -> bool:
+    """Whether a `compile` setting compiles on this device ("auto": on CUDA only)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)

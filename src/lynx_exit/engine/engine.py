@@ -22,7 +22,7 @@ from lynx_exit.decision_points import detector_for
 from lynx_exit.engine import overlap
 from lynx_exit.engine.assist import AssistConfig
 from lynx_exit.engine.backend import Backend, CacheFull
-from lynx_exit.engine.config import SEED_RANGE, EngineConfig, GenerationConfig
+from lynx_exit.engine.config import SEED_RANGE, EngineConfig, GenerationConfig, compiles_on
 from lynx_exit.engine.forks import Forks
 from lynx_exit.engine.overlap import Ahead, AheadBackend
 from lynx_exit.engine.plugin import EnginePlugin
@@ -49,7 +49,7 @@ class Engine:
         backend: Backend | None = None,
         kv_cache_gb: float | None = None,
         prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS,
-        compile: bool = False,
+        compile: bool | str = "auto",
         assistant: LoadedModel | None = None,
         assistant_backend: Backend | None = None,
         config: EngineConfig | None = None,
@@ -64,8 +64,9 @@ class Engine:
         )
         self.lm = lm
         self.eos_ids = lm.eos_token_ids
+        self.compiled = compiles_on(self.config.compile, lm.device)
         self.backend: Backend = backend or StoreBackend(
-            lm, kv_cache_gb=self.config.kv_cache_gb, compile=self.config.compile
+            lm, kv_cache_gb=self.config.kv_cache_gb, compile=self.compiled
         )
         self.scheduler = Scheduler(
             self.backend,
@@ -82,7 +83,7 @@ class Engine:
         if assistant is not None:
             check_same_tokenizer(lm, assistant)
             self.assistant_backend = assistant_backend or StoreBackend(
-                assistant, kv_cache_gb=self.config.kv_cache_gb, compile=self.config.compile
+                assistant, kv_cache_gb=self.config.kv_cache_gb, compile=self.compiled
             )
             self.plugin = SpeculativeThinking(
                 lm, self.backend, self.assistant_backend, self.runner, self.post
@@ -248,6 +249,26 @@ class Engine:
         """Steps until every request added so far (and any added meanwhile) has finished."""
         while self.has_unfinished():
             yield from self.step()
+
+    def warm_up(self) -> float:
+        """Run one short decode at every batch bucket up to `max_batch_size` (1, 2, 4, ...), so that no
+        request waits for a compile or a CUDA graph capture later; returns the seconds it took (0 when nothing
+        is compiled). Call it on an idle engine: it adds requests of its own and forgets them."""
+        if not self.compiled or self.has_unfinished():
+            return 0.0
+        start = time.perf_counter()
+        config = GenerationConfig(max_new_tokens=3, min_new_tokens=3, temperature=0.0)
+        prompt = [self.lm.pad_token_id] * 2  # any token: nothing is read back
+        sizes = sorted(
+            {min(1 << i, self.max_batch_size) for i in range(self.max_batch_size.bit_length() + 1)}
+        )
+        for size in sizes:
+            ids = [self.add_request(prompt, config) for _ in range(size)]
+            while self.has_unfinished():
+                self.step()
+            for request_id in ids:
+                self.result(request_id, forget=True)
+        return time.perf_counter() - start
 
     def forced_answers(
         self, items: Sequence[tuple[int, int]], exit_cue_ids: Sequence[int], max_answer_tokens: int

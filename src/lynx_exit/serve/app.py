@@ -80,10 +80,11 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        worker = server.worker
         status = (
-            "ok"
-            if server.worker.alive and server.accepting
-            else ("shutting_down" if server.worker.alive else "down")
+            ("ok" if worker.ready.is_set() else "warming_up")
+            if worker.alive and server.accepting
+            else ("shutting_down" if worker.alive else "down")
         )
         body = {
             "status": status,

@@ -109,6 +109,9 @@ class EngineWorker:
         self._post: Callable[[list[tuple[Ticket, list[Event]]]], None] = _deliver_all
         self._thread: threading.Thread | None = None
         self._expire_message = "the server is shutting down"
+        # set once the engine has warmed every batch size (compiles and CUDA graph captures) and serves
+        self.ready = threading.Event()
+        self.warm_up_s = 0.0
 
     def start(self, post: Callable[[Callable[..., Any], Any], Any] | None = None) -> None:
         """Start the thread; `post(fn, arg)` runs `fn(arg)` where the handlers live (the event loop)."""
@@ -139,7 +142,24 @@ class EngineWorker:
         return self._thread is not None and self._thread.is_alive()
 
     # -- the thread ------------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """Compile and capture every batch size before the server reports ready (a no-op when eager)."""
+        try:
+            self.warm_up_s = self.engine.warm_up()
+        except Exception as exc:  # a server that cannot warm up still serves: the first steps compile
+            logger.warning("warm-up failed (%s: %s); steps compile as they come", type(exc).__name__, exc)
+            self.engine = self._engine_factory()
+        else:
+            if self.warm_up_s:
+                logger.info(
+                    "warmed up every batch size up to %d in %.1f s",
+                    self.engine.max_batch_size,
+                    self.warm_up_s,
+                )
+        self.ready.set()
+
     def _run(self) -> None:
+        self._warm_up()
         while self._drain(block=not self.engine.has_unfinished()):
             try:
                 steps = self.engine.step()
