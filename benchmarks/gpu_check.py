@@ -1,19 +1,21 @@
 """The GPU check, one command: the `gpu` tests, then a speed table of the engine on
-DeepSeek-R1-Distill-Qwen-1.5B's
-architecture with random bf16 weights (no download).
+DeepSeek-R1-Distill-Qwen-1.5B's architecture with random bf16 weights (no download).
 
-    python benchmarks/gpu_check.py                    # on a CUDA machine: writes
-    benchmarks/results/gpu_check.json
+    python benchmarks/gpu_check.py                      # on a CUDA machine: results/gpu_check.json
     python benchmarks/gpu_check.py --device cpu --tiny  # the same code on a tiny model (CI's smoke test)
 
-Rows: batch 1, 8, 32, 64 at prompt 128 + 256 new tokens and at an 8k prompt + 64 new tokens. Sides: the engine
-eager, the engine compiled (`--compile`), compiled with LYNX scoring (a never-exit probe: every cue is scored,
-the lengths stay equal, features are read at every step) and `model.generate` with a static cache
+Rows: batch 1, 8, 32, 64 at prompt 128 + 256 new tokens and at an 8k prompt + 64 new tokens. Sides: the
+engine eager, compiled (`--compile`) with every step synchronous, compiled with overlap (the next step
+launched before the host reads this one's tokens: the default on CUDA), that with LYNX scoring (a never-exit
+probe: every cue is scored, the lengths stay equal, features are read at every step) and `model.generate` with
+a static cache
 (transformers compiles its decode step itself for a static cache on a GPU, the way its documentation gives).
 Per side: tokens/s and ms per decode step (the median step once every prompt is read), the seconds of stalls
 in the run (steps over 3x the median: compiles and CUDA-graph captures), and the share of the bandwidth
 roofline (weights read per step, the input embedding one row per token, plus the live KV bytes, at the copy
-bandwidth measured on the card). Every side of a row stops at its own deadline and the whole check at
+bandwidth measured on the card). Compile once: the graphs dynamo compiled over the whole check, and the
+warm-up of every batch bucket (`serve`'s, before it says ready) in a fresh process, cold and then with the
+compile cache the first one left. Every side of a row stops at its own deadline and the whole check at
 `--budget-s`: a row or side cut short is recorded as such, never dropped."""
 
 from __future__ import annotations
@@ -114,15 +116,17 @@ def engine_side(
     new: int,
     deadline: float,
     policy_context: MethodContext | None,
+    overlap: bool = False,
 ) -> dict[str, Any]:
-    """One engine run of `batch` random prompts of `prompt` tokens, greedy, `new` tokens each."""
+    """One engine run of `batch` random prompts of `prompt` tokens, greedy, `new` tokens each (`overlap`: the
+    next step launched before the host reads this one's tokens)."""
     config = GenerationConfig(
         max_new_tokens=new,
         min_new_tokens=new,
         temperature=0.0,
         cue_regex="." if policy_context is not None else None,
     )
-    engine = Engine(lm, max_batch_size=batch, backend=backend, prefill_tokens_per_step=8192)
+    engine = Engine(lm, max_batch_size=batch, backend=backend, prefill_tokens_per_step=8192, overlap=overlap)
     generator = torch.Generator().manual_seed(batch * 7919 + prompt)
     layers = lm.feature_spec().layers
     request_ids = []
@@ -170,7 +174,46 @@ def engine_side(
     }
     if policy_context is not None:
         out["cues_scored"] = cues
+    if overlap:
+        out["launched_ahead"], out["ahead_held"] = engine.launched_ahead, engine.ahead_held
     return out
+
+
+def warm_up_side(device: str, tiny: bool, batch: int, cache: Path) -> dict[str, Any]:
+    """Two fresh processes warm every batch bucket up to `batch` (`Engine.warm_up`, what `serve` runs before
+    it says ready) with one compile cache: the first compiles (cold), the second loads what it stored."""
+    out: dict[str, Any] = {"max_batch_size": batch}
+    for run in ("cold", "cached"):
+        command = [sys.executable, __file__, "--device", device, "--warm-up-only", str(batch), "--skip-tests"]
+        start = time.perf_counter()
+        done = subprocess.run(
+            command + (["--tiny"] if tiny else []),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)},
+        )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            out[run] = {"error": (done.stderr or done.stdout)[-400:]}
+            continue
+        out[run] = {**json.loads(lines[-1]), "process_s": round(time.perf_counter() - start, 1)}
+    return out
+
+
+def warm_up_only(lm: LoadedModel, batch: int) -> None:
+    """`--warm-up-only N`: warm an engine of N rows; print its seconds and the graphs dynamo compiled."""
+    from torch._dynamo.utils import counters
+
+    engine = Engine(lm, max_batch_size=batch, compile=True)
+    seconds = engine.warm_up()
+    graph = engine.backend.graph  # type: ignore[attr-defined]
+    sizes = sorted({size for size, _ in graph.shapes})
+    print(
+        json.dumps(
+            {"warm_up_s": round(seconds, 2), "graphs": counters["stats"]["unique_graphs"], "sizes": sizes}
+        )
+    )
 
 
 def generate_side(lm: LoadedModel, batch: int, prompt: int, new: int) -> dict[str, Any]:
@@ -213,7 +256,10 @@ def main() -> None:
     )
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--shapes", default="128+256,8192+64", help="PROMPT+NEW per row group")
-    parser.add_argument("--sides", default="eager,compiled,compiled_lynx,generate_static")
+    parser.add_argument(
+        "--sides", default="eager,compiled,compiled_overlap,compiled_lynx,generate_static,warm_up"
+    )
+    parser.add_argument("--warm-up-only", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--budget-s", type=float, default=330.0, help="the whole check, tests included")
     parser.add_argument("--side-s", type=float, default=75.0, help="the most one side of a row may run")
     parser.add_argument("--skip-tests", action="store_true")
@@ -239,6 +285,8 @@ def main() -> None:
         else (lambda: decodable(random_r1_distill(args.device)))
     )
     lm = make()
+    if args.warm_up_only:
+        return warm_up_only(lm, args.warm_up_only)
     config = lm.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
@@ -250,7 +298,7 @@ def main() -> None:
     sides = args.sides.split(",")
     max_context = max(p + n for p, n in shapes) + 64
     backends = {"eager": StoreBackend(lm, max_context=max_context)}
-    if "compiled" in sides or "compiled_lynx" in sides:
+    if any(side.startswith("compiled") for side in sides):
         backends["compiled"] = StoreBackend(lm, max_context=max_context, compile=True)
     generate_lm: LoadedModel | None = None  # its own copy: transformers' SDPA, compiled by `generate` itself
     rows: list[dict[str, Any]] = []
@@ -269,7 +317,7 @@ def main() -> None:
                 read_per_step + batch * embedding.shape[1] * embedding.element_size() + live
             ) / bandwidth
             row["roofline_ms_per_step"] = round(1000 * floor_s, 3)
-            for side in sides:
+            for side in (s for s in sides if s != "warm_up"):
                 left = deadline_all - time.perf_counter()
                 if left <= 0 or (
                     side == "generate_static" and left < args.side_s
@@ -292,6 +340,7 @@ def main() -> None:
                                 new,
                                 deadline,
                                 context if side == "compiled_lynx" else None,
+                                overlap=side in ("compiled_overlap", "compiled_lynx"),
                             )
                 except Exception as exc:  # recorded, never dropped
                     result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -305,6 +354,14 @@ def main() -> None:
             row["elapsed_s"] = round(time.perf_counter() - began, 1)
             print(json.dumps(row), flush=True)
             rows.append(row)
+    warm_up: dict[str, Any] = {"skipped": "not asked (--sides)"}
+    if "warm_up" in sides:
+        with tempfile.TemporaryDirectory() as cache:
+            most = max(int(b) for b in args.batches.split(","))
+            warm_up = warm_up_side(args.device, args.tiny, most, Path(cache))
+        print(json.dumps({"warm_up": warm_up}), flush=True)
+    from torch._dynamo.utils import counters
+
     payload = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -313,6 +370,8 @@ def main() -> None:
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "tests": tests,
         "rows": rows,
+        "warm_up": warm_up,
+        "graphs_compiled": counters["stats"]["unique_graphs"],  # by dynamo, over every side of every row
         "seconds": round(time.perf_counter() - began, 1),
     }
     if args.json:

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {  # file -> (start marker, end marker, what goes between)
     "docs/results.md": ("<!-- tables:start -->", "<!-- tables:end -->", lambda: results_tables()),
     "README.md": ("<!-- headline:start -->", "<!-- headline:end -->", lambda: headline_table()),
+    "README.md#speed": ("<!-- speed:start -->", "<!-- speed:end -->", lambda: speed_table()),
 }
 HEADLINE = (
     "never",
@@ -38,7 +39,7 @@ def main() -> None:
     check = "--check" in sys.argv[1:]
     stale = []
     for name, (start, end, make) in TARGETS.items():
-        path = ROOT / name
+        path = ROOT / name.split("#")[0]
         text = path.read_text(encoding="utf-8")
         head, rest = text.split(start + "\n", 1)
         _, tail = rest.split(end, 1)
@@ -159,6 +160,7 @@ def results_tables() -> str:
         "1 |"
     )
     out += step_overhead_table()
+    out += compile_once_table()
     out += speculative_table()
     out += context_table()
     out += serve_table()
@@ -287,6 +289,75 @@ def step_overhead_table() -> list[str]:
             f"{row['compiled_forward_ms']} | **{row['step_vs_forward']}×** |"
         )
     return out
+
+
+def compile_once_table() -> list[str]:
+    path = RESULTS / "compile_once.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    walk, warm = data["walk"], data["warm_up"]
+    out = [
+        "\n### Compile once (`benchmarks/compile_once.py`, from `benchmarks/results/compile_once.json`)\n",
+        f"The {data['model']} model's compiled decode step over decode steps whose batch and attended width "
+        f"go through {len(walk['steps'])} shapes (batch 1-64, width 64-8,192 and back): "
+        f"**{walk['graphs']} graphs compiled** (target ≤ 3). `serve`'s warm-up of every batch size up to "
+        f"{warm['max_batch_size']} in a fresh process: {warm['cold']['warm_up_s']} s cold, "
+        f"{warm['cached']['warm_up_s']} s with the compile cache the cold run left (targets on an H200: "
+        "≤ 60 s and ≤ 15 s).\n",
+        "| batch | width | first step s | graphs so far |",
+        "|---|---|---|---|",
+    ]
+    for row in walk["steps"]:
+        out.append(f"| {row['batch']} | {row['width']} | {row['first_step_s']} | {row['graphs_so_far']} |")
+    return out
+
+
+def speed_table() -> str:
+    """The README's speed lines: the host around the compiled step and compile once (this CPU), the GPU
+    run's overlap rows when one has been measured."""
+    step = load("step_overhead.json")
+    lines = [
+        "Speed of the engine's own decode step (`--compile`, the reference model on this 2-core CPU: "
+        "dispatch-bound, so host work shows); [docs/results.md](docs/results.md) has the rest.\n",
+        "| batch | LYNX scoring | step ms | compiled forward alone ms | step ÷ forward (target ≤ 1.25) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in step["rows"]:
+        lines.append(
+            f"| {row['batch']} | {'yes' if row['lynx'] else 'no'} | {row['step_ms']} | "
+            f"{row['compiled_forward_ms']} | {row['step_vs_forward']}× |"
+        )
+    once = RESULTS / "compile_once.json"
+    if once.exists():
+        data = json.loads(once.read_text())
+        warm = data["warm_up"]
+        lines.append(
+            f"\nCompiled once: {data['walk']['graphs']} graphs for batches 1-64 × widths 64-8,192; warming "
+            "every "
+            f"batch size up to {warm['max_batch_size']} takes {warm['cold']['warm_up_s']} s cold, "
+            f"{warm['cached']['warm_up_s']} s from torch's compile cache."
+        )
+    gpu = load("gpu_check.json")
+    overlap = [r for r in gpu["rows"] if "tokens_per_s" in r.get("compiled_overlap", {})]
+    if overlap:
+        lines.append(
+            f"\nOn {gpu['device']} ({gpu['model']}), compiled with overlap, tokens/s (share of the bandwidth "
+            "roofline): "
+            + "; ".join(
+                f"batch {r['batch']}: {r['compiled_overlap']['tokens_per_s']} "
+                f"({100 * r['compiled_overlap']['roofline_share']:.0f} %)"
+                for r in overlap
+                if r["prompt"] <= 1024
+            )
+            + "."
+        )
+    else:
+        lines.append(
+            f"\nOn a GPU: the last run ({gpu['device']}) predates overlap and compile-once; "
+            "`python benchmarks/gpu_check.py` measures them."
+        )
+    return "\n".join(lines)
 
 
 def speculative_table() -> list[str]:
@@ -622,14 +693,28 @@ def gpu_table() -> list[str]:
             "" if side.get("complete", True) else ", cut short"
         )
 
+    if any("compiled_overlap" in r for r in data["rows"]):
+        out[2] = out[2].replace(
+            "| compiled | compiled + LYNX |", "| compiled | compiled + overlap | overlap + LYNX |"
+        )
+        out[3] += "---|"
     for r in data["rows"]:
         stalls = " / ".join(
             f"{r[k]['stall_s']} s" if "stall_s" in r[k] else "—" for k in ("compiled", "compiled_lynx")
         )
+        overlap = f"{cell(r['compiled_overlap'])} | " if "compiled_overlap" in r else ""
         out.append(
             f"| {r['batch']} | {r['prompt']} + {r['new_tokens']} | {cell(r['eager'])} | "
-            f"{cell(r['compiled'])} | "
+            f"{cell(r['compiled'])} | {overlap}"
             f"{cell(r['compiled_lynx'])} | {cell(r['generate_static'])} | {stalls} |"
+        )
+    warm = data.get("warm_up", {})
+    if "cold" in warm and "cached" in warm:
+        out.append(
+            f"\nCompile once: {data.get('graphs_compiled')} graphs over the whole check; warm-up of every "
+            "batch "
+            f"size up to {warm['max_batch_size']}: {warm['cold'].get('warm_up_s')} s cold, "
+            f"{warm['cached'].get('warm_up_s')} s cached."
         )
     return out
 

@@ -56,6 +56,13 @@ def tiny_lm() -> LoadedModel:
     return make_tiny_lm()
 
 
+@pytest.fixture(scope="session")
+def compiled_lm() -> LoadedModel:
+    """One model for the tests that compile its decode step: a compile (tens of seconds here) is kept on the
+    model, so they share it (the context is long enough for the compile-once test's widths)."""
+    return make_tiny_lm(seed=5, context=8200)
+
+
 BOUND_S = 60.0  # every wait of the server tests is bounded by this
 
 

@@ -10,6 +10,7 @@ from cache_verbs import exercise_cache_verbs
 from conftest import CORPUS, make_tiny_lm
 from legacy_backend import LegacyBackend
 from test_decode import ExitAtCue, FeatureThreshold
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lynx_exit.engine import Engine, GenerationConfig, KVStoreFull, StoreBackend
@@ -234,17 +235,70 @@ def test_bad_prefill_budget_is_named(tiny_lm):
         Engine(tiny_lm, prefill_tokens_per_step=0)
 
 
-def test_compiled_decode_steps_match_eager():
+# -- compile once (issue 35) -----------------------------------------------------------------------------
+# The compiled decode step is not traced again for new batch sizes, attention widths or layers asked: dynamo's
+# own counter of traced graphs over decode steps through batches 1 -> 64 and widths 64 -> 8,192 (and back),
+# with Inductor as the step's compiler (as `--compile` runs it). (batch, width) of successive steps:
+WALK = [(1, 64), (1, 61), (2, 64), (3, 100), (4, 200), (3, 500), (8, 900), (16, 2000), (13, 3000)]
+WALK += [(32, 4000), (32, 4100), (64, 5000), (50, 8192), (64, 8192), (1, 8000), (7, 70)]
+TAPS = [(), (1, 3), (2,), (0, 1, 2, 3)]
+HIDDEN = 36
+
+
+def test_batches_1_to_64_and_widths_64_to_8192_compile_at_most_three_graphs(compiled_lm):
+    # the model is shared: the next test reuses what this one compiles (no other model class in between:
+    # transformers' registry of output-capturing classes is one of the step's guards)
+    lm = compiled_lm
+    assert lm.model.config.hidden_size == HIDDEN
+    backend = StoreBackend(lm, compile=True)
+    assert backend.graph is not None
+    before = counters["stats"]["unique_graphs"]
+    next_id = 0
+    for batch, width in WALK:
+        with torch.inference_mode():
+            for request_id in list(backend.rows):
+                backend.release(request_id)
+            backend.compact(drop_rows=True)
+            ids = list(range(next_id, next_id + batch))
+            next_id += batch
+            backend.prefill(ids, [[5, 6, 7]] * batch)
+            # the rows hold `width - 1 - (id % 7)` tokens (what they hold does not matter to a compile)
+            backend.store.reserve(batch, width)
+            for request_id in ids:
+                backend.store.lengths[backend.rows[request_id]] = width - 1 - request_id % 7
+            backend.capture(TAPS[len(ids) % len(TAPS)])  # the layers asked change too
+            logits = backend.decode(ids, [9] * batch)
+            if backend.layers:
+                assert backend.hidden_states(ids).shape == (batch, len(backend.layers) * HIDDEN)
+        assert logits.shape == (batch, lm.vocab_size) and bool(torch.isfinite(logits).all())
+    shapes = backend.graph.shapes
+    assert {rows for rows, _ in shapes} >= {1, 64} and max(w for _, w in shapes) == 8192  # the walk ran
+    assert backend.graph.steps == len(WALK)  # every step ran compiled, none fell back to eager
+    assert counters["stats"]["unique_graphs"] - before <= 3
+    # `serve`'s warm-up runs every batch size through the engine, on the graphs already there
+    for request_id in list(backend.rows):
+        backend.release(request_id)
+    compiled = counters["stats"]["unique_graphs"]
+    engine = Engine(lm, max_batch_size=5, backend=backend, compile=True)
+    steps = backend.graph.steps
+    assert engine.warm_up() > 0 and not engine.has_unfinished() and not engine.scheduler.requests
+    assert backend.graph.steps - steps >= 4  # decode steps at each of 1, 2, 4 and 5 rows, compiled
+    assert {size for size, _ in backend.graph.shapes} >= {1, 2, 4, 5}
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert Engine(lm, max_batch_size=5).warm_up() == 0.0  # eager ("auto" on a CPU): nothing to warm
+
+
+def test_compiled_decode_steps_match_eager(compiled_lm):
     """`--compile` (Inductor on a CPU): the compiled decode step gives the eager tokens, exits and probe
     features, with late joiners and requests ending; at exact shapes (a CPU's default) and padded to the
-    buckets of CUDA graphs (an odd batch padded to 4 rows, widths to 64 and 128 columns)."""
-    eager_lm, compiled_lm = make_tiny_lm(seed=5), make_tiny_lm(seed=5)
+    buckets of CUDA graphs (an odd batch padded to 4 rows, widths to 64 and 128 columns); with overlap too."""
+    eager_lm = make_tiny_lm(seed=5)
     config = GenerationConfig(
         max_new_tokens=70, min_new_tokens=40, temperature=0.8, cue_regex="[ae]", answer_max_tokens=4
     )
 
-    def run(lm, compile, pad=False):
-        engine = Engine(lm, max_batch_size=3, compile=compile)
+    def run(lm, compile, pad=False, overlap=False):
+        engine = Engine(lm, max_batch_size=3, compile=compile, overlap=overlap)
         if compile:
             engine.backend.graph.pad = pad
         policies = [None, FeatureThreshold(0.0, feature_spec=lm.feature_spec()), ExitAtCue(k=3), None]
@@ -254,15 +308,24 @@ def test_compiled_decode_steps_match_eager():
         ]
         list(engine.stream())
         results = [engine.result(i) for i in ids]
+        launched[overlap] = engine.ahead_held
         return [
             (r.token_ids, r.finish_reason, r.exit_index, r.cue_indices) for r in results
         ], engine.backend.graph
 
+    launched: dict[bool, int] = {}
     eager, _ = run(eager_lm, False)
     assert any(exit_index is not None for _, _, exit_index, _ in eager)
     exact, graph = run(compiled_lm, True)
     assert exact == eager
     assert graph.steps > 50 and {size for size, _ in graph.shapes} == {1, 2, 3}
+    overlapped, graph = run(compiled_lm, True, overlap=True)  # the next step launched before the host reads
+    assert (
+        overlapped == eager
+        and graph.steps > 50
+        and launched == {False: 0, True: launched[True]}
+        and (launched[True] > 20)
+    )
     padded, graph = run(compiled_lm, True, pad=True)
     assert padded == eager
     assert {size for size, _ in graph.shapes} == {1, 2, 4} and {width for _, width in graph.shapes} >= {

@@ -1,6 +1,7 @@
 """Overlap (issue 35): the next decode launched before the host reads this step's tokens gives what the
 synchronous loop gives, token for token: exits (both exit prefixes), cue indices, features and scores, trial
-decodes, DeepConf, Speculative Thinking beside it, requests joining, ending and held; eager and compiled."""
+decodes, DeepConf, Speculative Thinking beside it, requests joining, ending and held (the compiled step with
+overlap: `test_kv_store.py::test_compiled_decode_steps_match_eager`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import make_tiny_lm
 
 from lynx_exit.engine import Engine, GenerationConfig
 from lynx_exit.engine.assist import AssistConfig
@@ -83,26 +82,3 @@ def test_overlap_gives_the_synchronous_loops_tokens_on_the_reference_pair(pair: 
     )  # exits, and an assisted request
     held = engine.backend.length(5)  # a held request keeps what it read, no token past it
     assert held == plain.backend.length(5)
-
-
-def test_overlap_on_the_compiled_step_gives_the_same_tokens() -> None:
-    lm = make_tiny_lm(seed=5)
-    config = GenerationConfig(max_new_tokens=60, min_new_tokens=30, temperature=0.8, cue_regex="[ae]")
-
-    def run(overlap: bool) -> tuple[list[Any], Engine]:
-        engine = Engine(lm, max_batch_size=3, compile=True, overlap=overlap)
-        policies = [make_policy("token-budget", budget=25), None, make_policy("deer", threshold=0.05), None]
-        ids = [
-            engine.add_request(lm.prompt_ids(t), config, policy=p, seed=i)
-            for i, (t, p) in enumerate(
-                zip(["Tom has 3", "Let x = 12", "Wait, hmm", "ok then"], policies, strict=True)
-            )
-        ]
-        list(engine.stream())
-        return [(engine.result(i).token_ids, engine.result(i).exit_index) for i in ids], engine
-
-    synchronous, _ = run(False)
-    overlapped, engine = run(True)
-    assert overlapped == synchronous
-    assert engine.ahead_held > 20 and engine.backend.graph is not None and engine.backend.graph.steps > 20
-    assert torch.compiler.is_compiling() is False

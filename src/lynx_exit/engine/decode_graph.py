@@ -5,7 +5,7 @@ is traced whole (embedding, every block, the KV writes, the final norm, the head
 hidden-state taps) and compiled with `torch.compile`, once: the batch size and the attended width are symbolic
 from the first call (`maybe_mark_dynamic` on the inputs and on the store's slots and columns), so no later
 batch or context compiles again. Dynamo still gives a batch of one a graph of its own (it specialises sizes 0
-and 1): two compiles for any trace (issue 35; `tests/test_compile_once.py` counts them over batches 1-64 and
+and 1): two compiles for any trace (issue 35; `test_kv_store.py` counts them over batches 1-64 and
 widths 64-8,192). What keeps the width out of every guard: the store's views are `narrow`ed to it (a slice's
 size would be min(width, capacity)), the store keeps a column past the widest row (a width equal to the
 capacity would be a case of its own), the CPU attention sums its softmax in float64 (Inductor splits a float32
@@ -158,7 +158,9 @@ class DecodeGraph:
         n = len(lengths)
         size = self.rows(n)
         longest = max(lengths) + 1
-        width = width_bucket(longest, self.store.capacity) if self.pad else longest
+        # never the whole capacity: a width equal to it would be a graph of its own (the store keeps a column
+        # past the widest row for this)
+        width = width_bucket(longest, self.store.capacity - 1) if self.pad else longest
         on_device = isinstance(token_ids, torch.Tensor)
         padding = [0] * (size - n)
         ids = [self.pad_id] * size if on_device else [*token_ids, *[self.pad_id] * (size - n)]

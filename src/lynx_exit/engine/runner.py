@@ -136,8 +136,8 @@ class Runner:
         fails alone (the filters run before any row draws from its generator, so a rerun of the others is
         exact)."""
 
-        if all(not r.sampling or r.params.greedy for r in batch):  # the common case: argmax, nothing to fail
-            return torch.argmax(logits, dim=-1), batch, logits
+        if all(not r.sampling or r.params.greedy for r in batch):  # greedy rows only: nothing that can fail
+            return sample(logits, [GREEDY] * len(batch), [None] * len(batch)), batch, logits
 
         def params(rows: list[Request]) -> tuple[list[SamplingParams], list[torch.Generator | None]]:
             return (
