@@ -291,7 +291,8 @@ def test_batches_1_to_64_and_widths_64_to_8192_compile_at_most_three_graphs(comp
 def test_compiled_decode_steps_match_eager(compiled_lm):
     """`--compile` (Inductor on a CPU): the compiled decode step gives the eager tokens, exits and probe
     features, with late joiners and requests ending; at exact shapes (a CPU's default) and padded to the
-    buckets of CUDA graphs (an odd batch padded to 4 rows, widths to 64 and 128 columns); with overlap too."""
+    buckets of CUDA graphs (an odd batch padded to 4 rows, widths to 64 columns and more); with overlap
+    too."""
     eager_lm = make_tiny_lm(seed=5)
     config = GenerationConfig(
         max_new_tokens=70, min_new_tokens=40, temperature=0.8, cue_regex="[ae]", answer_max_tokens=4
@@ -328,10 +329,9 @@ def test_compiled_decode_steps_match_eager(compiled_lm):
     )
     padded, graph = run(compiled_lm, True, pad=True)
     assert padded == eager
-    assert {size for size, _ in graph.shapes} == {1, 2, 4} and {width for _, width in graph.shapes} >= {
-        64,
-        128,
-    }
+    widths = {width for _, width in graph.shapes}
+    # buckets of 64 columns, then the next, never the store's whole capacity (128 here: 127)
+    assert {size for size, _ in graph.shapes} == {1, 2, 4} and 64 in widths and max(widths) in (127, 128)
 
 
 def test_under_a_kv_budget_requests_that_fit_wait_and_all_finish_as_alone():

@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch._dynamo.eval_frame import DynamoStance, _set_stance
 
 from lynx_exit.engine.kv_store import MIN_CAPACITY, PLAN_KWARG, KVStore, Plan, cache_kwarg
 from lynx_exit.models import HiddenStateCapture, tappable_layers
@@ -63,9 +62,13 @@ def width_bucket(longest: int, capacity: int) -> int:
     return min(capacity, -(-longest // step) * step)
 
 
-# Skipping the guards that do not tell compiled entries apart, set and reset around a call (what
-# `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` does, without its context manager's 6 us)
-_SKIP_GUARDS = DynamoStance(skip_guard_eval_unsafe=True)
+try:  # skipping the guards that do not tell compiled entries apart, set and reset around a call: what
+    # `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` does, without its context manager's 6 us
+    from torch._dynamo.eval_frame import DynamoStance, _set_stance
+
+    _SKIP_GUARDS: Any = DynamoStance(skip_guard_eval_unsafe=True)
+except ImportError:  # another torch: the public context manager
+    _set_stance = None  # type: ignore[assignment]
 _STEP = "_lynx_decode_step"  # on the model: its compiled step and the keys it has run
 
 
@@ -180,12 +183,15 @@ class DecodeGraph:
         columns = self._columns[:width]
         # a width's first call in its power of two runs every guard (the graph does not specialise on it)
         key = (size, bucket(width), self.store.serial, self.store.generation)
-        if key in self._seen:
+        if key in self._seen and _set_stance is not None:
             prior = _set_stance(_SKIP_GUARDS)
             try:
                 logits, features = self._compiled(self, inputs, columns)
             finally:
                 _set_stance(prior)
+        elif key in self._seen:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                logits, features = self._compiled(self, inputs, columns)
         else:
             torch._dynamo.maybe_mark_dynamic(inputs, 1)
             torch._dynamo.maybe_mark_dynamic(columns, 0)
