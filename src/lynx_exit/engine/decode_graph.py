@@ -154,8 +154,9 @@ class DecodeGraph:
     def run(
         self, token_ids: Sequence[int] | torch.Tensor, lengths: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Slot i (i < n) reads token_ids[i] at position lengths[i]: (logits [n, vocab], features [n, F] or
-        None). The token ids may be a tensor on the device (sampled by the step before, not yet read).
+        """Slot i (i < n) reads token_ids[i] at position lengths[i]: (logits [n, vocab], features of every
+        tapped layer [n, F] or None when no layer is asked: `pick` selects). The token ids may be a tensor on
+        the device (sampled by the step before, not yet read).
 
         The store must already hold `rows(n)` slots and room for every row's new token."""
         n = len(lengths)
@@ -165,9 +166,9 @@ class DecodeGraph:
         # past the widest row for this)
         width = width_bucket(longest, self.store.capacity - 1) if self.pad else longest
         on_device = isinstance(token_ids, torch.Tensor)
-        padding = [0] * (size - n)
-        ids = [self.pad_id] * size if on_device else [*token_ids, *[self.pad_id] * (size - n)]
-        host = torch.tensor([ids, [*lengths, *padding]], dtype=torch.long).view(2, size, 1)  # one host op
+        pad = [self.pad_id] * (size - n)
+        ids = [self.pad_id] * size if on_device else [*token_ids, *pad]
+        host = torch.tensor([ids, [*lengths, *[0] * (size - n)]]).view(2, size, 1)  # one host op
         if self.device.type == "cpu":
             inputs = host
         else:  # from pinned memory, so the copy does not wait for the device (the allocator keeps the block)
@@ -200,9 +201,14 @@ class DecodeGraph:
         self.steps += 1
         self.shapes.add((size, width))
         replayed = self.mode == "reduce-overhead"  # a replay writes its outputs in place: keep copies
-        logits = logits[:n].clone() if replayed else logits[:n]
+        if n < size:  # padding rows
+            logits, features = logits[:n], features[:n]
+        logits = logits.clone() if replayed else logits
         if not self.layers:
             return logits, None
-        if self._select is not None:
-            return logits, features[:n].index_select(1, self._select)
-        return logits, features[:n].clone() if replayed else features[:n]
+        return logits, features.clone() if replayed else features  # every layer: `pick` takes the ones asked
+
+    def pick(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns of the layers asked, from the rows of a step's features (on demand: most steps read
+        none)."""
+        return features if self._select is None else features.index_select(1, self._select)

@@ -72,12 +72,14 @@ class Postprocessor:
             if features is not None
             else (self.attach_features, self.score, self.forks.run_trials)
         )
-        for stage in stages:  # these only attach results to their steps: a rerun after a fault is harmless
-            contain(
-                [read for read in reads if read[0].finish_reason is None],
-                stage,
-                lambda read, exc: fail(read[0], exc),
-            )
+        # rows without a policy or taps have nothing to attach, score or try (the hot path skips the stages)
+        if any(r.policy is not None or r.layers for r, _, _ in reads):
+            for stage in stages:  # they only attach results to their steps: a rerun after a fault is harmless
+                contain(
+                    [read for read in reads if read[0].finish_reason is None],
+                    stage,
+                    lambda read, exc: fail(read[0], exc),
+                )
         for request, step, candidate in reads:
             if request.finish_reason is not None:  # failed in a batched read
                 continue

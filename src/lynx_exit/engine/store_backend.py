@@ -161,6 +161,12 @@ class StoreBackend:
     def decode(self, request_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         slots = [self.rows[r] for r in request_ids]
         width = max(self.rows.values()) + 1  # every slot in use, so the batch is slots 0.. (views, no gather)
+        graph = self.graph
+        if graph is not None and len(slots) == width and slots == list(range(width)) and graph.fits(width):
+            # the hot path: every slot reads a token, in slot order
+            logits = self._captured_in_order([int(t) for t in token_ids])
+            if logits is not None:
+                return logits
         chunks: list[list[int]] = [[] for _ in range(width)]
         for slot, token in zip(slots, token_ids, strict=True):
             chunks[slot] = [int(token)]
@@ -207,6 +213,22 @@ class StoreBackend:
         logits = self._decode_slots([[0]] * width, token_ids)
         return logits.index_select(0, torch.tensor(slots, device=self.device)) if by_slot else logits
 
+    def _captured_in_order(self, token_ids: list[int]) -> torch.Tensor | None:
+        """The compiled step where slot i reads token_ids[i] for every slot in use (None: it cannot run)."""
+        assert self.graph is not None
+        n = len(token_ids)
+        lengths = self.store.lengths
+        starts = lengths[:n]
+        try:
+            self.store.reserve(self.graph.rows(n), max(starts) + 2)  # see `_captured`
+        except KVStoreFull:
+            return None
+        logits, self._features = self.graph.run(token_ids, starts)
+        self._decoded = {}
+        for slot in range(n):
+            lengths[slot] += 1
+        return logits
+
     def _captured(
         self, chunks: list[list[int]], on_device: torch.Tensor | None = None
     ) -> torch.Tensor | None:
@@ -245,8 +267,8 @@ class StoreBackend:
 
     def hidden_states(self, request_ids: Sequence[int]) -> torch.Tensor:
         index = torch.tensor([self.rows[r] for r in request_ids], device=self.device)  # decode row == slot
-        if self._features is not None:
-            return self._features.index_select(0, index)
+        if self._features is not None and self.graph is not None:
+            return self.graph.pick(self._features.index_select(0, index))
         if self._capture is None or not self._decoded:
             raise RuntimeError("no hidden-state layers were captured by the last decode")
         return self._capture.features(index, self._decoded)
