@@ -291,7 +291,7 @@ class Engine:
         if batch.parts:
             logits = batch.logits()
             rows = batch.rows
-            self.runner.ban_tokens(logits, rows, self.plugin.pending)
+            self.runner.ban_tokens(logits, rows, self.plugin.pending if self.assistant_backend else None)
             sampled, alive, logits = self.runner.sample(logits, rows)
             features, ahead = self._launch_ahead(batch, alive, sampled)
             token_ids = (

@@ -103,10 +103,10 @@ class Runner:
 
     # -- sampling ------------------------------------------------------------------------------------
     def ban_tokens(
-        self, logits: torch.Tensor, batch: list[Request], pending: Callable[[Request], int]
+        self, logits: torch.Tensor, batch: list[Request], pending: Callable[[Request], int] | None
     ) -> None:
         """min_new_tokens and policies' banned tokens (NoWait-style logit bias, how-it-works §9), one call.
-        `pending`: tokens a row has written that are not kept yet (a look-ahead)."""
+        `pending`: tokens a row has written that are not kept yet (a look-ahead; None: none)."""
         rows: list[int] = []
         token_ids: list[int] = []
         for row, request in enumerate(batch):
@@ -117,8 +117,9 @@ class Runner:
                 if request.phase == "think" and request.policy is not None
                 else ()
             )
-            no_eos = (
-                len(request.kept_ids) + pending(request) + (request.feed >= 0) < request.config.min_new_tokens
+            least = request.config.min_new_tokens
+            no_eos = bool(least) and (
+                len(request.kept_ids) + (pending(request) if pending else 0) + (request.feed >= 0) < least
             )
             if not policy_bans and not no_eos:
                 continue
@@ -136,8 +137,9 @@ class Runner:
         fails alone (the filters run before any row draws from its generator, so a rerun of the others is
         exact)."""
 
-        if all(not r.sampling or r.params.greedy for r in batch):  # greedy rows only: nothing that can fail
-            return sample(logits, [GREEDY] * len(batch), [None] * len(batch)), batch, logits
+        if all(not r.sampling or r.params.temperature == 0 for r in batch):  # greedy only: nothing can fail
+            n = len(batch)
+            return sample(logits, [GREEDY] * n, [None] * n), batch, logits
 
         def params(rows: list[Request]) -> tuple[list[SamplingParams], list[torch.Generator | None]]:
             return (

@@ -94,7 +94,7 @@ def sample(
             f"{logits.shape[0]} rows of logits but {len(params)} params and {len(generators)} generators"
         )
     token_ids = torch.argmax(logits, dim=-1)  # [batch]; greedy rows keep these
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
     if not sampled:
         return token_ids
     every_row = len(sampled) == logits.shape[0]
