@@ -349,6 +349,14 @@ def test_forward_taps_nest_and_restore_in_any_order(tiny_lm):
     ids = torch.tensor([[5, 6, 7]])
     hidden = tiny_lm.model(ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(second.features(), torch.cat([hidden[1][:, -1], hidden[2][:, -1]], -1).float())
+    second.extend((0, 2, 3))  # a compiled step's taps grow in place: the new layers follow, in their order
+    tiny_lm.model(ids)
+    assert second.layers == (1, 2, 0, 3)
+    expected = torch.cat([hidden[i][:, -1] for i in (1, 2, 0, 3)], -1).float()
+    torch.testing.assert_close(second.features(), expected)
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        second.extend((9,))
+    assert second.layers == (1, 2, 0, 3)  # a bad layer taps nothing
     second.close()
     assert "forward" not in block.__dict__ and "_lynx_exit_taps" not in block.__dict__
 

@@ -49,3 +49,5 @@ def test_the_gpu_check_runs_on_a_cpu_with_a_tiny_model(tmp_path):
         row["compiled_lynx"]["complete"] and row["compiled_lynx"]["decode_steps"] == 4
     )  # 5 tokens: the first is the prefill's
     assert row["compiled_lynx"]["cues_scored"] > 0  # the LYNX side scores cues
+    assert row["compiled_lynx"]["launched_ahead"] > 0  # with overlap, as on CUDA
+    assert payload["graphs_compiled"] >= 1 and payload["warm_up"] == {"skipped": "not asked (--sides)"}

@@ -241,7 +241,7 @@ def test_bad_prefill_budget_is_named(tiny_lm):
 # with Inductor as the step's compiler (as `--compile` runs it). (batch, width) of successive steps:
 WALK = [(1, 64), (1, 61), (2, 64), (3, 100), (4, 200), (3, 500), (8, 900), (16, 2000), (13, 3000)]
 WALK += [(32, 4000), (32, 4100), (64, 5000), (50, 8192), (64, 8192), (1, 8000), (7, 70)]
-TAPS = [(), (1, 3), (2,), (0, 1, 2, 3)]
+TAPS = [(), (1, 3), (2,), (1, 2, 3)]  # of the layers a probe reads by default, (1, 2, 3)
 HIDDEN = 36
 
 

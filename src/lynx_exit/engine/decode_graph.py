@@ -9,8 +9,9 @@ and 1): two compiles for any trace (issue 35; `test_kv_store.py` counts them ove
 widths 64-8,192). What keeps the width out of every guard: the store's views are `narrow`ed to it (a slice's
 size would be min(width, capacity)), the store keeps a column past the widest row (a width equal to the
 capacity would be a case of its own), the CPU attention sums its softmax in float64 (Inductor splits a float32
-sum of over 4,096 terms, and guards on it), and the CPU branch never reads the width. Every layer is tapped,
-always (`taps`): the layers asked are picked from the step's output, so they never change the graph.
+sum of over 4,096 terms, and guards on it), and the CPU branch never reads the width. The layers a probe of the
+model reads by default are tapped always (`taps`), whatever the requests ask: the layers asked are picked from
+the step's output, so they never change the graph (a layer asked beyond them grows the taps, once).
 
 On a GPU the step is recorded as CUDA graphs (`mode="reduce-overhead"`), one per shape, so shapes
 are padded to buckets (`pad`): the batch up to a power of two (1, 2, 4, 8, ...), the attended width
@@ -72,14 +73,31 @@ except ImportError:  # another torch: the public context manager
 _STEP = "_lynx_decode_step"  # on the model: its compiled step and the keys it has run
 
 
-def _compiled_step(model: Any, mode: str | None) -> tuple[Any, set[tuple[Any, ...]], HiddenStateCapture]:
-    """The model's compiled decode step (made once per model from a copy of `DecodeGraph._step`'s code), the
-    keys it has run, and its taps on every layer (never changed, so the graph never changes with them)."""
-    if _STEP not in model.__dict__:
+class _ModelStep:
+    """What one model's compiled decode steps share: the compiled function (made from a copy of
+    `DecodeGraph._step`'s code), the keys it has run and its taps."""
+
+    def __init__(self, model: Any, mode: str | None, layers: Sequence[int]) -> None:
         code = DecodeGraph._step.__code__.replace()
         step = types.FunctionType(code, DecodeGraph._step.__globals__, "decode_step")
-        taps = HiddenStateCapture(model, tappable_layers(model))
-        model.__dict__[_STEP] = (torch.compile(step, dynamic=None, fullgraph=True, mode=mode), set(), taps)
+        self.model = model
+        self.compiled = torch.compile(step, dynamic=None, fullgraph=True, mode=mode)
+        self.seen: set[tuple[Any, ...]] = set()
+        self.taps = HiddenStateCapture(model, sorted(set(layers)))
+
+    def tap(self, layers: Sequence[int]) -> None:
+        """Tap `layers` too: new taps are a new graph (once; the taps only grow, in place, so every reader of
+        them sees the new ones)."""
+        if not set(layers) <= set(self.taps.layers):
+            self.taps.extend(sorted(set(layers) - set(self.taps.layers)))
+            self.seen.clear()
+
+
+def _model_step(model: Any, mode: str | None, layers: Sequence[int]) -> _ModelStep:
+    """The model's shared compiled step, made once per model, tapping `layers` (the layers a probe of the
+    model reads by default): layers asked beyond them are tapped from then on."""
+    if _STEP not in model.__dict__:
+        model.__dict__[_STEP] = _ModelStep(model, mode, layers)
     return model.__dict__[_STEP]
 
 
@@ -87,14 +105,20 @@ class DecodeGraph:
     """Compiled decode steps of one model over one store (shapes padded to buckets when `pad`)."""
 
     def __init__(
-        self, model: Any, store: KVStore, device: torch.device, pad_id: int, pad: bool | None = None
+        self,
+        model: Any,
+        store: KVStore,
+        device: torch.device,
+        pad_id: int,
+        pad: bool | None = None,
+        taps: Sequence[int] | None = None,
     ) -> None:
         self.model, self.store, self.device, self.pad_id = model, store, device, pad_id
         self._cache_kwarg = cache_kwarg(model)
         self.mode = "reduce-overhead" if device.type == "cuda" else None
         self.pad = device.type == "cuda" if pad is None else pad  # shapes padded to buckets (CUDA graphs)
         store.static_addresses = device.type == "cuda"
-        self._select: torch.Tensor | None = None  # columns of the layers asked (None: all of them)
+        self._select: tuple[Any, torch.Tensor] | None = None  # (taps and layers asked, their columns)
         self.layers: tuple[int, ...] = ()  # the layers asked: their states leave `run`
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [2, bucket, 1] long: token ids, positions
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
@@ -110,7 +134,8 @@ class DecodeGraph:
             import torch._inductor.config as inductor
 
             inductor.triton.cudagraph_dynamic_shape_warn_limit = None
-        self._compiled, self._seen, self.taps = _compiled_step(model, self.mode)
+        self.shared = _model_step(model, self.mode, tappable_layers(model) if taps is None else taps)
+        self._compiled, self._seen = self.shared.compiled, self.shared.seen
 
     def _step(self, inputs: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions = inputs[0], inputs[1]  # [b, 1] each
@@ -131,18 +156,31 @@ class DecodeGraph:
             **{self._cache_kwarg: self.store, PLAN_KWARG: plan},
         )
         self.store.plan = None
-        return out.logits[:, -1, :], self.taps.features()
+        return out.logits[:, -1, :], self.shared.taps.features()
+
+    @property
+    def taps(self) -> HiddenStateCapture:
+        return self.shared.taps
 
     def select(self, layers: Sequence[int]) -> None:
-        """The layers whose hidden states `run` returns (every layer is tapped all the same)."""
+        """The layers whose hidden states `run` returns (the taps grow to hold them, once)."""
         self.layers = tuple(layers)
+        self.shared.tap(self.layers)
+        self._select = None
+
+    def pick(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns of the layers asked, from the rows of a step's features (on demand: most steps read
+        none)."""
         tapped = self.taps.layers
-        if self.layers == tapped or not self.layers:
-            self._select = None
-            return
-        hidden = int(self.model.config.hidden_size)
-        starts = [tapped.index(layer) * hidden for layer in self.layers]
-        self._select = torch.cat([torch.arange(s, s + hidden) for s in starts]).to(self.device)
+        if self.layers == tapped:
+            return features
+        key = (tapped, self.layers)
+        if self._select is None or self._select[0] != key:
+            hidden = int(self.model.config.hidden_size)
+            starts = [tapped.index(layer) * hidden for layer in self.layers]
+            index = torch.cat([torch.arange(s, s + hidden) for s in starts]).to(self.device)
+            self._select = (key, index)
+        return features.index_select(1, self._select[1])
 
     def fits(self, n: int) -> bool:
         return n <= MAX_BUCKET
@@ -207,8 +245,3 @@ class DecodeGraph:
         if not self.layers:
             return logits, None
         return logits, features.clone() if replayed else features  # every layer: `pick` takes the ones asked
-
-    def pick(self, features: torch.Tensor) -> torch.Tensor:
-        """The columns of the layers asked, from the rows of a step's features (on demand: most steps read
-        none)."""
-        return features if self._select is None else features.index_select(1, self._select)

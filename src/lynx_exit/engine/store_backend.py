@@ -82,7 +82,12 @@ class StoreBackend:
             int(self.model.config.num_hidden_layers), self.device, limit, budget, _bytes_per_token(self.model)
         )
         # `compile`: each decode step runs as one compiled graph (see `decode_graph`)
-        self.graph = DecodeGraph(self.model, self.store, self.device, self.pad_id) if compile else None
+        # tapping the layers a probe of this model reads by default (others asked are tapped once asked)
+        self.graph = (
+            DecodeGraph(self.model, self.store, self.device, self.pad_id, taps=lm.feature_spec().layers)
+            if compile
+            else None
+        )
         self.rows: dict[int, int] = {}  # request id -> slot
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._capture: HiddenStateCapture | LayerSelection | None = None

@@ -91,26 +91,30 @@ class HiddenStateCapture:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
-        embed, blocks, norm = decoder_modules(model)
-        num_layers = len(blocks)
-        self.layers = tuple(layers)
+        self._model = model
+        self.layers: tuple[int, ...] = ()
         self._latest: dict[int, torch.Tensor] = {}
         self._removers: list[Callable[[], None]] = []
-        for layer in self.layers:
-            if layer == 0:
-                if _has_position_embeddings(model):
-                    raise ValueError(
-                        "layer 0 of a model with absolute position embeddings (GPT-2 style) is not "
-                        "the token embedding alone: choose layers >= 1"
-                    )
-                module = embed
-            elif layer == num_layers:
-                module = norm
-            elif 0 < layer < num_layers:
-                module = blocks[layer - 1]
-            else:
+        self.extend(layers)
+
+    def extend(self, layers: Sequence[int]) -> None:
+        """Tap these layers too (the ones tapped already stay, in their order; the new ones follow)."""
+        model = self._model
+        embed, blocks, norm = decoder_modules(model)
+        num_layers = len(blocks)
+        new = [layer for layer in dict.fromkeys(layers) if layer not in self.layers]
+        for layer in new:
+            if layer == 0 and _has_position_embeddings(model):
+                raise ValueError(
+                    "layer 0 of a model with absolute position embeddings (GPT-2 style) is not "
+                    "the token embedding alone: choose layers >= 1"
+                )
+            if not 0 <= layer <= num_layers:
                 raise ValueError(f"layer {layer} out of range 0..{num_layers}")
+        for layer in new:  # checked first: a bad layer taps nothing
+            module = embed if layer == 0 else norm if layer == num_layers else blocks[layer - 1]
             self._removers.append(tap_forward(module, self._make_sink(layer)))
+        self.layers = (*self.layers, *new)
 
     def _make_sink(self, layer: int) -> Callable[[Any], None]:
         def sink(output: Any) -> None:
