@@ -9,9 +9,9 @@ and 1): two compiles for any trace (issue 35; `test_kv_store.py` counts them ove
 widths 64-8,192). What keeps the width out of every guard: the store's views are `narrow`ed to it (a slice's
 size would be min(width, capacity)), the store keeps a column past the widest row (a width equal to the
 capacity would be a case of its own), the CPU attention sums its softmax in float64 (Inductor splits a float32
-sum of over 4,096 terms, and guards on it), and the CPU branch never reads the width. The layers a probe of the
-model reads by default are tapped always (`taps`), whatever the requests ask: the layers asked are picked from
-the step's output, so they never change the graph (a layer asked beyond them grows the taps, once).
+sum of over 4,096 terms, and guards on it), and the CPU branch never reads the width. The layers a probe of
+the model reads by default are tapped always (`taps`), whatever the requests ask: the layers asked are picked
+from the step's output, so they never change the graph (a layer asked beyond them grows the taps, once).
 
 On a GPU the step is recorded as CUDA graphs (`mode="reduce-overhead"`), one per shape, so shapes
 are padded to buckets (`pad`): the batch up to a power of two (1, 2, 4, 8, ...), the attended width
@@ -244,4 +244,7 @@ class DecodeGraph:
         logits = logits.clone() if replayed else logits
         if not self.layers:
             return logits, None
-        return logits, features.clone() if replayed else features  # every layer: `pick` takes the ones asked
+        return (
+            logits,
+            features.clone() if replayed else features,
+        )  # every tapped layer: `pick` takes those asked

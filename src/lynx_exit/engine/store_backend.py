@@ -263,7 +263,7 @@ class StoreBackend:
             return
         if self._capture is not None:
             self._capture.close()
-        if self.graph is not None:  # the compiled step's taps on every layer serve the eager passes too
+        if self.graph is not None:  # the compiled step's taps serve the eager passes too
             self.graph.select(layers)
             self._capture = LayerSelection(self.graph.taps, layers) if layers else None
         else:
