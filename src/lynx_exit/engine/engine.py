@@ -349,9 +349,12 @@ class Engine:
         ahead, self._ahead = self._ahead, None
         usable = ahead is not None and bool(fed) and ahead.layers == self.scheduler.layers
         decoded = ahead.logits_for(fed) if usable and ahead is not None else None
-        if ahead is not None and decoded is None:  # the rows or their taps changed since the launch
+        if ahead is not None:
             assert self.ahead_backend is not None  # only it launches
-            overlap.rollback(ahead, self.scheduler.get, self.ahead_backend)
+            # the rows or their taps changed since the launch: all of it is given up; else the rows that
+            # ended since (an abort) give back what it wrote
+            keep = None if decoded is None else {r.request_id for r in fed}
+            overlap.rollback(ahead, self.scheduler.get, self.ahead_backend, keep)
         if fed:
             decoded = self.runner.decode(fed) if decoded is None else decoded
             batch.fed = [r for r in fed if r.finish_reason is None and r.in_cache]

@@ -91,8 +91,11 @@ def settle(ahead: Ahead, get: Callable[[int], Request], backend: AheadBackend) -
     return ahead
 
 
-def rollback(ahead: Ahead, get: Callable[[int], Request], backend: AheadBackend) -> None:
-    """Give up a launch that was kept: every row still in the cache goes back to what it held before it."""
+def rollback(
+    ahead: Ahead, get: Callable[[int], Request], backend: AheadBackend, keep: set[int] | None = None
+) -> None:
+    """Give up a launch that was kept (for the rows not in `keep`): every such row still in the cache goes
+    back to what it held before it (a request aborted since, but holding its cache, among them)."""
     for request_id, before in zip(ahead.request_ids, ahead.lengths, strict=True):
-        if get(request_id).in_cache:
+        if (keep is None or request_id not in keep) and get(request_id).in_cache:
             backend.truncate(request_id, before)
