@@ -16,12 +16,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import torch
 from _common import write_result
 
 WALK = [(1, 64), (2, 100), (4, 300), (3, 700), (8, 1000), (16, 2000), (13, 3000), (32, 4100), (64, 6000)]
 WALK += [(64, 8192), (1, 8000), (7, 70)]
+
+
+def hold_rows(backend: Any, first_id: int, batch: int, width: int) -> list[int]:
+    """Free the backend, then give `batch` new requests (ids from `first_id`) rows of `width - 1 - (id % 7)`
+    tokens each, ready for a decode step of that width (what the rows hold does not matter to a compile)."""
+    for request_id in list(backend.rows):
+        backend.release(request_id)
+    backend.compact(drop_rows=True)
+    ids = list(range(first_id, first_id + batch))
+    backend.prefill(ids, [[5, 6, 7]] * batch)
+    backend.store.reserve(batch, width)
+    for request_id in ids:
+        backend.store.lengths[backend.rows[request_id]] = width - 1 - request_id % 7
+    return ids
 
 
 def walk(model: str) -> dict[str, object]:
@@ -37,15 +52,8 @@ def walk(model: str) -> dict[str, object]:
     rows, next_id = [], 0
     for batch, width in WALK:
         with torch.inference_mode():
-            for request_id in list(backend.rows):
-                backend.release(request_id)
-            backend.compact(drop_rows=True)
-            ids = list(range(next_id, next_id + batch))
+            ids = hold_rows(backend, next_id, batch, width)
             next_id += batch
-            backend.prefill(ids, [[5, 6, 7]] * batch)
-            backend.store.reserve(batch, width)
-            for request_id in ids:
-                backend.store.lengths[backend.rows[request_id]] = width - 1 - request_id % 7
             start = time.perf_counter()
             backend.decode(ids, [9] * batch)
             first = time.perf_counter() - start

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cache_verbs import exercise_cache_verbs
+from compile_once import hold_rows
 from conftest import CORPUS, make_tiny_lm
 from legacy_backend import LegacyBackend
 from test_decode import ExitAtCue, FeatureThreshold
@@ -256,16 +257,8 @@ def test_batches_1_to_64_and_widths_64_to_8192_compile_at_most_three_graphs(comp
     next_id = 0
     for batch, width in WALK:
         with torch.inference_mode():
-            for request_id in list(backend.rows):
-                backend.release(request_id)
-            backend.compact(drop_rows=True)
-            ids = list(range(next_id, next_id + batch))
+            ids = hold_rows(backend, next_id, batch, width)
             next_id += batch
-            backend.prefill(ids, [[5, 6, 7]] * batch)
-            # the rows hold `width - 1 - (id % 7)` tokens (what they hold does not matter to a compile)
-            backend.store.reserve(batch, width)
-            for request_id in ids:
-                backend.store.lengths[backend.rows[request_id]] = width - 1 - request_id % 7
             backend.capture(TAPS[len(ids) % len(TAPS)])  # the layers asked change too
             logits = backend.decode(ids, [9] * batch)
             if backend.layers:

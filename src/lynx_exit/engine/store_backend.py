@@ -218,14 +218,16 @@ class StoreBackend:
         logits = self._decode_slots([[0]] * width, token_ids)
         return logits.index_select(0, torch.tensor(slots, device=self.device)) if by_slot else logits
 
-    def _captured_in_order(self, token_ids: list[int]) -> torch.Tensor | None:
+    def _captured_in_order(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor | None:
         """The compiled step where slot i reads token_ids[i] for every slot in use (None: it cannot run)."""
         assert self.graph is not None
         n = len(token_ids)
         lengths = self.store.lengths
         starts = lengths[:n]
+        # padding rows need slots of their own, and the store a column past the widest row (a step whose
+        # width were the whole capacity would compile a graph of its own); with no room, the step runs eagerly
         try:
-            self.store.reserve(self.graph.rows(n), max(starts) + 2)  # see `_captured`
+            self.store.reserve(self.graph.rows(n), max(starts) + 2)
         except KVStoreFull:
             return None
         logits, self._features = self.graph.run(token_ids, starts)
@@ -241,20 +243,7 @@ class StoreBackend:
         assert self.graph is not None
         if not all(chunks) or not self.graph.fits(len(chunks)):
             return None
-        lengths = self.store.lengths
-        starts = lengths[: len(chunks)]
-        # padding rows need slots of their own, and the store a column past the widest row (a step whose
-        # width were the whole capacity would compile a graph of its own); with no room, the step runs eagerly
-        try:
-            self.store.reserve(self.graph.rows(len(chunks)), max(starts) + 2)
-        except KVStoreFull:
-            return None
-        tokens = on_device if on_device is not None else [c[0] for c in chunks]
-        logits, self._features = self.graph.run(tokens, starts)
-        self._decoded = {}
-        for slot in range(len(chunks)):
-            lengths[slot] += 1
-        return logits
+        return self._captured_in_order(on_device if on_device is not None else [c[0] for c in chunks])
 
     # -- hidden states ------------------------------------------------------------------------------
     def capture(self, layers: Sequence[int]) -> None:
