@@ -154,6 +154,7 @@ class CueDetector:
         self.think_start = think_start
         self.start = start
         self.max_cue_chars = max_cue_chars
+        self._completing = self.completing_chars()
         self.reset()
 
     def reset(self) -> None:
@@ -164,10 +165,18 @@ class CueDetector:
         self.thinking = self.start != "off"
         # Absolute offset where cues may start: 0 once thinking is open, None while waiting for think_start.
         self._cues_from: int | None = 0 if self.start == "template" else None
+        self._scanned_ahead: str | None = None  # the look-ahead text the last step scanned (None: not whole)
 
     def step(self, delta: str, lookahead: str = "") -> str | None:
+        seen, self._scanned_ahead = self._scanned_ahead, lookahead or None
         self._tail += delta
         if not self.thinking:
+            return None
+        completing = self._completing
+        if delta == seen and completing is not None and delta.isascii() and completing.isdisjoint(delta):
+            # The last step scanned this very text as its look-ahead, so every word that ended before it was
+            # confirmed or refused then; text without a completing character ends no cue and no marker.
+            self._trim()
             return None
         committed_end = self._tail_start + len(self._tail)
         if self._cues_from is None:
@@ -221,6 +230,7 @@ class CueDetector:
         `step` would leave, without scanning. The text of a cue word it ends the next `step` still confirms
         with its look-ahead."""
         self._tail += text
+        self._scanned_ahead = None
         self._trim()
 
     def _trim(self) -> None:

@@ -133,9 +133,11 @@ class PointDetector(CueDetector):
         if self._tail_start != tail_start:  # the base trimmed its tail: carry the quotation state over
             self._quoted_at_tail = self._quoted_after(self._quoted_at_tail, self._trimmed)
             self._found = {item for item in self._found if item[1] > self._tail_start}
+        if not self._beyond_cues:  # a cue is the one point there is
+            self.point = "cue" if cue is not None and "cue" in self.kinds else None
+            return cue
         fired = {"cue"} if cue is not None else set()
-        if self._beyond_cues:
-            fired |= self._extra_points(start_of_delta, lookahead)
+        fired |= self._extra_points(start_of_delta, lookahead)
         self.point = next((kind for kind in PRIORITY if kind in fired and kind in self.kinds), None)
         return cue
 

@@ -123,6 +123,8 @@ class DecodeGraph:
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> [2, bucket, 1] long: token ids, positions
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
         self._columns = torch.arange(0, device=device)
+        self._column_views: dict[int, torch.Tensor] = {}  # width -> self._columns[:width]
+        self._inputs_host: dict[int, tuple[torch.Tensor, Any]] = {}  # CPU: size -> (buffer, its numpy view)
         self.steps = 0  # decode steps run as a compiled graph
         self.shapes: set[tuple[int, int]] = set()  # (batch, width) run
         # Entries: a batch of one and every other batch (and, past a context's last column, a few more).
@@ -185,6 +187,24 @@ class DecodeGraph:
     def fits(self, n: int) -> bool:
         return n <= MAX_BUCKET
 
+    def _host_inputs(self, size: int) -> tuple[torch.Tensor, Any]:
+        """The CPU step's input buffer of `size` rows ([2, size, 1]: token ids, positions) and a numpy view of
+        it ([2, size]) to write them through (a host write costs a tenth of making a tensor)."""
+        held = self._inputs_host.get(size)
+        if held is None:
+            buffer = torch.full((2, size, 1), self.pad_id, dtype=torch.long)
+            buffer[1].zero_()
+            held = self._inputs_host[size] = (buffer, buffer.numpy()[:, :, 0])
+        return held
+
+    def _columns_of(self, width: int) -> torch.Tensor:
+        """Key column indices 0..width-1 (the view carries the step's width), kept: widths recur."""
+        if self._columns.shape[0] < width:
+            self._columns = torch.arange(max(width, self.store.capacity), device=self.device)
+            self._column_views.clear()
+        columns = self._column_views[width] = self._columns[:width]
+        return columns
+
     def rows(self, n: int) -> int:
         """Batch rows a step of n requests runs (the slots the store must hold)."""
         return bucket(n) if self.pad else n
@@ -204,12 +224,17 @@ class DecodeGraph:
         # past the widest row for this)
         width = width_bucket(longest, self.store.capacity - 1) if self.pad else longest
         on_device = isinstance(token_ids, torch.Tensor)
-        pad = [self.pad_id] * (size - n)
-        ids = [self.pad_id] * size if on_device else [*token_ids, *pad]
-        host = torch.tensor([ids, [*lengths, *[0] * (size - n)]]).view(2, size, 1)  # one host op
-        if self.device.type == "cpu":
-            inputs = host
+        if self.device.type == "cpu":  # one buffer a batch size, written in place: the step reads it at once
+            inputs, host_view = self._host_inputs(size)
+            if not on_device:
+                host_view[0, :n] = token_ids
+            host_view[1, :n] = lengths
+            if n < size:  # padding rows read the pad token at position 0
+                host_view[0, n:], host_view[1, n:] = self.pad_id, 0
         else:  # from pinned memory, so the copy does not wait for the device (the allocator keeps the block)
+            pad = [self.pad_id] * (size - n)
+            ids = [self.pad_id] * size if on_device else [*token_ids, *pad]
+            host = torch.tensor([ids, [*lengths, *[0] * (size - n)]]).view(2, size, 1)  # one host op
             buffer = self._inputs.get(size)
             if buffer is None:
                 buffer = self._inputs[size] = torch.empty((2, size, 1), dtype=torch.long, device=self.device)
@@ -217,9 +242,9 @@ class DecodeGraph:
             inputs.copy_(host.pin_memory() if torch.cuda.is_available() else host, non_blocking=True)
         if isinstance(token_ids, torch.Tensor):
             inputs[0, :n, 0].copy_(token_ids)
-        if self._columns.shape[0] < width:
-            self._columns = torch.arange(max(width, self.store.capacity), device=self.device)
-        columns = self._columns[:width]
+        columns = self._column_views.get(width)
+        if columns is None:
+            columns = self._columns_of(width)
         # a width's first call in its power of two runs every guard (the graph does not specialise on it)
         key = (size, bucket(width), self.store.serial, self.store.generation)
         if key in self._seen and _set_stance is not None:
