@@ -122,3 +122,26 @@ def test_skipping_the_scan_equals_scanning_when_the_look_ahead_is_not_what_comes
             steps = zip(pieces, looks, strict=True)
             results.append([(detector.step(p, a), detector.thinking) for p, a in steps])
         assert results[0] == results[1], (pieces, looks)
+
+
+def test_detokenizer_reading_whole_tokens_from_their_table_equals_decoding(tiny_lm):
+    """A byte-level tokenizer's whole-character tokens skip the decode of a peek: on random streams (special
+    tokens, bytes of split characters, peeks at tokens never pushed) every peek and push is what decoding
+    says."""
+    import random
+
+    rng = random.Random(3)
+    tokenizer = tiny_lm.tokenizer
+    fast = IncrementalDetokenizer(tokenizer)
+    assert fast._whole is not None  # the tiny tokenizer is byte-level: the table is used
+    split = tiny_lm.encode("café 你好 ∑ wait")  # tokens that are parts of a character
+    vocab = list(range(len(tokenizer))) + split * 20
+    for _ in range(60):
+        fast, slow = IncrementalDetokenizer(tokenizer), IncrementalDetokenizer(tokenizer)
+        slow._whole = None
+        for _ in range(rng.randint(1, 40)):
+            token = rng.choice(vocab)
+            for other in (rng.choice(vocab), token):
+                assert fast.peek(other) == slow.peek(other)
+            assert fast.push(token) == slow.push(token)
+        assert fast.token_ids == slow.token_ids

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 DEFAULT_CUE_WORDS: tuple[str, ...] = ("hmm", "wait", "alternatively")
 
@@ -52,6 +53,7 @@ class IncrementalDetokenizer:
         # The Rust tokenizer behind a fast transformers tokenizer decodes identically when no
         # space clean-up is configured, at a fraction of the wrapper's per-call cost (hot path).
         backend = getattr(tokenizer, "_tokenizer", None)
+        self._whole: dict[int, str | None] | None = None  # see `_whole_text`
         if (
             backend is not None
             and hasattr(backend, "decode")
@@ -60,6 +62,7 @@ class IncrementalDetokenizer:
             self._decode: Callable[[list[int]], str] = lambda ids: backend.decode(
                 ids, skip_special_tokens=skip_special_tokens
             )
+            self._whole = _whole_texts(tokenizer, backend)
         else:
             self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         self.token_ids: list[int] = []
@@ -106,6 +109,13 @@ class IncrementalDetokenizer:
         key = (token_id, len(self.token_ids))
         if self._peeked is not None and self._peeked[0] == key:
             return self._peeked[1]
+        if self._whole is not None and self._read_offset == key[1]:  # every token read so far is text
+            whole = self._whole.get(token_id, _UNSEEN)
+            if whole is _UNSEEN:
+                whole = self._whole[token_id] = self._whole_text(token_id)
+            if whole is not None:
+                self._peeked = (key, whole)
+                return whole
         ids = self.token_ids[self._prefix_offset :] + [token_id]
         offsets = (self._prefix_offset, self._read_offset)
         if self._prefix_text is None or self._prefix_text[0] != offsets:  # changes only when text was emitted
@@ -119,6 +129,35 @@ class IncrementalDetokenizer:
         )
         self._peeked = (key, delta)
         return delta
+
+    def _whole_text(self, token_id: int) -> str | None:
+        """The text of a token that is whole characters (None: not, or not known to be). Byte-level BPE text
+        is its tokens' bytes read as UTF-8: once the tokens before it ended on a whole character, such a token
+        adds exactly its own text, so a peek needs no decode."""
+        text = self._decode([token_id])
+        return text if text and "\ufffd" not in text else None
+
+
+_UNSEEN = object()
+_WHOLE_TEXTS: weakref.WeakKeyDictionary[Any, dict[int, str | None]] = weakref.WeakKeyDictionary()
+
+
+def _whole_texts(tokenizer: Any, backend: Any) -> dict[int, str | None] | None:
+    """The texts of a byte-level tokenizer's ordinary tokens, shared by every detokenizer of it (filled as the
+    tokens come); None for any other tokenizer (a decoder that strips or joins, added tokens aside, is not a
+    concatenation of its tokens' texts)."""
+    decoder = getattr(backend, "decoder", None)
+    if type(decoder).__name__ != "ByteLevel" or type(decoder).__module__.split(".")[0] != "tokenizers":
+        return None
+    try:
+        texts = _WHOLE_TEXTS.get(backend)
+        if texts is None:
+            texts = _WHOLE_TEXTS[backend] = {}
+    except TypeError:  # not weakly referable: a table of its own
+        texts = {}
+    for token_id in getattr(tokenizer, "added_tokens_decoder", {}):
+        texts[int(token_id)] = None  # an added token's text is its content, not bytes: always decoded
+    return texts
 
 
 class CueDetector:

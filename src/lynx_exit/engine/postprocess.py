@@ -53,6 +53,7 @@ class Postprocessor:
         fail = self.scheduler.fail
         steps: list[Step] = []
         reads: list[Read] = []
+        features_due = policies = False  # whether a read step needs hidden states; has a policy
         for row, (request, candidate) in enumerate(zip(rows, candidates, strict=True)):
             try:
                 handled = self.plugin.intercept(request, candidate) if hooks else None
@@ -63,23 +64,26 @@ class Postprocessor:
                     if features is not None:
                         self._own_features(request, step, features[row])
                     reads.append((request, step, candidate))
+                    if step.phase == "think":
+                        policies = policies or request.policy is not None
+                        features_due = features_due or (
+                            bool(request.layers) and (request.every_step or step.point is not None)
+                        )
                 else:
                     steps += self.forced(request, candidate)
             except Exception as exc:
                 fail(request, exc)
-        stages = (
-            (self.score, self.forks.run_trials)
-            if features is not None
-            else (self.attach_features, self.score, self.forks.run_trials)
-        )
-        # rows without a policy or taps have nothing to attach, score or try (the hot path skips the stages)
-        if any(r.policy is not None or r.layers for r, _, _ in reads):
-            for stage in stages:  # they only attach results to their steps: a rerun after a fault is harmless
-                contain(
-                    [read for read in reads if read[0].finish_reason is None],
-                    stage,
-                    lambda read, exc: fail(read[0], exc),
-                )
+        # Only the stages some row needs run (most steps of most rows are at no decision point): features
+        # where a step is at a point (or every step is asked), scores of those, the trials a policy asks.
+        stages = [self.attach_features] if features_due and features is None else []
+        stages += [self.score] if features_due else []
+        stages += [self.forks.run_trials] if policies else []
+        for stage in stages:  # they only attach results to their steps: a rerun after a fault is harmless
+            contain(
+                [read for read in reads if read[0].finish_reason is None],
+                stage,
+                lambda read, exc: fail(read[0], exc),
+            )
         for request, step, candidate in reads:
             if request.finish_reason is not None:  # failed in a batched read
                 continue

@@ -110,22 +110,24 @@ class Runner:
         rows: list[int] = []
         token_ids: list[int] = []
         for row, request in enumerate(batch):
-            if not request.sampling:
+            phase = request.phase
+            if phase == "think":
+                policy = request.policy
+                policy_bans = policy.banned_token_ids if policy is not None else ()
+            elif phase == "answer":
+                policy_bans = ()
+            else:  # greedy: an exit cue, a forced answer
                 continue
-            policy_bans = (
-                request.policy.banned_token_ids
-                if request.phase == "think" and request.policy is not None
-                else ()
-            )
             least = request.config.min_new_tokens
-            no_eos = bool(least) and (
+            no_eos = least > 0 and (
                 len(request.kept_ids) + (pending(request) if pending else 0) + (request.feed >= 0) < least
             )
-            if not policy_bans and not no_eos:
+            if policy_bans:
+                banned = sorted(set(policy_bans) | (self.eos_ids if no_eos else set()))
+            elif no_eos:
+                banned = self._eos
+            else:
                 continue
-            banned = (
-                sorted(set(policy_bans) | (self.eos_ids if no_eos else set())) if policy_bans else self._eos
-            )
             rows += [row] * len(banned)
             token_ids += banned
         self.mask_tokens(logits, rows, token_ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,24 +36,21 @@ class TokenMask:
     KEEP = 64  # patterns kept
 
     def __init__(self) -> None:
-        self._index: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._minus_inf: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # (device, dtype, rows, token ids) -> ((row index, token index), -inf in the logits' dtype)
+        self._index: dict[tuple[Any, ...], tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int]) -> None:
         if not rows:
             return
-        key = (tuple(rows), tuple(token_ids))
-        index = self._index.get(key)
-        if index is None or index[0].device != logits.device:
+        key = (logits.device, logits.dtype, tuple(rows), tuple(token_ids))
+        held = self._index.get(key)
+        if held is None:
             if len(self._index) >= self.KEEP:
                 self._index.clear()
             both = torch.tensor([list(rows), list(token_ids)], device=logits.device)
-            index = self._index[key] = (both[0], both[1])
-        fill = self._minus_inf.get((logits.device, logits.dtype))
-        if fill is None:
             fill = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
-            self._minus_inf[(logits.device, logits.dtype)] = fill
-        logits.index_put_(index, fill)
+            held = self._index[key] = ((both[0], both[1]), fill)
+        logits.index_put_(*held)
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor | float:
