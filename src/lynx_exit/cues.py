@@ -110,8 +110,8 @@ class IncrementalDetokenizer:
         if self._peeked is not None and self._peeked[0] == key:
             return self._peeked[1]
         if self._whole is not None and self._read_offset == key[1]:  # every token read so far is text
-            whole = self._whole.get(token_id, _UNSEEN)
-            if whole is _UNSEEN:
+            whole = self._whole.get(token_id, "")  # "": not seen yet (an empty text is kept as None)
+            if whole == "":
                 whole = self._whole[token_id] = self._whole_text(token_id)
             if whole is not None:
                 self._peeked = (key, whole)
@@ -138,7 +138,6 @@ class IncrementalDetokenizer:
         return text if text and "\ufffd" not in text else None
 
 
-_UNSEEN = object()
 _WHOLE_TEXTS: weakref.WeakKeyDictionary[Any, dict[int, str | None]] = weakref.WeakKeyDictionary()
 
 
