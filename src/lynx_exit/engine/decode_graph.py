@@ -64,12 +64,15 @@ def width_bucket(longest: int, capacity: int) -> int:
 
 
 try:  # skipping the guards that do not tell compiled entries apart, set and reset around a call: what
-    # `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` does, without its context manager's 6 us
-    from torch._dynamo.eval_frame import DynamoStance, _set_stance
+    # `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` does (it sets `eval_frame._stance`), without
+    # its context manager's 6 us
+    from torch._dynamo import eval_frame as _eval_frame
+    from torch._dynamo.eval_frame import DynamoStance
 
     _SKIP_GUARDS: Any = DynamoStance(skip_guard_eval_unsafe=True)
+    _STANCE = isinstance(getattr(_eval_frame, "_stance", None), DynamoStance)
 except ImportError:  # another torch: the public context manager
-    _set_stance = None  # type: ignore[assignment]
+    _STANCE = False
 _STEP = "_lynx_decode_step"  # on the model: its compiled step and the keys it has run
 
 
@@ -247,12 +250,12 @@ class DecodeGraph:
             columns = self._columns_of(width)
         # a width's first call in its power of two runs every guard (the graph does not specialise on it)
         key = (size, bucket(width), self.store.serial, self.store.generation)
-        if key in self._seen and _set_stance is not None:
-            prior = _set_stance(_SKIP_GUARDS)
+        if key in self._seen and _STANCE:
+            prior, _eval_frame._stance = _eval_frame._stance, _SKIP_GUARDS
             try:
                 logits, features = self._compiled(self, inputs, columns)
             finally:
-                _set_stance(prior)
+                _eval_frame._stance = prior
         elif key in self._seen:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 logits, features = self._compiled(self, inputs, columns)
