@@ -313,7 +313,8 @@ class Engine:
         holding a row samples a token it will feed (see `overlap`). Returns the hidden states of this step's
         fed rows (read before the launch replaces them) and the launch."""
         backend = self.ahead_backend
-        if backend is None or not alive or self.scheduler.held or self.plugin.serves(alive):
+        plugged = self.assistant_backend is not None
+        if backend is None or not alive or self.scheduler.held or (plugged and self.plugin.serves(alive)):
             return None, None
         if len(alive) != len(batch.rows) or any(r.restoring or not r.in_cache for r in alive):
             return None, None
@@ -337,7 +338,8 @@ class Engine:
 
     def _schedule(self) -> list[Request]:
         """The running requests that feed a token this step; admits waiting ones (they read their prompts)."""
-        self.plugin.before_step(self.scheduler.running_requests())
+        if self.assistant_backend is not None:  # a plug-in's (the base one's hooks do nothing)
+            self.plugin.before_step(self.scheduler.running_requests())
         fed = [r for r in self.scheduler.running_requests() if r.feed >= 0 and not r.restoring]
         self.scheduler.admit()
         return fed
@@ -360,7 +362,8 @@ class Engine:
             batch.fed = [r for r in fed if r.finish_reason is None and r.in_cache]
             if batch.fed:
                 batch.parts.append(decoded)
-        self.plugin.extra_pass(batch, self.scheduler.running_requests())
+        if self.assistant_backend is not None:
+            self.plugin.extra_pass(batch, self.scheduler.running_requests())
         for group, logits in self.runner.read_prompts():
             for request in (r for r in group if r.restoring and r.read == len(r.to_read)):
                 request.restoring = (

@@ -53,6 +53,7 @@ class Postprocessor:
         fail = self.scheduler.fail
         steps: list[Step] = []
         reads: list[Read] = []
+        hooks = hooks and type(self.plugin) is not EnginePlugin  # the base plug-in's hooks do nothing
         features_due = policies = False  # whether a read step needs hidden states; has a policy
         for row, (request, candidate) in enumerate(zip(rows, candidates, strict=True)):
             try:
