@@ -166,6 +166,34 @@ def test_cue_rows_of_one_step_are_scored_in_one_call(tiny_lm):
     assert all(s.score == pytest.approx(float(s.features[0])) for s in scored)
 
 
+def test_trial_at_is_asked_only_of_policies_that_may_ask_a_trial(tiny_lm):
+    """A method that keeps BasePolicy's `trial_at` asks no trial decode, and the engine does not call it each
+    step; one that overrides it (or a policy that does not say) is asked at every thinking step."""
+
+    class Silent(BasePolicy):
+        def trial_at(self, step):  # type: ignore[no-untyped-def]
+            raise AssertionError("asked although it says it never asks")
+
+    Silent.asks_trials = False  # as a policy of its own says so
+
+    class Asking(BasePolicy):
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def trial_at(self, step):  # type: ignore[no-untyped-def]
+            self.asked += 1
+            return None
+
+    assert not LynxPolicy.asks_trials and not TokenBudget.asks_trials and Asking.asks_trials
+    prompt = tiny_lm.prompt_ids(TEXTS[0])
+    engine = Engine(tiny_lm, max_batch_size=2)
+    asking = Asking()
+    engine.add_request(prompt, FREQUENT_CUES, Silent(), seed=8)
+    engine.add_request(prompt, FREQUENT_CUES, asking, seed=8)
+    steps = [s for s in engine.stream() if s.request_id == 1 and s.phase == "think"]
+    assert asking.asked == len(steps) > 10
+
+
 def _write_probe(folder, spec, q_neg):
     torch.manual_seed(0)
     save_probe(folder, Probe(spec.feature_dim), spec, {"training_task": "toy"})

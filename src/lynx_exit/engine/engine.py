@@ -168,6 +168,7 @@ class Engine:
             params=params,
             generator=generator,
             policy=policy,
+            asks_trials=policy is not None and getattr(policy, "asks_trials", True),
             layers=layers,
             every_step=bool(feature_layers),
             detok=IncrementalDetokenizer(self.lm.tokenizer),

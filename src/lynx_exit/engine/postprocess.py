@@ -54,7 +54,7 @@ class Postprocessor:
         steps: list[Step] = []
         reads: list[Read] = []
         hooks = hooks and type(self.plugin) is not EnginePlugin  # the base plug-in's hooks do nothing
-        features_due = policies = False  # whether a read step needs hidden states; has a policy
+        features_due = trials = False  # whether a read step needs hidden states; may ask a trial decode
         for row, (request, candidate) in enumerate(zip(rows, candidates, strict=True)):
             try:
                 handled = self.plugin.intercept(request, candidate) if hooks else None
@@ -66,7 +66,7 @@ class Postprocessor:
                         self._own_features(request, step, features[row])
                     reads.append((request, step, candidate))
                     if step.phase == "think":
-                        policies = policies or request.policy is not None
+                        trials = trials or request.asks_trials
                         features_due = features_due or (
                             bool(request.layers) and (request.every_step or step.point is not None)
                         )
@@ -78,7 +78,7 @@ class Postprocessor:
         # where a step is at a point (or every step is asked), scores of those, the trials a policy asks.
         stages = [self.attach_features] if features_due and features is None else []
         stages += [self.score] if features_due else []
-        stages += [self.forks.run_trials] if policies else []
+        stages += [self.forks.run_trials] if trials else []
         for stage in stages:  # they only attach results to their steps: a rerun after a fault is harmless
             contain(
                 [read for read in reads if read[0].finish_reason is None],

@@ -59,6 +59,7 @@ class Request:
     params: SamplingParams
     generator: torch.Generator | None
     policy: ExitPolicy | None
+    asks_trials: bool  # whether the policy may ask trial decodes (`trial_at` is called at every step)
     layers: tuple[int, ...]  # hidden-state layers this request reads ((): none)
     every_step: bool  # features at every thinking step (asked with `feature_layers`), else at cues only
     detok: IncrementalDetokenizer

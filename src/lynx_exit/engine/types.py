@@ -111,7 +111,8 @@ class ExitPolicy(Protocol):
       log-probability of the k most likely tokens where that token was sampled (DeepConf).
     - `trial_at(step)`: the trial decode wanted at this thinking step, if any; the engine decodes
       the trials of all rows of a step in one batched fork and puts each in `Step.trial` before
-      `observe`. (`Step.fork` still runs a single trial on demand.)
+      `observe`. (`Step.fork` still runs a single trial on demand.) A policy that never asks one may say so
+      with `asks_trials = False` (optional; `BasePolicy` works it out): the engine then does not call it.
     `observe` sees every thinking-phase step of one sequence (a decision point or not); `reset` starts a
     new one. It returns EXIT to answer now, GIVE_UP to answer now on a trace it judges lost (reported as a
     give-up)."""

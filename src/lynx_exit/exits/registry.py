@@ -29,6 +29,14 @@ class BasePolicy:
     trial_tokens: int = 0
     confidence_top_k: int = 0
     exit_prefix: str | None = None  # what an exit keeps; None: the paper's (`decision_points.EXIT_PREFIXES`)
+    # whether `trial_at` may ask a trial decode (the engine calls it only then): a method that keeps the
+    # default `trial_at` asks none
+    asks_trials: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "asks_trials" not in cls.__dict__:
+            cls.asks_trials = cls.trial_at is not BasePolicy.trial_at
 
     def reset(self) -> None:
         self.trial_tokens = 0
