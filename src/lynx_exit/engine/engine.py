@@ -21,7 +21,7 @@ from lynx_exit.cues import IncrementalDetokenizer
 from lynx_exit.decision_points import detector_for
 from lynx_exit.engine import overlap
 from lynx_exit.engine.assist import AssistConfig
-from lynx_exit.engine.backend import Backend, CacheFull
+from lynx_exit.engine.backend import Backend
 from lynx_exit.engine.config import SEED_RANGE, EngineConfig, GenerationConfig, compiles_on
 from lynx_exit.engine.forks import Forks
 from lynx_exit.engine.overlap import Ahead, AheadBackend
@@ -314,8 +314,8 @@ class Engine:
         holding a row samples a token it will feed (see `overlap`). Returns the hidden states of this step's
         fed rows (read before the launch replaces them) and the launch."""
         backend = self.ahead_backend
-        plugged = self.assistant_backend is not None
-        if backend is None or not alive or self.scheduler.held or (plugged and self.plugin.serves(alive)):
+        hooked = self.plugin.hooked
+        if backend is None or not alive or self.scheduler.held or (hooked and self.plugin.serves(alive)):
             return None, None
         if len(alive) != len(batch.rows) or any(r.restoring or not r.in_cache for r in alive):
             return None, None
@@ -326,20 +326,13 @@ class Engine:
         if wanted:
             states = self.backend.hidden_states([r.request_id for r in wanted])
             features = {r.request_id: states[i] for i, r in enumerate(wanted)}
-        ids = [r.request_id for r in alive]
-        lengths = [backend.length(i) for i in ids]
-        try:
-            logits = backend.decode_ahead(ids, sampled)
-        except CacheFull:
-            logits = None
-        if logits is None:
-            return features, None
-        self.launched_ahead += 1
-        return features, Ahead(ids, lengths, logits, self.scheduler.layers)
+        ahead = overlap.launch(backend, alive, sampled, self.scheduler.layers)
+        self.launched_ahead += ahead is not None
+        return features, ahead
 
     def _schedule(self) -> list[Request]:
         """The running requests that feed a token this step; admits waiting ones (they read their prompts)."""
-        if self.assistant_backend is not None:  # a plug-in's (the base one's hooks do nothing)
+        if self.plugin.hooked:
             self.plugin.before_step(self.scheduler.running_requests())
         fed = [r for r in self.scheduler.running_requests() if r.feed >= 0 and not r.restoring]
         self.scheduler.admit()
@@ -363,7 +356,7 @@ class Engine:
             batch.fed = [r for r in fed if r.finish_reason is None and r.in_cache]
             if batch.fed:
                 batch.parts.append(decoded)
-        if self.assistant_backend is not None:
+        if self.plugin.hooked:
             self.plugin.extra_pass(batch, self.scheduler.running_requests())
         for group, logits in self.runner.read_prompts():
             for request in (r for r in group if r.restoring and r.read == len(r.to_read)):

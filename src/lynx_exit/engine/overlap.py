@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from lynx_exit.engine.backend import CacheFull
 from lynx_exit.engine.request import Request
 
 
@@ -55,6 +56,20 @@ class Ahead:
         if picks == list(range(len(self.request_ids))):
             return self.logits
         return self.logits.index_select(0, torch.tensor(picks, dtype=torch.long, device=self.logits.device))
+
+
+def launch(
+    backend: AheadBackend, rows: Sequence[Request], sampled: torch.Tensor, layers: tuple[int, ...]
+) -> Ahead | None:
+    """Decode the ids just `sampled` (still on the device) for `rows`: the launch, or None when the backend
+    cannot (a row's cache cannot grow, a slot reads nothing)."""
+    ids = [r.request_id for r in rows]
+    lengths = [backend.length(i) for i in ids]
+    try:
+        logits = backend.decode_ahead(ids, sampled)
+    except CacheFull:
+        return None
+    return None if logits is None else Ahead(ids, lengths, logits, layers)
 
 
 def settle(ahead: Ahead, get: Callable[[int], Request], backend: AheadBackend) -> Ahead | None:

@@ -12,6 +12,8 @@ from lynx_exit.engine.types import Step
 class EnginePlugin:
     """No plug-in: every hook leaves the request as it is."""
 
+    hooked = False  # whether the hooks do anything (the engine skips calling them when not)
+
     def state(self, options: Any) -> Any:
         """A new request's plug-in state from its options (None: the request does not use the plug-in)."""
         if options is not None:

@@ -53,7 +53,7 @@ class Postprocessor:
         fail = self.scheduler.fail
         steps: list[Step] = []
         reads: list[Read] = []
-        hooks = hooks and type(self.plugin) is not EnginePlugin  # the base plug-in's hooks do nothing
+        hooks = hooks and self.plugin.hooked
         features_due = trials = False  # whether a read step needs hidden states; may ask a trial decode
         for row, (request, candidate) in enumerate(zip(rows, candidates, strict=True)):
             try:

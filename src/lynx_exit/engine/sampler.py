@@ -49,11 +49,10 @@ class TokenMask:
                 self._index.clear()
             both = torch.tensor([list(rows), list(token_ids)], device=logits.device)
             fill = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
-            on_host = logits.dtype in _HOST_DTYPES and logits.device.type == "cpu"
-            host_index = (both[0].numpy(), both[1].numpy()) if on_host else None
+            host_index = (both[0].numpy(), both[1].numpy()) if _on_host(logits) else None
             held = self._index[key] = ((both[0], both[1]), fill, host_index)
         index, fill, host_index = held
-        if host_index is not None and not logits.requires_grad:  # through numpy: a fifth of the dispatch cost
+        if host_index is not None and _on_host(logits):  # through numpy: a fifth of the dispatch cost
             logits.numpy()[host_index] = float("-inf")
         else:
             logits.index_put_(index, fill)
@@ -85,13 +84,19 @@ def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> t
     return torch.empty_like(probs).scatter_(-1, order, probs)  # back to token order
 
 
-_HOST_DTYPES = (torch.float32, torch.float64)  # what a CPU tensor's numpy view reads and writes as is
+def _on_host(logits: torch.Tensor) -> bool:
+    """Whether numpy can read and write `logits` in place, as they are (a CPU tensor of float32 or 64)."""
+    return (
+        logits.dtype in (torch.float32, torch.float64)
+        and logits.device.type == "cpu"
+        and not logits.requires_grad
+    )
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row ([n, vocab] -> [n]; the first of equals, as `torch.argmax`). On a
     CPU, through numpy: the same answer at a fraction of the dispatch cost (most of a small step's)."""
-    if logits.dtype in _HOST_DTYPES and logits.device.type == "cpu" and not logits.requires_grad:
+    if _on_host(logits):
         return torch.from_numpy(logits.numpy().argmax(-1))
     return torch.argmax(logits, dim=-1)
 

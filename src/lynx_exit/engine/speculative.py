@@ -44,6 +44,8 @@ def fit_vocab(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class SpeculativeThinking(EnginePlugin):
+    hooked = True
+
     def __init__(
         self,
         lm: LoadedModel,
